@@ -1,0 +1,87 @@
+"""Subcommands about agentd itself: version, config, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from agentd import __version__
+from agentd.cli.main import emit
+from agentd.config import config_path, load_settings
+from agentd.plugins import PluginManager
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("version", parents=parents, help="print the version of agentd and its plugins",
+                       description="Print the version of agentd and of each loaded plugin.")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("config", parents=parents, help="inspect the configuration",
+                       description="Inspect the effective configuration.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True,
+                            parser_class=type(p))
+    s = csub.add_parser("show", parents=parents, help="print the effective configuration",
+                        description="Print the effective configuration: defaults < TOML file "
+                        "(/etc/agentd/agentd.toml or $AGENTD_CONFIG) < AGENTD_* environment.")
+    s.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("plugins", parents=parents, help="list loaded runtime plugins",
+                       description="List the plugins loaded from the agentd.plugins entry points, "
+                       "and any that failed to load.")
+    p.set_defaults(func=cmd_plugins)
+
+
+def load_plugins() -> PluginManager:
+    settings = load_settings()
+    return PluginManager.load(allow=settings.plugins, disable=settings.disable_plugins)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    mgr = load_plugins()
+    data = {
+        "agentd": __version__,
+        "plugins": {p.name: p.version for p in mgr.loaded},
+    }
+    emit(args, data, lambda: "\n".join(
+        [f"agentd {__version__}"] + [f"  plugin {p.name} {p.version}" for p in mgr.loaded]))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    data = json.loads(settings.model_dump_json())
+    source = str(config_path()) if config_path().is_file() else None
+
+    def human() -> str:
+        lines = [f"# config file: {source or 'none'}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in data.items()]
+        return "\n".join(lines)
+
+    emit(args, {"config_file": source, "settings": data}, human)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    mgr = load_plugins()
+    runtimes = mgr.runtimes()
+    data = {
+        "plugins": [
+            {"name": p.name, "distribution": p.distribution, "version": p.version,
+             "runtime": p.name in runtimes}
+            for p in mgr.loaded
+        ],
+        "failed": [{"name": f.name, "error": f.error} for f in mgr.failures],
+        "runtimes": {name: {"formats": list(r.formats), "description": r.description}
+                     for name, r in runtimes.items()},
+    }
+
+    def human() -> str:
+        lines = [f"{'NAME':<14} {'VERSION':<10} FORMATS"]
+        for p in mgr.loaded:
+            r = runtimes.get(p.name)
+            lines.append(f"{p.name:<14} {p.version:<10} {','.join(r.formats) if r else '-'}")
+        lines += [f"FAILED {f.name}: {f.error}" for f in mgr.failures]
+        return "\n".join(lines)
+
+    emit(args, data, human)
+    return 0

@@ -1,0 +1,194 @@
+"""The daemon's configuration: defaults < TOML file < AGENTD_* environment < CLI flags.
+
+Timing settings are validated together at load, because a heartbeat that is
+not well inside the election timeout causes spurious elections, and a
+node-down grace shorter than an election would re-place replicas on every
+leader change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agentd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 0.5, "500ms", "1.5s", "2m" or "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '500ms'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    raise ValueError(f"invalid duration {value!r}: use seconds or a string like '500ms', '2s', '1m'")
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("AGENTD_CONFIG", str(DEFAULT_CONFIG_PATH)))
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one agent. Field names are the TOML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTD_",
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    node_name: str = Field(default_factory=lambda: os.uname().nodename, min_length=1)
+    listen: str = "127.0.0.1:7070"
+    advertise: str = ""  # address peers use to reach us; defaults to `listen`
+    http_listen: str = "127.0.0.1:7080"
+    data_dir: Path = Path("/var/lib/agentd")
+    join: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Node names that vote; empty means the first `max_voters` members to join.
+    voters: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_voters: Literal[1, 3, 5, 7] = 5
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    heartbeat_interval: float = 0.1
+    election_timeout_min: float = 1.0
+    election_timeout_max: float = 2.0
+    node_down_grace: float = 30.0
+    inventory_refresh: float = 5.0
+
+    simulate_inventory: Path | None = None
+    port_range: tuple[int, int] = (40000, 40999)
+    ray_port_range: tuple[int, int] = (41000, 41999)
+    llama_server_binary: str = ""  # empty = find llama-box, then llama-server
+    rpc_server_binary: str = ""  # empty = find ggml-rpc-server, then rpc-server
+    vllm_binary: str = "vllm"
+
+    log_format: Literal["auto", "text", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    plugins: Annotated[list[str] | None, NoDecode] = None  # allowlist; None = all installed
+    disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator(
+        "heartbeat_interval",
+        "election_timeout_min",
+        "election_timeout_max",
+        "node_down_grace",
+        "inventory_refresh",
+        mode="before",
+    )
+    @classmethod
+    def _durations(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("join", "voters", "plugins", "disable_plugins", mode="before")
+    @classmethod
+    def _comma_lists(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lstrip().startswith("["):
+            return json.loads(v)
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("listen", "http_listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+    @field_validator("port_range", "ray_port_range")
+    @classmethod
+    def _port_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError(f"port range {lo}-{hi} must satisfy 1024 <= low <= high <= 65535")
+        return v
+
+    @model_validator(mode="after")
+    def _timing_invariants(self) -> Settings:
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        if not self.heartbeat_interval * 3 < self.election_timeout_min:
+            raise ValueError(
+                f"heartbeat_interval × 3 ({self.heartbeat_interval * 3:g}s) must be below "
+                f"election_timeout_min ({self.election_timeout_min:g}s)"
+            )
+        if not self.election_timeout_min <= self.election_timeout_max:
+            raise ValueError(
+                f"election_timeout_min ({self.election_timeout_min:g}s) must not exceed "
+                f"election_timeout_max ({self.election_timeout_max:g}s)"
+            )
+        if not self.election_timeout_max < self.node_down_grace:
+            raise ValueError(
+                f"election_timeout_max ({self.election_timeout_max:g}s) must be below "
+                f"node_down_grace ({self.node_down_grace:g}s)"
+            )
+        if self.inventory_refresh <= 0:
+            raise ValueError("inventory_refresh must be positive")
+        return self
+
+    @property
+    def advertise_address(self) -> str:
+        return self.advertise or self.listen
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_path()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate; every failure becomes one ConfigError sentence.
+
+    `overrides` are CLI flags; keys whose value is None are treated as unset.
+    """
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    path = config_path()
+    if "AGENTD_CONFIG" in os.environ and not path.is_file():
+        raise ConfigError(f"config file {path} (from AGENTD_CONFIG) does not exist")
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc), where=str(path) if path.is_file() else None) from None
+    except (OSError, ValueError) as exc:  # unreadable or non-TOML file
+        raise ConfigError(f"cannot read configuration: {exc}", where=str(path)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid configuration: " + "; ".join(parts)

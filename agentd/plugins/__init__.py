@@ -1,0 +1,6 @@
+"""The plugin API: hook specifications and the manager that loads runtime plugins."""
+
+from agentd.plugins.hookspecs import hookimpl, hookspec
+from agentd.plugins.manager import PluginManager, RuntimeInfo
+
+__all__ = ["PluginManager", "RuntimeInfo", "hookimpl", "hookspec"]

@@ -1,0 +1,267 @@
+"""Values shared by every layer: inventories, model facts, deployment specs and plans.
+
+All sizes are in bytes. Every value is a frozen pydantic model so it can be
+hashed, compared, serialised to the JSON formats of DESIGN.md §5 and passed
+between layers without anyone mutating it behind another's back.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class Value(BaseModel):
+    """Base for value objects: frozen, and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+class GpuProcess(Value):
+    """A process holding memory on a GPU. `owned` marks processes agentd launched."""
+
+    pid: int
+    memory_used: int = 0
+    name: str = ""
+    owned: bool = False
+
+
+class GpuInfo(Value):
+    index: int = Field(ge=0)
+    uuid: str
+    name: str = ""
+    vendor: str = "nvidia"
+    memory_total: int = Field(ge=0)
+    memory_used: int = Field(ge=0)
+    utilization: float = 0.0
+    compute_capability: str = ""
+    pci_bus_id: str = ""
+    processes: tuple[GpuProcess, ...] = ()
+    # A MIG instance is reported as its own device; `parent_uuid` names the physical GPU.
+    mig: bool = False
+    parent_uuid: str = ""
+    simulated: bool = False
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.memory_total - self.memory_used)
+
+
+class HostInventory(Value):
+    """One host, as `agentd inventory --json` prints it and as a cluster file lists it."""
+
+    name: str
+    address: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpu_count: int = Field(default=1, ge=0)
+    memory_total: int = Field(default=0, ge=0)
+    memory_available: int = Field(default=0, ge=0)
+    load_average: float | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    simulated: bool = False
+    warnings: tuple[str, ...] = ()
+
+    @field_validator("gpus")
+    @classmethod
+    def _unique_gpu_indices(cls, gpus: tuple[GpuInfo, ...]) -> tuple[GpuInfo, ...]:
+        seen = set()
+        for g in gpus:
+            if g.index in seen:
+                raise ValueError(f"duplicate GPU index {g.index}")
+            seen.add(g.index)
+        return gpus
+
+
+class ClusterInventory(Value):
+    """A cluster file: `{"hosts": [<host inventory>, ...]}`."""
+
+    hosts: tuple[HostInventory, ...] = ()
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_host_names(cls, hosts: tuple[HostInventory, ...]) -> tuple[HostInventory, ...]:
+        names = [h.name for h in hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate host name(s): {', '.join(dupes)}")
+        return hosts
+
+
+# --------------------------------------------------------------------------- model facts
+
+
+class Quantization(Value):
+    """How the weights are stored, when they are not plain fp16/bf16/fp32."""
+
+    method: str  # gptq | awq | fp8 | compressed-tensors | gguf:<file type> | ...
+    bits: int | None = None
+    group_size: int | None = None
+
+
+class MoE(Value):
+    num_experts: int
+    experts_per_token: int
+    shared_experts: int = 0
+
+
+class KVCache(Value):
+    """The KV-cache shape that actually applies, per token and per layer.
+
+    For ordinary multi-head / grouped-query attention both K and V hold
+    `num_key_value_heads * head_dim` elements. For MLA (DeepSeek V2/V3/R1) the
+    cache holds the compressed latent (`kv_lora_rank`) plus the decoupled RoPE
+    key (`qk_rope_head_dim`) and no separate V.
+    """
+
+    kind: Literal["mha", "gqa", "mqa", "mla"] = "gqa"
+    k_elements: int  # per token per layer
+    v_elements: int  # per token per layer
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+
+    def bytes_per_token(self, num_layers: int, element_bytes: float = 2.0) -> int:
+        return int((self.k_elements + self.v_elements) * element_bytes * num_layers)
+
+
+class VisionTower(Value):
+    """The non-language part of a multimodal model, reported beside the text model."""
+
+    architecture: str = ""
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    weight_bytes: int | None = None
+
+
+class ModelInfo(Value):
+    """Everything placement needs to know about a model, read from headers only."""
+
+    format: Literal["gguf", "safetensors"]
+    architecture: str
+    name: str = ""
+    num_hidden_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    intermediate_size: int | None = None
+    vocab_size: int = Field(ge=1)
+    context_length: int = Field(ge=1)
+    dtype: str = ""  # torch_dtype for HF ("bfloat16"), file type for GGUF ("Q4_K_M")
+    quantization: Quantization | None = None
+    total_weight_bytes: int = Field(ge=0)
+    # Bytes per repeating layer (blk.N.* for GGUF), index = layer number. For HF
+    # directories this is derived from the tensor names when headers allow it,
+    # otherwise spread evenly over the layers.
+    layer_bytes: tuple[int, ...] = ()
+    # Non-repeating tensors by role: token_embd, output, output_norm, other.
+    non_repeating_bytes: dict[str, int] = Field(default_factory=dict)
+    kv_cache: KVCache
+    moe: MoE | None = None
+    vision: VisionTower | None = None
+    files: tuple[str, ...] = ()
+    # Raw metadata useful to plugins (GGUF keys or config.json keys), kept small.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- deployments
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class GpuPin(Value):
+    """Pin a replica to a named host and, optionally, to GPU indices on it."""
+
+    host: str
+    gpus: tuple[int, ...] = ()
+
+
+class RuntimeOptions(Value):
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    ctx_size: int | None = Field(default=None, ge=1)  # llama.cpp --ctx-size / vLLM --max-model-len
+    allow_cpu_offload: bool = False
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class DeploymentSpec(Value):
+    """The desired state of one deployment, as a user asks for it."""
+
+    name: str
+    model: str
+    runtime: str
+    replicas: int = Field(default=1, ge=0)
+    strategy: Literal["binpack", "spread"] = "binpack"
+    selector: dict[str, str] = Field(default_factory=dict)
+    pin: tuple[GpuPin, ...] = ()
+    exclude_gpus: tuple[str, ...] = ()  # GPU UUIDs taken out for maintenance
+    options: RuntimeOptions = Field(default_factory=RuntimeOptions)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "must be a DNS label: lowercase letters, digits and '-', 1-63 characters, "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+    @field_validator("model", "runtime")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class Part(Value):
+    """One host's share of a replica."""
+
+    host: str
+    gpus: tuple[int, ...] = ()
+    role: Literal["main", "worker", "rpc"]
+    layers: int = 0  # model layers this part holds on GPUs
+    cpu_layers: int | None = None  # llamabox main only: layers left in host RAM
+    memory: tuple[int, ...] = ()  # bytes planned on each of `gpus`, same order
+    env: dict[str, str] = Field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
+
+
+class ReplicaPlan(Value):
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    parts: tuple[Part, ...]
+    args: tuple[str, ...] = ()  # launch arguments for the main process
+    score: float = 0.0
+
+
+class Reason(Value):
+    """One stable reason text, how many hosts/GPUs/layouts hit it, and its numbers."""
+
+    reason: str
+    count: int = 1
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Diagnosis(Value):
+    message: str
+    reasons: tuple[Reason, ...] = ()
+    near_miss: str | None = None
+    suggestions: tuple[str, ...] = ()
+
+
+class Plan(Value):
+    placed: bool
+    runtime: str
+    replicas: tuple[ReplicaPlan, ...] = ()
+    diagnosis: Diagnosis | None = None

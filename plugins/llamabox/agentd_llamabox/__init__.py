@@ -1,0 +1,1 @@
+"""agentd runtime plugin package."""
