@@ -31,3 +31,11 @@ def agentd_runtime():
     description), or None for a plugin that only adds constraints to other
     runtimes. Runtime names are unique across loaded plugins.
     """
+
+
+# --------------------------------------------------------------------------- declare, propose, filter, score
+# (placement phase: synchronous and pure; see agentd/placement and docs/placement.md)
+
+
+# --------------------------------------------------------------------------- act
+# (process phase: launch, health and stop of the processes a runtime starts; see agentd/runtime)
