@@ -265,3 +265,43 @@ class Plan(Value):
     runtime: str
     replicas: tuple[ReplicaPlan, ...] = ()
     diagnosis: Diagnosis | None = None
+
+
+# --------------------------------------------------------------------------- assignments
+
+
+class PartEndpoint(Value):
+    """Where one part of a replica listens: chosen by the coordinator, checked free by the agent."""
+
+    host: str
+    address: str  # the host's address as peers reach it, without port (e.g. "10.0.0.3" or "127.0.0.1")
+    port: int = Field(ge=1, le=65535)
+
+
+class Assignment(Value):
+    """One replica's placement, committed to the Raft log by the coordinator.
+
+    `term` is the Raft term of the leader that made it: agents reject an
+    assignment (or a stop command) stamped with a term older than the newest
+    they have seen (fencing). `generation` grows each time the replica is
+    re-placed, so an instance id names one incarnation and an agent can tell
+    "same replica, new layout" from "unchanged".
+    """
+
+    deployment: str
+    replica: int = Field(ge=0)
+    generation: int = Field(default=1, ge=1)
+    term: int = Field(ge=0)
+    model: str
+    runtime: str
+    options: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    plan: ReplicaPlan
+    endpoints: tuple[PartEndpoint, ...]  # one per plan.parts entry, same order
+
+    @property
+    def instance_id(self) -> str:
+        return f"{self.deployment}-r{self.replica}-g{self.generation}"
+
+    def parts_on(self, host: str) -> list[int]:
+        """Indices of the parts this host must run."""
+        return [i for i, p in enumerate(self.plan.parts) if p.host == host]
