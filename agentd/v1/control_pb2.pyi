@@ -1,8 +1,242 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class GpuPin(_message.Message):
+    __slots__ = ("host", "gpus")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    gpus: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RuntimeOptions(_message.Message):
+    __slots__ = ("gpu_memory_utilization", "ctx_size", "allow_cpu_offload", "extra_args", "env")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GPU_MEMORY_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    CTX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_CPU_OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    gpu_memory_utilization: float
+    ctx_size: int
+    allow_cpu_offload: bool
+    extra_args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    def __init__(self, gpu_memory_utilization: _Optional[float] = ..., ctx_size: _Optional[int] = ..., allow_cpu_offload: _Optional[bool] = ..., extra_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DeploymentSpec(_message.Message):
+    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    runtime: str
+    replicas: int
+    strategy: str
+    selector: _containers.ScalarMap[str, str]
+    pin: _containers.RepeatedCompositeFieldContainer[GpuPin]
+    exclude_gpus: _containers.RepeatedScalarFieldContainer[str]
+    options: RuntimeOptions
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ...) -> None: ...
+
+class Instance(_message.Message):
+    __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    deployment: str
+    replica: int
+    generation: int
+    part: int
+    host: str
+    gpus: _containers.RepeatedScalarFieldContainer[int]
+    role: str
+    state: str
+    reason: str
+    restarts: int
+    endpoint: str
+    term: int
+    pid: int
+    def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[int] = ..., generation: _Optional[int] = ..., part: _Optional[int] = ..., host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., restarts: _Optional[int] = ..., endpoint: _Optional[str] = ..., term: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("spec", "instances", "assignments_json", "updated_index")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    assignments_json: str
+    updated_index: int
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., assignments_json: _Optional[str] = ..., updated_index: _Optional[int] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("spec", "replace")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    replace: bool
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class DeployReply(_message.Message):
+    __slots__ = ("deployment", "message", "index")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    message: str
+    index: int
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListReply(_message.Message):
+    __slots__ = ("deployments",)
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    deployments: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("message", "index")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    index: int
+    def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("name", "replicas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replicas: int
+    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("placed", "plan_json")
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    placed: bool
+    plan_json: str
+    def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    state: str
+    voter: bool
+    leader: bool
+    inventory_json: str
+    last_seen_seconds: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ("deployment",)
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    def __init__(self, deployment: _Optional[str] = ...) -> None: ...
+
+class ListInstancesReply(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("deployment",)
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    def __init__(self, deployment: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("kind", "name", "index", "term", "data_json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    index: int
+    term: int
+    data_json: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., data_json: _Optional[str] = ...) -> None: ...
 
 class LeaderRequest(_message.Message):
     __slots__ = ()
@@ -17,3 +251,77 @@ class LeaderReply(_message.Message):
     leader_address: str
     term: int
     def __init__(self, leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("id", "address", "voter")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    voter: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., voter: _Optional[bool] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "last_applied", "members")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    leader_id: str
+    leader_address: str
+    term: int
+    commit_index: int
+    last_applied: int
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class LogsRequest(_message.Message):
+    __slots__ = ("instance_id", "part", "follow", "previous", "tail_lines")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    part: int
+    follow: bool
+    previous: bool
+    tail_lines: int
+    def __init__(self, instance_id: _Optional[str] = ..., part: _Optional[int] = ..., follow: _Optional[bool] = ..., previous: _Optional[bool] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+
+class LogChunk(_message.Message):
+    __slots__ = ("data", "host")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    host: str
+    def __init__(self, data: _Optional[bytes] = ..., host: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("node", "address", "inventory_json", "instances")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    inventory_json: str
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("term", "leader_id")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    leader_id: str
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ...) -> None: ...

@@ -34,15 +34,126 @@ class ControlStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Deploy = channel.unary_unary(
+                '/agentd.v1.Control/Deploy',
+                request_serializer=agentd_dot_v1_dot_control__pb2.DeployRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/agentd.v1.Control/Get',
+                request_serializer=agentd_dot_v1_dot_control__pb2.GetRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/agentd.v1.Control/List',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ListRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.ListReply.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/agentd.v1.Control/Delete',
+                request_serializer=agentd_dot_v1_dot_control__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.DeleteReply.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/agentd.v1.Control/Scale',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
+                _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/agentd.v1.Control/Plan',
+                request_serializer=agentd_dot_v1_dot_control__pb2.PlanRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.PlanReply.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/agentd.v1.Control/ListNodes',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.ListNodesReply.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/agentd.v1.Control/ListInstances',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.ListInstancesReply.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/agentd.v1.Control/Watch',
+                request_serializer=agentd_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.Event.FromString,
+                _registered_method=True)
         self.Leader = channel.unary_unary(
                 '/agentd.v1.Control/Leader',
                 request_serializer=agentd_dot_v1_dot_control__pb2.LeaderRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.LeaderReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/agentd.v1.Control/Status',
+                request_serializer=agentd_dot_v1_dot_control__pb2.StatusRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.StatusReply.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/agentd.v1.Control/Logs',
+                request_serializer=agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Deploy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Plan(self, request, context):
+        """Dry run: what placement would do now, without committing anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Deployment, assignment, node and instance events as they happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Leader(self, request, context):
         """Who leads the cluster, and in which term.
@@ -51,13 +162,82 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """This agent's view of the consensus: leader, term, commit index, members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """An instance's log, from whichever host runs it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.DeployRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.DeployReply.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.GetRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.Deployment.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ListRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.ListReply.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.DeleteRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.DeleteReply.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ScaleRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.DeployReply.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.PlanRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.PlanReply.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ListNodesRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.ListNodesReply.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ListInstancesRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.ListInstancesReply.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.WatchRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.Event.SerializeToString,
+            ),
             'Leader': grpc.unary_unary_rpc_method_handler(
                     servicer.Leader,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.LeaderRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.LeaderReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.StatusRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.StatusReply.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.LogsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.LogChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -69,6 +249,249 @@ def add_ControlServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Control:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Deploy',
+            agentd_dot_v1_dot_control__pb2.DeployRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Get',
+            agentd_dot_v1_dot_control__pb2.GetRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/List',
+            agentd_dot_v1_dot_control__pb2.ListRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.ListReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Delete',
+            agentd_dot_v1_dot_control__pb2.DeleteRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.DeleteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Scale',
+            agentd_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Plan',
+            agentd_dot_v1_dot_control__pb2.PlanRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.PlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/ListNodes',
+            agentd_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.ListNodesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/ListInstances',
+            agentd_dot_v1_dot_control__pb2.ListInstancesRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.ListInstancesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Control/Watch',
+            agentd_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Leader(request,
@@ -87,6 +510,176 @@ class Control:
             '/agentd.v1.Control/Leader',
             agentd_dot_v1_dot_control__pb2.LeaderRequest.SerializeToString,
             agentd_dot_v1_dot_control__pb2.LeaderReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Status',
+            agentd_dot_v1_dot_control__pb2.StatusRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Control/Logs',
+            agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AgentStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Report = channel.unary_unary(
+                '/agentd.v1.Agent/Report',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ReportRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/agentd.v1.Agent/Logs',
+                request_serializer=agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
+                _registered_method=True)
+
+
+class AgentServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """The host-local half of Control.Logs: served by the host that runs the instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AgentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ReportRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.ReportReply.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.LogsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.LogChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentd.v1.Agent', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentd.v1.Agent', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Agent:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agent/Report',
+            agentd_dot_v1_dot_control__pb2.ReportRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agent/Logs',
+            agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""The daemon's edges: gRPC Control/Agent services, the HTTP side, sd_notify."""

@@ -1,0 +1,1 @@
+"""Consensus and the replicated desired state: Raft, membership, the cluster state machine."""

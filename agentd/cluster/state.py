@@ -1,0 +1,287 @@
+"""The replicated state machine: the cluster's desired state.
+
+Every agent applies the same committed Raft entries in the same order, so
+every agent holds the same deployments and assignments. Apply is pure and
+deterministic: a command that breaks a rule is refused the same way on every
+node (the result says why) and leaves the state untouched; it never raises.
+
+Commands are JSON objects with an `op`. The coordinator builds them (see
+`commands`), runs placement before proposing, and stamps each assignment with
+its Raft term. Fencing lives here too: an assignment stamped with a term older
+than the one already recorded for that replica is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from agentd.logs import fields
+from agentd.types import Assignment, DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+NODE_UP = "up"
+NODE_DOWN = "down"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    ok: bool
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StateEvent:
+    """What changed, for Watch streams and the local reconciler."""
+
+    kind: str  # deployment.created|updated|deleted, assignment.set|removed, node.up|down
+    name: str
+    index: int
+    term: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeploymentRecord:
+    spec: DeploymentSpec
+    created_index: int
+    updated_index: int
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    address: str = ""
+    state: str = NODE_UP
+    since_index: int = 0
+
+
+class ClusterState:
+    """Deployments, assignments and node states, changed only through `apply`."""
+
+    def __init__(self) -> None:
+        self.deployments: dict[str, DeploymentRecord] = {}
+        self.assignments: dict[tuple[str, int], Assignment] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.last_index = 0
+        self.last_term = 0
+        self._listeners: list[Callable[[StateEvent], None]] = []
+
+    # ------------------------------------------------------------------ reads
+
+    def deployment(self, name: str) -> DeploymentRecord | None:
+        return self.deployments.get(name)
+
+    def assignments_for(self, deployment: str) -> list[Assignment]:
+        return sorted((a for (d, _), a in self.assignments.items() if d == deployment), key=lambda a: a.replica)
+
+    def assignments_on(self, host: str) -> list[Assignment]:
+        """Assignments with at least one part on `host`, in a stable order."""
+        return sorted(
+            (a for a in self.assignments.values() if any(p.host == host for p in a.plan.parts)),
+            key=lambda a: (a.deployment, a.replica),
+        )
+
+    def all_assignments(self) -> list[Assignment]:
+        return sorted(self.assignments.values(), key=lambda a: (a.deployment, a.replica))
+
+    def subscribe(self, listener: Callable[[StateEvent], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, index: int, term: int, command: bytes) -> ApplyResult:
+        """Apply one committed entry. Idempotent for indices already applied."""
+        if index <= self.last_index:
+            return ApplyResult(True, f"entry {index} already applied")
+        self.last_index, self.last_term = index, term
+        try:
+            cmd = json.loads(command)
+            if not isinstance(cmd, dict) or not isinstance(cmd.get("op"), str):
+                raise ValueError("a command is a JSON object with an 'op'")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._refuse(index, f"malformed command: {exc}")
+        handler = getattr(self, f"_op_{cmd['op']}", None)
+        if handler is None:
+            return self._refuse(index, f"unknown op {cmd['op']!r}")
+        events: list[StateEvent] = []
+        try:
+            result = handler(cmd, index, term, events)
+        except (ValidationError, KeyError, TypeError, ValueError) as exc:
+            return self._refuse(index, f"invalid {cmd['op']} command: {_short(exc)}")
+        for ev in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(ev)
+                except Exception:  # a broken listener must not stop the state machine
+                    log.exception("state listener failed", extra=fields(event=ev.kind))
+        return result
+
+    def _refuse(self, index: int, why: str) -> ApplyResult:
+        log.warning("refused entry", extra=fields(index=index, reason=why))
+        return ApplyResult(False, why)
+
+    def _op_deploy(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Create or replace a deployment and its assignments atomically."""
+        spec = DeploymentSpec.model_validate(cmd["spec"])
+        assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
+        why = self._check_assignments(spec.name, assignments, replicas=spec.replicas)
+        if why:
+            return ApplyResult(False, why)
+        existing = self.deployments.get(spec.name)
+        if existing and not cmd.get("replace", False):
+            return ApplyResult(False, f"deployment {spec.name!r} already exists")
+        created = existing.created_index if existing else index
+        self.deployments[spec.name] = DeploymentRecord(spec, created, index)
+        kind = "deployment.updated" if existing else "deployment.created"
+        events.append(StateEvent(kind, spec.name, index, term, {"spec": spec.model_dump(mode="json")}))
+        self._replace_assignments(spec.name, assignments, index, term, events)
+        return ApplyResult(True, f"deployment {spec.name} {'updated' if existing else 'created'}",
+                           {"replicas": len(assignments)})
+
+    def _op_delete(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        name = cmd["name"]
+        if name not in self.deployments:
+            return ApplyResult(False, f"no deployment named {name!r}")
+        del self.deployments[name]
+        self._replace_assignments(name, [], index, term, events)
+        events.append(StateEvent("deployment.deleted", name, index, term))
+        return ApplyResult(True, f"deployment {name} deleted")
+
+    def _op_assign(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Set (or remove) assignments of one deployment: scale and re-placement use this."""
+        name = cmd["name"]
+        record = self.deployments.get(name)
+        if record is None:
+            return ApplyResult(False, f"no deployment named {name!r}")
+        assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
+        replicas = int(cmd.get("replicas", record.spec.replicas))
+        why = self._check_assignments(name, assignments, replicas=replicas)
+        if why:
+            return ApplyResult(False, why)
+        for a in assignments:
+            current = self.assignments.get((name, a.replica))
+            if current is not None and a.term < current.term:
+                return ApplyResult(False, f"stale assignment for {name} replica {a.replica}: term {a.term} "
+                                          f"is older than term {current.term} already recorded")
+        if replicas != record.spec.replicas:
+            record.spec = record.spec.model_copy(update={"replicas": replicas})
+            events.append(StateEvent("deployment.updated", name, index, term,
+                                     {"spec": record.spec.model_dump(mode="json")}))
+        record.updated_index = index
+        keep = {a.replica: a for a in self.assignments_for(name) if a.replica < replicas}
+        keep.update({a.replica: a for a in assignments})
+        self._replace_assignments(name, list(keep.values()), index, term, events)
+        return ApplyResult(True, f"deployment {name}: {len(assignments)} assignment(s) set, {replicas} replica(s)")
+
+    def _op_node(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        name, state = cmd["name"], cmd["state"]
+        if state not in (NODE_UP, NODE_DOWN):
+            raise ValueError(f"node state must be {NODE_UP!r} or {NODE_DOWN!r}")
+        rec = self.nodes.get(name)
+        if rec is None:
+            rec = self.nodes[name] = NodeRecord(name)
+        rec.address = cmd.get("address", rec.address) or rec.address
+        if rec.state != state or rec.since_index == 0:
+            rec.state, rec.since_index = state, index
+            events.append(StateEvent(f"node.{state}", name, index, term, {"address": rec.address}))
+        return ApplyResult(True, f"node {name} is {state}")
+
+    def _check_assignments(self, name: str, assignments: Iterable[Assignment], replicas: int) -> str:
+        seen = set()
+        for a in assignments:
+            if a.deployment != name:
+                return f"assignment for {a.deployment!r} inside a command for {name!r}"
+            if a.replica in seen:
+                return f"replica {a.replica} of {name} assigned twice"
+            if a.replica >= replicas:
+                return f"replica {a.replica} of {name} is beyond replicas={replicas}"
+            if len(a.endpoints) != len(a.plan.parts):
+                return f"replica {a.replica} of {name}: {len(a.endpoints)} endpoints for {len(a.plan.parts)} parts"
+            seen.add(a.replica)
+        return ""
+
+    def _replace_assignments(self, name: str, new: list[Assignment], index: int, term: int,
+                             events: list[StateEvent]) -> None:
+        old = {a.replica: a for a in self.assignments_for(name)}
+        wanted = {a.replica: a for a in new}
+        for replica, a in old.items():
+            if replica not in wanted:
+                del self.assignments[(name, replica)]
+                events.append(StateEvent("assignment.removed", name, index, term,
+                                         {"replica": replica, "instance_id": a.instance_id}))
+        for replica, a in sorted(wanted.items()):
+            if old.get(replica) != a:
+                self.assignments[(name, replica)] = a
+                events.append(StateEvent("assignment.set", name, index, term,
+                                         {"replica": replica, "instance_id": a.instance_id,
+                                          "hosts": sorted({p.host for p in a.plan.parts})}))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> bytes:
+        return json.dumps({
+            "last_index": self.last_index,
+            "last_term": self.last_term,
+            "deployments": [
+                {"spec": r.spec.model_dump(mode="json"), "created_index": r.created_index,
+                 "updated_index": r.updated_index}
+                for r in sorted(self.deployments.values(), key=lambda r: r.spec.name)
+            ],
+            "assignments": [a.model_dump(mode="json") for a in self.all_assignments()],
+            "nodes": [vars(n) for n in sorted(self.nodes.values(), key=lambda n: n.name)],
+        }, sort_keys=True).encode()
+
+    def restore(self, data: bytes) -> None:
+        raw = json.loads(data)
+        self.deployments = {
+            d["spec"]["name"]: DeploymentRecord(DeploymentSpec.model_validate(d["spec"]), d["created_index"],
+                                                d["updated_index"])
+            for d in raw["deployments"]
+        }
+        self.assignments = {}
+        for a in raw["assignments"]:
+            assignment = Assignment.model_validate(a)
+            self.assignments[(assignment.deployment, assignment.replica)] = assignment
+        self.nodes = {n["name"]: NodeRecord(**n) for n in raw["nodes"]}
+        self.last_index, self.last_term = raw["last_index"], raw["last_term"]
+
+
+# ---------------------------------------------------------------------- command builders
+
+
+def _encode(cmd: dict[str, Any]) -> bytes:
+    return json.dumps(cmd, sort_keys=True, separators=(",", ":")).encode()
+
+
+def deploy_command(spec: DeploymentSpec, assignments: Iterable[Assignment], replace: bool = False) -> bytes:
+    return _encode({"op": "deploy", "spec": spec.model_dump(mode="json"), "replace": replace,
+                    "assignments": [a.model_dump(mode="json") for a in assignments]})
+
+
+def delete_command(name: str) -> bytes:
+    return _encode({"op": "delete", "name": name})
+
+
+def assign_command(name: str, assignments: Iterable[Assignment], replicas: int) -> bytes:
+    return _encode({"op": "assign", "name": name, "replicas": replicas,
+                    "assignments": [a.model_dump(mode="json") for a in assignments]})
+
+
+def node_command(name: str, state: str, address: str = "") -> bytes:
+    return _encode({"op": "node", "name": name, "state": state, "address": address})
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    return str(exc)
