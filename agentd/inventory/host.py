@@ -100,3 +100,22 @@ class Ownership:
         for p in chain:
             self._memo[p] = result
         return result
+
+
+@dataclass(frozen=True)
+class StaticProbe:
+    """A host with fixed facts and a fixed process tree: for tests and benchmarks that need no /proc."""
+
+    host: HostFacts = HostFacts(cpu_count=8, memory_total=64 * 1024**3, memory_available=48 * 1024**3,
+                                load_average=0.5)
+    parents: tuple[tuple[int, int], ...] = ()  # (pid, parent pid)
+    names: tuple[tuple[int, str], ...] = ()
+
+    def facts(self) -> HostFacts:
+        return self.host
+
+    def parent_pid(self, pid: int) -> int | None:
+        return dict(self.parents).get(pid)
+
+    def process_name(self, pid: int) -> str:
+        return dict(self.names).get(pid, "")

@@ -2,10 +2,12 @@
 
 NVML calls can stall for seconds (a GPU falling off the bus, a driver
 without persistence mode), and the same event loop answers Raft heartbeats:
-a stalled loop would cost this node its leadership. So each collect runs on
-a dedicated one-thread executor, never on the loop and never on the default
-executor that other work shares. One collect runs at a time; a slow one
-delays the next refresh instead of piling up threads.
+a stalled loop would cost this node its leadership. So each collect runs in
+its own daemon thread, never on the loop and never on the default executor
+that other work shares. One collect runs at a time; a slow one delays the
+next refresh instead of piling up threads. The threads are daemon threads
+(unlike a ThreadPoolExecutor's, which the interpreter joins at exit) so a
+collect stuck in the driver cannot keep the daemon from shutting down.
 
 Only material changes (agentd.inventory.change) are published; the newest
 inventory is always in `latest` for heartbeats.
@@ -16,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentd.errors import NotAvailable
@@ -27,6 +29,8 @@ from agentd.logs import fields
 from agentd.types import HostInventory
 
 log = logging.getLogger("agentd.inventory")
+
+STUCK_PERIODS = 3  # a collect running this many periods is reported as stuck
 
 OnChange = Callable[[HostInventory], Any] | asyncio.Queue
 
@@ -53,10 +57,11 @@ class InventoryRefresher:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._first = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads = 0
         self._last_error: str | None = None
         self._was_slow = False
         self.latest: HostInventory | None = None
+        self.latest_at: float | None = None  # on `clock`, so callers can tell a stale inventory
         self.last_published: HostInventory | None = None
         self.refreshes = 0
         self.failures = 0
@@ -77,18 +82,12 @@ class InventoryRefresher:
         return self._stop.is_set()
 
     async def run(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentd-inventory")
-        try:
-            while not self._stop.is_set():
-                started = self._clock()
-                await self.refresh()
-                elapsed = self._clock() - started
-                self._note_duration(elapsed)
-                await self._sleep(max(0.0, self.period - elapsed))
-        finally:
-            # A collect stuck in NVML cannot be interrupted; leave its thread behind rather than hang here.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        while not self._stop.is_set():
+            started = self._clock()
+            await self.refresh()
+            elapsed = self._clock() - started
+            self._note_duration(elapsed)
+            await self._sleep(max(0.0, self.period - elapsed))
 
     # ------------------------------------------------------------------ one refresh
 
@@ -107,6 +106,7 @@ class InventoryRefresher:
             log.info("inventory refresh recovered", extra=fields(previous_error=self._last_error))
             self._last_error = None
         self.latest = inventory
+        self.latest_at = self._clock()
         self._first.set()
         changes = self._changes(self.last_published, inventory)
         if not changes:
@@ -116,14 +116,43 @@ class InventoryRefresher:
         await self._publish(inventory)
         return sentence
 
-    async def _collect_in_thread(self) -> HostInventory:
+    def _start_collect(self) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        if self._executor is None:  # refresh() called on its own, outside run()
-            return await loop.run_in_executor(None, self._collect)
-        future = loop.run_in_executor(self._executor, self._collect)
+        future: asyncio.Future = loop.create_future()
+
+        def deliver(ok: bool, value: Any) -> None:
+            if future.done():  # stop() already gave up on this collect
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        def work() -> None:
+            try:
+                value, ok = self._collect(), True
+            except BaseException as exc:  # delivered to the loop, where it is logged
+                value, ok = exc, False
+            try:
+                loop.call_soon_threadsafe(deliver, ok, value)
+            except RuntimeError:  # the loop closed while we were stuck in the driver
+                pass
+
+        self._threads += 1
+        threading.Thread(target=work, name=f"agentd-inventory-{self._threads}", daemon=True).start()
+        return future
+
+    async def _collect_in_thread(self) -> HostInventory:
+        future = self._start_collect()
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({future, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({future, stopping}, timeout=STUCK_PERIODS * self.period,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # say so once, then keep waiting: the thread cannot be interrupted
+                log.warning(f"inventory collect still running after {STUCK_PERIODS * self.period:g}s; "
+                            "reporting the previous inventory until it returns",
+                            extra=fields(period_s=self.period))
+                await asyncio.wait({future, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
         if not future.done():
