@@ -1,0 +1,1 @@
+"""Model facts from headers alone: GGUF files and Hugging Face directories."""
