@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,25 @@ def test_ownership_follows_real_descendants_of_an_owned_process():
 def test_ownership_stops_on_a_parent_cycle():
     is_owned = Ownership({1234}, {10: 11, 11: 10}.get)
     assert not is_owned(10)
+
+
+def test_close_does_not_hang_behind_a_read_stuck_in_the_driver():
+    release, entered = threading.Event(), threading.Event()
+
+    class Stuck(FakeNvml):
+        def nvmlDeviceGetCount(self):
+            entered.set()
+            release.wait(10)
+            return 0
+
+    nv = Stuck([])
+    reader = NvmlReader(nv)
+    worker = threading.Thread(target=reader.read)
+    worker.start()
+    assert entered.wait(10)
+    reader.close(timeout=0.01)
+    assert nv.calls["nvmlShutdown"] == 0, "no shutdown under a running read"
+    release.set()
+    worker.join(10)
+    reader.close()
+    assert nv.calls["nvmlShutdown"] == 1 and nv.initialised == 0

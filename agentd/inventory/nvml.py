@@ -128,14 +128,20 @@ class NvmlReader:
         self._initialised = True
         return None
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, timeout: float = 1.0) -> None:
+        """Shuts NVML down, unless a read is stuck in the driver: then process exit cleans up."""
+        if not self._lock.acquire(timeout=timeout):
+            log.warning("NVML read still running at close; not shutting NVML down")
+            return
+        try:
             if self._initialised and self._nvml is not None:
                 try:
                     self._nvml.nvmlShutdown()
                 except Exception as exc:
                     log.debug("NVML shutdown failed", extra=fields(error=str(exc)))
             self._initialised = False
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> NvmlReader:
         return self
