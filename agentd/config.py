@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     rpc_server_binary: str = ""  # empty = find ggml-rpc-server, then rpc-server
     vllm_binary: str = "vllm"
 
+    # Security and operations (docs/security.md).
+    tls_dir: Path | None = None  # ca.crt, node.crt, node.key; default <data_dir>/tls
+    token_listen: str = ""  # TLS without client certificate: joins, bearer tokens; default listen port + 1
+    insecure: bool = False  # no TLS, no authentication; logs a warning at start
+    drain_on_stop: bool = False  # SIGTERM stops this host's model servers before exiting
+    proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica
+    proxy_read_timeout: float = 600.0  # /v1/ proxy: longest silence from a model server
+    http_max_body: int = Field(default=64 * 1024 * 1024, ge=1024)  # /v1/ request body limit, bytes
+
     log_format: Literal["auto", "text", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     plugins: Annotated[list[str] | None, NoDecode] = None  # allowlist; None = all installed
@@ -94,6 +103,8 @@ class Settings(BaseSettings):
         "election_timeout_max",
         "node_down_grace",
         "inventory_refresh",
+        "proxy_connect_timeout",
+        "proxy_read_timeout",
         mode="before",
     )
     @classmethod
@@ -116,6 +127,11 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{v!r} is not HOST:PORT")
         return v
+
+    @field_validator("token_listen")
+    @classmethod
+    def _optional_host_port(cls, v: str) -> str:
+        return cls._host_port(v) if v else v
 
     @field_validator("port_range", "ray_port_range")
     @classmethod
@@ -146,11 +162,31 @@ class Settings(BaseSettings):
             )
         if self.inventory_refresh <= 0:
             raise ValueError("inventory_refresh must be positive")
+        if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:
+            raise ValueError("proxy_connect_timeout and proxy_read_timeout must be positive")
+        if self.token_listen_address.endswith(":65536"):
+            raise ValueError("listen uses port 65535, so the token port cannot default to the next one: "
+                             "set token_listen")
+        if self.token_listen_address == self.listen:
+            raise ValueError(f"token_listen ({self.token_listen_address}) must differ from listen: "
+                             "one port requires client certificates, the other must not ask for them")
         return self
 
     @property
     def advertise_address(self) -> str:
         return self.advertise or self.listen
+
+    @property
+    def tls_directory(self) -> Path:
+        return self.tls_dir or self.data_dir / "tls"
+
+    @property
+    def token_listen_address(self) -> str:
+        """The token port: `token_listen`, else the `listen` host on the next port."""
+        if self.token_listen:
+            return self.token_listen
+        host, _, port = self.listen.rpartition(":")
+        return f"{host}:{int(port) + 1 if int(port) else 0}"
 
     @classmethod
     def settings_customise_sources(
