@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     llama_server_binary: str = ""  # empty = find llama-box, then llama-server
     rpc_server_binary: str = ""  # empty = find ggml-rpc-server, then rpc-server
     vllm_binary: str = "vllm"
+    # Runtime supervision (docs/runtime.md). Durations accept "500ms", "2s", "5m".
+    runtime_startup_timeout: float = 600.0  # spawn -> ready, else FATAL with the last log lines
+    runtime_health_interval: float = 5.0  # liveness probe period
+    runtime_health_timeout: float = 2.0  # one probe, on its own connection
+    runtime_liveness_failures: int = Field(default=3, ge=1)  # failed probes in a row before a restart
+    runtime_stop_grace: float = 10.0  # SIGTERM -> SIGKILL
+    runtime_start_retries: int = Field(default=3, ge=1)  # failed starts in a row before FATAL
+    runtime_backoff_initial: float = 1.0  # first restart delay
+    runtime_backoff_max: float = 300.0  # restart delay cap
+    runtime_stable_after: float = 60.0  # a run this long resets the restart delay
+    runtime_log_keep: int = Field(default=5, ge=1)  # previous runs' log files kept per process
+    runtime_log_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)  # copy-truncate above this
 
     # Security and operations (docs/security.md).
     tls_dir: Path | None = None  # ca.crt, node.crt, node.key; default <data_dir>/tls
@@ -91,6 +103,8 @@ class Settings(BaseSettings):
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica
     proxy_read_timeout: float = 600.0  # /v1/ proxy: longest silence from a model server
     http_max_body: int = Field(default=64 * 1024 * 1024, ge=1024)  # /v1/ request body limit, bytes
+    http_tls_cert: Path | None = None  # PEM chain; with http_tls_key, the HTTP side serves HTTPS
+    http_tls_key: Path | None = None
 
     log_format: Literal["auto", "text", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -110,6 +124,33 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator(
+        "runtime_startup_timeout", "runtime_health_interval", "runtime_health_timeout", "runtime_stop_grace",
+        "runtime_backoff_initial", "runtime_backoff_max", "runtime_stable_after", mode="before",
+    )
+    @classmethod
+    def _runtime_durations(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _runtime_invariants(self) -> Settings:
+        if not 0 < self.runtime_health_timeout < self.runtime_health_interval:
+            raise ValueError(
+                f"runtime_health_timeout ({self.runtime_health_timeout:g}s) must be positive and below "
+                f"runtime_health_interval ({self.runtime_health_interval:g}s)"
+            )
+        if not 0 < self.runtime_backoff_initial <= self.runtime_backoff_max:
+            raise ValueError(
+                f"runtime_backoff_initial ({self.runtime_backoff_initial:g}s) must be positive and not exceed "
+                f"runtime_backoff_max ({self.runtime_backoff_max:g}s)"
+            )
+        if self.runtime_startup_timeout <= 0:
+            raise ValueError("runtime_startup_timeout must be positive")
+        (a, b), (c, d) = self.port_range, self.ray_port_range
+        if a <= d and c <= b:
+            raise ValueError(f"port_range {a}-{b} and ray_port_range {c}-{d} overlap")
+        return self
 
     @field_validator("join", "voters", "plugins", "disable_plugins", mode="before")
     @classmethod
@@ -164,6 +205,8 @@ class Settings(BaseSettings):
             raise ValueError("inventory_refresh must be positive")
         if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:
             raise ValueError("proxy_connect_timeout and proxy_read_timeout must be positive")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("http_tls_cert and http_tls_key go together: set both for HTTPS, or neither")
         if self.token_listen_address.endswith(":65536"):
             raise ValueError("listen uses port 65535, so the token port cannot default to the next one: "
                              "set token_listen")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -14,8 +15,11 @@ from aiohttp import web
 
 from agentd.api.http import HttpOptions, ModelCard, make_http_app
 from agentd.api.openai_proxy import Balancer, Endpoint
+from agentd.errors import InvalidInput
 from agentd.metrics import Metrics
 from agentd.security import apikeys as K
+from agentd.security import ca as C
+from agentd.security.tls import http_ssl_context
 
 T0 = 1_900_000_000.0
 
@@ -395,3 +399,25 @@ def test_balancer_orders_by_outstanding_then_turn():
         assert [e.instance_id for e in b.order("m", eps)] == ["i1", "i0", "i2"]
     assert b.outstanding("i2") == 0
     assert b.order("m", [eps[3]]) == []
+
+
+async def test_https_with_operator_certificate(tmp_path):
+    authority = C.create_ca()
+    C.save_identity(tmp_path, "node", C.issue_identity(authority, "n1", role="node", addresses=["127.0.0.1"]))
+    ctx = http_ssl_context(tmp_path / "node.crt", tmp_path / "node.key")
+    runner = web.AppRunner(make_http_app(Provider(Metrics("n1"))), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        client_ctx = ssl.create_default_context(cadata=authority.cert_pem.decode())
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"https://127.0.0.1:{port}/healthz", ssl=client_ctx) as r:
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await client.get(f"https://127.0.0.1:{port}/healthz")  # the system store does not know our CA
+    finally:
+        await runner.cleanup()
+    with pytest.raises(InvalidInput, match="HTTPS"):
+        http_ssl_context(tmp_path / "missing.crt", tmp_path / "node.key")

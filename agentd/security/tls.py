@@ -187,3 +187,14 @@ def add_secure_ports(server: grpc.aio.Server, identity: TlsIdentity, *, listen: 
         if token_port == 0:
             raise NotAvailable(f"cannot listen on {token_listen}")
     return port, token_port
+
+
+def http_ssl_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """Server TLS for the HTTP side (/v1/, /metrics), from operator-provided PEM files."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(f"cannot load the HTTPS certificate and key: {exc}", where=str(cert_path)) from None
+    return ctx
