@@ -246,22 +246,25 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Any:
     raise c.fail(f"key {key!r}: unknown metadata value type {vtype}")
 
 
-def read_header(path: str | os.PathLike[str], totals: TensorTotals, *, block_count: int | None = None) -> GgufHeader:
+def read_header(path: str | os.PathLike[str], totals: TensorTotals, *, block_count: int | None = None,
+                split: tuple[int, int] | None = None) -> GgufHeader:
     """Read one GGUF file's header, adding its tensors to `totals`; raises InvalidInput.
 
     `block_count` (from the first shard) says which `blk.N` are repeating
     layers; when None it is taken from this file's `<arch>.block_count`.
+    `split` = (split.no, split.count) this file must declare, checked before
+    its tensors are read.
     """
     path = Path(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            return _parse(_Cursor(f, path, size), totals, block_count)
+            return _parse(_Cursor(f, path, size), totals, block_count, split)
     except OSError as exc:
         raise InvalidInput(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
 
 
-def _parse(c: _Cursor, totals: TensorTotals, block_count: int | None) -> GgufHeader:
+def _parse(c: _Cursor, totals: TensorTotals, block_count: int | None, split: tuple[int, int] | None) -> GgufHeader:
     i = c.need(4, "magic")
     magic = c.buf[i:i + 4]
     if magic != GGUF_MAGIC:
@@ -297,6 +300,14 @@ def _parse(c: _Cursor, totals: TensorTotals, block_count: int | None) -> GgufHea
             raise c.fail(f"key {key!r}: unknown metadata value type {vtype}", vat)
         metadata[key] = _read_value(c, vtype, key)
 
+    if split is not None:
+        no, count = split
+        if metadata.get("split.count") != count:
+            raise InvalidInput(f"split.count is {metadata.get('split.count')!r}, the first shard says {count}",
+                               where=str(c.path))
+        if metadata.get("split.no") != no:
+            raise InvalidInput(f"split.no is {metadata.get('split.no')!r}, expected {no} from the file name",
+                               where=str(c.path))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
             or alignment & (alignment - 1):
@@ -358,7 +369,7 @@ def _layer_of(name: str) -> int | None:
     if not name.startswith("blk."):
         return None
     n, _, rest = name[4:].partition(".")
-    return int(n) if n.isdigit() and rest else None
+    return int(n) if n.isascii() and n.isdigit() and rest else None
 
 
 # --------------------------------------------------------------------------- split models
@@ -402,12 +413,8 @@ def read_model(path: str | os.PathLike[str]) -> tuple[list[GgufHeader], TensorTo
         shard = path.with_name(f"{m['prefix']}-{i:05d}-of-{m['count']}.gguf")
         if not shard.is_file():
             raise InvalidInput(f"missing shard {i} of {count} of split model {path.name}", where=str(shard))
-        h = read_header(shard, totals, block_count=bc if isinstance(bc, int) else 0)
-        if h.metadata.get("split.count") != count:
-            raise InvalidInput(f"split.count is {h.metadata.get('split.count')!r}, the first shard says {count}",
-                               where=str(shard))
-        _check_split_no(h, i - 1)
-        headers.append(h)
+        headers.append(read_header(shard, totals, block_count=bc if isinstance(bc, int) else 0,
+                                   split=(i - 1, count)))
     expected = md.get("split.tensors.count")
     if isinstance(expected, int) and expected != totals.count:
         raise InvalidInput(f"the {count} shards hold {totals.count} tensors, split.tensors.count says {expected}",

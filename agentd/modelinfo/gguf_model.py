@@ -21,6 +21,7 @@ from agentd.modelinfo.gguf import ArrayInfo, GgufHeader, TensorTotals, read_head
 from agentd.types import KVCache, ModelInfo, MoE, Quantization, VisionTower
 
 UNQUANTIZED = {"F32", "F16", "BF16", "F64"}
+MAX_LAYERS = 1 << 16  # layer_bytes has one entry per layer; no real model comes near
 ROLES = ("token_embd", "output", "output_norm", "other")
 # Scalar metadata copied into ModelInfo.extra for plugins: small and useful to launchers.
 _EXTRA_SUFFIXES = (
@@ -41,7 +42,8 @@ class _Meta:
     def fail(self, key: str, message: str) -> InvalidInput:
         return InvalidInput(f"metadata key {key!r} {message}", where=str(self.path))
 
-    def int(self, key: str, *, required: bool = False, default: int | None = None, minimum: int = 0) -> int | None:
+    def int(self, key: str, *, required: bool = False, default: int | None = None, minimum: int = 0,
+            maximum: int = 1 << 48) -> int | None:
         v = self.md.get(key)
         if v is None:
             if required:
@@ -55,6 +57,8 @@ class _Meta:
             raise self.fail(key, f"must be an integer, got {_short(v)}")
         if v < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {v}")
+        if v > maximum:
+            raise self.fail(key, f"is absurd: {v} (at most {maximum})")
         return v
 
     def str(self, key: str) -> str | None:
@@ -157,7 +161,7 @@ def model_from_gguf(path: str | os.PathLike[str], *, mmproj: str | os.PathLike[s
         raise InvalidInput("this is a multimodal projector (mmproj), not a language model: inspect the model "
                            "file and pass the projector with --mmproj", where=str(first.path))
     a = f"{arch}."
-    layers = m.int(a + "block_count", required=True, minimum=1)
+    layers = m.int(a + "block_count", required=True, minimum=1, maximum=MAX_LAYERS)
     heads = m.int(a + "attention.head_count", default=0) or 0
     attention_free = heads == 0  # SSM / RWKV models: no attention heads, no KV cache growth
     heads = max(heads, 1)

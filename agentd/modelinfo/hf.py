@@ -15,6 +15,7 @@ from the config alone. `extra["weight_bytes_source"]` says which.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from agentd.modelinfo.safetensors import SafetensorsHeader, load_json, read_inde
 from agentd.types import KVCache, ModelInfo, MoE, Quantization, VisionTower
 
 MAX_CONFIG_BYTES = 16 << 20
+MAX_VALUE = 1 << 40  # no size, count or length in a real config comes near; bigger ones are corruption
+MAX_LAYERS = 1 << 16
 INDEX_NAME = "model.safetensors.index.json"
 
 # transformers' defaults for the families whose nested configs rely on them.
@@ -60,7 +63,7 @@ DTYPE_BYTES = {"float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloa
 VISION_PREFIXES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "vpm",
                    "mlp1", "resampler", "image_newline", "vision_embed_tokens", "vision_encoder", "audio_tower",
                    "vision", "img_processor", "patch_embed")
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", re.ASCII)
 EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings)\.")
 OUTPUT_RE = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.|^output\.")
 NORM_RE = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layernorm|final_layer_norm)\.(?:weight|bias)$")
@@ -84,7 +87,7 @@ class _Cfg:
                 return k, self.defaults[k]
         return keys[0], None
 
-    def int(self, *keys: str, required: bool = True, minimum: int = 1) -> int | None:
+    def int(self, *keys: str, required: bool = True, minimum: int = 1, maximum: int = MAX_VALUE) -> int | None:
         k, v = self.get(*keys)
         if v is None:
             if required:
@@ -97,6 +100,8 @@ class _Cfg:
             raise self.fail(k, f"must be an integer, got {v!r:.60}")
         if v < minimum:
             raise self.fail(k, f"must be at least {minimum}, got {v}")
+        if v > maximum:
+            raise self.fail(k, f"is absurd: {v} (at most {maximum})")
         return v
 
     def bool(self, key: str, default: bool = False) -> bool:
@@ -144,7 +149,7 @@ def _text_cfg(top: _Cfg) -> _Cfg:
 def _shape(t: _Cfg, top: _Cfg) -> tuple[TextShape, int]:
     """The language model's shape and its context length."""
     model_type = t.str("model_type") or top.str("model_type") or ""
-    layers = t.int("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    layers = t.int("num_hidden_layers", "n_layer", "num_layers", "n_layers", maximum=MAX_LAYERS)
     heads = t.int("num_attention_heads", "n_head", "num_heads", "n_heads")
     hidden = t.int("hidden_size", "n_embd", "d_model", "dim", "model_dim")
     assert layers is not None and heads is not None and hidden is not None
@@ -220,7 +225,8 @@ def _context(t: _Cfg) -> int:
     if isinstance(rs, dict):
         kind = rs.get("rope_type") or rs.get("type")
         factor = rs.get("factor")
-        if kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) and factor > 1:
+        if kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) \
+                and math.isfinite(factor) and 1 < factor <= 1 << 20:
             base = rs.get("original_max_position_embeddings") if kind == "yarn" else None
             ctx = int((base if isinstance(base, int) and base > 0 else ctx) * factor)
     return ctx
@@ -242,14 +248,15 @@ def _quantization(top: _Cfg, t: _Cfg) -> tuple[Quantization | None, dict[str, An
             raise q.fail("quant_method", "is missing")
     bits = group = None
     if method in ("gptq", "awq", "gptq_marlin", "awq_marlin", "autoround", "auto-round"):
-        bits = q.int("bits", "w_bit")
+        bits = q.int("bits", "w_bit", maximum=64)
         group = q.int("group_size", "q_group_size", required=False, minimum=-1)
         group = None if group in (None, -1, 0) else group
     elif method in ("fp8", "fbgemm_fp8", "fp8_e4m3"):
         bits = 8
         block = qc.get("weight_block_size")
         if block is not None:
-            if not (isinstance(block, list) and block and all(isinstance(b, int) and b > 0 for b in block)):
+            if not (isinstance(block, list) and block and all(
+                    isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_VALUE for b in block)):
                 raise q.fail("weight_block_size", f"must be a list of positive integers, got {block!r:.60}")
             group = block[-1]
     elif method == "compressed-tensors":
@@ -259,8 +266,8 @@ def _quantization(top: _Cfg, t: _Cfg) -> tuple[Quantization | None, dict[str, An
                 w = g.get("weights") if isinstance(g, dict) else None
                 if isinstance(w, dict):
                     nb, gs = w.get("num_bits"), w.get("group_size")
-                    bits = nb if isinstance(nb, int) and not isinstance(nb, bool) else None
-                    group = gs if isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 else None
+                    bits = nb if isinstance(nb, int) and not isinstance(nb, bool) and 0 < nb <= 64 else None
+                    group = gs if isinstance(gs, int) and not isinstance(gs, bool) and 0 < gs <= MAX_VALUE else None
                     break
     elif method == "bitsandbytes":
         bits = 4 if q.bool("load_in_4bit") else 8
@@ -268,7 +275,7 @@ def _quantization(top: _Cfg, t: _Cfg) -> tuple[Quantization | None, dict[str, An
     elif method == "mxfp4":
         bits, group = 4, 32
     else:
-        bits = q.int("bits", required=False)
+        bits = q.int("bits", required=False, maximum=64)
         group = q.int("group_size", required=False)
     small = {k: v for k, v in qc.items() if isinstance(v, (int, float, str, bool)) or k == "weight_block_size"}
     return Quantization(method=method, bits=bits, group_size=group), small
@@ -388,7 +395,8 @@ def _vision_tower(top: _Cfg, storage: Storage) -> tuple[VisionTower | None, int 
     if "depth" in vc and "embed_dim" in vc:  # Qwen2-VL style: hidden_size is the merger's output width
         layers, hidden = v.int("depth", required=False), v.int("embed_dim", required=False)
         ratio = vc.get("mlp_ratio")
-        inter = int(hidden * ratio) if hidden and isinstance(ratio, (int, float)) else None
+        ok = isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1 << 10
+        inter = int(hidden * ratio) if hidden and ok else None
     else:
         layers = v.int("num_hidden_layers", "depth", "num_layers", required=False)
         hidden = v.int("hidden_size", "embed_dim", "width", required=False)

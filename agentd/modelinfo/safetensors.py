@@ -24,7 +24,7 @@ DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
-SUBBYTE_DTYPES = {"F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75}
+SUBBYTE_DTYPES = {"F4": (1, 2), "F6_E2M3": (3, 4), "F6_E3M2": (3, 4)}  # bytes per element as a fraction
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,10 @@ def _entry_bytes(name: str, entry: Any, where: str) -> tuple[int, str]:
     elements = 1
     for d in shape:
         elements *= d
-    per = DTYPE_BYTES.get(dtype.upper()) or SUBBYTE_DTYPES.get(dtype.upper())
-    if per is not None and int(elements * per) != nbytes:
-        raise bad(f"{dtype} {shape} needs {int(elements * per)} bytes, data_offsets span {nbytes}")
+    num, den = (DTYPE_BYTES[dtype.upper()], 1) if dtype.upper() in DTYPE_BYTES \
+        else SUBBYTE_DTYPES.get(dtype.upper(), (0, 0))
+    if den and -(-elements * num // den) != nbytes:
+        raise bad(f"{dtype} {shape!s:.60} needs {-(-elements * num // den)} bytes, data_offsets span {nbytes}")
     return nbytes, dtype.upper()
 
 
