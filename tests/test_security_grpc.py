@@ -193,3 +193,18 @@ def test_identity_files_from_init_ca_work_for_a_server(tmp_path):
     authority = C.init_ca(tmp_path)
     C.save_identity(tmp_path, "node", C.issue_identity(authority, "n1", role="node", addresses=["127.0.0.1"]))
     assert load_identity(tmp_path).role == "node"
+
+
+def test_identify_caches_callers_by_certificate_and_stays_bounded(pki, monkeypatch):
+    from agentd.security import auth
+
+    monkeypatch.setattr(auth, "CERT_CACHE_SIZE", 2)
+    cache: dict = {}
+    ctx = {"x509_pem_cert": [pki["peer"].cert_pem]}
+    first = auth.identify(ctx, (), lambda t: None, cache)
+    assert first == auth.Caller("cert", "n2", "node") and auth.identify(ctx, (), lambda t: None, cache) is first
+    for who in ("admin", "server", "rogue_admin"):
+        auth.identify({"x509_pem_cert": [pki[who].cert_pem]}, (), lambda t: None, cache)
+    assert len(cache) == 2 and pki["peer"].cert_pem not in cache
+    assert auth.identify({}, [("authorization", "Bearer nope")], lambda t: None) is None
+    assert auth.identify({}, [], lambda t: None).role == "anonymous"
