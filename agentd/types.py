@@ -203,6 +203,8 @@ class DeploymentSpec(Value):
     pin: tuple[GpuPin, ...] = ()
     exclude_gpus: tuple[str, ...] = ()  # GPU UUIDs taken out for maintenance
     options: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    # Who may call it on /v1/: API keys of this tenant (and admin keys). See docs/security.md.
+    tenant: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
     @field_validator("name")
     @classmethod
