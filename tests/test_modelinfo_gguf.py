@@ -358,3 +358,13 @@ def test_not_a_model_and_no_such_path(tmp_path):
         inspect_model(tmp_path / "absent.gguf")
     with pytest.raises(InvalidInput, match=r"no config.json and no .gguf"):
         inspect_model(tmp_path)
+
+
+def test_retyped_stand_in_changes_the_layer_sizes(tmp_path):
+    from agentd.testing.gguf import retype
+
+    base = small_spec(weight_type="F16")
+    q = retype(base, {"ffn_down": "Q8_0"}, names=["blk.1.ffn_down.weight"])
+    m = inspect_model(write_header_only_gguf(tmp_path / "q.gguf", q))
+    assert m.layer_bytes[0] == base.layer_bytes[0]
+    assert m.layer_bytes[1] == base.layer_bytes[1] - 512 * 256 * 2 + 512 * 256 // 32 * 34
