@@ -39,3 +39,51 @@ def agentd_runtime():
 
 # --------------------------------------------------------------------------- act
 # (process phase: launch, health and stop of the processes a runtime starts; see agentd/runtime)
+#
+# The act hooks run on the host that runs a part, inside agentd's supervisor
+# (agentd/runtime, docs/runtime.md). They may be `async def`. The supervisor
+# owns the processes: spawning, readiness and liveness probes, restarts with
+# backoff, adoption after an agentd restart, and stopping whole trees; the
+# plugin only says what to run and how to read its answers.
+
+
+@hookspec(firstresult=True)
+def agentd_launch(assignment, part_index, ctx):
+    """Say which processes run part `part_index` of `assignment` on this host.
+
+    Return a list of `agentd.runtime.ProcessSpec` (argv list, env, the
+    endpoints it listens on and binds, a readiness probe, the endpoints it
+    must wait for), or None when `assignment.runtime` is not yours. Called
+    once per new instance and part; an instance id names one immutable
+    assignment, so the same input must give the same specs. `ctx` is an
+    `agentd.runtime.LaunchContext`: the node name, a private work dir, the
+    agent's settings (binary paths), whether the GPUs are simulated, and
+    `port(key)` / `ray_port(key)` for extra local ports from the configured
+    ranges. Raise `agentd.errors.InvalidInput` for an assignment you cannot
+    run (the instance becomes FATAL with your message).
+    """
+
+
+@hookspec(firstresult=True)
+def agentd_health(assignment, part_index, process, result):
+    """Read one probe answer of `process` (a ProcessSpec of yours).
+
+    `result` is an `agentd.runtime.ProbeResult` (ok, HTTP status, the first
+    bytes of the body, or the connection error). Return an
+    `agentd.runtime.HealthVerdict(ready, alive, detail)`, or None for the
+    default reading (2xx is ready, anything else a failure). `alive=True`
+    with `ready=False` means "not serving yet, but not failing" (a model still
+    loading), which neither counts toward liveness failures nor marks it
+    ready. Called on every probe: keep it cheap and free of I/O.
+    """
+
+
+@hookspec
+def agentd_stop(assignment, part_index, ctx):
+    """Clean up after part `part_index` of `assignment` was stopped for good on this host.
+
+    Called once every process of the instance on this host has been stopped
+    (the whole process tree is already gone), not on restarts. Use it for
+    runtime leftovers outside the process tree (temp dirs, sockets).
+    Failures are logged and ignored.
+    """

