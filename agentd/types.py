@@ -237,6 +237,8 @@ class Part(Value):
     cpu_layers: int | None = None  # llamabox main only: layers left in host RAM
     memory: tuple[int, ...] = ()  # bytes planned on each of `gpus`, same order
     env: dict[str, str] = Field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
+    # Model layers held by each of `gpus`, same order (llamabox: the --tensor-split counts of this part).
+    layer_split: tuple[int, ...] = ()
 
 
 class ReplicaPlan(Value):

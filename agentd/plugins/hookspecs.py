@@ -35,6 +35,73 @@ def agentd_runtime():
 
 # --------------------------------------------------------------------------- declare, propose, filter, score
 # (placement phase: synchronous and pure; see agentd/placement and docs/placement.md)
+#
+# Every placement hook receives `runtime` (the deployment's runtime name) so a
+# plugin can add rules to other plugins' runtimes; return None for runtimes
+# you do not know. `model` is an agentd.types.ModelInfo, `spec` the
+# DeploymentSpec. Declaration hooks are called once per placement; the
+# objects they return are then called by the core for every candidate, so
+# keep them cheap.
+
+
+@hookspec
+def agentd_constraints(runtime, model, spec):
+    """Declare the rules a layout must satisfy (filter phase).
+
+    Return an iterable of constraint objects (see agentd.placement.Constraint:
+    `check_static()`, `check_device(gpu)`, `check_shape(shape)`,
+    `check_layout(layout)`, each returning None or a Rejection), or None.
+    Every plugin's constraints apply, so a third-party plugin can restrict a
+    built-in runtime. A rejection's `reason` must be stable text: the
+    diagnosis counts rejections by it.
+    """
+
+
+@hookspec(firstresult=True)
+def agentd_propose(runtime, model, spec, limits):
+    """Propose layout shapes for `runtime`, most preferred first (propose phase).
+
+    Return an iterable of agentd.placement shapes (`Sharded(tp, pp, hosts)`
+    or `LayerSplit(offload)`), or None when `runtime` is not yours. `limits`
+    (ShapeLimits) bounds what the filtered hosts could hold. The core takes
+    the first shape with a valid candidate, so the order is the runtime's
+    preference; it may be a lazy generator.
+    """
+
+
+@hookspec(firstresult=True)
+def agentd_estimate(runtime, model, spec, shape):
+    """Declare the memory `shape` needs on each device (declare phase).
+
+    Return `ShardDemand` for a Sharded shape (bytes per GPU, and the
+    fraction of each GPU the runtime takes, if it takes a fixed one) or
+    `LayerDemand` for a LayerSplit (bytes per layer, output layer, per-device
+    overheads, host RAM); None when `runtime` is not yours.
+    """
+
+
+@hookspec
+def agentd_scorers(runtime, model, spec):
+    """Declare scorers that rank valid candidates of the same shape (score phase).
+
+    Return an iterable of objects with `score(layout) -> float` (higher is
+    better) and optionally `weight`, or None. The core adds the weighted
+    scores and breaks ties with the placement strategy (binpack | spread).
+    For layer-split layouts, fewer rpc-servers, fewer hosts and fewer CPU
+    layers rank first; scores order candidates equal on those.
+    """
+
+
+@hookspec(firstresult=True)
+def agentd_layout_args(runtime, model, spec, layout):
+    """Turn the chosen layout into launch parameters for the plan.
+
+    Return agentd.placement.LaunchParams: `args` for the main process (e.g.
+    --tensor-parallel-size, --tensor-split) and `env` per part (e.g.
+    CUDA_VISIBLE_DEVICES), or None for the core's default (no args,
+    CUDA_VISIBLE_DEVICES per part). Endpoints and ports are not known yet:
+    the act phase adds them.
+    """
 
 
 # --------------------------------------------------------------------------- act

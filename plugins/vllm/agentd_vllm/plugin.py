@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from agentd.plugins import RuntimeInfo, hookimpl
+from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
+    agentd_constraints,
+    agentd_estimate,
+    agentd_layout_args,
+    agentd_propose,
+)
 from agentd_vllm.process import agentd_launch, agentd_stop  # noqa: F401 (act-phase hooks, re-exported for pluggy)
 
 NAME = "vllm"

@@ -1,0 +1,397 @@
+"""place(): from a frozen cluster snapshot, a model and a deployment spec to a Plan.
+
+The phases follow the Kubernetes scheduling framework. Plugins *declare*
+constraints, scorers and memory estimates (called once per request);
+the core *filters* hosts (selector, pins) and GPUs (maintenance, device
+constraints), asks the runtime plugin to *propose* layout shapes in its
+order of preference, checks each shape against the shape constraints,
+finds GPUs for it greedily (sharded.py, layersplit.py), checks the
+candidate against the layout constraints and *scores* candidates of the
+same shape. The first shape with a valid candidate wins. Every rejection
+is recorded, so a failure explains itself (findings.py, whatif.py).
+
+Pure: no I/O, no clocks, no randomness; the same input gives the same plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentd.errors import AgentdError, InvalidInput, PluginError
+from agentd.logs import fields
+from agentd.placement.constraints import Constraint, Rejection
+from agentd.placement.demand import LayerDemand, ShardDemand
+from agentd.placement.findings import CANDIDATE, DEVICE, HOST, SHAPE, STATIC, Findings
+from agentd.placement.layersplit import LayerSplitSearch
+from agentd.placement.layout import LaunchParams, Layout
+from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
+from agentd.placement.sharded import Candidates, ShardedSearch
+from agentd.placement.snapshot import Snapshot
+from agentd.types import (
+    Assignment,
+    ClusterInventory,
+    DeploymentSpec,
+    ModelInfo,
+    Part,
+    Plan,
+    ReplicaPlan,
+)
+
+log = logging.getLogger("agentd.placement")
+
+LEVELS = ("check_static", "check_device", "check_shape", "check_layout")
+
+
+class Hooks:
+    """The placement hooks, with any plugin failure turned into a PluginError naming the hook."""
+
+    def __init__(self, plugins: Any):
+        self.relay = getattr(plugins, "hook", plugins)
+
+    def call(self, name: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.relay, name)(**kwargs)
+        except AgentdError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"hook {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class Request:
+    """One deployment's declarations, gathered once: the checks per level and the scorers."""
+
+    hooks: Hooks
+    model: ModelInfo
+    spec: DeploymentSpec
+    checks: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
+    scorers: list[Any] = field(default_factory=list)
+
+    @property
+    def runtime(self) -> str:
+        return self.spec.runtime
+
+    def run(self, level: str, *args: Any) -> Rejection | None:
+        for c, check in self.checks[level]:
+            try:
+                r = check(*args)
+            except AgentdError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"constraint {_name(c)} failed in {level}: {type(exc).__name__}: {exc}") from exc
+            if r is not None:
+                return r
+        return None
+
+    def validate(self, layout: Layout) -> Rejection | None:
+        return self.run("check_layout", layout)
+
+    def score(self, layout: Layout) -> float:
+        total = 0.0
+        for s in self.scorers:
+            try:
+                total += float(getattr(s, "weight", 1.0)) * float(s.score(layout))
+            except Exception as exc:
+                raise PluginError(f"scorer {_name(s)} failed: {type(exc).__name__}: {exc}") from exc
+        return total
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "name", "") or type(obj).__name__
+
+
+def _flatten(results: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for r in results or ():
+        if r is None:
+            continue
+        out.extend(r if isinstance(r, list | tuple) else [r])
+    return out
+
+
+def prepare(plugins: Any, model: ModelInfo, spec: DeploymentSpec) -> Request:
+    """Check the runtime serves this model, and gather every plugin's declarations."""
+    hooks = plugins if isinstance(plugins, Hooks) else Hooks(plugins)
+    infos = [i for i in hooks.call("agentd_runtime") if i is not None]
+    info = next((i for i in infos if i.name == spec.runtime), None)
+    if info is None:
+        known = ", ".join(sorted(i.name for i in infos)) or "none loaded"
+        raise InvalidInput(f"unknown runtime {spec.runtime!r} (available: {known})")
+    if info.formats and model.format not in info.formats:
+        raise InvalidInput(f"runtime {spec.runtime!r} serves {', '.join(info.formats)} models, "
+                           f"not {model.format} ({model.name or model.architecture})")
+    req = Request(hooks, model, spec)
+    args = {"runtime": spec.runtime, "model": model, "spec": spec}
+    constraints = _flatten(hooks.call("agentd_constraints", **args))
+    for level in LEVELS:
+        req.checks[level] = [(c, getattr(c, level)) for c in constraints if _overrides(c, level)]
+    req.scorers = _flatten(hooks.call("agentd_scorers", **args))
+    return req
+
+
+def _overrides(c: Any, level: str) -> bool:
+    method = getattr(type(c), level, None)
+    if method is None:
+        return False
+    return not (isinstance(c, Constraint) and method is getattr(Constraint, level))
+
+
+# --------------------------------------------------------------------------- attempt
+
+
+@dataclass
+class Outcome:
+    layouts: list[Layout]
+    findings: Findings | None  # why the replica at `failed_replica` could not be placed
+    failed_replica: int | None
+    hosts_total: int
+
+    @property
+    def placed(self) -> bool:
+        return self.findings is None
+
+
+def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignment | ReplicaPlan] = ()) -> Outcome:
+    """Place every replica in turn, booking each one's memory before the next: no double booking."""
+    snap = Snapshot.build(cluster, existing)
+    layouts: list[Layout] = []
+    for r in range(req.spec.replicas):
+        got = place_one(req, snap)
+        if isinstance(got, Findings):
+            return Outcome(layouts, got, r, len(cluster.hosts))
+        layouts.append(got)
+        snap = snap.reserve(got.reservations())
+    return Outcome(layouts, None, None, len(cluster.hosts))
+
+
+def place_one(req: Request, snap: Snapshot) -> Layout | Findings:
+    findings = Findings()
+    r = req.run("check_static")
+    if r is not None:
+        findings.add(STATIC, r)
+        return findings
+    cands, limits, pinned = _filter(req, snap, findings)
+    shapes = req.hooks.call("agentd_propose", runtime=req.runtime, model=req.model, spec=req.spec, limits=limits)
+    if shapes is None:
+        raise PluginError(f"no plugin proposes layouts for runtime {req.runtime!r}")
+    sharded: ShardedSearch | None = None
+    split: LayerSplitSearch | None = None
+    demands: dict[Shape, Any] = {}
+    matched = False
+    score = req.score if req.scorers else None
+    for shape in shapes:
+        if limits.exact is not None and not _matches_exact(shape, limits.exact):
+            continue
+        matched = True
+        why = req.run("check_shape", shape)
+        if why is not None:
+            findings.add(SHAPE, why)
+            continue
+        demand = demands.get(shape)
+        if demand is None:
+            demand = demands[shape] = req.hooks.call(
+                "agentd_estimate", runtime=req.runtime, model=req.model, spec=req.spec, shape=shape)
+        if isinstance(shape, Sharded):
+            if not isinstance(demand, ShardDemand):
+                raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
+                                  "expected ShardDemand")
+            sharded = sharded or ShardedSearch(cands, req.spec.strategy)
+            got = sharded.find(shape, demand)
+            if isinstance(got, Rejection):
+                findings.add(CANDIDATE, got)
+                continue
+            why = req.validate(got)
+            if why is not None:
+                findings.add(CANDIDATE, why)
+                continue
+            return got
+        if isinstance(shape, LayerSplit):
+            if not isinstance(demand, LayerDemand):
+                raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
+                                  "expected LayerDemand")
+            split = split or LayerSplitSearch(cands, req.spec.strategy, limits.exact, pinned)
+            got = split.find(shape, demand, req.validate, score)
+            if isinstance(got, Layout):
+                return got
+            if log.isEnabledFor(logging.DEBUG):
+                for rej in got:
+                    log.debug("rejected %s %s: %s (%s)", rej.subject, rej.where, rej.reason, rej.detail_text())
+            findings.extend(CANDIDATE, got)
+            continue
+        raise PluginError(f"unknown layout shape {shape!r} from agentd_propose")
+    if limits.exact is not None and not matched:
+        pins = ", ".join(f"{n} GPU(s) on {h}" for h, n in limits.exact)
+        findings.add(SHAPE, Rejection("pinned layout", f"matches no layout {req.runtime} can run",
+                                      pins, {"pins": [list(p) for p in limits.exact]}, where=pins))
+    if not findings:
+        findings.add(HOST, Rejection("cluster", "has no hosts", subject_plural="cluster"))
+    return findings
+
+
+def _matches_exact(shape: Shape, exact: tuple[tuple[str, int], ...]) -> bool:
+    if isinstance(shape, Sharded):
+        if shape.hosts == 1:
+            return len(exact) == 1 and exact[0][1] == shape.gpus
+        return len(exact) == shape.hosts and all(n == shape.tp for _, n in exact)
+    return True
+
+
+def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidates, ShapeLimits, dict]:
+    """Host filters (selector, pins, GPUs present), then device filters (maintenance, pins, constraints)."""
+    spec = req.spec
+    selector = spec.selector
+    selector_text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    pinned: dict[str, tuple[int, ...]] = {}
+    for p in spec.pin:
+        pinned[p.host] = tuple(dict.fromkeys(pinned.get(p.host, ()) + p.gpus))
+    exact = None
+    if spec.pin and all(p.gpus for p in spec.pin):
+        exact = tuple((h, len(g)) for h, g in pinned.items())
+    excluded = set(spec.exclude_gpus)
+    known = {hv.name for hv in snap.hosts}
+    for host in pinned:
+        if host not in known:
+            findings.add(HOST, Rejection("pinned host", "is not in the cluster", where=host, details={"host": host}))
+    device_checks = req.checks["check_device"]
+    hosts = []
+    max_per_host = total_gpus = max_mem = 0
+    for hv in snap.hosts:
+        if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
+            findings.add(HOST, Rejection("host", f"excluded by selector {selector_text}", where=hv.name))
+            continue
+        if pinned and hv.name not in pinned:
+            findings.add(HOST, Rejection("host", "not pinned", where=hv.name))
+            continue
+        if not hv.gpus:
+            findings.add(HOST, Rejection("host", "without GPUs", where=hv.name))
+            continue
+        want = pinned.get(hv.name) or None
+        gpus = hv.gpus
+        if want:
+            present = {g.index for g in gpus}
+            for i in want:
+                if i not in present:
+                    findings.add(DEVICE, Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
+                                                   details={"host": hv.name, "index": i}))
+            gpus = tuple(g for g in gpus if g.index in want)
+            if not gpus:
+                continue
+        max_per_host = max(max_per_host, len(gpus))
+        total_gpus += len(gpus)
+        eligible = []
+        for g in gpus:
+            if g.total > max_mem:
+                max_mem = g.total
+            if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
+                findings.add(DEVICE, Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid},
+                                               where=g.label))
+                continue
+            for c, check in device_checks:
+                try:
+                    why = check(g)
+                except AgentdError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"constraint {_name(c)} failed in check_device: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                if why is not None:
+                    findings.add(DEVICE, why)
+                    break
+            else:
+                eligible.append(g)
+        if eligible:
+            hosts.append((hv, tuple(eligible)))
+    limits = ShapeLimits(hosts=sum(1 for hv in snap.hosts if _counted(hv, selector, pinned)),
+                         max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem, exact=exact)
+    return Candidates(tuple(hosts)), limits, pinned
+
+
+def _counted(hv, selector, pinned) -> bool:
+    if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
+        return False
+    return bool(hv.gpus) and (not pinned or hv.name in pinned)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def replica_plan(req: Request, layout: Layout) -> ReplicaPlan:
+    params = req.hooks.call("agentd_layout_args", runtime=req.runtime, model=req.model, spec=req.spec,
+                            layout=layout) or LaunchParams(
+        env=tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts))
+    parts = []
+    for i, p in enumerate(layout.parts):
+        env = dict(params.env[i]) if i < len(params.env) else {}
+        parts.append(Part(host=p.host, gpus=p.gpus, role=p.role, layers=p.layers, cpu_layers=p.cpu_layers,
+                          memory=p.memory, env=env, layer_split=p.layer_split))
+    shape = layout.shape
+    tp, pp = (shape.tp, shape.pp) if isinstance(shape, Sharded) else (1, 1)
+    return ReplicaPlan(tensor_parallel=tp, pipeline_parallel=pp, parts=tuple(parts), args=tuple(params.args),
+                       score=req.score(layout) if req.scorers else 0.0)
+
+
+def place(
+    cluster: ClusterInventory,
+    model: ModelInfo,
+    spec: DeploymentSpec,
+    existing: Sequence[Assignment | ReplicaPlan] = (),
+    *,
+    plugins: Any,
+) -> Plan:
+    """Place every replica of `spec`, or explain why not (Plan.placed is False, diagnosis set).
+
+    `plugins` is the PluginManager (or its hook relay). `existing` are the
+    assignments already running or committed (their Part.memory is booked);
+    leave out the ones this call replaces. Raises InvalidInput for a runtime
+    that does not exist or does not serve the model's format, PluginError
+    when a plugin misbehaves; an unplaceable deployment is a Plan, not an error.
+    """
+    from agentd.placement.whatif import diagnose
+
+    req = prepare(plugins, model, spec)
+    outcome = attempt(req, cluster, existing)
+    if outcome.placed:
+        plan = Plan(placed=True, runtime=spec.runtime, replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
+    else:
+        plan = Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
+    log.info(decision(spec, plan), extra=fields(deployment=spec.name, runtime=spec.runtime, placed=plan.placed,
+                                                replicas=len(plan.replicas)))
+    return plan
+
+
+class Placer:
+    """`place` bound to a plugin manager: the (cluster, model, spec, existing) -> Plan the coordinator calls."""
+
+    def __init__(self, plugins: Any):
+        self.plugins = plugins
+
+    def __call__(self, cluster: ClusterInventory, model: ModelInfo, spec: DeploymentSpec,
+                 existing: Sequence[Assignment | ReplicaPlan] = ()) -> Plan:
+        return place(cluster, model, spec, existing, plugins=self.plugins)
+
+
+def describe_replica(rp: ReplicaPlan) -> str:
+    parts = []
+    for p in rp.parts:
+        gpus = ",".join(map(str, p.gpus))
+        text = f"{p.role} {p.host} GPU{'s' if len(p.gpus) != 1 else ''} {gpus} ({p.layers} layers"
+        if p.cpu_layers:
+            text += f", {p.cpu_layers} on CPU"
+        parts.append(text + ")")
+    shape = []
+    if rp.tensor_parallel > 1 or rp.pipeline_parallel > 1:
+        shape.append(f"TP={rp.tensor_parallel} PP={rp.pipeline_parallel}")
+    return " ".join([*shape, "; ".join(parts)])
+
+
+def decision(spec: DeploymentSpec, plan: Plan) -> str:
+    """The one sentence a placement decision logs and returns."""
+    if not plan.placed:
+        return plan.diagnosis.message if plan.diagnosis else f"{spec.name} could not be placed"
+    if not plan.replicas:
+        return f"placed {spec.name} ({plan.runtime}): no replicas requested"
+    body = " | ".join(f"replica {i}: {describe_replica(rp)}" for i, rp in enumerate(plan.replicas))
+    return f"placed {spec.name} ({plan.runtime}): {body}"

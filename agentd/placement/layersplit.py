@@ -1,0 +1,396 @@
+"""Finding devices for a `LayerSplit` shape (llama.cpp / llama-box with rpc-servers).
+
+llama.cpp puts whole layers on devices in order: the first `cpu_layers`
+stay in host RAM, then contiguous blocks go to each device, RPC devices
+first (in `--rpc` order) and the main server's own GPUs last; the output
+layer goes to the very last device. So the main server's GPUs hold the
+*last* layers and the output, and we fill backwards: the main server's GPUs
+first (the one that loses least by holding the output takes it), then
+rpc-server GPUs from the largest down, each taking as many of the remaining
+layers as fit. Whatever is left
+stays on the CPU (partial offload) or the candidate fails (full offload).
+
+Every host is a main-server candidate. Candidates rank by fewer
+rpc-servers, fewer hosts, fewer CPU layers, the plugins' scores, then the
+strategy; the best one that passes the layout constraints wins, and on a
+failure every candidate's rejection is kept for the diagnosis.
+
+Cost: the GPUs are sorted once. A main server's own fill depends only on
+its GPUs' free memory, and the rpc fill only on the layers left and the
+host's RAM, so both are cached; a candidate whose host's GPUs the cached
+rpc fill did not touch reuses it as is. That keeps a candidate at O(GPUs
+per host) in the common case, and the whole search at about n log n in GPUs.
+Greedy largest-first minimises the rpc-server count when layers are of
+equal size; with uneven layers it is a good heuristic, not an optimum.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from agentd.placement.constraints import Rejection
+from agentd.placement.demand import LayerDemand
+from agentd.placement.layout import Layout, PartLayout
+from agentd.placement.shapes import LayerSplit
+from agentd.placement.sharded import Candidates
+from agentd.placement.snapshot import GpuView, HostView
+from agentd.placement.units import gib
+
+Validate = Callable[[Layout], Rejection | None]
+Score = Callable[[Layout], float]
+
+SUBJECT = "main-server candidate"
+
+# One device's share: (gpu, lo, hi) holds layers [lo, hi).
+Block = tuple[GpuView, int, int]
+
+
+@dataclass(frozen=True)
+class _MainFill:
+    """The main server's own GPUs: blocks in fill order (the output device first when fully offloaded)."""
+
+    blocks: tuple[Block, ...]
+    lo: int  # layers [0, lo) are left for rpc-servers or the CPU
+    output: GpuView | None  # the GPU holding the output layer (full offload)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: tuple
+    host: HostView
+    main: _MainFill
+    rpc: tuple[Block, ...]
+
+
+class LayerSplitSearch:
+    def __init__(self, candidates: Candidates, strategy: str, exact: tuple[tuple[str, int], ...] | None = None,
+                 pinned: dict[str, tuple[int, ...]] | None = None):
+        self.candidates = candidates
+        self.strategy = strategy
+        self.exact = exact
+        self.pinned = pinned or {}
+        self._host_rank = {hv.name: self._host_key(hv) for hv, _ in candidates.hosts}
+        pool = [g for _, gpus in candidates.hosts for g in gpus]
+        pool.sort(key=lambda g: (-g.free, self._host_rank[g.host], g.index))
+        self.pool = pool
+        by_host: dict[str, list[GpuView]] = {}
+        for g in pool:
+            by_host.setdefault(g.host, []).append(g)
+        self._by_host = sorted(by_host.items(), key=lambda kv: (-sum(g.free for g in kv[1]), self._host_rank[kv[0]]))
+
+    def _host_key(self, hv: HostView) -> tuple:
+        f = hv.used_fraction
+        return (-f if self.strategy == "binpack" else f, hv.name)
+
+    # ------------------------------------------------------------------ search
+
+    def find(self, shape: LayerSplit, demand: LayerDemand, validate: Validate,
+             score: Score | None) -> Layout | list[Rejection]:
+        ctx = _Ctx(demand, shape.offload == "full")
+        if self.exact is not None:
+            return self._find_exact(shape, ctx, validate)
+        rejections: list[Rejection] = []
+        entries: list[_Entry] = []
+        main_cache: dict[tuple[int, ...], tuple[tuple[int, int, int], int, int] | None] = {}
+        rpc_cache: dict[tuple[int, int | None], tuple[tuple[Block, ...] | None, int, frozenset[str]]] = {}
+        for hv, gpus in self.candidates.hosts:
+            main = self._main(ctx, gpus, main_cache)
+            facts = self._facts(ctx, gpus)
+            if main is None or not any(hi > lo for _, lo, hi in main.blocks):
+                why = self._empty_main(shape, ctx, hv, main, facts, validate)
+                if why is not None:
+                    rejections.append(why)
+                    continue
+                if main is None:
+                    continue
+            rpc, left = self._rpc(ctx, hv, main.lo, rpc_cache)
+            if rpc is None:
+                rejections.append(self._short(ctx, hv, left, facts))
+                continue
+            cpu = rpc[-1][1] if rpc else main.lo
+            hosts = 1 + len({g.host for g, _, _ in rpc})
+            entries.append(_Entry((len(rpc), hosts, cpu, *self._host_rank[hv.name]), hv, main, rpc))
+        if score is not None:  # plugins' scores rank candidates equal on rpc-servers, hosts and CPU layers
+            scored = []
+            for e in entries:
+                layout = self._layout(shape, ctx, e.host, e.main, e.rpc)
+                scored.append(_Entry((*e.key[:3], -score(layout), *e.key[3:]), e.host, e.main, e.rpc))
+            entries = scored
+        entries.sort(key=lambda e: e.key)
+        for e in entries:
+            layout = self._layout(shape, ctx, e.host, e.main, e.rpc)
+            why = validate(layout)
+            if why is None:
+                return layout
+            rejections.append(why)
+        return rejections
+
+    # ------------------------------------------------------------------ the main server
+
+    def _main(self, ctx: _Ctx, gpus: Sequence[GpuView], cache: dict) -> _MainFill | None:
+        order = sorted(gpus, key=lambda g: (-g.free, g.index))
+        frees = tuple(g.free for g in order)
+        if frees not in cache:
+            cache[frees] = _fill_main(ctx, frees)
+        plan = cache[frees]
+        if plan is None:
+            return None
+        spans, lo, out = plan
+        return _MainFill(tuple((order[i], a, b) for i, a, b in spans), lo, order[out] if out >= 0 else None)
+
+    def _facts(self, ctx: _Ctx, gpus: Sequence[GpuView]) -> dict[str, float]:
+        largest = max((g.free for g in gpus), default=0)
+        # With two GPUs or more the output layer can sit on another GPU than the first layer.
+        need = ctx.d + ctx.last + (ctx.out if len(gpus) <= 1 else 0)
+        return {"main_layer_need": need, "main_largest_free": largest}
+
+    def _empty_main(self, shape: LayerSplit, ctx: _Ctx, hv: HostView, main: _MainFill | None, facts,
+                    validate: Validate) -> Rejection | None:
+        """A main server holding no layer: the layout constraints say why; without one, full offload
+        still needs the output layer on the main server."""
+        empty = Layout(shape, (PartLayout(hv.name, "main", (), (), layers=0, cpu_layers=ctx.layers),),
+                       ctx.demand, facts)
+        why = validate(empty)
+        if why is not None or main is not None:
+            return why
+        largest = facts["main_largest_free"]
+        return Rejection(SUBJECT, "cannot hold the output layer",
+                         f"needs {gib(ctx.d + ctx.out)}, largest free {gib(largest)}",
+                         {"needs": ctx.d + ctx.out, "largest_free": largest}, where=hv.name,
+                         closeness=largest / (ctx.d + ctx.out))
+
+    def _short(self, ctx: _Ctx, hv: HostView, left: int, facts) -> Rejection:
+        if ctx.full:
+            return Rejection(SUBJECT, "cannot fit all layers on GPUs (CPU offload not allowed)",
+                             f"{left} of {ctx.layers} layers ({gib(ctx.prefix[left])}) left over with the main "
+                             f"server on {hv.name}",
+                             {"layers_left": left, "bytes_left": ctx.prefix[left], "host": hv.name, **facts},
+                             where=hv.name, closeness=1 - left / ctx.layers)
+        ram = hv.ram_available or 0
+        need = ctx.demand.ram_for(left)
+        return Rejection(SUBJECT, "has too little RAM for the layers left on the CPU",
+                         f"{left} layers need {gib(need)} of RAM, {gib(ram)} available on {hv.name}",
+                         {"cpu_layers": left, "ram_needed": need, "ram_available": ram, "host": hv.name},
+                         where=hv.name, closeness=min(1.0, ram / need) if need else 0.0)
+
+    # ------------------------------------------------------------------ rpc-servers
+
+    def _rpc(self, ctx: _Ctx, hv: HostView, hi: int, cache: dict) -> tuple[tuple[Block, ...] | None, int]:
+        """rpc-server blocks (fill order) for layers [.., hi), or None and the layers left over.
+
+        Cached per (hi, RAM); the cached fill is reused unless it used this host's GPUs.
+        """
+        ram = None if ctx.full else hv.ram_available
+        key = (hi, ram)
+        if key not in cache:
+            cache[key] = self._fill_rpc(ctx, None, hi, ram)
+        blocks, left, hosts = cache[key]
+        if hv.name not in hosts:
+            return blocks, left
+        blocks, left, _ = self._fill_rpc(ctx, hv.name, hi, ram)
+        return blocks, left
+
+    def _fill_rpc(self, ctx: _Ctx, main_host: str | None, hi: int, ram: int | None):
+        """(blocks or None, layers left, hosts whose GPUs the walks looked at)."""
+
+        def done(lo: int) -> bool:
+            if ctx.full:
+                return lo == 0
+            return ram is None or ctx.demand.ram_for(lo) <= ram
+
+        if done(hi):
+            return (), hi, frozenset()
+        seen: set[str] = set()
+        greedy, left = _walk(ctx, (g for g in self.pool if g.host != main_host), hi, done, seen, sorted_=True)
+        if greedy is None:
+            return None, left, frozenset(seen)
+        grouped, _ = _walk(ctx, self._grouped(main_host), hi, done, seen, limit=len(greedy))
+        options = [f for f in (greedy, grouped) if f is not None]
+        best = min(options, key=lambda f: (len(f), len({g.host for g, _, _ in f})))
+        return tuple(best), 0, frozenset(seen)
+
+    def _grouped(self, main_host: str | None) -> Iterable[GpuView]:
+        """Other hosts' GPUs host by host (most free first): fewer hosts for the same rpc count."""
+        for host, gpus in self._by_host:
+            if host != main_host:
+                yield from gpus
+
+    # ------------------------------------------------------------------ pinned
+
+    def _find_exact(self, shape: LayerSplit, ctx: _Ctx, validate: Validate) -> Layout | list[Rejection]:
+        """Pinned GPUs: the first pin is the main server; every pinned GPU gets at least one layer."""
+        assert self.exact is not None
+        by_host = {hv.name: (hv, gpus) for hv, gpus in self.candidates.hosts}
+        main_name = self.exact[0][0]
+        if main_name not in by_host or len(by_host[main_name][1]) != self.exact[0][1]:
+            return []  # a pinned GPU was rejected by a device filter; that rejection explains it
+        hv, main_gpus = by_host[main_name]
+        order = sorted(main_gpus, key=lambda g: (-g.free, g.index))
+        rpc: list[GpuView] = []
+        for host, count in self.exact[1:]:
+            if host not in by_host or len(by_host[host][1]) != count:
+                return []
+            index_order = {i: n for n, i in enumerate(self.pinned.get(host, ()))}
+            rpc += sorted(by_host[host][1], key=lambda g: index_order.get(g.index, g.index))
+        devices = order + rpc
+        facts = self._facts(ctx, main_gpus)
+        counts = _balanced(ctx, devices) if ctx.full else None
+        if counts is None:
+            counts = _greedy_reserved(ctx, devices)
+        if counts is None:
+            return [Rejection("pinned layout", "cannot give every pinned GPU a layer",
+                              f"{len(devices)} pinned GPUs, {ctx.layers} layers", {"gpus": len(devices)},
+                              where=main_name)]
+        blocks, hi = [], ctx.layers
+        for g, n in zip(devices, counts, strict=True):
+            blocks.append((g, hi - n, hi))
+            hi -= n
+        if (ctx.full and hi) or (not ctx.full and not _ram_ok(ctx, hv, hi)):
+            return [self._short(ctx, hv, hi, facts)]
+        main = _MainFill(tuple(blocks[:len(order)]), blocks[len(order) - 1][1], order[0] if ctx.full else None)
+        layout = self._layout(shape, ctx, hv, main, tuple(blocks[len(order):]), facts)
+        why = validate(layout)
+        return [why] if why else layout
+
+    # ------------------------------------------------------------------ result
+
+    def _layout(self, shape: LayerSplit, ctx: _Ctx, hv: HostView, main: _MainFill, rpc: Sequence[Block],
+                facts: dict | None = None) -> Layout:
+        cpu_layers = rpc[-1][1] if rpc else main.lo
+        kept = [(g, lo, hi) for g, lo, hi in main.blocks if hi > lo or g is main.output]
+        # Device order is the reverse of fill order: CUDA_VISIBLE_DEVICES lists the main GPUs so the
+        # GPU holding the output layer comes last, and rpc parts come in --rpc order.
+        dev = list(reversed(kept))
+        mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if g is main.output else 0)
+                    for g, lo, hi in dev)
+        main_part = PartLayout(
+            hv.name, "main", tuple(g.index for g, _, _ in dev), mem,
+            layers=sum(hi - lo for _, lo, hi in dev), layer_split=tuple(hi - lo for _, lo, hi in dev),
+            cpu_layers=cpu_layers)
+        rpc_parts = tuple(
+            PartLayout(g.host, "rpc", (g.index,), (ctx.prefix[hi] - ctx.prefix[lo] + ctx.d,), layers=hi - lo,
+                       layer_split=(hi - lo,))
+            for g, lo, hi in reversed(rpc))
+        facts = {**(facts or self._facts(ctx, [g for g, _, _ in main.blocks])),
+                 "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0),
+                 "ram_needed": ctx.demand.ram_for(cpu_layers)}
+        return Layout(shape, (main_part, *rpc_parts), ctx.demand, facts)
+
+
+class _Ctx:
+    """Prefix sums and per-device costs of one demand, so a device's share is one bisect."""
+
+    def __init__(self, demand: LayerDemand, full: bool):
+        self.demand = demand
+        self.full = full
+        self.layers = demand.layers
+        self.d = demand.device_overhead
+        self.out = demand.output_bytes + demand.output_overhead if full else 0
+        prefix = [0]
+        for b in demand.layer_bytes:
+            prefix.append(prefix[-1] + b)
+        self.prefix = prefix
+        self.last = demand.layer_bytes[-1] if demand.layer_bytes else 0
+
+    def take(self, free: int, hi: int) -> int:
+        """The lowest `lo` such that layers [lo, hi) fit a device with `free` bytes (hi if none fits)."""
+        room = free - self.d
+        if hi == 0 or room < self.prefix[hi] - self.prefix[hi - 1]:
+            return hi
+        return bisect.bisect_left(self.prefix, self.prefix[hi] - room, 0, hi)
+
+
+def _ram_ok(ctx: _Ctx, hv: HostView, cpu_layers: int) -> bool:
+    ram = hv.ram_available
+    return ram is None or ctx.demand.ram_for(cpu_layers) <= ram
+
+
+def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int], ...], int, int] | None:
+    """Fill GPUs with these free sizes (largest first): (spans (position, lo, hi), lo, output position).
+
+    In full offload one GPU must also hold the output layer. We try it on each
+    GPU that can hold it (a host has a handful) and keep the fill that places
+    the most layers, preferring the larger GPU on a tie; the others fill
+    largest first. None when no GPU can hold the output layer.
+    """
+    if not ctx.full:
+        spans, lo = _fill_order(ctx, frees, range(len(frees)), -1)
+        return spans, lo, -1
+    best = None
+    for out, free in enumerate(frees):
+        if free < ctx.d + ctx.out or (out and free == frees[out - 1]):
+            continue  # cannot hold it, or the same size as one already tried
+        order = [out] + [i for i in range(len(frees)) if i != out]
+        spans, lo = _fill_order(ctx, frees, order, out)
+        if best is None or lo < best[1]:
+            best = (spans, lo, out)
+    return best
+
+
+def _fill_order(ctx: _Ctx, frees: tuple[int, ...], order: Iterable[int], out: int):
+    hi, spans = ctx.layers, []
+    for i in order:
+        lo = ctx.take(frees[i] - (ctx.out if i == out else 0), hi)
+        if lo < hi or i == out:
+            spans.append((i, lo, hi))
+        hi = lo
+        if hi == 0:
+            break
+    return tuple(spans), hi
+
+
+def _walk(ctx: _Ctx, gpus: Iterable[GpuView], hi: int, done: Callable[[int], bool], seen: set[str],
+          sorted_: bool = False, limit: int | None = None) -> tuple[list[Block] | None, int]:
+    """Give each GPU in turn the most remaining layers it holds; `seen` collects the hosts looked at."""
+    blocks: list[Block] = []
+    skip_host = None
+    for g in gpus:
+        if g.host == skip_host:
+            continue
+        seen.add(g.host)
+        lo = ctx.take(g.free, hi)
+        if lo == hi:
+            if sorted_:
+                break  # GPUs come largest first: none after this one takes the next layer either
+            skip_host = g.host  # a host's GPUs come largest first too
+            continue
+        blocks.append((g, lo, hi))
+        hi = lo
+        if done(hi):
+            return blocks, hi
+        if limit is not None and len(blocks) >= limit:
+            break
+    return None, hi
+
+
+def _balanced(ctx: _Ctx, devices: Sequence[GpuView]) -> list[int] | None:
+    """Layers in proportion to each device's room, at least one each; None if rounding leaves layers over."""
+    rooms = [max(0, g.free - ctx.d - (ctx.out if i == 0 else 0)) for i, g in enumerate(devices)]
+    left_room = sum(rooms)
+    hi, counts = ctx.layers, []
+    for i, g in enumerate(devices):
+        rest = len(devices) - i - 1
+        most = min(hi - ctx.take(g.free - (ctx.out if i == 0 else 0), hi), hi - rest)
+        if most < 1:
+            return None
+        share = round(hi * rooms[i] / left_room) if left_room else 1
+        n = max(1, min(most, share))
+        counts.append(n)
+        hi -= n
+        left_room -= rooms[i]
+    return counts if hi == 0 else None
+
+
+def _greedy_reserved(ctx: _Ctx, devices: Sequence[GpuView]) -> list[int] | None:
+    """As many layers as fit on each device in turn, keeping one for each device after it."""
+    hi, counts = ctx.layers, []
+    for i, g in enumerate(devices):
+        rest = len(devices) - i - 1
+        most = min(hi - ctx.take(g.free - (ctx.out if i == 0 else 0), hi), hi - rest)
+        if most < 1:
+            return None
+        counts.append(most)
+        hi -= most
+    return counts

@@ -1,0 +1,163 @@
+"""The cluster as placement sees it: per-GPU memory that agentd may still give out.
+
+A GPU's `memory_used` counts everything on it, agentd's own instances
+included. Placement must not count agentd's instances twice (once as used,
+once as assigned), yet must count every byte other jobs hold, because vLLM
+and llama.cpp refuse to start when that memory is missing. So:
+
+    foreign  = max(0, memory_used - memory of processes agentd owns)
+    assigned = sum of Part.memory that existing assignments (and replicas
+               placed earlier in the same plan) put on this GPU
+    free     = max(0, memory_total - foreign - assigned)
+
+Memory of a process agentd owns but no assignment names (an instance being
+stopped) is treated as released. A part that lists a GPU without planned
+memory (`Part.memory` empty) is taken to hold the whole GPU: unknown is full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from agentd.placement.units import gib
+from agentd.types import Assignment, ClusterInventory, GpuInfo, GpuProcess, HostInventory, ReplicaPlan
+
+
+class GpuView:
+    """One GPU with the memory agentd may still give out. Immutable by convention (slots, no setters)."""
+
+    __slots__ = ("assigned", "foreign", "free", "host", "index", "info", "total")
+
+    def __init__(self, info: GpuInfo, host: str, assigned: int = 0):
+        d = info.__dict__  # one lookup instead of one per field: this runs for every GPU of the cluster
+        procs = d["processes"]
+        owned = sum(p.memory_used for p in procs if p.owned) if procs else 0
+        self.info = info
+        self.host = host
+        self.index = d["index"]
+        self.total = total = d["memory_total"]
+        foreign = d["memory_used"] - owned
+        self.foreign = foreign = foreign if foreign > 0 else 0
+        self.assigned = assigned
+        free = total - foreign - assigned
+        self.free = free if free > 0 else 0
+
+    @property
+    def uuid(self) -> str:
+        return self.info.uuid
+
+    @property
+    def label(self) -> str:
+        return f"GPU {self.index} on {self.host}"
+
+    @property
+    def foreign_processes(self) -> tuple[GpuProcess, ...]:
+        return tuple(p for p in self.info.processes if not p.owned)
+
+    def describe_foreign(self) -> str:
+        """Who holds the memory agentd does not own: "72.0 GiB used by pid 4121"."""
+        procs = sorted(self.foreign_processes, key=lambda p: (-p.memory_used, p.pid))
+        if not procs:
+            return f"{gib(self.foreign)} used by other processes"
+        pids = ", ".join(str(p.pid) for p in procs[:3]) + (", ..." if len(procs) > 3 else "")
+        return f"{gib(self.foreign)} used by {'pid' if len(procs) == 1 else 'pids'} {pids}"
+
+    def __repr__(self) -> str:
+        return f"GpuView({self.host}:{self.index} free={gib(self.free)} of {gib(self.total)})"
+
+
+class HostView:
+    """One host and its GPUs (by index). Immutable by convention."""
+
+    __slots__ = ("gpus", "info", "name", "used_fraction")
+
+    def __init__(self, name: str, info: HostInventory, gpus: tuple[GpuView, ...]):
+        self.name = name
+        self.info = info
+        self.gpus = gpus
+        total = free = 0
+        for g in gpus:
+            total += g.total
+            free += g.free
+        # How full the host's GPUs are (0 = empty): what binpack packs onto and spread avoids.
+        self.used_fraction = 1.0 - free / total if total else 1.0
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.info.labels
+
+    @property
+    def ram_available(self) -> int | None:
+        """Host RAM free for a llama.cpp main process, or None when the inventory does not report RAM."""
+        return self.info.memory_available if self.info.memory_total > 0 else None
+
+    def __repr__(self) -> str:
+        return f"HostView({self.name}, {len(self.gpus)} GPUs)"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Hosts sorted by name, each GPU with its effective free memory."""
+
+    hosts: tuple[HostView, ...]
+
+    @classmethod
+    def build(cls, cluster: ClusterInventory, existing: Iterable[Assignment | ReplicaPlan] = ()) -> Snapshot:
+        assigned = _assigned_memory(cluster, existing)
+        hosts = []
+        for h in sorted(cluster.hosts, key=lambda h: h.name):
+            name = h.name
+            views = []
+            prev, ordered = -1, True
+            for g in h.gpus:
+                v = GpuView(g, name, assigned.get((name, g.index), 0) if assigned else 0)
+                if v.index <= prev:
+                    ordered = False
+                prev = v.index
+                views.append(v)
+            if not ordered:
+                views.sort(key=lambda v: v.index)
+            hosts.append(HostView(name, h, tuple(views)))
+        return cls(tuple(hosts))
+
+    def reserve(self, reservations: Mapping[tuple[str, int], int]) -> Snapshot:
+        """A new snapshot with more memory assigned on some GPUs; untouched hosts are shared."""
+        if not reservations:
+            return self
+        touched = {host for host, _ in reservations}
+        hosts = []
+        for hv in self.hosts:
+            if hv.name not in touched:
+                hosts.append(hv)
+                continue
+            gpus = tuple(
+                GpuView(g.info, hv.name, g.assigned + reservations.get((hv.name, g.index), 0)) for g in hv.gpus
+            )
+            hosts.append(HostView(hv.name, hv.info, gpus))
+        return Snapshot(tuple(hosts))
+
+
+def _parts_of(item: Assignment | ReplicaPlan) -> Sequence:
+    return item.plan.parts if isinstance(item, Assignment) else item.parts
+
+
+def _assigned_memory(
+    cluster: ClusterInventory, existing: Iterable[Assignment | ReplicaPlan]
+) -> dict[tuple[str, int], int]:
+    hosts: dict[str, HostInventory] | None = None
+    out: dict[tuple[str, int], int] = {}
+    for item in existing:
+        for part in _parts_of(item):
+            if hosts is None:
+                hosts = {h.name: h for h in cluster.hosts}
+            host = hosts.get(part.host)
+            if host is None:  # a host that left the cluster holds nothing here
+                continue
+            for i, index in enumerate(part.gpus):
+                gpu = next((g for g in host.gpus if g.index == index), None)
+                if gpu is None:
+                    continue
+                mem = part.memory[i] if i < len(part.memory) else gpu.memory_total
+                out[(part.host, index)] = out.get((part.host, index), 0) + mem
+    return out

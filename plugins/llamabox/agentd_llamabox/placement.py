@@ -1,0 +1,114 @@
+"""llama-box / llama.cpp placement: layer split over the main server's GPUs and rpc-servers.
+
+Memory comes from the GGUF header, layer by layer (docs/placement.md):
+
+    layer i   = weights of blk.i.* + KV cache of layer i for ctx tokens (f16 K and V)
+    output    = output.weight (token_embd.weight when tied) + output_norm, on the last GPU
+    per device holding layers: compute buffer + CUDA context
+    output device: + logits buffer (n_ubatch x vocab x f32)
+    main host RAM: token_embd (always on CPU) + the layers kept on CPU
+
+Layout rules: the main server holds at least one layer on its own GPUs
+(`MinLayersOnMain(1)`); layers left on the CPU only when the deployment
+allows CPU offload. Ranking (in the core's layer-split search): full offload
+before partial, fewer rpc-servers and hosts, fewer CPU layers, then the
+strategy.
+
+Launch parameters: llama.cpp orders devices RPC first (in `--rpc` order),
+then local GPUs; the plan lists rpc parts in that order and the main GPUs
+in CUDA_VISIBLE_DEVICES order, so `--tensor-split` is the rpc parts'
+layers followed by the main GPUs' (the last one counting the output layer).
+The act phase appends `--rpc host:port,...` from the assignment's
+endpoints in the same order.
+"""
+
+from __future__ import annotations
+
+from agentd.placement import LaunchParams, LayerDemand, LayerSplit, Layout, MinLayersOnMain
+from agentd.plugins import hookimpl
+from agentd.types import DeploymentSpec, MiB, ModelInfo
+
+NAME = "llamabox"
+DEFAULT_CTX = 8192  # llama-box's usual --ctx-size; never more than the model's own
+N_UBATCH = 512
+CUDA_CONTEXT = 256 * MiB  # per process and device: CUDA context and cuBLAS workspace
+KV_ELEMENT_BYTES = 2  # f16 cache (llama.cpp's default cache type)
+
+
+def ctx_size(model: ModelInfo, spec: DeploymentSpec) -> int:
+    return spec.options.ctx_size or min(model.context_length, DEFAULT_CTX)
+
+
+def _layer_weights(model: ModelInfo) -> tuple[int, ...]:
+    if model.layer_bytes:
+        return model.layer_bytes
+    rest = max(0, model.total_weight_bytes - sum(model.non_repeating_bytes.values()))
+    return (rest // model.num_hidden_layers,) * model.num_hidden_layers
+
+
+def estimate(model: ModelInfo, spec: DeploymentSpec) -> LayerDemand:
+    ctx = ctx_size(model, spec)
+    kv = (model.kv_cache.k_elements + model.kv_cache.v_elements) * KV_ELEMENT_BYTES * ctx
+    layers = tuple(w + kv for w in _layer_weights(model))
+    nr = model.non_repeating_bytes
+    output = (nr.get("output") or nr.get("token_embd", 0)) + nr.get("output_norm", 0)
+    ffn = model.intermediate_size or 4 * model.hidden_size
+    compute = N_UBATCH * 4 * (8 * model.hidden_size + 2 * ffn)  # f32 activations of one ubatch (flash attention)
+    logits = N_UBATCH * model.vocab_size * 4
+    return LayerDemand(
+        layer_bytes=layers,
+        output_bytes=output,
+        device_overhead=compute + CUDA_CONTEXT,
+        output_overhead=logits,
+        cpu_fixed_bytes=nr.get("token_embd", 0),
+        breakdown={"kv_per_layer": kv, "compute": compute, "logits": logits, "ctx_size": ctx},
+    )
+
+
+@hookimpl
+def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
+    if runtime != NAME:
+        return None
+    return [MinLayersOnMain(1)]
+
+
+@hookimpl
+def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits):
+    if runtime != NAME:
+        return None
+    shapes = [LayerSplit("full")]
+    if spec.options.allow_cpu_offload:
+        shapes.append(LayerSplit("partial"))
+    return shapes
+
+
+@hookimpl
+def agentd_estimate(runtime, model: ModelInfo, spec: DeploymentSpec, shape):
+    if runtime != NAME or not isinstance(shape, LayerSplit):
+        return None
+    return estimate(model, spec)
+
+
+def tensor_split(layout: Layout) -> list[int]:
+    """Layers per device in llama.cpp's device order: rpc-servers, then the main GPUs."""
+    rpc = [n for p in layout.parts if p.role == "rpc" for n in p.layer_split]
+    main = list(layout.main.layer_split)
+    if layout.shape.offload == "full" and main:
+        main[-1] += 1  # the output layer counts as one more "layer" on the last device
+    return rpc + main
+
+
+@hookimpl
+def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layout):
+    if runtime != NAME or not isinstance(layout.shape, LayerSplit):
+        return None
+    split = tensor_split(layout)
+    args = [
+        "--ctx-size", str(ctx_size(model, spec)),
+        "--n-gpu-layers", str(sum(split)),
+        "--split-mode", "layer",
+    ]
+    if len(split) > 1:
+        args += ["--tensor-split", ",".join(map(str, split))]
+    env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
+    return LaunchParams(args=tuple(args), env=env)

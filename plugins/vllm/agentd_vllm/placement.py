@@ -1,0 +1,284 @@
+"""vLLM's placement rules: what `vllm serve` accepts, and how much memory it takes per GPU.
+
+Every rule here mirrors a check vLLM makes at start-up, so agentd never
+proposes a layout vLLM would refuse (DESIGN.md §3):
+
+* heads % TP == 0 (ModelConfig.verify_with_parallel_config);
+* KV heads % TP == 0, or TP % KV heads == 0 (QKVParallelLinear replicates KV heads);
+* PP <= layers, and PP > 1 only for architectures implementing SupportsPP;
+* GPTQ/AWQ (and block-quantized FP8): intermediate_size / TP a multiple of the group size;
+* a GPU whose free memory is below gpu_memory_utilization x total is refused
+  (memory of processes agentd does not own counts as used);
+* bfloat16 weights need compute capability >= 8.0;
+* max_model_len may not exceed the model's context length.
+
+Memory per GPU (docs/placement.md has the derivation):
+
+    per_gpu = weights_of_largest_stage / TP
+            + KV cache of one max_model_len sequence for that stage's layers, per GPU
+            + activation peak (profiling batch) + sampler logits
+            + fixed overhead (CUDA context, cuBLAS/NCCL workspaces, CUDA graphs)
+
+and it must fit in gpu_memory_utilization x total, which is what vLLM books.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from agentd.placement import (
+    Constraint,
+    LaunchParams,
+    Layout,
+    MinFreeFraction,
+    PipelineStages,
+    QuantGroupAlignment,
+    Rejection,
+    ShapeLimits,
+    ShardDemand,
+    Sharded,
+    TensorParallelDivisibility,
+)
+from agentd.plugins import hookimpl
+from agentd.types import DeploymentSpec, MiB, ModelInfo
+
+NAME = "vllm"
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+PROFILE_TOKENS = 2048  # max_num_batched_tokens vLLM profiles the activation peak with
+MAX_NUM_SEQS = 256  # sequences whose logits the sampler holds at once (fp32)
+FIXED_OVERHEAD = 1024 * MiB  # CUDA context + cuBLAS workspace + CUDA graphs
+NCCL_OVERHEAD = 256 * MiB  # communicator buffers when TP or PP > 1
+GROUPED_QUANT = ("gptq", "awq", "gptq_marlin", "awq_marlin", "compressed-tensors", "fp8")
+
+# Architectures whose vLLM model class implements SupportsPP (pipeline parallel).
+# Conservative on purpose: an architecture missing here is never given PP > 1.
+PP_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM",
+    "FalconForCausalLM", "InternLM2ForCausalLM", "Starcoder2ForCausalLM", "CohereForCausalLM",
+    "GraniteForCausalLM", "ExaoneForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
+})
+
+
+def utilization(spec: DeploymentSpec) -> float:
+    return spec.options.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+
+
+def max_model_len(model: ModelInfo, spec: DeploymentSpec) -> int:
+    return spec.options.ctx_size or model.context_length
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class MaxModelLen(Constraint):
+    """vLLM refuses a max_model_len above the model's own (without VLLM_ALLOW_LONG_MAX_MODEL_LEN)."""
+
+    requested: int
+    model_max: int
+    name = "MaxModelLen"
+
+    def check_static(self) -> Rejection | None:
+        if self.requested <= self.model_max:
+            return None
+        return Rejection("request", "asks for a longer max_model_len than the model supports",
+                         f"{self.requested} tokens, the model's context length is {self.model_max}",
+                         {"requested": self.requested, "model_max": self.model_max}, subject_plural="requests",
+                         fix=f"use --ctx-size {self.model_max} or less")
+
+
+class Bf16NeedsAmpere(Constraint):
+    """vLLM: "Bfloat16 is only supported on GPUs with compute capability of at least 8.0"."""
+
+    name = "Bf16NeedsAmpere"
+
+    def __init__(self) -> None:
+        self._ok: dict[str, bool] = {}  # per compute capability string: a cluster has few distinct ones
+
+    def check_device(self, gpu) -> Rejection | None:
+        cc = gpu.info.compute_capability
+        ok = self._ok.get(cc)
+        if ok is None:
+            ok = self._ok[cc] = not cc or _cc(cc) >= (8, 0)
+        if ok:
+            return None
+        return Rejection("GPU", "cannot run bfloat16 weights (compute capability below 8.0)",
+                         f"{gpu.info.name or 'GPU'} has compute capability {cc}",
+                         {"compute_capability": cc}, where=gpu.label)
+
+
+def _cc(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return (0, 0)
+
+
+@hookimpl
+def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
+    if runtime != NAME:
+        return None
+    out: list[Constraint] = [
+        MaxModelLen(max_model_len(model, spec), model.context_length),
+        MinFreeFraction(utilization(spec)),
+        TensorParallelDivisibility(model.num_attention_heads, model.num_key_value_heads),
+        PipelineStages(model.num_hidden_layers, supported=model.architecture in PP_ARCHITECTURES,
+                       why_unsupported=f"vLLM has no pipeline parallel for {model.architecture}"),
+    ]
+    q = model.quantization
+    if q is not None and q.method.lower() in GROUPED_QUANT and q.group_size and q.group_size > 0:
+        sizes = {model.intermediate_size, model.extra.get("moe_intermediate_size")}
+        out += [QuantGroupAlignment(s, q.group_size, q.method) for s in sorted(x for x in sizes if x)]
+    if model.dtype.lower() in ("bfloat16", "bf16"):
+        out.append(Bf16NeedsAmpere())
+    return out
+
+
+# --------------------------------------------------------------------------- propose
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+@hookimpl
+def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits):
+    if runtime != NAME:
+        return None
+    return _shapes(model, spec, limits)
+
+
+def _shapes(model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits) -> Iterator[Sharded]:
+    """Fewest GPUs first; for a GPU count, one host before several, and larger TP before PP.
+
+    Multi-host layouts run one pipeline stage per host through Ray (TP = GPUs
+    per host, PP = hosts). Counts whose weights alone exceed the largest
+    GPU budget are skipped: no layout of that size can fit.
+    """
+    g = limits.max_gpus_per_host
+    if g == 0:
+        return
+    if limits.exact is not None:  # pinned GPUs: only the shapes that use exactly them
+        counts = {n for _, n in limits.exact}
+        if len(limits.exact) == 1:
+            n = limits.exact[0][1]
+            yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
+        elif len(counts) == 1:
+            yield Sharded(counts.pop(), len(limits.exact), hosts=len(limits.exact))
+        return
+    max_hosts = min(limits.hosts, model.num_hidden_layers)
+    n_max = g * max(1, max_hosts)
+    budget = utilization(spec) * limits.max_gpu_memory
+    n_min = max(1, math.ceil(model.total_weight_bytes / budget)) if budget else 1
+    # Too big for the whole cluster: still propose the largest layouts, so the
+    # diagnosis can say by how much they miss.
+    for n in range(min(n_min, n_max), n_max + 1):
+        divisors = _divisors_desc(n)
+        if n <= g:
+            yield from (Sharded(tp, n // tp) for tp in divisors)
+        for tp in divisors:
+            pp = n // tp
+            if 2 <= pp <= max_hosts and tp <= g:
+                yield Sharded(tp, pp, hosts=pp)
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def vllm_stage_layers(layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per pipeline stage the way vLLM splits them (get_pp_indices).
+
+    Even split; the remainder goes one layer each to the stages just before
+    the last one (the last stage also holds the LM head).
+    """
+    base = [layers // pp] * pp
+    for i in range(2, layers % pp + 2):
+        base[-i] += 1
+    return tuple(base)
+
+
+def layer_bytes(model: ModelInfo) -> tuple[int, ...]:
+    if model.layer_bytes:
+        return model.layer_bytes
+    rest = max(0, model.total_weight_bytes - sum(model.non_repeating_bytes.values()))
+    return (rest // model.num_hidden_layers,) * model.num_hidden_layers
+
+
+def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
+    """KV cache bytes per token per layer on one GPU of a TP group.
+
+    GQA/MHA: each rank holds max(1, kv_heads / TP) heads (replicas when TP >
+    kv_heads). MLA (DeepSeek): the latent cache is replicated on every rank.
+    Element size follows the model dtype (vLLM's kv_cache_dtype "auto").
+    """
+    elem = 4 if model.dtype.lower() in ("float32", "fp32") else 2
+    per = (model.kv_cache.k_elements + model.kv_cache.v_elements) * elem
+    if model.kv_cache.kind == "mla":
+        return per
+    kv = model.num_key_value_heads
+    heads_per_rank = kv // tp if kv >= tp else 1
+    return per * heads_per_rank / kv
+
+
+def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDemand:
+    tp, pp = shape.tp, shape.pp
+    stages = vllm_stage_layers(model.num_hidden_layers, pp)
+    per_layer = layer_bytes(model)
+    nr = model.non_repeating_bytes
+    embed = nr.get("token_embd", 0)
+    head = nr.get("output", 0) or (embed if pp > 1 else 0)  # tied embeddings: the last stage holds a copy
+    head += nr.get("output_norm", 0)
+    worst = 0
+    start = 0
+    for s, n in enumerate(stages):
+        w = sum(per_layer[start:start + n])
+        start += n
+        if s == 0:
+            w += embed
+        if s == pp - 1:
+            w += head
+        worst = max(worst, w)
+    weights = math.ceil(worst / tp)
+    kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * max_model_len(model, spec))
+    inter = model.intermediate_size or 4 * model.hidden_size
+    activation = PROFILE_TOKENS * (4 * model.hidden_size + 2 * inter // tp) * 2 + MAX_NUM_SEQS * model.vocab_size * 4
+    overhead = FIXED_OVERHEAD + (NCCL_OVERHEAD if tp * pp > 1 else 0)
+    return ShardDemand(
+        per_gpu=weights + kv + activation + overhead,
+        budget_fraction=utilization(spec),
+        stage_layers=stages,
+        breakdown={"weights": weights, "kv_cache": kv, "activation": activation, "overhead": overhead},
+    )
+
+
+@hookimpl
+def agentd_estimate(runtime, model: ModelInfo, spec: DeploymentSpec, shape):
+    if runtime != NAME or not isinstance(shape, Sharded):
+        return None
+    return estimate(model, spec, shape)
+
+
+# --------------------------------------------------------------------------- launch parameters
+
+
+@hookimpl
+def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layout):
+    if runtime != NAME or not isinstance(layout.shape, Sharded):
+        return None
+    shape = layout.shape
+    args = [
+        "--tensor-parallel-size", str(shape.tp),
+        "--pipeline-parallel-size", str(shape.pp),
+        "--gpu-memory-utilization", f"{utilization(spec):g}",
+        "--max-model-len", str(max_model_len(model, spec)),
+    ]
+    if shape.hosts > 1:
+        args += ["--distributed-executor-backend", "ray"]
+    env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
+    return LaunchParams(args=tuple(args), env=env)
