@@ -98,7 +98,7 @@ def _quantization(dtype: str, totals: TensorTotals) -> Quantization | None:
     group = None
     if quantized:
         group = GGML_TYPES_BY_NAME[max(quantized, key=quantized.__getitem__)].block_size
-    digits = re.search(r"\d+", dtype)
+    digits = None if dtype.startswith("file_type_") else re.search(r"\d+", dtype)
     return Quantization(method=f"gguf:{dtype}", bits=int(digits.group()) if digits else None, group_size=group)
 
 
