@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gentd/v1/raft.proto\x12\tagentd.v1\"^\n\tRaftEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.agentd.v1.RaftEntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"8\n\nRaftMember\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"`\n\x0bRequestVote\x12\x16\n\x0elast_log_index\x18\x01 \x01(\x04\x12\x15\n\rlast_log_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"8\n\x13RequestVoteResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"|\n\rAppendEntries\x12\x16\n\x0eprev_log_index\x18\x01 \x01(\x04\x12\x15\n\rprev_log_term\x18\x02 \x01(\x04\x12%\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x14.agentd.v1.RaftEntry\x12\x15\n\rleader_commit\x18\x04 \x01(\x04\"v\n\x15\x41ppendEntriesResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x05 \x01(\x04\"8\n\rRaftHeartbeat\x12\x15\n\rleader_commit\x18\x01 \x01(\x04\x12\x10\n\x08read_seq\x18\x02 \x01(\x04\")\n\x15RaftHeartbeatResponse\x12\x10\n\x08read_seq\x18\x01 \x01(\x04\"\xb2\x01\n\x0fInstallSnapshot\x12\x1b\n\x13last_included_index\x18\x01 \x01(\x04\x12\x1a\n\x12last_included_term\x18\x02 \x01(\x04\x12&\n\x07members\x18\x03 \x03(\x0b\x32\x15.agentd.v1.RaftMember\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x12\n\ntotal_size\x18\x07 \x01(\x04\"\x0c\n\nTimeoutNow\"\x92\x04\n\x0bRaftMessage\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12.\n\x0crequest_vote\x18\n \x01(\x0b\x32\x16.agentd.v1.RequestVoteH\x00\x12?\n\x15request_vote_response\x18\x0b \x01(\x0b\x32\x1e.agentd.v1.RequestVoteResponseH\x00\x12\x32\n\x0e\x61ppend_entries\x18\x0c \x01(\x0b\x32\x18.agentd.v1.AppendEntriesH\x00\x12\x43\n\x17\x61ppend_entries_response\x18\r \x01(\x0b\x32 .agentd.v1.AppendEntriesResponseH\x00\x12-\n\theartbeat\x18\x0e \x01(\x0b\x32\x18.agentd.v1.RaftHeartbeatH\x00\x12>\n\x12heartbeat_response\x18\x0f \x01(\x0b\x32 .agentd.v1.RaftHeartbeatResponseH\x00\x12\x36\n\x10install_snapshot\x18\x10 \x01(\x0b\x32\x1a.agentd.v1.InstallSnapshotH\x00\x12,\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x15.agentd.v1.TimeoutNowH\x00\x42\x06\n\x04\x62ody\"!\n\rRaftSendReply\x12\x10\n\x08received\x18\x01 \x01(\x04\"3\n\x0fRaftJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"m\n\rRaftJoinReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x11\n\tleader_id\x18\x02 \x01(\t\x12&\n\x07members\x18\x03 \x03(\x0b\x32\x15.agentd.v1.RaftMember\x12\r\n\x05voter\x18\x04 \x01(\x08\"#\n\x10RaftLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"8\n\x0eRaftLeaveReply\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.agentd.v1.RaftMember*R\n\rRaftEntryKind\x12\x15\n\x11RAFT_ENTRY_NORMAL\x10\x00\x12\x15\n\x11RAFT_ENTRY_CONFIG\x10\x01\x12\x13\n\x0fRAFT_ENTRY_NOOP\x10\x02\x32\xc1\x01\n\x04Raft\x12:\n\x04Send\x12\x16.agentd.v1.RaftMessage\x1a\x18.agentd.v1.RaftSendReply(\x01\x12<\n\x04Join\x12\x1a.agentd.v1.RaftJoinRequest\x1a\x18.agentd.v1.RaftJoinReply\x12?\n\x05Leave\x12\x1b.agentd.v1.RaftLeaveRequest\x1a\x19.agentd.v1.RaftLeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gentd/v1/raft.proto\x12\tagentd.v1\"^\n\tRaftEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.agentd.v1.RaftEntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"8\n\nRaftMember\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"`\n\x0bRequestVote\x12\x16\n\x0elast_log_index\x18\x01 \x01(\x04\x12\x15\n\rlast_log_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"8\n\x13RequestVoteResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"|\n\rAppendEntries\x12\x16\n\x0eprev_log_index\x18\x01 \x01(\x04\x12\x15\n\rprev_log_term\x18\x02 \x01(\x04\x12%\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x14.agentd.v1.RaftEntry\x12\x15\n\rleader_commit\x18\x04 \x01(\x04\"v\n\x15\x41ppendEntriesResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x05 \x01(\x04\"8\n\rRaftHeartbeat\x12\x15\n\rleader_commit\x18\x01 \x01(\x04\x12\x10\n\x08read_seq\x18\x02 \x01(\x04\")\n\x15RaftHeartbeatResponse\x12\x10\n\x08read_seq\x18\x01 \x01(\x04\"\xb2\x01\n\x0fInstallSnapshot\x12\x1b\n\x13last_included_index\x18\x01 \x01(\x04\x12\x1a\n\x12last_included_term\x18\x02 \x01(\x04\x12&\n\x07members\x18\x03 \x03(\x0b\x32\x15.agentd.v1.RaftMember\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x12\n\ntotal_size\x18\x07 \x01(\x04\"\x0c\n\nTimeoutNow\"\xaa\x04\n\x0bRaftMessage\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x16\n\x0esender_address\x18\x05 \x01(\t\x12.\n\x0crequest_vote\x18\n \x01(\x0b\x32\x16.agentd.v1.RequestVoteH\x00\x12?\n\x15request_vote_response\x18\x0b \x01(\x0b\x32\x1e.agentd.v1.RequestVoteResponseH\x00\x12\x32\n\x0e\x61ppend_entries\x18\x0c \x01(\x0b\x32\x18.agentd.v1.AppendEntriesH\x00\x12\x43\n\x17\x61ppend_entries_response\x18\r \x01(\x0b\x32 .agentd.v1.AppendEntriesResponseH\x00\x12-\n\theartbeat\x18\x0e \x01(\x0b\x32\x18.agentd.v1.RaftHeartbeatH\x00\x12>\n\x12heartbeat_response\x18\x0f \x01(\x0b\x32 .agentd.v1.RaftHeartbeatResponseH\x00\x12\x36\n\x10install_snapshot\x18\x10 \x01(\x0b\x32\x1a.agentd.v1.InstallSnapshotH\x00\x12,\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x15.agentd.v1.TimeoutNowH\x00\x42\x06\n\x04\x62ody\"!\n\rRaftSendReply\x12\x10\n\x08received\x18\x01 \x01(\x04\"3\n\x0fRaftJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"m\n\rRaftJoinReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x11\n\tleader_id\x18\x02 \x01(\t\x12&\n\x07members\x18\x03 \x03(\x0b\x32\x15.agentd.v1.RaftMember\x12\r\n\x05voter\x18\x04 \x01(\x08\"#\n\x10RaftLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"8\n\x0eRaftLeaveReply\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.agentd.v1.RaftMember*R\n\rRaftEntryKind\x12\x15\n\x11RAFT_ENTRY_NORMAL\x10\x00\x12\x15\n\x11RAFT_ENTRY_CONFIG\x10\x01\x12\x13\n\x0fRAFT_ENTRY_NOOP\x10\x02\x32\xc1\x01\n\x04Raft\x12:\n\x04Send\x12\x16.agentd.v1.RaftMessage\x1a\x18.agentd.v1.RaftSendReply(\x01\x12<\n\x04Join\x12\x1a.agentd.v1.RaftJoinRequest\x1a\x18.agentd.v1.RaftJoinReply\x12?\n\x05Leave\x12\x1b.agentd.v1.RaftLeaveRequest\x1a\x19.agentd.v1.RaftLeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentd.v1.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RAFTENTRYKIND']._serialized_start=1714
-  _globals['_RAFTENTRYKIND']._serialized_end=1796
+  _globals['_RAFTENTRYKIND']._serialized_start=1738
+  _globals['_RAFTENTRYKIND']._serialized_end=1820
   _globals['_RAFTENTRY']._serialized_start=35
   _globals['_RAFTENTRY']._serialized_end=129
   _globals['_RAFTMEMBER']._serialized_start=131
@@ -54,17 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMEOUTNOW']._serialized_start=873
   _globals['_TIMEOUTNOW']._serialized_end=885
   _globals['_RAFTMESSAGE']._serialized_start=888
-  _globals['_RAFTMESSAGE']._serialized_end=1418
-  _globals['_RAFTSENDREPLY']._serialized_start=1420
-  _globals['_RAFTSENDREPLY']._serialized_end=1453
-  _globals['_RAFTJOINREQUEST']._serialized_start=1455
-  _globals['_RAFTJOINREQUEST']._serialized_end=1506
-  _globals['_RAFTJOINREPLY']._serialized_start=1508
-  _globals['_RAFTJOINREPLY']._serialized_end=1617
-  _globals['_RAFTLEAVEREQUEST']._serialized_start=1619
-  _globals['_RAFTLEAVEREQUEST']._serialized_end=1654
-  _globals['_RAFTLEAVEREPLY']._serialized_start=1656
-  _globals['_RAFTLEAVEREPLY']._serialized_end=1712
-  _globals['_RAFT']._serialized_start=1799
-  _globals['_RAFT']._serialized_end=1992
+  _globals['_RAFTMESSAGE']._serialized_end=1442
+  _globals['_RAFTSENDREPLY']._serialized_start=1444
+  _globals['_RAFTSENDREPLY']._serialized_end=1477
+  _globals['_RAFTJOINREQUEST']._serialized_start=1479
+  _globals['_RAFTJOINREQUEST']._serialized_end=1530
+  _globals['_RAFTJOINREPLY']._serialized_start=1532
+  _globals['_RAFTJOINREPLY']._serialized_end=1641
+  _globals['_RAFTLEAVEREQUEST']._serialized_start=1643
+  _globals['_RAFTLEAVEREQUEST']._serialized_end=1678
+  _globals['_RAFTLEAVEREPLY']._serialized_start=1680
+  _globals['_RAFTLEAVEREPLY']._serialized_end=1736
+  _globals['_RAFT']._serialized_start=1823
+  _globals['_RAFT']._serialized_end=2016
 # @@protoc_insertion_point(module_scope)

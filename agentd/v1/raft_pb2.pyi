@@ -121,11 +121,12 @@ class TimeoutNow(_message.Message):
     def __init__(self) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("cluster_id", "sender", "to", "term", "request_vote", "request_vote_response", "append_entries", "append_entries_response", "heartbeat", "heartbeat_response", "install_snapshot", "timeout_now")
+    __slots__ = ("cluster_id", "sender", "to", "term", "sender_address", "request_vote", "request_vote_response", "append_entries", "append_entries_response", "heartbeat", "heartbeat_response", "install_snapshot", "timeout_now")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_VOTE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_VOTE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     APPEND_ENTRIES_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +139,7 @@ class RaftMessage(_message.Message):
     sender: str
     to: str
     term: int
+    sender_address: str
     request_vote: RequestVote
     request_vote_response: RequestVoteResponse
     append_entries: AppendEntries
@@ -146,7 +148,7 @@ class RaftMessage(_message.Message):
     heartbeat_response: RaftHeartbeatResponse
     install_snapshot: InstallSnapshot
     timeout_now: TimeoutNow
-    def __init__(self, cluster_id: _Optional[str] = ..., sender: _Optional[str] = ..., to: _Optional[str] = ..., term: _Optional[int] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., request_vote_response: _Optional[_Union[RequestVoteResponse, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., append_entries_response: _Optional[_Union[AppendEntriesResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ...) -> None: ...
+    def __init__(self, cluster_id: _Optional[str] = ..., sender: _Optional[str] = ..., to: _Optional[str] = ..., term: _Optional[int] = ..., sender_address: _Optional[str] = ..., request_vote: _Optional[_Union[RequestVote, _Mapping]] = ..., request_vote_response: _Optional[_Union[RequestVoteResponse, _Mapping]] = ..., append_entries: _Optional[_Union[AppendEntries, _Mapping]] = ..., append_entries_response: _Optional[_Union[AppendEntriesResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., install_snapshot: _Optional[_Union[InstallSnapshot, _Mapping]] = ..., timeout_now: _Optional[_Union[TimeoutNow, _Mapping]] = ...) -> None: ...
 
 class RaftSendReply(_message.Message):
     __slots__ = ("received",)

@@ -1,0 +1,742 @@
+"""RaftNode: the asyncio driver that runs one RaftCore in a real process.
+
+It owns the clock (ticks), the disk (FileStorage, fsync in a worker thread),
+the network (GrpcTransport) and the state machine. Its loop drains the
+core's Ready batches strictly in order: persist, then send, then apply, so no
+message ever leaves before the state it depends on is on disk, and a command
+resolves only after it is committed and applied here.
+
+What the rest of agentd uses: `start`, `stop`, `propose`, `read_barrier`,
+`add_member`, `remove_member`, `transfer_leadership`, `subscribe`, and the
+read-only properties (`is_leader`, `leader_id`, `leader_address`, `term`,
+`commit_index`, `last_applied`, `members`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from agentd.cluster.raft.core import NotLeader, RaftCore
+from agentd.cluster.raft.progress import ProgressState
+from agentd.cluster.raft.storage import FileStorage, PersistedState, Storage
+from agentd.cluster.raft.transport import CHANNEL_OPTIONS, FORWARDED, GrpcTransport, TransportEvents
+from agentd.cluster.raft.types import (
+    ConfigChange,
+    Entry,
+    EntryKind,
+    HardState,
+    Member,
+    Membership,
+    Message,
+    RaftConfig,
+    Ready,
+    Role,
+)
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError
+from agentd.logs import fields
+from agentd.v1 import raft_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class StateMachine(Protocol):
+    """What the node replicates. Must be deterministic: every node applies the same entries in order."""
+
+    def apply(self, index: int, term: int, command: bytes) -> Any: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class LeaderChange:
+    is_leader: bool
+    leader_id: str | None
+    term: int
+
+
+@dataclass(frozen=True)
+class RaftOptions:
+    """Timing and limits; `from_settings` maps the daemon's configuration."""
+
+    heartbeat_interval: float = 0.1
+    election_timeout_min: float = 1.0
+    election_timeout_max: float = 2.0
+    ticks_per_heartbeat: int = 5
+    max_voters: int = 5
+    voters: tuple[str, ...] = ()  # names that vote; empty = the first max_voters members
+    snapshot_threshold: int = 8192  # applied entries between snapshots
+    propose_timeout: float = 10.0
+    join_timeout: float = 60.0
+    catch_up_timeout: float = 30.0
+    max_command_bytes: int = 1 << 20
+    max_snapshot_bytes: int = 1 << 30
+    fast_failover: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> RaftOptions:
+        values = {
+            "heartbeat_interval": settings.heartbeat_interval,
+            "election_timeout_min": settings.election_timeout_min,
+            "election_timeout_max": settings.election_timeout_max,
+            "max_voters": settings.max_voters,
+            "voters": tuple(settings.voters),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def tick_interval(self) -> float:
+        return self.heartbeat_interval / self.ticks_per_heartbeat
+
+    def raft_config(self) -> RaftConfig:
+        tick = self.tick_interval
+        lo = max(self.ticks_per_heartbeat + 1, round(self.election_timeout_min / tick))
+        hi = max(lo, round(self.election_timeout_max / tick))
+        return RaftConfig(heartbeat_ticks=self.ticks_per_heartbeat, election_ticks_min=lo, election_ticks_max=hi,
+                          fast_failover=self.fast_failover, failover_slot_ticks=self.ticks_per_heartbeat)
+
+
+class RaftNode:
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        data_dir: Path | str,
+        state_machine: StateMachine,
+        *,
+        options: RaftOptions | None = None,
+        join: Sequence[str] = (),
+        server: grpc.aio.Server | None = None,
+        listen: str | None = None,
+        storage: Storage | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`server`: a grpc.aio server to add the Raft service to (the caller starts it before `start`).
+
+        Without one the node runs its own server on `listen` (default: `address`).
+        """
+        if not node_id:
+            raise InvalidInput("node id must not be empty")
+        self.id = node_id
+        self.address = address
+        self.options = options or RaftOptions()
+        self.sm = state_machine
+        self.join_addresses = [a for a in join if a and a != address]
+        self._storage: Storage = storage or FileStorage(Path(data_dir) / "raft", node_id)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.transport = GrpcTransport(
+            node_id, address,
+            TransportEvents(self._on_message, self._on_unreachable, self._on_connection_lost,
+                            self._on_snapshot_sent, self._handle_join, self._handle_leave),
+            write_timeout=max(self.options.election_timeout_min, 0.2),
+            max_snapshot=self.options.max_snapshot_bytes,
+        )
+        self._own_server = server is None
+        self._server = server or grpc.aio.server(options=CHANNEL_OPTIONS)
+        self._listen = listen or address
+        self.transport.register(self._server)
+        self.core: RaftCore | None = None
+        self.cluster_id = ""
+        self._last_applied = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._proposals: dict[int, tuple[int, asyncio.Future]] = {}
+        self._reads: dict[int, asyncio.Future] = {}
+        self._read_waiting: list[tuple[int, asyncio.Future]] = []  # (index, future) until applied
+        self._ctx = itertools.count(1)
+        self._subscribers: list[Callable[[LeaderChange], None]] = []
+        self._config_lock = asyncio.Lock()
+        self._leader_event = asyncio.Event()
+        self._applied_event = asyncio.Event()
+        self._stopping = False
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.bound_port: int | None = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def is_leader(self) -> bool:
+        return self.core is not None and self.core.role == Role.LEADER
+
+    @property
+    def leader_id(self) -> str | None:
+        return self.core.leader if self.core else None
+
+    @property
+    def leader_address(self) -> str | None:
+        leader = self.leader_id
+        if leader is None:
+            return None
+        if leader == self.id:
+            return self.address
+        return self.transport.address_of(leader)
+
+    @property
+    def role(self) -> Role:
+        return self.core.role if self.core else Role.FOLLOWER
+
+    @property
+    def term(self) -> int:
+        return self.core.term if self.core else 0
+
+    @property
+    def commit_index(self) -> int:
+        return self.core.committed if self.core else 0
+
+    @property
+    def last_applied(self) -> int:
+        return self._last_applied
+
+    @property
+    def members(self) -> dict[str, Member]:
+        """The latest membership (in force as soon as it is in the log): id -> Member(address, voter)."""
+        return {m.id: m for m in self.core.membership.members} if self.core else {}
+
+    def subscribe(self, callback: Callable[[LeaderChange], None]) -> Callable[[], None]:
+        """Call `callback` on every change of leader or term; returns an unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    async def wait_for_leader(self, timeout: float | None = None) -> str:
+        """The leader's id once one is known."""
+        async with asyncio.timeout(timeout):
+            while self.leader_id is None:
+                self._leader_event.clear()
+                await self._leader_event.wait()
+        return self.leader_id
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open storage, bootstrap or join if new, start serving and ticking.
+
+        Returns once the node runs; a joining node returns once it is a member.
+        Raises RaftStorageError for a damaged data directory and PeerError when
+        no join address accepted us within `join_timeout`.
+        """
+        state = await asyncio.to_thread(self._storage.load)
+        joining = False
+        if state.is_empty() and not self.join_addresses:
+            state = await asyncio.to_thread(self._bootstrap)
+        elif not state.cluster_id:
+            if not self.join_addresses:
+                raise NotAvailable(f"node {self.id} never finished joining a cluster: start it with --join")
+            joining = True
+        self.cluster_id = state.cluster_id
+        self.transport.cluster_id = state.cluster_id
+        self.core = RaftCore(self.id, hard_state=state.hard_state, snapshot=state.snapshot, entries=state.entries,
+                             config=self.options.raft_config(), rng=self._rng, can_vote=not joining)
+        if state.snapshot is not None:
+            self.sm.restore(state.snapshot.data)
+            self._last_applied = state.snapshot.meta.index
+        self._sync_addresses()
+        if self._own_server:
+            self.bound_port = self._server.add_insecure_port(self._listen)
+            if not self.bound_port:
+                raise NotAvailable(f"cannot listen on {self._listen}")
+            await self._server.start()
+        self.transport.ready = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
+                       loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
+                       loop.create_task(self._reconcile_voters(), name=f"raft-voters-{self.id}")]
+        if self.core.membership.voters == (self.id,):
+            self.core.campaign()  # a single voter need not wait for an election timeout
+        self._kick()
+        log.info("raft node started", extra=fields(node=self.id, address=self.address, term=self.core.term,
+                                                  last_index=self.core.log.last_index(), joining=joining))
+        if joining:
+            try:
+                await self._join()
+            except BaseException:
+                await self.stop(graceful=False)
+                raise
+
+    def _bootstrap(self) -> PersistedState:
+        cluster_id = uuid.uuid4().hex
+        membership = Membership((Member(self.id, self.address, True),))
+        first = Entry(1, 1, EntryKind.CONFIG, membership.encode())
+        self._storage.save(Ready(hard_state=HardState(1, None, 1), entries=(first,)))
+        self._storage.set_cluster_id(cluster_id)
+        log.info("bootstrapped a new single-node cluster", extra=fields(node=self.id, cluster=cluster_id))
+        return PersistedState(self.id, cluster_id, HardState(1, None, 1), None, [first])
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Stop; a graceful leader first hands leadership to the most caught-up voter."""
+        if self._stopping:
+            return
+        if graceful and self.is_leader and len(self.core.membership.voters) > 1:
+            with contextlib.suppress(AgentdError, TimeoutError):
+                await self.transfer_leadership(timeout=self.options.election_timeout_min)
+        self._stopping = True
+        self.transport.ready = False
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self._fail_all(NotAvailable(f"raft node {self.id} stopped"))
+        await self.transport.close()
+        for ch in self._channels.values():
+            await ch.close()
+        if self._own_server:
+            await self._server.stop(0)
+        self._storage.close()
+        log.info("raft node stopped", extra=fields(node=self.id))
+
+    # ------------------------------------------------------------ client API
+
+    async def propose(self, command: bytes, timeout: float | None = None) -> Any:
+        """Replicate `command`; returns the state machine's result once committed and applied here."""
+        if len(command) > self.options.max_command_bytes:
+            raise InvalidInput(f"command of {len(command)} bytes exceeds {self.options.max_command_bytes}")
+        core = self._running_core()
+        try:
+            index, term = core.propose(command)
+        except NotLeader:
+            raise NotAvailable(self._not_leader()) from None
+        fut = asyncio.get_running_loop().create_future()
+        self._proposals[index] = (term, fut)
+        self._kick()
+        return await self._await(fut, timeout, f"command at index {index} was not applied within {{t}}s "
+                                               "(it may still commit)")
+
+    async def read_barrier(self, timeout: float | None = None) -> int:
+        """Linearizable read point: once this returns, the local state reflects every write committed before the call.
+
+        Only the leader can serve it (ReadIndex: it confirms with a quorum that it
+        still leads, then waits until it has applied its commit index).
+        """
+        core = self._running_core()
+        ctx = next(self._ctx)
+        try:
+            core.read_index(ctx)
+        except NotLeader:
+            raise NotAvailable(self._not_leader()) from None
+        fut = asyncio.get_running_loop().create_future()
+        self._reads[ctx] = fut
+        self._kick()
+        t = self.options.election_timeout_max if timeout is None else timeout
+        return await self._await(fut, t, "leadership not confirmed within {t}s")
+
+    async def add_member(self, member_id: str, address: str, voter: bool = True,
+                         timeout: float | None = None) -> dict[str, Member]:
+        """Add (or update the address of) a member. A voter joins as a learner and is promoted once caught up."""
+        if not member_id or not address:
+            raise InvalidInput("a member needs an id and an address")
+        async with asyncio.timeout(timeout or self.options.catch_up_timeout + self.options.propose_timeout):
+            async with self._config_lock:
+                cur = self._leader_core().membership.get(member_id)
+                if cur is None:
+                    await self._change(ConfigChange("add_learner", member_id, address))
+                elif cur.address != address:
+                    await self._change(ConfigChange("set_address", member_id, address))
+                if voter and not self._leader_core().membership.is_voter(member_id):
+                    await self._wait_caught_up(member_id)
+                    await self._change(ConfigChange("promote", member_id))
+        return self.members
+
+    async def remove_member(self, member_id: str, timeout: float | None = None) -> dict[str, Member]:
+        """Remove a member (a leader removing itself steps down once that commits)."""
+        async with asyncio.timeout(timeout or self.options.propose_timeout):
+            async with self._config_lock:
+                if self._leader_core().membership.get(member_id) is None:
+                    raise InvalidInput(f"{member_id} is not a member")
+                await self._change(ConfigChange("remove", member_id))
+        return self.members
+
+    async def transfer_leadership(self, target: str | None = None, timeout: float | None = None) -> str:
+        """Hand leadership to `target` (default: the most caught-up voter); returns the new leader."""
+        core = self._leader_core()
+        if target is None:
+            others = [v for v in core.membership.voters if v != self.id and v in core.progress]
+            if not others:
+                raise NotAvailable("no other voter to transfer leadership to")
+            target = max(others, key=lambda v: (core.progress[v].recent_active, core.progress[v].match))
+        try:
+            core.transfer_leadership(target)
+        except NotLeader:
+            raise NotAvailable(self._not_leader()) from None
+        self._kick()
+        t = self.options.election_timeout_min if timeout is None else timeout
+        try:
+            async with asyncio.timeout(t):
+                while self.leader_id != target:
+                    self._leader_event.clear()
+                    await self._leader_event.wait()
+        except TimeoutError:
+            raise NotAvailable(f"leadership did not move to {target} within {t}s") from None
+        return target
+
+    async def leave(self, timeout: float | None = None) -> None:
+        """Ask the cluster to remove this node (through the leader)."""
+        if self.is_leader:
+            await self.remove_member(self.id, timeout)
+            return
+        req = pb.RaftLeaveRequest(node_id=self.id)
+        await self._forward("Leave", req, timeout or self.options.propose_timeout)
+
+    # ------------------------------------------------------------ the loop
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        core = self.core
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while core.has_ready():
+                rd = core.ready()
+                try:
+                    if rd.must_persist:
+                        await asyncio.to_thread(self._storage.save, rd)
+                except (OSError, AgentdError):
+                    # Without durable storage this node must not say anything more.
+                    log.critical("cannot persist raft state; stopping the node", exc_info=True,
+                                 extra=fields(node=self.id))
+                    asyncio.get_running_loop().create_task(self.stop(graceful=False))
+                    return
+                self.transport.send(rd.messages)
+                if rd.soft_state is not None:
+                    self._on_soft_state(rd)
+                self._apply(rd)
+                self._maybe_snapshot()
+
+    async def _ticker(self) -> None:
+        interval = self.options.tick_interval
+        cap = self.core.cfg.election_ticks_max
+        last = self._clock()
+        while True:
+            await asyncio.sleep(interval)
+            now = self._clock()
+            n = int((now - last) / interval)
+            if n <= 0:
+                continue
+            # After a stall (SIGSTOP, a long pause) catch up on the missed ticks,
+            # bounded, so a resumed leader's check-quorum notices promptly.
+            if n > cap:
+                n, last = cap, now
+            else:
+                last += n * interval
+            for _ in range(n):
+                self.core.tick()
+            self._kick()
+
+    def _apply(self, rd: Ready) -> None:
+        if rd.install and rd.snapshot is not None:
+            self.sm.restore(rd.snapshot.data)
+            self._last_applied = rd.snapshot.meta.index
+            for index in [i for i in self._proposals if i <= self._last_applied]:
+                _, fut = self._proposals.pop(index)
+                _fail(fut, NotAvailable("replaced by a snapshot from the leader; outcome unknown, check and retry"))
+        membership_changed = False
+        for e in rd.committed:
+            result: Any = None
+            error: BaseException | None = None
+            if e.kind == EntryKind.NORMAL:
+                try:
+                    result = self.sm.apply(e.index, e.term, e.data)
+                except Exception as exc:  # a state machine bug; keep the log moving
+                    log.exception("state machine failed to apply an entry", extra=fields(index=e.index))
+                    error = exc
+            elif e.kind == EntryKind.CONFIG:
+                membership_changed = True
+                result = Membership.decode(e.data)
+            self._last_applied = e.index
+            pending = self._proposals.pop(e.index, None)
+            if pending is not None:
+                term, fut = pending
+                if term != e.term:
+                    _fail(fut, NotAvailable("leadership changed before the command committed; it was not applied"))
+                elif error is not None:
+                    _fail(fut, error)
+                elif not fut.done():
+                    fut.set_result(result)
+        if rd.committed or rd.install:
+            self._applied_event.set()
+        for rs in rd.reads:
+            fut = self._reads.pop(rs.ctx, None)
+            if fut is not None:
+                self._read_waiting.append((rs.index, fut))
+        for ctx in rd.dropped_reads:
+            fut = self._reads.pop(ctx, None)
+            if fut is not None:
+                _fail(fut, NotAvailable(self._not_leader()))
+        if self._read_waiting:
+            still = []
+            for index, fut in self._read_waiting:
+                if index <= self._last_applied:
+                    if not fut.done():
+                        fut.set_result(index)
+                else:
+                    still.append((index, fut))
+            self._read_waiting = still
+        if membership_changed or rd.install or any(e.kind == EntryKind.CONFIG for e in rd.entries):
+            self._sync_addresses()
+
+    def _maybe_snapshot(self) -> None:
+        core = self.core
+        if self._last_applied - core.log.snap_index < self.options.snapshot_threshold:
+            return
+        if self._last_applied > core.log.applied:
+            return
+        data = self.sm.snapshot()
+        core.compact(self._last_applied, data)
+        log.info("compacted the raft log", extra=fields(node=self.id, index=self._last_applied, bytes=len(data)))
+        self._kick()
+
+    def _on_soft_state(self, rd: Ready) -> None:
+        ss = rd.soft_state
+        if ss.role != Role.LEADER:
+            for ctx, fut in list(self._reads.items()):
+                _fail(fut, NotAvailable(self._not_leader()))
+                self._reads.pop(ctx, None)
+        if ss.leader is not None:
+            self._leader_event.set()
+        change = LeaderChange(ss.role == Role.LEADER, ss.leader, ss.term)
+        for cb in list(self._subscribers):
+            try:
+                cb(change)
+            except Exception:
+                log.exception("leadership subscriber failed", extra=fields(node=self.id))
+        self._leader_event.set()
+
+    def _sync_addresses(self) -> None:
+        self.transport.set_members({m.id: m.address for m in self.core.membership.members})
+
+    # ------------------------------------------------------------ transport events
+
+    def _on_message(self, msg: Message) -> None:
+        if self.core is None or self._stopping:
+            return
+        self.core.step(msg)
+        self._kick()
+
+    def _on_unreachable(self, peer: str) -> None:
+        if self.core is not None:
+            self.core.report_unreachable(peer)
+            self._kick()
+
+    def _on_connection_lost(self, peer: str) -> None:
+        if self.core is not None and not self._stopping and self.core.leader == peer:
+            self.core.report_leader_lost(peer)
+            self._kick()
+
+    def _on_snapshot_sent(self, peer: str, ok: bool) -> None:
+        if self.core is not None:
+            self.core.report_snapshot(peer, ok)
+            self._kick()
+
+    # ------------------------------------------------------------ membership
+
+    async def _handle_join(self, req: pb.RaftJoinRequest, forwarded: bool) -> pb.RaftJoinReply:
+        if not req.node_id or not req.address or len(req.node_id) > 253 or any(c.isspace() for c in req.node_id):
+            raise InvalidInput("join needs a node id without spaces and an address")
+        if not self.is_leader:
+            if forwarded:
+                raise NotAvailable("leadership changed while the join was forwarded; retry")
+            return await self._forward("Join", req, self.options.catch_up_timeout + self.options.propose_timeout)
+        core = self._leader_core()
+        existing = core.membership.get(req.node_id)
+        async with asyncio.timeout(self.options.catch_up_timeout + self.options.propose_timeout):
+            if existing is None:
+                await self.add_member(req.node_id, req.address, voter=False)
+            else:
+                # Same name, empty disk: what its old incarnation acknowledged is
+                # gone. Let it catch up before it may vote again.
+                log.warning("a member rejoined with an empty disk", extra=fields(node=req.node_id))
+                async with self._config_lock:
+                    if existing.address != req.address:
+                        await self._change(ConfigChange("set_address", req.node_id, req.address))
+                    self._leader_core().forget_progress(req.node_id)
+                    self._kick()
+                    await self._wait_caught_up(req.node_id)
+        members = self.members
+        return pb.RaftJoinReply(cluster_id=self.cluster_id, leader_id=self.id, voter=self._should_vote(req.node_id),
+                                members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
+                                         for m in members.values()])
+
+    async def _handle_leave(self, req: pb.RaftLeaveRequest, forwarded: bool) -> pb.RaftLeaveReply:
+        if not self.is_leader:
+            if forwarded:
+                raise NotAvailable("leadership changed while the request was forwarded; retry")
+            return await self._forward("Leave", req, self.options.propose_timeout)
+        members = await self.remove_member(req.node_id)
+        return pb.RaftLeaveReply(members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
+                                          for m in members.values()])
+
+    async def _forward(self, method: str, req: Any, timeout: float) -> Any:
+        address = self.leader_address
+        if not address:
+            raise NotAvailable("no leader elected yet; retry")
+        stub = GrpcTransport.stub(self._channel(address))
+        try:
+            return await getattr(stub, method)(req, timeout=timeout, metadata=((FORWARDED, self.id),))
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, f"leader {self.leader_id} at {address}") from None
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return ch
+
+    async def _join(self) -> None:
+        deadline = self._clock() + self.options.join_timeout
+        delay, last_error = 0.1, "no join address answered"
+        for address in itertools.cycle(self.join_addresses):
+            if self._clock() > deadline:
+                break
+            stub = GrpcTransport.stub(self._channel(address))
+            try:
+                reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address),
+                                        timeout=self.options.catch_up_timeout + self.options.propose_timeout)
+            except grpc.aio.AioRpcError as exc:
+                last_error = f"{address}: {exc.code().name}: {exc.details()}"
+                log.info("join attempt failed; retrying", extra=fields(node=self.id, via=address, error=last_error))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for m in reply.members:
+                self.transport.learn(m.id, m.address)
+            await asyncio.to_thread(self._storage.set_cluster_id, reply.cluster_id)
+            self.cluster_id = reply.cluster_id
+            self.transport.cluster_id = reply.cluster_id
+            self.core.set_can_vote(True)
+            log.info("joined the cluster", extra=fields(node=self.id, cluster=reply.cluster_id,
+                                                       leader=reply.leader_id, voter=reply.voter))
+            return
+        raise PeerError(f"could not join a cluster via {', '.join(self.join_addresses)}: {last_error}")
+
+    def _should_vote(self, member_id: str) -> bool:
+        if self.options.voters:
+            return member_id in self.options.voters
+        m = self.core.membership
+        return m.is_voter(member_id) or len(m.voters) < self.options.max_voters
+
+    async def _reconcile_voters(self) -> None:
+        """The leader promotes caught-up learners while there are fewer voters than wanted."""
+        while True:
+            await asyncio.sleep(max(self.options.heartbeat_interval * 5, 0.1))
+            core = self.core
+            if not self.is_leader or not core.committed_in_term() or self._config_lock.locked():
+                continue
+            m = core.membership
+            learners = [x.id for x in m.members if not x.voter]
+            if self.options.voters:
+                wanted = [i for i in learners if i in self.options.voters]
+            elif len(m.voters) < self.options.max_voters:
+                wanted = learners
+            else:
+                wanted = []
+            ready = [i for i in wanted if i in core.progress and core.progress[i].recent_active
+                     and core.progress[i].state == ProgressState.REPLICATE
+                     and core.progress[i].match >= core.committed]
+            if not ready:
+                continue
+            target = sorted(ready)[0]
+            try:
+                async with self._config_lock:
+                    await self._change(ConfigChange("promote", target))
+                log.info("promoted a learner to voter", extra=fields(node=self.id, member=target))
+            except AgentdError as exc:
+                log.info("could not promote a learner yet", extra=fields(member=target, reason=str(exc)))
+
+    async def _change(self, change: ConfigChange) -> None:
+        """Propose one membership change and wait until it is applied; retries while another is in flight."""
+        while True:
+            core = self._leader_core()
+            try:
+                index, term = core.propose_config(change)
+                break
+            except NotLeader:
+                raise NotAvailable(self._not_leader()) from None
+            except NotAvailable:
+                await asyncio.sleep(self.options.heartbeat_interval)
+        fut = asyncio.get_running_loop().create_future()
+        self._proposals[index] = (term, fut)
+        self._kick()
+        await self._await(fut, self.options.propose_timeout, "membership change not committed within {t}s")
+        log.info("membership changed", extra=fields(node=self.id, op=change.op, member=change.member_id,
+                                                   index=index))
+
+    async def _wait_caught_up(self, member_id: str) -> None:
+        core = self._leader_core()
+        target = core.committed
+        async with asyncio.timeout(self.options.catch_up_timeout):
+            while True:
+                core = self._leader_core()
+                pr = core.progress.get(member_id)
+                if pr is not None and pr.match >= target:
+                    return
+                await asyncio.sleep(self.options.heartbeat_interval / 2)
+
+    # ------------------------------------------------------------ helpers
+
+    def _running_core(self) -> RaftCore:
+        if self.core is None or self._stopping:
+            raise NotAvailable(f"raft node {self.id} is not running")
+        return self.core
+
+    def _leader_core(self) -> RaftCore:
+        core = self._running_core()
+        if core.role != Role.LEADER:
+            raise NotAvailable(self._not_leader())
+        return core
+
+    def _not_leader(self) -> str:
+        if self.leader_id and self.leader_id != self.id:
+            return f"not leader; leader is {self.leader_id} at {self.leader_address or 'an unknown address'}"
+        return "not leader; no leader elected yet"
+
+    async def _await(self, fut: asyncio.Future, timeout: float | None, message: str) -> Any:
+        t = self.options.propose_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), t)
+        except TimeoutError:
+            raise NotAvailable(message.format(t=t)) from None
+
+    def _fail_all(self, exc: AgentdError) -> None:
+        for _, fut in self._proposals.values():
+            _fail(fut, exc)
+        for fut in self._reads.values():
+            _fail(fut, exc)
+        for _, fut in self._read_waiting:
+            _fail(fut, exc)
+        self._proposals, self._reads, self._read_waiting = {}, {}, []
+
+    def set_partition(self, peers: Iterable[str]) -> None:
+        """Fault injection: drop all Raft traffic to and from `peers` (empty heals)."""
+        self.transport.set_blocked(peers)
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, who: str) -> AgentdError:
+    msg = f"{who}: {exc.details() or exc.code().name}"
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(msg)
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        return PeerError(msg)
+    return NotAvailable(msg)
