@@ -1,0 +1,273 @@
+"""Supervisor mechanics with a third-party runtime plugin whose "model server" is a tiny real HTTP server.
+
+The llama.cpp tests (test_runtime_llamabox.py) cover the real model servers;
+these cover the paths that are hard to provoke with them: liveness failures,
+port conflicts, plugins that refuse or break, orphans, and ordering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentd.config import load_settings
+from agentd.errors import InvalidInput
+from agentd.plugins import PluginManager, hookimpl
+from agentd.runtime import Endpoint, HealthVerdict, HttpProbe, ProcessSpec, Supervisor, SupervisorConfig, TcpProbe
+from agentd.runtime.backoff import BackoffPolicy
+from agentd.runtime.process import group_members
+from agentd.testing.localcluster import free_port
+from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
+
+SERVER = r"""
+import http.server, os, sys
+port, sick = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 500 if os.path.exists(sick) else 200
+        self.send_response(code); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+print("toy server on", port, flush=True)
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+FAST = SupervisorConfig(startup_timeout=10, ready_poll=0.05, health_interval=0.1, health_timeout=0.5,
+                        liveness_failures=2, stop_grace=2, start_retries=2, dependency_poll=0.05,
+                        backoff=BackoffPolicy(initial=0.1, maximum=0.5, jitter=0.0, stable_after=30))
+
+
+class Toy:
+    """A runtime plugin: part 0 "db" (TCP-ready), part 1 "api" that waits for db. Options steer failures."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.stopped: list[tuple[str, int]] = []
+
+    @hookimpl
+    def agentd_launch(self, assignment, part_index, ctx):
+        if assignment.runtime != "toy":
+            return None
+        env = assignment.options.env
+        if env.get("refuse"):
+            raise InvalidInput("toy cannot run this")
+        if env.get("crash"):
+            raise ZeroDivisionError("plugin bug")
+        ep = assignment.endpoints[part_index]
+        mine = Endpoint(host=ep.address, port=ep.port)
+        argv = (env.get("binary", sys.executable), "-c", env.get("script", SERVER), str(ep.port),
+                str(self.tmp / f"sick-{part_index}"))
+        others = tuple(Endpoint(host=e.address, port=e.port) for i, e in enumerate(assignment.endpoints)
+                       if i < part_index)
+        probe = TcpProbe(host=ep.address, port=ep.port) if part_index == 0 else HttpProbe(host=ep.address,
+                                                                                          port=ep.port)
+        return [ProcessSpec(name="db" if part_index == 0 else "api", argv=argv, part_index=part_index,
+                            listen=mine, ports=(mine,), ready=probe, wait_for=others, cwd=str(ctx.work_dir))]
+
+    @hookimpl
+    def agentd_health(self, assignment, part_index, process, result):
+        if assignment.runtime == "toy" and result.status == 500:
+            return HealthVerdict(ready=False, alive=False, detail="toy says sick")
+        return None
+
+    @hookimpl
+    def agentd_stop(self, assignment, part_index, ctx):
+        if assignment.runtime == "toy":
+            self.stopped.append((assignment.instance_id, part_index))
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return Toy(tmp_path)
+
+
+@pytest.fixture
+def plugins(toy):
+    pm = PluginManager()
+    pm.register(toy, name="toy")
+    return pm
+
+
+def make(tmp: Path, plugins, node="h1", **kw) -> Supervisor:
+    s = load_settings(data_dir=str(tmp / "data"), node_name=node)
+    return Supervisor(node=node, data_dir=tmp / "data", plugins=plugins, settings=s, config=kw.pop("config", FAST),
+                      **kw)
+
+
+def toy_assignment(parts: int = 2, hosts=("h1", "h1"), gen: int = 1, name: str = "toy", **env) -> Assignment:
+    ports = [free_port() for _ in range(parts)]
+    return Assignment(
+        deployment=name, replica=0, generation=gen, term=1, model="m", runtime="toy",
+        options=RuntimeOptions(env={k: str(v) for k, v in env.items()}),
+        plan=ReplicaPlan(parts=tuple(Part(host=hosts[i], role="main" if i == 0 else "worker")
+                                     for i in range(parts))),
+        endpoints=tuple(PartEndpoint(host=hosts[i], address="127.0.0.1", port=p) for i, p in enumerate(ports)))
+
+
+def edges(sup: Supervisor, name: str) -> list[str]:
+    return [f"{e.old}->{e.new}" for e in sup.events if e.key.endswith("/" + name)]
+
+
+async def test_dependency_first_dependents_restarted_after_it_and_delete_stops_in_order(tmp_path, plugins, toy):
+    seen = []
+    sup = make(tmp_path, plugins, on_event=seen.append)
+    a = toy_assignment()
+    await sup.apply([a])
+    st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=10)
+    starts = [e.key.split("/")[1] for e in sup.events if str(e.new) == "STARTING"]
+    assert starts == ["db", "api"]
+    pids = {p.name: p.pid for p in st.processes}
+    os.kill(pids["db"], signal.SIGKILL)
+    await sup.wait_for(a.instance_id, ["BACKOFF"], timeout=5)
+    st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=10)
+    new = {p.name: p.pid for p in st.processes}
+    assert new["db"] != pids["db"] and new["api"] != pids["api"]
+    assert edges(sup, "api")[-3:] == ["RUNNING->PENDING", "PENDING->STARTING", "STARTING->RUNNING"]
+    assert st.restarts == 2  # db crashed, api followed
+    assert seen == list(sup.events)  # the callback saw every edge
+    out = await sup.apply([])
+    assert out == [f"{a.instance_id}: stopped (db: stopped; api: stopped)"]
+    stops = [e.key.split("/")[1] for e in sup.events if str(e.new) == "STOPPED"]
+    assert stops == ["api", "db"]  # dependents first
+    assert toy.stopped == [(a.instance_id, 0), (a.instance_id, 1)]
+    assert all(group_members(p) == [] for p in new.values())
+
+
+async def test_remote_endpoint_is_waited_for_and_only_local_parts_run(tmp_path, plugins):
+    a = toy_assignment(hosts=("h2", "h1"))  # db on another host
+    sup = make(tmp_path, plugins)
+    await sup.apply([a])
+    await asyncio.sleep(0.3)
+    st = sup.instance(a.instance_id)
+    assert [p.name for p in st.processes] == ["api"]
+    assert st.state == "PENDING" and f"waiting for 127.0.0.1:{a.endpoints[0].port} to accept connections" in st.reason
+    other = make(tmp_path / "h2", plugins, node="h2")
+    await other.apply([a])
+    await sup.wait_for(a.instance_id, ["RUNNING"], timeout=10)
+    assert await sup.apply([toy_assignment(hosts=("h3", "h3"), name="elsewhere"), a]) == []  # not ours; unchanged
+    await sup.apply([])
+    await other.apply([])
+
+
+async def test_liveness_failures_in_a_row_kill_and_restart(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment()
+    await sup.apply([a])
+    st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=10)
+    api = next(p for p in st.processes if p.name == "api")
+    (tmp_path / "sick-1").touch()
+    st = await sup.wait_for(a.instance_id, ["BACKOFF"], timeout=5)
+    assert "api: liveness failed: /health failed 2 times in a row (last: toy says sick); killing pid" in st.reason
+    (tmp_path / "sick-1").unlink()
+    st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=10)
+    assert next(p for p in st.processes if p.name == "api").pid != api.pid
+    assert group_members(api.pid) == []
+    await sup.apply([])
+
+
+async def test_a_process_that_keeps_exiting_on_start_becomes_fatal_with_its_log(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment(parts=1, script="import sys; print('cannot open weights.bin', flush=True); sys.exit(3)")
+    await sup.apply([a])
+    st = await sup.wait_for(a.instance_id, ["FATAL"], timeout=10)
+    assert st.reason == ("db: exited with code 3 during startup, 2 times in a row | last log lines: "
+                         "cannot open weights.bin")
+    assert edges(sup, "db") == ["PENDING->STARTING", "STARTING->BACKOFF", "BACKOFF->PENDING", "PENDING->STARTING",
+                                "STARTING->FATAL"]
+    # An operator retry starts over; a delete from FATAL completes.
+    await sup.restart(a.instance_id)
+    await sup.wait_for(a.instance_id, ["STARTING", "BACKOFF", "PENDING"], timeout=5)
+    await sup.wait_for(a.instance_id, ["FATAL"], timeout=10)
+    await sup.apply([])
+    assert edges(sup, "db")[-1] == "FATAL->STOPPED"
+
+
+async def test_a_taken_port_is_an_explicit_reason_and_nothing_is_spawned(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment(parts=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", a.endpoints[0].port))
+        s.listen()
+        await sup.apply([a])
+        st = await sup.wait_for(a.instance_id, ["FATAL"], timeout=10)
+    port = a.endpoints[0].port
+    assert st.reason.startswith(f"db: port {port} on 127.0.0.1 is already in use by pid {os.getpid()}")
+    assert st.reason.endswith("(after 2 attempts)")
+    assert "PENDING->STARTING" not in edges(sup, "db")
+    await sup.apply([])
+
+
+async def test_plugin_refusal_bug_or_absence_is_a_fatal_instance_not_a_crash(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    refused, crashed = toy_assignment(refuse=1, name="refused"), toy_assignment(crash=1, name="crashed")
+    unknown = toy_assignment(name="unknown").model_copy(update={"runtime": "sglang"})
+    out = await sup.apply([refused, crashed, unknown])
+    assert out == [
+        "refused-r0-g1: FATAL: the toy plugin cannot launch part 0: toy cannot run this",
+        "crashed-r0-g1: FATAL: the toy plugin failed building part 0: ZeroDivisionError: plugin bug",
+        "unknown-r0-g1: FATAL: no loaded plugin launches runtime 'sglang'",
+    ]
+    assert {s.instance_id: s.state for s in sup.status()} == dict.fromkeys(
+        ["refused-r0-g1", "crashed-r0-g1", "unknown-r0-g1"], "FATAL")
+    assert await sup.apply([]) == [f"{i}-r0-g1: stopped (nothing was running)" for i in ("refused", "crashed",
+                                                                                          "unknown")]
+
+
+async def test_missing_binary_is_fatal_at_once(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment(parts=1, binary=str(tmp_path / "gone"))
+    await sup.apply([a])
+    st = await sup.wait_for(a.instance_id, ["FATAL"], timeout=5)
+    assert st.reason == f"db: binary {tmp_path / 'gone'} does not exist"
+    await sup.apply([])
+
+
+async def test_a_new_supervisor_adopts_what_is_still_desired_and_kills_orphans(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    keep, drop = toy_assignment(name="keep"), toy_assignment(parts=1, name="drop")
+    await sup.apply([keep, drop])
+    kept = {p.name: p.pid for p in (await sup.wait_for(keep.instance_id, ["RUNNING"], 10)).processes}
+    dropped = (await sup.wait_for(drop.instance_id, ["RUNNING"], 10)).processes[0].pid
+    await sup.close()  # agentd exits (upgrade): the servers keep running
+    assert all(group_members(p) for p in [*kept.values(), dropped])
+
+    sup2 = make(tmp_path, plugins)
+    found = await sup2.start()
+    assert sorted(found) == sorted([f"found keep-r0-g1/db still running as pid {kept['db']}",
+                                    f"found keep-r0-g1/api still running as pid {kept['api']}",
+                                    f"found drop-r0-g1/db still running as pid {dropped}"])
+    assert group_members(dropped)  # nothing is killed before the desired state is known
+    out = await sup2.apply([keep])
+    assert out[0].startswith(f"drop-r0-g1/db: killed orphan pid {dropped} (no longer desired")
+    assert out[1] == f"keep-r0-g1: adopting db (pid {kept['db']}), api (pid {kept['api']}); supervising db, api"
+    st = await sup2.wait_for(keep.instance_id, ["RUNNING"], 10)
+    assert {p.name: p.pid for p in st.processes} == kept and st.restarts == 0
+    assert group_members(dropped) == []
+    # The adopted ones are watched like our own: kill one, it comes back and its dependent follows.
+    os.kill(kept["db"], signal.SIGKILL)
+    st = await sup2.wait_for(keep.instance_id, ["BACKOFF"], 5)
+    assert "db: exited (adopted process: exit status unknown); restarting in" in st.reason
+    st = await sup2.wait_for(keep.instance_id, ["RUNNING"], 10)
+    assert all(p.pid != kept[p.name] for p in st.processes)
+    await sup2.close(stop_processes=True)
+    assert all(group_members(p.pid) == [] for p in st.processes)
+
+
+async def test_a_changed_assignment_under_the_same_id_is_not_adopted(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment(parts=1)
+    await sup.apply([a])
+    old = (await sup.wait_for(a.instance_id, ["RUNNING"], 10)).processes[0].pid
+    await sup.close()
+    changed = a.model_copy(update={"term": 2})  # same instance id, other content
+    sup2 = make(tmp_path, plugins)
+    out = await sup2.apply([changed])
+    assert out[0].startswith(f"toy-r0-g1/db: killed orphan pid {old} (its assignment changed")
+    st = await sup2.wait_for(a.instance_id, ["RUNNING"], 10)
+    assert st.processes[0].pid != old
+    await sup2.apply([])
