@@ -129,15 +129,21 @@ class RaftCore:
     # ------------------------------------------------------------ ready
 
     def has_ready(self) -> bool:
+        log_ = self.log
+        hard, soft = self._prev_hard, self._prev_soft
         return bool(
             self._msgs
             or self._snapshot_out is not None
-            or self.log.unstable_from <= self.log.last_index()
-            or self.log.committed > self.log.applied
+            or log_.unstable_from <= log_.last_index()
+            or log_.committed > log_.applied
             or self._ready_reads
             or self._dropped_reads
-            or HardState(self.term, self.vote, self.log.committed) != self._prev_hard
-            or self.soft_state() != self._prev_soft
+            or self.term != hard.term
+            or self.vote != hard.vote
+            or log_.committed != hard.commit
+            or self.role != soft.role
+            or self.leader != soft.leader
+            or self.term != soft.term
         )
 
     def ready(self) -> Ready:
@@ -597,6 +603,8 @@ class RaftCore:
     @staticmethod
     def _apply_change(cur: Membership, ch: ConfigChange) -> Membership:
         """New servers join as learners and are promoted once caught up, so there is no add-voter."""
+        if ch.op not in ("add_learner", "promote", "remove", "set_address"):
+            raise InvalidInput(f"unknown membership change {ch.op!r}")
         existing = cur.get(ch.member_id)
         if not ch.member_id:
             raise InvalidInput("member id must not be empty")
@@ -612,9 +620,7 @@ class RaftCore:
             return cur.with_member(Member(existing.id, existing.address, True))
         if ch.op == "remove":
             return cur.without(ch.member_id)
-        if ch.op == "set_address":
-            return cur.with_member(Member(existing.id, ch.address, existing.voter))
-        raise InvalidInput(f"unknown membership change {ch.op!r}")
+        return cur.with_member(Member(existing.id, ch.address, existing.voter))  # set_address
 
     def _sync_progress(self) -> None:
         ids = set(self.membership.ids) - {self.id}
