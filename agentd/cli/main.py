@@ -51,9 +51,9 @@ def common_options() -> argparse.ArgumentParser:
 
 def command_modules() -> list[Any]:
     """Each module adds its subcommands through `register(subparsers, parents)`."""
-    from agentd.cli import basic, inventory, model, security
+    from agentd.cli import basic, inventory, model, plan, security
 
-    return [basic, inventory, model, security]
+    return [basic, inventory, model, security, plan]
 
 
 def build_parser() -> Parser:

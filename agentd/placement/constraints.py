@@ -67,7 +67,7 @@ class Rejection(NamedTuple):
 class Constraint:
     """Base class: override the levels you check. Every level defaults to "fine"."""
 
-    name = "constraint"
+    name = ""  # shown in errors; defaults to the class name
 
     def check_static(self) -> Rejection | None:
         return None

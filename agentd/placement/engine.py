@@ -30,6 +30,7 @@ from agentd.placement.layout import LaunchParams, Layout
 from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
 from agentd.placement.sharded import Candidates, ShardedSearch
 from agentd.placement.snapshot import Snapshot
+from agentd.placement.strategy import Strategy
 from agentd.types import (
     Assignment,
     ClusterInventory,
@@ -158,22 +159,28 @@ def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignme
     """Place every replica in turn, booking each one's memory before the next: no double booking."""
     snap = Snapshot.build(cluster, existing)
     layouts: list[Layout] = []
+    replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
-        got = place_one(req, snap)
+        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)))
         if isinstance(got, Findings):
             return Outcome(layouts, got, r, len(cluster.hosts))
         layouts.append(got)
+        for h in got.hosts:
+            replicas_on[h] = replicas_on.get(h, 0) + 1
         snap = snap.reserve(got.reservations())
     return Outcome(layouts, None, None, len(cluster.hosts))
 
 
-def place_one(req: Request, snap: Snapshot) -> Layout | Findings:
+def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) -> Layout | Findings:
+    strategy = strategy or Strategy(req.spec.strategy)
     findings = Findings()
     r = req.run("check_static")
     if r is not None:
         findings.add(STATIC, r)
         return findings
     cands, limits, pinned = _filter(req, snap, findings)
+    if limits.exact is not None and sum(len(g) for _, g in cands.hosts) < sum(n for _, n in limits.exact):
+        return findings  # a pinned GPU is unusable or missing: its rejection says why; no layout can help
     shapes = req.hooks.call("agentd_propose", runtime=req.runtime, model=req.model, spec=req.spec, limits=limits)
     if shapes is None:
         raise PluginError(f"no plugin proposes layouts for runtime {req.runtime!r}")
@@ -198,7 +205,7 @@ def place_one(req: Request, snap: Snapshot) -> Layout | Findings:
             if not isinstance(demand, ShardDemand):
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected ShardDemand")
-            sharded = sharded or ShardedSearch(cands, req.spec.strategy)
+            sharded = sharded or ShardedSearch(cands, strategy)
             got = sharded.find(shape, demand)
             if isinstance(got, Rejection):
                 findings.add(CANDIDATE, got)
@@ -212,7 +219,7 @@ def place_one(req: Request, snap: Snapshot) -> Layout | Findings:
             if not isinstance(demand, LayerDemand):
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected LayerDemand")
-            split = split or LayerSplitSearch(cands, req.spec.strategy, limits.exact, pinned)
+            split = split or LayerSplitSearch(cands, strategy, limits.exact, pinned)
             got = split.find(shape, demand, req.validate, score)
             if isinstance(got, Layout):
                 return got

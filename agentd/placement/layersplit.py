@@ -36,6 +36,7 @@ from agentd.placement.layout import Layout, PartLayout
 from agentd.placement.shapes import LayerSplit
 from agentd.placement.sharded import Candidates
 from agentd.placement.snapshot import GpuView, HostView
+from agentd.placement.strategy import Strategy
 from agentd.placement.units import gib
 
 Validate = Callable[[Layout], Rejection | None]
@@ -65,7 +66,7 @@ class _Entry:
 
 
 class LayerSplitSearch:
-    def __init__(self, candidates: Candidates, strategy: str, exact: tuple[tuple[str, int], ...] | None = None,
+    def __init__(self, candidates: Candidates, strategy: Strategy, exact: tuple[tuple[str, int], ...] | None = None,
                  pinned: dict[str, tuple[int, ...]] | None = None):
         self.candidates = candidates
         self.strategy = strategy
@@ -73,7 +74,9 @@ class LayerSplitSearch:
         self.pinned = pinned or {}
         self._host_rank = {hv.name: self._host_key(hv) for hv, _ in candidates.hosts}
         pool = [g for _, gpus in candidates.hosts for g in gpus]
-        pool.sort(key=lambda g: (-g.free, self._host_rank[g.host], g.index))
+        # Largest first; ties grouped by host (fewer hosts) and, within a host, highest index first so that
+        # the device order (the reverse of the fill order) lists a host's GPUs ascending.
+        pool.sort(key=lambda g: (-g.free, self._host_rank[g.host], -g.index))
         self.pool = pool
         by_host: dict[str, list[GpuView]] = {}
         for g in pool:
@@ -81,8 +84,7 @@ class LayerSplitSearch:
         self._by_host = sorted(by_host.items(), key=lambda kv: (-sum(g.free for g in kv[1]), self._host_rank[kv[0]]))
 
     def _host_key(self, hv: HostView) -> tuple:
-        f = hv.used_fraction
-        return (-f if self.strategy == "binpack" else f, hv.name)
+        return self.strategy.host_key(hv)
 
     # ------------------------------------------------------------------ search
 
@@ -130,7 +132,7 @@ class LayerSplitSearch:
     # ------------------------------------------------------------------ the main server
 
     def _main(self, ctx: _Ctx, gpus: Sequence[GpuView], cache: dict) -> _MainFill | None:
-        order = sorted(gpus, key=lambda g: (-g.free, g.index))
+        order = sorted(gpus, key=lambda g: (-g.free, -g.index))  # ties: ascending CUDA order in the plan
         frees = tuple(g.free for g in order)
         if frees not in cache:
             cache[frees] = _fill_main(ctx, frees)
@@ -227,7 +229,7 @@ class LayerSplitSearch:
         if main_name not in by_host or len(by_host[main_name][1]) != self.exact[0][1]:
             return []  # a pinned GPU was rejected by a device filter; that rejection explains it
         hv, main_gpus = by_host[main_name]
-        order = sorted(main_gpus, key=lambda g: (-g.free, g.index))
+        order = sorted(main_gpus, key=lambda g: (-g.free, -g.index))
         rpc: list[GpuView] = []
         for host, count in self.exact[1:]:
             if host not in by_host or len(by_host[host][1]) != count:
@@ -236,6 +238,11 @@ class LayerSplitSearch:
             rpc += sorted(by_host[host][1], key=lambda g: index_order.get(g.index, g.index))
         devices = order + rpc
         facts = self._facts(ctx, main_gpus)
+        main_only = self._main(ctx, main_gpus, {})
+        if main_only is None or not any(hi > lo for _, lo, hi in main_only.blocks):
+            why = self._empty_main(shape, ctx, hv, main_only, facts, validate)
+            if why is not None:
+                return [why]
         counts = _balanced(ctx, devices) if ctx.full else None
         if counts is None:
             counts = _greedy_reserved(ctx, devices)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from agentd.placement.demand import Demand
 from agentd.placement.shapes import Shape
+from agentd.placement.units import index_list
 
 Role = Literal["main", "worker", "rpc"]
 
@@ -58,7 +59,10 @@ class Layout:
 
     @property
     def label(self) -> str:
-        where = "; ".join(f"{p.host} GPUs {','.join(map(str, p.gpus))}" for p in self.parts)
+        by_host: dict[str, list[int]] = {}
+        for p in self.parts:
+            by_host.setdefault(p.host, []).extend(p.gpus)
+        where = "; ".join(f"{h} GPU{'s' if len(g) != 1 else ''} {index_list(g)}" for h, g in by_host.items())
         return f"{self.shape.label} on {where}"
 
     def reservations(self) -> dict[tuple[str, int], int]:

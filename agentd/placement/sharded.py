@@ -23,6 +23,7 @@ from agentd.placement.demand import ShardDemand
 from agentd.placement.layout import Layout, PartLayout
 from agentd.placement.shapes import Sharded
 from agentd.placement.snapshot import GpuView, HostView
+from agentd.placement.strategy import Strategy
 from agentd.placement.units import gib
 
 
@@ -34,7 +35,7 @@ class Candidates:
 
 
 class ShardedSearch:
-    def __init__(self, candidates: Candidates, strategy: str):
+    def __init__(self, candidates: Candidates, strategy: Strategy):
         self.candidates = candidates
         self.strategy = strategy
         self._caps: dict[float | None, list[tuple[HostView, list[tuple[int, GpuView]]]]] = {}
@@ -85,8 +86,7 @@ class ShardedSearch:
         return Layout(shape, tuple(parts), demand)
 
     def _host_key(self, hv: HostView) -> tuple:
-        f = hv.used_fraction
-        return (-f if self.strategy == "binpack" else f, hv.name)
+        return self.strategy.host_key(hv)
 
     def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, list[tuple[int, GpuView]]]]:
         need = demand.per_gpu
@@ -96,7 +96,7 @@ class ShardedSearch:
         return [(hv, caps) for _, hv, caps in best]
 
     def _choose_gpus(self, fitting: Sequence[tuple[int, GpuView]], g: int) -> list[GpuView]:
-        if self.strategy == "binpack":  # the fullest GPUs that still fit: keep empty ones whole
+        if self.strategy.binpack:  # the fullest GPUs that still fit: keep empty ones whole
             ranked = sorted(fitting, key=lambda cg: (cg[1].free, cg[1].index))
         else:
             ranked = sorted(fitting, key=lambda cg: (-cg[1].free, cg[1].index))

@@ -59,8 +59,8 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
     if foreign:
         got = _try(req, _without_foreign(cluster), existing, spec)
         if got is not None:
-            used = [foreign[k] for lo in got.layouts for k in _gpus_of(lo) if k in foreign]
-            used = list(dict.fromkeys(used))
+            used = sorted({foreign[k] for lo in got.layouts for k in _gpus_of(lo) if k in foreign},
+                          key=lambda g: (g.host, g.index))
             out += [f"free {g.label} ({g.describe_foreign()})" for g in used[:MAX_LISTED]]
             if len(used) > MAX_LISTED:
                 out.append(f"... and {len(used) - MAX_LISTED} more GPUs used by other processes")
@@ -113,7 +113,14 @@ def _gpus_of(layout: Layout):
 
 
 def _describe(layout: Layout) -> str:
-    return f"{layout.shape.label} on {', '.join(layout.hosts)}"
+    if isinstance(layout.shape, Sharded):
+        return f"{layout.shape.label} on {', '.join(layout.hosts)}"
+    n = layout.rpc_servers
+    text = f"{layout.shape.label} with the main server on {layout.main.host}"
+    if n:
+        others = sorted({p.host for p in layout.parts if p.role == "rpc"})
+        text += f" and {n} {plural(n, 'rpc-server')} on {', '.join(others)}"
+    return text
 
 
 def _use(layout: Layout) -> str:
