@@ -15,9 +15,12 @@ Pure: no I/O, no clocks, no randomness; the same input gives the same plan.
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from agentd.errors import AgentdError, InvalidInput, PluginError
@@ -29,7 +32,7 @@ from agentd.placement.layersplit import LayerSplitSearch
 from agentd.placement.layout import LaunchParams, Layout
 from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
 from agentd.placement.sharded import Candidates, ShardedSearch
-from agentd.placement.snapshot import Snapshot
+from agentd.placement.snapshot import GpuView, HostView, Snapshot
 from agentd.placement.strategy import Strategy
 from agentd.types import (
     Assignment,
@@ -70,6 +73,20 @@ class Request:
     spec: DeploymentSpec
     checks: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
     scorers: list[Any] = field(default_factory=list)
+    # Per-request caches: filter results per HostView (replicas share untouched hosts), and what the
+    # searches derive per host. Keyed by id() with the object kept alongside, so ids are never reused.
+    host_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    search_cache: dict[Any, Any] = field(default_factory=dict)
+
+    @cached_property
+    def excluded(self) -> frozenset[str]:
+        return frozenset(self.spec.exclude_gpus)
+
+    def filters_like(self, other: Request) -> bool:
+        """Would the host and device filters decide every host the same? Then their cache can be shared."""
+        a, b = self.spec, other.spec
+        return ((a.selector, a.pin, a.exclude_gpus) == (b.selector, b.pin, b.exclude_gpus)
+                and [c for c, _ in self.checks["check_device"]] == [c for c, _ in other.checks["check_device"]])
 
     @property
     def runtime(self) -> str:
@@ -155,9 +172,13 @@ class Outcome:
         return self.findings is None
 
 
-def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignment | ReplicaPlan] = ()) -> Outcome:
-    """Place every replica in turn, booking each one's memory before the next: no double booking."""
-    snap = Snapshot.build(cluster, existing)
+def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignment | ReplicaPlan] = (),
+            snapshot: Snapshot | None = None) -> Outcome:
+    """Place every replica in turn, booking each one's memory before the next: no double booking.
+
+    `snapshot`, when given, must be Snapshot.build(cluster, existing): what-ifs reuse it.
+    """
+    snap = snapshot or Snapshot.build(cluster, existing)
     layouts: list[Layout] = []
     replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
@@ -205,7 +226,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
             if not isinstance(demand, ShardDemand):
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected ShardDemand")
-            sharded = sharded or ShardedSearch(cands, strategy)
+            sharded = sharded or ShardedSearch(cands, strategy, req.search_cache)
             got = sharded.find(shape, demand)
             if isinstance(got, Rejection):
                 findings.add(CANDIDATE, got)
@@ -246,80 +267,97 @@ def _matches_exact(shape: Shape, exact: tuple[tuple[str, int], ...]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _HostResult:
+    """What the host and device filters made of one host: cached per HostView for the next replica."""
+
+    rejections: tuple[tuple[int, Rejection], ...]
+    eligible: tuple[GpuView, ...]
+    considered: int  # GPUs that passed the host filters (pinned ones only, when pinned)
+    max_memory: int
+
+
 def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidates, ShapeLimits, dict]:
     """Host filters (selector, pins, GPUs present), then device filters (maintenance, pins, constraints)."""
     spec = req.spec
-    selector = spec.selector
-    selector_text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
     pinned: dict[str, tuple[int, ...]] = {}
     for p in spec.pin:
         pinned[p.host] = tuple(dict.fromkeys(pinned.get(p.host, ()) + p.gpus))
     exact = None
     if spec.pin and all(p.gpus for p in spec.pin):
         exact = tuple((h, len(g)) for h, g in pinned.items())
-    excluded = set(spec.exclude_gpus)
     known = {hv.name for hv in snap.hosts}
     for host in pinned:
         if host not in known:
             findings.add(HOST, Rejection("pinned host", "is not in the cluster", where=host, details={"host": host}))
-    device_checks = req.checks["check_device"]
     hosts = []
-    max_per_host = total_gpus = max_mem = 0
+    counted = max_per_host = total_gpus = max_mem = 0
+    cache = req.host_cache
+    add = findings.add
     for hv in snap.hosts:
-        if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
-            findings.add(HOST, Rejection("host", f"excluded by selector {selector_text}", where=hv.name))
-            continue
-        if pinned and hv.name not in pinned:
-            findings.add(HOST, Rejection("host", "not pinned", where=hv.name))
-            continue
-        if not hv.gpus:
-            findings.add(HOST, Rejection("host", "without GPUs", where=hv.name))
-            continue
-        want = pinned.get(hv.name) or None
-        gpus = hv.gpus
-        if want:
-            present = {g.index for g in gpus}
-            for i in want:
-                if i not in present:
-                    findings.add(DEVICE, Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
-                                                   details={"host": hv.name, "index": i}))
-            gpus = tuple(g for g in gpus if g.index in want)
-            if not gpus:
-                continue
-        max_per_host = max(max_per_host, len(gpus))
-        total_gpus += len(gpus)
-        eligible = []
-        for g in gpus:
-            if g.total > max_mem:
-                max_mem = g.total
-            if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
-                findings.add(DEVICE, Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid},
-                                               where=g.label))
-                continue
-            for c, check in device_checks:
-                try:
-                    why = check(g)
-                except AgentdError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(f"constraint {_name(c)} failed in check_device: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                if why is not None:
-                    findings.add(DEVICE, why)
-                    break
-            else:
-                eligible.append(g)
-        if eligible:
-            hosts.append((hv, tuple(eligible)))
-    limits = ShapeLimits(hosts=sum(1 for hv in snap.hosts if _counted(hv, selector, pinned)),
-                         max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem, exact=exact)
+        hit = cache.get(id(hv))
+        if hit is None or hit[0] is not hv:  # a snapshot shares untouched hosts with the one before
+            hit = cache[id(hv)] = (hv, _filter_host(req, hv, pinned))
+        res = hit[1]
+        for stage, r in res.rejections:
+            add(stage, r)
+        if res.considered:
+            counted += 1
+            total_gpus += res.considered
+            max_per_host = max(max_per_host, res.considered)
+            max_mem = max(max_mem, res.max_memory)
+        if res.eligible:
+            hosts.append((hv, res.eligible))
+    limits = ShapeLimits(hosts=counted, max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem,
+                         exact=exact)
     return Candidates(tuple(hosts)), limits, pinned
 
 
-def _counted(hv, selector, pinned) -> bool:
+def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]]) -> _HostResult:
+    spec = req.spec
+    selector = spec.selector
     if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
-        return False
-    return bool(hv.gpus) and (not pinned or hv.name in pinned)
+        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return _HostResult(((HOST, Rejection("host", f"excluded by selector {text}", where=hv.name)),), (), 0, 0)
+    if pinned and hv.name not in pinned:
+        return _HostResult(((HOST, Rejection("host", "not pinned", where=hv.name)),), (), 0, 0)
+    if not hv.gpus:
+        return _HostResult(((HOST, Rejection("host", "without GPUs", where=hv.name)),), (), 0, 0)
+    rejections: list[tuple[int, Rejection]] = []
+    want = pinned.get(hv.name) or None
+    gpus = hv.gpus
+    if want:
+        present = {g.index for g in gpus}
+        for i in want:
+            if i not in present:
+                rejections.append((DEVICE, Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
+                                                     details={"host": hv.name, "index": i})))
+        gpus = tuple(g for g in gpus if g.index in want)
+    excluded = req.excluded
+    device_checks = req.checks["check_device"]
+    eligible = []
+    max_mem = 0
+    for g in gpus:
+        if g.total > max_mem:
+            max_mem = g.total
+        if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
+            rejections.append((DEVICE, Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid},
+                                                 where=g.label)))
+            continue
+        for c, check in device_checks:
+            try:
+                why = check(g)
+            except AgentdError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"constraint {_name(c)} failed in check_device: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if why is not None:
+                rejections.append((DEVICE, why))
+                break
+        else:
+            eligible.append(g)
+    return _HostResult(tuple(rejections), tuple(eligible), len(gpus), max_mem)
 
 
 # --------------------------------------------------------------------------- plan
@@ -359,14 +397,37 @@ def place(
     from agentd.placement.whatif import diagnose
 
     req = prepare(plugins, model, spec)
-    outcome = attempt(req, cluster, existing)
-    if outcome.placed:
-        plan = Plan(placed=True, runtime=spec.runtime, replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
-    else:
-        plan = Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
+    with _collector_paused():
+        outcome = attempt(req, cluster, existing)
+        if outcome.placed:
+            plan = Plan(placed=True, runtime=spec.runtime,
+                        replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
+        else:
+            plan = Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
     log.info(decision(spec, plan), extra=fields(deployment=spec.name, runtime=spec.runtime, placed=plan.placed,
                                                 replicas=len(plan.replicas)))
     return plan
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Hold off CPython's cyclic garbage collector for one placement.
+
+    A placement on a large cluster allocates an object or two per GPU, all
+    short-lived and acyclic (they die with the call, by reference counting).
+    Those allocations trigger collections, and a full collection walks the
+    caller's whole heap (the coordinator's inventories, the Raft log): on
+    2,048 hosts that cost twice the placement itself. Collection resumes on
+    exit, and nothing changes if the caller already disabled it.
+    """
+    was_enabled = gc.isenabled()
+    if was_enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Placer:

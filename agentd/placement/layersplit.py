@@ -73,15 +73,33 @@ class LayerSplitSearch:
         self.exact = exact
         self.pinned = pinned or {}
         self._host_rank = {hv.name: self._host_key(hv) for hv, _ in candidates.hosts}
-        pool = [g for _, gpus in candidates.hosts for g in gpus]
-        # Largest first; ties grouped by host (fewer hosts) and, within a host, highest index first so that
-        # the device order (the reverse of the fill order) lists a host's GPUs ascending.
-        pool.sort(key=lambda g: (-g.free, self._host_rank[g.host], -g.index))
-        self.pool = pool
-        by_host: dict[str, list[GpuView]] = {}
-        for g in pool:
-            by_host.setdefault(g.host, []).append(g)
-        self._by_host = sorted(by_host.items(), key=lambda kv: (-sum(g.free for g in kv[1]), self._host_rank[kv[0]]))
+        self._pool: list[GpuView] | None = None
+        self._by_host_order: list[tuple[str, list[GpuView]]] | None = None
+
+    @property
+    def pool(self) -> list[GpuView]:
+        """Every candidate GPU, largest first: built only when some main server needs rpc-servers.
+
+        Ties are grouped by host in strategy order (fewer hosts) and, within a
+        host, highest index first so that the device order (the reverse of the
+        fill order) lists a host's GPUs ascending.
+        """
+        if self._pool is None:
+            order = {name: i for i, name in enumerate(sorted(self._host_rank, key=self._host_rank.__getitem__))}
+            keyed = [(-g.free, order[g.host], -g.index, g) for _, gpus in self.candidates.hosts for g in gpus]
+            keyed.sort(key=lambda t: t[:3])
+            self._pool = [t[3] for t in keyed]
+        return self._pool
+
+    @property
+    def _by_host(self) -> list[tuple[str, list[GpuView]]]:
+        if self._by_host_order is None:
+            by_host: dict[str, list[GpuView]] = {}
+            for g in self.pool:
+                by_host.setdefault(g.host, []).append(g)
+            self._by_host_order = sorted(by_host.items(),
+                                         key=lambda kv: (-sum(g.free for g in kv[1]), self._host_rank[kv[0]]))
+        return self._by_host_order
 
     def _host_key(self, hv: HostView) -> tuple:
         return self.strategy.host_key(hv)

@@ -35,9 +35,10 @@ class Candidates:
 
 
 class ShardedSearch:
-    def __init__(self, candidates: Candidates, strategy: Strategy):
+    def __init__(self, candidates: Candidates, strategy: Strategy, cache: dict | None = None):
         self.candidates = candidates
         self.strategy = strategy
+        self._cache = cache if cache is not None else {}  # per (host view, budget fraction): sorted capacities
         self._caps: dict[float | None, list[tuple[HostView, list[tuple[int, GpuView]]]]] = {}
         self._kth: dict[tuple[float | None, int], list[int]] = {}
 
@@ -49,12 +50,16 @@ class ShardedSearch:
         if key not in self._caps:
             rows = []
             f = demand.budget_fraction
+            cache = self._cache
             for hv, gpus in self.candidates.hosts:
-                if f is None:
-                    caps = sorted((-g.free, g.index, g) for g in gpus)
-                else:
-                    caps = sorted((-int(f * g.total), g.index, g) for g in gpus)
-                rows.append((hv, [(-c, g) for c, _, g in caps]))
+                hit = cache.get((id(hv), f))
+                if hit is None or hit[0] is not gpus:
+                    if f is None:
+                        caps = sorted((-g.free, g.index, g) for g in gpus)
+                    else:
+                        caps = sorted((-int(f * g.total), g.index, g) for g in gpus)
+                    hit = cache[(id(hv), f)] = (gpus, [(-c, g) for c, _, g in caps], hv)
+                rows.append((hv, hit[1]))
             self._caps[key] = rows
         return self._caps[key]
 

@@ -106,17 +106,16 @@ class Snapshot:
     def build(cls, cluster: ClusterInventory, existing: Iterable[Assignment | ReplicaPlan] = ()) -> Snapshot:
         assigned = _assigned_memory(cluster, existing)
         hosts = []
+        touched = {host for host, _ in assigned}
         for h in sorted(cluster.hosts, key=lambda h: h.name):
             name = h.name
-            views = []
-            prev, ordered = -1, True
-            for g in h.gpus:
-                v = GpuView(g, name, assigned.get((name, g.index), 0) if assigned else 0)
-                if v.index <= prev:
-                    ordered = False
-                prev = v.index
-                views.append(v)
-            if not ordered:
+            gpus = h.gpus
+            if name in touched:
+                views = [GpuView(g, name, assigned.get((name, g.index), 0)) for g in gpus]
+            else:
+                views = [GpuView(g, name) for g in gpus]
+            indices = [v.index for v in views]
+            if indices != sorted(indices):
                 views.sort(key=lambda v: v.index)
             hosts.append(HostView(name, h, tuple(views)))
         return cls(tuple(hosts))

@@ -42,12 +42,15 @@ def diagnose(req: Request, cluster: ClusterInventory, existing: Sequence[Assignm
     return outcome.findings.diagnosis(headline, suggestions)
 
 
-def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec) -> Outcome | None:
+def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec,
+         snapshot: Snapshot | None = None) -> Outcome | None:
     try:
         changed = prepare(req.hooks, req.model, spec) if spec is not req.spec else req
     except InvalidInput:
         return None
-    out = attempt(changed, cluster, existing)
+    if snapshot is not None and changed is not req and changed.filters_like(req):
+        changed.host_cache = req.host_cache  # same hosts, same device rules: reuse what the filters found
+    out = attempt(changed, cluster, existing, snapshot)
     return out if out.placed else None
 
 
@@ -65,7 +68,7 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
             if len(used) > MAX_LISTED:
                 out.append(f"... and {len(used) - MAX_LISTED} more GPUs used by other processes")
     if spec.exclude_gpus:
-        got = _try(req, cluster, existing, spec.model_copy(update={"exclude_gpus": ()}))
+        got = _try(req, cluster, existing, spec.model_copy(update={"exclude_gpus": ()}), snap)
         if got is not None:
             uuids = {g.uuid: g for hv in snap.hosts for g in hv.gpus}
             back = [uuids[u] for u in spec.exclude_gpus if u in uuids
@@ -73,32 +76,32 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
             if back:
                 out += [f"return {g.label} ({g.uuid}) from maintenance" for g in back[:MAX_LISTED]]
     if spec.selector:
-        got = _try(req, cluster, existing, spec.model_copy(update={"selector": {}}))
+        got = _try(req, cluster, existing, spec.model_copy(update={"selector": {}}), snap)
         if got is not None:
             sel = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
             out.append(f"drop the selector {sel}: {_describe(got.layouts[0])}")
     if spec.pin:
         if all(p.gpus for p in spec.pin):
             hosts_only = tuple(GpuPin(host=p.host) for p in spec.pin)
-            got = _try(req, cluster, existing, spec.model_copy(update={"pin": hosts_only}))
+            got = _try(req, cluster, existing, spec.model_copy(update={"pin": hosts_only}), snap)
             if got is not None:
                 out.append(_use(got.layouts[0]))
         if not out or not any(s.startswith("use ") for s in out):
-            got = _try(req, cluster, existing, spec.model_copy(update={"pin": ()}))
+            got = _try(req, cluster, existing, spec.model_copy(update={"pin": ()}), snap)
             if got is not None:
                 out.append(f"drop the pins: {_describe(got.layouts[0])}")
     if not spec.options.allow_cpu_offload:
-        got = _try(req, cluster, existing, _with_options(spec, allow_cpu_offload=True))
+        got = _try(req, cluster, existing, _with_options(spec, allow_cpu_offload=True), snap)
         if got is not None and got.layouts and got.layouts[0].cpu_layers:
             lo = got.layouts[0]
             total = getattr(lo.demand, "layers", 0)
             out.append(f"allow CPU offload (--allow-cpu-offload): {lo.cpu_layers} of {total} layers would run "
                        f"from RAM on {lo.main.host}")
-    ctx = _largest_context(req, cluster, existing)
+    ctx = _largest_context(req, cluster, existing, snap)
     if ctx is not None:
         out.append(f"reduce the context to {ctx} tokens (--ctx-size {ctx})")
     for fraction in _fractions(outcome):
-        got = _try(req, cluster, existing, _with_options(spec, gpu_memory_utilization=fraction))
+        got = _try(req, cluster, existing, _with_options(spec, gpu_memory_utilization=fraction), snap)
         if got is not None:
             out.append(f"set gpu_memory_utilization to {fraction:g} (--gpu-memory-utilization {fraction:g}): "
                        f"{_describe(got.layouts[0])}")
@@ -146,18 +149,18 @@ def _without_foreign(cluster: ClusterInventory) -> ClusterInventory:
     return cluster.model_copy(update={"hosts": tuple(hosts)})
 
 
-def _largest_context(req: Request, cluster: ClusterInventory, existing) -> int | None:
+def _largest_context(req: Request, cluster: ClusterInventory, existing, snap: Snapshot) -> int | None:
     """The longest context (multiple of 256) that places, if a shorter one places at all."""
     spec = req.spec
     current = spec.options.ctx_size or req.model.context_length
-    if current <= MIN_CTX or _try(req, cluster, existing, _with_options(spec, ctx_size=MIN_CTX)) is None:
+    if current <= MIN_CTX or _try(req, cluster, existing, _with_options(spec, ctx_size=MIN_CTX), snap) is None:
         return None
     lo, hi = 1, (current - 1) // MIN_CTX  # in units of MIN_CTX; lo fits, hi may not
     if hi < lo:
         return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _try(req, cluster, existing, _with_options(spec, ctx_size=mid * MIN_CTX)) is not None:
+        if _try(req, cluster, existing, _with_options(spec, ctx_size=mid * MIN_CTX), snap) is not None:
             lo = mid
         else:
             hi = mid - 1

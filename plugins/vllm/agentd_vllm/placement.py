@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentd.placement import (
     Constraint,
@@ -92,13 +92,13 @@ class MaxModelLen(Constraint):
                          fix=f"use --ctx-size {self.model_max} or less")
 
 
+@dataclass(frozen=True)
 class Bf16NeedsAmpere(Constraint):
     """vLLM: "Bfloat16 is only supported on GPUs with compute capability of at least 8.0"."""
 
+    # Verdict per compute capability string (a cluster has few distinct ones); not part of the value.
+    _ok: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
     name = "Bf16NeedsAmpere"
-
-    def __init__(self) -> None:
-        self._ok: dict[str, bool] = {}  # per compute capability string: a cluster has few distinct ones
 
     def check_device(self, gpu) -> Rejection | None:
         cc = gpu.info.compute_capability
