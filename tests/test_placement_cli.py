@@ -72,3 +72,11 @@ def test_deployment_names_come_from_the_model_file():
     assert deployment_name(Path("/m/DeepSeek-R1-BF16-00001-of-00030.gguf")) == "deepseek-r1-bf16"
     assert deployment_name(Path("/m/Llama-3.1-8B-Instruct/config.json")) == "llama-3-1-8b-instruct"
     assert deployment_name(Path("/m/__")) == "model"
+
+
+def test_the_readme_example_output_is_what_agentd_prints():
+    r = run_cli("plan", "--cluster", "examples/clusters/small.json", "--model", "tests/fixtures/hf/Llama-3.1-8B-Instruct",
+                "--runtime", "vllm", "--ctx-size", "16384", "--log-level", "warning")
+    assert r.returncode == 0, r.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert r.stdout.strip() in readme
