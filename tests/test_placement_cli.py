@@ -75,8 +75,9 @@ def test_deployment_names_come_from_the_model_file():
 
 
 def test_the_readme_example_output_is_what_agentd_prints():
-    r = run_cli("plan", "--cluster", "examples/clusters/small.json", "--model", "tests/fixtures/hf/Llama-3.1-8B-Instruct",
-                "--runtime", "vllm", "--ctx-size", "16384", "--log-level", "warning")
+    r = run_cli("plan", "--cluster", "examples/clusters/small.json", "--model",
+                "tests/fixtures/hf/Llama-3.1-8B-Instruct", "--runtime", "vllm", "--ctx-size", "16384",
+                "--log-level", "warning")
     assert r.returncode == 0, r.stderr
     readme = (ROOT / "README.md").read_text()
     assert r.stdout.strip() in readme
