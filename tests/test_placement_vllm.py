@@ -235,3 +235,24 @@ def test_multi_host_runs_one_stage_per_host_through_ray(plugins):
                                                                       ("n2", "worker", (0, 1), 63)]
     assert rp.args[-2:] == ("--distributed-executor-backend", "ray")
     assert_vllm_rules(plan, m, s, c)
+
+
+COUNT_MODELS = ("Llama-3.1-8B-Instruct", "Qwen2.5-7B-Instruct", "Qwen2.5-72B-Instruct-AWQ",
+                "Mixtral-8x7B-Instruct-v0.1", "Llama-3.2-11B-Vision-Instruct", "DeepSeek-R1")
+
+
+@pytest.mark.parametrize("name", COUNT_MODELS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_gpu_counts_give_a_layout_vllm_accepts_or_none(plugins, name, n):
+    """Pin n GPUs of an idle 8 x 80 GiB host: the layout must be one vLLM accepts, the preferred one that fits."""
+    m = _model(name)
+    s = spec(ctx=4096, pin=(GpuPin(host="a", gpus=tuple(range(n))),))
+    plan = place(cluster(host("a", 8)), m, s, plugins=plugins)
+    fitting = [(tp, n // tp) for tp in range(n, 0, -1) if n % tp == 0 and vllm_accepts(m, tp, n // tp)
+               and estimate(m, s, Sharded(tp, n // tp)).per_gpu <= int(0.9 * 80 * GiB)]
+    if not fitting:
+        assert not plan.placed
+        return
+    rp = plan.replicas[0]
+    assert (rp.tensor_parallel, rp.pipeline_parallel) == fitting[0]
+    assert rp.parts[0].gpus == tuple(range(n))
