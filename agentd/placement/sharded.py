@@ -40,7 +40,8 @@ class ShardedSearch:
         self.strategy = strategy
         self._cache = cache if cache is not None else {}  # per (host view, budget fraction): sorted capacities
         self._caps: dict[float | None, list[tuple[HostView, list[tuple[int, GpuView]]]]] = {}
-        self._kth: dict[tuple[float | None, int], list[int]] = {}
+        self._kth: dict[tuple, list[int]] = {}  # per (budget fraction, g): g-th largest capacities, ascending
+        self._largest: dict[float | None, int] = {}
 
     # ------------------------------------------------------------------ capacities
 
@@ -113,7 +114,9 @@ class ShardedSearch:
         need = demand.per_gpu
         rows = self._host_caps(demand)
         extra = {} if demand.budget_fraction is None else {"budget_fraction": demand.budget_fraction}
-        largest = max((caps[0][0] for _, caps in rows if caps), default=0)
+        if demand.budget_fraction not in self._largest:
+            self._largest[demand.budget_fraction] = max((caps[0][0] for _, caps in rows if caps), default=0)
+        largest = self._largest[demand.budget_fraction]
         if largest < need:
             r = layout_rejection(
                 "did not fit: the per-GPU share exceeds every GPU's memory", shape,

@@ -47,6 +47,14 @@ class GpuView:
     def uuid(self) -> str:
         return self.info.uuid
 
+    def without_foreign(self) -> GpuView:
+        """This GPU as if the processes agentd does not own had exited (a what-if of the diagnosis)."""
+        v = object.__new__(GpuView)
+        v.info, v.host, v.index, v.total, v.assigned = self.info, self.host, self.index, self.total, self.assigned
+        v.foreign = 0
+        v.free = max(0, self.total - self.assigned)
+        return v
+
     @property
     def label(self) -> str:
         return f"GPU {self.index} on {self.host}"
@@ -119,6 +127,11 @@ class Snapshot:
                 views.sort(key=lambda v: v.index)
             hosts.append(HostView(name, h, tuple(views)))
         return cls(tuple(hosts))
+
+    def without_foreign(self) -> Snapshot:
+        """The cluster as if every process agentd does not own had exited."""
+        return Snapshot(tuple(HostView(hv.name, hv.info, tuple(g.without_foreign() for g in hv.gpus))
+                              if any(g.foreign for g in hv.gpus) else hv for hv in self.hosts))
 
     def reserve(self, reservations: Mapping[tuple[str, int], int]) -> Snapshot:
         """A new snapshot with more memory assigned on some GPUs; untouched hosts are shared."""

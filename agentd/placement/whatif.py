@@ -60,7 +60,7 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
     snap = Snapshot.build(cluster, existing)
     foreign = {(g.host, g.index): g for hv in snap.hosts for g in hv.gpus if g.foreign}
     if foreign:
-        got = _try(req, _without_foreign(cluster), existing, spec)
+        got = _try(req, cluster, existing, spec, snap.without_foreign())
         if got is not None:
             used = sorted({foreign[k] for lo in got.layouts for k in _gpus_of(lo) if k in foreign},
                           key=lambda g: (g.host, g.index))
@@ -135,18 +135,6 @@ def _use(layout: Layout) -> str:
 
 def _with_options(spec: DeploymentSpec, **changes) -> DeploymentSpec:
     return spec.model_copy(update={"options": spec.options.model_copy(update=changes)})
-
-
-def _without_foreign(cluster: ClusterInventory) -> ClusterInventory:
-    hosts = []
-    for h in cluster.hosts:
-        gpus = []
-        for g in h.gpus:
-            owned = tuple(p for p in g.processes if p.owned)
-            used = min(g.memory_used, sum(p.memory_used for p in owned))
-            gpus.append(g.model_copy(update={"processes": owned, "memory_used": used}))
-        hosts.append(h.model_copy(update={"gpus": tuple(gpus)}))
-    return cluster.model_copy(update={"hosts": tuple(hosts)})
 
 
 def _largest_context(req: Request, cluster: ClusterInventory, existing, snap: Snapshot) -> int | None:

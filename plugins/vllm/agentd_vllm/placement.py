@@ -143,8 +143,9 @@ def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
 # --------------------------------------------------------------------------- propose
 
 
-def _divisors_desc(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
+def _divisors_desc(n: int, most: int | None = None) -> list[int]:
+    """Divisors of n, largest first, no larger than `most`."""
+    return [d for d in range(min(n, most or n), 0, -1) if n % d == 0]
 
 
 @hookimpl
@@ -179,7 +180,7 @@ def _shapes(model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits) -> Iter
     # Too big for the whole cluster: still propose the largest layouts, so the
     # diagnosis can say by how much they miss.
     for n in range(min(n_min, n_max), n_max + 1):
-        divisors = _divisors_desc(n)
+        divisors = _divisors_desc(n, g)  # TP never spans hosts
         if n <= g:
             yield from (Sharded(tp, n // tp) for tp in divisors)
         for tp in divisors:
