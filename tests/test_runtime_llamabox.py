@@ -25,6 +25,7 @@ from agentd.plugins import PluginManager
 from agentd.runtime import Supervisor, SupervisorConfig
 from agentd.runtime.backoff import BackoffPolicy
 from agentd.runtime.process import group_members
+from agentd.runtime.standalone import kill_recorded
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import free_port
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
@@ -50,6 +51,13 @@ if BIN is None:
 FAST = SupervisorConfig(startup_timeout=20, ready_poll=0.05, health_interval=0.3, health_timeout=1.0,
                         liveness_failures=2, stop_grace=3, start_retries=2, dependency_poll=0.1,
                         backoff=BackoffPolicy(initial=0.3, maximum=2.0, jitter=0.1, stable_after=30))
+
+@pytest.fixture(autouse=True)
+def _reap(tmp_path):
+    """Whatever a failing test left running is killed: every spawned process is recorded under tmp_path."""
+    yield
+    kill_recorded(tmp_path)
+
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from agentd.plugins import PluginManager, hookimpl
 from agentd.runtime import Endpoint, HealthVerdict, HttpProbe, ProcessSpec, Supervisor, SupervisorConfig, TcpProbe
 from agentd.runtime.backoff import BackoffPolicy
 from agentd.runtime.process import group_members
+from agentd.runtime.standalone import kill_recorded
 from agentd.testing.localcluster import free_port
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
 
@@ -40,6 +41,13 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 FAST = SupervisorConfig(startup_timeout=10, ready_poll=0.05, health_interval=0.1, health_timeout=0.5,
                         liveness_failures=2, stop_grace=2, start_retries=2, dependency_poll=0.05,
                         backoff=BackoffPolicy(initial=0.1, maximum=0.5, jitter=0.0, stable_after=30))
+
+@pytest.fixture(autouse=True)
+def _reap(tmp_path):
+    """Whatever a failing test left running is killed: every spawned process is recorded under tmp_path."""
+    yield
+    kill_recorded(tmp_path)
+
 
 
 class Toy:
@@ -271,3 +279,19 @@ async def test_a_changed_assignment_under_the_same_id_is_not_adopted(tmp_path, p
     st = await sup2.wait_for(a.instance_id, ["RUNNING"], 10)
     assert st.processes[0].pid != old
     await sup2.apply([])
+
+
+async def test_kill_recorded_cleans_up_after_an_abandoned_supervisor(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    a = toy_assignment()
+    await sup.apply([a])
+    pids = [p.pid for p in (await sup.wait_for(a.instance_id, ["RUNNING"], 10)).processes]
+    await sup.close()  # abandoned: the servers run on
+    assert all(group_members(p) for p in pids)
+    assert sorted(kill_recorded(tmp_path)) == sorted(pids)
+    for p in pids:
+        for _ in range(100):
+            if not group_members(p):
+                break
+            await asyncio.sleep(0.02)
+        assert group_members(p) == []

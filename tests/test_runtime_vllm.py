@@ -24,6 +24,7 @@ from agentd.config import load_settings
 from agentd.plugins import PluginManager
 from agentd.runtime import LaunchContext, Supervisor, SupervisorConfig
 from agentd.runtime.process import group_members
+from agentd.runtime.standalone import kill_recorded
 from agentd.testing.localcluster import free_port
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
 
@@ -55,6 +56,13 @@ LlamaForCausalLM(cfg).save_pretrained(out)
 """
 
 SERVE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+@pytest.fixture(autouse=True)
+def _reap(tmp_path):
+    """Whatever a failing test left running is killed: every spawned process is recorded under tmp_path."""
+    yield
+    kill_recorded(tmp_path)
+
 
 
 @pytest.fixture(scope="module")

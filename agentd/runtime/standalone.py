@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,7 +30,8 @@ from agentd.config import load_settings
 from agentd.errors import AgentdError
 from agentd.logs import setup_logging
 from agentd.plugins import PluginManager
-from agentd.runtime.records import atomic_write
+from agentd.runtime.process import descendants, group_members, is_same_process
+from agentd.runtime.records import ProcessRecord, atomic_write
 from agentd.runtime.supervisor import Supervisor
 from agentd.types import Assignment
 
@@ -42,6 +45,31 @@ def read_desired(path: Path) -> list[Assignment]:
         return _ASSIGNMENTS.validate_json(path.read_bytes())
     except ValidationError as exc:
         raise AgentdError(f"{path}: not a JSON list of assignments: {exc.errors()[0]['msg']}") from None
+
+
+def kill_recorded(root: Path) -> list[int]:
+    """SIGKILL every recorded process tree under `root` (a data dir, or any dir holding data dirs).
+
+    For cleaning up after a crashed or aborted run: `--kill-recorded`, and
+    the runtime tests' teardown. Only processes whose pid still has the
+    recorded start time are touched.
+    """
+    killed = []
+    for rec_path in sorted(Path(root).rglob("runtime/records/*/*.json")):
+        try:
+            rec = ProcessRecord.model_validate_json(rec_path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not is_same_process(rec.pid, rec.create_time):
+            continue
+        pids = {rec.pid, *descendants(rec.pid), *group_members(rec.pgid)}
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rec.pgid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed.extend(sorted(pids))
+    return killed
 
 
 def write_status(sup: Supervisor, path: Path) -> None:
@@ -92,15 +120,22 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agentd.runtime.standalone", description=__doc__.split("\n")[0])
-    p.add_argument("--node", required=True)
+    p.add_argument("--node")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--desired", required=True, help="JSON list of assignments; re-read when it changes")
+    p.add_argument("--desired", help="JSON list of assignments; re-read when it changes")
+    p.add_argument("--kill-recorded", action="store_true",
+                   help="SIGKILL every process recorded in --data-dir, then exit (cleanup after a crash)")
     p.add_argument("--status", help="write the status JSON here after every change")
     p.add_argument("--settings", help="JSON object of extra agentd settings (e.g. binaries, timings)")
     p.add_argument("--simulated-gpus", action="store_true")
     p.add_argument("--stop-on-exit", action="store_true")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    if args.kill_recorded:
+        print(" ".join(map(str, kill_recorded(Path(args.data_dir)))) or "nothing recorded is running")
+        return 0
+    if not args.node or not args.desired:
+        p.error("--node and --desired are required")
     setup_logging("json", args.log_level)
     try:
         return asyncio.run(run(args))
