@@ -143,6 +143,8 @@ async def test_dependency_first_dependents_restarted_after_it_and_delete_stops_i
     stops = [e.key.split("/")[1] for e in sup.events if str(e.new) == "STOPPED"]
     assert stops == ["api", "db"]  # dependents first
     assert toy.stopped == [(a.instance_id, 0), (a.instance_id, 1)]
+    assert not (tmp_path / "data" / "runtime" / "work" / a.instance_id).exists()  # scratch removed
+    assert len(sup.log_files(a.instance_id, "db")) == 2  # logs kept: this run and the one before the crash
     assert all(group_members(p) == [] for p in new.values())
 
 

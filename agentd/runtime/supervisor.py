@@ -29,6 +29,7 @@ import inspect
 import logging
 import os
 import random
+import shutil
 import signal
 import time
 from collections import deque
@@ -726,6 +727,7 @@ class Supervisor:
         ctx = self._context(inst)
         for i in inst.assignment.parts_on(self.node):
             await self._plugin_stopped(inst.assignment, i, ctx)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)  # scratch only; the logs are kept for post-mortems
         reasons = [f"{r.name}: {r.ps.reason}" for r in inst.runners.values()]
         return f"{inst.instance_id}: stopped ({'; '.join(reasons) or 'nothing was running'})"
 
