@@ -712,6 +712,7 @@ class RaftNode:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), t)
         except TimeoutError:
+            fut.add_done_callback(_consume)  # nobody waits for it any more
             raise NotAvailable(message.format(t=t)) from None
 
     def _fail_all(self, exc: AgentdError) -> None:
@@ -726,6 +727,11 @@ class RaftNode:
     def set_partition(self, peers: Iterable[str]) -> None:
         """Fault injection: drop all Raft traffic to and from `peers` (empty heals)."""
         self.transport.set_blocked(peers)
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _fail(fut: asyncio.Future, exc: BaseException) -> None:

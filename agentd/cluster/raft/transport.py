@@ -16,7 +16,6 @@ so the other side sees the break within milliseconds).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -68,8 +67,9 @@ class _Peer:
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=transport.queue_size)
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.call: grpc.aio.StreamUnaryCall | None = None
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"raft-send-{peer_id}")
+        self.closing = False
         self.dropped = 0
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"raft-send-{peer_id}")
 
     def offer(self, msg: Message) -> None:
         try:
@@ -81,17 +81,23 @@ class _Peer:
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        while not self.closing:
             msg = await self.queue.get()
             try:
                 await self._write(msg)
                 backoff = 0.05
             except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError,
                     ConnectionError) as exc:
+                # grpc turns a cancelled write into an RPC error: do not mistake our own
+                # shutdown for a broken peer (and do not swallow the cancellation).
+                if self.closing:
+                    return
                 self._broken(msg, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception:  # a bug must not silently kill the peer's sender
+                if self.closing:
+                    return
                 log.exception("cannot send raft message", extra=fields(peer=self.id, type=type(msg).__name__))
 
     async def _write(self, msg: Message) -> None:
@@ -126,9 +132,9 @@ class _Peer:
                 self.t.events.snapshot_sent(self.id, False)
 
     async def close(self) -> None:
+        self.closing = True
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        await asyncio.wait([self.task], timeout=1.0)
         if self.call is not None:
             self.call.cancel()
         await self.channel.close()
