@@ -297,3 +297,17 @@ async def test_kill_recorded_cleans_up_after_an_abandoned_supervisor(tmp_path, p
                 break
             await asyncio.sleep(0.02)
         assert group_members(p) == []
+
+
+async def test_a_new_generation_on_the_same_port_replaces_the_old_one_cleanly(tmp_path, plugins):
+    sup = make(tmp_path, plugins)
+    old = toy_assignment(parts=1)
+    await sup.apply([old])
+    old_pid = (await sup.wait_for(old.instance_id, ["RUNNING"], 10)).processes[0].pid
+    new = old.model_copy(update={"generation": 2})  # re-placed onto the same host and port
+    out = await sup.apply([new])
+    assert out == [f"{old.instance_id}: stopped (db: stopped)", f"{new.instance_id}: launching db"]
+    st = await sup.wait_for(new.instance_id, ["RUNNING"], 10)
+    assert st.restarts == 0 and group_members(old_pid) == []
+    assert [f"{e.old}->{e.new}" for e in sup.history(new.instance_id)] == ["PENDING->STARTING", "STARTING->RUNNING"]
+    await sup.apply([])

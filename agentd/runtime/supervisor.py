@@ -546,15 +546,16 @@ class Supervisor:
             if not self._adoption_done:
                 out += await self._kill_orphans(desired)
                 self._adoption_done = True
+            # Stop before starting: a re-placed replica's new generation often gets the old one's port.
+            stops = [self._stop_instance(self._instances[iid]) for iid in gone]
+            for iid, sentence in zip(gone, await asyncio.gather(*stops), strict=True):
+                self._instances.pop(iid, None)
+                out.append(sentence)
             for iid, a in desired.items():
                 if iid not in self._instances:
                     out.append(await self._launch(a))
             if self._candidates:  # survivors of desired instances that the plugin no longer asks for
                 out += await self._kill_orphans({})
-            stops = [self._stop_instance(self._instances[iid]) for iid in gone]
-            for iid, sentence in zip(gone, await asyncio.gather(*stops), strict=True):
-                self._instances.pop(iid, None)
-                out.append(sentence)
             for s in out:
                 log.info(s, extra=fields(node=self.node))
             return out
@@ -626,6 +627,11 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 0.5)):
                     await self._changed.wait()
+
+    def history(self, instance_id: str, limit: int = 50) -> list[Event]:
+        """The instance's last state changes, oldest first (`agentd describe`-style views)."""
+        prefix = instance_id + "/"
+        return [e for e in self.events if e.key.startswith(prefix)][-limit:]
 
     def log_files(self, instance_id: str, process: str) -> list[Path]:
         """The current log file and the kept previous ones (`agentd logs`, `--previous` = index 1)."""
