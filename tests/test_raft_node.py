@@ -333,3 +333,14 @@ async def test_learner_when_the_voter_quota_is_full(tmp_path):
         assert second.role == Role.FOLLOWER
     finally:
         await c.close()
+
+
+async def test_node_restarted_on_a_new_address_is_readdressed(cluster):
+    leader = await cluster.three()
+    await leader.propose(b"x")
+    await cluster.nodes["n3"].stop(graceful=False)
+    cluster.addr["n3"] = f"127.0.0.1:{free_port()}"
+    moved = await cluster.start("n3")
+    await cluster.until(lambda: leader.members["n3"].address == cluster.addr["n3"], what="new address recorded")
+    await leader.propose(b"y")
+    await cluster.until(lambda: moved.sm.items == [b"x", b"y"], what="replication to the new address")

@@ -259,6 +259,10 @@ class RaftNode:
         if self.core.membership.voters == (self.id,):
             self.core.campaign()  # a single voter need not wait for an election timeout
         self._kick()
+        me = self.core.membership.get(self.id)
+        if not joining and me is not None and me.address != self.address and self.join_addresses + [
+                m.address for m in self.core.membership.members if m.id != self.id]:
+            self._tasks.append(loop.create_task(self._readdress(), name=f"raft-readdress-{self.id}"))
         log.info("raft node started", extra=fields(node=self.id, address=self.address, term=self.core.term,
                                                   last_index=self.core.log.last_index(), joining=joining))
         if joining:
@@ -491,6 +495,9 @@ class RaftNode:
             self._read_waiting = still
         if membership_changed or rd.install or any(e.kind == EntryKind.CONFIG for e in rd.entries):
             self._sync_addresses()
+            if membership_changed and self.core.membership.get(self.id) is None:
+                log.warning("this node was removed from the cluster; it follows no leader and never campaigns",
+                            extra=fields(node=self.id))
 
     def _maybe_snapshot(self) -> None:
         core = self.core
@@ -559,6 +566,10 @@ class RaftNode:
         async with asyncio.timeout(self.options.catch_up_timeout + self.options.propose_timeout):
             if existing is None:
                 await self.add_member(req.node_id, req.address, voter=False)
+            elif req.has_log:
+                if existing.address != req.address:  # restarted elsewhere with its disk: just re-address
+                    async with self._config_lock:
+                        await self._change(ConfigChange("set_address", req.node_id, req.address))
             else:
                 # Same name, empty disk: what its old incarnation acknowledged is
                 # gone. Let it catch up before it may vote again.
@@ -625,6 +636,26 @@ class RaftNode:
                                                        leader=reply.leader_id, voter=reply.voter))
             return
         raise PeerError(f"could not join a cluster via {', '.join(self.join_addresses)}: {last_error}")
+
+    async def _readdress(self) -> None:
+        """We restarted on a new address: ask the leader to record it (peers cannot reach us until then)."""
+        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True)
+        delay = 0.2
+        while True:
+            me = self.core.membership.get(self.id)
+            if me is None or me.address == self.address:
+                return
+            targets = [self.leader_address] if self.leader_address and not self.is_leader else []
+            targets += self.join_addresses + [m.address for m in self.core.membership.members if m.id != self.id]
+            for address in targets:
+                try:
+                    await GrpcTransport.stub(self._channel(address)).Join(req, timeout=self.options.propose_timeout)
+                    log.info("recorded our new address", extra=fields(node=self.id, address=self.address))
+                    return
+                except grpc.aio.AioRpcError:
+                    continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _should_vote(self, member_id: str) -> bool:
         if self.options.voters:

@@ -175,7 +175,13 @@ class GrpcTransport:
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
 
     def set_members(self, addresses: dict[str, str]) -> None:
+        gone = set(self._members) - set(addresses)
         self._members = {k: v for k, v in addresses.items() if k != self.node_id and v}
+        for peer_id in gone:  # removed from the cluster: stop talking to it
+            self._learned.pop(peer_id, None)
+            peer = self._peers.pop(peer_id, None)
+            if peer is not None:
+                asyncio.get_running_loop().create_task(peer.close())
 
     def learn(self, peer_id: str, address: str) -> None:
         if peer_id != self.node_id and address:
