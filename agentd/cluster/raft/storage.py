@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -203,7 +204,7 @@ def _decode_snapshot(raw: bytes, where: str) -> Snapshot:
 
 
 class FileStorage:
-    """The production storage. Not thread-safe: one caller (the driver's persist step) at a time."""
+    """The production storage. Calls are serialised by a lock (the driver saves from a worker thread)."""
 
     def __init__(self, directory: Path, node_id: str, *, fsync: Callable[[int], None] = os.fsync) -> None:
         self.dir = Path(directory)
@@ -214,6 +215,7 @@ class FileStorage:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._state = PersistedState(node_id=node_id)
+        self._mutex = threading.Lock()
 
     # ------------------------------------------------------------ load
 
@@ -347,6 +349,10 @@ class FileStorage:
 
     def save(self, rd: Ready) -> None:
         """Persist one Ready; returns once it is durable (when durability matters)."""
+        with self._mutex:
+            self._save(rd)
+
+    def _save(self, rd: Ready) -> None:
         if rd.snapshot is not None:
             self._write_snapshot(rd.snapshot)
             self._state.put_snapshot(rd.snapshot)
@@ -375,9 +381,10 @@ class FileStorage:
         self._state.put_entries(rd.entries, str(self.wal_path))
 
     def set_cluster_id(self, cluster_id: str) -> None:
-        self._state.cluster_id = cluster_id
-        self._append(self._meta_record(self._state))
-        self._fsync(self._fd)
+        with self._mutex:
+            self._state.cluster_id = cluster_id
+            self._append(self._meta_record(self._state))
+            self._fsync(self._fd)
 
     def _meta_record(self, state: PersistedState) -> bytes:
         return _record(T_META, json.dumps({"node_id": self.node_id, "cluster_id": state.cluster_id}).encode())
@@ -425,10 +432,11 @@ class FileStorage:
             os.close(dfd)
 
     def close(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+        with self._mutex:  # a save still running in a worker thread finishes first
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
