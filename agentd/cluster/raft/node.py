@@ -403,6 +403,17 @@ class RaftNode:
         self._wake.set()
 
     async def _run(self) -> None:
+        try:
+            await self._drain_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug or a state machine that cannot restore: continuing could apply
+            # entries out of order, so this node stops and says why.
+            log.critical("raft loop failed; stopping the node", exc_info=True, extra=fields(node=self.id))
+            asyncio.get_running_loop().create_task(self.stop(graceful=False))
+
+    async def _drain_forever(self) -> None:
         core = self.core
         while True:
             await self._wake.wait()
