@@ -112,7 +112,7 @@ def main() -> int:
             spec = DeploymentSpec(name="bench", model=model_name, runtime=runtime, replicas=replicas,
                                   options=RuntimeOptions(**opts))
             repeat = args.repeat if n <= 512 else max(3, args.repeat // 3)
-            ms, plan = timed(lambda c=c, e=existing, s=spec: place(c, models[model_name], s, e, plugins=plugins),
+            ms, plan = timed(lambda c=c, e=existing, s=spec, m=models[model_name]: place(c, m, s, e, plugins=plugins),
                              repeat)
             cells.append(f"{ms:9.2f}")
             rp = plan.replicas[0] if plan.placed else None
