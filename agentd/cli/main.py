@@ -51,9 +51,9 @@ def common_options() -> argparse.ArgumentParser:
 
 def command_modules() -> list[Any]:
     """Each module adds its subcommands through `register(subparsers, parents)`."""
-    from agentd.cli import basic, inventory, model, plan, security
+    from agentd.cli import basic, cluster, inventory, model, plan, security
 
-    return [basic, inventory, model, security, plan]
+    return [basic, inventory, model, security, plan, cluster]
 
 
 def build_parser() -> Parser:

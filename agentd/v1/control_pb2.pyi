@@ -319,9 +319,21 @@ class ReportRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class ReportReply(_message.Message):
-    __slots__ = ("term", "leader_id")
+    __slots__ = ("term", "leader_id", "peer_restarts")
     TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     term: int
     leader_id: str
-    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ...) -> None: ...
+    peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ...) -> None: ...
+
+class PeerRestart(_message.Message):
+    __slots__ = ("address", "port", "reason")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    reason: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,363 @@
+"""gRPC Control and Agent services.
+
+Any agent accepts a Control call. Calls that need the coordinator are
+forwarded to the current leader, transparently to the caller, with the
+leader's status code and message passed back unchanged. A forwarded call is
+marked so that it is never forwarded twice (a leader change mid-call gives
+UNAVAILABLE, which clients retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from agentd.api.convert import spec_from_pb, spec_to_pb
+from agentd.cluster.state import ClusterState, StateEvent
+from agentd.coordinator import Coordinator, InstanceReport
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable
+from agentd.logs import fields
+from agentd.types import HostInventory
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+FORWARDED = "x-agentd-forwarded"
+FORWARD_TIMEOUT = 30.0
+
+
+class RaftView(Protocol):
+    is_leader: bool
+    leader_id: str | None
+    leader_address: str | None
+    term: int
+    commit_index: int
+    last_applied: int
+
+    @property
+    def members(self) -> dict[str, Any]: ...
+
+
+LogReader = Callable[[pb.LogsRequest], AsyncIterator[bytes]]
+
+
+def status_for(exc: AgentdError) -> grpc.StatusCode:
+    if isinstance(exc, Unplaceable):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, InvalidInput):
+        msg = str(exc)
+        if msg.startswith("no deployment named") or "no instance" in msg:
+            return grpc.StatusCode.NOT_FOUND
+        if "already exists" in msg:
+            return grpc.StatusCode.ALREADY_EXISTS
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotAvailable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, PeerError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+class ChannelPool:
+    """One channel per peer address, reused across calls."""
+
+    def __init__(self, options: list[tuple[str, Any]] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._options = options or []
+        self._credentials = credentials
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            if self._credentials is not None:
+                ch = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = ch
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+def instance_to_pb(i: InstanceReport) -> pb.Instance:
+    return pb.Instance(instance_id=i.instance_id, deployment=i.deployment, replica=i.replica,
+                       generation=i.generation, part=i.part, host=i.host, gpus=list(i.gpus), role=i.role,
+                       state=i.state, reason=i.reason, restarts=i.restarts, endpoint=i.endpoint, term=i.term,
+                       pid=i.pid)
+
+
+def instance_from_pb(m: pb.Instance) -> InstanceReport:
+    return InstanceReport(instance_id=m.instance_id, deployment=m.deployment, replica=m.replica,
+                          generation=m.generation, part=m.part, host=m.host, role=m.role, state=m.state,
+                          reason=m.reason, restarts=m.restarts, endpoint=m.endpoint, term=m.term, pid=m.pid,
+                          gpus=tuple(m.gpus))
+
+
+class ControlService(pb_grpc.ControlServicer):
+    def __init__(self, *, node_id: str, raft: RaftView, state: ClusterState, coordinator: Coordinator,
+                 channels: ChannelPool, local_logs: LogReader):
+        self.node_id = node_id
+        self.raft = raft
+        self.state = state
+        self.coordinator = coordinator
+        self.channels = channels
+        self.local_logs = local_logs
+        self._watchers: set[asyncio.Queue] = set()
+        state.subscribe(self._on_state_event)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _on_leader(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                         local: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `local` here if we lead, else forward `method` to the leader."""
+        try:
+            if self.raft.is_leader:
+                return await local()
+            forwarded = any(k == FORWARDED for k, _ in (context.invocation_metadata() or ()))
+            if forwarded or not self.raft.leader_address:
+                raise NotAvailable("no leader elected yet" if not self.raft.leader_address
+                                   else "leadership changed while the call was forwarded; retry")
+            stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+            try:
+                return await getattr(stub, method)(request, timeout=FORWARD_TIMEOUT,
+                                                   metadata=((FORWARDED, self.node_id),))
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    def _deployment_pb(self, name: str) -> pb.Deployment:
+        record = self.state.deployment(name)
+        if record is None:
+            raise InvalidInput(f"no deployment named {name!r}")
+        assignments = self.state.assignments_for(name)
+        return pb.Deployment(
+            spec=spec_to_pb(record.spec),
+            instances=[instance_to_pb(i) for i in self._instances(name)],
+            assignments_json=json.dumps([a.model_dump(mode="json") for a in assignments]),
+            updated_index=record.updated_index,
+        )
+
+    def _instances(self, deployment: str = "") -> list[InstanceReport]:
+        """Reported instances, plus PENDING/UNKNOWN rows for assigned parts nobody reported yet."""
+        reported = {(i.instance_id, i.part): i for i in self.coordinator.instances(deployment)}
+        out = list(reported.values())
+        for a in self.state.all_assignments():
+            if deployment and a.deployment != deployment:
+                continue
+            for idx, part in enumerate(a.plan.parts):
+                if (a.instance_id, idx) in reported:
+                    continue
+                node = self.state.nodes.get(part.host)
+                down = node is not None and node.state == "down"
+                ep = a.endpoints[idx]
+                out.append(InstanceReport(
+                    instance_id=a.instance_id, deployment=a.deployment, replica=a.replica,
+                    generation=a.generation, part=idx, host=part.host, role=part.role,
+                    state="UNKNOWN" if down else "PENDING",
+                    reason=f"host {part.host} is down" if down else "not reported by its host yet",
+                    endpoint=f"{ep.address}:{ep.port}", term=a.term, gpus=part.gpus))
+        return sorted(out, key=lambda i: (i.deployment, i.replica, i.part))
+
+    def _on_state_event(self, ev: StateEvent) -> None:
+        msg = pb.Event(kind=ev.kind, name=ev.name, index=ev.index, term=ev.term, data_json=json.dumps(ev.data))
+        for q in list(self._watchers):
+            if q.qsize() < 1000:  # a slow watcher loses events rather than growing memory
+                q.put_nowait(msg)
+
+    def publish_instance_event(self, report: InstanceReport) -> None:
+        self._on_state_event(StateEvent("instance.state", report.deployment, self.state.last_index,
+                                        self.raft.term, {"instance_id": report.instance_id,
+                                                         "part": report.part, "host": report.host,
+                                                         "state": report.state, "reason": report.reason}))
+
+    # ------------------------------------------------------------------ writes (leader)
+
+    async def Deploy(self, request, context):
+        async def local():
+            spec = spec_from_pb(request.spec)
+            result, index = await self.coordinator.deploy(spec, replace=request.replace)
+            return pb.DeployReply(deployment=self._deployment_pb(spec.name), message=result.message, index=index)
+        return await self._on_leader("Deploy", request, context, local)
+
+    async def Scale(self, request, context):
+        async def local():
+            result, index = await self.coordinator.scale(request.name, request.replicas)
+            return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message, index=index)
+        return await self._on_leader("Scale", request, context, local)
+
+    async def Delete(self, request, context):
+        async def local():
+            result, index = await self.coordinator.delete(request.name)
+            return pb.DeleteReply(message=result.message, index=index)
+        return await self._on_leader("Delete", request, context, local)
+
+    async def Plan(self, request, context):
+        async def local():
+            await self.coordinator.wait_for_reports()
+            plan, _ = self.coordinator.plan(spec_from_pb(request.spec))
+            return pb.PlanReply(placed=plan.placed, plan_json=plan.model_dump_json())
+        return await self._on_leader("Plan", request, context, local)
+
+    # ------------------------------------------------------------------ reads
+
+    async def Get(self, request, context):
+        async def local():
+            return self._deployment_pb(request.name)
+        return await self._on_leader("Get", request, context, local)
+
+    async def List(self, request, context):
+        async def local():
+            return pb.ListReply(deployments=[self._deployment_pb(n) for n in sorted(self.state.deployments)])
+        return await self._on_leader("List", request, context, local)
+
+    async def ListInstances(self, request, context):
+        async def local():
+            return pb.ListInstancesReply(instances=[instance_to_pb(i) for i in self._instances(request.deployment)])
+        return await self._on_leader("ListInstances", request, context, local)
+
+    async def ListNodes(self, request, context):
+        async def local():
+            now = self.coordinator.clock()
+            members = self.raft.members
+            names = sorted(set(members) | set(self.state.nodes) | set(self.coordinator.reports))
+            nodes = []
+            for name in names:
+                rep = self.coordinator.reports.get(name)
+                rec = self.state.nodes.get(name)
+                member = members.get(name)
+                address = (getattr(member, "address", "") or (rec.address if rec else "")
+                           or (rep.inventory.address if rep else ""))
+                nodes.append(pb.Node(
+                    name=name, address=address, state=rec.state if rec else ("up" if rep else "unknown"),
+                    voter=bool(getattr(member, "voter", False)), leader=name == self.raft.leader_id,
+                    inventory_json=rep.inventory.model_dump_json() if rep else "",
+                    last_seen_seconds=(now - rep.last_seen) if rep else -1.0))
+            return pb.ListNodesReply(nodes=nodes)
+        return await self._on_leader("ListNodes", request, context, local)
+
+    async def Leader(self, request, context):
+        return pb.LeaderReply(leader_id=self.raft.leader_id or "", leader_address=self.raft.leader_address or "",
+                              term=self.raft.term)
+
+    async def Status(self, request, context):
+        members = [pb.Member(id=mid, address=getattr(m, "address", ""), voter=bool(getattr(m, "voter", False)))
+                   for mid, m in sorted(self.raft.members.items())]
+        return pb.StatusReply(node_id=self.node_id, leader_id=self.raft.leader_id or "",
+                              leader_address=self.raft.leader_address or "", term=self.raft.term,
+                              commit_index=self.raft.commit_index, last_applied=self.raft.last_applied,
+                              members=members)
+
+    async def Watch(self, request, context):
+        if not self.raft.is_leader:
+            if not self.raft.leader_address:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "no leader elected yet")
+            stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+            try:
+                async for ev in stub.Watch(request, metadata=((FORWARDED, self.node_id),)):
+                    yield ev
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            return
+        q: asyncio.Queue = asyncio.Queue()
+        self._watchers.add(q)
+        try:
+            while True:
+                ev = await q.get()
+                if not request.deployment or ev.name == request.deployment:
+                    yield ev
+        finally:
+            self._watchers.discard(q)
+
+    async def Logs(self, request, context):
+        """Stream an instance's log from whichever host runs the requested part."""
+        try:
+            host = self._host_of(request.instance_id, request.part)
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+        if host == self.node_id:
+            async for chunk in self._stream_local(request, context):
+                yield chunk
+            return
+        address = self._address_of(host)
+        if not address:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no address known for host {host}")
+        stub = pb_grpc.AgentStub(self.channels.get(address))
+        try:
+            async for chunk in stub.Logs(request):
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+
+    async def _stream_local(self, request, context):
+        try:
+            async for data in self.local_logs(request):
+                yield pb.LogChunk(data=data, host=self.node_id)
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    def _host_of(self, instance_id: str, part: int) -> str:
+        for a in self.state.all_assignments():
+            if a.instance_id == instance_id or f"{a.deployment}-r{a.replica}" == instance_id:
+                if part < 0:
+                    mains = [p for p in a.plan.parts if p.role == "main"]
+                    return (mains[0] if mains else a.plan.parts[0]).host
+                if part >= len(a.plan.parts):
+                    raise InvalidInput(f"{instance_id} has {len(a.plan.parts)} part(s); no part {part}")
+                return a.plan.parts[part].host
+        raise InvalidInput(f"no instance {instance_id!r}")
+
+    def _address_of(self, host: str) -> str:
+        member = self.raft.members.get(host)
+        if member is not None and getattr(member, "address", ""):
+            return member.address
+        rec = self.state.nodes.get(host)
+        return rec.address if rec else ""
+
+
+class AgentService(pb_grpc.AgentServicer):
+    """Agent-to-agent calls: heartbeat reports to the coordinator, host-local logs."""
+
+    def __init__(self, *, raft: RaftView, coordinator: Coordinator, control: ControlService):
+        self.raft = raft
+        self.coordinator = coordinator
+        self.control = control
+
+    async def Report(self, request, context):
+        if not self.raft.is_leader:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+        try:
+            inventory = HostInventory.model_validate_json(request.inventory_json)
+        except ValueError as exc:
+            log.warning("garbage report ignored", extra=fields(node=request.node, error=str(exc)[:200]))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inventory is not a host inventory: {exc}")
+        if inventory.name != request.node:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"report from {request.node!r} carries the inventory of {inventory.name!r}")
+        restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances])
+        return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
+                              peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts])
+
+    def accept_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> list[tuple[str, int, str]]:
+        """Record a host's report (also the leader's own); returns the peer restarts that host must act on."""
+        previous = self.coordinator.reports.get(inventory.name)
+        before = {(i.instance_id, i.part): i.state for i in previous.instances} if previous else {}
+        self.coordinator.on_report(inventory, instances)
+        for i in instances:
+            if before.get((i.instance_id, i.part)) != i.state:
+                self.control.publish_instance_event(i)
+        return self.coordinator.take_peer_restarts(inventory.name)
+
+    async def Logs(self, request, context):
+        async for chunk in self.control._stream_local(request, context):
+            yield chunk

@@ -1,0 +1,62 @@
+"""Conversions between the gRPC messages and agentd's value types.
+
+Validation happens here, once, at the edge: a request that does not make a
+valid DeploymentSpec becomes InvalidInput with the field named, which the
+servicer maps to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from agentd.errors import InvalidInput
+from agentd.types import DeploymentSpec, GpuPin, RuntimeOptions
+from agentd.v1 import control_pb2 as pb
+
+
+def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
+    opts = msg.options
+    try:
+        return DeploymentSpec(
+            name=msg.name,
+            model=msg.model,
+            runtime=msg.runtime,
+            replicas=msg.replicas,
+            strategy=msg.strategy or "binpack",
+            selector=dict(msg.selector),
+            pin=tuple(GpuPin(host=p.host, gpus=tuple(p.gpus)) for p in msg.pin),
+            exclude_gpus=tuple(msg.exclude_gpus),
+            options=RuntimeOptions(
+                gpu_memory_utilization=(
+                    opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
+                ),
+                ctx_size=opts.ctx_size if opts.HasField("ctx_size") else None,
+                allow_cpu_offload=opts.allow_cpu_offload,
+                extra_args=tuple(opts.extra_args),
+                env=dict(opts.env),
+            ),
+        )
+    except ValidationError as exc:
+        raise InvalidInput(validation_message(exc), where="deployment spec") from None
+
+
+def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
+    o = spec.options
+    options = pb.RuntimeOptions(allow_cpu_offload=o.allow_cpu_offload, extra_args=list(o.extra_args), env=o.env)
+    if o.gpu_memory_utilization is not None:
+        options.gpu_memory_utilization = o.gpu_memory_utilization
+    if o.ctx_size is not None:
+        options.ctx_size = o.ctx_size
+    return pb.DeploymentSpec(
+        name=spec.name, model=spec.model, runtime=spec.runtime, replicas=spec.replicas, strategy=spec.strategy,
+        selector=spec.selector, pin=[pb.GpuPin(host=p.host, gpus=list(p.gpus)) for p in spec.pin],
+        exclude_gpus=list(spec.exclude_gpus), options=options,
+    )
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

@@ -1,0 +1,346 @@
+"""Cluster subcommands: serve, deploy, ls, ps, rm, scale, nodes, status, watch, logs.
+
+Every client command talks to `--server ADDR` (default: the local agent's
+`listen` address); any agent forwards to the coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from google.protobuf.json_format import MessageToDict
+
+from agentd.api.client import CannotPlace, ControlClient
+from agentd.cli.main import EXIT_UNAVAILABLE, emit
+from agentd.config import load_settings
+from agentd.errors import InvalidInput
+from agentd.v1 import control_pb2 as pb
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
+    cparents = [*parents, client]
+
+    p = sub.add_parser("serve", parents=parents, help="run this host's agent",
+                       description="Run the agent: join (or bootstrap) the cluster, report this host's GPUs, "
+                       "and run the instances assigned to it. Flags override the configuration.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:7070)")
+    p.add_argument("--advertise", metavar="HOST:PORT", help="address peers use to reach this agent")
+    p.add_argument("--http-listen", metavar="HOST:PORT", help="HTTP address for health, metrics and /v1")
+    p.add_argument("--data-dir", metavar="DIR", help="state directory (Raft log, process records, logs)")
+    p.add_argument("--join", metavar="ADDR[,ADDR...]", help="existing peers; omit to bootstrap a new cluster")
+    p.add_argument("--node-name", metavar="NAME", help="this agent's name (default: the host name)")
+    p.add_argument("--simulate", metavar="FILE", dest="simulate_inventory",
+                   help="host-inventory JSON standing in for real GPUs")
+    p.add_argument("--election-timeout", metavar="DURATION",
+                   help="minimum election timeout, e.g. 500ms (the maximum becomes twice this)")
+    p.add_argument("--heartbeat", metavar="DURATION", dest="heartbeat_interval", help="leader heartbeat interval")
+    p.add_argument("--node-down-grace", metavar="DURATION", help="silence after which a host is marked down")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="host label (repeatable)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="no TLS and no authentication (loopback tests and demos only; logs a warning)")
+    p.add_argument("--drain-on-stop", action="store_true", default=None,
+                   help="stop this host's model servers when agentd stops (default: leave them running)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", parents=cparents, help="deploy a model",
+                       description="Create a deployment. The coordinator places it at once; if it cannot be "
+                       "placed, nothing is committed and the diagnosis is printed (exit 3).")
+    p.add_argument("name", help="deployment name (a DNS label)")
+    p.add_argument("--model", required=True, metavar="PATH", help="HF model directory or GGUF file")
+    p.add_argument("--runtime", required=True, help="runtime plugin: vllm, llamabox, ...")
+    _spec_options(p)
+    p.add_argument("--replace", action="store_true", help="replace an existing deployment of this name")
+    p.add_argument("--wait", type=float, nargs="?", const=600.0, default=None, metavar="SECONDS",
+                   help="wait until every part runs (default 600 s); exit 1 if one fails or time runs out")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("ls", parents=cparents, help="list deployments",
+                       description="List deployments with their replica counts and states.")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("ps", parents=cparents, help="list instances with host, GPUs and state",
+                       description="List running instances (one row per part of each replica).")
+    p.add_argument("deployment", nargs="?", default="", help="only this deployment")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("rm", parents=cparents, help="delete a deployment",
+                       description="Delete a deployment; its processes are stopped on every host.")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("scale", parents=cparents, help="change a deployment's replica count",
+                       description="Scale a deployment; new replicas are placed, surplus ones stopped.")
+    p.add_argument("name")
+    p.add_argument("replicas", type=int)
+    p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("nodes", parents=cparents, help="list the cluster's hosts",
+                       description="List hosts with their state, role in consensus and GPUs.")
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("status", parents=cparents, help="leader, term, members and commit index",
+                       description="This agent's view of the consensus.")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("watch", parents=cparents, help="stream deployment and instance events",
+                       description="Stream events until interrupted (one line, or one JSON object, per event).")
+    p.add_argument("deployment", nargs="?", default="")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("logs", parents=cparents, help="print an instance's log, from any host",
+                       description="Print (or follow) an instance's log. INSTANCE is an instance id "
+                       "(name-rN-gN) or name-rN.")
+    p.add_argument("instance")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines")
+    p.add_argument("--previous", action="store_true", help="the previous run's log")
+    p.add_argument("--part", type=int, default=-1, help="which part of the replica (default: the main part)")
+    p.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines")
+    p.set_defaults(func=cmd_logs)
+
+
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--strategy", choices=["binpack", "spread"], default="binpack")
+    p.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="host label selector")
+    p.add_argument("--pin", action="append", default=[], metavar="HOST[:GPU,GPU]", help="pin to a host / GPUs")
+    p.add_argument("--exclude-gpu", action="append", default=[], metavar="UUID", help="never use this GPU")
+    p.add_argument("--gpu-memory-utilization", type=float, metavar="F")
+    p.add_argument("--ctx-size", type=int, metavar="N", help="context length (--max-model-len for vLLM)")
+    p.add_argument("--allow-cpu-offload", action="store_true", help="llamabox: allow layers in host RAM")
+    p.add_argument("--arg", action="append", default=[], dest="extra_args", metavar="ARG",
+                   help="extra argument for the model server (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the server")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
+    pins = []
+    for item in args.pin:
+        host, _, gpus = item.partition(":")
+        try:
+            indices = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise InvalidInput(f"--pin expects HOST[:GPU,GPU], got {item!r}") from None
+        pins.append(pb.GpuPin(host=host, gpus=indices))
+    options = pb.RuntimeOptions(allow_cpu_offload=args.allow_cpu_offload, extra_args=args.extra_args,
+                                env=_pairs(args.env, "--env"))
+    if args.gpu_memory_utilization is not None:
+        options.gpu_memory_utilization = args.gpu_memory_utilization
+    if args.ctx_size is not None:
+        options.ctx_size = args.ctx_size
+    # Paths are resolved here so `--model ./m.gguf` means the caller's file, not the agent's cwd.
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
+                             strategy=args.strategy, selector=_pairs(args.selector, "--selector"), pin=pins,
+                             exclude_gpus=args.exclude_gpu, options=options)
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    address = getattr(args, "server", None) or os.environ.get("AGENTD_SERVER") or load_settings().listen
+    return ControlClient(address)
+
+
+def _dict(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agentd.daemon import run_daemon
+
+    flags = {k: getattr(args, k, None) for k in ("listen", "advertise", "http_listen", "data_dir", "join",
+                                                 "node_name", "simulate_inventory", "heartbeat_interval",
+                                                 "node_down_grace", "insecure", "drain_on_stop")}
+    if args.election_timeout:
+        from agentd.config import parse_duration
+
+        try:
+            low = parse_duration(args.election_timeout)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), where="--election-timeout") from None
+        flags["election_timeout_min"], flags["election_timeout_max"] = low, 2 * low
+    if args.label:
+        flags["labels"] = {**load_settings().labels, **_pairs(args.label, "--label")}
+    if getattr(args, "log_format", None):
+        flags["log_format"] = args.log_format
+    if getattr(args, "log_level", None):
+        flags["log_level"] = args.log_level
+    settings = load_settings(**flags)
+    return run_daemon(settings)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    with _client(args) as c:
+        try:
+            reply = c.deploy(spec, replace=args.replace)
+        except CannotPlace as exc:
+            if args.json:
+                print(json.dumps({"deployed": False, "diagnosis": str(exc)}, indent=2))
+            else:
+                print(f"agentd: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+    data = _dict(reply)
+    data["deployment"]["assignments"] = json.loads(reply.deployment.assignments_json or "[]")
+    data["deployment"].pop("assignments_json", None)
+
+    def human() -> str:
+        lines = [f"{reply.message} (log index {reply.index})"]
+        for a in data["deployment"]["assignments"]:
+            parts = ", ".join(f"{p['host']}[{','.join(map(str, p['gpus']))}] {p['role']} {p['layers']}L"
+                              for p in a["plan"]["parts"])
+            lines.append(f"  replica {a['replica']}: {parts}")
+        return "\n".join(lines)
+
+    if args.wait is None:
+        emit(args, data, human)
+        return 0
+    parts = sum(len(a["plan"]["parts"]) for a in data["deployment"]["assignments"])
+    with _client(args) as c:
+        ok, instances, why = wait_running(c, spec.name, parts, args.wait)
+    data["instances"] = [_dict(i) for i in instances]
+    emit(args, data, lambda: human() + "\n" + why)
+    return 0 if ok else 1
+
+
+def wait_running(c: ControlClient, name: str, parts: int, timeout: float,
+                 poll: float = 0.25) -> tuple[bool, list, str]:
+    """Poll until `parts` parts of `name` are RUNNING (True) or one is FATAL or time is up (False)."""
+    deadline = time.monotonic() + timeout
+    instances: list = []
+    while True:
+        instances = list(c.call("ListInstances", pb.ListInstancesRequest(deployment=name)).instances)
+        fatal = [i for i in instances if i.state == "FATAL"]
+        if fatal:
+            return False, instances, f"{fatal[0].instance_id} part {fatal[0].part} on {fatal[0].host} failed: " \
+                                     f"{fatal[0].reason}"
+        running = sum(1 for i in instances if i.state == "RUNNING")
+        if running >= parts:
+            return True, instances, f"all {parts} part(s) running"
+        if time.monotonic() >= deadline:
+            states = ", ".join(f"{i.instance_id}/{i.part} {i.state}" for i in instances) or "none reported"
+            return False, instances, f"not running after {timeout:g}s: {states}"
+        time.sleep(poll)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.call("List", pb.ListRequest())
+    rows, data = [], []
+    for d in reply.deployments:
+        running = len({i.replica for i in d.instances if i.state == "RUNNING" and i.role == "main"})
+        rows.append([d.spec.name, d.spec.runtime, f"{running}/{d.spec.replicas}", d.spec.model])
+        data.append({"name": d.spec.name, "runtime": d.spec.runtime, "replicas": d.spec.replicas,
+                     "ready": running, "model": d.spec.model, "spec": _dict(d.spec)})
+    emit(args, {"deployments": data}, lambda: _table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]))
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.call("ListInstances", pb.ListInstancesRequest(deployment=args.deployment))
+    rows = [[i.instance_id, str(i.part), i.role, i.host, ",".join(map(str, i.gpus)) or "-", i.state,
+             str(i.restarts), i.endpoint, i.reason] for i in reply.instances]
+    emit(args, {"instances": [_dict(i) for i in reply.instances]},
+         lambda: _table(rows, ["INSTANCE", "PART", "ROLE", "HOST", "GPUS", "STATE", "RESTARTS", "ENDPOINT",
+                               "REASON"]))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.call("Delete", pb.DeleteRequest(name=args.name))
+    emit(args, _dict(reply), reply.message)
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        try:
+            reply = c.call("Scale", pb.ScaleRequest(name=args.name, replicas=args.replicas))
+        except CannotPlace as exc:
+            print(f"agentd: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+    emit(args, {"message": reply.message, "index": reply.index}, reply.message)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.call("ListNodes", pb.ListNodesRequest())
+    rows, data = [], []
+    for n in reply.nodes:
+        inv = json.loads(n.inventory_json) if n.inventory_json else {}
+        gpus = inv.get("gpus", [])
+        free = sum(g["memory_total"] - g["memory_used"] for g in gpus) / 2**30
+        role = "leader" if n.leader else ("voter" if n.voter else "learner")
+        rows.append([n.name, n.address, n.state, role, str(len(gpus)), f"{free:.1f}",
+                     "yes" if inv.get("simulated") else "no"])
+        entry = _dict(n)
+        entry["inventory"] = inv
+        entry.pop("inventory_json", None)
+        data.append(entry)
+    emit(args, {"nodes": data},
+         lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "GPUS", "FREE_GIB", "SIMULATED"]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.status()
+    data = _dict(reply)
+
+    def human() -> str:
+        lines = [f"node:         {reply.node_id}",
+                 f"leader:       {reply.leader_id or '(none)'} {reply.leader_address}",
+                 f"term:         {reply.term}",
+                 f"commit index: {reply.commit_index} (applied {reply.last_applied})",
+                 "members:"]
+        lines += [f"  {m.id:<16} {m.address:<22} {'voter' if m.voter else 'learner'}" for m in reply.members]
+        return "\n".join(lines)
+
+    emit(args, data, human)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        for ev in c.stream("Watch", pb.WatchRequest(deployment=args.deployment)):
+            if args.json:
+                print(json.dumps({**_dict(ev), "data": json.loads(ev.data_json or "{}")}), flush=True)
+            else:
+                print(f"{ev.index:>6} t{ev.term} {ev.kind:<20} {ev.name} {ev.data_json}", flush=True)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    req = pb.LogsRequest(instance_id=args.instance, part=args.part, follow=args.follow, previous=args.previous,
+                         tail_lines=args.tail)
+    with _client(args) as c:
+        for chunk in c.stream("Logs", req):
+            sys.stdout.buffer.write(chunk.data)
+            sys.stdout.buffer.flush()
+    return 0

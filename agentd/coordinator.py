@@ -1,0 +1,375 @@
+"""The coordinator: what the Raft leader does besides replicating the log.
+
+It keeps soft state from agent heartbeats (inventories, instance states, last
+seen), runs placement for deploy and scale, allocates ports, and re-places the
+replicas of hosts that stop reporting. Everything it decides goes through the
+log (`propose`), stamped with the leader's term, so a deposed leader can
+decide nothing: its proposals never commit.
+
+Placement and model inspection are injected: the coordinator is the one place
+that joins them to consensus, and tests can drive it without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agentd.cluster.state import (
+    NODE_DOWN,
+    NODE_UP,
+    ApplyResult,
+    ClusterState,
+    assign_command,
+    delete_command,
+    deploy_command,
+    node_command,
+)
+from agentd.errors import InvalidInput, NotAvailable, Unplaceable
+from agentd.logs import fields
+from agentd.types import (
+    Assignment,
+    ClusterInventory,
+    DeploymentSpec,
+    HostInventory,
+    ModelInfo,
+    PartEndpoint,
+    Plan,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Consensus(Protocol):
+    """The part of the Raft node the coordinator needs."""
+
+    @property
+    def term(self) -> int: ...
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    async def propose(self, command: bytes, timeout: float = ...) -> Any: ...
+
+
+PlaceFn = Callable[[ClusterInventory, ModelInfo, DeploymentSpec, Sequence[Assignment]], Plan]
+InspectFn = Callable[[str], ModelInfo]
+
+
+@dataclass
+class InstanceReport:
+    """One instance as its host last reported it."""
+
+    instance_id: str
+    deployment: str
+    replica: int
+    generation: int
+    part: int
+    host: str
+    role: str
+    state: str
+    reason: str = ""
+    restarts: int = 0
+    endpoint: str = ""
+    term: int = 0
+    pid: int = 0
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass
+class NodeReport:
+    inventory: HostInventory
+    instances: list[InstanceReport] = field(default_factory=list)
+    last_seen: float = 0.0
+
+
+def host_of(address: str) -> str:
+    """'10.0.0.3:7070' -> '10.0.0.3'; '[::1]:7070' -> '::1'."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]") or "127.0.0.1"
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        state: ClusterState,
+        consensus: Consensus,
+        place: PlaceFn,
+        inspect: InspectFn,
+        validate_runtime: Callable[[str], None],
+        port_range: tuple[int, int],
+        node_down_grace: float,
+        report_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        propose_timeout: float = 10.0,
+    ):
+        self.state = state
+        self.consensus = consensus
+        self._place = place
+        self._inspect = inspect
+        self._validate_runtime = validate_runtime
+        self.port_range = port_range
+        self.node_down_grace = node_down_grace
+        self.report_interval = report_interval
+        self.clock = clock
+        self.propose_timeout = propose_timeout
+        self.reports: dict[str, NodeReport] = {}
+        self.leader_since: float | None = None
+        self._lock = asyncio.Lock()  # one placement decision at a time: no double booking
+        self._replace_after: dict[tuple[str, int], float] = {}
+        self._peer_restarts: dict[str, list[tuple[str, int, str]]] = {}
+        self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
+
+    # ------------------------------------------------------------------ soft state
+
+    def became_leader(self) -> None:
+        """Heartbeats went to the old leader; give every host a full grace period from now."""
+        self.leader_since = self.clock()
+        now = self.clock()
+        for rep in self.reports.values():
+            rep.last_seen = max(rep.last_seen, now)
+
+    def lost_leadership(self) -> None:
+        self.leader_since = None
+
+    def on_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> None:
+        previous = self.reports.get(inventory.name)
+        if previous is not None:
+            self._note_restarts(previous.instances, instances)
+        self.reports[inventory.name] = NodeReport(inventory, instances, self.clock())
+
+    def _note_restarts(self, before: list[InstanceReport], after: list[InstanceReport]) -> None:
+        """A part that now runs under a new pid was restarted: the other hosts of its instance must know.
+
+        A llama-server keeps answering /health after one of its rpc-servers
+        restarted, but its connection to that server is gone; only the host
+        that runs it can restart it, and only the coordinator sees both hosts.
+        """
+        old = {(i.instance_id, i.part): i.pid for i in before}
+        for i in after:
+            was = old.get((i.instance_id, i.part))
+            if not was or not i.pid or was == i.pid or not i.endpoint:
+                continue
+            assignment = next((a for a in self.state.all_assignments() if a.instance_id == i.instance_id), None)
+            if assignment is None:
+                continue
+            address, _, port = i.endpoint.rpartition(":")
+            why = f"{i.role} part {i.part} of {i.instance_id} on {i.host} restarted (pid {was} -> {i.pid})"
+            for host in {p.host for p in assignment.plan.parts} - {i.host}:
+                self._peer_restarts.setdefault(host, []).append((address, int(port), why))
+
+    def take_peer_restarts(self, host: str) -> list[tuple[str, int, str]]:
+        return self._peer_restarts.pop(host, [])
+
+    def live_hosts(self) -> list[HostInventory]:
+        """Hosts that reported within the grace period and are not marked down."""
+        now = self.clock()
+        out = []
+        for name, rep in sorted(self.reports.items()):
+            node = self.state.nodes.get(name)
+            if node is not None and node.state == NODE_DOWN:
+                continue
+            if now - rep.last_seen <= self.node_down_grace:
+                out.append(rep.inventory)
+        return out
+
+    def snapshot(self, exclude_hosts: Sequence[str] = ()) -> ClusterInventory:
+        return ClusterInventory(hosts=tuple(h for h in self.live_hosts() if h.name not in exclude_hosts))
+
+    def instances(self, deployment: str = "") -> list[InstanceReport]:
+        out = []
+        for rep in self.reports.values():
+            out.extend(i for i in rep.instances if not deployment or i.deployment == deployment)
+        return sorted(out, key=lambda i: (i.deployment, i.replica, i.part))
+
+    async def wait_for_reports(self) -> None:
+        """A fresh leader has no heartbeats yet: wait (briefly) until known hosts report."""
+        if self.leader_since is None:
+            return
+        deadline = self.leader_since + 2.5 * self.report_interval
+        known = {n for n, rec in self.state.nodes.items() if rec.state == NODE_UP}
+        while self.clock() < deadline and not known <= {
+            n for n, r in self.reports.items() if r.last_seen >= self.leader_since
+        }:
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _require_leader(self) -> None:
+        if not self.consensus.is_leader:
+            raise NotAvailable("this agent is not the coordinator")
+
+    def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
+        """Placement for `spec` on the live cluster, counting what is already assigned."""
+        self._validate_runtime(spec.runtime)
+        model = self._inspect(spec.model)
+        existing = [a for a in self.state.all_assignments() if a.deployment != exclude_deployment]
+        started = time.perf_counter()
+        plan = self._place(self.snapshot(), model, spec, existing)
+        if self.on_placement:
+            self.on_placement(time.perf_counter() - started, plan)
+        return plan, model
+
+    async def deploy(self, spec: DeploymentSpec, replace: bool = False) -> tuple[ApplyResult, int]:
+        self._require_leader()
+        await self.wait_for_reports()
+        async with self._lock:
+            if spec.name in self.state.deployments and not replace:
+                raise InvalidInput(f"deployment {spec.name!r} already exists (use replace to change it)")
+            plan, _ = self.plan(spec, exclude_deployment=spec.name if replace else "")
+            if not plan.placed:
+                raise Unplaceable(plan.diagnosis)
+            old = {a.replica: a for a in self.state.assignments_for(spec.name)} if replace else {}
+            assignments = self._assignments(spec, plan, range(len(plan.replicas)), old)
+            log.info("placed deployment", extra=fields(deployment=spec.name, replicas=len(assignments),
+                                                        term=self.consensus.term))
+            return await self._commit(deploy_command(spec, assignments, replace=replace))
+
+    async def scale(self, name: str, replicas: int) -> tuple[ApplyResult, int]:
+        self._require_leader()
+        if replicas < 0:
+            raise InvalidInput(f"replicas must be >= 0, got {replicas}")
+        await self.wait_for_reports()
+        async with self._lock:
+            record = self.state.deployment(name)
+            if record is None:
+                raise InvalidInput(f"no deployment named {name!r}")
+            current = {a.replica for a in self.state.assignments_for(name)}
+            missing = [r for r in range(replicas) if r not in current]
+            new: list[Assignment] = []
+            if missing:
+                spec = record.spec.model_copy(update={"replicas": len(missing)})
+                plan, _ = self.plan(spec)
+                if not plan.placed:
+                    raise Unplaceable(plan.diagnosis)
+                new = self._assignments(record.spec, plan, missing, {})
+            return await self._commit(assign_command(name, new, replicas))
+
+    async def delete(self, name: str) -> tuple[ApplyResult, int]:
+        self._require_leader()
+        if name not in self.state.deployments:
+            raise InvalidInput(f"no deployment named {name!r}")
+        return await self._commit(delete_command(name))
+
+    async def _commit(self, command: bytes) -> tuple[ApplyResult, int]:
+        result = await self.consensus.propose(command, timeout=self.propose_timeout)
+        index = self.state.last_index  # applied here before propose returns; the lock keeps it ours
+        if isinstance(result, tuple):
+            result, index = result
+        if isinstance(result, ApplyResult) and not result.ok:
+            raise InvalidInput(result.message)
+        return result, index
+
+    def _assignments(self, spec: DeploymentSpec, plan: Plan, replica_ids: Sequence[int],
+                     old: dict[int, Assignment]) -> list[Assignment]:
+        taken = self._ports_in_use()
+        out = []
+        for replica, rplan in zip(replica_ids, plan.replicas, strict=True):
+            endpoints = []
+            for part in rplan.parts:
+                address = self._address_of(part.host)
+                port = self._free_port(address, taken)
+                taken.setdefault(address, set()).add(port)
+                endpoints.append(PartEndpoint(host=part.host, address=address, port=port))
+            prev = old.get(replica)
+            out.append(Assignment(
+                deployment=spec.name, replica=replica, generation=(prev.generation + 1) if prev else 1,
+                term=self.consensus.term, model=spec.model, runtime=spec.runtime, options=spec.options,
+                plan=rplan, endpoints=tuple(endpoints),
+            ))
+        return out
+
+    def _address_of(self, host: str) -> str:
+        rep = self.reports.get(host)
+        if rep and rep.inventory.address:
+            return host_of(rep.inventory.address)
+        node = self.state.nodes.get(host)
+        return host_of(node.address) if node and node.address else "127.0.0.1"
+
+    def _ports_in_use(self) -> dict[str, set[int]]:
+        """Ports per address, so agents sharing one address (one machine) never collide."""
+        used: dict[str, set[int]] = {}
+        for a in self.state.all_assignments():
+            for ep in a.endpoints:
+                used.setdefault(ep.address, set()).add(ep.port)
+        return used
+
+    def _free_port(self, address: str, taken: dict[str, set[int]]) -> int:
+        lo, hi = self.port_range
+        used = taken.get(address, set())
+        for port in range(lo, hi + 1):
+            if port not in used:
+                return port
+        raise NotAvailable(f"no free port left in {lo}-{hi} on {address}")
+
+    # ------------------------------------------------------------------ liveness
+
+    async def tick(self) -> list[str]:
+        """Mark silent hosts down, hosts that came back up, and re-place what ran on down hosts.
+
+        Returns the decisions taken, one sentence each (for logs and tests).
+        """
+        if not self.consensus.is_leader or self.leader_since is None:
+            return []
+        now = self.clock()
+        decisions: list[str] = []
+        for name, rep in sorted(self.reports.items()):
+            node = self.state.nodes.get(name)
+            silent = now - rep.last_seen
+            if silent > self.node_down_grace and (node is None or node.state == NODE_UP):
+                decisions.append(f"host {name} silent for {silent:.1f}s (> {self.node_down_grace:g}s): marked down")
+                await self._commit(node_command(name, NODE_DOWN, rep.inventory.address))
+            elif silent <= self.node_down_grace and (node is None or node.state == NODE_DOWN):
+                decisions.append(f"host {name} reporting: marked up")
+                await self._commit(node_command(name, NODE_UP, rep.inventory.address))
+        down = {n for n, rec in self.state.nodes.items() if rec.state == NODE_DOWN}
+        if down:
+            decisions += await self._replace_from(down)
+        for d in decisions:
+            log.info(d)
+        return decisions
+
+    async def _replace_from(self, down: set[str]) -> list[str]:
+        decisions = []
+        async with self._lock:
+            for a in self.state.all_assignments():
+                hosts = {p.host for p in a.plan.parts}
+                if not hosts & down:
+                    continue
+                key = (a.deployment, a.replica)
+                if self.clock() < self._replace_after.get(key, 0.0):
+                    continue
+                record = self.state.deployment(a.deployment)
+                if record is None:
+                    continue
+                spec = record.spec.model_copy(update={"replicas": 1})
+                others = [x for x in self.state.all_assignments() if (x.deployment, x.replica) != key]
+                model = self._inspect(spec.model)
+                plan = self._place(self.snapshot(exclude_hosts=sorted(down)), model, spec, others)
+                if not plan.placed:
+                    self._replace_after[key] = self.clock() + self.node_down_grace
+                    decisions.append(f"{a.instance_id} on down host(s) {', '.join(sorted(hosts & down))} "
+                                     f"cannot be re-placed: {plan.diagnosis.message if plan.diagnosis else ''}")
+                    continue
+                new = self._assignments(record.spec, plan, [a.replica], {a.replica: a})
+                await self._commit(assign_command(a.deployment, new, record.spec.replicas))
+                decisions.append(f"{a.instance_id} re-placed from down host(s) {', '.join(sorted(hosts & down))} "
+                                 f"as {new[0].instance_id} on {', '.join(sorted({p.host for p in new[0].plan.parts}))}")
+        return decisions
+
+
+async def run_periodically(fn: Callable[[], Awaitable[Any]], period: float, name: str) -> None:
+    """Call `fn` every `period` seconds until cancelled; errors are logged and the loop goes on."""
+    while True:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("periodic task failed", extra=fields(task=name))
+        await asyncio.sleep(period)

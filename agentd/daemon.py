@@ -1,0 +1,513 @@
+"""`agentd serve`: one agent, wired from the pieces.
+
+Every host runs the same daemon. It serves gRPC (Raft, Control, Agent,
+health, reflection) on `listen`, replicates the cluster state with Raft, and
+runs its own instances through the runtime supervisor. Whichever agent leads
+also runs the coordinator (placement, liveness, re-placement).
+
+Loops, all on one asyncio event loop:
+
+* inventory: NVML (or the simulated inventory) every `inventory_refresh`;
+* reporter: inventory and instance states to the leader every second, and at
+  once when the leader changes or an instance changes state;
+* reconciler: after the local copy of the log has caught up with the leader,
+  hands the supervisor this host's assignments whenever they change;
+* coordinator tick (leader only): marks silent hosts down and re-places
+  their replicas;
+* systemd: READY=1 once serving and in the cluster, STATUS= lines, watchdog.
+
+Nothing here decides placement or process handling; those live in
+agentd.coordinator, agentd.placement and agentd.runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentd.api.control import AgentService, ChannelPool, ControlService, instance_from_pb
+from agentd.api.drain import clear_drain_request, drain_decision
+from agentd.api.http import HttpOptions, ModelCard, make_http_app
+from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
+from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
+from agentd.cluster.raft import RaftNode, RaftOptions
+from agentd.cluster.raft.transport import CHANNEL_OPTIONS
+from agentd.cluster.state import ClusterState
+from agentd.config import Settings
+from agentd.coordinator import Coordinator, InstanceReport, run_periodically
+from agentd.errors import AgentdError, InvalidInput, NotAvailable
+from agentd.inventory import Collector, InventoryRefresher
+from agentd.logs import fields
+from agentd.metrics import Metrics
+from agentd.modelinfo import inspect_model
+from agentd.placement import Placer
+from agentd.plugins import PluginManager
+from agentd.runtime import Endpoint, Supervisor, logfiles
+from agentd.runtime.spec import InstanceStatus
+from agentd.security.tls import warn_insecure
+from agentd.types import HostInventory
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = 1.0
+RECONCILE_PERIOD = 5.0  # re-apply even without a change: cheap, and heals a missed event
+STATE_ORDER = ("FATAL", "BACKOFF", "STOPPING", "PENDING", "STARTING", "STOPPED", "RUNNING")
+
+
+def part_reports(node: str, st: InstanceStatus, assignment: Any) -> list[InstanceReport]:
+    """This host's parts of one instance, one report each, from the supervisor's view.
+
+    A part may run several processes; the part's state is its least advanced
+    process's (FATAL before BACKOFF before ... before RUNNING).
+    """
+    out = []
+    for idx, part in enumerate(assignment.plan.parts):
+        if part.host != node:
+            continue
+        procs = [p for p in st.processes if p.part_index == idx]
+        if procs:
+            worst = min(procs, key=lambda p: STATE_ORDER.index(p.state) if p.state in STATE_ORDER else 0)
+            state, reason = worst.state, worst.reason
+            restarts = sum(p.restarts for p in procs)
+            pid = next((p.pid for p in procs if p.pid), 0) or 0
+        else:
+            state, reason, restarts, pid = st.state, st.reason, st.restarts, 0
+        ep = assignment.endpoints[idx]
+        out.append(InstanceReport(
+            instance_id=st.instance_id, deployment=st.deployment, replica=st.replica, generation=st.generation,
+            part=idx, host=node, role=part.role, state=state, reason=reason, restarts=restarts,
+            endpoint=f"{ep.address}:{ep.port}", term=assignment.term, pid=pid, gpus=tuple(part.gpus)))
+    return out
+
+
+class Daemon:
+    def __init__(self, settings: Settings, plugins: PluginManager | None = None):
+        self.s = settings
+        self.node = settings.node_name
+        self.data_dir = Path(settings.data_dir)
+        self.plugins = plugins or PluginManager.load(settings.plugins, settings.disable_plugins)
+        self.state = ClusterState()
+        self.metrics = Metrics(self.node)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.raft = RaftNode(self.node, settings.advertise_address, self.data_dir, self.state,
+                             options=RaftOptions.from_settings(settings), join=settings.join, server=self.server)
+        self.channels = ChannelPool(options=CHANNEL_OPTIONS)
+        self.supervisor = Supervisor(node=self.node, data_dir=self.data_dir, plugins=self.plugins,
+                                     settings=settings, simulated_gpus=settings.simulate_inventory is not None,
+                                     on_event=self._on_process_event)
+        self.coordinator = Coordinator(
+            state=self.state, consensus=self.raft, place=Placer(self.plugins), inspect=inspect_model,
+            validate_runtime=self.plugins.runtime, port_range=settings.port_range,
+            node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL)
+        self.coordinator.on_placement = self._on_placement
+        self.control = ControlService(node_id=self.node, raft=self.raft, state=self.state,
+                                      coordinator=self.coordinator, channels=self.channels,
+                                      local_logs=self.local_logs)
+        self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids)
+        self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
+        self.notifier = SdNotifier.from_environ(unset=True)
+        self.stop_event = asyncio.Event()
+        self.restarting = False
+        self.synced = False  # the local state has caught up with the leader's commit index once
+        self._report_now = asyncio.Event()
+        self._reconcile_now = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._http: web.AppRunner | None = None
+        self._routes_cache: tuple[float, list[InstanceReport]] = (0.0, [])
+        self._health = health.aio.HealthServicer()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.s.insecure:
+            warn_insecure(log)
+        else:
+            raise InvalidInput("TLS is not set up for this agent: pass --insecure (no TLS, no authentication) "
+                               "or see docs/security.md", where="serve")
+        pb_grpc.add_ControlServicer_to_server(self.control, self.server)
+        pb_grpc.add_AgentServicer_to_server(self.agent, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        reflection.enable_server_reflection((
+            pb.DESCRIPTOR.services_by_name["Control"].full_name,
+            pb.DESCRIPTOR.services_by_name["Agent"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME), self.server)
+        if not self.server.add_insecure_port(self.s.listen):
+            raise NotAvailable(f"cannot listen on {self.s.listen} (in use?)")
+        self.state.subscribe(lambda ev: self._reconcile_now.set())
+        self.raft.subscribe(self._on_leader_change)
+        for line in await self.supervisor.start():
+            log.debug(line)
+        await self.server.start()
+        try:
+            await self.raft.start()
+        except BaseException:
+            await self.server.stop(0)
+            raise
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGUSR2, self._restart_signal)
+        self._spawn(self.refresher.run(), "inventory")
+        self._spawn(self._reporter(), "reporter")
+        self._spawn(self._reconciler(), "reconciler")
+        self._spawn(run_periodically(self.coordinator.tick, REPORT_INTERVAL, "coordinator-tick"), "tick")
+        self._spawn(self._systemd(), "systemd")
+        await self._start_http()
+        log.info("agent serving", extra=fields(node=self.node, listen=self.s.listen, http=self.s.http_listen,
+                                                data_dir=str(self.data_dir)))
+        await self.stop_event.wait()
+        await self.shutdown()
+        return 0
+
+    def _restart_signal(self) -> None:
+        self.restarting = True
+        self.stop_event.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"agentd-{name}"))
+
+    async def shutdown(self) -> None:
+        drain, why = drain_decision(self.data_dir, self.s.drain_on_stop, restarting=self.restarting)
+        log.info(why, extra=fields(node=self.node))
+        self.notifier.stopping(why)
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.refresher.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.close(stop_processes=drain)
+        if drain:
+            clear_drain_request(self.data_dir)
+        with contextlib.suppress(Exception):
+            await self.raft.stop(graceful=True)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.server.stop(1.0)
+        await self.channels.close()
+        self.collector.close()
+        self.notifier.close()
+        log.info("agent stopped", extra=fields(node=self.node))
+
+    # ------------------------------------------------------------------ events
+
+    def _on_leader_change(self, change: Any) -> None:
+        if change.is_leader:
+            self.coordinator.became_leader()
+        else:
+            self.coordinator.lost_leadership()
+        self.metrics.set_raft(term=change.term, commit_index=self.raft.commit_index,
+                              applied_index=self.raft.last_applied, is_leader=change.is_leader,
+                              leader=change.leader_id)
+        log.info("leader changed", extra=fields(node=self.node, leader=change.leader_id, term=change.term,
+                                                 is_leader=change.is_leader))
+        self._report_now.set()
+
+    def _on_process_event(self, event: Any) -> None:
+        self._report_now.set()
+        if str(event.new) == "STARTING" and event.restarts:
+            deployment = event.key.split("/", 1)[0].rsplit("-r", 1)[0]
+            self.metrics.instance_restarted(deployment)
+
+    def _on_inventory(self, inventory: HostInventory) -> None:
+        self._report_now.set()
+
+    def _on_placement(self, seconds: float, plan: Any) -> None:
+        self.metrics.observe_placement(seconds, placed=plan.placed)
+        if not plan.placed and plan.diagnosis is not None:
+            self.metrics.count_unplaceable(r.reason for r in plan.diagnosis.reasons)
+
+    def _owned_pids(self) -> set[int]:
+        return {p.pid for st in self.supervisor.status() for p in st.processes if p.pid}
+
+    # ------------------------------------------------------------------ reporter
+
+    def local_instances(self) -> list[InstanceReport]:
+        wanted = {a.instance_id: a for a in self.state.assignments_on(self.node)}
+        out: list[InstanceReport] = []
+        for st in self.supervisor.status():
+            a = wanted.get(st.instance_id)
+            if a is not None:
+                out += part_reports(self.node, st, a)
+        return out
+
+    async def _reporter(self) -> None:
+        while True:
+            self._report_now.clear()
+            try:
+                await self._report_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("report failed", extra=fields(node=self.node))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REPORT_INTERVAL):
+                    await self._report_now.wait()
+                await asyncio.sleep(0.05)  # coalesce a burst of changes into one report
+
+    async def _report_once(self) -> None:
+        inventory = self.refresher.latest
+        if inventory is None:
+            return
+        instances = self.local_instances()
+        self._update_local_metrics(inventory)
+        if self.raft.is_leader:
+            self.agent.accept_report(inventory, instances)
+            restarts = self.coordinator.take_peer_restarts(self.node)
+        elif self.raft.leader_address:
+            req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
+                                   inventory_json=inventory.model_dump_json(),
+                                   instances=[_instance_pb(i) for i in instances])
+            stub = pb_grpc.AgentStub(self.channels.get(self.raft.leader_address))
+            try:
+                reply = await stub.Report(req, timeout=2.0)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("report not accepted", extra=fields(leader=self.raft.leader_id, code=exc.code().name,
+                                                              error=exc.details()))
+                return
+            restarts = [(r.address, r.port, r.reason) for r in reply.peer_restarts]
+        else:
+            return
+        for address, port, reason in restarts:
+            for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
+                log.info(line, extra=fields(node=self.node))
+
+    def _update_local_metrics(self, inventory: HostInventory) -> None:
+        assigned: dict[str, int] = {}
+        for a in self.state.assignments_on(self.node):
+            for part in a.plan.parts:
+                if part.host != self.node:
+                    continue
+                for g, planned in zip(part.gpus, part.memory, strict=False):
+                    uuid = next((x.uuid for x in inventory.gpus if x.index == g), str(g))
+                    assigned[uuid] = assigned.get(uuid, 0) + planned
+        self.metrics.set_gpus(self.node, inventory.gpus, assigned)
+        counts: dict[str, int] = {}
+        for st in self.supervisor.status():
+            counts[st.state] = counts.get(st.state, 0) + 1
+        self.metrics.set_instance_states(counts)
+        self.metrics.set_raft(term=self.raft.term, commit_index=self.raft.commit_index,
+                              applied_index=self.raft.last_applied, is_leader=self.raft.is_leader,
+                              leader=self.raft.leader_id)
+
+    # ------------------------------------------------------------------ reconciler
+
+    async def _catch_up(self) -> None:
+        """Wait until the local state holds everything the leader had committed when we asked.
+
+        Until then the supervisor gets nothing: an agent restarted with an
+        older log must not kill (as orphans) the processes that later entries,
+        still on their way, want running.
+        """
+        while True:
+            try:
+                if self.raft.is_leader:
+                    await self.raft.read_barrier(timeout=5.0)
+                    return
+                if self.raft.leader_address:
+                    stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+                    reply = await stub.Status(pb.StatusRequest(), timeout=2.0)
+                    deadline = time.monotonic() + 10.0
+                    while self.raft.last_applied < reply.commit_index and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+                    if self.raft.last_applied >= reply.commit_index:
+                        return
+            except (AgentdError, TimeoutError, grpc.aio.AioRpcError) as exc:
+                log.debug("not caught up yet", extra=fields(node=self.node, error=str(exc)[:200]))
+            await asyncio.sleep(0.1)
+
+    async def _reconciler(self) -> None:
+        await self._catch_up()
+        self.synced = True
+        log.info("caught up with the cluster state", extra=fields(node=self.node, applied=self.raft.last_applied))
+        while True:
+            self._reconcile_now.clear()
+            try:
+                await self.supervisor.apply(self.state.assignments_on(self.node))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed", extra=fields(node=self.node))
+            self._report_now.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECONCILE_PERIOD):
+                    await self._reconcile_now.wait()
+
+    # ------------------------------------------------------------------ logs
+
+    async def local_logs(self, request: pb.LogsRequest) -> AsyncIterator[bytes]:
+        """An instance part's log on this host: the current run, or the previous one."""
+        a = self._assignment(request.instance_id)
+        part = request.part
+        if part < 0:
+            part = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
+        st = self.supervisor.instance(a.instance_id)
+        procs = [p for p in (st.processes if st else ()) if p.part_index == part]
+        if not procs:
+            raise InvalidInput(f"{a.instance_id} part {part} has no process on {self.node}")
+        runs = self.supervisor.log_files(a.instance_id, procs[0].name)
+        index = 1 if request.previous else 0
+        if len(runs) <= index or not runs[index].exists():
+            raise InvalidInput(f"{a.instance_id} part {part} has no {'previous ' if request.previous else ''}log")
+        path = runs[index]
+        if request.tail_lines > 0:
+            lines = logfiles.tail(path, request.tail_lines)
+            yield ("\n".join(lines) + "\n").encode() if lines else b""
+            if request.follow:
+                async for chunk in logfiles.follow(path, from_start=False):
+                    yield chunk
+            return
+        if request.follow and not request.previous:
+            async for chunk in logfiles.follow(path):
+                yield chunk
+            return
+        with open(path, "rb") as f:
+            while chunk := f.read(65536):
+                yield chunk
+
+    def _assignment(self, instance_id: str) -> Any:
+        for a in self.state.all_assignments():
+            if instance_id in (a.instance_id, f"{a.deployment}-r{a.replica}"):
+                return a
+        raise InvalidInput(f"no instance {instance_id!r}")
+
+    # ------------------------------------------------------------------ HTTP side
+
+    async def _start_http(self) -> None:
+        options = HttpOptions(require_api_key=not self.s.insecure, connect_timeout=self.s.proxy_connect_timeout,
+                              read_timeout=self.s.proxy_read_timeout, max_body=self.s.http_max_body)
+        app = make_http_app(_Provider(self), metrics=self.metrics, options=options)
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._http.setup()
+        host, _, port = self.s.http_listen.rpartition(":")
+        site = web.TCPSite(self._http, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise NotAvailable(f"cannot listen on {self.s.http_listen} for HTTP: {exc.strerror}") from None
+
+    async def cluster_instances(self) -> list[InstanceReport]:
+        """Every reported instance, from the leader (cached for a second on other agents)."""
+        if self.raft.is_leader:
+            return self.coordinator.instances()
+        at, cached = self._routes_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        if not self.raft.leader_address:
+            return cached
+        stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+        try:
+            reply = await stub.ListInstances(pb.ListInstancesRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return cached
+        out = [instance_from_pb(i) for i in reply.instances]
+        self._routes_cache = (time.monotonic(), out)
+        return out
+
+    # ------------------------------------------------------------------ systemd
+
+    async def _systemd(self) -> None:
+        interval = watchdog_interval()
+        ready_sent = False
+        while True:
+            if not ready_sent and self.raft.leader_id and self.synced:
+                self.notifier.ready(self._status_text())
+                ready_sent = True
+            elif ready_sent:
+                self.notifier.status(self._status_text())
+            if interval:
+                self.notifier.watchdog()
+            await asyncio.sleep(min(interval or 2.0, 2.0))
+
+    def _status_text(self) -> str:
+        sts = self.supervisor.status()
+        return status_line(leader=self.raft.leader_id, term=self.raft.term,
+                           instances_running=sum(1 for s in sts if s.state == "RUNNING"),
+                           instances_total=len(sts))
+
+
+class _Provider:
+    """What the HTTP app asks the daemon (agentd.api.http.HttpProvider)."""
+
+    def __init__(self, d: Daemon):
+        self.d = d
+        self.metrics_registry = d.metrics.registry
+
+    def alive(self) -> bool:
+        return not self.d.stop_event.is_set()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.d.raft.leader_id:
+            return False, "no leader elected"
+        if not self.d.synced:
+            return False, "catching up with the cluster state"
+        return True, f"leader {self.d.raft.leader_id}, term {self.d.raft.term}"
+
+    async def routes(self, model: str) -> Sequence[ProxyEndpoint]:
+        record = self.d.state.deployment(model)
+        if record is None:
+            return []
+        by_replica: dict[str, list[InstanceReport]] = {}
+        for i in await self.d.cluster_instances():
+            if i.deployment == model:
+                by_replica.setdefault(i.instance_id, []).append(i)
+        out = []
+        for a in self.d.state.assignments_for(model):
+            parts = by_replica.get(a.instance_id, [])
+            main = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
+            ep = a.endpoints[main]
+            ready = len(parts) == len(a.plan.parts) and all(p.state == "RUNNING" for p in parts)
+            out.append(ProxyEndpoint(url=f"http://{_url_host(ep.address)}:{ep.port}", api_key=None, ready=ready,
+                                     instance_id=a.instance_id))
+        return out
+
+    async def models(self) -> Sequence[ModelCard]:
+        instances = await self.d.cluster_instances()
+        cards = []
+        for name, record in sorted(self.d.state.deployments.items()):
+            assignments = self.d.state.assignments_for(name)
+            running = {(i.instance_id, i.part) for i in instances if i.deployment == name and i.state == "RUNNING"}
+            ready = sum(1 for a in assignments if all((a.instance_id, k) in running for k in range(len(a.plan.parts))))
+            cards.append(ModelCard(id=name, tenant=record.spec.tenant, runtime=record.spec.runtime,
+                                   replicas=record.spec.replicas, ready_replicas=ready))
+        return cards
+
+    def verify_api_key(self, key: str) -> Any:
+        return None
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _instance_pb(i: InstanceReport) -> pb.Instance:
+    from agentd.api.control import instance_to_pb
+
+    return instance_to_pb(i)
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run one agent until SIGTERM/SIGINT (or SIGUSR2, for a restart). Returns the exit code."""
+    async def main() -> int:
+        return await Daemon(settings).run()  # built inside the loop: grpc.aio and asyncio objects bind to it
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130

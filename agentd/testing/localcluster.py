@@ -1,0 +1,223 @@
+"""A cluster of real `agentd serve` processes on loopback, with simulated GPUs.
+
+The end-to-end tests, the failover benchmark and the demo all use this, so
+the cluster they exercise is the one users run: separate processes, real gRPC
+on 127.0.0.1, state on disk, inventories from `--simulate` files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentd.api.client import ControlClient
+from agentd.api.drain import request_drain
+from agentd.errors import AgentdError, NotAvailable
+from agentd.runtime.standalone import kill_recorded
+
+GiB = 1024**3
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def simulated_host(name: str, gpus: int = 2, gpu_gib: float = 24.0, used_gib: float = 0.0,
+                   labels: dict[str, str] | None = None, memory_gib: float = 64.0,
+                   gpu_name: str = "NVIDIA GeForce RTX 4090 (simulated)") -> dict[str, Any]:
+    """A host inventory (DESIGN.md §5) with `gpus` identical simulated GPUs."""
+    return {
+        "name": name, "labels": labels or {}, "cpu_count": 16,
+        "memory_total": int(memory_gib * GiB), "memory_available": int(memory_gib * GiB * 0.9),
+        "gpus": [{"index": i, "uuid": f"GPU-sim-{name}-{i}", "name": gpu_name, "vendor": "nvidia",
+                  "memory_total": int(gpu_gib * GiB), "memory_used": int(used_gib * GiB),
+                  "utilization": 0.0, "compute_capability": "8.9"} for i in range(gpus)],
+    }
+
+
+@dataclass
+class Agent:
+    name: str
+    listen: str
+    http_listen: str
+    data_dir: Path
+    inventory_file: Path
+    log_file: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, timeout: float = 30.0) -> ControlClient:
+        return ControlClient(self.listen, timeout=timeout)
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    hosts: list[dict[str, Any]]
+    election_timeout: str = ""  # e.g. "500ms"; empty = the default
+    node_down_grace: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for host in self.hosts:
+            name = host["name"]
+            inv = self.root / f"{name}.inventory.json"
+            inv.write_text(json.dumps(host, indent=2))
+            self.agents[name] = Agent(
+                name=name, listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}",
+                data_dir=self.root / name, inventory_file=inv, log_file=self.root / f"{name}.log")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        """Start the first agent (it bootstraps), wait for it to lead, then start the others."""
+        names = list(self.agents)
+        self.start_agent(names[0], join=[])
+        self.wait_for_leader(timeout)
+        for name in names[1:]:
+            self.start_agent(name)
+        self.wait_for_members(len(names), timeout)
+        return self
+
+    def start_agent(self, name: str, join: list[str] | None = None) -> Agent:
+        agent = self.agents[name]
+        if agent.alive:
+            return agent
+        if join is None:
+            join = [a.listen for a in self.agents.values() if a.name != name]
+        agent.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "agentd", "serve", "--node-name", name, "--listen", agent.listen,
+                "--http-listen", agent.http_listen, "--data-dir", str(agent.data_dir),
+                "--simulate", str(agent.inventory_file), "--log-format", "json", "--insecure"]
+        if join:
+            argv += ["--join", ",".join(join)]
+        if self.election_timeout:
+            argv += ["--election-timeout", self.election_timeout]
+        if self.node_down_grace:
+            argv += ["--node-down-grace", self.node_down_grace]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+        env.update({"AGENTD_CONFIG": str(self.root / "none.toml"), "PYTHONUNBUFFERED": "1"})
+        (self.root / "none.toml").touch()
+        env.update(self.extra_env)
+        log = open(agent.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+        log.close()
+        return agent
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        agent = self.agents[name]
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                agent.proc.wait(timeout=30)
+
+    def restart(self, name: str) -> Agent:
+        self.kill(name, signal.SIGTERM)
+        return self.start_agent(name)
+
+    def stop(self, timeout: float = 30.0, *, drain: bool = True) -> None:
+        """SIGTERM every agent. With `drain` (the default), each stops its model servers first
+        (through the drain-on-stop file, as an operator would), and whatever an agent killed
+        earlier left behind is killed from its process records: nothing outlives the cluster."""
+        for agent in self.agents.values():
+            if agent.alive:
+                if drain:
+                    request_drain(agent.data_dir)
+                agent.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for agent in self.agents.values():
+            if agent.proc is None:
+                continue
+            try:
+                agent.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(agent.proc.pid, signal.SIGKILL)
+                agent.proc.wait(timeout=10)
+        if drain:
+            kill_recorded(self.root)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ queries
+
+    def alive_agents(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.alive]
+
+    def leader(self) -> tuple[str, int] | None:
+        """(leader name, term) as the live agents agree on it, or None."""
+        seen: dict[tuple[str, int], int] = {}
+        for agent in self.alive_agents():
+            try:
+                with agent.client(timeout=1.0) as c:
+                    r = c.leader()
+            except AgentdError:
+                continue
+            if r.leader_id and r.leader_id in self.agents and self.agents[r.leader_id].alive:
+                seen[(r.leader_id, r.term)] = seen.get((r.leader_id, r.term), 0) + 1
+        if not seen:
+            return None
+        return max(seen, key=lambda k: (k[1], seen[k]))
+
+    def wait_for_leader(self, timeout: float = 30.0, not_: str | None = None) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            if lead and lead[0] != not_:
+                return lead
+            self._check_alive()
+            time.sleep(0.05)
+        raise NotAvailable(f"no leader within {timeout:g}s; logs in {self.root}")
+
+    def wait_for_members(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            if lead:
+                try:
+                    with self.agents[lead[0]].client(timeout=2.0) as c:
+                        if len(c.status().members) >= count:
+                            return
+                except AgentdError:
+                    pass
+            self._check_alive()
+            time.sleep(0.1)
+        raise NotAvailable(f"cluster did not reach {count} members within {timeout:g}s; logs in {self.root}")
+
+    def _check_alive(self) -> None:
+        for agent in self.agents.values():
+            if agent.proc is not None and agent.proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
+                tail = agent.log_file.read_text(errors="replace")[-3000:]
+                raise AgentdError(f"agent {agent.name} exited with {agent.proc.returncode}:\n{tail}")
+
+    def any_client(self, timeout: float = 30.0) -> ControlClient:
+        for agent in self.alive_agents():
+            return agent.client(timeout=timeout)
+        raise NotAvailable("no agent is alive")
+
+    def logs(self) -> Iterator[tuple[str, str]]:
+        for agent in self.agents.values():
+            if agent.log_file.exists():
+                yield agent.name, agent.log_file.read_text(errors="replace")
