@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -63,6 +65,7 @@ from agentd.v1 import control_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 1.0
+FAULT_FILE_ENV = "AGENTD_TEST_FAULT_FILE"  # tests only: JSON {"partition": [peer ids]} cuts Raft traffic
 RECONCILE_PERIOD = 5.0  # re-apply even without a change: cheap, and heals a missed event
 STATE_ORDER = ("FATAL", "BACKOFF", "STOPPING", "PENDING", "STARTING", "STOPPED", "RUNNING")
 
@@ -169,6 +172,8 @@ class Daemon:
         self._spawn(self._reconciler(), "reconciler")
         self._spawn(run_periodically(self.coordinator.tick, REPORT_INTERVAL, "coordinator-tick"), "tick")
         self._spawn(self._systemd(), "systemd")
+        if os.environ.get(FAULT_FILE_ENV):
+            self._spawn(self._faults(Path(os.environ[FAULT_FILE_ENV])), "faults")
         await self._start_http()
         log.info("agent serving", extra=fields(node=self.node, listen=self.s.listen, http=self.s.http_listen,
                                                 data_dir=str(self.data_dir)))
@@ -419,6 +424,28 @@ class Daemon:
         out = [instance_from_pb(i) for i in reply.instances]
         self._routes_cache = (time.monotonic(), out)
         return out
+
+    async def _faults(self, path: Path) -> None:
+        """Fault injection for cluster tests: follow `path` and cut Raft traffic to the peers it names.
+
+        Only with AGENTD_TEST_FAULT_FILE set (never in a unit file). The cut is
+        in this process's Raft transport, both directions, so a test can make
+        a minority side without root or network namespaces.
+        """
+        log.warning("fault injection enabled", extra=fields(node=self.node, file=str(path)))
+        current: tuple[str, ...] = ()
+        while True:
+            try:
+                data = json.loads(path.read_text()) if path.exists() else {}
+                peers = tuple(sorted(str(p) for p in data.get("partition", [])))
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
+                log.warning("unreadable fault file", extra=fields(file=str(path), error=str(exc)))
+                peers = current
+            if peers != current:
+                log.warning("fault injection: partition", extra=fields(node=self.node, peers=list(peers)))
+                self.raft.set_partition(peers)
+                current = peers
+            await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ systemd
 
