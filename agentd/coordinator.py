@@ -318,15 +318,20 @@ class Coordinator:
             return []
         now = self.clock()
         decisions: list[str] = []
-        for name, rep in sorted(self.reports.items()):
+        # A host that died with the old leader never reports to this one: it counts as
+        # silent since this agent took over, so it, too, is marked down after the grace.
+        for name in sorted(set(self.reports) | set(self.state.nodes)):
+            rep = self.reports.get(name)
             node = self.state.nodes.get(name)
-            silent = now - rep.last_seen
+            last_seen = rep.last_seen if rep else self.leader_since
+            address = rep.inventory.address if rep else (node.address if node else "")
+            silent = now - last_seen
             if silent > self.node_down_grace and (node is None or node.state == NODE_UP):
                 decisions.append(f"host {name} silent for {silent:.1f}s (> {self.node_down_grace:g}s): marked down")
-                await self._commit(node_command(name, NODE_DOWN, rep.inventory.address))
-            elif silent <= self.node_down_grace and (node is None or node.state == NODE_DOWN):
+                await self._commit(node_command(name, NODE_DOWN, address))
+            elif rep is not None and silent <= self.node_down_grace and (node is None or node.state == NODE_DOWN):
                 decisions.append(f"host {name} reporting: marked up")
-                await self._commit(node_command(name, NODE_UP, rep.inventory.address))
+                await self._commit(node_command(name, NODE_UP, address))
         down = {n for n, rec in self.state.nodes.items() if rec.state == NODE_DOWN}
         if down:
             decisions += await self._replace_from(down)
