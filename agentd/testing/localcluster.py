@@ -73,6 +73,9 @@ class LocalCluster:
     node_down_grace: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
+    # Per-agent environment on top of extra_env (e.g. one host with a broken runtime binary); read at each
+    # start, so a test can change it and restart() the agent.
+    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,7 @@ class LocalCluster:
         env.update({"AGENTD_CONFIG": str(self.root / "none.toml"), "PYTHONUNBUFFERED": "1"})
         (self.root / "none.toml").touch()
         env.update(self.extra_env)
+        env.update(self.agent_env.get(name, {}))
         log = open(agent.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
