@@ -273,8 +273,7 @@ class Daemon:
         instances = self.local_instances()
         self._update_local_metrics(inventory)
         if self.raft.is_leader:
-            self.agent.accept_report(inventory, instances)
-            restarts = self.coordinator.take_peer_restarts(self.node)
+            restarts = self.agent.accept_report(inventory, instances)  # it takes this host's peer restarts
         elif self.raft.leader_address:
             req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
                                    inventory_json=inventory.model_dump_json(),
