@@ -123,6 +123,7 @@ class Coordinator:
         self._lock = asyncio.Lock()  # one placement decision at a time: no double booking
         self._replace_after: dict[tuple[str, int], float] = {}
         self._peer_restarts: dict[str, list[tuple[str, int, str]]] = {}
+        self._last_pids: dict[tuple[str, int], int] = {}  # (instance, part) -> last pid reported, see _note_restarts
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
 
     # ------------------------------------------------------------------ soft state
@@ -136,6 +137,7 @@ class Coordinator:
 
     def lost_leadership(self) -> None:
         self.leader_since = None
+        self._last_pids.clear()
 
     def on_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> None:
         previous = self.reports.get(inventory.name)
@@ -149,10 +151,19 @@ class Coordinator:
         A llama-server keeps answering /health after one of its rpc-servers
         restarted, but its connection to that server is gone; only the host
         that runs it can restart it, and only the coordinator sees both hosts.
+
+        A restart goes through BACKOFF and PENDING, which are reported without
+        a pid, so the new pid is compared with the last pid seen, not with the
+        previous report's.
         """
         old = {(i.instance_id, i.part): i.pid for i in before}
+        for key in old.keys() - {(i.instance_id, i.part) for i in after}:
+            self._last_pids.pop(key, None)
         for i in after:
-            was = old.get((i.instance_id, i.part))
+            key = (i.instance_id, i.part)
+            was = self._last_pids.get(key) or old.get(key)
+            if i.pid:
+                self._last_pids[key] = i.pid
             if not was or not i.pid or was == i.pid or not i.endpoint:
                 continue
             assignment = next((a for a in self.state.all_assignments() if a.instance_id == i.instance_id), None)
