@@ -43,6 +43,7 @@ class ProcessRecord(BaseModel):
     started_at: float  # wall clock
     log_path: str = ""
     ready: bool = False  # it passed readiness at least once
+    restarts: int = 0  # the process's restart count so far, so an adopting agentd reports it on (`agentd ps`)
 
 
 def fingerprint(assignment: Assignment) -> str:

@@ -108,7 +108,8 @@ class _Runner:
 
     def __init__(self, sup: Supervisor, inst: _Instance, spec: ProcessSpec, adopt_from: ProcessRecord | None):
         self.sup, self.inst, self.spec = sup, inst, spec
-        self.ps = ProcState(key=f"{inst.instance_id}/{spec.name}", since=sup.clock())
+        self.ps = ProcState(key=f"{inst.instance_id}/{spec.name}", since=sup.clock(),
+                            restarts=adopt_from.restarts if adopt_from is not None else 0)
         self.handle: ProcessHandle | None = None
         self.backoff = Backoff(sup.config.backoff, sup.rng)
         self.start_failures = 0
@@ -268,6 +269,7 @@ class _Runner:
             create_time=h.create_time, argv=self.spec.argv, fingerprint=self.inst.fingerprint,
             spec=self.spec, assignment=self.inst.assignment, started_at=time.time(),
             log_path=str(self.sup.logs.path(self.inst.instance_id, self.name)), ready=self.ready_once,
+            restarts=self.ps.restarts,
         )
         try:
             self.sup.records.write(rec)
