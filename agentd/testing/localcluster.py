@@ -24,6 +24,7 @@ from agentd.api.client import ControlClient
 from agentd.api.drain import request_drain
 from agentd.errors import AgentdError, NotAvailable
 from agentd.runtime.standalone import kill_recorded
+from agentd.v1 import control_pb2 as pb
 
 GiB = 1024**3
 
@@ -209,6 +210,24 @@ class LocalCluster:
             self._check_alive()
             time.sleep(0.1)
         raise NotAvailable(f"cluster did not reach {count} members within {timeout:g}s; logs in {self.root}")
+
+    def wait_for_inventories(self, timeout: float = 30.0) -> None:
+        """Until the leader holds every agent's inventory report: placement only sees hosts that reported,
+        and a host that has just joined reports within about a second."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            if lead:
+                try:
+                    with self.agents[lead[0]].client(timeout=2.0) as c:
+                        nodes = c.call("ListNodes", pb.ListNodesRequest()).nodes
+                    if {n.name for n in nodes if n.inventory_json and n.state == "up"} >= set(self.agents):
+                        return
+                except AgentdError:
+                    pass
+            self._check_alive()
+            time.sleep(0.1)
+        raise NotAvailable(f"not every agent reported its inventory within {timeout:g}s; logs in {self.root}")
 
     def _check_alive(self) -> None:
         for agent in self.agents.values():
