@@ -128,7 +128,11 @@ class ProcessHandle:
     async def _watch_exit(self) -> None:
         if self._popen is not None:
             await _wait_pid_exit(self.pid, lambda: self._popen.poll() is None)
-            self.returncode = self._popen.wait()
+            # Exited, but a debugger may still trace it (a crashing llama-server forks gdb): the status can
+            # be collected only once it lets go. Poll rather than block the event loop in waitpid().
+            while self._popen.poll() is None:
+                await asyncio.sleep(0.05)
+            self.returncode = self._popen.returncode
         else:
             await _wait_pid_exit(self.pid, lambda: is_same_process(self.pid, self.create_time))
         self._exited.set()
@@ -146,9 +150,18 @@ class ProcessHandle:
         return not self._exited.is_set() and is_same_process(self.pid, self.create_time)
 
     def close(self) -> None:
-        """Stop watching; the process itself is left alone."""
-        if self._watch is not None and not self._watch.done():
-            self._watch.cancel()
+        """Stop watching; the process itself is left alone.
+
+        A child of ours that has exited is reaped first: otherwise its zombie
+        stays in `ps` until subprocess's next spawn happens to collect it. One
+        that cannot be reaped yet (still traced by a debugger) keeps its watch,
+        which reaps it as soon as it can.
+        """
+        if self._watch is None or self._watch.done():
+            return
+        if self._popen is not None and self._popen.poll() is None and not _alive(self.pid):
+            return
+        self._watch.cancel()
 
 
 async def _wait_pid_exit(pid: int, running: Callable[[], bool]) -> None:
