@@ -76,7 +76,7 @@ class SupervisorConfig:
     liveness_failures: int = 3  # probes failing in a row before a RUNNING process is killed
     stop_grace: float = 10.0  # SIGTERM -> SIGKILL
     start_retries: int = 3  # failed starts in a row (never ready) before FATAL
-    dependency_poll: float = 1.0  # period of the TCP check of endpoints on other hosts
+    dependency_poll: float = 1.0  # longest period of the TCP check of endpoints on other hosts (starts at 50 ms)
     gpu_release_timeout: float = 10.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     log_keep: int = 5
@@ -124,6 +124,7 @@ class _Runner:
         self.restart_explicit = False
         self.task: asyncio.Task | None = None
         self.ready_once = False
+        self.remote_poll = 0.0  # current wait between TCP checks of endpoints on other hosts
 
     # ------------------------------------------------------------------ plumbing
 
@@ -216,9 +217,12 @@ class _Runner:
         for ep in self.remote:
             res = await probe_tcp(ep.host, ep.port, self.sup.config.health_timeout)
             if not res.ok:
+                # The rpc-server on another host usually starts within a second of us: check often at first.
+                self.remote_poll = min(self.sup.config.dependency_poll, max(0.05, self.remote_poll * 1.5))
                 self._note(f"waiting for {ep} to accept connections ({res.error})")
-                await self._pause(self.sup.config.dependency_poll)
+                await self._pause(self.remote_poll)
                 return
+        self.remote_poll = 0.0
         if self.stop_asked.is_set():
             return
         try:
