@@ -199,6 +199,7 @@ class Demo:
                 self.root / "cluster", hosts=[simulated_host(n, gpus=1, gpu_gib=GPU_GIB) for n in names],
                 extra_env={"AGENTD_PORT_RANGE": f"[{low},{high}]"})
             self.cluster.start()
+            self.cluster.wait_for_inventories()
             self.wait_for_voters()
             say(f"model servers get ports {low}-{high}\n$ agentd nodes")
             say(cli_ok("nodes", server=self.first().listen), indent=6)
