@@ -257,7 +257,8 @@ class Demo:
             header = log.splitlines()[0] if log else ""
             say(f"llama-server's log on {parts[main]['host']}, fetched through agent {other.name} "
                 f"(`agentd logs {DEPLOYMENT}-r0`):")
-            say(header.split(": ", 2)[-1].replace(str(self.root), "$DIR"), indent=6)
+            program, _, rest = header.split(": ", 2)[-1].partition(" ")
+            say(f"{Path(program).name} {rest}".replace(str(self.root), "$DIR"), indent=6)
             wanted = ("offloading", "offloaded", "model buffer size", "KV buffer size")
             lines = [ln.split(" I ", 1)[-1].strip() for ln in log.splitlines() if any(w in ln for w in wanted)]
             say("\n".join(lines), indent=6)

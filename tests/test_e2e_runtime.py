@@ -409,3 +409,39 @@ def test_a_runtime_binary_that_cannot_run_is_fatal(cluster, models, kind):
     finally:
         cluster.agent_env["c"].pop("AGENTD_LLAMA_SERVER_BINARY")
         cluster.restart("c")
+
+
+# ---------------------------------------------------------------------- the demo (the README's first command)
+
+
+def test_the_readme_demo_runs_keeps_the_cluster_and_stops_it(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    assert [ln for ln in quickstart.splitlines() if ln and not ln.startswith("#")] == ["scripts/demo", "scripts/test"]
+    script = Path(__file__).resolve().parent.parent / "scripts" / "demo"
+    assert os.access(script, os.X_OK) and "-m agentd.demo" in script.read_text()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    d = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "agentd.demo", "--dir", str(d), "--keep"], capture_output=True,
+                       text=True, env=env, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout
+        assert "replica 0: a[0] main 5L, b[0] rpc 3L" in out and "all 2 part(s) running" in out
+        assert "load_tensors: offloading 3 repeating layers to GPU" in out
+        assert "model 'tiny', 12 tokens" in out and "OK: every step worked." in out
+        server = re.search(r"export AGENTD_SERVER=(\S+)", out).group(1)
+        ps = subprocess.run([sys.executable, "-m", "agentd", "ps", "--json", "--server", server],
+                            capture_output=True, text=True, env=env, timeout=60)
+        states = [(i["host"], i["role"], i["state"]) for i in json.loads(ps.stdout)["instances"]]
+        assert states == [("a", "main", "RUNNING"), ("b", "rpc", "RUNNING")]
+        pids = [a["pid"] for a in json.loads((d / "demo.json").read_text())["agents"].values()]
+        assert len(model_servers(d)) == 2
+    finally:
+        stop = subprocess.run([sys.executable, "-m", "agentd.demo", "--stop", str(d)], capture_output=True,
+                              text=True, env=env, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "stopped; nothing left running" in stop.stdout
+    assert model_servers(d) == []
+    assert_gone(pids, d, timeout=1)  # the agents (their parent, the demo, has exited: init reaps them)
