@@ -1,14 +1,18 @@
 """Model servers through the whole cluster: real `agentd serve` processes, real llama-server and ggml-rpc-server.
 
-One cluster of three agents on loopback (simulated GPUs) serves the whole
-module; each test deploys through the real CLI, looks only through the
-cluster's interfaces (`agentd ps`, `agentd logs`, the agents' HTTP port) plus
-psutil for "nothing left running", and removes what it deployed.
+One cluster of three agents on loopback (simulated GPUs) serves the module;
+each test deploys through the real CLI, looks only through the cluster's
+interfaces (`agentd ps` and `agentd logs`, the gRPC calls behind them for
+polling, the agents' HTTP port) plus psutil for "nothing left running", and
+removes what it deployed. The first test runs the README's demo, which starts
+a cluster of its own.
 
 * a, b: one 0.272 GiB GPU each, label pool=split: the 8-layer tiny model
   does not fit one of them, so it is split main (a) + rpc (b);
-* c: one 24 GiB GPU, label pool=solo, a 4 s startup timeout (the tiny model is
-  ready in tens of milliseconds) for the never-ready case.
+* c: one 24 GiB GPU, label pool=solo, a 3 s startup timeout (the tiny model is
+  ready in tens of milliseconds) for the never-ready case;
+* b's llama-server binary is configured to a path the test controls (absent,
+  then not executable); as the rpc host it runs only ggml-rpc-server.
 
 The tests run in file order and share the cluster; a is the first agent, so it
 leads until the adoption test kills it.
@@ -34,6 +38,7 @@ import psutil
 import pytest
 from gguf import GGUFWriter
 
+from agentd.api.client import ControlClient
 from agentd.errors import AgentdError
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
@@ -69,6 +74,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     fifo = d / "stuck-adapter.gguf"
     os.mkfifo(fifo)  # nobody ever writes: opening it blocks llama-server's model loading forever
     return {"tiny": write_tiny_llama_gguf(d / "tiny.gguf", n_layers=8, hidden=256, ffn=512),
+            "small": write_tiny_llama_gguf(d / "small.gguf"),  # fits one 0.272 GiB GPU
             "refused": write_incomplete_llama_gguf(d / "incomplete.gguf"),
             "fifo": fifo}
 
@@ -83,8 +89,9 @@ def cluster(tmp_path_factory) -> Any:
                simulated_host("b", gpus=1, gpu_gib=0.272, labels={"pool": "split"}),
                simulated_host("c", gpus=1, gpu_gib=24, labels={"pool": "solo"})],
         extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_BACKOFF_INITIAL": "500ms",
-                   "AGENTD_RUNTIME_STOP_GRACE": "2s"},
-        agent_env={"c": {"AGENTD_RUNTIME_STARTUP_TIMEOUT": "4s"}},
+                   "AGENTD_RUNTIME_STOP_GRACE": "1s"},
+        agent_env={"b": {"AGENTD_LLAMA_SERVER_BINARY": str(root / "bin" / "llama-server")},
+                   "c": {"AGENTD_RUNTIME_STARTUP_TIMEOUT": "3s"}},
     )
     try:
         c.start()
@@ -184,9 +191,14 @@ def deploy(c: LocalCluster, name: str, model: Path, *extra: str, wait: float = 6
     return r.returncode, data, r.stderr
 
 
-def remove(c: LocalCluster, name: str) -> None:
-    r = cli(c, "rm", name)
-    assert r.returncode == 0, r.stderr
+def remove(c: LocalCluster, name: str, *, with_cli: bool = False) -> None:
+    """Delete a deployment (`agentd rm`, or the same Delete call without the CLI's start-up cost)."""
+    if with_cli:
+        r = cli(c, "rm", name)
+        assert r.returncode == 0 and r.stdout.strip() == f"deployment {name} deleted", r.stdout + r.stderr
+    else:
+        with c.any_client(timeout=10) as cl:
+            cl.call("Delete", pb.DeleteRequest(name=name))
     wait_for(lambda: not instances(c, name), 30, f"{name} gone from agentd ps")
 
 
@@ -238,6 +250,42 @@ def assert_gone(pids: list[int], root: Path, timeout: float = 15, zombies_ok: bo
             return
         time.sleep(0.1)
     raise AssertionError(f"left running: pids {alive}, model servers {model_servers(root)}")
+
+
+# ---------------------------------------------------------------------- the demo (the README's first command)
+# First, so that it runs before the module's cluster starts.
+
+
+def test_the_readme_demo_runs_keeps_the_cluster_and_stops_it(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    assert [ln for ln in quickstart.splitlines() if ln and not ln.startswith("#")] == ["scripts/demo", "scripts/test"]
+    script = Path(__file__).resolve().parent.parent / "scripts" / "demo"
+    assert os.access(script, os.X_OK) and "-m agentd.demo" in script.read_text()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    d = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "agentd.demo", "--dir", str(d), "--keep"], capture_output=True,
+                       text=True, env=env, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout
+        assert "replica 0: a[0] main 5L, b[0] rpc 3L" in out and "all 2 part(s) running" in out
+        assert "load_tensors: offloading 3 repeating layers to GPU" in out
+        assert "model 'tiny', 12 tokens" in out and "OK: every step worked." in out
+        server = re.search(r"export AGENTD_SERVER=(\S+)", out).group(1)  # as the printed instructions say
+        with ControlClient(server, timeout=10) as c:
+            kept = c.call("ListInstances", pb.ListInstancesRequest()).instances
+        assert [(i.host, i.role, i.state) for i in kept] == [("a", "main", "RUNNING"), ("b", "rpc", "RUNNING")]
+        pids = [a["pid"] for a in json.loads((d / "demo.json").read_text())["agents"].values()]
+        assert len(model_servers(d)) == 2
+    finally:
+        stop = subprocess.run([sys.executable, "-m", "agentd.demo", "--stop", str(d)], capture_output=True,
+                              text=True, env=env, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "stopped; nothing left running" in stop.stdout
+    assert model_servers(d) == []
+    assert_gone(pids, d, timeout=1)  # the agents (their parent, the demo, has exited: init reaps them)
 
 
 # ---------------------------------------------------------------------- one host
@@ -348,7 +396,7 @@ def test_delete_leaves_no_process_behind(cluster):
     pids = [i.pid for i in instances(cluster, "split")]
     assert len(pids) == 2 and all(pids)
     assert len(model_servers(cluster.root)) == 2
-    remove(cluster, "split")
+    remove(cluster, "split", with_cli=True)
     assert_gone(pids, cluster.root)
 
 
@@ -380,7 +428,7 @@ def test_a_server_that_never_becomes_ready_times_out_to_fatal(cluster, models):
                          "--arg=--lora", f"--arg={models['fifo']}")
     assert rc == 1 and [i["state"] for i in data["instances"]] == ["FATAL"]  # `deploy --wait` saw it fail
     row = _fatal_row(cluster, "stuck")
-    assert row["REASON"].startswith("not ready after 4s (last probe: loading the model); stopped | last log lines:")
+    assert row["REASON"].startswith("not ready after 3s (last probe: loading the model); stopped | last log lines:")
     assert "loading model" in row["REASON"]
     assert model_servers(cluster.root) == []  # killed at the timeout, before the deployment is removed
     remove(cluster, "stuck")
@@ -388,60 +436,20 @@ def test_a_server_that_never_becomes_ready_times_out_to_fatal(cluster, models):
 
 @pytest.mark.parametrize("kind", ["missing", "not-executable"])
 def test_a_runtime_binary_that_cannot_run_is_fatal(cluster, models, kind):
+    binary = cluster.root / "bin" / "llama-server"  # b's configured llama-server (see the module docstring)
     if kind == "missing":
-        binary = "/nonexistent/llama-server"
+        binary.unlink(missing_ok=True)
         expect = f"binary {binary} does not exist"
     else:
-        binary = str(cluster.root / "llama-server-not-executable")
-        Path(binary).write_text("#!/bin/sh\nexit 0\n")
-        os.chmod(binary, 0o644)
+        binary.parent.mkdir(exist_ok=True)
+        binary.write_text("#!/bin/sh\nexit 0\n")
+        binary.chmod(0o644)
         expect = f"binary {binary} is not executable"
-    cluster.agent_env["c"] = {**cluster.agent_env.get("c", {}), "AGENTD_LLAMA_SERVER_BINARY": binary}
-    try:
-        cluster.restart("c")
-        rc, data, _ = deploy(cluster, "nobin", models["tiny"], "--selector", "pool=solo")
-        assert rc == 1 and [i["state"] for i in data["instances"]] == ["FATAL"], data
-        row = _fatal_row(cluster, "nobin")
-        assert row["REASON"].startswith(expect), row["REASON"]
-        assert row["RESTARTS"] == "0"
-        remove(cluster, "nobin")
-        assert_gone([], cluster.root)
-    finally:
-        cluster.agent_env["c"].pop("AGENTD_LLAMA_SERVER_BINARY")
-        cluster.restart("c")
+    rc, data, _ = deploy(cluster, "nobin", models["small"], "--pin", "b")
+    assert rc == 1 and [i["state"] for i in data["instances"]] == ["FATAL"], data
+    row = _fatal_row(cluster, "nobin")
+    assert row["HOST"] == "b" and row["REASON"].startswith(expect), row["REASON"]
+    assert row["RESTARTS"] == "0"
+    remove(cluster, "nobin")
+    assert_gone([], cluster.root)
 
-
-# ---------------------------------------------------------------------- the demo (the README's first command)
-
-
-def test_the_readme_demo_runs_keeps_the_cluster_and_stops_it(tmp_path):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    quickstart = readme.split("## Quickstart", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
-    assert [ln for ln in quickstart.splitlines() if ln and not ln.startswith("#")] == ["scripts/demo", "scripts/test"]
-    script = Path(__file__).resolve().parent.parent / "scripts" / "demo"
-    assert os.access(script, os.X_OK) and "-m agentd.demo" in script.read_text()
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
-    d = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "agentd.demo", "--dir", str(d), "--keep"], capture_output=True,
-                       text=True, env=env, timeout=180)
-    try:
-        assert r.returncode == 0, r.stdout + r.stderr
-        out = r.stdout
-        assert "replica 0: a[0] main 5L, b[0] rpc 3L" in out and "all 2 part(s) running" in out
-        assert "load_tensors: offloading 3 repeating layers to GPU" in out
-        assert "model 'tiny', 12 tokens" in out and "OK: every step worked." in out
-        server = re.search(r"export AGENTD_SERVER=(\S+)", out).group(1)
-        ps = subprocess.run([sys.executable, "-m", "agentd", "ps", "--json", "--server", server],
-                            capture_output=True, text=True, env=env, timeout=60)
-        states = [(i["host"], i["role"], i["state"]) for i in json.loads(ps.stdout)["instances"]]
-        assert states == [("a", "main", "RUNNING"), ("b", "rpc", "RUNNING")]
-        pids = [a["pid"] for a in json.loads((d / "demo.json").read_text())["agents"].values()]
-        assert len(model_servers(d)) == 2
-    finally:
-        stop = subprocess.run([sys.executable, "-m", "agentd.demo", "--stop", str(d)], capture_output=True,
-                              text=True, env=env, timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert "stopped; nothing left running" in stop.stdout
-    assert model_servers(d) == []
-    assert_gone(pids, d, timeout=1)  # the agents (their parent, the demo, has exited: init reaps them)
