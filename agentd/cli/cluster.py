@@ -198,7 +198,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         try:
             reply = c.deploy(spec, replace=args.replace)
         except CannotPlace as exc:
-            if args.json:
+            if getattr(args, "json", False):  # --json defaults to SUPPRESS (absent)
                 print(json.dumps({"deployed": False, "diagnosis": str(exc)}, indent=2))
             else:
                 print(f"agentd: {exc}", file=sys.stderr)
@@ -329,7 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     with _client(args) as c:
         for ev in c.stream("Watch", pb.WatchRequest(deployment=args.deployment)):
-            if args.json:
+            if getattr(args, "json", False):  # --json defaults to SUPPRESS (absent)
                 print(json.dumps({**_dict(ev), "data": json.loads(ev.data_json or "{}")}), flush=True)
             else:
                 print(f"{ev.index:>6} t{ev.term} {ev.kind:<20} {ev.name} {ev.data_json}", flush=True)
