@@ -410,6 +410,14 @@ def _fatal_row(cluster: LocalCluster, name: str) -> dict[str, str]:
     return row
 
 
+def test_a_deployment_that_cannot_be_placed_exits_3_with_the_diagnosis_and_commits_nothing(cluster, models):
+    r = cli(cluster, "deploy", "nowhere", "--model", str(models["tiny"]), "--runtime", "llamabox",
+            "--selector", "pool=split", "--pin", "a")
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.startswith("agentd: 0/3 hosts can run nowhere (llamabox): "), r.stderr
+    assert "Traceback" not in r.stderr and instances(cluster, "nowhere") == []
+
+
 def test_a_model_file_the_server_refuses_is_fatal_with_its_log(cluster, models):
     rc, data, _ = deploy(cluster, "refused", models["refused"], "--selector", "pool=solo")
     assert rc == 1 and data["deployment"]["assignments"]  # placed (our inspector accepts it), then failed
