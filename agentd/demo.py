@@ -151,7 +151,9 @@ class Demo:
     timings: Timings = field(default_factory=Timings)
     cluster: LocalCluster | None = None
 
-    TOTAL_STEPS = 6
+    @property
+    def total_steps(self) -> int:
+        return 5 if self.keep else 6
 
     def run(self) -> int:
         t0 = self.timings.clock()
@@ -167,13 +169,15 @@ class Demo:
                 self.save_state()
             else:
                 self.stop()
-        except (DemoFailed, AgentdError, OSError, subprocess.SubprocessError, ValueError) as exc:
-            self.fail(exc)
-            return 1
         except KeyboardInterrupt:
             print("\ninterrupted; stopping the cluster", file=sys.stderr)
             self.abort()
+            if self.created_root:
+                shutil.rmtree(self.root, ignore_errors=True)
             return 130
+        except Exception as exc:  # whatever went wrong, say so and leave nothing running
+            self.fail(exc if isinstance(exc, DemoFailed | AgentdError) else f"{type(exc).__name__}: {exc}")
+            return 1
         self.summary(self.timings.clock() - t0)
         if self.keep:
             self.print_keep_instructions()
@@ -184,7 +188,7 @@ class Demo:
     # ------------------------------------------------------------------ steps
 
     def make_model(self) -> Path:
-        with self.timings.step(1, self.TOTAL_STEPS, "Generate a tiny llama GGUF (random weights, gguf package)"):
+        with self.timings.step(1, self.total_steps, "Generate a tiny llama GGUF (random weights, gguf package)"):
             path = write_tiny_llama_gguf(self.root / "models" / "tiny-llama.gguf", **MODEL_SHAPE)
             say(f"{path}: llama, {MODEL_SHAPE['n_layers']} layers, hidden {MODEL_SHAPE['hidden']}, "
                 f"{path.stat().st_size / MiB:.1f} MiB")
@@ -193,7 +197,7 @@ class Demo:
     def start_cluster(self) -> None:
         names = "abcdefgh"[: self.agents]
         title = f"Start {self.agents} agents (`agentd serve --simulate`), each with one {GPU_GIB * 1024:.0f} MiB GPU"
-        with self.timings.step(2, self.TOTAL_STEPS, title):
+        with self.timings.step(2, self.total_steps, title):
             low, high = free_port_block()
             self.cluster = LocalCluster(
                 self.root / "cluster", hosts=[simulated_host(n, gpus=1, gpu_gib=GPU_GIB) for n in names],
@@ -218,7 +222,7 @@ class Demo:
             time.sleep(0.1)
 
     def deploy(self, model: Path) -> dict[str, Any]:
-        with self.timings.step(3, self.TOTAL_STEPS, "Deploy with the llamabox runtime and wait until it runs"):
+        with self.timings.step(3, self.total_steps, "Deploy with the llamabox runtime and wait until it runs"):
             args = ["deploy", DEPLOYMENT, "--model", str(model), "--runtime", "llamabox", "--ctx-size", "256",
                     "--arg=-lv", "--arg=4", "--wait", "120"]
             say("$ agentd " + " ".join(args).replace(str(self.root), "$DIR"))
@@ -238,7 +242,7 @@ class Demo:
         return assignment
 
     def show_placement(self, assignment: dict[str, Any]) -> None:
-        with self.timings.step(4, self.TOTAL_STEPS, "Placement: what the coordinator committed, what runs where"):
+        with self.timings.step(4, self.total_steps, "Placement: what the coordinator committed, what runs where"):
             say("$ agentd ps")
             say(cli_ok("ps", server=self.first().listen), indent=6)
             parts, eps = assignment["plan"]["parts"], assignment["endpoints"]
@@ -274,7 +278,7 @@ class Demo:
         main_host = next(p["host"] for p in parts if p["role"] == "main")
         via = next(a for a in self.cluster.agents.values() if a.name != main_host)
         url = f"http://{via.http_listen}/v1/completions"
-        with self.timings.step(5, self.TOTAL_STEPS, "A real completion through the OpenAI-compatible API"):
+        with self.timings.step(5, self.total_steps, "A real completion through the OpenAI-compatible API"):
             models = get_json(f"http://{via.http_listen}/v1/models")
             ready = [m for m in models.get("data", []) if m.get("id") == DEPLOYMENT]
             body = {"model": DEPLOYMENT, "prompt": "Once upon a time", "max_tokens": 12}
@@ -296,7 +300,7 @@ class Demo:
                 raise DemoFailed(f"/v1/models lists {models} and the completion was {out}")
 
     def stop(self) -> None:
-        with self.timings.step(6, self.TOTAL_STEPS, "Delete the deployment and stop the agents (drain)"):
+        with self.timings.step(6, self.total_steps, "Delete the deployment and stop the agents (drain)"):
             pids = [p.pid for p in model_servers(self.root)]
             say(f"$ agentd rm {DEPLOYMENT}")
             say(cli_ok("rm", DEPLOYMENT, server=self.first().listen), indent=6)
@@ -323,7 +327,7 @@ class Demo:
         say(_table(rows), indent=0)
         print("\nOK: every step worked.", flush=True)
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException | str) -> None:
         print(f"\nFAILED: {exc}", file=sys.stderr, flush=True)
         if self.cluster is not None:
             for name, text in self.cluster.logs():
@@ -425,6 +429,10 @@ def _agent_process(pid: int, data_dir: str) -> psutil.Process | None:
 # ---------------------------------------------------------------------- main
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, help="where the cluster keeps its data and logs (default: a new temp dir)")
@@ -432,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="leave the cluster running and print how to use and stop it")
     ap.add_argument("--stop", type=Path, metavar="DIR", help="stop a cluster that an earlier --keep left running")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the demo cleans up like Ctrl-C
     if args.stop:
         return stop_kept(args.stop.resolve())
     if args.dir:
