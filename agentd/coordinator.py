@@ -124,6 +124,7 @@ class Coordinator:
         self._replace_after: dict[tuple[str, int], float] = {}
         self._peer_restarts: dict[str, list[tuple[str, int, str]]] = {}
         self._last_pids: dict[tuple[str, int], int] = {}  # (instance, part) -> last pid reported, see _note_restarts
+        self._reported_since_leading: set[str] = set()  # hosts heard from since became_leader, see wait_for_reports
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
 
     # ------------------------------------------------------------------ soft state
@@ -134,6 +135,7 @@ class Coordinator:
         now = self.clock()
         for rep in self.reports.values():
             rep.last_seen = max(rep.last_seen, now)
+        self._reported_since_leading.clear()
 
     def lost_leadership(self) -> None:
         self.leader_since = None
@@ -144,6 +146,7 @@ class Coordinator:
         if previous is not None:
             self._note_restarts(previous.instances, instances)
         self.reports[inventory.name] = NodeReport(inventory, instances, self.clock())
+        self._reported_since_leading.add(inventory.name)
 
     def _note_restarts(self, before: list[InstanceReport], after: list[InstanceReport]) -> None:
         """A part that now runs under a new pid was restarted: the other hosts of its instance must know.
@@ -204,9 +207,8 @@ class Coordinator:
             return
         deadline = self.leader_since + 2.5 * self.report_interval
         known = {n for n, rec in self.state.nodes.items() if rec.state == NODE_UP}
-        while self.clock() < deadline and not known <= {
-            n for n, r in self.reports.items() if r.last_seen >= self.leader_since
-        }:
+        # Reports kept from an earlier spell as leader do not count: they may be minutes old.
+        while self.clock() < deadline and not known <= self._reported_since_leading:
             await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ decisions

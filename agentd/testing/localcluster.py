@@ -27,6 +27,8 @@ from agentd.runtime.standalone import kill_recorded
 from agentd.v1 import control_pb2 as pb
 
 GiB = 1024**3
+DEFAULT_MAX_VOTERS = 5  # Settings.max_voters' default: the first five agents vote
+_PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
 def free_port() -> int:
@@ -77,6 +79,8 @@ class LocalCluster:
     # Per-agent environment on top of extra_env (e.g. one host with a broken runtime binary); read at each
     # start, so a test can change it and restart() the agent.
     agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Test-only fault injection: each agent follows its own fault file (see `partition`).
+    faults: bool = False
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -91,13 +95,18 @@ class LocalCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
-        """Start the first agent (it bootstraps), wait for it to lead, then start the others."""
+        """Start the first agent (it bootstraps), wait for it to lead, then start the others.
+
+        Returns once the leader has promoted the joiners to voters (up to the default 5): they join as
+        learners, and until then the first agent is the only voter, so killing it would leave the
+        cluster without a quorum."""
         names = list(self.agents)
         self.start_agent(names[0], join=[])
         self.wait_for_leader(timeout)
         for name in names[1:]:
             self.start_agent(name)
         self.wait_for_members(len(names), timeout)
+        self.wait_for_members(min(len(names), DEFAULT_MAX_VOTERS), timeout, voters=True)
         return self
 
     def start_agent(self, name: str, join: list[str] | None = None) -> Agent:
@@ -120,6 +129,8 @@ class LocalCluster:
         env.update({"AGENTD_CONFIG": str(self.root / "none.toml"), "PYTHONUNBUFFERED": "1"})
         (self.root / "none.toml").touch()
         env.update(self.extra_env)
+        if self.faults:
+            env["AGENTD_TEST_FAULT_FILE"] = str(self.fault_file(name))
         env.update(self.agent_env.get(name, {}))
         log = open(agent.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -196,20 +207,23 @@ class LocalCluster:
             time.sleep(0.05)
         raise NotAvailable(f"no leader within {timeout:g}s; logs in {self.root}")
 
-    def wait_for_members(self, count: int, timeout: float = 30.0) -> None:
+    def wait_for_members(self, count: int, timeout: float = 30.0, *, voters: bool = False) -> None:
+        """Until the leader counts `count` members (learners included), or `count` voters with `voters`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             lead = self.leader()
             if lead:
                 try:
                     with self.agents[lead[0]].client(timeout=2.0) as c:
-                        if len(c.status().members) >= count:
-                            return
+                        members = c.status().members
+                    if sum(1 for m in members if m.voter or not voters) >= count:
+                        return
                 except AgentdError:
                     pass
             self._check_alive()
             time.sleep(0.1)
-        raise NotAvailable(f"cluster did not reach {count} members within {timeout:g}s; logs in {self.root}")
+        what = "voters" if voters else "members"
+        raise NotAvailable(f"cluster did not reach {count} {what} within {timeout:g}s; logs in {self.root}")
 
     def wait_for_inventories(self, timeout: float = 30.0) -> None:
         """Until the leader holds every agent's inventory report: placement only sees hosts that reported,
@@ -228,6 +242,52 @@ class LocalCluster:
             self._check_alive()
             time.sleep(0.1)
         raise NotAvailable(f"not every agent reported its inventory within {timeout:g}s; logs in {self.root}")
+
+    # ------------------------------------------------------------------ fault injection
+
+    def fault_file(self, name: str) -> Path:
+        """The file agent `name` follows for injected faults (with `faults=True`)."""
+        return self.root / f"{name}.faults.json"
+
+    def partition(self, *groups: list[str] | tuple[str, ...] | set[str], timeout: float = 10.0) -> None:
+        """Cut Raft traffic between the groups (agents in no group are cut from everyone); no arguments heals.
+
+        Returns once every live agent whose cut changed has logged that it applied it: the agents poll
+        their files, and a test must not race the cut it just asked for.
+        """
+        if not self.faults:
+            raise NotAvailable("this LocalCluster was created without faults=True")
+        names = list(self.agents)
+        group_of = {n: frozenset(g) for g in groups for n in g}
+        waiting = {}
+        for name in names:
+            mine = group_of.get(name, frozenset({name})) if groups else frozenset(names)
+            peers = sorted(n for n in names if n not in mine)
+            path = self.fault_file(name)
+            old = json.loads(path.read_text()).get("partition", []) if path.exists() else []
+            if sorted(old) == peers:
+                continue
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"partition": peers}))
+            tmp.replace(path)  # atomic: the agent never reads half a file
+            if self.agents[name].alive:
+                waiting[name] = (self._count_in_log(name, _PARTITION_LINE), peers)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for name, (before, _) in list(waiting.items()):
+                if self._count_in_log(name, _PARTITION_LINE) > before or not self.agents[name].alive:
+                    del waiting[name]
+            if time.monotonic() > deadline:
+                raise NotAvailable(f"agents {sorted(waiting)} did not apply the partition within {timeout:g}s")
+            time.sleep(0.02)
+
+    def heal(self, timeout: float = 10.0) -> None:
+        """Remove every injected partition."""
+        self.partition(timeout=timeout)
+
+    def _count_in_log(self, name: str, needle: str) -> int:
+        path = self.agents[name].log_file
+        return path.read_text(errors="replace").count(needle) if path.exists() else 0
 
     def _check_alive(self) -> None:
         for agent in self.agents.values():
