@@ -38,7 +38,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentd.api.control import AgentService, ChannelPool, ControlService, instance_from_pb
+from agentd.api.control import AgentService, ChannelPool, ControlService, add_services, instance_from_pb
 from agentd.api.drain import clear_drain_request, drain_decision
 from agentd.api.http import HttpOptions, ModelCard, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
@@ -142,8 +142,7 @@ class Daemon:
         else:
             raise InvalidInput("TLS is not set up for this agent: pass --insecure (no TLS, no authentication) "
                                "or see docs/security.md", where="serve")
-        pb_grpc.add_ControlServicer_to_server(self.control, self.server)
-        pb_grpc.add_AgentServicer_to_server(self.agent, self.server)
+        add_services(self.server, self.control, self.agent)  # garbage requests get INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         reflection.enable_server_reflection((
             pb.DESCRIPTOR.services_by_name["Control"].full_name,
