@@ -219,8 +219,14 @@ class Coordinator:
 
     def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
         """Placement for `spec` on the live cluster, counting what is already assigned."""
-        self._validate_runtime(spec.runtime)
-        model = self._inspect(spec.model)
+        try:
+            self._validate_runtime(spec.runtime)
+        except InvalidInput as exc:
+            raise InvalidInput(str(exc), where="runtime") from None
+        try:
+            model = self._inspect(spec.model)
+        except InvalidInput as exc:  # the message names the file; say which field it came from
+            raise InvalidInput(str(exc), where="model") from None
         existing = [a for a in self.state.all_assignments() if a.deployment != exclude_deployment]
         started = time.perf_counter()
         plan = self._place(self.snapshot(), model, spec, existing)

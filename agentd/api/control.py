@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
+from pydantic import ValidationError
 
-from agentd.api.convert import spec_from_pb, spec_to_pb
+from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
 from agentd.cluster.state import ClusterState, StateEvent
 from agentd.coordinator import Coordinator, InstanceReport
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable
@@ -134,6 +136,12 @@ class ControlService(pb_grpc.ControlServicer):
                 await context.abort(exc.code(), exc.details() or "")
         except AgentdError as exc:
             await context.abort(status_for(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug: the caller gets a sentence, the log gets the traceback
+            log.exception("control call failed", extra=fields(method=method))
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside agent {self.node_id}: "
+                                                          f"{type(exc).__name__}: {exc} (the agent's log has details)")
 
     def _deployment_pb(self, name: str) -> pb.Deployment:
         record = self.state.deployment(name)
@@ -324,6 +332,66 @@ class ControlService(pb_grpc.ControlServicer):
         return rec.address if rec else ""
 
 
+def add_services(server: grpc.aio.Server, control: ControlService, agent: AgentService) -> None:
+    """Register Control and Agent on `server`, parsing requests ourselves.
+
+    With the generated registration, bytes that are not a valid message fail
+    inside grpc's deserializer and reach the caller as UNKNOWN "Unexpected
+    DecodeError". Here the handlers take the raw bytes and a request that does
+    not parse is answered INVALID_ARGUMENT with a sentence, like any other
+    bad input; the servicers only ever see well-formed messages.
+    """
+    for service, servicer in (("Control", control), ("Agent", agent)):
+        desc = pb.DESCRIPTOR.services_by_name[service]
+        handlers = {}
+        for method in desc.methods:
+            request_cls = getattr(pb, method.input_type.name)
+            response_cls = getattr(pb, method.output_type.name)
+            behavior = getattr(servicer, method.name)
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _parsed_stream(behavior, request_cls, method.full_name),
+                    response_serializer=response_cls.SerializeToString)
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _parsed_unary(behavior, request_cls, method.full_name),
+                    response_serializer=response_cls.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+
+
+def _parse(request_cls: Any, raw: bytes) -> Any:
+    try:
+        return request_cls.FromString(raw)
+    except (DecodeError, ValueError, TypeError):
+        return None
+
+
+async def _refuse_garbage(context: grpc.aio.ServicerContext, request_cls: Any, raw: bytes, method: str) -> None:
+    log.warning("garbage request refused", extra=fields(method=method, size=len(raw), peer=context.peer()))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{method}: the request ({len(raw)} bytes) is not a valid "
+                        f"{request_cls.DESCRIPTOR.full_name} message")
+
+
+def _parsed_unary(behavior: Callable[..., Awaitable[Any]], request_cls: Any, method: str) -> Any:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request = _parse(request_cls, raw)
+        if request is None:
+            await _refuse_garbage(context, request_cls, raw, method)
+        return await behavior(request, context)
+    return handler
+
+
+def _parsed_stream(behavior: Callable[..., AsyncIterator[Any]], request_cls: Any, method: str) -> Any:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        request = _parse(request_cls, raw)
+        if request is None:
+            await _refuse_garbage(context, request_cls, raw, method)
+        async for item in behavior(request, context):
+            yield item
+    return handler
+
+
 class AgentService(pb_grpc.AgentServicer):
     """Agent-to-agent calls: heartbeat reports to the coordinator, host-local logs."""
 
@@ -338,9 +406,11 @@ class AgentService(pb_grpc.AgentServicer):
                                 f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
         try:
             inventory = HostInventory.model_validate_json(request.inventory_json)
-        except ValueError as exc:
-            log.warning("garbage report ignored", extra=fields(node=request.node, error=str(exc)[:200]))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inventory is not a host inventory: {exc}")
+        except ValidationError as exc:
+            why = validation_message(exc, root="inventory_json")
+            log.warning("garbage report refused", extra=fields(node=request.node, error=why[:200]))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"report from {request.node!r}: not a host inventory: {why}")
         if inventory.name != request.node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"report from {request.node!r} carries the inventory of {inventory.name!r}")

@@ -54,9 +54,10 @@ def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
     )
 
 
-def validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError, root: str = "value") -> str:
+    """One line naming each bad field ("replicas: Input should be ..."); `root` names a whole-value error."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        loc = ".".join(str(p) for p in err["loc"]) or root
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
