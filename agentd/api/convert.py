@@ -10,32 +10,33 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from agentd.errors import InvalidInput
-from agentd.types import DeploymentSpec, GpuPin, RuntimeOptions
+from agentd.types import DeploymentSpec
 from agentd.v1 import control_pb2 as pb
 
 
 def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
+    """Validated as one document, so an error names its full path ("options.ctx_size", "pin.0.host")."""
     opts = msg.options
     try:
-        return DeploymentSpec(
-            name=msg.name,
-            model=msg.model,
-            runtime=msg.runtime,
-            replicas=msg.replicas,
-            strategy=msg.strategy or "binpack",
-            selector=dict(msg.selector),
-            pin=tuple(GpuPin(host=p.host, gpus=tuple(p.gpus)) for p in msg.pin),
-            exclude_gpus=tuple(msg.exclude_gpus),
-            options=RuntimeOptions(
-                gpu_memory_utilization=(
+        return DeploymentSpec.model_validate({
+            "name": msg.name,
+            "model": msg.model,
+            "runtime": msg.runtime,
+            "replicas": msg.replicas,
+            "strategy": msg.strategy or "binpack",
+            "selector": dict(msg.selector),
+            "pin": [{"host": p.host, "gpus": list(p.gpus)} for p in msg.pin],
+            "exclude_gpus": list(msg.exclude_gpus),
+            "options": {
+                "gpu_memory_utilization": (
                     opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
                 ),
-                ctx_size=opts.ctx_size if opts.HasField("ctx_size") else None,
-                allow_cpu_offload=opts.allow_cpu_offload,
-                extra_args=tuple(opts.extra_args),
-                env=dict(opts.env),
-            ),
-        )
+                "ctx_size": opts.ctx_size if opts.HasField("ctx_size") else None,
+                "allow_cpu_offload": opts.allow_cpu_offload,
+                "extra_args": list(opts.extra_args),
+                "env": dict(opts.env),
+            },
+        })
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc), where="deployment spec") from None
 
