@@ -67,7 +67,9 @@ def cluster(hosts: int, seed: int = 7) -> tuple[ClusterInventory, list[Assignmen
     return ClusterInventory(hosts=tuple(out)), existing
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
+def timed(fn, repeat: int) -> tuple[float, float, object]:
+    """(min ms, median ms, last result). Other processes share the machine: the min is the cleanest
+    reading of the code's own cost, the median what a caller sees."""
     for _ in range(3):
         result = fn()
     samples = []
@@ -75,7 +77,7 @@ def timed(fn, repeat: int) -> tuple[float, object]:
         t = time.perf_counter()
         result = fn()
         samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1000, result
+    return min(samples) * 1000, statistics.median(samples) * 1000, result
 
 
 def main() -> int:
@@ -100,8 +102,9 @@ def main() -> int:
         ("llamabox", "deepseek-r1-bf16", {}, 1),
         ("vllm", "llama-405b", {"gpu_memory_utilization": 0.02}, 1),  # unplaceable: diagnosis path
     ]
-    header = f"{'runtime':<9} {'model':<17} {'replicas':>8} " + " ".join(f"{n:>9}" for n in sizes)
-    print(f"median ms per placement (warm process, {args.repeat} runs); columns are hosts x 8 GPUs")
+    header = f"{'runtime':<9} {'model':<17} {'replicas':>8} " + " ".join(f"{n:>13}" for n in sizes)
+    print(f"min / median ms per placement (warm process, {args.repeat} runs, a third of them at 2,048 hosts); "
+          "columns are hosts x 8 GPUs")
     print(header)
     print("-" * len(header))
     clusters = {n: cluster(n) for n in sizes}
@@ -112,9 +115,9 @@ def main() -> int:
             spec = DeploymentSpec(name="bench", model=model_name, runtime=runtime, replicas=replicas,
                                   options=RuntimeOptions(**opts))
             repeat = args.repeat if n <= 512 else max(3, args.repeat // 3)
-            ms, plan = timed(lambda c=c, e=existing, s=spec, m=models[model_name]: place(c, m, s, e, plugins=plugins),
-                             repeat)
-            cells.append(f"{ms:9.2f}")
+            low, med, plan = timed(
+                lambda c=c, e=existing, s=spec, m=models[model_name]: place(c, m, s, e, plugins=plugins), repeat)
+            cells.append(f"{low:6.1f}/{med:6.1f}")
             rp = plan.replicas[0] if plan.placed else None
             outcome = (f"TP={rp.tensor_parallel} PP={rp.pipeline_parallel} parts={len(rp.parts)}"
                        if rp else "unplaced")

@@ -21,7 +21,7 @@ them, subclass `Constraint`, or pass any object with these methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -182,24 +182,55 @@ class MinFreeFraction(Constraint):
 
     def check_device(self, gpu: GpuView) -> Rejection | None:
         need = self.fraction * gpu.total
-        if gpu.free >= need:
+        free = gpu.free
+        if free >= need:
             return None
+        # A big cluster rejects thousands of GPUs per placement and a diagnosis reads a few of
+        # them: the numbers and texts are worked out when read (see _Shortfall).
+        short = _Shortfall(gpu, need, self)
+        return Rejection("GPU", f"had less free memory than {self.option} requires", short.detail, short, gpu.label,
+                         free / need if need else 1.0, short.fix if gpu.foreign else "")
 
-        def detail() -> str:
-            held = []
-            if gpu.foreign:
-                held.append(gpu.describe_foreign())
-            if gpu.assigned:
-                held.append(f"{gib(gpu.assigned)} assigned to agentd instances")
-            text = f"needs {gib(need)} ({self.option} {self.fraction:g} x {gib(gpu.total)}), has {gib(gpu.free)}"
-            return text + (": " + ", ".join(held) if held else "")
 
-        return Rejection(
-            "GPU", f"had less free memory than {self.option} requires", detail,
-            {"needs": int(need), "free": gpu.free, "foreign": gpu.foreign, "assigned": gpu.assigned,
-             "fraction": self.fraction, "total": gpu.total},
-            where=gpu.label, closeness=gpu.free / need if need else 1.0,
-            fix=(lambda: f"free {gpu.label} ({gpu.describe_foreign()})") if gpu.foreign else "")
+class _Shortfall(Mapping):
+    """`MinFreeFraction`'s rejection numbers (Rejection.details) and texts, made when read."""
+
+    __slots__ = ("c", "gpu", "need")
+
+    def __init__(self, gpu: GpuView, need: float, c: MinFreeFraction):
+        self.gpu = gpu
+        self.need = need
+        self.c = c
+
+    def _dict(self) -> dict[str, Any]:
+        g = self.gpu
+        return {"needs": int(self.need), "free": g.free, "foreign": g.foreign, "assigned": g.assigned,
+                "fraction": self.c.fraction, "total": g.total}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return 6
+
+    def __contains__(self, key: object) -> bool:
+        return key in ("needs", "free", "foreign", "assigned", "fraction", "total")
+
+    def detail(self) -> str:
+        g, c = self.gpu, self.c
+        held = []
+        if g.foreign:
+            held.append(g.describe_foreign())
+        if g.assigned:
+            held.append(f"{gib(g.assigned)} assigned to agentd instances")
+        text = f"needs {gib(self.need)} ({c.option} {c.fraction:g} x {gib(g.total)}), has {gib(g.free)}"
+        return text + (": " + ", ".join(held) if held else "")
+
+    def fix(self) -> str:
+        return f"free {self.gpu.label} ({self.gpu.describe_foreign()})"
 
 
 # --------------------------------------------------------------------------- layout rules

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentd.errors import AgentdError, InvalidInput, PluginError
 from agentd.logs import fields
@@ -267,11 +267,14 @@ def _matches_exact(shape: Shape, exact: tuple[tuple[str, int], ...]) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class _HostResult:
-    """What the host and device filters made of one host: cached per HostView for the next replica."""
+class _HostResult(NamedTuple):
+    """What the host and device filters made of one host: cached per HostView for the next replica.
 
-    rejections: tuple[tuple[int, Rejection], ...]
+    A tuple, not a dataclass: one is built per host on every placement.
+    """
+
+    stage: int  # HOST when the host filters turned the whole host down, else DEVICE
+    rejections: tuple[Rejection, ...]
     eligible: tuple[GpuView, ...]
     considered: int  # GPUs that passed the host filters (pinned ones only, when pinned)
     max_memory: int
@@ -293,19 +296,22 @@ def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidate
     hosts = []
     counted = max_per_host = total_gpus = max_mem = 0
     cache = req.host_cache
-    add = findings.add
+    queue = findings.add_all
     for hv in snap.hosts:
         hit = cache.get(id(hv))
         if hit is None or hit[0] is not hv:  # a snapshot shares untouched hosts with the one before
             hit = cache[id(hv)] = (hv, _filter_host(req, hv, pinned))
         res = hit[1]
-        for stage, r in res.rejections:
-            add(stage, r)
-        if res.considered:
+        if res.rejections:
+            queue(res.stage, res.rejections)
+        considered = res.considered
+        if considered:
             counted += 1
-            total_gpus += res.considered
-            max_per_host = max(max_per_host, res.considered)
-            max_mem = max(max_mem, res.max_memory)
+            total_gpus += considered
+            if considered > max_per_host:
+                max_per_host = considered
+            if res.max_memory > max_mem:
+                max_mem = res.max_memory
         if res.eligible:
             hosts.append((hv, res.eligible))
     limits = ShapeLimits(hosts=counted, max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem,
@@ -318,31 +324,32 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]])
     selector = spec.selector
     if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
         text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        return _HostResult(((HOST, Rejection("host", f"excluded by selector {text}", where=hv.name)),), (), 0, 0)
+        return _HostResult(HOST, (Rejection("host", f"excluded by selector {text}", where=hv.name),), (), 0, 0)
     if pinned and hv.name not in pinned:
-        return _HostResult(((HOST, Rejection("host", "not pinned", where=hv.name)),), (), 0, 0)
+        return _HostResult(HOST, (Rejection("host", "not pinned", where=hv.name),), (), 0, 0)
     if not hv.gpus:
-        return _HostResult(((HOST, Rejection("host", "without GPUs", where=hv.name)),), (), 0, 0)
-    rejections: list[tuple[int, Rejection]] = []
+        return _HostResult(HOST, (Rejection("host", "without GPUs", where=hv.name),), (), 0, 0)
+    rejections: list[Rejection] = []
+    reject = rejections.append
     want = pinned.get(hv.name) or None
     gpus = hv.gpus
     if want:
         present = {g.index for g in gpus}
         for i in want:
             if i not in present:
-                rejections.append((DEVICE, Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
-                                                     details={"host": hv.name, "index": i})))
+                reject(Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
+                                 details={"host": hv.name, "index": i}))
         gpus = tuple(g for g in gpus if g.index in want)
     excluded = req.excluded
     device_checks = req.checks["check_device"]
     eligible = []
+    keep = eligible.append
     max_mem = 0
     for g in gpus:
         if g.total > max_mem:
             max_mem = g.total
         if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
-            rejections.append((DEVICE, Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid},
-                                                 where=g.label)))
+            reject(Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid}, where=g.label))
             continue
         for c, check in device_checks:
             try:
@@ -353,11 +360,12 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]])
                 raise PluginError(f"constraint {_name(c)} failed in check_device: "
                                   f"{type(exc).__name__}: {exc}") from exc
             if why is not None:
-                rejections.append((DEVICE, why))
+                reject(why)
                 break
         else:
-            eligible.append(g)
-    return _HostResult(tuple(rejections), tuple(eligible), len(gpus), max_mem)
+            keep(g)
+    return _HostResult(DEVICE, tuple(rejections), gpus if len(eligible) == len(gpus) else tuple(eligible),
+                       len(gpus), max_mem)
 
 
 # --------------------------------------------------------------------------- plan
@@ -394,19 +402,24 @@ def place(
     that does not exist or does not serve the model's format, PluginError
     when a plugin misbehaves; an unplaceable deployment is a Plan, not an error.
     """
-    from agentd.placement.whatif import diagnose
-
-    req = prepare(plugins, model, spec)
     with _collector_paused():
-        outcome = attempt(req, cluster, existing)
-        if outcome.placed:
-            plan = Plan(placed=True, runtime=spec.runtime,
-                        replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
-        else:
-            plan = Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
+        plan = _plan(plugins, cluster, model, spec, existing)
     log.info(decision(spec, plan), extra=fields(deployment=spec.name, runtime=spec.runtime, placed=plan.placed,
                                                 replicas=len(plan.replicas)))
     return plan
+
+
+def _plan(plugins: Any, cluster: ClusterInventory, model: ModelInfo, spec: DeploymentSpec,
+          existing: Sequence[Assignment | ReplicaPlan]) -> Plan:
+    """The work of `place`, in a frame of its own: every temporary (snapshots, filter caches) is
+    freed on return, before the cyclic collector resumes and would otherwise walk them all."""
+    from agentd.placement.whatif import diagnose
+
+    req = prepare(plugins, model, spec)
+    outcome = attempt(req, cluster, existing)
+    if outcome.placed:
+        return Plan(placed=True, runtime=spec.runtime, replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
+    return Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
 
 
 @contextmanager

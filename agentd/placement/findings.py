@@ -70,29 +70,50 @@ _STAGE_NAMES = {STATIC: "request", HOST: "host", DEVICE: "device", SHAPE: "shape
 
 
 class Findings:
-    """Every rejection of one placement attempt."""
+    """Every rejection of one placement attempt.
+
+    Host and device rejections arrive in bulk (one tuple per host, cached
+    across replicas) and are only needed when the attempt fails, so they are
+    queued as is and grouped on first read, in arrival order: a successful
+    placement never pays for grouping thousands of them.
+    """
 
     def __init__(self) -> None:
         self._groups: dict[tuple[str, str], Group] = {}
+        self._queued: list[tuple[int, tuple[Rejection, ...]]] = []
 
     def add(self, stage: int, r: Rejection) -> None:
+        self._queued.append((stage, (r,)))
+
+    def _add(self, stage: int, r: Rejection) -> None:
         g = self._groups.get(r.key)
         if g is None:
             g = self._groups[r.key] = Group(stage, len(self._groups), r, r)
         g.add(r)
 
+    def add_all(self, stage: int, rs: tuple[Rejection, ...]) -> None:
+        """Queue rejections of one stage; they are grouped when the findings are read."""
+        self._queued.append((stage, rs))
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        for stage, rs in queued:
+            for r in rs:
+                self._add(stage, r)
+
     def extend(self, stage: int, rs) -> None:
-        for r in rs:
-            self.add(stage, r)
+        self._queued.append((stage, tuple(rs)))
 
     def __bool__(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or any(self._queued)
 
     def groups(self) -> list[Group]:
+        self._flush()
         return sorted(self._groups.values(), key=lambda g: (-g.count, g.stage, g.first.subject, g.first.reason))
 
     def near_miss(self) -> Rejection | None:
         """The layout or candidate that came closest to fitting."""
+        self._flush()
         best = None
         for g in self._groups.values():
             if g.stage >= SHAPE and g.best.closeness > 0 and (best is None or g.best.closeness > best.closeness):
@@ -106,6 +127,7 @@ class Findings:
         return out
 
     def has_detail(self, key: str) -> list[Rejection]:
+        self._flush()
         return [g.best for g in self._groups.values() if key in g.best.details]
 
     def diagnosis(self, headline: str, suggestions: list[str]) -> Diagnosis:

@@ -27,8 +27,10 @@ equal size; with uneven layers it is a good heuristic, not an optimum.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agentd.placement.constraints import Rejection
 from agentd.placement.demand import LayerDemand
@@ -57,14 +59,6 @@ class _MainFill:
     output: GpuView | None  # the GPU holding the output layer (full offload)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    key: tuple
-    host: HostView
-    main: _MainFill
-    rpc: tuple[Block, ...]
-
-
 class LayerSplitSearch:
     def __init__(self, candidates: Candidates, strategy: Strategy, exact: tuple[tuple[str, int], ...] | None = None,
                  pinned: dict[str, tuple[int, ...]] | None = None):
@@ -73,32 +67,46 @@ class LayerSplitSearch:
         self.exact = exact
         self.pinned = pinned or {}
         self._host_rank = {hv.name: self._host_key(hv) for hv, _ in candidates.hosts}
-        self._pool: list[GpuView] | None = None
+        self._orders: list[list[GpuView]] | None = None
+        self._pool: _Pool | None = None
         self._by_host_order: list[tuple[str, list[GpuView]]] | None = None
 
     @property
-    def pool(self) -> list[GpuView]:
+    def orders(self) -> list[list[GpuView]]:
+        """Each candidate host's GPUs in fill order: most free first, ties highest index first.
+
+        The main server fills its GPUs in this order (so the device order, its
+        reverse, lists tied GPUs ascending), and the pool merges these lists.
+        Hosts' GPUs are in index order, so a stable sort of the reversed list
+        by free memory, descending, gives exactly that.
+        """
+        if self._orders is None:
+            self._orders = [sorted(reversed(gpus), key=_free, reverse=True) for _, gpus in self.candidates.hosts]
+        return self._orders
+
+    @property
+    def pool(self) -> _Pool:
         """Every candidate GPU, largest first: built only when some main server needs rpc-servers.
 
         Ties are grouped by host in strategy order (fewer hosts) and, within a
         host, highest index first so that the device order (the reverse of the
-        fill order) lists a host's GPUs ascending.
+        fill order) lists a host's GPUs ascending. Produced lazily: a fill
+        walks only the head of it.
         """
         if self._pool is None:
-            order = {name: i for i, name in enumerate(sorted(self._host_rank, key=self._host_rank.__getitem__))}
-            keyed = [(-g.free, order[g.host], -g.index, g) for _, gpus in self.candidates.hosts for g in gpus]
-            keyed.sort(key=lambda t: t[:3])
-            self._pool = [t[3] for t in keyed]
+            rank = self._host_rank
+            by_rank = sorted(range(len(self.candidates.hosts)), key=lambda i: rank[self.candidates.hosts[i][0].name])
+            self._pool = _Pool([(r, self.orders[i]) for r, i in enumerate(by_rank)])
         return self._pool
 
     @property
     def _by_host(self) -> list[tuple[str, list[GpuView]]]:
         if self._by_host_order is None:
-            by_host: dict[str, list[GpuView]] = {}
-            for g in self.pool:
-                by_host.setdefault(g.host, []).append(g)
-            self._by_host_order = sorted(by_host.items(),
-                                         key=lambda kv: (-sum(g.free for g in kv[1]), self._host_rank[kv[0]]))
+            rank = self._host_rank
+            rows = [(-sum(g.free for g in order), rank[hv.name], hv.name, order)
+                    for (hv, _), order in zip(self.candidates.hosts, self.orders, strict=True)]
+            rows.sort(key=_two)
+            self._by_host_order = [(name, order) for _, _, name, order in rows]
         return self._by_host_order
 
     def _host_key(self, hv: HostView) -> tuple:
@@ -112,35 +120,51 @@ class LayerSplitSearch:
         if self.exact is not None:
             return self._find_exact(shape, ctx, validate)
         rejections: list[Rejection] = []
-        entries: list[_Entry] = []
-        main_cache: dict[tuple[int, ...], tuple[tuple[int, int, int], int, int] | None] = {}
-        rpc_cache: dict[tuple[int, int | None], tuple[tuple[Block, ...] | None, int, frozenset[str]]] = {}
-        for hv, gpus in self.candidates.hosts:
-            main = self._main(ctx, gpus, main_cache)
-            facts = self._facts(ctx, gpus)
-            if main is None or not any(hi > lo for _, lo, hi in main.blocks):
-                why = self._empty_main(shape, ctx, hv, main, facts, validate)
+        # One row per viable main server: (rank key, host, its GPUs in fill order, main fill, rpc blocks).
+        # Plain tuples: the candidate objects and facts are built only for the rows that get validated.
+        entries: list[tuple] = []
+        main_cache: dict[tuple[int, ...], tuple | None] = {}
+        rpc_cache: dict[tuple[int, int | None], tuple[tuple[Block, ...] | None, int, frozenset[str], int]] = {}
+        rank = self._host_rank
+        for (hv, gpus), order in zip(self.candidates.hosts, self.orders, strict=True):
+            frees = tuple(g.free for g in order)
+            plan = main_cache.get(frees, _MISSING)
+            if plan is _MISSING:
+                plan = main_cache[frees] = _fill_main(ctx, frees)
+            if plan is None or not plan[3]:
+                main = None if plan is None else _main_fill(order, plan)
+                why = self._empty_main(shape, ctx, hv, main, self._facts(ctx, gpus), validate)
                 if why is not None:
                     rejections.append(why)
                     continue
-                if main is None:
+                if plan is None:
                     continue
-            rpc, left = self._rpc(ctx, hv, main.lo, rpc_cache)
+            lo = plan[1]
+            rpc, left, hosts = self._rpc(ctx, hv, lo, rpc_cache)
             if rpc is None:
-                rejections.append(self._short(ctx, hv, left, facts))
+                rejections.append(self._short(ctx, hv, left, self._facts(ctx, gpus)))
                 continue
-            cpu = rpc[-1][1] if rpc else main.lo
-            hosts = 1 + len({g.host for g, _, _ in rpc})
-            entries.append(_Entry((len(rpc), hosts, cpu, *self._host_rank[hv.name]), hv, main, rpc))
+            cpu = rpc[-1][1] if rpc else lo
+            entries.append(((len(rpc), hosts, cpu, *rank[hv.name]), hv, order, plan, rpc))
         if score is not None:  # plugins' scores rank candidates equal on rpc-servers, hosts and CPU layers
             scored = []
-            for e in entries:
-                layout = self._layout(shape, ctx, e.host, e.main, e.rpc)
-                scored.append(_Entry((*e.key[:3], -score(layout), *e.key[3:]), e.host, e.main, e.rpc))
+            for key, hv, order, plan, rpc in entries:
+                layout = self._layout(shape, ctx, hv, _main_fill(order, plan), rpc)
+                scored.append(((*key[:3], -score(layout), *key[3:]), hv, order, plan, rpc))
             entries = scored
-        entries.sort(key=lambda e: e.key)
-        for e in entries:
-            layout = self._layout(shape, ctx, e.host, e.main, e.rpc)
+        if not entries:
+            return rejections
+        # Keys are unique (they end with the host name): the smallest is the first in sorted order,
+        # and usually valid, so the full sort is only paid when it is not.
+        first = min(entries, key=_first)
+        layout = self._layout(shape, ctx, first[1], _main_fill(first[2], first[3]), first[4])
+        why = validate(layout)
+        if why is None:
+            return layout
+        rejections.append(why)
+        entries.sort(key=_first)
+        for _, hv, order, plan, rpc in entries[1:]:
+            layout = self._layout(shape, ctx, hv, _main_fill(order, plan), rpc)
             why = validate(layout)
             if why is None:
                 return layout
@@ -155,10 +179,7 @@ class LayerSplitSearch:
         if frees not in cache:
             cache[frees] = _fill_main(ctx, frees)
         plan = cache[frees]
-        if plan is None:
-            return None
-        spans, lo, out = plan
-        return _MainFill(tuple((order[i], a, b) for i, a, b in spans), lo, order[out] if out >= 0 else None)
+        return None if plan is None else _main_fill(order, plan)
 
     def _facts(self, ctx: _Ctx, gpus: Sequence[GpuView]) -> dict[str, float]:
         largest = max((g.free for g in gpus), default=0)
@@ -197,20 +218,23 @@ class LayerSplitSearch:
 
     # ------------------------------------------------------------------ rpc-servers
 
-    def _rpc(self, ctx: _Ctx, hv: HostView, hi: int, cache: dict) -> tuple[tuple[Block, ...] | None, int]:
-        """rpc-server blocks (fill order) for layers [.., hi), or None and the layers left over.
+    def _rpc(self, ctx: _Ctx, hv: HostView, hi: int, cache: dict) -> tuple[tuple[Block, ...] | None, int, int]:
+        """rpc-server blocks (fill order) for layers [.., hi), or None and the layers left over; and the
+        number of hosts the layout then spans (the main's included).
 
         Cached per (hi, RAM); the cached fill is reused unless it used this host's GPUs.
         """
         ram = None if ctx.full else hv.ram_available
         key = (hi, ram)
-        if key not in cache:
-            cache[key] = self._fill_rpc(ctx, None, hi, ram)
-        blocks, left, hosts = cache[key]
-        if hv.name not in hosts:
-            return blocks, left
+        hit = cache.get(key)
+        if hit is None:
+            blocks, left, seen = self._fill_rpc(ctx, None, hi, ram)
+            hit = cache[key] = (blocks, left, seen, 1 + len({g.host for g, _, _ in blocks or ()}))
+        blocks, left, seen, hosts = hit
+        if hv.name not in seen:
+            return blocks, left, hosts
         blocks, left, _ = self._fill_rpc(ctx, hv.name, hi, ram)
-        return blocks, left
+        return blocks, left, 1 + len({g.host for g, _, _ in blocks or ()})
 
     def _fill_rpc(self, ctx: _Ctx, main_host: str | None, hi: int, ram: int | None):
         """(blocks or None, layers left, hosts whose GPUs the walks looked at)."""
@@ -332,8 +356,9 @@ def _ram_ok(ctx: _Ctx, hv: HostView, cpu_layers: int) -> bool:
     return ram is None or ctx.demand.ram_for(cpu_layers) <= ram
 
 
-def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int], ...], int, int] | None:
-    """Fill GPUs with these free sizes (largest first): (spans (position, lo, hi), lo, output position).
+def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int], ...], int, int, bool] | None:
+    """Fill GPUs with these free sizes (largest first): (spans (position, lo, hi), lo, output position,
+    whether any GPU got a layer).
 
     In full offload one GPU must also hold the output layer. We try it on each
     GPU that can hold it (a host has a handful) and keep the fill that places
@@ -342,7 +367,7 @@ def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int,
     """
     if not ctx.full:
         spans, lo = _fill_order(ctx, frees, range(len(frees)), -1)
-        return spans, lo, -1
+        return spans, lo, -1, any(hi > lo for _, lo, hi in spans)
     best = None
     for out, free in enumerate(frees):
         if free < ctx.d + ctx.out or (out and free == frees[out - 1]):
@@ -351,7 +376,60 @@ def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int,
         spans, lo = _fill_order(ctx, frees, order, out)
         if best is None or lo < best[1]:
             best = (spans, lo, out)
-    return best
+            if lo == 0:
+                break  # every layer placed: a later GPU could only tie, and ties keep the larger
+    if best is None:
+        return None
+    spans = best[0]
+    return spans, best[1], best[2], any(hi > lo for _, lo, hi in spans)
+
+
+def _main_fill(order: Sequence[GpuView], plan: tuple) -> _MainFill:
+    spans, lo, out = plan[0], plan[1], plan[2]
+    return _MainFill(tuple((order[i], a, b) for i, a, b in spans), lo, order[out] if out >= 0 else None)
+
+
+class _Pool:
+    """The hosts' fill orders merged into one, largest first, produced as far as a walk reads it."""
+
+    def __init__(self, ranked: list[tuple[int, list[GpuView]]]):
+        heap = [(-gpus[0].free, r, -gpus[0].index, 0, gpus) for r, gpus in ranked if gpus]
+        heapq.heapify(heap)
+        self._heap = heap
+        self._done: list[GpuView] = []
+
+    def __iter__(self) -> Iterator[GpuView]:
+        done, heap = self._done, self._heap
+        i = 0
+        while True:
+            if i == len(done):
+                if not heap:
+                    return
+                _, r, _, j, gpus = heap[0]
+                done.append(gpus[j])
+                j += 1
+                if j < len(gpus):
+                    g = gpus[j]
+                    heapq.heapreplace(heap, (-g.free, r, -g.index, j, gpus))
+                else:
+                    heapq.heappop(heap)
+            yield done[i]
+            i += 1
+
+
+_MISSING = object()
+
+
+def _free(g: GpuView) -> int:
+    return g.free
+
+
+def _first(row: tuple) -> Any:
+    return row[0]
+
+
+def _two(row: tuple) -> tuple:
+    return row[0], row[1]
 
 
 def _fill_order(ctx: _Ctx, frees: tuple[int, ...], order: Iterable[int], out: int):

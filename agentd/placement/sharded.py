@@ -17,6 +17,7 @@ import bisect
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agentd.placement.constraints import Rejection, layout_rejection
 from agentd.placement.demand import ShardDemand
@@ -39,37 +40,41 @@ class ShardedSearch:
         self.candidates = candidates
         self.strategy = strategy
         self._cache = cache if cache is not None else {}  # per (host view, budget fraction): sorted capacities
-        self._caps: dict[float | None, list[tuple[HostView, list[tuple[int, GpuView]]]]] = {}
+        self._caps: dict[float | None, list[tuple[HostView, list[int], tuple[GpuView, ...]]]] = {}
         self._kth: dict[tuple, list[int]] = {}  # per (budget fraction, g): g-th largest capacities, ascending
         self._largest: dict[float | None, int] = {}
 
     # ------------------------------------------------------------------ capacities
 
-    def _host_caps(self, demand: ShardDemand) -> list[tuple[HostView, list[tuple[int, GpuView]]]]:
-        """Per host: (capacity, gpu) sorted by capacity, largest first. Cached per budget fraction."""
+    def _host_caps(self, demand: ShardDemand) -> list[tuple[HostView, list[int], tuple[GpuView, ...]]]:
+        """Per host: its capacities, largest first, and its GPUs. Cached per budget fraction.
+
+        Capacities are plain ints: GPUs are only looked at again on the hosts a layout chooses.
+        """
         key = demand.budget_fraction
-        if key not in self._caps:
+        rows = self._caps.get(key)
+        if rows is None:
             rows = []
             f = demand.budget_fraction
             cache = self._cache
             for hv, gpus in self.candidates.hosts:
                 hit = cache.get((id(hv), f))
                 if hit is None or hit[0] is not gpus:
-                    if f is None:
-                        caps = sorted((-g.free, g.index, g) for g in gpus)
-                    else:
-                        caps = sorted((-int(f * g.total), g.index, g) for g in gpus)
-                    hit = cache[(id(hv), f)] = (gpus, [(-c, g) for c, _, g in caps], hv)
-                rows.append((hv, hit[1]))
+                    caps = [g.free for g in gpus] if f is None else [int(f * g.total) for g in gpus]
+                    caps.sort(reverse=True)
+                    hit = cache[(id(hv), f)] = (gpus, caps, hv)
+                rows.append((hv, hit[1], gpus))
             self._caps[key] = rows
-        return self._caps[key]
+        return rows
 
     def _kth_sorted(self, demand: ShardDemand, g: int) -> list[int]:
         """The g-th largest capacity of every host having g usable GPUs, ascending."""
         key = (demand.budget_fraction, g)
-        if key not in self._kth:
-            self._kth[key] = sorted(caps[g - 1][0] for _, caps in self._host_caps(demand) if len(caps) >= g)
-        return self._kth[key]
+        arr = self._kth.get(key)
+        if arr is None:
+            i = g - 1
+            arr = self._kth[key] = sorted([caps[i] for _, caps, _ in self._host_caps(demand) if len(caps) > i])
+        return arr
 
     # ------------------------------------------------------------------ search
 
@@ -83,30 +88,36 @@ class ShardedSearch:
         hosts = self._choose_hosts(demand, g, shape.hosts)
         parts = []
         stages = demand.stage_layers or (0,) * shape.pp
-        for i, (hv, caps) in enumerate(hosts):
-            gpus = self._choose_gpus([cg for cg in caps if cg[0] >= need], g)
-            memory = tuple(demand.reservation(gv.total) for gv in gpus)
+        f = demand.budget_fraction
+        for i, (hv, gpus) in enumerate(hosts):
+            if f is None:
+                fitting = [gv for gv in gpus if gv.free >= need]
+            else:
+                fitting = [gv for gv in gpus if int(f * gv.total) >= need]
+            chosen = self._choose_gpus(fitting, g)
+            memory = tuple(demand.reservation(gv.total) for gv in chosen)
             layers = sum(stages) if shape.hosts == 1 else stages[i]
-            parts.append(PartLayout(hv.name, "main" if i == 0 else "worker", tuple(gv.index for gv in gpus),
+            parts.append(PartLayout(hv.name, "main" if i == 0 else "worker", tuple(gv.index for gv in chosen),
                                     memory, layers=layers))
         return Layout(shape, tuple(parts), demand)
 
     def _host_key(self, hv: HostView) -> tuple:
         return self.strategy.host_key(hv)
 
-    def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, list[tuple[int, GpuView]]]]:
+    def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, tuple[GpuView, ...]]]:
         need = demand.per_gpu
-        rows = [(self._host_key(hv), hv, caps) for hv, caps in self._host_caps(demand)
-                if len(caps) >= g and caps[g - 1][0] >= need]
-        best = heapq.nsmallest(n, rows, key=lambda r: r[0])
-        return [(hv, caps) for _, hv, caps in best]
+        i = g - 1
+        key = self._host_key
+        rows = [(key(hv), hv, gpus) for hv, caps, gpus in self._host_caps(demand) if len(caps) > i and caps[i] >= need]
+        best = heapq.nsmallest(n, rows, key=_first)
+        return [(hv, gpus) for _, hv, gpus in best]
 
-    def _choose_gpus(self, fitting: Sequence[tuple[int, GpuView]], g: int) -> list[GpuView]:
+    def _choose_gpus(self, fitting: Sequence[GpuView], g: int) -> list[GpuView]:
         if self.strategy.binpack:  # the fullest GPUs that still fit: keep empty ones whole
-            ranked = sorted(fitting, key=lambda cg: (cg[1].free, cg[1].index))
+            ranked = sorted(fitting, key=_free_then_index)
         else:
-            ranked = sorted(fitting, key=lambda cg: (-cg[1].free, cg[1].index))
-        return sorted((cg[1] for cg in ranked[:g]), key=lambda gv: gv.index)
+            ranked = sorted(fitting, key=_most_free_then_index)
+        return sorted(ranked[:g], key=_index)
 
     # ------------------------------------------------------------------ explanations
 
@@ -115,7 +126,7 @@ class ShardedSearch:
         rows = self._host_caps(demand)
         extra = {} if demand.budget_fraction is None else {"budget_fraction": demand.budget_fraction}
         if demand.budget_fraction not in self._largest:
-            self._largest[demand.budget_fraction] = max((caps[0][0] for _, caps in rows if caps), default=0)
+            self._largest[demand.budget_fraction] = max((caps[0] for _, caps, _ in rows if caps), default=0)
         largest = self._largest[demand.budget_fraction]
         if largest < need:
             r = layout_rejection(
@@ -125,7 +136,7 @@ class ShardedSearch:
             return r._replace(closeness=largest / need if need else 0.0, list_where=False)
         g = shape.gpus_per_host
         best_n = next((k for k in range(g - 1, 0, -1) if (arr := self._kth_sorted(demand, k)) and arr[-1] >= need), 0)
-        best_host = next((hv.name for hv, caps in rows if len(caps) >= best_n and caps[best_n - 1][0] >= need),
+        best_host = next((hv.name for hv, caps, _ in rows if len(caps) >= best_n and caps[best_n - 1] >= need),
                          "") if best_n else ""
         if shape.hosts == 1:
             detail = f"{shape.label} needs {g} GPUs with {gib(need)} on one host, most found {best_n}"
@@ -141,3 +152,19 @@ class ShardedSearch:
                              best_host=best_host, best_host_gpus=best_n, **extra)
         # Slightly below a memory miss of the same ratio: a missing GPU is the harder fix.
         return r._replace(closeness=closeness * 0.999, list_where=False)
+
+
+def _first(row: tuple) -> Any:
+    return row[0]
+
+
+def _index(gv: GpuView) -> int:
+    return gv.index
+
+
+def _free_then_index(gv: GpuView) -> tuple[int, int]:
+    return (gv.free, gv.index)
+
+
+def _most_free_then_index(gv: GpuView) -> tuple[int, int]:
+    return (-gv.free, gv.index)

@@ -113,20 +113,10 @@ class Snapshot:
     @classmethod
     def build(cls, cluster: ClusterInventory, existing: Iterable[Assignment | ReplicaPlan] = ()) -> Snapshot:
         assigned = _assigned_memory(cluster, existing)
-        hosts = []
-        touched = {host for host, _ in assigned}
-        for h in sorted(cluster.hosts, key=lambda h: h.name):
-            name = h.name
-            gpus = h.gpus
-            if name in touched:
-                views = [GpuView(g, name, assigned.get((name, g.index), 0)) for g in gpus]
-            else:
-                views = [GpuView(g, name) for g in gpus]
-            indices = [v.index for v in views]
-            if indices != sorted(indices):
-                views.sort(key=lambda v: v.index)
-            hosts.append(HostView(name, h, tuple(views)))
-        return cls(tuple(hosts))
+        by_host: dict[str, dict[int, int]] = {}
+        for (host, index), mem in assigned.items():
+            by_host.setdefault(host, {})[index] = mem
+        return cls(tuple(_host_view(h, by_host.get(h.name)) for h in sorted(cluster.hosts, key=_name)))
 
     def without_foreign(self) -> Snapshot:
         """The cluster as if every process agentd does not own had exited."""
@@ -148,6 +138,57 @@ class Snapshot:
             )
             hosts.append(HostView(hv.name, hv.info, gpus))
         return Snapshot(tuple(hosts))
+
+
+def _name(h: HostInventory) -> str:
+    return h.name
+
+
+def _host_view(h: HostInventory, assigned: Mapping[int, int] | None) -> HostView:
+    """GpuView.__init__ and HostView.__init__ inlined: this runs once per GPU of the cluster on every
+    placement, and the calls and the second pass over the GPUs were a third of a placement's cost."""
+    name = h.name
+    new = object.__new__
+    views = []
+    total_sum = free_sum = 0
+    last = -1
+    ordered = True
+    for info in h.gpus:
+        d = info.__dict__  # one lookup instead of one per field
+        owned = 0
+        procs = d["processes"]
+        if procs:
+            for p in procs:
+                if p.owned:
+                    owned += p.memory_used
+        v = new(GpuView)
+        v.info = info
+        v.host = name
+        v.index = index = d["index"]
+        v.total = total = d["memory_total"]
+        foreign = d["memory_used"] - owned
+        v.foreign = foreign = foreign if foreign > 0 else 0
+        v.assigned = mine = assigned.get(index, 0) if assigned else 0
+        free = total - foreign - mine
+        v.free = free = free if free > 0 else 0
+        views.append(v)
+        total_sum += total
+        free_sum += free
+        if index < last:
+            ordered = False
+        last = index
+    if not ordered:
+        views.sort(key=_index)
+    hv = new(HostView)
+    hv.name = name
+    hv.info = h
+    hv.gpus = tuple(views)
+    hv.used_fraction = 1.0 - free_sum / total_sum if total_sum else 1.0
+    return hv
+
+
+def _index(v: GpuView) -> int:
+    return v.index
 
 
 def _parts_of(item: Assignment | ReplicaPlan) -> Sequence:
