@@ -201,14 +201,18 @@ class Coordinator:
             out.extend(i for i in rep.instances if not deployment or i.deployment == deployment)
         return sorted(out, key=lambda i: (i.deployment, i.replica, i.part))
 
+    def heard_from_known_hosts(self) -> bool:
+        """True once every host the state knows as up reported to this leader, or the wait for them is over."""
+        if self.leader_since is None:
+            return True
+        if self.clock() >= self.leader_since + 2.5 * self.report_interval:
+            return True
+        # Reports kept from an earlier spell as leader do not count: they may be minutes old.
+        return all(n in self._reported_since_leading for n, rec in self.state.nodes.items() if rec.state == NODE_UP)
+
     async def wait_for_reports(self) -> None:
         """A fresh leader has no heartbeats yet: wait (briefly) until known hosts report."""
-        if self.leader_since is None:
-            return
-        deadline = self.leader_since + 2.5 * self.report_interval
-        known = {n for n, rec in self.state.nodes.items() if rec.state == NODE_UP}
-        # Reports kept from an earlier spell as leader do not count: they may be minutes old.
-        while self.clock() < deadline and not known <= self._reported_since_leading:
+        while not self.heard_from_known_hosts():
             await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ decisions
@@ -219,6 +223,31 @@ class Coordinator:
 
     def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
         """Placement for `spec` on the live cluster, counting what is already assigned."""
+        plan, model, seconds = self._plan(spec, exclude_deployment)
+        if self.on_placement:
+            self.on_placement(seconds, plan)
+        return plan, model
+
+    async def plan_when_ready(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
+        """Placement as soon as it can be trusted, for a leader that may have just been elected.
+
+        A plan on the hosts heard from so far is valid: their inventories are
+        fresh and every committed assignment is counted. So it is taken at
+        once, and a host that died with the old leader (it never reports)
+        does not hold deploys up. An unplaceable result is retried until every
+        known host has reported, or the wait is over, so that the diagnosis
+        covers the whole cluster.
+        """
+        while True:
+            complete = self.heard_from_known_hosts()
+            plan, model, seconds = self._plan(spec, exclude_deployment)
+            if plan.placed or complete:
+                if self.on_placement:
+                    self.on_placement(seconds, plan)
+                return plan, model
+            await asyncio.sleep(0.05)
+
+    def _plan(self, spec: DeploymentSpec, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
         try:
             self._validate_runtime(spec.runtime)
         except InvalidInput as exc:
@@ -230,17 +259,14 @@ class Coordinator:
         existing = [a for a in self.state.all_assignments() if a.deployment != exclude_deployment]
         started = time.perf_counter()
         plan = self._place(self.snapshot(), model, spec, existing)
-        if self.on_placement:
-            self.on_placement(time.perf_counter() - started, plan)
-        return plan, model
+        return plan, model, time.perf_counter() - started
 
     async def deploy(self, spec: DeploymentSpec, replace: bool = False) -> tuple[ApplyResult, int]:
         self._require_leader()
-        await self.wait_for_reports()
         async with self._lock:
             if spec.name in self.state.deployments and not replace:
                 raise InvalidInput(f"deployment {spec.name!r} already exists (use replace to change it)")
-            plan, _ = self.plan(spec, exclude_deployment=spec.name if replace else "")
+            plan, _ = await self.plan_when_ready(spec, exclude_deployment=spec.name if replace else "")
             if not plan.placed:
                 raise Unplaceable(plan.diagnosis)
             old = {a.replica: a for a in self.state.assignments_for(spec.name)} if replace else {}
@@ -253,7 +279,6 @@ class Coordinator:
         self._require_leader()
         if replicas < 0:
             raise InvalidInput(f"replicas must be >= 0, got {replicas}")
-        await self.wait_for_reports()
         async with self._lock:
             record = self.state.deployment(name)
             if record is None:
@@ -263,7 +288,7 @@ class Coordinator:
             new: list[Assignment] = []
             if missing:
                 spec = record.spec.model_copy(update={"replicas": len(missing)})
-                plan, _ = self.plan(spec)
+                plan, _ = await self.plan_when_ready(spec)
                 if not plan.placed:
                     raise Unplaceable(plan.diagnosis)
                 new = self._assignments(record.spec, plan, missing, {})

@@ -399,6 +399,25 @@ async def test_a_fresh_leader_waits_for_known_hosts_before_placing(placer, model
     assert result.ok and sorted(hosts_of(a)[0] for a in w.state.assignments_for("chat")) == ["a", "b"]
 
 
+async def test_a_fresh_leader_does_not_wait_for_a_dead_host_when_the_reporting_ones_suffice(placer, models):
+    """The old leader's host never reports to the new one; a deploy that fits elsewhere goes through at once."""
+    w = World(placer, [host("a"), host("b"), host("c")]).start()
+    await w.coord.tick()
+    new = w.new_coordinator(placer)
+    new.became_leader()
+    new.on_report(w.hosts["b"], [])  # a died with the old leader; c has not reported yet
+    assert not new.heard_from_known_hosts()
+    result, _ = await asyncio.wait_for(new.deploy(spec("chat", models["tiny"])), 1)  # the clock stands still
+    assert result.ok and hosts_of(w.state.assignments_for("chat")[0]) == ["b"]
+    # Unplaceable on what was heard so far: retried until the wait is over, then the full diagnosis.
+    task = asyncio.create_task(new.deploy(spec("more", models["tiny"])))
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    w.clock.advance(2.5)
+    with pytest.raises(Unplaceable, match=r"^0/1 hosts can run more"):
+        await asyncio.wait_for(task, 1)
+
+
 async def test_reports_from_an_earlier_spell_as_leader_do_not_count_as_fresh(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     await w.coord.tick()

@@ -211,8 +211,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Plan(self, request, context):
         async def local():
-            await self.coordinator.wait_for_reports()
-            plan, _ = self.coordinator.plan(spec_from_pb(request.spec))
+            plan, _ = await self.coordinator.plan_when_ready(spec_from_pb(request.spec))
             return pb.PlanReply(placed=plan.placed, plan_json=plan.model_dump_json())
         return await self._on_leader("Plan", request, context, local)
 
