@@ -77,6 +77,11 @@ class Request:
     # searches derive per host. Keyed by id() with the object kept alongside, so ids are never reused.
     host_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     search_cache: dict[Any, Any] = field(default_factory=dict)
+    # agentd_estimate per shape (pure, and independent of the cluster): shared by replicas and what-ifs.
+    demands: dict[Shape, Any] = field(default_factory=dict)
+    # What the host filters of the latest attempt left (independent of free memory): the what-ifs
+    # ask the runtime what it would propose under a changed request.
+    limits: ShapeLimits | None = None
 
     @cached_property
     def excluded(self) -> frozenset[str]:
@@ -166,6 +171,7 @@ class Outcome:
     findings: Findings | None  # why the replica at `failed_replica` could not be placed
     failed_replica: int | None
     hosts_total: int
+    snapshot: Snapshot | None = None  # the cluster the attempt started from
 
     @property
     def placed(self) -> bool:
@@ -178,18 +184,18 @@ def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignme
 
     `snapshot`, when given, must be Snapshot.build(cluster, existing): what-ifs reuse it.
     """
-    snap = snapshot or Snapshot.build(cluster, existing)
+    start = snap = snapshot or Snapshot.build(cluster, existing)
     layouts: list[Layout] = []
     replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
         got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)))
         if isinstance(got, Findings):
-            return Outcome(layouts, got, r, len(cluster.hosts))
+            return Outcome(layouts, got, r, len(cluster.hosts), start)
         layouts.append(got)
         for h in got.hosts:
             replicas_on[h] = replicas_on.get(h, 0) + 1
         snap = snap.reserve(got.reservations())
-    return Outcome(layouts, None, None, len(cluster.hosts))
+    return Outcome(layouts, None, None, len(cluster.hosts), start)
 
 
 def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) -> Layout | Findings:
@@ -200,6 +206,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
         findings.add(STATIC, r)
         return findings
     cands, limits, pinned = _filter(req, snap, findings)
+    req.limits = limits
     if limits.exact is not None and sum(len(g) for _, g in cands.hosts) < sum(n for _, n in limits.exact):
         return findings  # a pinned GPU is unusable or missing: its rejection says why; no layout can help
     shapes = req.hooks.call("agentd_propose", runtime=req.runtime, model=req.model, spec=req.spec, limits=limits)
@@ -207,7 +214,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
         raise PluginError(f"no plugin proposes layouts for runtime {req.runtime!r}")
     sharded: ShardedSearch | None = None
     split: LayerSplitSearch | None = None
-    demands: dict[Shape, Any] = {}
+    demands = req.demands
     matched = False
     score = req.score if req.scorers else None
     for shape in shapes:

@@ -96,10 +96,28 @@ class Findings:
         self._queued.append((stage, rs))
 
     def _flush(self) -> None:
+        """Group the queued rejections: `_add` and `Group.add`, inlined (a failure on a big cluster
+        groups thousands of device rejections)."""
         queued, self._queued = self._queued, []
+        groups = self._groups
         for stage, rs in queued:
+            g = None
+            gkey = None
             for r in rs:
-                self._add(stage, r)
+                key = (r[0], r[1])  # Rejection.key
+                if key != gkey:
+                    gkey = key
+                    g = groups.get(key)
+                    if g is None:
+                        g = groups[key] = Group(stage, len(groups), r, r)
+                g.count += 1
+                if r[5] > g.best[5]:  # closeness
+                    g.best = r
+                where = r[4]
+                if where and len(g.wheres) < MAX_WHERE and where not in g.wheres:
+                    g.wheres.append(where)
+                if r[6] and len(g.fixes) < MAX_FIXES:  # fix
+                    g.fixes[r.fix_text()] = None
 
     def extend(self, stage: int, rs) -> None:
         self._queued.append((stage, tuple(rs)))

@@ -119,9 +119,8 @@ class Snapshot:
         return cls(tuple(_host_view(h, by_host.get(h.name)) for h in sorted(cluster.hosts, key=_name)))
 
     def without_foreign(self) -> Snapshot:
-        """The cluster as if every process agentd does not own had exited."""
-        return Snapshot(tuple(HostView(hv.name, hv.info, tuple(g.without_foreign() for g in hv.gpus))
-                              if any(g.foreign for g in hv.gpus) else hv for hv in self.hosts))
+        """The cluster as if every process agentd does not own had exited (hosts without any shared)."""
+        return Snapshot(tuple(_without_foreign(hv) for hv in self.hosts))
 
     def reserve(self, reservations: Mapping[tuple[str, int], int]) -> Snapshot:
         """A new snapshot with more memory assigned on some GPUs; untouched hosts are shared."""
@@ -185,6 +184,34 @@ def _host_view(h: HostInventory, assigned: Mapping[int, int] | None) -> HostView
     hv.gpus = tuple(views)
     hv.used_fraction = 1.0 - free_sum / total_sum if total_sum else 1.0
     return hv
+
+
+def _without_foreign(hv: HostView) -> HostView:
+    """GpuView.without_foreign and HostView.__init__ inlined, as in _host_view (a diagnosis runs it
+    over every host)."""
+    for g in hv.gpus:
+        if g.foreign:
+            break
+    else:
+        return hv
+    new = object.__new__
+    views = []
+    total_sum = free_sum = 0
+    for g in hv.gpus:
+        v = new(GpuView)
+        v.info, v.host, v.index, v.total, v.assigned = g.info, g.host, g.index, g.total, g.assigned
+        v.foreign = 0
+        free = g.total - g.assigned
+        v.free = free = free if free > 0 else 0
+        views.append(v)
+        total_sum += g.total
+        free_sum += free
+    out = new(HostView)
+    out.name = hv.name
+    out.info = hv.info
+    out.gpus = tuple(views)
+    out.used_fraction = 1.0 - free_sum / total_sum if total_sum else 1.0
+    return out
 
 
 def _index(v: GpuView) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from agentd.errors import InvalidInput
 from agentd.placement.engine import Outcome, Request, attempt, prepare
 from agentd.placement.layout import Layout
-from agentd.placement.shapes import Sharded
+from agentd.placement.shapes import LayerSplit, Sharded
 from agentd.placement.snapshot import Snapshot
 from agentd.placement.units import plural
 from agentd.types import Assignment, ClusterInventory, DeploymentSpec, Diagnosis, GpuPin, ReplicaPlan
@@ -48,8 +48,12 @@ def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec
         changed = prepare(req.hooks, req.model, spec) if spec is not req.spec else req
     except InvalidInput:
         return None
-    if snapshot is not None and changed is not req and changed.filters_like(req):
-        changed.host_cache = req.host_cache  # same hosts, same device rules: reuse what the filters found
+    if changed is not req:
+        # Capacities per host view are keyed by the view and its eligible GPUs, held by the cache:
+        # valid for any request. Filter results only for one with the same filters.
+        changed.search_cache = req.search_cache
+        if snapshot is not None and changed.filters_like(req):
+            changed.host_cache = req.host_cache  # same hosts, same device rules: reuse what the filters found
     out = attempt(changed, cluster, existing, snapshot)
     return out if out.placed else None
 
@@ -57,7 +61,7 @@ def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec
 def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcome) -> list[str]:
     spec = req.spec
     out: list[str] = []
-    snap = Snapshot.build(cluster, existing)
+    snap = outcome.snapshot or Snapshot.build(cluster, existing)
     foreign = {(g.host, g.index): g for hv in snap.hosts for g in hv.gpus if g.foreign}
     if foreign:
         got = _try(req, cluster, existing, spec, snap.without_foreign())
@@ -90,7 +94,7 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
             got = _try(req, cluster, existing, spec.model_copy(update={"pin": ()}), snap)
             if got is not None:
                 out.append(f"drop the pins: {_describe(got.layouts[0])}")
-    if not spec.options.allow_cpu_offload:
+    if not spec.options.allow_cpu_offload and _proposes_partial(req, _with_options(spec, allow_cpu_offload=True)):
         got = _try(req, cluster, existing, _with_options(spec, allow_cpu_offload=True), snap)
         if got is not None and got.layouts and got.layouts[0].cpu_layers:
             lo = got.layouts[0]
@@ -107,6 +111,21 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
                        f"{_describe(got.layouts[0])}")
             break
     return out
+
+
+def _proposes_partial(req: Request, spec: DeploymentSpec) -> bool:
+    """Would the runtime propose a partial-offload layout for `spec`? Only such a layout keeps layers
+    on the CPU, so without one the allow-CPU-offload what-if cannot yield its suggestion: skip the
+    placement (vLLM never proposes one). True when unsure (no filter ran, or the spec is refused)."""
+    if req.limits is None:
+        return True
+    try:
+        changed = prepare(req.hooks, req.model, spec)
+    except InvalidInput:
+        return False  # _try would give up on it too
+    shapes = changed.hooks.call("agentd_propose", runtime=changed.runtime, model=changed.model, spec=changed.spec,
+                                limits=req.limits)
+    return any(isinstance(s, LayerSplit) and s.offload == "partial" for s in shapes or ())
 
 
 def _gpus_of(layout: Layout):

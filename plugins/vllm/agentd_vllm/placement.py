@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from agentd.placement import (
     Constraint,
@@ -230,21 +231,24 @@ def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
 def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDemand:
     tp, pp = shape.tp, shape.pp
     stages = vllm_stage_layers(model.num_hidden_layers, pp)
-    per_layer = layer_bytes(model)
     nr = model.non_repeating_bytes
     embed = nr.get("token_embd", 0)
     head = nr.get("output", 0) or (embed if pp > 1 else 0)  # tied embeddings: the last stage holds a copy
     head += nr.get("output_norm", 0)
+    # Prefix sums: a stage's weights in O(1) (the diagnosis estimates shapes of up to a hundred stages).
+    prefix = list(accumulate(layer_bytes(model), initial=0))
+    last = len(prefix) - 1  # a header may list fewer layers than the config counts: those weigh nothing
     worst = 0
     start = 0
     for s, n in enumerate(stages):
-        w = sum(per_layer[start:start + n])
+        w = prefix[min(start + n, last)] - prefix[min(start, last)]
         start += n
         if s == 0:
             w += embed
         if s == pp - 1:
             w += head
-        worst = max(worst, w)
+        if w > worst:
+            worst = w
     weights = math.ceil(worst / tp)
     kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * max_model_len(model, spec))
     inter = model.intermediate_size or 4 * model.hidden_size
