@@ -27,6 +27,7 @@ def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
             "selector": dict(msg.selector),
             "pin": [{"host": p.host, "gpus": list(p.gpus)} for p in msg.pin],
             "exclude_gpus": list(msg.exclude_gpus),
+            "tenant": msg.tenant or "default",
             "options": {
                 "gpu_memory_utilization": (
                     opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
@@ -51,7 +52,7 @@ def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
     return pb.DeploymentSpec(
         name=spec.name, model=spec.model, runtime=spec.runtime, replicas=spec.replicas, strategy=spec.strategy,
         selector=spec.selector, pin=[pb.GpuPin(host=p.host, gpus=list(p.gpus)) for p in spec.pin],
-        exclude_gpus=list(spec.exclude_gpus), options=options,
+        exclude_gpus=list(spec.exclude_gpus), options=options, tenant=spec.tenant,
     )
 
 
