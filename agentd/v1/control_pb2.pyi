@@ -36,7 +36,7 @@ class RuntimeOptions(_message.Message):
     def __init__(self, gpu_memory_utilization: _Optional[float] = ..., ctx_size: _Optional[int] = ..., allow_cpu_offload: _Optional[bool] = ..., extra_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options")
+    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class DeploymentSpec(_message.Message):
     PIN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_GPUS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     runtime: str
@@ -62,7 +63,8 @@ class DeploymentSpec(_message.Message):
     pin: _containers.RepeatedCompositeFieldContainer[GpuPin]
     exclude_gpus: _containers.RepeatedScalarFieldContainer[str]
     options: RuntimeOptions
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid")
