@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     # Security and operations (docs/security.md).
     tls_dir: Path | None = None  # ca.crt, node.crt, node.key; default <data_dir>/tls
     token_listen: str = ""  # TLS without client certificate: joins, bearer tokens; default listen port + 1
+    # One-time join token (`agentd token create`): with `join`, a host without a certificate gets one at start.
+    join_token: str = Field(default="", repr=False)
     insecure: bool = False  # no TLS, no authentication; logs a warning at start
     drain_on_stop: bool = False  # SIGTERM stops this host's model servers before exiting
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica

@@ -16,6 +16,13 @@ Loops, all on one asyncio event loop:
   their replicas;
 * systemd: READY=1 once serving and in the cluster, STATUS= lines, watchdog.
 
+Security (docs/security.md): unless --insecure, the agent loads its node
+certificate from `tls_dir`, serves mutual TLS on `listen` and TLS without a
+client certificate on the token port, authorizes every call by role
+(agentd.security.auth), dials its peers with its node certificate, answers
+joins (signing them when it holds the CA key), checks /v1/ API keys against
+the replicated state, and starts model servers with their own keys.
+
 Nothing here decides placement or process handling; those live in
 agentd.coordinator, agentd.placement and agentd.runtime.
 """
@@ -27,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -43,12 +51,14 @@ from agentd.api.drain import clear_drain_request, drain_decision
 from agentd.api.http import HttpOptions, ModelCard, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
+from agentd.api.security_service import JoinService, SecurityService, add_security_services
 from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
-from agentd.cluster.state import ClusterState
+from agentd.cluster.raft.types import Role
+from agentd.cluster.state import ClusterState, secret_init_command
 from agentd.config import Settings
-from agentd.coordinator import Coordinator, InstanceReport, run_periodically
-from agentd.errors import AgentdError, InvalidInput, NotAvailable
+from agentd.coordinator import Coordinator, InstanceReport, host_of, run_periodically
+from agentd.errors import AgentdError, ConfigError, InvalidInput, NotAvailable
 from agentd.inventory import Collector, InventoryRefresher
 from agentd.logs import fields
 from agentd.metrics import Metrics
@@ -57,10 +67,22 @@ from agentd.placement import Placer
 from agentd.plugins import PluginManager
 from agentd.runtime import Endpoint, Supervisor, logfiles
 from agentd.runtime.spec import InstanceStatus
-from agentd.security.tls import warn_insecure
-from agentd.types import HostInventory
+from agentd.security import apikeys
+from agentd.security.auth import AuthInterceptor
+from agentd.security.ca import CA_CERT, load_ca
+from agentd.security.tls import (
+    TlsIdentity,
+    add_secure_ports,
+    channel_credentials,
+    channel_options,
+    http_ssl_context,
+    load_identity,
+    warn_insecure,
+)
+from agentd.types import Assignment, HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.v1 import security_pb2 as sec_pb
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +118,53 @@ def part_reports(node: str, st: InstanceStatus, assignment: Any) -> list[Instanc
     return out
 
 
+def tls_identity(settings: Settings) -> TlsIdentity:
+    """This agent's node identity, or one line telling the operator how to get one."""
+    directory = settings.tls_directory
+    if not (directory / "node.crt").exists() or not (directory / CA_CERT).exists():
+        raise NotAvailable(
+            f"no TLS identity for this agent in {directory} (node.crt, node.key, ca.crt): on the first host run "
+            "'agentd init-ca'; on the others 'agentd join --token TOKEN --server ADDR' (or 'agentd serve --join "
+            "ADDR --token TOKEN'); or pass --insecure for a test rig without TLS")
+    identity = load_identity(directory, "node")
+    if identity.role != "node":
+        raise ConfigError(f"{directory / 'node.crt'} carries the role {identity.role!r}, not 'node'")
+    if identity.name != settings.node_name:
+        raise ConfigError(f"{directory / 'node.crt'} is for node {identity.name!r} but this agent's node_name is "
+                          f"{settings.node_name!r}: pass --node-name {identity.name}, or join again under this name")
+    return identity
+
+
+def check_secure_addresses(settings: Settings) -> None:
+    """Model servers bind the advertised address; a wildcard would expose them on every interface."""
+    host = host_of(settings.advertise_address)
+    if host in ("0.0.0.0", "::", "*"):
+        raise ConfigError(f"the advertised address {settings.advertise_address} is a wildcard: set advertise to "
+                          "this host's internal address (peers dial it, and model servers bind to it)")
+
+
 class Daemon:
     def __init__(self, settings: Settings, plugins: PluginManager | None = None):
         self.s = settings
         self.node = settings.node_name
         self.data_dir = Path(settings.data_dir)
+        self.secure = not settings.insecure
+        self.identity: TlsIdentity | None = None
+        if self.secure:
+            check_secure_addresses(settings)
+            self.identity = tls_identity(settings)
         self.plugins = plugins or PluginManager.load(settings.plugins, settings.disable_plugins)
         self.state = ClusterState()
         self.metrics = Metrics(self.node)
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        interceptors = [AuthInterceptor(self._verify_bearer)] if self.secure else []
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         self.raft = RaftNode(self.node, settings.advertise_address, self.data_dir, self.state,
                              options=RaftOptions.from_settings(settings), join=settings.join, server=self.server)
-        self.channels = ChannelPool(options=CHANNEL_OPTIONS)
+        credentials = channel_credentials(self.identity) if self.identity is not None else None
+        tls_options = channel_options() if self.identity is not None else []
+        if credentials is not None:
+            self.raft.transport.set_credentials(credentials, tls_options)
+        self.channels = ChannelPool(options=[*CHANNEL_OPTIONS, *tls_options], credentials=credentials)
         self.supervisor = Supervisor(node=self.node, data_dir=self.data_dir, plugins=self.plugins,
                                      settings=settings, simulated_gpus=settings.simulate_inventory is not None,
                                      on_event=self._on_process_event)
@@ -120,9 +177,19 @@ class Daemon:
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        self.security: SecurityService | None = None
+        self.joins: JoinService | None = None
+        if self.identity is not None:
+            ca = load_ca(settings.tls_directory)  # with its key on signers, which answer joins
+            self.security = SecurityService(node_id=self.node, raft=self.raft, state=self.state,
+                                            channels=self.channels, ca_pin=ca.fingerprint)
+            self.joins = JoinService(node_id=self.node, raft=self.raft, state=self.state, channels=self.channels,
+                                     ca=ca, security=self.security)
         self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids)
         self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
+        self.watchdog = watchdog_interval()  # read before from_environ(unset=True) removes WATCHDOG_USEC
         self.notifier = SdNotifier.from_environ(unset=True)
+        self._election_term = 0
         self.stop_event = asyncio.Event()
         self.restarting = False
         self.synced = False  # the local state has caught up with the leader's commit index once
@@ -139,17 +206,22 @@ class Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.s.insecure:
             warn_insecure(log)
-        else:
-            raise InvalidInput("TLS is not set up for this agent: pass --insecure (no TLS, no authentication) "
-                               "or see docs/security.md", where="serve")
         add_services(self.server, self.control, self.agent)  # garbage requests get INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        reflection.enable_server_reflection((
-            pb.DESCRIPTOR.services_by_name["Control"].full_name,
-            pb.DESCRIPTOR.services_by_name["Agent"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME), self.server)
-        if not self.server.add_insecure_port(self.s.listen):
+        services = [pb.DESCRIPTOR.services_by_name["Control"].full_name,
+                    pb.DESCRIPTOR.services_by_name["Agent"].full_name,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if self.security is not None and self.joins is not None:
+            add_security_services(self.server, self.security, self.joins)
+            services += [sec_pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Security", "Join")]
+        reflection.enable_server_reflection(services, self.server)
+        if self.identity is not None:
+            add_secure_ports(self.server, self.identity, listen=self.s.listen,
+                             token_listen=self.s.token_listen_address)
+            log.info("serving mutual TLS", extra=fields(node=self.node, listen=self.s.listen,
+                                                        token_listen=self.s.token_listen_address,
+                                                        signer=bool(self.joins and self.joins.signer)))
+        elif not self.server.add_insecure_port(self.s.listen):
             raise NotAvailable(f"cannot listen on {self.s.listen} (in use?)")
         self.state.subscribe(lambda ev: self._reconcile_now.set())
         self.raft.subscribe(self._on_leader_change)
@@ -212,8 +284,13 @@ class Daemon:
     # ------------------------------------------------------------------ events
 
     def _on_leader_change(self, change: Any) -> None:
+        if self.raft.role == Role.CANDIDATE and change.term > self._election_term:
+            self._election_term = change.term
+            self.metrics.election_started()
         if change.is_leader:
             self.coordinator.became_leader()
+            if self.secure and not self.state.cluster_secret:
+                self._spawn(self._ensure_cluster_secret(), "cluster-secret")
         else:
             self.coordinator.lost_leadership()
         self.metrics.set_raft(term=change.term, commit_index=self.raft.commit_index,
@@ -222,6 +299,24 @@ class Daemon:
         log.info("leader changed", extra=fields(node=self.node, leader=change.leader_id, term=change.term,
                                                  is_leader=change.is_leader))
         self._report_now.set()
+
+    async def _ensure_cluster_secret(self) -> None:
+        """The new leader of a cluster without one commits the secret model server keys derive from."""
+        while self.raft.is_leader and not self.state.cluster_secret:
+            try:
+                await self.raft.propose(secret_init_command(apikeys.new_cluster_secret(secrets.token_bytes)))
+            except AgentdError as exc:
+                log.info("cluster secret not committed yet; retrying", extra=fields(error=str(exc)))
+                await asyncio.sleep(0.5)
+
+    def _verify_bearer(self, token: str) -> apikeys.Principal | None:
+        return apikeys.verify_key(self.state.api_keys, token, now=time.time())
+
+    def keyed(self, a: Assignment) -> Assignment:
+        """The assignment with its model server's key (never stored; every agent derives the same)."""
+        if not self.secure or not self.state.cluster_secret:
+            return a
+        return a.model_copy(update={"api_key": apikeys.model_server_key(self.state.cluster_secret, a.instance_id)})
 
     def _on_process_event(self, event: Any) -> None:
         self._report_now.set()
@@ -303,7 +398,7 @@ class Daemon:
         self.metrics.set_gpus(self.node, inventory.gpus, assigned)
         counts: dict[str, int] = {}
         for st in self.supervisor.status():
-            counts[st.state] = counts.get(st.state, 0) + 1
+            counts[st.state.lower()] = counts.get(st.state.lower(), 0) + 1
         self.metrics.set_instance_states(counts)
         self.metrics.set_raft(term=self.raft.term, commit_index=self.raft.commit_index,
                               applied_index=self.raft.last_applied, is_leader=self.raft.is_leader,
@@ -337,12 +432,17 @@ class Daemon:
 
     async def _reconciler(self) -> None:
         await self._catch_up()
+        if self.secure and not self.state.cluster_secret:
+            # Model servers must start with their keys; the leader commits the secret right after its election.
+            log.info("waiting for the cluster secret", extra=fields(node=self.node))
+            while not self.state.cluster_secret:
+                await asyncio.sleep(0.05)
         self.synced = True
         log.info("caught up with the cluster state", extra=fields(node=self.node, applied=self.raft.last_applied))
         while True:
             self._reconcile_now.clear()
             try:
-                await self.supervisor.apply(self.state.assignments_on(self.node))
+                await self.supervisor.apply([self.keyed(a) for a in self.state.assignments_on(self.node)])
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -399,7 +499,10 @@ class Daemon:
         self._http = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._http.setup()
         host, _, port = self.s.http_listen.rpartition(":")
-        site = web.TCPSite(self._http, host.strip("[]"), int(port))
+        ssl_context = None
+        if self.s.http_tls_cert is not None and self.s.http_tls_key is not None:
+            ssl_context = http_ssl_context(self.s.http_tls_cert, self.s.http_tls_key)
+        site = web.TCPSite(self._http, host.strip("[]"), int(port), ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -448,17 +551,29 @@ class Daemon:
     # ------------------------------------------------------------------ systemd
 
     async def _systemd(self) -> None:
-        interval = watchdog_interval()
+        """READY=1 once gRPC serves (it does before this loop starts) and the agent is in the cluster and caught
+        up; STATUS= lines; EXTEND_TIMEOUT_USEC= while it catches up on a long log; WATCHDOG=1 from the loop."""
+        interval = self.watchdog
         ready_sent = False
+        applied = self.raft.last_applied
         while True:
             if not ready_sent and self.raft.leader_id and self.synced:
                 self.notifier.ready(self._status_text())
                 ready_sent = True
+                log.info("told systemd we are ready", extra=fields(node=self.node, enabled=self.notifier.enabled))
             elif ready_sent:
                 self.notifier.status(self._status_text())
+            else:
+                waiting = ("waiting for a leader" if not self.raft.leader_id
+                           else f"catching up with the cluster state (applied {self.raft.last_applied})")
+                self.notifier.status(waiting)
+                if self.raft.last_applied > applied:  # progress: do not let TimeoutStartSec cut a long catch-up
+                    self.notifier.extend_timeout(30.0)
+                applied = self.raft.last_applied
             if interval:
                 self.notifier.watchdog()
-            await asyncio.sleep(min(interval or 2.0, 2.0))
+            period = min(interval / 2 if interval else 2.0, 2.0)
+            await asyncio.sleep(period if ready_sent else min(period, 0.1))  # READY promptly once in
 
     def _status_text(self) -> str:
         sts = self.supervisor.status()
@@ -498,7 +613,8 @@ class _Provider:
             main = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
             ep = a.endpoints[main]
             ready = len(parts) == len(a.plan.parts) and all(p.state == "RUNNING" for p in parts)
-            out.append(ProxyEndpoint(url=f"http://{_url_host(ep.address)}:{ep.port}", api_key=None, ready=ready,
+            out.append(ProxyEndpoint(url=f"http://{_url_host(ep.address)}:{ep.port}",
+                                     api_key=self.d.keyed(a).api_key or None, ready=ready,
                                      instance_id=a.instance_id))
         return out
 
@@ -513,8 +629,10 @@ class _Provider:
                                    replicas=record.spec.replicas, ready_replicas=ready))
         return cards
 
-    def verify_api_key(self, key: str) -> Any:
-        return None
+    def verify_api_key(self, key: str) -> apikeys.Principal | None:
+        """Against this agent's own copy of the replicated keys, on every request: a revocation is in force
+        here as soon as this agent applies it."""
+        return self.d._verify_bearer(key)
 
 
 def _url_host(address: str) -> str:
@@ -527,10 +645,29 @@ def _instance_pb(i: InstanceReport) -> pb.Instance:
     return instance_to_pb(i)
 
 
+def join_with_token(settings: Settings) -> Settings:
+    """`serve --join ADDR --token TOKEN` on a host without a certificate: get one first.
+
+    Returns the settings with the members' addresses (from the signer's
+    answer) added in front of --join, so the Raft join goes to peer ports.
+    """
+    from agentd.api.join_client import join_cluster, node_addresses
+
+    result = join_cluster(settings.join_token, settings.join, tls_dir=settings.tls_directory,
+                          node_name=settings.node_name, addresses=node_addresses(settings))
+    join = list(dict.fromkeys([*result.peers, *settings.join]))
+    log.info("joined with a token; joining the cluster", extra=fields(node=settings.node_name, signer=result.signer,
+                                                                      peers=list(result.peers)))
+    return settings.model_copy(update={"join": join})
+
+
 def run_daemon(settings: Settings) -> int:
     """Run one agent until SIGTERM/SIGINT (or SIGUSR2, for a restart). Returns the exit code."""
     async def main() -> int:
-        return await Daemon(settings).run()  # built inside the loop: grpc.aio and asyncio objects bind to it
+        s = settings
+        if not s.insecure and s.join_token and not (s.tls_directory / "node.crt").exists():
+            s = await asyncio.to_thread(join_with_token, s)
+        return await Daemon(s).run()  # built inside the loop: grpc.aio and asyncio objects bind to it
 
     try:
         return asyncio.run(main())

@@ -301,6 +301,10 @@ class Assignment(Value):
     options: RuntimeOptions = Field(default_factory=RuntimeOptions)
     plan: ReplicaPlan
     endpoints: tuple[PartEndpoint, ...]  # one per plan.parts entry, same order
+    # The model server's own API key (docs/security.md): each agent derives it from the cluster secret and the
+    # instance id when it hands the assignment to its supervisor or proxy. Never serialised: it is not in the
+    # Raft log, the process records or Control replies.
+    api_key: str = Field(default="", exclude=True, repr=False)
 
     @property
     def instance_id(self) -> str:

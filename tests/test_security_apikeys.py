@@ -85,18 +85,23 @@ def test_input_validation():
     assert next(iter(store.values())).models == ()
 
 
-def test_file_store_round_trip_and_damage(tmp_path):
+def test_store_json_round_trip_and_damage():
     _, store = make()
     _, store = make(store, seed=4, tenant="globex", admin=True)
-    path = tmp_path / "keys.json"
-    K.save_store(path, store)
-    assert (path.stat().st_mode & 0o777) == 0o600
-    assert K.load_store(path) == store
-    assert K.load_store(tmp_path / "absent.json") == {}
-    path.write_text("{\"keys\": [1]}")
-    with pytest.raises(InvalidInput, match=r"keys\.json: keys\[0\] is not an object"):
-        K.load_store(path)
-    path.write_text("{nope")
-    with pytest.raises(InvalidInput, match="not valid JSON"):
-        K.load_store(path)
+    assert K.store_from_json(json.loads(json.dumps(K.store_to_json(store)))) == store
+    with pytest.raises(InvalidInput, match=r"keys\[0\] is not an object"):
+        K.store_from_json({"keys": [1]})
+    with pytest.raises(InvalidInput, match="expected"):
+        K.store_from_json([])
     assert [r.tenant for r in K.list_keys(store)] == ["acme", "globex"]
+
+
+def test_model_server_keys_are_per_instance_and_need_the_secret():
+    secret = K.new_cluster_secret(rng(9))
+    a = K.model_server_key(secret, "tiny-r0-g1")
+    assert a == K.model_server_key(secret, "tiny-r0-g1"), "every agent derives the same key"
+    assert a != K.model_server_key(secret, "tiny-r0-g2") != K.model_server_key(secret, "tiny-r1-g1")
+    assert a != K.model_server_key(K.new_cluster_secret(rng(10)), "tiny-r0-g1")
+    assert secret not in a and a.startswith("agdsrv_")
+    with pytest.raises(InvalidInput, match="no cluster secret"):
+        K.model_server_key("", "tiny-r0-g1")

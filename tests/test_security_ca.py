@@ -63,7 +63,7 @@ def test_node_certificate_has_role_sans_and_both_usages(authority):
     cert = x509.load_pem_x509_certificate(ident.cert_pem)
     assert C.cert_role(cert) == "node" and C.cert_name(cert) == "gpu-1"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"gpu-1", "gpu-1.rack"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"gpu-1", "gpu-1.rack", C.NODE_SAN}
     assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"10.0.0.3", "::1"}
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {u._name for u in eku} == {"serverAuth", "clientAuth"}

@@ -3,11 +3,26 @@
 gRPC status codes become agentd errors, so the CLI's exit codes follow:
 INVALID_ARGUMENT / NOT_FOUND / ALREADY_EXISTS -> InvalidInput (2),
 FAILED_PRECONDITION (cannot be placed) and UNAVAILABLE -> exit 3.
+
+`ControlClient.for_cli` finds the caller's credentials the way the CLI
+does (docs/security.md, "The CLI against a secure cluster"), first match wins:
+
+1. the `insecure` setting (AGENTD_INSECURE=1): plaintext, for --insecure clusters;
+2. AGENTD_TOKEN: an admin API key sent as a bearer token over TLS to the
+   agent's token port, trusting the `ca.crt` found as below;
+3. an admin certificate (`admin.crt`, `admin.key`, `ca.crt`) in `tls_dir`
+   (AGENTD_TLS_DIR) or ~/.config/agentd/tls: mutual TLS on `listen`;
+4. this host's node certificate in `tls_dir` when readable (root or the
+   agentd user on an agent host): mutual TLS as the node;
+5. otherwise plaintext, which only an --insecure cluster answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,15 +30,72 @@ import grpc
 from agentd.errors import AgentdError, InvalidInput, NotAvailable
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.v1 import security_pb2_grpc as sec_grpc
 
 DEFAULT_TIMEOUT = 60.0
+USER_TLS_DIR = Path("~/.config/agentd/tls")
+TLS_HINT = ("if the cluster runs with TLS, give this client credentials: an admin certificate in "
+            "~/.config/agentd/tls or AGENTD_TLS_DIR, or AGENTD_TOKEN=<admin API key> with --server <token port>")
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """How a client authenticates: channel credentials (None = plaintext) and what to call it in messages."""
+
+    credentials: grpc.ChannelCredentials | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+    describe: str = "plaintext (--insecure clusters only)"
+    token_port: bool = False  # bearer-token callers talk to the agent's token port
+
+
+def user_tls_dirs(settings: Any, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """Where the CLI looks for an admin certificate: `tls_dir` when set (AGENTD_TLS_DIR), ~/.config/agentd/tls."""
+    env = os.environ if environ is None else environ
+    dirs = [Path(settings.tls_dir).expanduser()] if settings.tls_dir else []
+    home = env.get("HOME")
+    if home:
+        dirs.append(Path(home) / ".config" / "agentd" / "tls")
+    return dirs
+
+
+def _readable(*paths: Path) -> bool:
+    return all(p.is_file() and os.access(p, os.R_OK) for p in paths)
+
+
+def cli_auth(settings: Any, environ: Mapping[str, str] | None = None) -> ClientAuth:
+    """The credentials the CLI uses against the cluster (see the module docstring for the order)."""
+    from agentd.security.tls import channel_credentials, channel_options, load_identity
+
+    env = os.environ if environ is None else environ
+    if settings.insecure:
+        return ClientAuth()
+    dirs = user_tls_dirs(settings, env)
+    node_dir = Path(settings.tls_directory)
+    token = env.get("AGENTD_TOKEN", "").strip()
+    if token:
+        for d in [*dirs, node_dir]:
+            if _readable(d / "ca.crt"):
+                creds = channel_credentials(ca_pem=(d / "ca.crt").read_bytes(), bearer_token=token)
+                return ClientAuth(creds, tuple(channel_options()), f"bearer token (CA from {d})", token_port=True)
+        raise InvalidInput("AGENTD_TOKEN is set but no cluster CA certificate was found: copy the cluster's "
+                           f"ca.crt into {dirs[-1] if dirs else USER_TLS_DIR} or point AGENTD_TLS_DIR at it")
+    for d in dirs:
+        if _readable(d / "admin.crt", d / "admin.key", d / "ca.crt"):
+            identity = load_identity(d, "admin")
+            return ClientAuth(channel_credentials(identity), tuple(channel_options()),
+                              f"admin certificate {identity.name!r} from {d}")
+    if _readable(node_dir / "node.crt", node_dir / "node.key", node_dir / "ca.crt"):
+        identity = load_identity(node_dir, "node")
+        return ClientAuth(channel_credentials(identity), tuple(channel_options()),
+                          f"node certificate {identity.name!r} from {node_dir}")
+    return ClientAuth()
 
 
 class CannotPlace(NotAvailable):
     """The coordinator could not place the deployment; the message is its diagnosis."""
 
 
-def error_from_rpc(exc: grpc.RpcError, address: str) -> AgentdError:
+def error_from_rpc(exc: grpc.RpcError, address: str, plaintext: bool = False) -> AgentdError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
@@ -32,20 +104,39 @@ def error_from_rpc(exc: grpc.RpcError, address: str) -> AgentdError:
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return CannotPlace(details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return NotAvailable(f"agent at {address} is not available: {details}")
+        hint = f" ({TLS_HINT})" if plaintext and code == grpc.StatusCode.UNAVAILABLE else ""
+        return NotAvailable(f"agent at {address} is not available: {details}{hint}")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return InvalidInput(f"refused by {address}: {details}")
     return AgentdError(f"{address}: {code.name if code else 'error'}: {details}")
 
 
 class ControlClient:
+    """Control and Security calls to one agent. Plaintext unless `credentials` (or `auth`) say otherwise."""
+
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, *, auth: ClientAuth | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = (grpc.secure_channel(address, credentials) if credentials
-                         else grpc.insecure_channel(address))
+        self.auth = auth or ClientAuth(credentials, describe="given credentials" if credentials else "plaintext")
+        options = list(self.auth.options)
+        self._channel = (grpc.secure_channel(address, self.auth.credentials, options=options)
+                         if self.auth.credentials else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.ControlStub(self._channel)
+        self.security = sec_grpc.SecurityStub(self._channel)
+
+    @classmethod
+    def for_cli(cls, server: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                environ: Mapping[str, str] | None = None) -> ControlClient:
+        """The CLI's client: `server`, else AGENTD_SERVER, else this host's agent; credentials from the environment."""
+        from agentd.config import load_settings
+
+        env = os.environ if environ is None else environ
+        settings = load_settings()
+        auth = cli_auth(settings, env)
+        address = server or env.get("AGENTD_SERVER") or (
+            settings.token_listen_address if auth.token_port else settings.listen)
+        return cls(address, timeout, auth=auth)
 
     def close(self) -> None:
         self._channel.close()
@@ -56,19 +147,22 @@ class ControlClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _method(self, method: str) -> Any:
+        return getattr(self.stub, method, None) or getattr(self.security, method)
+
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
+            return self._method(method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from None
+            raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         try:
-            yield from getattr(self.stub, method)(request)
+            yield from self._method(method)(request)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 return
-            raise error_from_rpc(exc, self.address) from None
+            raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
 
     # Convenience wrappers used by the CLI and tests.
     def deploy(self, spec: pb.DeploymentSpec, replace: bool = False) -> pb.DeployReply:

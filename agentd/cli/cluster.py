@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--http-listen", metavar="HOST:PORT", help="HTTP address for health, metrics and /v1")
     p.add_argument("--data-dir", metavar="DIR", help="state directory (Raft log, process records, logs)")
     p.add_argument("--join", metavar="ADDR[,ADDR...]", help="existing peers; omit to bootstrap a new cluster")
+    p.add_argument("--token", dest="join_token", metavar="TOKEN",
+                   help="a join token ('agentd token create'): get this host's certificate through --join first")
     p.add_argument("--node-name", metavar="NAME", help="this agent's name (default: the host name)")
     p.add_argument("--simulate", metavar="FILE", dest="simulate_inventory",
                    help="host-inventory JSON standing in for real GPUs")
@@ -106,6 +108,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--tenant", default="", help="the tenant whose API keys may use it on /v1/ (default: default)")
     p.add_argument("--strategy", choices=["binpack", "spread"], default="binpack")
     p.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="host label selector")
     p.add_argument("--pin", action="append", default=[], metavar="HOST[:GPU,GPU]", help="pin to a host / GPUs")
@@ -146,13 +149,14 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
     # Paths are resolved here so `--model ./m.gguf` means the caller's file, not the agent's cwd.
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
+                             tenant=getattr(args, "tenant", ""),
                              strategy=args.strategy, selector=_pairs(args.selector, "--selector"), pin=pins,
                              exclude_gpus=args.exclude_gpu, options=options)
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    address = getattr(args, "server", None) or os.environ.get("AGENTD_SERVER") or load_settings().listen
-    return ControlClient(address)
+    # Credentials (admin certificate, AGENTD_TOKEN, or plaintext for --insecure clusters): see api/client.py.
+    return ControlClient.for_cli(getattr(args, "server", None))
 
 
 def _dict(msg) -> dict:
@@ -173,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k, None) for k in ("listen", "advertise", "http_listen", "data_dir", "join",
                                                  "node_name", "simulate_inventory", "heartbeat_interval",
-                                                 "node_down_grace", "insecure", "drain_on_stop")}
+                                                 "node_down_grace", "insecure", "drain_on_stop", "join_token")}
     if args.election_timeout:
         from agentd.config import parse_duration
 

@@ -1,27 +1,22 @@
-"""Security commands: `agentd init-ca`, `agentd certs issue`, `agentd keys create|ls|revoke`.
+"""Security commands: `init-ca`, `certs issue`, `token create|ls|revoke`, `join`, `keys create|ls|revoke`.
 
-These work on local files (the CA directory, the API key store file). Keys are
-meant to live in the replicated store so that revocation is cluster-wide at
-once; until the daemon serves them over gRPC, `--store` names the file an
-agent reads them from.
+`init-ca` and `certs issue` work on local files (they need the CA key, so they
+run on a signer). Tokens and API keys live in the replicated cluster state:
+those commands talk to an agent over gRPC with the caller's admin credentials
+(agentd.api.client.ControlClient.for_cli), and any agent forwards them to the
+leader. `join` runs on a new host, before its agent starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import os
-import secrets
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from agentd.api.client import ControlClient
 from agentd.cli.main import emit
 from agentd.config import load_settings, parse_duration
-from agentd.errors import InvalidInput
-from agentd.security import apikeys
+from agentd.errors import AgentdError, InvalidInput
 from agentd.security.ca import (
     ROLE_ADMIN,
     ROLE_NODE,
@@ -31,8 +26,7 @@ from agentd.security.ca import (
     load_ca,
     save_identity,
 )
-
-DEFAULT_KEY_STORE = "apikeys.json"
+from agentd.v1 import security_pb2 as sec_pb
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -62,12 +56,48 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     s.set_defaults(func=cmd_certs_issue)
 
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
+    cparents = [*parents, client]
+
+    p = sub.add_parser("token", parents=parents, help="create and manage one-time join tokens",
+                       description="Join tokens let a new host get its node certificate with "
+                       "'agentd join --token'. Each is single-use and expires. Admin only.")
+    tsub = p.add_subparsers(dest="token_command", metavar="ACTION", required=True, parser_class=type(p))
+    s = tsub.add_parser("create", parents=cparents, help="create a token and print it once",
+                        description="Create a one-time join token (printed once; the cluster keeps its hash).")
+    s.add_argument("--ttl", default="1h", metavar="DURATION", help="lifetime, e.g. 30m, 1h, 2d (default 1h; max 7d)")
+    s.add_argument("--node-name", default="", help="only a host of this name may use it")
+    s.add_argument("--description", default="", help="a note shown by 'agentd token ls'")
+    s.set_defaults(func=cmd_token_create)
+    s = tsub.add_parser("ls", parents=cparents, help="list join tokens (never their secrets)",
+                        description="List join tokens: id, state, expiry, and who used them.")
+    s.set_defaults(func=cmd_token_ls)
+    s = tsub.add_parser("revoke", parents=cparents, help="delete an unused token",
+                        description="Revoke a join token by its id (the part before the first dot).")
+    s.add_argument("token_id")
+    s.set_defaults(func=cmd_token_revoke)
+
+    p = sub.add_parser("join", parents=parents, help="get this host's node certificate with a join token",
+                       description="Fetch the cluster CA (checked against the pin inside the token), send a "
+                       "certificate request and write node.crt, node.key and ca.crt into tls_dir. Then start "
+                       "the agent with 'agentd serve --join <peers>' (printed).")
+    p.add_argument("--token", required=True, help="the token from 'agentd token create'")
+    p.add_argument("--server", required=True, metavar="ADDR",
+                   help="an agent's token port (HOST:7071) or gRPC port (HOST:7070)")
+    p.add_argument("--node-name", help="this host's node name (default: node_name setting)")
+    p.add_argument("--address", action="append", default=[], metavar="HOST",
+                   help="an extra address or DNS name peers use to reach this host (repeatable)")
+    p.add_argument("--dir", type=Path, help="where to write (default: tls_dir, i.e. <data_dir>/tls)")
+    p.add_argument("--force", action="store_true", help="replace an existing node certificate")
+    p.set_defaults(func=cmd_join)
+
     p = sub.add_parser("keys", parents=parents, help="manage API keys for the /v1/ endpoint",
                        description="Create, list and revoke API keys for the OpenAI-compatible /v1/ endpoint. "
-                       "A key is shown once at creation; only its hash is stored.")
+                       "Keys live in the replicated cluster state: a revocation is refused on every agent at "
+                       "once. A key is shown once at creation; only its hash is stored. Admin only.")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True, parser_class=type(p))
-    store_help = f"API key store file (default: <data_dir>/{DEFAULT_KEY_STORE})"
-    s = ksub.add_parser("create", parents=parents, help="create a key and print it once",
+    s = ksub.add_parser("create", parents=cparents, help="create a key and print it once",
                         description="Create an API key for a tenant, optionally limited to some models.")
     s.add_argument("--tenant", required=True, help="the tenant the key acts for; it sees that tenant's models")
     s.add_argument("--model", action="append", default=[], metavar="NAME",
@@ -76,16 +106,13 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s.add_argument("--admin", action="store_true",
                    help="an admin key: every model of every tenant, and Control calls as a bearer token")
     s.add_argument("--expires", metavar="DURATION", help="lifetime such as 90d, 12h or 30m (default: never)")
-    s.add_argument("--store", type=Path, help=store_help)
     s.set_defaults(func=cmd_keys_create)
-    s = ksub.add_parser("ls", parents=parents, help="list keys (never their secrets)",
+    s = ksub.add_parser("ls", parents=cparents, help="list keys (never their secrets)",
                         description="List API keys with their tenant, models and state.")
-    s.add_argument("--store", type=Path, help=store_help)
     s.set_defaults(func=cmd_keys_ls)
-    s = ksub.add_parser("revoke", parents=parents, help="revoke a key",
-                        description="Revoke an API key by its id; requests with it are refused from then on.")
+    s = ksub.add_parser("revoke", parents=cparents, help="revoke a key",
+                        description="Revoke an API key by its id; every agent refuses it from then on.")
     s.add_argument("key_id", help="the key's id, as 'agentd keys ls' shows it")
-    s.add_argument("--store", type=Path, help=store_help)
     s.set_defaults(func=cmd_keys_revoke)
 
 
@@ -93,11 +120,12 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def cmd_init_ca(args: argparse.Namespace) -> int:
+    from agentd.api.join_client import node_addresses
+
     settings = load_settings()
     directory = args.dir or settings.tls_directory
     name = args.node_name or settings.node_name
-    addresses = [*args.address, settings.advertise_address, settings.listen, socket.getfqdn()]
-    addresses = [a for a in addresses if not a.startswith("0.0.0.0") and not a.startswith("[::]")]
+    addresses = node_addresses(settings, args.address)
     ca = init_ca(directory, force=args.force)
     save_identity(directory, "node", issue_identity(ca, name, role=ROLE_NODE, addresses=addresses))
     data = {"ca_dir": str(directory), "ca_pin": ca.fingerprint, "node": name,
@@ -106,7 +134,8 @@ def cmd_init_ca(args: argparse.Namespace) -> int:
         f"created the cluster CA and a node certificate for {name} in {directory}",
         f"CA pin: {ca.fingerprint}",
         f"keep {directory / 'ca.key'} secret: whoever holds it can add hosts and admins",
-        "next: 'agentd certs issue --name <you> --out <dir>' for an admin certificate",
+        "next: start the agent ('agentd serve'), issue your admin certificate with 'agentd certs issue --name "
+        "<you> --out ~/.config/agentd/tls', and add hosts with 'agentd token create' + 'agentd join'",
     ]))
     return 0
 
@@ -124,86 +153,141 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- API keys
+# ---------------------------------------------------------------- join tokens
 
 
-def _store_path(args: argparse.Namespace) -> Path:
-    return args.store or load_settings().data_dir / DEFAULT_KEY_STORE
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient.for_cli(getattr(args, "server", None))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Two `keys create` at once must not lose one of the keys."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _call(args: argparse.Namespace, method: str, request) -> object:
+    with _client(args) as c:
+        try:
+            return c.call(method, request)
+        except AgentdError as exc:
+            if "UNIMPLEMENTED" in str(exc):
+                raise InvalidInput(f"the agent at {c.address} does not manage keys or tokens "
+                                   "(it runs with --insecure)") from None
+            raise
 
 
-def parse_lifetime(text: str) -> float:
+def parse_lifetime(text: str, flag: str = "--expires") -> float:
     text = text.strip()
     try:
         if text.endswith("d"):
             return float(text[:-1]) * 86400
         return parse_duration(text)
     except ValueError:
-        raise InvalidInput(f"--expires {text!r}: use a duration such as 90d, 12h, 30m") from None
+        raise InvalidInput(f"{flag} {text!r}: use a duration such as 90d, 12h, 30m") from None
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    ttl = parse_lifetime(args.ttl, "--ttl")
+    reply = _call(args, "CreateJoinToken", sec_pb.CreateJoinTokenRequest(
+        ttl_seconds=ttl, node_name=args.node_name, description=args.description))
+    data = {"token": reply.token, **_token_dict(reply.info)}
+    emit(args, data, lambda: "\n".join([
+        reply.token,
+        f"id {reply.info.id}, expires {_when(reply.info.expires_at)}"
+        + (f", only for host {reply.info.node_name}" if reply.info.node_name else "") + ", single use",
+        "on the new host: agentd join --token <token> --server <an agent's address>",
+    ]))
+    return 0
+
+
+def cmd_token_ls(args: argparse.Namespace) -> int:
+    reply = _call(args, "ListJoinTokens", sec_pb.ListJoinTokensRequest())
+    rows = [_token_dict(t) for t in reply.tokens]
+
+    def human() -> str:
+        lines = [f"{'ID':<10} {'STATE':<8} {'EXPIRES':<17} {'HOST':<16} {'USED BY':<16} DESCRIPTION"]
+        for t in reply.tokens:
+            lines.append(f"{t.id:<10} {t.state:<8} {_when(t.expires_at):<17} {t.node_name or '-':<16} "
+                         f"{t.used_by or '-':<16} {t.description}")
+        return "\n".join(lines)
+
+    emit(args, {"tokens": rows}, human)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    reply = _call(args, "RevokeJoinToken", sec_pb.RevokeJoinTokenRequest(id=args.token_id.split(".")[0]))
+    emit(args, {"message": reply.message}, reply.message)
+    return 0
+
+
+def _token_dict(t) -> dict:
+    return {"id": t.id, "state": t.state, "description": t.description, "node_name": t.node_name,
+            "created_at": t.created_at, "expires_at": t.expires_at, "used_at": t.used_at or None,
+            "used_by": t.used_by or None}
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from agentd.api.join_client import join_cluster, node_addresses
+
+    settings = load_settings()
+    name = args.node_name or settings.node_name
+    directory = args.dir or settings.tls_directory
+    result = join_cluster(args.token, [args.server], tls_dir=directory, node_name=name,
+                          addresses=node_addresses(settings, args.address), force=args.force)
+    peers = ",".join(result.peers)
+    data = {"node": name, "tls_dir": str(directory), "signer": result.signer, "peers": list(result.peers),
+            "files": [str(directory / f) for f in ("node.crt", "node.key", "ca.crt")]}
+    emit(args, data, lambda: "\n".join([
+        f"joined: {result.signer} signed a node certificate for {name}; wrote node.crt, node.key, ca.crt in "
+        f"{directory}",
+        f"next: agentd serve --node-name {name} --join {peers}",
+    ]))
+    return 0
+
+
+# ---------------------------------------------------------------- API keys
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    ttl = parse_lifetime(args.expires) if args.expires else None
-    path = _store_path(args)
-    now = time.time()
-    with _locked(path):
-        store = apikeys.load_store(path)
-        secret, record = apikeys.new_api_key(tenant=args.tenant, models=args.model, name=args.name,
-                                             admin=args.admin, ttl=ttl, now=now, random_bytes=secrets.token_bytes)
-        apikeys.save_store(path, apikeys.add_key(store, record))
-    data = {"key": secret, **_describe(record, now)}
+    ttl = parse_lifetime(args.expires) if args.expires else 0.0
+    reply = _call(args, "CreateApiKey", sec_pb.CreateApiKeyRequest(
+        tenant=args.tenant, models=args.model, name=args.name, admin=args.admin, ttl_seconds=ttl))
+    info = reply.info
+    data = {"key": reply.key, **_key_dict(info)}
     emit(args, data, lambda: "\n".join([
-        secret,
-        f"id {record.id}, tenant {record.tenant}, models {_models(record)}"
-        + (", admin" if record.admin else "") + ("" if ttl is None else f", expires in {args.expires}"),
+        reply.key,
+        f"id {info.id}, tenant {info.tenant}, models {','.join(info.models) or 'all'}"
+        + (", admin" if info.admin else "") + ("" if not ttl else f", expires in {args.expires}"),
         "this is the only time the key is shown: store it now",
     ]))
     return 0
 
 
 def cmd_keys_ls(args: argparse.Namespace) -> int:
-    now = time.time()
-    records = apikeys.list_keys(apikeys.load_store(_store_path(args)))
-    rows = [_describe(r, now) for r in records]
+    reply = _call(args, "ListApiKeys", sec_pb.ListApiKeysRequest())
 
     def human() -> str:
         lines = [f"{'ID':<12} {'TENANT':<16} {'STATE':<8} {'ADMIN':<6} {'CREATED':<17} {'MODELS':<24} NAME"]
-        for r in records:
-            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
-            lines.append(f"{r.id:<12} {r.tenant:<16} {r.state(now):<8} {'yes' if r.admin else 'no':<6} "
-                         f"{created:<17} {_models(r):<24} {r.name}")
+        for r in reply.keys:
+            lines.append(f"{r.id:<12} {r.tenant:<16} {r.state:<8} {'yes' if r.admin else 'no':<6} "
+                         f"{_when(r.created_at):<17} {','.join(r.models) or 'all':<24} {r.name}")
         return "\n".join(lines)
 
-    emit(args, {"keys": rows}, human)
+    emit(args, {"keys": [_key_dict(r) for r in reply.keys]}, human)
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    path = _store_path(args)
-    now = time.time()
-    with _locked(path):
-        store, record = apikeys.revoke_key(apikeys.load_store(path), args.key_id, now=now)
-        apikeys.save_store(path, store)
-    emit(args, _describe(record, now), f"revoked API key {record.id} (tenant {record.tenant})")
+    reply = _call(args, "RevokeApiKey", sec_pb.RevokeApiKeyRequest(id=args.key_id))
+    lagging = list(reply.lagging)
+    data = {**_key_dict(reply.info), "index": reply.index, "lagging": lagging}
+    where = ("every agent refuses it now" if not lagging
+             else f"not yet confirmed by {', '.join(lagging)} (unreachable; they refuse it once they catch up)")
+    emit(args, data, f"revoked API key {reply.info.id} (tenant {reply.info.tenant}): {where}")
     return 0
 
 
-def _models(r: apikeys.ApiKeyRecord) -> str:
-    return ",".join(r.models) if r.models else "all"
-
-
-def _describe(r: apikeys.ApiKeyRecord, now: float) -> dict:
+def _key_dict(r) -> dict:
     return {"id": r.id, "name": r.name, "tenant": r.tenant, "models": list(r.models), "admin": r.admin,
-            "state": r.state(now), "created_at": r.created_at, "expires_at": r.expires_at,
-            "revoked_at": r.revoked_at}
+            "state": r.state, "created_at": r.created_at, "expires_at": r.expires_at or None,
+            "revoked_at": r.revoked_at or None}

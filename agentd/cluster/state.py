@@ -21,7 +21,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agentd.errors import InvalidInput
 from agentd.logs import fields
+from agentd.security import apikeys, tokens
 from agentd.types import Assignment, DeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class ApplyResult:
 class StateEvent:
     """What changed, for Watch streams and the local reconciler."""
 
-    kind: str  # deployment.created|updated|deleted, assignment.set|removed, node.up|down
+    kind: str  # deployment.created|updated|deleted, assignment.set|removed, node.up|down, key.*, token.*
     name: str
     index: int
     term: int
@@ -64,12 +66,21 @@ class NodeRecord:
 
 
 class ClusterState:
-    """Deployments, assignments and node states, changed only through `apply`."""
+    """Deployments, assignments, node states and access records, changed only through `apply`.
+
+    Access records (docs/security.md): API keys and join tokens (hashes only,
+    never secrets) and the cluster secret from which every agent derives a
+    model server's own key. Times in these commands are the proposer's clock,
+    carried in the command, so every node decides the same.
+    """
 
     def __init__(self) -> None:
         self.deployments: dict[str, DeploymentRecord] = {}
         self.assignments: dict[tuple[str, int], Assignment] = {}
         self.nodes: dict[str, NodeRecord] = {}
+        self.api_keys: dict[str, apikeys.ApiKeyRecord] = {}
+        self.join_tokens: dict[str, tokens.JoinTokenRecord] = {}
+        self.cluster_secret = ""
         self.last_index = 0
         self.last_term = 0
         self._listeners: list[Callable[[StateEvent], None]] = []
@@ -109,13 +120,13 @@ class ClusterState:
                 raise ValueError("a command is a JSON object with an 'op'")
         except (ValueError, UnicodeDecodeError) as exc:
             return self._refuse(index, f"malformed command: {exc}")
-        handler = getattr(self, f"_op_{cmd['op']}", None)
+        handler = getattr(self, f"_op_{cmd['op'].replace('.', '_')}", None)
         if handler is None:
             return self._refuse(index, f"unknown op {cmd['op']!r}")
         events: list[StateEvent] = []
         try:
             result = handler(cmd, index, term, events)
-        except (ValidationError, KeyError, TypeError, ValueError) as exc:
+        except (ValidationError, KeyError, TypeError, ValueError, InvalidInput) as exc:
             return self._refuse(index, f"invalid {cmd['op']} command: {_short(exc)}")
         for ev in events:
             for listener in list(self._listeners):
@@ -195,6 +206,63 @@ class ClusterState:
             events.append(StateEvent(f"node.{state}", name, index, term, {"address": rec.address}))
         return ApplyResult(True, f"node {name} is {state}")
 
+    # ------------------------------------------------------------------ access records
+
+    def _op_key_add(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        record = apikeys.ApiKeyRecord.from_json(cmd["record"])
+        try:
+            self.api_keys = apikeys.add_key(self.api_keys, record)
+        except InvalidInput as exc:
+            return ApplyResult(False, str(exc))
+        events.append(StateEvent("key.created", record.id, index, term, {"tenant": record.tenant,
+                                                                        "admin": record.admin}))
+        return ApplyResult(True, f"API key {record.id} created for tenant {record.tenant}")
+
+    def _op_key_revoke(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        try:
+            self.api_keys, record = apikeys.revoke_key(self.api_keys, str(cmd["id"]), now=float(cmd["at"]))
+        except InvalidInput as exc:
+            return ApplyResult(False, str(exc))
+        events.append(StateEvent("key.revoked", record.id, index, term, {"tenant": record.tenant}))
+        return ApplyResult(True, f"API key {record.id} revoked", {"revoked_at": record.revoked_at})
+
+    def _op_token_add(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        record = tokens.JoinTokenRecord.from_json(cmd["record"])
+        store = tokens.prune_tokens(self.join_tokens, now=record.created_at)
+        try:
+            self.join_tokens = tokens.add_token(store, record)
+        except InvalidInput as exc:
+            return ApplyResult(False, str(exc))
+        events.append(StateEvent("token.created", record.id, index, term, {"expires_at": record.expires_at}))
+        return ApplyResult(True, f"join token {record.id} created")
+
+    def _op_token_consume(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Mark a join token used; of two signers racing with one token, the later entry is refused."""
+        self.join_tokens, decision = tokens.consume_token(
+            self.join_tokens, str(cmd["id"]), str(cmd["secret_hash"]), now=float(cmd["at"]),
+            node_name=str(cmd["node_name"]))
+        if decision.ok:
+            events.append(StateEvent("token.used", str(cmd["id"]), index, term, {"node": cmd["node_name"]}))
+        return ApplyResult(decision.ok, decision.reason)
+
+    def _op_token_revoke(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        try:
+            self.join_tokens = tokens.revoke_token(self.join_tokens, str(cmd["id"]))
+        except InvalidInput as exc:
+            return ApplyResult(False, str(exc))
+        events.append(StateEvent("token.revoked", str(cmd["id"]), index, term))
+        return ApplyResult(True, f"join token {cmd['id']} revoked")
+
+    def _op_secret_init(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Set the cluster secret once; the first entry wins, so two leaders proposing it agree."""
+        value = str(cmd["value"])
+        if len(value) < 32:
+            raise ValueError("the cluster secret must be at least 32 characters")
+        if self.cluster_secret:
+            return ApplyResult(False, "the cluster secret is already set")
+        self.cluster_secret = value
+        return ApplyResult(True, "cluster secret set")
+
     def _check_assignments(self, name: str, assignments: Iterable[Assignment], replicas: int) -> str:
         seen = set()
         for a in assignments:
@@ -238,6 +306,9 @@ class ClusterState:
             ],
             "assignments": [a.model_dump(mode="json") for a in self.all_assignments()],
             "nodes": [vars(n) for n in sorted(self.nodes.values(), key=lambda n: n.name)],
+            "api_keys": [r.to_json() for r in apikeys.list_keys(self.api_keys)],
+            "join_tokens": [t.to_json() for _, t in sorted(self.join_tokens.items())],
+            "cluster_secret": self.cluster_secret,
         }, sort_keys=True).encode()
 
     def restore(self, data: bytes) -> None:
@@ -252,6 +323,11 @@ class ClusterState:
             assignment = Assignment.model_validate(a)
             self.assignments[(assignment.deployment, assignment.replica)] = assignment
         self.nodes = {n["name"]: NodeRecord(**n) for n in raw["nodes"]}
+        keys = [apikeys.ApiKeyRecord.from_json(k) for k in raw.get("api_keys", [])]
+        self.api_keys = {k.id: k for k in keys}
+        toks = [tokens.JoinTokenRecord.from_json(t) for t in raw.get("join_tokens", [])]
+        self.join_tokens = {t.id: t for t in toks}
+        self.cluster_secret = raw.get("cluster_secret", "")
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
 
 
@@ -278,6 +354,31 @@ def assign_command(name: str, assignments: Iterable[Assignment], replicas: int) 
 
 def node_command(name: str, state: str, address: str = "") -> bytes:
     return _encode({"op": "node", "name": name, "state": state, "address": address})
+
+
+def key_add_command(record: apikeys.ApiKeyRecord) -> bytes:
+    return _encode({"op": "key.add", "record": record.to_json()})
+
+
+def key_revoke_command(key_id: str, at: float) -> bytes:
+    return _encode({"op": "key.revoke", "id": key_id, "at": at})
+
+
+def token_add_command(record: tokens.JoinTokenRecord) -> bytes:
+    return _encode({"op": "token.add", "record": record.to_json()})
+
+
+def token_consume_command(token_id: str, secret_hash: str, node_name: str, at: float) -> bytes:
+    return _encode({"op": "token.consume", "id": token_id, "secret_hash": secret_hash, "node_name": node_name,
+                    "at": at})
+
+
+def token_revoke_command(token_id: str) -> bytes:
+    return _encode({"op": "token.revoke", "id": token_id})
+
+
+def secret_init_command(value: str) -> bytes:
+    return _encode({"op": "secret.init", "value": value})
 
 
 def _short(exc: Exception) -> str:

@@ -20,15 +20,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from agentd.errors import InvalidInput
-from agentd.security.ca import check_name, write_private
+from agentd.security.ca import check_name
 
 KEY_PREFIX = "agd"
 _KEY_RE = re.compile(r"^agd_([a-z2-7]{10})_([a-z2-7]{52})$")
@@ -159,7 +157,31 @@ def list_keys(store: KeyStore) -> list[ApiKeyRecord]:
     return sorted(store.values(), key=lambda r: (r.tenant, r.created_at, r.id))
 
 
-# ---------------------------------------------------------------- a local file store
+# ---------------------------------------------------------------- model servers' own keys
+
+MODEL_SERVER_KEY_PREFIX = "agdsrv"
+
+
+def new_cluster_secret(random_bytes: Callable[[int], bytes]) -> str:
+    """256 random bits, hex: kept in the replicated state, the root of every model server's key."""
+    return random_bytes(32).hex()
+
+
+def model_server_key(cluster_secret: str, instance_id: str) -> str:
+    """The API key one instance's model server is started with.
+
+    Any agent may proxy to any replica, so every agent must know every
+    server's key without it being stored anywhere: it is an HMAC of the
+    instance id under the cluster secret. A new generation of a replica gets a
+    new key; knowing one server's key tells nothing about another's.
+    """
+    if not cluster_secret:
+        raise InvalidInput("no cluster secret yet: model server keys cannot be derived")
+    mac = hmac.new(cluster_secret.encode(), f"model-server:{instance_id}".encode(), hashlib.sha256)
+    return f"{MODEL_SERVER_KEY_PREFIX}_{mac.hexdigest()}"
+
+
+# ---------------------------------------------------------------- JSON form of a store
 
 
 def store_to_json(store: KeyStore) -> dict[str, Any]:
@@ -179,22 +201,3 @@ def store_from_json(data: Any, where: str = "API key store") -> dict[str, ApiKey
             raise InvalidInput(f"keys[{i}]: {exc}", where=where) from None
         out[rec.id] = rec
     return out
-
-
-def load_store(path: Path) -> dict[str, ApiKeyRecord]:
-    """A missing file is an empty store; a damaged one is an error naming the file, never silently emptied."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}",
-                           where=str(path)) from None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read: {exc.strerror}", where=str(path)) from None
-    return store_from_json(data, where=str(path))
-
-
-def save_store(path: Path, store: KeyStore) -> None:
-    write_private(Path(path), (json.dumps(store_to_json(store), indent=2) + "\n").encode())

@@ -67,6 +67,8 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
     rule("/agentd.v1.Control/", ROLE_ADMIN, ROLE_NODE),
     rule("/agentd.v1.Agent/", ROLE_NODE),
     rule("/agentd.v1.Raft/", ROLE_NODE),
+    rule("/agentd.v1.Security/ConsumeJoinToken", ROLE_NODE),  # a signer asking the leader, never a person
+    rule("/agentd.v1.Security/", ROLE_ADMIN, ROLE_NODE),
     rule("/agentd.v1.Join/", ANONYMOUS, ROLE_NODE, ROLE_ADMIN),
     rule("/grpc.health.v1.Health/", ANONYMOUS, ROLE_USER, ROLE_NODE, ROLE_ADMIN),
     rule("/grpc.reflection.", ROLE_ADMIN, ROLE_NODE),

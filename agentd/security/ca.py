@@ -35,6 +35,11 @@ ROLE_NODE = "node"
 ROLE_ADMIN = "admin"
 ROLES = (ROLE_NODE, ROLE_ADMIN)
 ROLE_URI_PREFIX = "agentd://role/"
+# Every node certificate also carries this DNS name, and peers verify each other's certificate against it
+# (grpc.ssl_target_name_override): the chain to the cluster CA and the role are what authenticate a peer,
+# so a host reached by an address its certificate does not list (a NAT, a renumbered host) still works.
+# `.invalid` is reserved (RFC 2606): no real host can have this name.
+NODE_SAN = "node.agentd.invalid"
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -262,6 +267,8 @@ def _issue(ca: CertificateAuthority, public_key, name: str, role: str, dns: list
     not_after = min(now + dt.timedelta(days=validity_days), ca.cert.not_valid_after_utc)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
     sans += [x509.DNSName(d) for d in dns] + [x509.IPAddress(i) for i in ips]
+    if role == ROLE_NODE and NODE_SAN not in dns:
+        sans.append(x509.DNSName(NODE_SAN))
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if role == ROLE_NODE:  # nodes are servers to their peers as well as clients
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agentd.errors import InvalidInput, NotAvailable, PeerError
 from agentd.logs import fields
-from agentd.security.ca import CA_CERT, ca_fingerprint, cert_name, cert_role, load_cert, verify_issued
+from agentd.security.ca import CA_CERT, NODE_SAN, ca_fingerprint, cert_name, cert_role, load_cert, verify_issued
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,19 @@ def channel_credentials(identity: TlsIdentity | None = None, *, ca_pem: bytes | 
     return creds
 
 
-def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
-    """Verify the server as `server_name` (a node name in its certificate) whatever address is dialled."""
-    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+def client_credentials_from_dir(directory: Path, name: str = "admin") -> grpc.ChannelCredentials:
+    """Mutual-TLS client credentials from `<directory>/<name>.crt`, `<name>.key` and `ca.crt`."""
+    return channel_credentials(load_identity(directory, name))
+
+
+def channel_options(server_name: str = NODE_SAN) -> list[tuple[str, Any]]:
+    """Verify the server's certificate as `server_name` whatever address is dialled.
+
+    The default is the name every node certificate carries (ca.NODE_SAN): a
+    peer is authenticated by its chain to the cluster CA and its role, not by
+    the address it was reached at.
+    """
+    return [("grpc.ssl_target_name_override", server_name)]
 
 
 def warn_insecure(logger: logging.Logger | None = None) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentd.api.client import ControlClient
+from agentd.api.client import ClientAuth, ControlClient
 from agentd.api.drain import request_drain
 from agentd.errors import AgentdError, NotAvailable
 from agentd.runtime.standalone import kill_recorded
@@ -59,13 +59,19 @@ class Agent:
     inventory_file: Path
     log_file: Path
     proc: subprocess.Popen | None = None
+    auth: ClientAuth | None = None  # secure clusters: the admin certificate's credentials
+    token_listen: str = ""  # secure clusters: the token port (TLS without client certificate: joins, bearer tokens)
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
     def client(self, timeout: float = 30.0) -> ControlClient:
-        return ControlClient(self.listen, timeout=timeout)
+        return ControlClient(self.listen, timeout=timeout, auth=self.auth)
 
 
 @dataclass
@@ -81,6 +87,9 @@ class LocalCluster:
     agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # Test-only fault injection: each agent follows its own fault file (see `partition`).
     faults: bool = False
+    # Mutual TLS and authentication (docs/security.md): the first agent gets the CA (as `agentd init-ca`
+    # makes it), the others join with one-time tokens; clients use an admin certificate in `admin_dir`.
+    secure: bool = False
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +100,8 @@ class LocalCluster:
             self.agents[name] = Agent(
                 name=name, listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}",
                 data_dir=self.root / name, inventory_file=inv, log_file=self.root / f"{name}.log")
+            if self.secure:  # explicit: listen port + 1 (the default) may be taken by something else
+                self.agents[name].token_listen = f"127.0.0.1:{free_port()}"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,6 +112,8 @@ class LocalCluster:
         learners, and until then the first agent is the only voter, so killing it would leave the
         cluster without a quorum."""
         names = list(self.agents)
+        if self.secure:
+            self.init_ca(names[0])
         self.start_agent(names[0], join=[])
         self.wait_for_leader(timeout)
         for name in names[1:]:
@@ -125,6 +138,13 @@ class LocalCluster:
             argv += ["--election-timeout", self.election_timeout]
         if self.node_down_grace:
             argv += ["--node-down-grace", self.node_down_grace]
+        if self.secure:
+            argv.remove("--insecure")
+            if join and not (agent.tls_dir / "node.crt").exists():
+                # The token goes to the peers' token ports; the signer's answer names their gRPC ports.
+                tokens = [a.token_listen for a in self.agents.values() if a.listen in join and a.token_listen]
+                argv[argv.index("--join") + 1] = ",".join(tokens or join)
+                argv += ["--token", self.create_token(name)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
         env.update({"AGENTD_CONFIG": str(self.root / "none.toml"), "PYTHONUNBUFFERED": "1"})
         (self.root / "none.toml").touch()
@@ -132,6 +152,8 @@ class LocalCluster:
         if self.faults:
             env["AGENTD_TEST_FAULT_FILE"] = str(self.fault_file(name))
         env.update(self.agent_env.get(name, {}))
+        if self.secure and agent.token_listen:
+            env["AGENTD_TOKEN_LISTEN"] = agent.token_listen
         log = open(agent.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
@@ -176,6 +198,44 @@ class LocalCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    # ------------------------------------------------------------------ security (secure=True)
+
+    @property
+    def admin_dir(self) -> Path:
+        """admin.crt, admin.key and ca.crt: point AGENTD_TLS_DIR here to use the CLI against this cluster."""
+        return self.root / "admin"
+
+    def init_ca(self, name: str) -> str:
+        """What `agentd init-ca` does on the first host, plus an admin certificate; returns the CA pin."""
+        from agentd.security.ca import ROLE_ADMIN, ROLE_NODE, init_ca, issue_identity, load_ca, save_identity
+        from agentd.security.tls import channel_options, client_credentials_from_dir
+
+        agent = self.agents[name]
+        if not (agent.tls_dir / "ca.key").exists():
+            init_ca(agent.tls_dir)
+            ca = load_ca(agent.tls_dir, need_key=True)
+            save_identity(agent.tls_dir, "node", issue_identity(ca, name, role=ROLE_NODE, addresses=["127.0.0.1"]))
+            save_identity(self.admin_dir, ROLE_ADMIN, issue_identity(ca, "admin", role=ROLE_ADMIN))
+        auth = ClientAuth(client_credentials_from_dir(self.admin_dir, ROLE_ADMIN), tuple(channel_options()),
+                          "admin certificate")
+        for a in self.agents.values():
+            a.auth = auth
+        return load_ca(agent.tls_dir).fingerprint
+
+    def create_token(self, node_name: str = "", ttl: float = 600.0) -> str:
+        """A one-time join token from the running cluster (through any live agent, as an admin)."""
+        from agentd.v1 import security_pb2 as sec_pb
+
+        errors = []
+        for agent in self.alive_agents():
+            try:
+                with agent.client(timeout=10.0) as c:
+                    return c.call("CreateJoinToken", sec_pb.CreateJoinTokenRequest(
+                        ttl_seconds=ttl, node_name=node_name, description=f"LocalCluster {node_name}")).token
+            except AgentdError as exc:
+                errors.append(f"{agent.name}: {exc}")
+        raise NotAvailable("no agent could create a join token: " + "; ".join(errors))
 
     # ------------------------------------------------------------------ queries
 

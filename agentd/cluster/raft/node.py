@@ -618,7 +618,7 @@ class RaftNode:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = self._channels[address] = self.transport.open_channel(address)
         return ch
 
     async def _join(self) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -65,7 +66,7 @@ class _Peer:
         self.id = peer_id
         self.address = address
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=transport.queue_size)
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = transport.open_channel(address)
         self.call: grpc.aio.StreamUnaryCall | None = None
         self.closing = False
         self.dropped = 0
@@ -156,8 +157,22 @@ class GrpcTransport:
         self._learned: dict[str, str] = {}  # id -> address peers told us (joining nodes, candidates)
         self._blocked: frozenset[str] = frozenset()
         self.ready = False  # inbound messages are refused until the node has started
+        self._credentials: grpc.ChannelCredentials | None = None  # None: plaintext (--insecure)
+        self._channel_options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
 
     # ------------------------------------------------------------ wiring
+
+    def set_credentials(self, credentials: grpc.ChannelCredentials | None,
+                        options: Sequence[tuple[str, Any]] = ()) -> None:
+        """Dial peers over TLS with these client credentials (the node certificate); before `start`."""
+        self._credentials = credentials
+        self._channel_options = [*CHANNEL_OPTIONS, *options]
+
+    def open_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to a peer: mutual TLS once credentials are set, plaintext otherwise."""
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, self._credentials, options=self._channel_options)
 
     @staticmethod
     def stub(channel: grpc.aio.Channel) -> raft_pb2_grpc.RaftStub:

@@ -21,6 +21,11 @@ How a plan becomes a command line, and why:
 * **Simulated GPUs.** A host whose inventory is simulated has no device for
   the layers planned on its "GPUs": they stay in host RAM, and only the rpc
   parts' layers are offloaded.
+* **Its own API key.** The server listens on the host's internal address
+  with the assignment's generated key (`Assignment.api_key`, set in secure
+  mode), given through `--api-key-file` in the instance's work directory
+  (0600) rather than `--api-key`, which any local user could read in `ps`.
+  `/health` stays public, so readiness probes need no key.
 * RPC servers must accept connections before the main server starts (it
   aborts with "Failed to connect" otherwise), and the main server is
   restarted after any of them restarts: the supervisor does both from the
@@ -29,6 +34,7 @@ How a plan becomes a command line, and why:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from agentd.errors import InvalidInput
@@ -153,6 +159,8 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
         argv += ["--ctx-size", str(a.options.ctx_size)]
     if not box and not _has(extra, ("--fit", "-fit")):
         argv += ["--fit", "off"]
+    if getattr(a, "api_key", ""):
+        argv += ["--api-key-file", str(write_key_file(ctx.work_dir, a.api_key).absolute())]
     argv += list(extra)
     env = _cuda_env(part)
     env.update(a.options.env)
@@ -164,6 +172,19 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
         wait_for=tuple(Endpoint(host=e.address, port=e.port) for e in rpc_eps),
         gpus=() if ctx.simulated_gpus else part.gpus,
     )
+
+
+def write_key_file(work_dir: Path, key: str) -> Path:
+    """The server's key in a file only agentd's user can read (mode set before the key is written)."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = work_dir / "api-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (key + "\n").encode())
+    finally:
+        os.close(fd)
+    return path
 
 
 def rpc_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec:

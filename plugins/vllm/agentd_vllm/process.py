@@ -13,6 +13,11 @@ connections. The head's GCS port must be known on every host without a
 round-trip, so it is derived from the instance id within `ray_port_range`
 (the same on every host with the same range) and checked free like any port.
 
+The API server gets the assignment's own key (`Assignment.api_key`, set in
+secure mode) through VLLM_API_KEY, which vLLM reads when `--api-key` is not
+given: the key stays out of the command line (`ps` shows argv to every local
+user). vLLM checks it on /v1/ only, so /health stays open for probes.
+
 Flags are checked against the installed vLLM's `vllm serve --help` in the
 vllm test tier (tests/test_runtime_vllm.py), so a renamed flag fails a test.
 """
@@ -143,10 +148,12 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     gpus = () if ctx.simulated_gpus else part.gpus
     main_i = _main_index(a)
     main_ep = a.endpoints[main_i]
+    serve_key = {"VLLM_API_KEY": a.api_key} if getattr(a, "api_key", "") else {}
     if not _multi_host(a):
         argv = serve_argv(a, vllm_binary(ctx), ep.address, ep.port)
         return [ProcessSpec(
-            name="main", argv=tuple(argv), env=env, part_index=part_index, role="main", cwd=str(ctx.work_dir),
+            name="main", argv=tuple(argv), env={**env, **serve_key}, part_index=part_index, role="main",
+            cwd=str(ctx.work_dir),
             listen=Endpoint(host=ep.address, port=ep.port), ports=(Endpoint(host=ep.address, port=ep.port),),
             ready=HttpProbe(host=ep.address, port=ep.port, path="/health"), gpus=gpus)]
     head = Endpoint(host=main_ep.address, port=ray_head_port(a.instance_id, ctx.settings.ray_port_range))
@@ -159,7 +166,7 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     head_spec = ProcessSpec(name="ray-head", argv=tuple(argv), env=ray_env, part_index=part_index, role="main",
                             cwd=str(ctx.work_dir), listen=head, ports=bound,
                             ready=TcpProbe(host=head.host, port=head.port), gpus=gpus)
-    serve_env = dict(env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address)
+    serve_env = dict(env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address, **serve_key)
     serve = ProcessSpec(
         name="main", argv=tuple(serve_argv(a, vllm_binary(ctx), ep.address, ep.port)), env=serve_env,
         part_index=part_index, role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
