@@ -13,6 +13,7 @@ that joins them to consensus, and tests can drive it without a network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -125,6 +126,7 @@ class Coordinator:
         self._peer_restarts: dict[str, list[tuple[str, int, str]]] = {}
         self._last_pids: dict[tuple[str, int], int] = {}  # (instance, part) -> last pid reported, see _note_restarts
         self._reported_since_leading: set[str] = set()  # hosts heard from since became_leader, see wait_for_reports
+        self._report_arrived = asyncio.Event()  # wakes plan_when_ready at once instead of at its next poll
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
 
     # ------------------------------------------------------------------ soft state
@@ -147,6 +149,7 @@ class Coordinator:
             self._note_restarts(previous.instances, instances)
         self.reports[inventory.name] = NodeReport(inventory, instances, self.clock())
         self._reported_since_leading.add(inventory.name)
+        self._report_arrived.set()
 
     def _note_restarts(self, before: list[InstanceReport], after: list[InstanceReport]) -> None:
         """A part that now runs under a new pid was restarted: the other hosts of its instance must know.
@@ -245,7 +248,9 @@ class Coordinator:
                 if self.on_placement:
                     self.on_placement(seconds, plan)
                 return plan, model
-            await asyncio.sleep(0.05)
+            self._report_arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_arrived.wait(), 0.05)
 
     def _plan(self, spec: DeploymentSpec, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
         try:
