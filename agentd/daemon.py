@@ -284,7 +284,9 @@ class Daemon:
     # ------------------------------------------------------------------ events
 
     def _on_leader_change(self, change: Any) -> None:
-        if self.raft.role == Role.CANDIDATE and change.term > self._election_term:
+        # Elections this agent started: one per term in which it stood (a leader always stood for its term; a
+        # single voter goes from follower to leader in one step, never seen as a candidate).
+        if self.raft.role in (Role.CANDIDATE, Role.LEADER) and change.term > self._election_term:
             self._election_term = change.term
             self.metrics.election_started()
         if change.is_leader:
