@@ -132,3 +132,49 @@ def test_join_end_to_end_with_real_ca_and_csr():
     _, again = approve_join(authority, store2, token_id=prep.token.id, secret=prep.token.secret,
                             csr_pem=prep.csr_pem, now=T0 + 6)
     assert not again.decision.ok and again.cert_pem is None
+
+
+# ---------------------------------------------------------------- in the replicated state machine
+
+
+def test_the_state_machine_uses_a_token_once_even_when_two_signers_race():
+    from agentd.cluster import state as S
+
+    text, rec = T.create_join_token(PIN, now=T0, ttl=600.0, random_bytes=rng(5))
+    tok = T.parse_join_token(text)
+    replicas = [S.ClusterState(), S.ClusterState()]
+    log = [S.token_add_command(rec),
+           S.token_consume_command(tok.id, tok.secret_hash, "gpu-7", T0 + 1),  # signer 1
+           S.token_consume_command(tok.id, tok.secret_hash, "gpu-8", T0 + 1.01)]  # signer 2, same token
+    results = [[st.apply(i, 1, cmd) for i, cmd in enumerate(log, 1)] for st in replicas]
+    assert [r.ok for r in results[0]] == [True, True, False] == [r.ok for r in results[1]]
+    assert "already used by gpu-7" in results[0][2].message
+    assert replicas[0].join_tokens == replicas[1].join_tokens
+    assert replicas[0].join_tokens[tok.id].used_by == "gpu-7"
+    late = S.ClusterState()
+    late.apply(1, 1, S.token_add_command(rec))
+    assert "expired" in late.apply(2, 1, S.token_consume_command(tok.id, tok.secret_hash, "x", T0 + 601)).message
+
+
+def test_keys_tokens_and_the_cluster_secret_survive_a_snapshot():
+    from agentd.cluster import state as S
+    from agentd.security import apikeys as K
+
+    st = S.ClusterState()
+    _, key = K.new_api_key(tenant="acme", now=T0, random_bytes=rng(2))
+    _, tok = T.create_join_token(PIN, now=T0, random_bytes=rng(3))
+    cmds = [S.key_add_command(key), S.key_revoke_command(key.id, T0 + 5), S.token_add_command(tok),
+            S.secret_init_command("s" * 64), S.secret_init_command("t" * 64),
+            S.key_revoke_command("nosuchkey0", T0), S.key_add_command(key), S.token_revoke_command("zzzzzzzz")]
+    ok = [st.apply(i, 1, c).ok for i, c in enumerate(cmds, 1)]
+    assert ok == [True, True, True, True, False, False, False, False]
+    assert st.cluster_secret == "s" * 64, "the first secret wins"
+    assert st.api_keys[key.id].revoked_at == T0 + 5
+    bad = st.apply(len(cmds) + 1, 1, b'{"op": "key.add", "record": {"id": 1}}')
+    assert not bad.ok and "invalid key.add" in bad.message
+    copy = S.ClusterState()
+    copy.restore(st.snapshot())
+    assert (copy.api_keys, copy.join_tokens, copy.cluster_secret) == (st.api_keys, st.join_tokens, st.cluster_secret)
+    old = S.ClusterState()  # a snapshot written before access records existed
+    old.restore(b'{"last_index": 3, "last_term": 1, "deployments": [], "assignments": [], "nodes": []}')
+    assert (old.api_keys, old.join_tokens, old.cluster_secret) == ({}, {}, "")
