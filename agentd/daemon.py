@@ -43,6 +43,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -82,6 +83,7 @@ from agentd.security.tls import (
 from agentd.types import Assignment, HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.v1 import raft_pb2 as raft_pb
 from agentd.v1 import security_pb2 as sec_pb
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,22 @@ def part_reports(node: str, st: InstanceStatus, assignment: Any) -> list[Instanc
             part=idx, host=node, role=part.role, state=state, reason=reason, restarts=restarts,
             endpoint=f"{ep.address}:{ep.port}", term=assignment.term, pid=pid, gpus=tuple(part.gpus)))
     return out
+
+
+def _claim(message_cls: Any, field: str) -> Any:
+    def claimed(raw: Any) -> str | None:
+        try:
+            return getattr(message_cls.FromString(raw), field) if isinstance(raw, bytes) else None
+        except (DecodeError, ValueError):
+            return None  # the handler answers garbage itself
+    return claimed
+
+
+# A peer's certificate name must match the node it speaks for in these calls (agentd.security.auth).
+NODE_CLAIMS = {
+    "/agentd.v1.Raft/Send": _claim(raft_pb.RaftMessage, "sender"),
+    "/agentd.v1.Agent/Report": _claim(pb.ReportRequest, "node"),
+}
 
 
 def tls_identity(settings: Settings) -> TlsIdentity:
@@ -156,7 +174,7 @@ class Daemon:
         self.plugins = plugins or PluginManager.load(settings.plugins, settings.disable_plugins)
         self.state = ClusterState()
         self.metrics = Metrics(self.node)
-        interceptors = [AuthInterceptor(self._verify_bearer)] if self.secure else []
+        interceptors = [AuthInterceptor(self._verify_bearer, bindings=NODE_CLAIMS)] if self.secure else []
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         self.raft = RaftNode(self.node, settings.advertise_address, self.data_dir, self.state,
                              options=RaftOptions.from_settings(settings), join=settings.join, server=self.server)

@@ -110,6 +110,14 @@ def test_a_peer_without_a_cluster_certificate_cannot_join_or_vote(cluster, tmp_p
         code, details = status(lambda: ch.stream_unary("/agentd.v1.Raft/Send")(iter([vote]), timeout=5))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "role node" in details
 
+    # A genuine member may speak only for itself: b's certificate cannot vote, or report, as a.
+    with channel(a.listen, channel_credentials(load_identity(b.tls_dir, "node"))) as ch:
+        forged = vote_request("a", "a", term + 5)
+        code, details = status(lambda: ch.stream_unary("/agentd.v1.Raft/Send")(iter([forged]), timeout=5))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "of 'b' may not speak for 'a'" in details
+        code, details = status(lambda: pb_grpc.AgentStub(ch).Report(pb.ReportRequest(node="a"), timeout=5))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "may not speak for 'a'" in details
+
     # A whole agent process with a foreign CA tries to join: it never gets in.
     rogue_dir = tmp_path / "evil" / "tls"
     C.save_identity(rogue_dir, "node", C.issue_identity(rogue_ca, "evil", role="node", addresses=["127.0.0.1"]))

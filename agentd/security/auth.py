@@ -132,14 +132,27 @@ def _reset(token: contextvars.Token) -> None:
         pass
 
 
+# Reads the node name a request claims to come from (None: cannot tell; the handler refuses garbage itself).
+Claim = Callable[[Any], "str | None"]
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authorize every RPC by its method's rule before the handler runs."""
+    """Authorize every RPC by its method's rule before the handler runs.
+
+    `bindings` ties a node's certificate to what it says about itself: for
+    the methods named, a caller with a certificate may only send requests
+    that claim its own certificate name (a peer certified as "b" cannot send
+    Raft messages, or inventory reports, as "a"). On a client stream the
+    first message is checked; the service keeps a stream to one sender.
+    """
 
     def __init__(self, verify_bearer: Callable[[str], Principal | None], *,
-                 rules: Sequence[MethodRule] = DEFAULT_RULES, insecure: bool = False):
+                 rules: Sequence[MethodRule] = DEFAULT_RULES, insecure: bool = False,
+                 bindings: Mapping[str, Claim] | None = None):
         self._verify = verify_bearer
         self._rules = tuple(rules)
         self._insecure = insecure
+        self._bindings = dict(bindings or {})
         self._cert_cache: dict[bytes, Caller] = {}
         if insecure:
             warn_insecure(log)
@@ -175,16 +188,45 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         return self._wrap(handler, handler_call_details.method)
 
+    async def _check_claim(self, method: str, caller: Caller, request: Any,
+                           context: grpc.aio.ServicerContext) -> None:
+        claim = self._bindings.get(method)
+        if claim is None or caller.kind != "cert":
+            return
+        claimed = claim(request)
+        if claimed is not None and claimed != caller.name:
+            log.warning("refused a request claiming another node", extra=fields(method=method, caller=caller.name,
+                                                                                claimed=claimed))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the certificate of {caller.name!r} may not speak for {claimed!r} ({method})")
+
+    def _bound_stream(self, method: str, caller: Caller, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def checked():
+            first = True
+            async for item in requests:
+                if first:
+                    await self._check_claim(method, caller, item, context)
+                    first = False
+                yield item
+        return checked()
+
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         authorize = self.authorize
         kw = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
+        bound = method in self._bindings
 
         async def unary(request_or_iterator, context):
-            token = _current.set(await authorize(method, context))
+            caller = await authorize(method, context)
+            token = _current.set(caller)
             try:
-                inner = handler.unary_unary or handler.stream_unary
-                return await inner(request_or_iterator, context)
+                if handler.unary_unary:
+                    if bound:
+                        await self._check_claim(method, caller, request_or_iterator, context)
+                    return await handler.unary_unary(request_or_iterator, context)
+                if bound:
+                    request_or_iterator = self._bound_stream(method, caller, request_or_iterator, context)
+                return await handler.stream_unary(request_or_iterator, context)
             finally:
                 _reset(token)
 
