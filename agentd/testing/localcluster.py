@@ -327,14 +327,14 @@ class LocalCluster:
             old = json.loads(path.read_text()).get("partition", []) if path.exists() else []
             if sorted(old) == peers:
                 continue
+            if self.agents[name].alive:  # counted first: the agent may apply it the moment it is written
+                waiting[name] = self._count_in_log(name, _PARTITION_LINE)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"partition": peers}))
             tmp.replace(path)  # atomic: the agent never reads half a file
-            if self.agents[name].alive:
-                waiting[name] = (self._count_in_log(name, _PARTITION_LINE), peers)
         deadline = time.monotonic() + timeout
         while waiting:
-            for name, (before, _) in list(waiting.items()):
+            for name, before in list(waiting.items()):
                 if self._count_in_log(name, _PARTITION_LINE) > before or not self.agents[name].alive:
                     del waiting[name]
             if time.monotonic() > deadline:
