@@ -59,3 +59,13 @@ def test_keys_without_a_cluster_say_what_is_missing(tmp_path, monkeypatch):
     assert r.returncode == 3 and "not available" in r.stderr and "AGENTD_TOKEN" in r.stderr
     r = run_cli("keys", "ls", "--server", "127.0.0.1:1", env={"HOME": str(tmp_path), "AGENTD_TOKEN": "agd_x"})
     assert r.returncode == 2 and "no cluster CA certificate" in r.stderr
+
+
+def test_serve_without_certificates_says_what_to_run(tmp_path):
+    r = run_cli("serve", "--data-dir", str(tmp_path), "--node-name", "n1", "--listen", "127.0.0.1:7",
+                "--http-listen", "127.0.0.1:9", env={"HOME": str(tmp_path)})
+    assert r.returncode == 3, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "agentd init-ca" in line and "agentd join --token" in line and "--insecure" in line
+    r = run_cli("serve", "--data-dir", str(tmp_path), "--listen", "0.0.0.0:7070", env={"HOME": str(tmp_path)})
+    assert r.returncode == 2 and "wildcard" in r.stderr and "advertise" in r.stderr
