@@ -127,6 +127,7 @@ class Coordinator:
         self._last_pids: dict[tuple[str, int], int] = {}  # (instance, part) -> last pid reported, see _note_restarts
         self._reported_since_leading: set[str] = set()  # hosts heard from since became_leader, see wait_for_reports
         self._report_arrived = asyncio.Event()  # wakes plan_when_ready at once instead of at its next poll
+        self._leading = asyncio.Event()  # set by became_leader: the daemon has handed the coordinator over
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
 
     # ------------------------------------------------------------------ soft state
@@ -138,9 +139,11 @@ class Coordinator:
         for rep in self.reports.values():
             rep.last_seen = max(rep.last_seen, now)
         self._reported_since_leading.clear()
+        self._leading.set()
 
     def lost_leadership(self) -> None:
         self.leader_since = None
+        self._leading.clear()
         self._last_pids.clear()
 
     def on_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> None:
@@ -220,9 +223,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ decisions
 
-    def _require_leader(self) -> None:
+    async def _require_leader(self) -> None:
+        """Raise NotAvailable unless this agent leads and has taken over as coordinator.
+
+        Raft reports leadership the moment the votes are counted; the daemon
+        hears of it (became_leader) once the new term is on disk, a few
+        milliseconds later. A call in between waits for that, instead of
+        placing with no soft state at all ("0/0 hosts").
+        """
         if not self.consensus.is_leader:
             raise NotAvailable("this agent is not the coordinator")
+        if not self._leading.is_set():
+            try:
+                await asyncio.wait_for(self._leading.wait(), 2.0)
+            except TimeoutError:
+                raise NotAvailable("this agent was just elected and has not taken over yet; retry") from None
+            if not self.consensus.is_leader:
+                raise NotAvailable("this agent is not the coordinator")
 
     def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
         """Placement for `spec` on the live cluster, counting what is already assigned."""
@@ -241,6 +258,7 @@ class Coordinator:
         known host has reported, or the wait is over, so that the diagnosis
         covers the whole cluster.
         """
+        await self._require_leader()
         while True:
             complete = self.heard_from_known_hosts()
             plan, model, seconds = self._plan(spec, exclude_deployment)
@@ -267,7 +285,7 @@ class Coordinator:
         return plan, model, time.perf_counter() - started
 
     async def deploy(self, spec: DeploymentSpec, replace: bool = False) -> tuple[ApplyResult, int]:
-        self._require_leader()
+        await self._require_leader()
         async with self._lock:
             if spec.name in self.state.deployments and not replace:
                 raise InvalidInput(f"deployment {spec.name!r} already exists (use replace to change it)")
@@ -281,7 +299,7 @@ class Coordinator:
             return await self._commit(deploy_command(spec, assignments, replace=replace))
 
     async def scale(self, name: str, replicas: int) -> tuple[ApplyResult, int]:
-        self._require_leader()
+        await self._require_leader()
         if replicas < 0:
             raise InvalidInput(f"replicas must be >= 0, got {replicas}")
         async with self._lock:
@@ -300,7 +318,7 @@ class Coordinator:
             return await self._commit(assign_command(name, new, replicas))
 
     async def delete(self, name: str) -> tuple[ApplyResult, int]:
-        self._require_leader()
+        await self._require_leader()
         if name not in self.state.deployments:
             raise InvalidInput(f"no deployment named {name!r}")
         return await self._commit(delete_command(name))

@@ -399,6 +399,19 @@ async def test_a_fresh_leader_waits_for_known_hosts_before_placing(placer, model
     assert result.ok and sorted(hosts_of(a)[0] for a in w.state.assignments_for("chat")) == ["a", "b"]
 
 
+async def test_a_call_between_winning_the_vote_and_taking_over_waits_for_the_take_over(placer, models):
+    """Raft says "leader" before the daemon has told the coordinator; placing then would see no hosts at all."""
+    w = World(placer, [host("a")]).start()
+    w.coord.lost_leadership()
+    task = asyncio.create_task(w.coord.deploy(spec("chat", models["tiny"])))
+    await asyncio.sleep(0.1)
+    assert not task.done() and w.raft.proposed == []
+    w.coord.became_leader()
+    w.report("a")
+    result, _ = await asyncio.wait_for(task, 1)
+    assert result.ok and hosts_of(w.state.assignments_for("chat")[0]) == ["a"]
+
+
 async def test_a_fresh_leader_does_not_wait_for_a_dead_host_when_the_reporting_ones_suffice(placer, models):
     """The old leader's host never reports to the new one; a deploy that fits elsewhere goes through at once."""
     w = World(placer, [host("a"), host("b"), host("c")]).start()
