@@ -152,16 +152,19 @@ def llama_feasible(m, s, c, existing=()) -> bool:
         return max(0, (g.free - d.device_overhead - extra) // size) if g.free >= d.device_overhead + extra else -1
 
     for full in ([True, False] if s.options.allow_cpu_offload else [True]):
-        out = d.output_bytes + d.output_overhead if full else 0
+        # The last device holds the output layer (full) or only its norm (partial, which keeps at
+        # least one layer and the output weight in RAM): docs/placement.md, "the output rule".
+        out = d.output_bytes + d.output_overhead if full else d.output_norm_bytes
+        on_gpus = L if full else L - 1
         for main, mine in free.items():
             others = [g for h, gs in free.items() if h != main for g in gs]
             for k in range(1, len(mine) + 1):
                 for M in itertools.combinations(mine, k):
-                    for o in (M if full else (None,)):
+                    for o in M:
                         caps = [cap(g, out if g is o else 0) for g in M]
-                        if min(caps) < 0 or (o is not None and caps[M.index(o)] < 0):
-                            continue
-                        main_layers = min(sum(caps), L)
+                        if min(caps) < 0 or caps[M.index(o)] < (0 if full else 1):
+                            continue  # partial: the norm goes with the top layer, so its GPU holds one
+                        main_layers = min(sum(caps), on_gpus)
                         if main_layers < 1:
                             continue
                         for r in range(len(others) + 1):
@@ -169,7 +172,7 @@ def llama_feasible(m, s, c, existing=()) -> bool:
                                 rc = [cap(g) for g in R]
                                 if rc and min(rc) < 1:
                                     continue
-                                gpu_layers = min(L, main_layers + sum(rc))
+                                gpu_layers = min(on_gpus, main_layers + sum(rc))
                                 if full and gpu_layers == L and d.ram_for(0) <= ram[main]:
                                     return True
                                 if not full and d.ram_for(L - gpu_layers) <= ram[main]:

@@ -82,7 +82,12 @@ def test_partial_offload_keeps_the_output_weight_on_the_cpu(tmp_path, model, bin
     argv = spec.argv
     # llama.cpp offloads the top -ngl "slots" and the output layer is the topmost: 60 layers + its slot.
     assert argv[argv.index("-ngl") + 1] == "61" and argv[argv.index("--tensor-split") + 1] == "50,11"
-    assert argv[argv.index("--override-tensor") + 1] == r"^output\.weight$=CPU"
+    # output.weight, or token_embd.weight's copy for a tied output (named after the embedding).
+    assert argv[argv.index("--override-tensor") + 1] == r"^(output|token_embd)\.weight$=CPU"
+    assert "--no-op-offload" in argv  # no host weights copied into GPU compute buffers the plan did not book
+    extra = llama(model, parts, [1, 2], extra_args=("--op-offload",))
+    [spec] = lb.agentd_launch(extra, 0, ctx(tmp_path, **bins))
+    assert "--no-op-offload" not in spec.argv and "--op-offload" in spec.argv
 
 
 def test_simulated_gpus_keep_the_main_share_in_ram(tmp_path, model, bins):
@@ -106,7 +111,7 @@ def test_llama_box_binaries_get_their_own_flags_and_counting(tmp_path, model):
     [spec] = lb.agentd_launch(a, 0, ctx(tmp_path, **s))
     argv = spec.argv
     assert argv[argv.index("-ngl") + 1] == "60" and argv[argv.index("--tensor-split") + 1] == "50,10"
-    assert "--fit" not in argv and "--override-tensor" not in argv
+    assert "--fit" not in argv and "--override-tensor" not in argv and "--no-op-offload" not in argv
     [rpc] = lb.agentd_launch(a, 1, ctx(tmp_path, node="b", **s))
     assert rpc.argv == ("/opt/llama-box-rpc", "--rpc-server-host", "10.0.0.2", "--rpc-server-port", "2",
                         "--rpc-server-main-gpu", "0")

@@ -34,8 +34,14 @@ class LayerDemand:
 
     Layers are placed whole, in order: the first `cpu_layers` stay in the main
     host's RAM, then contiguous blocks go to each device. Every device that
-    holds layers also needs `device_overhead` (compute buffer, CUDA context);
-    the last device additionally holds the output layer when fully offloaded.
+    holds layers also needs `device_overhead` (compute buffer, CUDA context).
+
+    The output layer follows one rule, shared with the act phase
+    (agentd_llamabox/process.py): its weight is on the last device exactly
+    when every layer is (full offload: `output_bytes` + `output_overhead`
+    there). In partial offload at least one layer stays in RAM, the output
+    weight stays in RAM with it (`cpu_output_bytes`), and only what is left
+    of the output layer, `output_norm_bytes`, goes to the last device.
     """
 
     layer_bytes: tuple[int, ...]  # weights + KV cache of each repeating layer, in model order
@@ -45,14 +51,18 @@ class LayerDemand:
     cpu_fixed_bytes: int = 0  # host RAM the main always needs (token embeddings stay on CPU)
     cpu_layer_bytes: tuple[int, ...] = ()  # RAM per layer kept on CPU; empty = layer_bytes
     breakdown: Mapping[str, int] = field(default_factory=dict)
+    output_norm_bytes: int = 0  # the part of output_bytes on the last device in partial offload
+    cpu_output_bytes: int = 0  # RAM the output weight takes in partial offload (0 if it shares another tensor)
 
     @property
     def layers(self) -> int:
         return len(self.layer_bytes)
 
     def ram_for(self, cpu_layers: int) -> int:
+        """Host RAM of the main process with the first `cpu_layers` layers on the CPU (and, when
+        there are any, the output weight with them)."""
         per = self.cpu_layer_bytes or self.layer_bytes
-        return self.cpu_fixed_bytes + sum(per[:cpu_layers])
+        return self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
 
 
 Demand = ShardDemand | LayerDemand

@@ -312,8 +312,11 @@ class LayerSplitSearch:
         # Device order is the reverse of fill order: CUDA_VISIBLE_DEVICES lists the main GPUs so the
         # GPU holding the output layer comes last, and rpc parts come in --rpc order.
         dev = list(reversed(kept))
-        mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if g is main.output else 0)
-                    for g, lo, hi in dev)
+        # The last device takes llama.cpp's output slot: the whole output layer in full offload, only
+        # its norm in partial offload (the weight stays in RAM; demand.py has the rule).
+        last = len(dev) - 1
+        mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if k == last else 0)
+                    for k, (g, lo, hi) in enumerate(dev))
         main_part = PartLayout(
             hv.name, "main", tuple(g.index for g, _, _ in dev), mem,
             layers=sum(hi - lo for _, lo, hi in dev), layer_split=tuple(hi - lo for _, lo, hi in dev),
@@ -336,7 +339,11 @@ class _Ctx:
         self.full = full
         self.layers = demand.layers
         self.d = demand.device_overhead
-        self.out = demand.output_bytes + demand.output_overhead if full else 0
+        # What the last device holds besides its layers (demand.py: the output rule).
+        self.out = demand.output_bytes + demand.output_overhead if full else demand.output_norm_bytes
+        # Partial offload keeps at least one layer on the CPU: with none there, llama.cpp (and the
+        # act phase) would put the output weight on the last GPU, and this layout did not book it.
+        self.floor = 0 if full else min(1, self.layers)
         prefix = [0]
         for b in demand.layer_bytes:
             prefix.append(prefix[-1] + b)
@@ -344,11 +351,12 @@ class _Ctx:
         self.last = demand.layer_bytes[-1] if demand.layer_bytes else 0
 
     def take(self, free: int, hi: int) -> int:
-        """The lowest `lo` such that layers [lo, hi) fit a device with `free` bytes (hi if none fits)."""
+        """The lowest `lo` (not below the floor) such that layers [lo, hi) fit a device with `free`
+        bytes (hi if none fits)."""
         room = free - self.d
-        if hi == 0 or room < self.prefix[hi] - self.prefix[hi - 1]:
+        if hi <= self.floor or room < self.prefix[hi] - self.prefix[hi - 1]:
             return hi
-        return bisect.bisect_left(self.prefix, self.prefix[hi] - room, 0, hi)
+        return bisect.bisect_left(self.prefix, self.prefix[hi] - room, self.floor, hi)
 
 
 def _ram_ok(ctx: _Ctx, hv: HostView, cpu_layers: int) -> bool:
@@ -433,13 +441,21 @@ def _two(row: tuple) -> tuple:
 
 
 def _fill_order(ctx: _Ctx, frees: tuple[int, ...], order: Iterable[int], out: int):
+    """Fill in `order`; GPU `out` holds the output layer (full offload). In partial offload (out < 0)
+    the first GPU that takes layers holds the top ones, so it is the last device: it keeps room for
+    the output norm."""
     hi, spans = ctx.layers, []
+    pending = ctx.out if out < 0 else 0
+    floor = ctx.floor
     for i in order:
-        lo = ctx.take(frees[i] - (ctx.out if i == out else 0), hi)
-        if lo < hi or i == out:
+        lo = ctx.take(frees[i] - (ctx.out if i == out else pending), hi)
+        if lo < hi:
+            spans.append((i, lo, hi))
+            pending = 0
+        elif i == out:
             spans.append((i, lo, hi))
         hi = lo
-        if hi == 0:
+        if hi <= floor:
             break
     return tuple(spans), hi
 

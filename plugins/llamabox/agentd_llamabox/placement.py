@@ -3,10 +3,18 @@
 Memory comes from the GGUF header, layer by layer (docs/placement.md):
 
     layer i   = weights of blk.i.* + KV cache of layer i for ctx tokens (f16 K and V)
-    output    = output.weight (token_embd.weight when tied) + output_norm, on the last GPU
+    output    = output.weight (token_embd.weight when tied) + output_norm
     per device holding layers: compute buffer + CUDA context
-    output device: + logits buffer (n_ubatch x vocab x f32)
-    main host RAM: token_embd (always on CPU) + the layers kept on CPU
+    full offload:    the last device also holds the output layer + the logits buffer (n_ubatch x vocab x f32)
+    partial offload: at least one layer stays on the CPU; so does the output weight (the act phase pins
+                     it there), and the last device holds only output_norm
+    main host RAM: token_embd (always on CPU) + the layers kept on CPU (+ output.weight in partial offload;
+                   a tied output shares token_embd's mapping)
+
+The output rule is the act phase's (agentd_llamabox/process.py, `offload`):
+the output weight is on a GPU exactly when every layer is (`cpu_layers == 0`).
+tests/test_placement_llamabox_argv.py checks that what placement books on each
+device is what the launched command line puts there.
 
 Layout rules: the main server holds at least one layer on its own GPUs
 (`MinLayersOnMain(1)`); layers left on the CPU only when the deployment
@@ -51,7 +59,8 @@ def estimate(model: ModelInfo, spec: DeploymentSpec) -> LayerDemand:
     kv = (model.kv_cache.k_elements + model.kv_cache.v_elements) * KV_ELEMENT_BYTES * ctx
     layers = tuple(w + kv for w in _layer_weights(model))
     nr = model.non_repeating_bytes
-    output = (nr.get("output") or nr.get("token_embd", 0)) + nr.get("output_norm", 0)
+    norm = nr.get("output_norm", 0)
+    output = (nr.get("output") or nr.get("token_embd", 0)) + norm
     ffn = model.intermediate_size or 4 * model.hidden_size
     compute = N_UBATCH * 4 * (8 * model.hidden_size + 2 * ffn)  # f32 activations of one ubatch (flash attention)
     logits = N_UBATCH * model.vocab_size * 4
@@ -62,6 +71,9 @@ def estimate(model: ModelInfo, spec: DeploymentSpec) -> LayerDemand:
         output_overhead=logits,
         cpu_fixed_bytes=nr.get("token_embd", 0),
         breakdown={"kv_per_layer": kv, "compute": compute, "logits": logits, "ctx_size": ctx},
+        output_norm_bytes=norm,
+        # Tied embeddings: the output "weight" is token_embd's mapping, already counted in RAM.
+        cpu_output_bytes=nr.get("output", 0),
     )
 
 

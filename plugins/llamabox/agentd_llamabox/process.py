@@ -13,8 +13,20 @@ How a plan becomes a command line, and why:
   whose cumulative split exceeds `(il - first_gpu_layer) / n_gpu_layers`, so
   integer counts that sum to `-ngl` place exactly that many layers on each
   device. The output layer is the last "layer" and always goes with the
-  last device once anything is offloaded (see `offload`); when the plan
-  keeps it in RAM its weight is pinned to the CPU.
+  last device once anything is offloaded (see `offload`).
+* **The output rule** (shared with placement, agentd/placement/demand.py):
+  the output weight is on the last GPU exactly when every layer is
+  (`cpu_layers == 0`). Otherwise (partial offload) it is pinned to the CPU
+  with `--override-tensor`: `output.weight`, or for tied embeddings the copy
+  of `token_embd.weight` llama.cpp makes for the output (it is named after
+  the embedding, so matching `output.weight` alone left it on the GPU, unbooked).
+  Only `output_norm` stays on the last device, which is what placement books
+  there. `--no-op-offload` goes with it: llama.cpp's default op offload runs
+  big batches of host-weight matmuls (the CPU layers, the pinned output) on
+  the first GPU by copying the weights into its compute buffer, memory the
+  plan does not book; with it off they run where their weights are. A
+  deployment may pass `--op-offload` in its extra args to trade that memory
+  for faster prompt processing.
 * **`--fit off`.** llama-server's default re-fits unset arguments to the free
   memory it sees; the plan already decided, and must not be second-guessed
   differently on each host.
@@ -49,6 +61,9 @@ NAME = "llamabox"
 _NGL = ("-ngl", "--gpu-layers", "--n-gpu-layers")
 _TS = ("-ts", "--tensor-split")
 _CTX = ("-c", "--ctx-size")
+_OP_OFFLOAD = ("--op-offload", "--no-op-offload")
+# The output layer's weight kept in RAM: output.weight, or token_embd.weight's copy for tied embeddings.
+OUTPUT_WEIGHT_ON_CPU = r"^(output|token_embd)\.weight$=CPU"
 
 
 def _package_bin_dirs() -> list[Path]:
@@ -80,16 +95,17 @@ def _even(total: int, n: int) -> list[int]:
 
 
 def offload(a: Assignment, simulated: bool, output_slot: bool = True) -> tuple[int, list[int], bool]:
-    """(-ngl, --tensor-split counts in device order, keep output.weight on the CPU) for an assignment.
+    """(-ngl, --tensor-split counts in device order, keep the output weight on the CPU) for an assignment.
 
     `output_slot`: llama.cpp counts the output layer as slot n_layer and
     offloads the top `-ngl` slots, so any -ngl >= 1 puts the output layer on
     the last device (src/llama-model.cpp: i_gpu_start = n_layer + 1 - ngl).
     The split then needs one more on the last device, and when the plan keeps
-    the output layer in RAM (partial offload, or simulated GPUs) its weight is
-    pinned back to the CPU with --override-tensor. llama-box follows the older
-    rule (the output layer is offloaded only when -ngl exceeds n_layer):
-    `output_slot=False`.
+    the output weight in RAM (partial offload: `cpu_layers > 0`, the output
+    rule in the module docstring; or simulated GPUs) it is pinned back to the
+    CPU with --override-tensor, leaving output_norm on the last device as
+    placement booked. llama-box follows the older rule (the output layer is
+    offloaded only when -ngl exceeds n_layer): `output_slot=False`.
     """
     parts = a.plan.parts
     main = next(p for p in parts if p.role == "main")
@@ -154,7 +170,9 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
     if len(split) > 1 and not _has(extra, _TS):
         argv += ["--tensor-split", ",".join(map(str, split))]
     if output_on_cpu:
-        argv += ["--override-tensor", r"^output\.weight$=CPU"]
+        argv += ["--override-tensor", OUTPUT_WEIGHT_ON_CPU]
+        if not _has(extra, _OP_OFFLOAD):
+            argv += ["--no-op-offload"]
     if a.options.ctx_size and not _has(extra, _CTX):
         argv += ["--ctx-size", str(a.options.ctx_size)]
     if not box and not _has(extra, ("--fit", "-fit")):
