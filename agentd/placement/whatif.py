@@ -62,10 +62,12 @@ def _what_ifs(req: Request, cluster: ClusterInventory, existing, outcome: Outcom
     spec = req.spec
     out: list[str] = []
     snap = outcome.snapshot or Snapshot.build(cluster, existing)
-    foreign = {(g.host, g.index): g for hv in snap.hosts for g in hv.gpus if g.foreign}
-    if foreign:
+    if any(g.foreign for hv in snap.hosts for g in hv.gpus):
         got = _try(req, cluster, existing, spec, snap.without_foreign())
         if got is not None:
+            hosts = {hv.name: hv for hv in snap.hosts}
+            foreign = {(h, g.index): g for h in {k[0] for lo in got.layouts for k in _gpus_of(lo)}
+                       for g in hosts[h].gpus if g.foreign}
             used = sorted({foreign[k] for lo in got.layouts for k in _gpus_of(lo) if k in foreign},
                           key=lambda g: (g.host, g.index))
             out += [f"free {g.label} ({g.describe_foreign()})" for g in used[:MAX_LISTED]]

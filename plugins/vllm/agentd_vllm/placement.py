@@ -237,11 +237,13 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDem
     head += nr.get("output_norm", 0)
     # Prefix sums: a stage's weights in O(1) (the diagnosis estimates shapes of up to a hundred stages).
     prefix = list(accumulate(layer_bytes(model), initial=0))
-    last = len(prefix) - 1  # a header may list fewer layers than the config counts: those weigh nothing
+    short = model.num_hidden_layers + 1 - len(prefix)
+    if short > 0:  # a header may list fewer layers than the config counts: those weigh nothing
+        prefix += [prefix[-1]] * short
     worst = 0
     start = 0
     for s, n in enumerate(stages):
-        w = prefix[min(start + n, last)] - prefix[min(start, last)]
+        w = prefix[start + n] - prefix[start]
         start += n
         if s == 0:
             w += embed
