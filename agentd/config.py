@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     tls_dir: Path | None = None  # ca.crt, node.crt, node.key; default <data_dir>/tls
     token_listen: str = ""  # TLS without client certificate: joins, bearer tokens; default listen port + 1
     # One-time join token (`agentd token create`): with `join`, a host without a certificate gets one at start.
-    join_token: str = Field(default="", repr=False)
+    join_token: SecretStr = SecretStr("")  # shown as ********** by `agentd config show`
     insecure: bool = False  # no TLS, no authentication; logs a warning at start
     drain_on_stop: bool = False  # SIGTERM stops this host's model servers before exiting
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica

@@ -673,7 +673,7 @@ def join_with_token(settings: Settings) -> Settings:
     """
     from agentd.api.join_client import join_cluster, node_addresses
 
-    result = join_cluster(settings.join_token, settings.join, tls_dir=settings.tls_directory,
+    result = join_cluster(settings.join_token.get_secret_value(), settings.join, tls_dir=settings.tls_directory,
                           node_name=settings.node_name, addresses=node_addresses(settings))
     join = list(dict.fromkeys([*result.peers, *settings.join]))
     log.info("joined with a token; joining the cluster", extra=fields(node=settings.node_name, signer=result.signer,
@@ -685,7 +685,7 @@ def run_daemon(settings: Settings) -> int:
     """Run one agent until SIGTERM/SIGINT (or SIGUSR2, for a restart). Returns the exit code."""
     async def main() -> int:
         s = settings
-        if not s.insecure and s.join_token and not (s.tls_directory / "node.crt").exists():
+        if not s.insecure and s.join_token.get_secret_value() and not (s.tls_directory / "node.crt").exists():
             s = await asyncio.to_thread(join_with_token, s)
         return await Daemon(s).run()  # built inside the loop: grpc.aio and asyncio objects bind to it
 

@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentd.api.client import CannotPlace
 from agentd.api.drain import drain_file, request_drain
 from agentd.security.tls import INSECURE_WARNING
 from agentd.testing.gguf import llama_spec, write_header_only_gguf, write_tiny_llama_gguf
@@ -138,7 +139,7 @@ def test_agent_lifecycle_under_a_service_manager(tmp_path):
         with a.client() as cl:
             cl.deploy(pb.DeploymentSpec(name="tiny", model=str(model), runtime="llamabox", replicas=1,
                                         options=pb.RuntimeOptions(ctx_size=256)))
-            with pytest.raises(Exception, match="cannot be placed|could not be placed|GiB"):
+            with pytest.raises(CannotPlace, match=r"0/1 hosts can run huge"):
                 cl.deploy(pb.DeploymentSpec(name="huge", model=str(huge), runtime="llamabox", replicas=1))
         first = wait_running(c, "tiny")
         os.kill(first.pid, signal.SIGKILL)
