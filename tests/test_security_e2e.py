@@ -162,6 +162,8 @@ def test_join_tokens_are_one_time_expiring_and_pinned(cluster, tmp_path):
         attempt(f"{tid}.{wrong}.{pin}", "w1")
     with pytest.raises(PeerError, match="pin"):  # another cluster's token: the CA does not match, nothing is sent
         attempt(f"{tid}.{secret}.{'0' * 64}", "w2")
+    with pytest.raises(InvalidInput, match="'a' is already a member"):  # nobody gets a certificate to pose as a
+        attempt(token, "a")
     # The real thing, through b (which does not hold the CA key: it forwards to a), with the CLI.
     r = run_cli("join", "--token", token, "--server", b.token_listen, "--node-name", "d", "--dir",
                 str(tmp_path / "d"), "--address", "127.0.0.1", "--json", env={"HOME": str(tmp_path)})
@@ -180,7 +182,7 @@ def test_join_tokens_are_one_time_expiring_and_pinned(cluster, tmp_path):
     bound = cluster.create_token(node_name="g")
     with pytest.raises(InvalidInput, match="is for host 'g'"):
         attempt(bound, "h")
-    for name in ("w1", "w2", "e", "f", "h"):
+    for name in ("w1", "w2", "a", "e", "f", "h"):
         assert not (tmp_path / name / "node.crt").exists(), f"a refused join ({name}) left a certificate"
     with cluster.any_client() as cl:
         states = {t.id: (t.state, t.used_by) for t in cl.call("ListJoinTokens", spb.ListJoinTokensRequest()).tokens}

@@ -254,6 +254,15 @@ class JoinService(pb_grpc.JoinServicer):
 
     async def _sign(self, request, context, name: str, secret_hash: str) -> pb.JoinReply:
         now = self.clock()
+        if name in self.raft.members:
+            # A certificate for a member's name would let its holder speak as that member. Re-issuing one (a host
+            # that lost its disk) takes a token made for that name on purpose.
+            record = self.state.join_tokens.get(request.token_id)
+            if record is None or record.node_name != name:
+                reason = (f"{name!r} is already a member of the cluster: to give it a new certificate, create a "
+                          f"token bound to it ('agentd token create --node-name {name}')")
+                log.warning("refused a join", extra=fields(node=name, reason=reason))
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         cert = sign_csr(self.ca, request.csr_pem, role=ROLE_NODE)  # a bad request fails before the token is spent
         if self.raft.is_leader:
             ok, reason = await self.security.consume(request.token_id, secret_hash, name)
