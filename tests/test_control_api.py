@@ -208,6 +208,37 @@ async def test_a_forwarded_call_is_never_forwarded_again(agents, model, placer):
         await c.close()
 
 
+async def test_a_call_forwarded_to_a_hung_leader_gives_up_when_another_leader_is_known(agents, model):
+    """A frozen leader keeps its sockets open: without this, the caller would wait out the forward's deadline."""
+    a, b = agents
+    hung = grpc.aio.server()
+    never = asyncio.Event()
+
+    async def stuck(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    hung.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "agentd.v1.Control", {m: grpc.unary_unary_rpc_method_handler(stuck) for m in ("Deploy", "List")}),))
+    port = hung.add_insecure_port("127.0.0.1:0")
+    await hung.start()
+    try:
+        b.raft.leader_id, b.raft.leader_address = "h", f"127.0.0.1:{port}"
+        write = asyncio.ensure_future(b.stub.Deploy(pb.DeployRequest(spec=spec(model)), timeout=20))
+        read = asyncio.ensure_future(b.stub.List(pb.ListRequest(), timeout=20))
+        await asyncio.sleep(0.3)
+        assert not write.done() and not read.done()
+        b.follow(a)  # the cluster elected a
+        err = await rpc_error(asyncio.wait_for(write, 2))
+        assert (err.code(), err.details()) == (
+            grpc.StatusCode.UNAVAILABLE, "the leader changed from h to a while the call was forwarded; retry")
+        assert (await asyncio.wait_for(read, 2)).deployments == []  # a read is simply sent to the new leader
+        assert a.state.deployments == {}
+    finally:
+        never.set()
+        await hung.stop(0)
+
+
 async def test_without_a_leader_calls_are_unavailable(agents, model):
     _, b = agents
     b.follow(None)

@@ -31,6 +31,14 @@ from agentd.v1 import control_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 FORWARDED = "x-agentd-forwarded"
 FORWARD_TIMEOUT = 30.0
+LEADER_CHECK_PERIOD = 0.05  # while a call is forwarded, how often to look whether the leader changed
+READS = frozenset({"Get", "List", "ListInstances", "ListNodes", "Plan"})  # safe to send again to a new leader
+
+
+class _LeaderMoved(Exception):
+    def __init__(self, old: str, new: str):
+        super().__init__(f"{old} -> {new}")
+        self.old, self.new = old, new
 
 
 class RaftView(Protocol):
@@ -122,18 +130,21 @@ class ControlService(pb_grpc.ControlServicer):
                          local: Callable[[], Awaitable[Any]]) -> Any:
         """Run `local` here if we lead, else forward `method` to the leader."""
         try:
-            if self.raft.is_leader:
-                return await local()
-            forwarded = any(k == FORWARDED for k, _ in (context.invocation_metadata() or ()))
-            if forwarded or not self.raft.leader_address:
-                raise NotAvailable("no leader elected yet" if not self.raft.leader_address
-                                   else "leadership changed while the call was forwarded; retry")
-            stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
-            try:
-                return await getattr(stub, method)(request, timeout=FORWARD_TIMEOUT,
-                                                   metadata=((FORWARDED, self.node_id),))
-            except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
+            while True:
+                if self.raft.is_leader:
+                    return await local()
+                forwarded = any(k == FORWARDED for k, _ in (context.invocation_metadata() or ()))
+                if forwarded or not self.raft.leader_address:
+                    raise NotAvailable("no leader elected yet" if not self.raft.leader_address
+                                       else "leadership changed while the call was forwarded; retry")
+                try:
+                    return await self._forward(method, request)
+                except _LeaderMoved as moved:
+                    if method not in READS:  # the old leader may still run it: the caller decides
+                        raise NotAvailable(f"the leader changed from {moved.old} to {moved.new} while the call "
+                                           "was forwarded; retry") from None
+                except grpc.aio.AioRpcError as exc:
+                    await context.abort(exc.code(), exc.details() or "")
         except AgentdError as exc:
             await context.abort(status_for(exc), str(exc))
         except grpc.aio.AbortError:
@@ -142,6 +153,30 @@ class ControlService(pb_grpc.ControlServicer):
             log.exception("control call failed", extra=fields(method=method))
             await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside agent {self.node_id}: "
                                                           f"{type(exc).__name__}: {exc} (the agent's log has details)")
+
+    async def _forward(self, method: str, request: Any) -> Any:
+        """Call the leader; give up as soon as another leader is known.
+
+        A leader that hangs (SIGSTOP, a stalled machine) keeps its sockets
+        open, so a forwarded call would wait for its whole deadline although
+        the cluster elected a new leader a second or two later.
+        """
+        leader = self.raft.leader_id
+        stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+        call = getattr(stub, method)(request, timeout=FORWARD_TIMEOUT, metadata=((FORWARDED, self.node_id),))
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=LEADER_CHECK_PERIOD)
+                if done:
+                    return task.result()
+                now = self.raft.leader_id
+                if now is not None and now != leader:
+                    raise _LeaderMoved(leader or "?", now)
+        finally:
+            if not task.done():
+                call.cancel()
+                task.cancel()
 
     def _deployment_pb(self, name: str) -> pb.Deployment:
         record = self.state.deployment(name)
