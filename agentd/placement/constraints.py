@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -188,12 +189,17 @@ class MinFreeFraction(Constraint):
         # A big cluster rejects thousands of GPUs per placement and a diagnosis reads a few of
         # them: the numbers and texts are worked out when read (see _Shortfall).
         short = _Shortfall(gpu, need, self)
-        return Rejection("GPU", f"had less free memory than {self.option} requires", short.detail, short, gpu.label,
+        return Rejection("GPU", self._reason, short, short, f"GPU {gpu.index} on {gpu.host}",
                          free / need if need else 1.0, short.fix if gpu.foreign else "")
+
+    @cached_property
+    def _reason(self) -> str:
+        return f"had less free memory than {self.option} requires"
 
 
 class _Shortfall(Mapping):
-    """`MinFreeFraction`'s rejection numbers (Rejection.details) and texts, made when read."""
+    """`MinFreeFraction`'s rejection numbers (Rejection.details) and detail text (calling it), made
+    when read."""
 
     __slots__ = ("c", "gpu", "need")
 
@@ -219,7 +225,7 @@ class _Shortfall(Mapping):
     def __contains__(self, key: object) -> bool:
         return key in ("needs", "free", "foreign", "assigned", "fraction", "total")
 
-    def detail(self) -> str:
+    def __call__(self) -> str:
         g, c = self.gpu, self.c
         held = []
         if g.foreign:

@@ -76,6 +76,9 @@ class Request:
     # Per-request caches: filter results per HostView (replicas share untouched hosts), and what the
     # searches derive per host. Keyed by id() with the object kept alongside, so ids are never reused.
     host_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # The first filter result per host name: a changed view of the host (a replica booked on it, the
+    # diagnosis freeing other jobs' memory) re-checks only the GPUs whose state changed.
+    by_name: dict[str, Any] = field(default_factory=dict)
     search_cache: dict[Any, Any] = field(default_factory=dict)
     # agentd_estimate per shape (pure, and independent of the cluster): shared by replicas and what-ifs.
     demands: dict[Shape, Any] = field(default_factory=dict)
@@ -285,6 +288,8 @@ class _HostResult(NamedTuple):
     eligible: tuple[GpuView, ...]
     considered: int  # GPUs that passed the host filters (pinned ones only, when pinned)
     max_memory: int
+    views: tuple[GpuView, ...] = ()  # the GPUs the device filters judged, and their verdicts
+    verdicts: tuple[Rejection | None, ...] = ()
 
 
 def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidates, ShapeLimits, dict]:
@@ -303,11 +308,15 @@ def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidate
     hosts = []
     counted = max_per_host = total_gpus = max_mem = 0
     cache = req.host_cache
+    by_name = req.by_name
     queue = findings.add_all
     for hv in snap.hosts:
         hit = cache.get(id(hv))
         if hit is None or hit[0] is not hv:  # a snapshot shares untouched hosts with the one before
-            hit = cache[id(hv)] = (hv, _filter_host(req, hv, pinned))
+            before = by_name.get(hv.name)
+            hit = cache[id(hv)] = (hv, _filter_host(req, hv, pinned, before))
+            if before is None:
+                by_name[hv.name] = hit[1]
         res = hit[1]
         if res.rejections:
             queue(res.stage, res.rejections)
@@ -326,7 +335,11 @@ def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidate
     return Candidates(tuple(hosts)), limits, pinned
 
 
-def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]]) -> _HostResult:
+def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
+                 before: _HostResult | None = None) -> _HostResult:
+    """`before`: this request's verdicts on another view of the same host. A GPU in the same state
+    (same inventory entry, free, foreign and assigned memory) gets the same verdict without running
+    the checks again: device checks are pure functions of the GPU view."""
     spec = req.spec
     selector = spec.selector
     if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
@@ -351,12 +364,27 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]])
     device_checks = req.checks["check_device"]
     eligible = []
     keep = eligible.append
+    verdicts: list[Rejection | None] = []
+    judge = verdicts.append
+    old_views = before.views if before is not None and len(before.views) == len(gpus) else None
     max_mem = 0
-    for g in gpus:
+    for k, g in enumerate(gpus):
         if g.total > max_mem:
             max_mem = g.total
+        if old_views is not None:
+            o = old_views[k]
+            if o.info is g.info and o.free == g.free and o.foreign == g.foreign and o.assigned == g.assigned:
+                why = before.verdicts[k]
+                judge(why)
+                if why is None:
+                    keep(g)
+                else:
+                    reject(why)
+                continue
         if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
-            reject(Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid}, where=g.label))
+            why = Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid}, where=g.label)
+            reject(why)
+            judge(why)
             continue
         for c, check in device_checks:
             try:
@@ -368,11 +396,13 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]])
                                   f"{type(exc).__name__}: {exc}") from exc
             if why is not None:
                 reject(why)
+                judge(why)
                 break
         else:
             keep(g)
+            judge(None)
     return _HostResult(DEVICE, tuple(rejections), gpus if len(eligible) == len(gpus) else tuple(eligible),
-                       len(gpus), max_mem)
+                       len(gpus), max_mem, gpus, tuple(verdicts))
 
 
 # --------------------------------------------------------------------------- plan

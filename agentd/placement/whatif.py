@@ -54,6 +54,7 @@ def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec
         changed.search_cache = req.search_cache
         if snapshot is not None and changed.filters_like(req):
             changed.host_cache = req.host_cache  # same hosts, same device rules: reuse what the filters found
+            changed.by_name = req.by_name
     out = attempt(changed, cluster, existing, snapshot)
     return out if out.placed else None
 
