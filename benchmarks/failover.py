@@ -16,6 +16,9 @@
     it shows the assignment as soon as the Deploy returns. With llama-server
     installed, also Deploy -> the replica RUNNING (ListInstances, 10 ms polls).
 (c) (a) again with `--election-timeout 500ms`.
+(e) Like (a) and (c), but the leader is frozen with SIGSTOP instead of killed:
+    its sockets stay open, so no follower sees its stream break and the new
+    leader is found by the election timeout (then SIGCONT; it rejoins).
 (d) The leader's CPU with `--members` simulated hosts heartbeating every
     second: one agent leads a one-node cluster; a separate process sends
     Agent.Report for each member once a second (spread evenly over the
@@ -104,8 +107,9 @@ class Bench:
         self.c.stop()
 
 
-def failover_runs(root: Path, model: Path, runs: int, election_timeout: str) -> list[float]:
-    """(a) / (c): seconds from SIGKILL of the leader to the first accepted Deploy."""
+def failover_runs(root: Path, model: Path, runs: int, election_timeout: str,
+                  sig: signal.Signals = signal.SIGKILL) -> list[float]:
+    """(a) / (c) / (e): seconds from the signal to the leader to the first accepted Deploy."""
     b = Bench(root, election_timeout)
     times = []
     try:
@@ -117,7 +121,7 @@ def failover_runs(root: Path, model: Path, runs: int, election_timeout: str) -> 
             for n in survivors:  # connections up before the clock starts
                 b.status(n)
             t0 = time.perf_counter()
-            b.c.agents[leader].proc.send_signal(signal.SIGKILL)
+            b.c.agents[leader].proc.send_signal(sig)
             attempt = 0
             while True:
                 via = survivors[attempt % 2]
@@ -131,6 +135,10 @@ def failover_runs(root: Path, model: Path, runs: int, election_timeout: str) -> 
                 if time.perf_counter() - t0 > 30:
                     raise SystemExit(f"no Deploy accepted within 30 s; logs in {root}")
             times.append(time.perf_counter() - t0)
+            if sig == signal.SIGSTOP:
+                b.delete_all(_leader_of(b, survivors))
+                b.c.agents[leader].proc.send_signal(signal.SIGCONT)
+                continue
             b.c.agents[leader].proc.wait(timeout=10)
             b.delete_all(_leader_of(b, survivors))
             b.c.start_agent(leader)
@@ -297,9 +305,9 @@ def main() -> int:
     ap.add_argument("--cpu-seconds", type=float, default=20.0, help="measurement window for (d)")
     ap.add_argument("--warmup", type=float, default=6.0, help="seconds of reports before (d) measures")
     ap.add_argument("--skip-cpu", action="store_true", help="skip (d)")
-    ap.add_argument("--only", choices=["a", "b", "c", "d"], action="append", help="run only these parts")
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append", help="run only these parts")
     args = ap.parse_args()
-    parts = set(args.only or ["a", "b", "c", "d"]) - ({"d"} if args.skip_cpu else set())
+    parts = set(args.only or ["a", "b", "c", "d", "e"]) - ({"d"} if args.skip_cpu else set())
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="agentd-failover-") as tmp:
         root = Path(tmp)
@@ -317,6 +325,11 @@ def main() -> int:
         if "c" in parts:
             t = failover_runs(root / "c", model, args.runs, "500ms")
             rows.append(("(c) SIGKILL leader -> Deploy accepted, 500ms", str(len(t)), *_ms(t)))
+        if "e" in parts:
+            t = failover_runs(root / "e1", model, args.runs, "", signal.SIGSTOP)
+            rows.append(("(e) SIGSTOP leader -> Deploy accepted, defaults", str(len(t)), *_ms(t)))
+            t = failover_runs(root / "e2", model, args.runs, "500ms", signal.SIGSTOP)
+            rows.append(("(e) SIGSTOP leader -> Deploy accepted, 500ms", str(len(t)), *_ms(t)))
         if "d" in parts:
             d = coordinator_cpu(root / "d", args.members, args.cpu_seconds, args.warmup)
             sent = d["sent"]
