@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/placement.py [--sizes 8,64,512,2048] [--repeat 15]
 
-Each host has 8 x 80 GiB GPUs; a seeded quarter of the GPUs carry memory
+Each host has 8 x 80 GiB GPUs; a seeded half of the GPUs carry memory
 used by other jobs, and one host in eight holds agentd instances already
 (passed as existing assignments), so the filters and the free-memory
 accounting do real work. Models come from real headers: Llama-3.1-70B and
 Llama-3.1-405B config.json for vLLM, header-only GGUFs of Llama-3-70B Q4_K_M
 and DeepSeek-R1 BF16 (1.2 TiB, needs rpc-servers on several hosts) for
 llama-box, plus an unplaceable request to time the diagnosis path.
+Prints min / median ms: the machine is shared, the min is the code's own cost.
 Targets: under 20 ms at 512 hosts and under 100 ms at 2,048 hosts.
 """
 
