@@ -162,20 +162,11 @@ def log_of(c: Cluster, name: str) -> list[dict]:
 def test_kill_9_of_the_leader_keeps_the_deployment_and_a_new_leader_accepts_deploys(cluster, model):
     leader, term = whole(cluster)
     followers = [n for n in NAMES if n != leader]
-    # Through a follower, with a Watch open on the other follower: both forward to the leader.
-    watch = stub(cluster, followers[1]).Watch(pb.WatchRequest(deployment="alpha"), timeout=20)
-    reply = deploy(cluster, followers[0], spec(model, "alpha", replicas=3, strategy="spread"))
+    reply = deploy(cluster, followers[0], spec(model, "alpha", replicas=3, strategy="spread"))  # forwarded
     assert reply.message == "deployment alpha created"
     before = json.loads(reply.deployment.assignments_json)
     assert sorted(a["plan"]["parts"][0]["host"] for a in before) == list(NAMES)
     assert {a["term"] for a in before} == {term}
-    events = []
-    for ev in watch:
-        events.append((ev.kind, ev.name, ev.index))
-        if len(events) == 4:
-            break
-    watch.cancel()
-    assert events == [("deployment.created", "alpha", reply.index)] + [("assignment.set", "alpha", reply.index)] * 3
 
     cluster.kill(leader, signal.SIGKILL)
     new, new_term = agreed_leader(cluster, followers, newer_than=term)
