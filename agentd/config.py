@@ -20,6 +20,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     # Node names that vote; empty means the first `max_voters` members to join.
     voters: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_voters: Literal[1, 3, 5, 7] = 5
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     heartbeat_interval: float = 0.1
     election_timeout_min: float = 1.0
@@ -77,8 +78,8 @@ class Settings(BaseSettings):
     inventory_refresh: float = 5.0
 
     simulate_inventory: Path | None = None
-    port_range: tuple[int, int] = (40000, 40999)
-    ray_port_range: tuple[int, int] = (41000, 41999)
+    port_range: Annotated[tuple[int, int], NoDecode] = (40000, 40999)
+    ray_port_range: Annotated[tuple[int, int], NoDecode] = (41000, 41999)
     llama_server_binary: str = ""  # empty = find llama-box, then llama-server
     rpc_server_binary: str = ""  # empty = find ggml-rpc-server, then rpc-server
     vllm_binary: str = "vllm"
@@ -163,6 +164,22 @@ class Settings(BaseSettings):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_text(cls, v: Any) -> Any:
+        """The environment spells labels `rack=a,zone=z1` (as kubectl does) or as a JSON object."""
+        if not isinstance(v, str):
+            return v
+        if v.lstrip().startswith("{"):
+            return json.loads(v)
+        labels = {}
+        for item in filter(None, (part.strip() for part in v.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{item!r} is not KEY=VALUE")
+            labels[key.strip()] = value.strip()
+        return labels
+
     @field_validator("listen", "http_listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
@@ -175,6 +192,20 @@ class Settings(BaseSettings):
     @classmethod
     def _optional_host_port(cls, v: str) -> str:
         return cls._host_port(v) if v else v
+
+    @field_validator("port_range", "ray_port_range", mode="before")
+    @classmethod
+    def _port_range_text(cls, v: Any) -> Any:
+        """The environment spells a range `40000,40999`, `40000-40999` or `[40000, 40999]`."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        bounds = [part.strip() for part in re.split(r"[,-]", text)]
+        if len(bounds) != 2 or not all(b.isdigit() for b in bounds):
+            raise ValueError(f"{v!r} is not a port range (LOW,HIGH or LOW-HIGH)")
+        return tuple(int(b) for b in bounds)
 
     @field_validator("port_range", "ray_port_range")
     @classmethod
@@ -261,9 +292,25 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**flags)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc), where=str(path) if path.is_file() else None) from None
+        raise ConfigError(_one_line(exc), where=_file_to_blame(exc, path, flags)) from None
+    except SettingsError as exc:  # an AGENTD_* variable that is not valid JSON for its field
+        raise ConfigError(f"cannot read the environment: {exc}") from None
     except (OSError, ValueError) as exc:  # unreadable or non-TOML file
         raise ConfigError(f"cannot read configuration: {exc}", where=str(path)) from None
+
+
+def _file_to_blame(exc: ValidationError, path: Path, flags: dict[str, Any]) -> str | None:
+    """The TOML file's path when it supplied a setting that failed; None when a flag or variable did.
+
+    A whole-config invariant (no field in its location) may involve the file, so it names the file.
+    """
+    if not path.is_file():
+        return None
+    failed = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+    overridden = set(flags) | {name for name in failed if f"AGENTD_{name.upper()}" in os.environ}
+    if failed and failed <= overridden:
+        return None
+    return str(path)
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -67,3 +67,31 @@ def test_comma_separated_lists_from_env(monkeypatch):
     s = load_settings()
     assert s.join == ["10.0.0.1:7070", "10.0.0.2:7070"]
     assert s.disable_plugins == ["vllm"]
+
+
+@pytest.mark.parametrize("raw", ["23000,23099", "23000-23099", " 23000 , 23099 ", "[23000, 23099]"])
+def test_port_range_spellings_from_env(monkeypatch, raw):
+    monkeypatch.setenv("AGENTD_PORT_RANGE", raw)
+    assert load_settings().port_range == (23000, 23099)
+
+
+@pytest.mark.parametrize("raw,needle", [("23000", "not a port range"), ("a,b", "not a port range"),
+                                        ("23099,23000", "low <= high")])
+def test_bad_port_range_from_env_names_the_setting_not_a_file(tmp_path, monkeypatch, raw, needle):
+    monkeypatch.setenv("AGENTD_CONFIG", str(tmp_path / "agentd.toml"))
+    (tmp_path / "agentd.toml").write_text('node_name = "n"\n')
+    monkeypatch.setenv("AGENTD_PORT_RANGE", raw)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "port_range" in str(err.value) and needle in str(err.value)
+    assert str(tmp_path) not in str(err.value)  # the variable is wrong, not the file
+
+
+def test_labels_from_env(monkeypatch):
+    monkeypatch.setenv("AGENTD_LABELS", "rack=a, zone=z1")
+    assert load_settings().labels == {"rack": "a", "zone": "z1"}
+    monkeypatch.setenv("AGENTD_LABELS", '{"rack": "b"}')
+    assert load_settings().labels == {"rack": "b"}
+    monkeypatch.setenv("AGENTD_LABELS", "rack")
+    with pytest.raises(ConfigError, match=r"labels: .*KEY=VALUE"):
+        load_settings()
