@@ -238,6 +238,7 @@ def test_an_isolated_leader_cannot_commit_and_the_majority_goes_on(cluster, mode
     old, old_term = whole(cluster)
     majority = [n for n in NAMES if n != old]
     before = status(cluster, old).commit_index
+    known = set(snapshot_of(cluster, old))
     cluster.partition([old], majority)
     try:
         # Until check-quorum notices (within the election timeout) it still thinks it leads: it places the
@@ -256,6 +257,9 @@ def test_an_isolated_leader_cannot_commit_and_the_majority_goes_on(cluster, mode
         with pytest.raises(grpc.RpcError) as err:
             stub(cluster, old).List(pb.ListRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no leader" in err.value.details()
+        # A serializable read is answered from the isolated node's own copy: what it had, without epsilon.
+        local = stub(cluster, old).List(pb.ListRequest(serializable=True), timeout=5)
+        assert {d.spec.name for d in local.deployments} == known
     finally:
         cluster.heal()
     assert agreed_leader(cluster, NAMES) == (new, new_term)  # pre-vote: the returning node deposes nobody

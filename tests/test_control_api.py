@@ -54,6 +54,14 @@ class RaftView:
     commit_index: int = 0
     last_applied: int = 0
     members: dict[str, Any] = field(default_factory=dict)
+    quorum: bool = True  # False: a leader cut off from the other voters cannot confirm that it still leads
+    barriers: int = 0
+
+    async def read_barrier(self, timeout: float | None = None) -> int:
+        if not (self.is_leader and self.quorum):
+            raise NotAvailable("leadership not confirmed within 2s")
+        self.barriers += 1
+        return self.commit_index
 
 
 class Consensus:
@@ -176,6 +184,38 @@ async def test_a_follower_forwards_writes_and_reads_to_the_leader(agents, model)
     assert scaled.message == "deployment chat: 1 assignment(s) set, 2 replica(s)"
     deleted = await b.stub.Delete(pb.DeleteRequest(name="chat"))
     assert (deleted.message, deleted.index) == ("deployment chat deleted", 3)
+
+
+async def test_default_reads_are_confirmed_by_the_leader_and_serializable_reads_use_the_local_copy(agents, model):
+    a, b = agents
+    await b.stub.Deploy(pb.DeployRequest(spec=spec(model)))
+    before = a.raft.barriers
+    assert [d.spec.name for d in (await b.stub.List(pb.ListRequest())).deployments] == ["chat"]
+    assert (await b.stub.Get(pb.GetRequest(name="chat"))).spec.name == "chat"
+    assert a.raft.barriers == before + 2  # each default read ran ReadIndex on the leader
+    # b's own copy lags here (the fake applies on the leader only): a serializable read shows that copy.
+    assert list((await b.stub.List(pb.ListRequest(serializable=True))).deployments) == []
+    err = await rpc_error(b.stub.Get(pb.GetRequest(name="chat", serializable=True)))
+    assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND, "no deployment named 'chat'")
+    b.state = a.state  # once b has applied the entry, its answer matches the leader's, with no leader at all
+    b.control.state = a.state
+    b.follow(None)
+    got = await b.stub.Get(pb.GetRequest(name="chat", serializable=True))
+    assert got.spec.name == "chat" and a.raft.barriers == before + 2
+    assert {(i.state, i.reason) for i in got.instances} == {
+        ("UNKNOWN", "b is not the leader: instance states are reported to the leader")}
+    err = await rpc_error(b.stub.List(pb.ListRequest()))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_leader_that_cannot_confirm_its_leadership_refuses_linearizable_reads(agents, model):
+    a, b = agents
+    await a.stub.Deploy(pb.DeployRequest(spec=spec(model)))
+    a.raft.quorum = False
+    for stub in (a.stub, b.stub):
+        err = await rpc_error(stub.Get(pb.GetRequest(name="chat")))
+        assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, "leadership not confirmed within 2s")
+    assert (await a.stub.Get(pb.GetRequest(name="chat", serializable=True))).spec.name == "chat"
 
 
 async def test_the_leaders_status_and_message_come_back_unchanged(agents, model):

@@ -299,6 +299,11 @@ def test_one_host_deploy_runs_and_answers(cluster, models):
     (row,) = ps_rows(cluster, "solo")
     assert (row["HOST"], row["ROLE"], row["STATE"], row["RESTARTS"]) == ("c", "main", "RUNNING", "0")
     assert row["REASON"].startswith("ready after")
+    for via in cluster.agents:  # the leader's answer through any agent, and each agent's own copy
+        listed = {d["name"]: d for d in json.loads(cli(cluster, "ls", "--json", via=via).stdout)["deployments"]}
+        assert listed["solo"]["ready"] == 1
+        local = json.loads(cli(cluster, "ls", "--local", "--json", via=via).stdout)["deployments"]
+        assert "solo" in {d["name"] for d in local}
     body = completion(row["ENDPOINT"])
     assert body["tokens_predicted"] == 6 and isinstance(body["content"], str)
     # Through another agent's OpenAI-compatible port: a proxies to the server c runs.

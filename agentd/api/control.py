@@ -52,6 +52,8 @@ class RaftView(Protocol):
     @property
     def members(self) -> dict[str, Any]: ...
 
+    async def read_barrier(self, timeout: float | None = None) -> int: ...
+
 
 LogReader = Callable[[pb.LogsRequest], AsyncIterator[bytes]]
 
@@ -190,10 +192,28 @@ class ControlService(pb_grpc.ControlServicer):
             updated_index=record.updated_index,
         )
 
+    async def _read(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                    answer: Callable[[], Any]) -> Any:
+        """A read of the replicated state: linearizable on the leader, or this agent's copy when serializable."""
+        if request.serializable:
+            try:
+                return answer()
+            except AgentdError as exc:
+                await context.abort(status_for(exc), str(exc))
+
+        async def local():
+            await self.raft.read_barrier()
+            return answer()
+        return await self._on_leader(method, request, context, local)
+
     def _instances(self, deployment: str = "") -> list[InstanceReport]:
-        """Reported instances, plus PENDING/UNKNOWN rows for assigned parts nobody reported yet."""
+        """Reported instances, plus PENDING/UNKNOWN rows for assigned parts nobody reported yet.
+
+        Only the leader hears reports: on a follower (a serializable read) every row is UNKNOWN.
+        """
         reported = {(i.instance_id, i.part): i for i in self.coordinator.instances(deployment)}
         out = list(reported.values())
+        follower = not self.raft.is_leader
         for a in self.state.all_assignments():
             if deployment and a.deployment != deployment:
                 continue
@@ -202,12 +222,17 @@ class ControlService(pb_grpc.ControlServicer):
                     continue
                 node = self.state.nodes.get(part.host)
                 down = node is not None and node.state == "down"
+                if follower:
+                    reason = f"{self.node_id} is not the leader: instance states are reported to the leader"
+                elif down:
+                    reason = f"host {part.host} is down"
+                else:
+                    reason = "not reported by its host yet"
                 ep = a.endpoints[idx]
                 out.append(InstanceReport(
                     instance_id=a.instance_id, deployment=a.deployment, replica=a.replica,
                     generation=a.generation, part=idx, host=part.host, role=part.role,
-                    state="UNKNOWN" if down else "PENDING",
-                    reason=f"host {part.host} is down" if down else "not reported by its host yet",
+                    state="UNKNOWN" if down or follower else "PENDING", reason=reason,
                     endpoint=f"{ep.address}:{ep.port}", term=a.term, gpus=part.gpus))
         return sorted(out, key=lambda i: (i.deployment, i.replica, i.part))
 
@@ -253,14 +278,11 @@ class ControlService(pb_grpc.ControlServicer):
     # ------------------------------------------------------------------ reads
 
     async def Get(self, request, context):
-        async def local():
-            return self._deployment_pb(request.name)
-        return await self._on_leader("Get", request, context, local)
+        return await self._read("Get", request, context, lambda: self._deployment_pb(request.name))
 
     async def List(self, request, context):
-        async def local():
-            return pb.ListReply(deployments=[self._deployment_pb(n) for n in sorted(self.state.deployments)])
-        return await self._on_leader("List", request, context, local)
+        return await self._read("List", request, context, lambda: pb.ListReply(
+            deployments=[self._deployment_pb(n) for n in sorted(self.state.deployments)]))
 
     async def ListInstances(self, request, context):
         async def local():

@@ -63,7 +63,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("ls", parents=cparents, help="list deployments",
-                       description="List deployments with their replica counts and states.")
+                       description="List deployments with their replica counts and states. By default the "
+                                   "leader answers, with every committed change (linearizable).")
+    p.add_argument("--local", action="store_true",
+                   help="answer from the --server agent's own copy of the state, without the leader (may lag it; "
+                        "READY is known to the leader only)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("ps", parents=cparents, help="list instances with host, GPUs and state",
@@ -252,7 +256,7 @@ def wait_running(c: ControlClient, name: str, parts: int, timeout: float,
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        reply = c.call("List", pb.ListRequest())
+        reply = c.call("List", pb.ListRequest(serializable=args.local))
     rows, data = [], []
     for d in reply.deployments:
         running = len({i.replica for i in d.instances if i.state == "RUNNING" and i.role == "main"})

@@ -129,14 +129,18 @@ class DeployReply(_message.Message):
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "serializable")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    SERIALIZABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    serializable: bool
+    def __init__(self, name: _Optional[str] = ..., serializable: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("serializable",)
+    SERIALIZABLE_FIELD_NUMBER: _ClassVar[int]
+    serializable: bool
+    def __init__(self, serializable: _Optional[bool] = ...) -> None: ...
 
 class ListReply(_message.Message):
     __slots__ = ("deployments",)
