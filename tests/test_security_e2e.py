@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from http import client as http_client
 from pathlib import Path
 
 import grpc
@@ -48,6 +50,9 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
     c = LocalCluster(root, hosts=[simulated_host("a", gpus=1, gpu_gib=0.272),
                                   simulated_host("b", gpus=1, gpu_gib=0.272)], secure=True)
+    # a serves its HTTP side over HTTPS, with its node certificate (issued for 127.0.0.1 by the cluster CA).
+    tls = c.agents["a"].tls_dir
+    c.agent_env["a"] = {"AGENTD_HTTP_TLS_CERT": str(tls / "node.crt"), "AGENTD_HTTP_TLS_KEY": str(tls / "node.key")}
     try:
         c.start()
         c.wait_for_inventories()
@@ -251,14 +256,15 @@ def test_the_cli_manages_keys_and_tokens_with_an_admin_certificate(cluster, tmp_
     assert len(tokens) == 1 and tokens[0].id == r.stdout.split(".")[0]
 
 
-def http(method: str, url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+def http(method: str, url: str, key: str | None = None, body: dict | None = None,
+         context: ssl.SSLContext | None = None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, method=method, headers=headers,
                                  data=json.dumps(body).encode() if body is not None else None)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         raw = exc.read()
@@ -266,6 +272,25 @@ def http(method: str, url: str, key: str | None = None, body: dict | None = None
             return exc.code, json.loads(raw or b"{}")
         except ValueError:
             return exc.code, {"raw": raw.decode(errors="replace")}
+
+
+def api(cluster: LocalCluster, name: str, method: str, path: str, **kw) -> tuple[int, dict]:
+    """A call to agent `name`'s HTTP side: a serves HTTPS (verified against the cluster CA), b plain HTTP."""
+    agent = cluster.agents[name]
+    if name == "a":
+        return http(method, f"https://{agent.http_listen}{path}",
+                    context=ssl.create_default_context(cadata=ca_pem(cluster).decode()), **kw)
+    return http(method, f"http://{agent.http_listen}{path}", **kw)
+
+
+def test_the_http_side_serves_https_with_the_configured_certificate(cluster):
+    a = cluster.agents["a"]
+    assert api(cluster, "a", "GET", "/healthz")[0] == 200
+    assert api(cluster, "a", "GET", "/v1/models")[0] == 401  # HTTPS does not replace the API key
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        http("GET", f"https://{a.http_listen}/healthz", context=ssl.create_default_context())  # system CAs only
+    with pytest.raises((urllib.error.URLError, ConnectionError, http_client.HTTPException)):
+        http("GET", f"http://{a.http_listen}/healthz")  # no plain HTTP beside it
 
 
 @pytest.mark.llamacpp
@@ -313,12 +338,12 @@ def test_model_servers_keys_tenants_revocation_and_verbatim_argv(cluster, tmp_pa
 
     # Through agentd on either agent: the tenant's key works, another tenant's key is refused.
     for agent in (a, b):
-        code, body = http("POST", f"http://{agent.http_listen}/v1/completions", key=acme, body=completion)
+        code, body = api(cluster, agent.name, "POST", "/v1/completions", key=acme, body=completion)
         assert code == 200 and body["choices"], body
-    code, body = http("POST", f"http://{b.http_listen}/v1/completions", key=globex, body=completion)
+    code, body = api(cluster, "b", "POST", "/v1/completions", key=globex, body=completion)
     assert code == 403 and body["error"]["code"] == "model_not_allowed"
-    assert http("GET", f"http://{a.http_listen}/v1/models", key=globex)[1]["data"] == []
-    assert http("POST", f"http://{a.http_listen}/v1/completions", body=completion)[0] == 401
+    assert api(cluster, "a", "GET", "/v1/models", key=globex)[1]["data"] == []
+    assert api(cluster, "a", "POST", "/v1/completions", body=completion)[0] == 401
 
     # Revocation: once the call returns, every agent refuses the key (no waiting).
     with cluster.any_client() as cl:
@@ -326,7 +351,7 @@ def test_model_servers_keys_tenants_revocation_and_verbatim_argv(cluster, tmp_pa
         reply = cl.call("RevokeApiKey", spb.RevokeApiKeyRequest(id=acme_id))
     assert list(reply.lagging) == [] and reply.info.state == "revoked"
     for agent in (a, b):
-        code, body = http("POST", f"http://{agent.http_listen}/v1/completions", key=acme, body=completion)
+        code, body = api(cluster, agent.name, "POST", "/v1/completions", key=acme, body=completion)
         assert code == 401 and body["error"]["code"] == "invalid_api_key", (agent.name, body)
     with cluster.any_client() as cl:
         cl.call("Delete", pb.DeleteRequest(name="tiny"))
