@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def test_real_vllm_serve_through_the_supervisor(tmp_path):
                          text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     port = free_port()
-    a = Assignment(deployment="tiny", replica=0, term=1, model=str(model), runtime="vllm",
+    key = "agdsrv_vllm-test-key"  # as the daemon derives one per instance in a secure cluster
+    a = Assignment(deployment="tiny", replica=0, term=1, model=str(model), runtime="vllm", api_key=key,
                    options=RuntimeOptions(ctx_size=512, extra_args=("--enforce-eager",),
                                           env={**SERVE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}),
                    plan=ReplicaPlan(parts=(Part(host="h1", role="main", gpus=(0,)),)),
@@ -147,14 +149,15 @@ def test_real_vllm_serve_through_the_supervisor(tmp_path):
         st = await sup.wait_for(a.instance_id, ["RUNNING", "FATAL"], timeout=320)
         assert st.state == "RUNNING", st.reason
         print(f"vllm serve: spawn -> RUNNING in {time.monotonic() - t0:.1f}s")
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
-                                     data=json.dumps({"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 5,
-                                                      "ignore_eos": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            body = json.loads(r.read())
-        assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == 5
         pid = st.processes[0].pid
+        # The server wants its own key (VLLM_API_KEY, never on the command line); readiness (/health) stays open.
+        assert key not in " ".join(psutil.Process(pid).cmdline())
+        assert psutil.Process(pid).environ()["VLLM_API_KEY"] == key
+        completion = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 5, "ignore_eos": True}
+        assert _post(port, completion)[0] == 401
+        assert _post(port, completion, key="agd_someone-else")[0] == 401
+        code, body = _post(port, completion, key=key)
+        assert code == 200 and body["model"] == "tiny" and body["usage"]["completion_tokens"] == 5
         tree = [pid, *[int(x) for x in _children(pid)]]  # API server, EngineCore, workers
         assert len(tree) >= 2
         out = await sup.apply([])
@@ -162,6 +165,17 @@ def test_real_vllm_serve_through_the_supervisor(tmp_path):
         assert group_members(pid) == [] and [p for p in tree if _alive(p)] == []
 
     asyncio.run(scenario())
+
+
+def _post(port: int, body: dict, key: str = "") -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
 
 
 def _children(pid: int) -> list[str]:
