@@ -84,7 +84,8 @@ class Constraint:
 
 
 def layout_rejection(reason: str, shape: Shape, detail: str, **details: Any) -> Rejection:
-    return Rejection("layout", reason, detail, {"shape": shape.label, **details}, where=shape.label, list_where=True)
+    label = shape.label
+    return Rejection("layout", reason, detail, {"shape": label, **details}, where=label, list_where=True)
 
 
 # --------------------------------------------------------------------------- shape rules

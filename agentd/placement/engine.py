@@ -47,6 +47,7 @@ from agentd.types import (
 log = logging.getLogger("agentd.placement")
 
 LEVELS = ("check_static", "check_device", "check_shape", "check_layout")
+_UNCHECKED: Any = object()  # a shape the checks have not seen (None: they passed it)
 
 
 class Hooks:
@@ -76,12 +77,18 @@ class Request:
     # Per-request caches: filter results per HostView (replicas share untouched hosts), and what the
     # searches derive per host. Keyed by id() with the object kept alongside, so ids are never reused.
     host_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # A filter result per host name: what the host filters decide is the same for every view of the host.
+    gates: dict[str, Any] = field(default_factory=dict)
     # The first filter result per host name: a changed view of the host (a replica booked on it, the
     # diagnosis freeing other jobs' memory) re-checks only the GPUs whose state changed.
     by_name: dict[str, Any] = field(default_factory=dict)
     search_cache: dict[Any, Any] = field(default_factory=dict)
-    # agentd_estimate per shape (pure, and independent of the cluster): shared by replicas and what-ifs.
+    # agentd_estimate and the shape checks per shape (pure, and independent of the cluster): shared by
+    # replicas and what-ifs.
     demands: dict[Shape, Any] = field(default_factory=dict)
+    shape_verdicts: dict[Shape, Rejection | None] = field(default_factory=dict)
+    # agentd_propose per ShapeLimits (pure): the next replica and the what-if that frees memory ask again.
+    proposals: dict[ShapeLimits, _Replay] = field(default_factory=dict)
     # What the host filters of the latest attempt left (independent of free memory): the what-ifs
     # ask the runtime what it would propose under a changed request.
     limits: ShapeLimits | None = None
@@ -90,11 +97,23 @@ class Request:
     def excluded(self) -> frozenset[str]:
         return frozenset(self.spec.exclude_gpus)
 
-    def filters_like(self, other: Request) -> bool:
-        """Would the host and device filters decide every host the same? Then their cache can be shared."""
+    def reuse(self, other: Request, snapshot: Snapshot | None) -> None:
+        """Take over what `other` (the request this one changes) found that holds for this one too:
+        capacities per host view (valid for any request), the host filters' results when the selector
+        and pins are the same, the device filters' too when their rules are (on `snapshot`, a
+        snapshot `other` placed on), and the shape checks' when those are."""
         a, b = self.spec, other.spec
-        return ((a.selector, a.pin, a.exclude_gpus) == (b.selector, b.pin, b.exclude_gpus)
-                and [c for c, _ in self.checks["check_device"]] == [c for c, _ in other.checks["check_device"]])
+        self.search_cache = other.search_cache
+        if (a.selector, a.pin) == (b.selector, b.pin):
+            self.gates = other.gates
+            if snapshot is not None and a.exclude_gpus == b.exclude_gpus and self._same("check_device", other):
+                self.host_cache = other.host_cache
+                self.by_name = other.by_name
+        if self._same("check_shape", other):
+            self.shape_verdicts = other.shape_verdicts
+
+    def _same(self, level: str, other: Request) -> bool:
+        return [c for c, _ in self.checks[level]] == [c for c, _ in other.checks[level]]
 
     @property
     def runtime(self) -> str:
@@ -112,6 +131,24 @@ class Request:
                 return r
         return None
 
+    def propose(self, limits: ShapeLimits) -> Iterable[Shape]:
+        """agentd_propose, asked once per limits."""
+        replay = self.proposals.get(limits)
+        if replay is None:
+            shapes = self.hooks.call("agentd_propose", runtime=self.runtime, model=self.model, spec=self.spec,
+                                     limits=limits)
+            if shapes is None:
+                raise PluginError(f"no plugin proposes layouts for runtime {self.runtime!r}")
+            replay = self.proposals[limits] = _Replay(shapes)
+        return replay
+
+    def check_shape(self, shape: Shape) -> Rejection | None:
+        """Every constraint's check_shape, run once per shape."""
+        why = self.shape_verdicts.get(shape, _UNCHECKED)
+        if why is _UNCHECKED:
+            why = self.shape_verdicts[shape] = self.run("check_shape", shape)
+        return why
+
     def validate(self, layout: Layout) -> Rejection | None:
         return self.run("check_layout", layout)
 
@@ -123,6 +160,21 @@ class Request:
             except Exception as exc:
                 raise PluginError(f"scorer {_name(s)} failed: {type(exc).__name__}: {exc}") from exc
         return total
+
+
+class _Replay:
+    """An iterable that keeps what it pulls from `items`: iterating again replays that first, and pulls
+    more only past it (a search stops at the first shape that fits)."""
+
+    def __init__(self, items: Iterable[Any]):
+        self._items = iter(items)
+        self._kept: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._kept
+        for item in self._items:
+            self._kept.append(item)
+            yield item
 
 
 def _name(obj: Any) -> str:
@@ -182,39 +234,42 @@ class Outcome:
 
 
 def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignment | ReplicaPlan] = (),
-            snapshot: Snapshot | None = None) -> Outcome:
+            snapshot: Snapshot | None = None, explain: bool = True) -> Outcome:
     """Place every replica in turn, booking each one's memory before the next: no double booking.
 
-    `snapshot`, when given, must be Snapshot.build(cluster, existing): what-ifs reuse it.
+    `snapshot`, when given, must be Snapshot.build(cluster, existing): what-ifs reuse it. Without
+    `explain` (a what-if asks only whether it places) the findings of a failure are incomplete.
     """
     start = snap = snapshot or Snapshot.build(cluster, existing)
     layouts: list[Layout] = []
     replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
-        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)))
+        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)), explain)
         if isinstance(got, Findings):
             return Outcome(layouts, got, r, len(cluster.hosts), start)
         layouts.append(got)
         for h in got.hosts:
             replicas_on[h] = replicas_on.get(h, 0) + 1
-        snap = snap.reserve(got.reservations())
+        if r + 1 < req.spec.replicas:
+            snap = snap.reserve(got.reservations())
     return Outcome(layouts, None, None, len(cluster.hosts), start)
 
 
-def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) -> Layout | Findings:
+def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
+              explain: bool = True) -> Layout | Findings:
+    """The first layout that passes every check, or the findings that explain why there is none (only
+    some of them without `explain`: the search then skips what only a diagnosis needs)."""
     strategy = strategy or Strategy(req.spec.strategy)
     findings = Findings()
     r = req.run("check_static")
     if r is not None:
         findings.add(STATIC, r)
         return findings
-    cands, limits, pinned = _filter(req, snap, findings)
+    cands, limits, pinned = _filter(req, snap, findings if explain else None)
     req.limits = limits
     if limits.exact is not None and sum(len(g) for _, g in cands.hosts) < sum(n for _, n in limits.exact):
         return findings  # a pinned GPU is unusable or missing: its rejection says why; no layout can help
-    shapes = req.hooks.call("agentd_propose", runtime=req.runtime, model=req.model, spec=req.spec, limits=limits)
-    if shapes is None:
-        raise PluginError(f"no plugin proposes layouts for runtime {req.runtime!r}")
+    shapes = req.propose(limits)
     sharded: ShardedSearch | None = None
     split: LayerSplitSearch | None = None
     demands = req.demands
@@ -224,7 +279,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
         if limits.exact is not None and not _matches_exact(shape, limits.exact):
             continue
         matched = True
-        why = req.run("check_shape", shape)
+        why = req.check_shape(shape)
         if why is not None:
             findings.add(SHAPE, why)
             continue
@@ -237,7 +292,9 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected ShardDemand")
             sharded = sharded or ShardedSearch(cands, strategy, req.search_cache)
-            got = sharded.find(shape, demand)
+            got = sharded.find(shape, demand, explain)
+            if got is None:
+                continue
             if isinstance(got, Rejection):
                 findings.add(CANDIDATE, got)
                 continue
@@ -264,7 +321,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None) ->
         pins = ", ".join(f"{n} GPU(s) on {h}" for h, n in limits.exact)
         findings.add(SHAPE, Rejection("pinned layout", f"matches no layout {req.runtime} can run",
                                       pins, {"pins": [list(p) for p in limits.exact]}, where=pins))
-    if not findings:
+    if explain and not findings:
         findings.add(HOST, Rejection("cluster", "has no hosts", subject_plural="cluster"))
     return findings
 
@@ -285,15 +342,19 @@ class _HostResult(NamedTuple):
 
     stage: int  # HOST when the host filters turned the whole host down, else DEVICE
     rejections: tuple[Rejection, ...]
-    eligible: tuple[GpuView, ...]
+    eligible: tuple[GpuView, ...] | None  # None: passed the host filters, not judged by the device filters yet
     considered: int  # GPUs that passed the host filters (pinned ones only, when pinned)
     max_memory: int
     views: tuple[GpuView, ...] = ()  # the GPUs the device filters judged, and their verdicts
     verdicts: tuple[Rejection | None, ...] = ()
 
 
-def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidates, ShapeLimits, dict]:
-    """Host filters (selector, pins, GPUs present), then device filters (maintenance, pins, constraints)."""
+def _filter(req: Request, snap: Snapshot, findings: Findings | None) -> tuple[Candidates, ShapeLimits, dict]:
+    """Host filters (selector, pins, GPUs present), then device filters (maintenance, pins, constraints).
+
+    Without `findings` (a what-if, which asks only whether a layout fits, not why none does) a
+    host's device filters run when a search first looks at the host: see Candidates.
+    """
     spec = req.spec
     pinned: dict[str, tuple[int, ...]] = {}
     for p in spec.pin:
@@ -301,25 +362,31 @@ def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidate
     exact = None
     if spec.pin and all(p.gpus for p in spec.pin):
         exact = tuple((h, len(g)) for h, g in pinned.items())
-    known = {hv.name for hv in snap.hosts}
-    for host in pinned:
-        if host not in known:
-            findings.add(HOST, Rejection("pinned host", "is not in the cluster", where=host, details={"host": host}))
-    hosts = []
-    counted = max_per_host = total_gpus = max_mem = 0
+    if findings is not None:
+        known = {hv.name for hv in snap.hosts}
+        for host in pinned:
+            if host not in known:
+                findings.add(HOST, Rejection("pinned host", "is not in the cluster", where=host,
+                                             details={"host": host}))
+    rows: list[tuple[HostView, tuple[GpuView, ...] | None]] = []
+    counted = max_per_host = total_gpus = max_mem = unjudged = 0
     cache = req.host_cache
-    by_name = req.by_name
-    queue = findings.add_all
+    gates = req.gates
     for hv in snap.hosts:
         hit = cache.get(id(hv))
-        if hit is None or hit[0] is not hv:  # a snapshot shares untouched hosts with the one before
-            before = by_name.get(hv.name)
-            hit = cache[id(hv)] = (hv, _filter_host(req, hv, pinned, before))
-            if before is None:
-                by_name[hv.name] = hit[1]
-        res = hit[1]
-        if res.rejections:
-            queue(res.stage, res.rejections)
+        if hit is not None and hit[0] is hv:  # a snapshot shares untouched hosts with the one before
+            res = hit[1]
+            eligible = res.eligible
+        elif findings is not None:
+            res = gates[hv.name] = _filter_host(req, hv, pinned)
+            eligible = res.eligible
+        else:  # the host filters only: their verdict on another view of the host holds for this one
+            res = gates.get(hv.name)
+            if res is None:
+                res = gates[hv.name] = _filter_host(req, hv, pinned, judge=False)
+            eligible = None if res.stage == DEVICE else ()
+        if findings is not None and res.rejections:
+            findings.add_all(res.stage, res.rejections)
         considered = res.considered
         if considered:
             counted += 1
@@ -328,27 +395,33 @@ def _filter(req: Request, snap: Snapshot, findings: Findings) -> tuple[Candidate
                 max_per_host = considered
             if res.max_memory > max_mem:
                 max_mem = res.max_memory
-        if res.eligible:
-            hosts.append((hv, res.eligible))
+            if eligible is None:
+                unjudged += 1
+            rows.append((hv, eligible))
+
+    def judge(i: int) -> tuple[GpuView, ...]:
+        eligible = _filter_host(req, rows[i][0], pinned).eligible
+        assert eligible is not None
+        return eligible
+
     limits = ShapeLimits(hosts=counted, max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem,
                          exact=exact)
-    return Candidates(tuple(hosts)), limits, pinned
+    return Candidates(rows, unjudged, max_mem, judge), limits, pinned
 
 
-def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
-                 before: _HostResult | None = None) -> _HostResult:
-    """`before`: this request's verdicts on another view of the same host. A GPU in the same state
-    (same inventory entry, free, foreign and assigned memory) gets the same verdict without running
-    the checks again: device checks are pure functions of the GPU view."""
-    spec = req.spec
-    selector = spec.selector
-    if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
-        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        return _HostResult(HOST, (Rejection("host", f"excluded by selector {text}", where=hv.name),), (), 0, 0)
-    if pinned and hv.name not in pinned:
-        return _HostResult(HOST, (Rejection("host", "not pinned", where=hv.name),), (), 0, 0)
-    if not hv.gpus:
-        return _HostResult(HOST, (Rejection("host", "without GPUs", where=hv.name),), (), 0, 0)
+def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]], judge: bool = True) -> _HostResult:
+    """The host filters, then (`judge`) the device filters; a judged host's result is cached.
+
+    Not judged, a host that passes the host filters comes back with eligible None. A GPU in the
+    same state as in this request's first judgment of the host (same inventory entry, free,
+    foreign and assigned memory: a replica booked elsewhere on the host, the diagnosis freeing
+    other jobs' memory) gets the same verdict without running the checks again: device checks
+    are pure functions of the GPU view."""
+    why = _host_rejection(req, hv, pinned)
+    if why is not None:  # final, whatever the GPUs' state
+        res = _HostResult(HOST, (why,), (), 0, 0)
+        req.host_cache[id(hv)] = (hv, res)
+        return res
     rejections: list[Rejection] = []
     reject = rejections.append
     want = pinned.get(hv.name) or None
@@ -360,12 +433,15 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
                 reject(Rejection("pinned GPU", "does not exist", where=f"GPU {i} on {hv.name}",
                                  details={"host": hv.name, "index": i}))
         gpus = tuple(g for g in gpus if g.index in want)
+    if not judge:
+        return _HostResult(DEVICE, tuple(rejections), None, len(gpus), max((g.total for g in gpus), default=0))
+    before = req.by_name.get(hv.name)
     excluded = req.excluded
     device_checks = req.checks["check_device"]
     eligible = []
     keep = eligible.append
     verdicts: list[Rejection | None] = []
-    judge = verdicts.append
+    judged = verdicts.append
     old_views = before.views if before is not None and len(before.views) == len(gpus) else None
     max_mem = 0
     for k, g in enumerate(gpus):
@@ -375,7 +451,7 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
             o = old_views[k]
             if o.info is g.info and o.free == g.free and o.foreign == g.foreign and o.assigned == g.assigned:
                 why = before.verdicts[k]
-                judge(why)
+                judged(why)
                 if why is None:
                     keep(g)
                 else:
@@ -384,7 +460,7 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
         if excluded and (g.uuid in excluded or (g.info.parent_uuid and g.info.parent_uuid in excluded)):
             why = Rejection("GPU", "excluded for maintenance", g.uuid, {"uuid": g.uuid}, where=g.label)
             reject(why)
-            judge(why)
+            judged(why)
             continue
         for c, check in device_checks:
             try:
@@ -396,13 +472,29 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
                                   f"{type(exc).__name__}: {exc}") from exc
             if why is not None:
                 reject(why)
-                judge(why)
+                judged(why)
                 break
         else:
             keep(g)
-            judge(None)
-    return _HostResult(DEVICE, tuple(rejections), gpus if len(eligible) == len(gpus) else tuple(eligible),
-                       len(gpus), max_mem, gpus, tuple(verdicts))
+            judged(None)
+    res = _HostResult(DEVICE, tuple(rejections), gpus if len(eligible) == len(gpus) else tuple(eligible),
+                      len(gpus), max_mem, gpus, tuple(verdicts))
+    req.host_cache[id(hv)] = (hv, res)
+    if before is None:
+        req.by_name[hv.name] = res
+    return res
+
+
+def _host_rejection(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]]) -> Rejection | None:
+    selector = req.spec.selector
+    if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
+        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return Rejection("host", f"excluded by selector {text}", where=hv.name)
+    if pinned and hv.name not in pinned:
+        return Rejection("host", "not pinned", where=hv.name)
+    if not hv.gpus:
+        return Rejection("host", "without GPUs", where=hv.name)
+    return None
 
 
 # --------------------------------------------------------------------------- plan

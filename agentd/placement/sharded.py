@@ -9,17 +9,23 @@ search, and choosing GPUs is a scan of the qualifying hosts. Nothing
 enumerates combinations of GPUs, and greedy is exact here: any qualifying
 host and any qualifying GPUs on it are as good as any other for fitting,
 so the strategy alone picks among them.
+
+A what-if (`find(..., explain=False)`) asks only whether a shape fits, not
+why it does not. A share larger than the largest GPU on any host needs no
+host looked at; otherwise the hosts are scanned in the strategy's order and
+the device filters judge each one only when the scan reaches it, until
+enough qualify: the hosts _choose_hosts would pick, in the same order.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
 from typing import Any
 
-from agentd.placement.constraints import Rejection, layout_rejection
+from agentd.placement.constraints import Rejection
 from agentd.placement.demand import ShardDemand
 from agentd.placement.layout import Layout, PartLayout
 from agentd.placement.shapes import Sharded
@@ -28,11 +34,38 @@ from agentd.placement.strategy import Strategy
 from agentd.placement.units import gib
 
 
-@dataclass(frozen=True)
 class Candidates:
-    """Hosts that passed host filters, each with its GPUs that passed device filters (by index)."""
+    """Hosts that passed the host filters, each with its GPUs that pass the device filters (by index).
 
-    hosts: tuple[tuple[HostView, tuple[GpuView, ...]], ...]
+    A placement judges every host up front: the rejections explain a failure. A what-if asks only
+    whether a layout fits, so its hosts are judged when a search first looks at them (`eligible`,
+    with `judge`); `hosts` judges the rest.
+    """
+
+    def __init__(self, rows: list[tuple[HostView, tuple[GpuView, ...] | None]], unjudged: int, max_memory: int,
+                 judge: Callable[[int], tuple[GpuView, ...]]):
+        self.rows = rows  # (host, its GPUs that pass the device filters; None until judged)
+        self.unjudged = unjudged  # rows still None
+        self.max_memory = max_memory  # the largest GPU on these hosts: no GPU can hold more
+        self._judge = judge
+
+    def eligible(self, i: int) -> tuple[GpuView, ...]:
+        hv, gpus = self.rows[i]
+        if gpus is None:
+            gpus = self._judge(i)
+            self.rows[i] = (hv, gpus)
+            self.unjudged -= 1
+        return gpus
+
+    @cached_property
+    def hosts(self) -> tuple[tuple[HostView, tuple[GpuView, ...]], ...]:
+        """Every host with a GPU that passes the device filters."""
+        self.judge_all()
+        return tuple((hv, gpus) for hv, gpus in self.rows if gpus)
+
+    def judge_all(self) -> None:
+        for i in range(len(self.rows)) if self.unjudged else ():
+            self.eligible(i)
 
 
 class ShardedSearch:
@@ -42,7 +75,7 @@ class ShardedSearch:
         self._cache = cache if cache is not None else {}  # per (host view, budget fraction): sorted capacities
         self._caps: dict[float | None, list[tuple[HostView, list[int], tuple[GpuView, ...]]]] = {}
         self._kth: dict[tuple, list[int]] = {}  # per (budget fraction, g): g-th largest capacities, ascending
-        self._largest: dict[float | None, int] = {}
+        self._top: dict[float | None, int] = {}  # per budget fraction: the largest capacity
 
     # ------------------------------------------------------------------ capacities
 
@@ -54,17 +87,21 @@ class ShardedSearch:
         key = demand.budget_fraction
         rows = self._caps.get(key)
         if rows is None:
-            rows = []
-            f = demand.budget_fraction
-            cache = self._cache
-            for hv, gpus in self.candidates.hosts:
-                hit = cache.get((id(hv), f))
-                if hit is None or hit[0] is not gpus:
-                    caps = [g.free for g in gpus] if f is None else [int(f * g.total) for g in gpus]
-                    caps.sort(reverse=True)
-                    hit = cache[(id(hv), f)] = (gpus, caps, hv)
-                rows.append((hv, hit[1], gpus))
-            self._caps[key] = rows
+            rows = self._caps[key] = self._caps_of(self.candidates.hosts, key)
+        return rows
+
+    def _caps_of(self, hosts: Iterable[tuple[HostView, tuple[GpuView, ...]]],
+                 f: float | None) -> list[tuple[HostView, list[int], tuple[GpuView, ...]]]:
+        """Each host's capacities, largest first; cached per host view and budget fraction."""
+        rows = []
+        cache = self._cache
+        for hv, gpus in hosts:
+            hit = cache.get((id(hv), f))
+            if hit is None or hit[0] is not gpus:
+                caps = [g.free for g in gpus] if f is None else [int(f * g.total) for g in gpus]
+                caps.sort(reverse=True)
+                hit = cache[(id(hv), f)] = (gpus, caps, hv)
+            rows.append((hv, hit[1], gpus))
         return rows
 
     def _kth_sorted(self, demand: ShardDemand, g: int) -> list[int]:
@@ -78,14 +115,23 @@ class ShardedSearch:
 
     # ------------------------------------------------------------------ search
 
-    def find(self, shape: Sharded, demand: ShardDemand) -> Layout | Rejection:
+    def find(self, shape: Sharded, demand: ShardDemand, explain: bool = True) -> Layout | Rejection | None:
+        """The layout, or why there is none. A what-if (not `explain`) gets None instead of the why."""
         need = demand.per_gpu
         g = shape.gpus_per_host
-        arr = self._kth_sorted(demand, g)
-        qualifying = len(arr) - bisect.bisect_left(arr, need)
-        if qualifying < shape.hosts:
-            return self._why_not(shape, demand, qualifying)
-        hosts = self._choose_hosts(demand, g, shape.hosts)
+        top = self.candidates.max_memory
+        if demand.capacity(top, top) < need:  # no GPU could hold a share, whatever the device filters say
+            return self._why_not(shape, demand, 0) if explain else None
+        if self.candidates.unjudged:
+            hosts = self._first_fitting(demand, g, shape.hosts)
+            if hosts is None:
+                return None
+        else:
+            arr = self._kth_sorted(demand, g)
+            qualifying = len(arr) - bisect.bisect_left(arr, need)
+            if qualifying < shape.hosts:
+                return self._why_not(shape, demand, qualifying) if explain else None
+            hosts = self._choose_hosts(demand, g, shape.hosts)
         parts = []
         stages = demand.stage_layers or (0,) * shape.pp
         f = demand.budget_fraction
@@ -101,16 +147,41 @@ class ShardedSearch:
                                     memory, layers=layers))
         return Layout(shape, tuple(parts), demand)
 
-    def _host_key(self, hv: HostView) -> tuple:
-        return self.strategy.host_key(hv)
-
     def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, tuple[GpuView, ...]]]:
         need = demand.per_gpu
         i = g - 1
-        key = self._host_key
+        key = self.strategy.host_key
         rows = [(key(hv), hv, gpus) for hv, caps, gpus in self._host_caps(demand) if len(caps) > i and caps[i] >= need]
         best = heapq.nsmallest(n, rows, key=_first)
         return [(hv, gpus) for _, hv, gpus in best]
+
+    def _first_fitting(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, tuple[GpuView, ...]]] | None:
+        """What _choose_hosts picks (the first n hosts in the strategy's order with g GPUs that can hold
+        a share), judging hosts only as far as the scan goes; None if fewer than n can. A scan that
+        fails has judged nearly every host, so it judges the rest: the next shape bisects."""
+        need = demand.per_gpu
+        f = demand.budget_fraction
+        candidates = self.candidates
+        chosen = []
+        for i in self._order:
+            hv = candidates.rows[i][0]
+            if len(hv.gpus) < g:
+                continue
+            gpus = candidates.eligible(i)
+            caps = self._caps_of(((hv, gpus),), f)[0][1]
+            if len(caps) >= g and caps[g - 1] >= need:
+                chosen.append((hv, gpus))
+                if len(chosen) == n:
+                    return chosen
+        candidates.judge_all()
+        return None
+
+    @cached_property
+    def _order(self) -> list[int]:
+        """The candidate hosts (their rows) in the strategy's order."""
+        key = self.strategy.host_key
+        keys = [key(hv) for hv, _ in self.candidates.rows]
+        return sorted(range(len(keys)), key=keys.__getitem__)
 
     def _choose_gpus(self, fitting: Sequence[GpuView], g: int) -> list[GpuView]:
         if self.strategy.binpack:  # the fullest GPUs that still fit: keep empty ones whole
@@ -121,19 +192,29 @@ class ShardedSearch:
 
     # ------------------------------------------------------------------ explanations
 
+    def _largest(self, demand: ShardDemand) -> int:
+        """The largest capacity of an eligible GPU. Cached per budget fraction."""
+        f = demand.budget_fraction
+        if f not in self._top:
+            hosts = self.candidates.hosts
+            if f is None:
+                self._top[f] = max((g.free for _, gpus in hosts for g in gpus), default=0)
+            else:  # the GPU with the most memory: usually one of the largest size passed, found at once
+                top = self.candidates.max_memory
+                if not any(g.total == top for _, gpus in hosts for g in gpus):
+                    top = max((g.total for _, gpus in hosts for g in gpus), default=0)
+                self._top[f] = int(f * top)
+        return self._top[f]
+
     def _why_not(self, shape: Sharded, demand: ShardDemand, qualifying: int) -> Rejection:
         need = demand.per_gpu
-        rows = self._host_caps(demand)
         extra = {} if demand.budget_fraction is None else {"budget_fraction": demand.budget_fraction}
-        if demand.budget_fraction not in self._largest:
-            self._largest[demand.budget_fraction] = max((caps[0] for _, caps, _ in rows if caps), default=0)
-        largest = self._largest[demand.budget_fraction]
+        largest = self._largest(demand)
         if largest < need:
-            r = layout_rejection(
-                "did not fit: the per-GPU share exceeds every GPU's memory", shape,
-                f"{shape.label} needs {gib(need)} per GPU, largest {gib(largest)}",
-                needs=need, largest=largest, **extra, **dict(demand.breakdown))
-            return r._replace(closeness=largest / need if need else 0.0, list_where=False)
+            return _miss("did not fit: the per-GPU share exceeds every GPU's memory", shape,
+                         f"{shape.label} needs {gib(need)} per GPU, largest {gib(largest)}",
+                         largest / need if need else 0.0, needs=need, largest=largest, **extra, **demand.breakdown)
+        rows = self._host_caps(demand)
         g = shape.gpus_per_host
         best_n = next((k for k in range(g - 1, 0, -1) if (arr := self._kth_sorted(demand, k)) and arr[-1] >= need), 0)
         best_host = next((hv.name for hv, caps, _ in rows if len(caps) >= best_n and caps[best_n - 1] >= need),
@@ -147,11 +228,16 @@ class ShardedSearch:
             detail = (f"{shape.label} needs {shape.hosts} hosts with {g} GPUs of {gib(need)} each, "
                       f"found {qualifying}")
             closeness = qualifying / shape.hosts
-        r = layout_rejection("did not fit: too few GPUs with room for a share", shape, detail,
-                             needs=need, gpus_per_host=g, hosts=shape.hosts, qualifying_hosts=qualifying,
-                             best_host=best_host, best_host_gpus=best_n, **extra)
         # Slightly below a memory miss of the same ratio: a missing GPU is the harder fix.
-        return r._replace(closeness=closeness * 0.999, list_where=False)
+        return _miss("did not fit: too few GPUs with room for a share", shape, detail, closeness * 0.999,
+                     needs=need, gpus_per_host=g, hosts=shape.hosts, qualifying_hosts=qualifying,
+                     best_host=best_host, best_host_gpus=best_n, **extra)
+
+
+def _miss(reason: str, shape: Sharded, detail: str, closeness: float, **details: Any) -> Rejection:
+    """A shape that did not fit: layout_rejection's fields, ranked by closeness and not listing where."""
+    label = shape.label
+    return Rejection("layout", reason, detail, {"shape": label, **details}, where=label, closeness=closeness)
 
 
 def _first(row: tuple) -> Any:

@@ -104,6 +104,32 @@ class HostView:
         return f"HostView({self.name}, {len(self.gpus)} GPUs)"
 
 
+class _FreedHostView(HostView):
+    """A host as if the processes agentd does not own had exited (Snapshot.without_foreign). Its
+    GPUs are worked out when first read: the what-if that uses it often decides without them."""
+
+    __slots__ = ("_freed", "_source")
+
+    def __init__(self, source: HostView):  # not HostView.__init__: that works the GPUs out now
+        self.name = source.name
+        self.info = source.info
+        self._source = source
+        self._freed: tuple[tuple[GpuView, ...], float] | None = None
+
+    def _gpus_and_used(self) -> tuple[tuple[GpuView, ...], float]:
+        if self._freed is None:
+            self._freed = _freed_gpus(self._source)
+        return self._freed
+
+    @property  # type: ignore[override]
+    def gpus(self) -> tuple[GpuView, ...]:
+        return self._gpus_and_used()[0]
+
+    @property  # type: ignore[override]
+    def used_fraction(self) -> float:
+        return self._gpus_and_used()[1]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Hosts sorted by name, each GPU with its effective free memory."""
@@ -165,10 +191,10 @@ def _host_view(h: HostInventory, assigned: Mapping[int, int] | None) -> HostView
         v.host = name
         v.index = index = d["index"]
         v.total = total = d["memory_total"]
-        foreign = d["memory_used"] - owned
+        foreign = d["memory_used"] - owned if owned else d["memory_used"]
         v.foreign = foreign = foreign if foreign > 0 else 0
         v.assigned = mine = assigned.get(index, 0) if assigned else 0
-        free = total - foreign - mine
+        free = total - foreign - mine if mine else total - foreign
         v.free = free = free if free > 0 else 0
         views.append(v)
         total_sum += total
@@ -187,31 +213,34 @@ def _host_view(h: HostInventory, assigned: Mapping[int, int] | None) -> HostView
 
 
 def _without_foreign(hv: HostView) -> HostView:
-    """GpuView.without_foreign and HostView.__init__ inlined, as in _host_view (a diagnosis runs it
-    over every host)."""
+    """The host with other jobs' memory freed: the same view when no GPU holds any."""
     for g in hv.gpus:
         if g.foreign:
-            break
-    else:
-        return hv
+            return _FreedHostView(hv)
+    return hv
+
+
+def _freed_gpus(hv: HostView) -> tuple[tuple[GpuView, ...], float]:
+    """The GPUs of `hv` with other jobs' memory freed, and the used fraction: GpuView.without_foreign
+    and HostView.__init__ inlined, as in _host_view. GPUs without foreign memory keep their views."""
     new = object.__new__
     views = []
     total_sum = free_sum = 0
     for g in hv.gpus:
+        total = g.total
+        total_sum += total
+        if not g.foreign:
+            views.append(g)
+            free_sum += g.free
+            continue
         v = new(GpuView)
-        v.info, v.host, v.index, v.total, v.assigned = g.info, g.host, g.index, g.total, g.assigned
+        v.info, v.host, v.index, v.total, v.assigned = g.info, g.host, g.index, total, g.assigned
         v.foreign = 0
-        free = g.total - g.assigned
+        free = total - g.assigned
         v.free = free = free if free > 0 else 0
         views.append(v)
-        total_sum += g.total
         free_sum += free
-    out = new(HostView)
-    out.name = hv.name
-    out.info = hv.info
-    out.gpus = tuple(views)
-    out.used_fraction = 1.0 - free_sum / total_sum if total_sum else 1.0
-    return out
+    return tuple(views), 1.0 - free_sum / total_sum if total_sum else 1.0
 
 
 def _index(v: GpuView) -> int:

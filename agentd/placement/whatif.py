@@ -49,13 +49,8 @@ def _try(req: Request, cluster: ClusterInventory, existing, spec: DeploymentSpec
     except InvalidInput:
         return None
     if changed is not req:
-        # Capacities per host view are keyed by the view and its eligible GPUs, held by the cache:
-        # valid for any request. Filter results only for one with the same filters.
-        changed.search_cache = req.search_cache
-        if snapshot is not None and changed.filters_like(req):
-            changed.host_cache = req.host_cache  # same hosts, same device rules: reuse what the filters found
-            changed.by_name = req.by_name
-    out = attempt(changed, cluster, existing, snapshot)
+        changed.reuse(req, snapshot)
+    out = attempt(changed, cluster, existing, snapshot, explain=False)
     return out if out.placed else None
 
 

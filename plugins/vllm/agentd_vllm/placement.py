@@ -25,6 +25,7 @@ and it must fit in gpu_memory_utilization x total, which is what vLLM books.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -181,13 +182,13 @@ def _shapes(model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits) -> Iter
     # Too big for the whole cluster: still propose the largest layouts, so the
     # diagnosis can say by how much they miss.
     for n in range(min(n_min, n_max), n_max + 1):
-        divisors = _divisors_desc(n, g)  # TP never spans hosts
         if n <= g:
-            yield from (Sharded(tp, n // tp) for tp in divisors)
-        for tp in divisors:
-            pp = n // tp
-            if 2 <= pp <= max_hosts and tp <= g:
-                yield Sharded(tp, pp, hosts=pp)
+            yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
+        # One stage per host: TP divides n, and TP <= GPUs per host (TP never spans hosts), with
+        # 2 <= PP = n / TP <= max_hosts, so TP runs from min(g, n // 2) down to ceil(n / max_hosts).
+        for tp in range(min(g, n // 2), -(-n // max_hosts) - 1, -1) if max_hosts >= 2 else ():
+            if n % tp == 0:
+                yield Sharded(tp, n // tp, hosts=n // tp)
 
 
 # --------------------------------------------------------------------------- estimate
@@ -199,10 +200,8 @@ def vllm_stage_layers(layers: int, pp: int) -> tuple[int, ...]:
     Even split; the remainder goes one layer each to the stages just before
     the last one (the last stage also holds the LM head).
     """
-    base = [layers // pp] * pp
-    for i in range(2, layers % pp + 2):
-        base[-i] += 1
-    return tuple(base)
+    q, r = divmod(layers, pp)
+    return (q,) * (pp - 1 - r) + (q + 1,) * r + (q,)
 
 
 def layer_bytes(model: ModelInfo) -> tuple[int, ...]:
@@ -228,6 +227,28 @@ def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
     return per * heads_per_rank / kv
 
 
+def _heaviest_stage(model: ModelInfo, stages: tuple[int, ...], embed: int, head: int) -> int:
+    """The weights of the heaviest pipeline stage: its layers, token_embd on the first stage, the
+    head on the last. The diagnosis estimates shapes of up to a hundred stages, a hundred times."""
+    sizes = layer_bytes(model)
+    if sizes and len(sizes) >= model.num_hidden_layers and sizes.count(sizes[0]) == len(sizes):
+        # Layers of one size (a config's): a stage weighs its layer count times that size.
+        each = sizes[0]
+        if len(stages) == 1:
+            return stages[0] * each + embed + head
+        return max(stages[0] * each + embed, stages[-1] * each + head, max(stages) * each)
+    # Each stage from prefix sums at the stage bounds, without a loop in Python.
+    prefix = list(accumulate(sizes, initial=0))
+    short = model.num_hidden_layers + 1 - len(prefix)
+    if short > 0:  # a header may list fewer layers than the config counts: those weigh nothing
+        prefix += [prefix[-1]] * short
+    at_bound = list(map(prefix.__getitem__, accumulate(stages, initial=0)))
+    per_stage = list(map(operator.sub, at_bound[1:], at_bound))
+    per_stage[0] += embed
+    per_stage[-1] += head
+    return max(per_stage)
+
+
 def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDemand:
     tp, pp = shape.tp, shape.pp
     stages = vllm_stage_layers(model.num_hidden_layers, pp)
@@ -235,23 +256,7 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDem
     embed = nr.get("token_embd", 0)
     head = nr.get("output", 0) or (embed if pp > 1 else 0)  # tied embeddings: the last stage holds a copy
     head += nr.get("output_norm", 0)
-    # Prefix sums: a stage's weights in O(1) (the diagnosis estimates shapes of up to a hundred stages).
-    prefix = list(accumulate(layer_bytes(model), initial=0))
-    short = model.num_hidden_layers + 1 - len(prefix)
-    if short > 0:  # a header may list fewer layers than the config counts: those weigh nothing
-        prefix += [prefix[-1]] * short
-    worst = 0
-    start = 0
-    for s, n in enumerate(stages):
-        w = prefix[start + n] - prefix[start]
-        start += n
-        if s == 0:
-            w += embed
-        if s == pp - 1:
-            w += head
-        if w > worst:
-            worst = w
-    weights = math.ceil(worst / tp)
+    weights = math.ceil(_heaviest_stage(model, stages, embed, head) / tp)
     kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * max_model_len(model, spec))
     inter = model.intermediate_size or 4 * model.hidden_size
     activation = PROFILE_TOKENS * (4 * model.hidden_size + 2 * inter // tp) * 2 + MAX_NUM_SEQS * model.vocab_size * 4
