@@ -3,6 +3,7 @@ import json
 import pytest
 
 from agentd.cli.main import build_parser
+from agentd.testing.gguf import write_tiny_llama_gguf
 from tests.conftest import run_cli
 
 
@@ -74,3 +75,15 @@ def test_broken_pipe_is_not_an_error():
     _, err = proc.communicate(timeout=60)
     assert "internal error" not in err and "Traceback" not in err, err
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--cluster", "examples/clusters/small.json", "--model", "{model}", "--runtime", "llamabox",
+      "--selector", "rack"], "agentd: error: --selector expects KEY=VALUE, got 'rack'"),
+    (["deploy", "x", "--model", "{model}", "--runtime", "llamabox", "--env", "=1", "--server", "127.0.0.1:1"],
+     "agentd: error: --env expects KEY=VALUE, got '=1'"),
+])
+def test_a_key_value_option_without_a_key_is_one_line_exit_2(tmp_path, argv, message):
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    proc = run_cli(*(a.format(model=model) for a in argv))
+    assert (proc.returncode, proc.stderr.strip()) == (2, message), proc.stderr

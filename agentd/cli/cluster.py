@@ -15,7 +15,7 @@ import time
 from google.protobuf.json_format import MessageToDict
 
 from agentd.api.client import CannotPlace, ControlClient
-from agentd.cli.main import EXIT_UNAVAILABLE, emit
+from agentd.cli.main import EXIT_UNAVAILABLE, emit, key_values
 from agentd.config import load_settings
 from agentd.errors import InvalidInput
 from agentd.v1 import control_pb2 as pb
@@ -125,16 +125,6 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the server")
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
 def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
     pins = []
     for item in args.pin:
@@ -145,7 +135,7 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
             raise InvalidInput(f"--pin expects HOST[:GPU,GPU], got {item!r}") from None
         pins.append(pb.GpuPin(host=host, gpus=indices))
     options = pb.RuntimeOptions(allow_cpu_offload=args.allow_cpu_offload, extra_args=args.extra_args,
-                                env=_pairs(args.env, "--env"))
+                                env=key_values(args.env, "--env"))
     if args.gpu_memory_utilization is not None:
         options.gpu_memory_utilization = args.gpu_memory_utilization
     if args.ctx_size is not None:
@@ -154,7 +144,7 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
                              tenant=getattr(args, "tenant", ""),
-                             strategy=args.strategy, selector=_pairs(args.selector, "--selector"), pin=pins,
+                             strategy=args.strategy, selector=key_values(args.selector, "--selector"), pin=pins,
                              exclude_gpus=args.exclude_gpu, options=options)
 
 
@@ -191,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InvalidInput(str(exc), where="--election-timeout") from None
         flags["election_timeout_min"], flags["election_timeout_max"] = low, 2 * low
     if args.label:
-        flags["labels"] = {**load_settings().labels, **_pairs(args.label, "--label")}
+        flags["labels"] = {**load_settings().labels, **key_values(args.label, "--label")}
     if getattr(args, "log_format", None):
         flags["log_format"] = args.log_format
     if getattr(args, "log_level", None):

@@ -49,6 +49,17 @@ def common_options() -> argparse.ArgumentParser:
     return p
 
 
+def key_values(items: list[str], flag: str) -> dict[str, str]:
+    """Repeated `--flag KEY=VALUE` options as a dict; an item without `=` or a key is invalid input."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def command_modules() -> list[Any]:
     """Each module adds its subcommands through `register(subparsers, parents)`."""
     from agentd.cli import basic, cluster, inventory, model, plan, security

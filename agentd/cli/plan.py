@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agentd.cli.main import EXIT_OK, EXIT_UNAVAILABLE, emit
+from agentd.cli.main import EXIT_OK, EXIT_UNAVAILABLE, emit, key_values
 from agentd.errors import InvalidInput
 from agentd.modelinfo import inspect_model
 from agentd.placement import place, plan_json
@@ -101,16 +101,6 @@ def deployment_name(model: Path) -> str:
     return label or "model"
 
 
-def _selector(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"--selector wants KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
 def _pins(items: list[str]) -> tuple[GpuPin, ...]:
     pins = []
     for item in items:
@@ -133,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         spec = DeploymentSpec(
             name=args.name or deployment_name(args.model), model=str(args.model), runtime=args.runtime,
-            replicas=args.replicas, strategy=args.strategy, selector=_selector(args.selector),
+            replicas=args.replicas, strategy=args.strategy, selector=key_values(args.selector, "--selector"),
             pin=_pins(args.pin), exclude_gpus=tuple(args.exclude_gpu),
             options=RuntimeOptions(gpu_memory_utilization=args.gpu_memory_utilization, ctx_size=args.ctx_size,
                                    allow_cpu_offload=args.allow_cpu_offload))
