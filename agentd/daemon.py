@@ -71,6 +71,7 @@ from agentd.runtime.spec import InstanceStatus
 from agentd.security import apikeys
 from agentd.security.auth import AuthInterceptor
 from agentd.security.ca import CA_CERT, load_ca
+from agentd.security.files import private_dir, tighten_tree
 from agentd.security.tls import (
     TlsIdentity,
     add_secure_ports,
@@ -220,8 +221,20 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _private_files(self) -> list[str]:
+        """Create the data dir 0700; tighten what an older agentd left readable (the WAL holds the secret)."""
+        private_dir(self.data_dir)
+        changed = tighten_tree(self.data_dir)
+        tls = self.s.tls_directory
+        if tls.is_dir() and not tls.resolve().is_relative_to(self.data_dir.resolve()):
+            changed += tighten_tree(tls)
+        if changed:
+            log.warning("tightened the modes of files agentd owns to owner-only",
+                        extra=fields(count=len(changed), paths=changed[:20]))
+        return changed
+
     async def run(self) -> int:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         if self.s.insecure:
             warn_insecure(log)
         add_services(self.server, self.control, self.agent)  # garbage requests get INVALID_ARGUMENT
@@ -688,6 +701,8 @@ def run_daemon(settings: Settings) -> int:
         if not s.insecure and s.join_token.get_secret_value() and not (s.tls_directory / "node.crt").exists():
             s = await asyncio.to_thread(join_with_token, s)
         return await Daemon(s).run()  # built inside the loop: grpc.aio and asyncio objects bind to it
+
+    os.umask(0o077)  # what agentd and its model servers create is the agentd user's alone, whatever the caller's umask
 
     try:
         return asyncio.run(main())

@@ -39,6 +39,7 @@ import psutil
 from agentd.api.drain import request_drain
 from agentd.errors import AgentdError
 from agentd.runtime.standalone import kill_recorded
+from agentd.security.files import private_dir
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"agentd demo: {root} holds an earlier demo cluster; pick another --dir, or stop and remove it",
                   file=sys.stderr)
             return 2
-        root.mkdir(parents=True, exist_ok=True)
+        private_dir(root)  # agents' logs and data dirs: the agentd user's alone
         created = False
     else:
         root = Path(tempfile.mkdtemp(prefix="agentd-demo-"))

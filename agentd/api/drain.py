@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agentd.security.files import private_dir, touch_private
+
 DRAIN_FILE = "drain-on-stop"
 
 
@@ -43,8 +45,8 @@ def drain_decision(data_dir: Path, drain_on_stop: bool, *, restarting: bool = Fa
 
 def request_drain(data_dir: Path) -> Path:
     path = drain_file(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    private_dir(path.parent)
+    touch_private(path)
     return path
 
 

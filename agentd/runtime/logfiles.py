@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from agentd.security.files import open_private, private_dir
+
 
 class LogFiles:
     def __init__(self, root: Path, keep: int = 5, max_bytes: int = 64 * 1024 * 1024):
@@ -53,11 +55,11 @@ class LogFiles:
     def open_run(self, instance_id: str, process: str, header: str) -> int:
         """Rotate, then open the new run's file for the child; returns an fd the caller closes after spawn."""
         cur = self.path(instance_id, process)
-        cur.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(cur.parent)
         if cur.exists() and cur.stat().st_size > 0:
             self._shift(cur)
             cur.rename(cur.with_name(f"{cur.name}.1"))
-        fd = os.open(cur, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        fd = open_private(cur, os.O_WRONLY | os.O_APPEND)  # a server's log may hold prompts
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         os.write(fd, f"=== agentd {stamp}: {header}\n".encode())
         return fd

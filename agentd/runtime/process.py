@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from agentd.errors import RuntimeFailure
+from agentd.security.files import private_dir
 
 _CREATE_TIME_TOLERANCE = 0.05  # seconds; psutil derives it from clock ticks since boot
 
@@ -189,7 +190,7 @@ async def spawn(argv: list[str], env: dict[str, str], cwd: str | None, log_fd: i
     """Start `argv` in its own session with stdout and stderr on `log_fd`."""
     program = resolve_program(argv[0], env)
     if cwd is not None:
-        Path(cwd).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(cwd))
     try:
         proc = subprocess.Popen(
             [program, *argv[1:]], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,

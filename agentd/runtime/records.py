@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agentd.logs import fields
 from agentd.runtime.spec import ProcessSpec
+from agentd.security.files import open_private, private_dir
 from agentd.types import Assignment
 
 log = logging.getLogger("agentd.runtime")
@@ -53,9 +54,9 @@ def fingerprint(assignment: Assignment) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, data)
         os.fsync(fd)

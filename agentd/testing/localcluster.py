@@ -24,6 +24,7 @@ from agentd.api.client import ClientAuth, ControlClient
 from agentd.api.drain import request_drain
 from agentd.errors import AgentdError, NotAvailable
 from agentd.runtime.standalone import kill_recorded
+from agentd.security.files import open_private, private_dir
 from agentd.v1 import control_pb2 as pb
 
 GiB = 1024**3
@@ -128,7 +129,7 @@ class LocalCluster:
             return agent
         if join is None:
             join = [a.listen for a in self.agents.values() if a.name != name]
-        agent.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(agent.data_dir)
         argv = [sys.executable, "-m", "agentd", "serve", "--node-name", name, "--listen", agent.listen,
                 "--http-listen", agent.http_listen, "--data-dir", str(agent.data_dir),
                 "--simulate", str(agent.inventory_file), "--log-format", "json", "--insecure"]
@@ -154,10 +155,10 @@ class LocalCluster:
         env.update(self.agent_env.get(name, {}))
         if self.secure and agent.token_listen:
             env["AGENTD_TOKEN_LISTEN"] = agent.token_listen
-        log = open(agent.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        log = open_private(agent.log_file, os.O_WRONLY | os.O_APPEND)  # the child owns it for its lifetime
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
-        log.close()
+        os.close(log)
         return agent
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

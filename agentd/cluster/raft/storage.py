@@ -35,6 +35,7 @@ from typing import Protocol
 from agentd.cluster.raft.types import Entry, EntryKind, HardState, Membership, Ready, Snapshot, SnapshotMeta
 from agentd.errors import AgentdError
 from agentd.logs import fields
+from agentd.security.files import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class FileStorage:
 
     def _load(self) -> PersistedState:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.dir)
             self._lock()
             snapshot = _decode_snapshot(self.snap_path.read_bytes(), str(self.snap_path)) \
                 if self.snap_path.exists() else None
@@ -250,7 +251,7 @@ class FileStorage:
         return PersistedState(state.node_id, state.cluster_id, state.hard_state, state.snapshot, list(state.entries))
 
     def _lock(self) -> None:
-        self._lock_fd = os.open(self.dir / "raft.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = open_private(self.dir / "raft.lock", os.O_RDWR)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -416,7 +417,7 @@ class FileStorage:
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # the log holds the cluster secret
         try:
             view = memoryview(data)
             while view:
