@@ -55,6 +55,41 @@ class GpuInfo(Value):
         return max(0, self.memory_total - self.memory_used)
 
 
+# Fields added after the first release: left out of the JSON while they hold their default, so agents of
+# the previous release (extra="forbid") still read what this one writes; `since_format` is the state/wire
+# format that first has them (agentd/formats.py).
+_SINCE_2: dict[str, Any] = {"since_format": 2}
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
+GpuLinkKind = Literal["nvlink", "pcie", "unknown"]
+
+
+class GpuLink(Value):
+    """How two GPUs of a host talk to each other: NVLink (direct or through NVSwitch), only PCIe, or unknown.
+
+    `nvlinks` counts the NVLink links between them (through NVSwitch: the fewer of the two GPUs' switch
+    links), `path` names the closest PCIe ancestor the way `nvidia-smi topo -m` does (PIX, PXB, PHB,
+    NODE, SYS). Placement's vLLM policy runs tensor parallel over NVLink and pipeline stages over PCIe.
+    """
+
+    gpus: tuple[int, int]  # GPU indices, the lower first
+    link: GpuLinkKind
+    nvlinks: int = Field(default=0, ge=0, exclude_if=_empty)
+    path: str = Field(default="", exclude_if=_empty)
+
+    @field_validator("gpus")
+    @classmethod
+    def _two_gpus(cls, gpus: tuple[int, int]) -> tuple[int, int]:
+        a, b = gpus
+        if a == b or a < 0 or b < 0:
+            raise ValueError(f"a link joins two different GPU indices, got {list(gpus)}")
+        return (a, b) if a < b else (b, a)
+
+
 class HostInventory(Value):
     """One host, as `agentd inventory --json` prints it and as a cluster file lists it."""
 
@@ -68,6 +103,8 @@ class HostInventory(Value):
     gpus: tuple[GpuInfo, ...] = ()
     simulated: bool = False
     warnings: tuple[str, ...] = ()
+    # GPU pairs and their interconnect (NVML topology); a pair not listed is unknown.
+    gpu_links: tuple[GpuLink, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @field_validator("gpus")
     @classmethod
@@ -205,6 +242,11 @@ class DeploymentSpec(Value):
     options: RuntimeOptions = Field(default_factory=RuntimeOptions)
     # Who may call it on /v1/: API keys of this tenant (and admin keys). See docs/security.md.
     tenant: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    # How a sharded runtime (vLLM) splits a model that needs several GPUs: `auto` tensor parallel over
+    # NVLink and pipeline stages over PCIe or across hosts, `latency` the largest usable TP, `gpus` the
+    # fewest GPUs (docs/placement.md, "Candidate order").
+    parallelism: Literal["auto", "latency", "gpus"] = Field(
+        default="auto", exclude_if=lambda v: v == "auto", json_schema_extra=_SINCE_2)
 
     @field_validator("name")
     @classmethod
@@ -247,6 +289,9 @@ class ReplicaPlan(Value):
     parts: tuple[Part, ...]
     args: tuple[str, ...] = ()  # launch arguments for the main process
     score: float = 0.0
+    # Why the runtime chose this layout over the runner-up (agentd_explain). Shown by `agentd plan` and the
+    # deploy reply; the coordinator leaves it out of the committed assignment.
+    why: str = Field(default="", exclude_if=_empty, json_schema_extra=_SINCE_2)
 
 
 class Reason(Value):
