@@ -30,7 +30,8 @@ from agentd.cluster.state import (
     deploy_command,
     node_command,
 )
-from agentd.errors import InvalidInput, NotAvailable, Unplaceable
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
+from agentd.inspection import INSPECT_TIMEOUT, BoundedInspector
 from agentd.logs import fields
 from agentd.types import (
     Assignment,
@@ -108,11 +109,12 @@ class Coordinator:
         report_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         propose_timeout: float = 10.0,
+        inspect_timeout: float = INSPECT_TIMEOUT,
     ):
         self.state = state
         self.consensus = consensus
         self._place = place
-        self._inspect = inspect
+        self._inspect = BoundedInspector(inspect, timeout=inspect_timeout)  # a user's path: never on the loop
         self._validate_runtime = validate_runtime
         self.port_range = port_range
         self.node_down_grace = node_down_grace
@@ -241,9 +243,9 @@ class Coordinator:
             if not self.consensus.is_leader:
                 raise NotAvailable("this agent is not the coordinator")
 
-    def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
+    async def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
         """Placement for `spec` on the live cluster, counting what is already assigned."""
-        plan, model, seconds = self._plan(spec, exclude_deployment)
+        plan, model, seconds = self._plan(spec, await self._model(spec), exclude_deployment)
         if self.on_placement:
             self.on_placement(seconds, plan)
         return plan, model
@@ -259,9 +261,10 @@ class Coordinator:
         covers the whole cluster.
         """
         await self._require_leader()
+        model = await self._model(spec)
         while True:
             complete = self.heard_from_known_hosts()
-            plan, model, seconds = self._plan(spec, exclude_deployment)
+            plan, model, seconds = self._plan(spec, model, exclude_deployment)
             if plan.placed or complete:
                 if self.on_placement:
                     self.on_placement(seconds, plan)
@@ -270,15 +273,17 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._report_arrived.wait(), 0.05)
 
-    def _plan(self, spec: DeploymentSpec, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
+    async def _model(self, spec: DeploymentSpec) -> ModelInfo:
         try:
             self._validate_runtime(spec.runtime)
         except InvalidInput as exc:
             raise InvalidInput(str(exc), where="runtime") from None
         try:
-            model = self._inspect(spec.model)
+            return await self._inspect(spec.model)
         except InvalidInput as exc:  # the message names the file; say which field it came from
-            raise InvalidInput(str(exc), where="model") from None
+            raise InvalidInput(str(exc), where=None if exc.where == "model" else "model") from None
+
+    def _plan(self, spec: DeploymentSpec, model: ModelInfo, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
         existing = [a for a in self.state.all_assignments() if a.deployment != exclude_deployment]
         started = time.perf_counter()
         plan = self._place(self.snapshot(), model, spec, existing)
@@ -421,7 +426,13 @@ class Coordinator:
                     continue
                 spec = record.spec.model_copy(update={"replicas": 1})
                 others = [x for x in self.state.all_assignments() if (x.deployment, x.replica) != key]
-                model = self._inspect(spec.model)
+                try:
+                    model = await self._model(spec)
+                except AgentdError as exc:
+                    self._replace_after[key] = self.clock() + self.node_down_grace
+                    decisions.append(f"{a.instance_id} on down host(s) {', '.join(sorted(hosts & down))} "
+                                     f"cannot be re-placed: {exc}")
+                    continue
                 plan = self._place(self.snapshot(exclude_hosts=sorted(down)), model, spec, others)
                 if not plan.placed:
                     self._replace_after[key] = self.clock() + self.node_down_grace

@@ -15,6 +15,7 @@ from agentd.errors import InvalidInput
 from agentd.modelinfo.gguf import GGUF_MAGIC, SPLIT_RE
 from agentd.modelinfo.gguf_model import model_from_gguf
 from agentd.modelinfo.hf import model_from_hf
+from agentd.modelinfo.regular import open_regular
 from agentd.types import ModelInfo
 
 __all__ = ["inspect_model", "model_from_gguf", "model_from_hf"]
@@ -47,7 +48,7 @@ def inspect_model(path: str | os.PathLike[str], *, mmproj: str | os.PathLike[str
 
 
 def _has_gguf_magic(p: Path) -> bool:
-    with open(p, "rb") as f:
+    with open_regular(p) as f:
         return f.read(4) == GGUF_MAGIC
 
 

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 from agentd.errors import InvalidInput
 from agentd.modelinfo.ggml_types import ggml_type, tensor_nbytes
+from agentd.modelinfo.regular import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -257,7 +258,7 @@ def read_header(path: str | os.PathLike[str], totals: TensorTotals, *, block_cou
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             return _parse(_Cursor(f, path, size), totals, block_count, split)
     except OSError as exc:
@@ -268,7 +269,7 @@ def _parse(c: _Cursor, totals: TensorTotals, block_count: int | None, split: tup
     i = c.need(4, "magic")
     magic = c.buf[i:i + 4]
     if magic != GGUF_MAGIC:
-        raise c.fail(f"not a GGUF file: magic is {magic!r}, expected b'GGUF'")
+        raise c.fail("not a GGUF file: it does not start with the GGUF magic")  # never echo a file's bytes
     c.pos = 4
     version = c.u32("version")
     if version not in SUPPORTED_VERSIONS:

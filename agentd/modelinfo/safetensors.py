@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.errors import InvalidInput
+from agentd.modelinfo.regular import open_regular
 
 # safetensors' own reader refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -40,7 +41,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     path = Path(path)
     where = str(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -160,7 +161,7 @@ def read_index(path: str | os.PathLike[str]) -> SafetensorsIndex:
 def load_json(path: Path, limit: int) -> Any:
     """Parse a JSON file of at most `limit` bytes; InvalidInput with line and column otherwise."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > limit:
                 raise InvalidInput(f"file of {size} bytes is larger than the {limit}-byte limit", where=str(path))
