@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica
     proxy_read_timeout: float = 600.0  # /v1/ proxy: longest silence from a model server
     http_max_body: int = Field(default=64 * 1024 * 1024, ge=1024)  # /v1/ request body limit, bytes
+    http_header_timeout: float = 30.0  # HTTP side: a connection idle or still sending its headers is closed
     http_tls_cert: Path | None = None  # PEM chain; with http_tls_key, the HTTP side serves HTTPS
     http_tls_key: Path | None = None
 
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
         "inventory_refresh",
         "proxy_connect_timeout",
         "proxy_read_timeout",
+        "http_header_timeout",
         mode="before",
     )
     @classmethod
@@ -238,6 +240,8 @@ class Settings(BaseSettings):
             raise ValueError("inventory_refresh must be positive")
         if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:
             raise ValueError("proxy_connect_timeout and proxy_read_timeout must be positive")
+        if not self.http_header_timeout > 0:
+            raise ValueError("http_header_timeout must be positive")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ValueError("http_tls_cert and http_tls_key go together: set both for HTTPS, or neither")
         if self.token_listen_address.endswith(":65536"):

@@ -26,6 +26,7 @@ from agentd.cluster.state import (
     ApplyResult,
     ClusterState,
     assign_command,
+    cluster_format_command,
     delete_command,
     deploy_command,
     node_command,
@@ -42,6 +43,7 @@ from agentd.types import (
     PartEndpoint,
     Plan,
 )
+from agentd.version import STATE_FORMAT, PeerVersion
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class Consensus(Protocol):
     def is_leader(self) -> bool: ...
 
     async def propose(self, command: bytes, timeout: float = ...) -> Any: ...
+
+    @property
+    def members(self) -> dict[str, Any]: ...  # id -> member (with `voter`)
 
 
 PlaceFn = Callable[[ClusterInventory, ModelInfo, DeploymentSpec, Sequence[Assignment]], Plan]
@@ -87,6 +92,7 @@ class NodeReport:
     inventory: HostInventory
     instances: list[InstanceReport] = field(default_factory=list)
     last_seen: float = 0.0
+    agent: PeerVersion = field(default_factory=PeerVersion)
 
 
 def host_of(address: str) -> str:
@@ -148,11 +154,12 @@ class Coordinator:
         self._leading.clear()
         self._last_pids.clear()
 
-    def on_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> None:
+    def on_report(self, inventory: HostInventory, instances: list[InstanceReport],
+                  agent: PeerVersion = PeerVersion()) -> None:
         previous = self.reports.get(inventory.name)
         if previous is not None:
             self._note_restarts(previous.instances, instances)
-        self.reports[inventory.name] = NodeReport(inventory, instances, self.clock())
+        self.reports[inventory.name] = NodeReport(inventory, instances, self.clock(), agent)
         self._reported_since_leading.add(inventory.name)
         self._report_arrived.set()
 
@@ -289,7 +296,9 @@ class Coordinator:
         plan = self._place(self.snapshot(), model, spec, existing)
         return plan, model, time.perf_counter() - started
 
-    async def deploy(self, spec: DeploymentSpec, replace: bool = False) -> tuple[ApplyResult, int]:
+    async def deploy(self, spec: DeploymentSpec, replace: bool = False,
+                     whys: list[str] | None = None) -> tuple[ApplyResult, int]:
+        """Place and commit `spec`; `whys`, when given, gets each replica's reason for its layout."""
         await self._require_leader()
         async with self._lock:
             if spec.name in self.state.deployments and not replace:
@@ -299,6 +308,8 @@ class Coordinator:
                 raise Unplaceable(plan.diagnosis)
             old = {a.replica: a for a in self.state.assignments_for(spec.name)} if replace else {}
             assignments = self._assignments(spec, plan, range(len(plan.replicas)), old)
+            if whys is not None:
+                whys.extend(rp.why for rp in plan.replicas)
             log.info("placed deployment", extra=fields(deployment=spec.name, replicas=len(assignments),
                                                         term=self.consensus.term))
             return await self._commit(deploy_command(spec, assignments, replace=replace))
@@ -352,7 +363,8 @@ class Coordinator:
             out.append(Assignment(
                 deployment=spec.name, replica=replica, generation=(prev.generation + 1) if prev else 1,
                 term=self.consensus.term, model=spec.model, runtime=spec.runtime, options=spec.options,
-                plan=rplan, endpoints=tuple(endpoints),
+                # The reason for the layout is for the caller, not the log (older agents would refuse it).
+                plan=rplan.model_copy(update={"why": ""}) if rplan.why else rplan, endpoints=tuple(endpoints),
             ))
         return out
 
@@ -378,6 +390,43 @@ class Coordinator:
             if port not in used:
                 return port
         raise NotAvailable(f"no free port left in {lo}-{hi} on {address}")
+
+    # ------------------------------------------------------------------ versions
+
+    def _member_versions(self) -> dict[str, PeerVersion]:
+        """What each member that counts for the cluster's format runs: every Raft member (voters and
+        learners both apply the log) but those marked down. A member that has not reported to this leader
+        yet counts as the oldest release, so the format never rises on a guess."""
+        out = {}
+        for name, member in self.consensus.members.items():
+            node = self.state.nodes.get(name)
+            if node is not None and node.state == NODE_DOWN and not getattr(member, "voter", True):
+                continue
+            rep = self.reports.get(name)
+            out[name] = rep.agent if rep is not None else PeerVersion()
+        return out
+
+    def admit(self, command: bytes) -> str:
+        """Raft's gate on every proposal: a command newer than the cluster's format, with the members that
+        hold it back named."""
+        why = self.state.admit(command)
+        if not why:
+            return ""
+        behind = [f"{name} ({v})" for name, v in sorted(self._member_versions().items())
+                  if v.state_format < STATE_FORMAT]
+        return why + (f"; members on older agents: {', '.join(behind)}" if behind else "")
+
+    async def raise_cluster_format(self) -> str:
+        """Once every member supports a newer state format, commit it, so newer commands may follow."""
+        if not self.consensus.is_leader or self.leader_since is None:
+            return ""
+        versions = self._member_versions()
+        target = min([STATE_FORMAT, *(v.state_format for v in versions.values())])
+        if target <= self.state.cluster_format:
+            return ""
+        before = self.state.cluster_format
+        await self._commit(cluster_format_command(target))
+        return f"every member supports state format {target}: cluster format raised from {before}"
 
     # ------------------------------------------------------------------ liveness
 
@@ -407,6 +456,8 @@ class Coordinator:
         down = {n for n, rec in self.state.nodes.items() if rec.state == NODE_DOWN}
         if down:
             decisions += await self._replace_from(down)
+        if raised := await self.raise_cluster_format():
+            decisions.append(raised)
         for d in decisions:
             log.info(d)
         return decisions

@@ -47,9 +47,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentd import datadir, formats
 from agentd.api.control import AgentService, ChannelPool, ControlService, add_services, instance_from_pb
 from agentd.api.drain import clear_drain_request, drain_decision
-from agentd.api.http import HttpOptions, ModelCard, make_http_app
+from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
 from agentd.api.security_service import JoinService, SecurityService, add_security_services
@@ -86,6 +87,7 @@ from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 from agentd.v1 import raft_pb2 as raft_pb
 from agentd.v1 import security_pb2 as sec_pb
+from agentd.version import AGENT_VERSION, BASELINE_STATE_FORMAT, STATE_FORMAT, WIRE_VERSION, PeerVersion
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,7 @@ class Daemon:
             validate_runtime=self.plugins.runtime, port_range=settings.port_range,
             node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL)
         self.coordinator.on_placement = self._on_placement
+        self.raft.admit = self.coordinator.admit  # nothing newer than every member supports enters the log
         self.control = ControlService(node_id=self.node, raft=self.raft, state=self.state,
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
@@ -212,6 +215,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.restarting = False
         self.synced = False  # the local state has caught up with the leader's commit index once
+        self._leader_format = BASELINE_STATE_FORMAT  # the leader's state format, from its last report reply
         self._report_now = asyncio.Event()
         self._reconcile_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -235,6 +239,8 @@ class Daemon:
 
     async def run(self) -> int:
         self._private_files()
+        for step in await asyncio.to_thread(datadir.prepare, self.data_dir):
+            log.warning("upgraded the data directory", extra=fields(data_dir=str(self.data_dir), step=step))
         if self.s.insecure:
             warn_insecure(log)
         add_services(self.server, self.control, self.agent)  # garbage requests get INVALID_ARGUMENT
@@ -399,25 +405,35 @@ class Daemon:
             return
         instances = self.local_instances()
         self._update_local_metrics(inventory)
+        me = self.agent_version()
         if self.raft.is_leader:
-            restarts = self.agent.accept_report(inventory, instances)  # it takes this host's peer restarts
+            restarts = self.agent.accept_report(inventory, instances, me)  # it takes this host's peer restarts
         elif self.raft.leader_address:
+            # Written for the leader's format: an older leader refuses fields it does not know (agentd.formats).
             req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
-                                   inventory_json=inventory.model_dump_json(),
-                                   instances=[_instance_pb(i) for i in instances])
+                                   inventory_json=json.dumps(formats.dump(inventory, self._leader_format)),
+                                   instances=[_instance_pb(i) for i in instances],
+                                   agent_version=me.version, state_format=me.state_format,
+                                   wire_version=me.wire_version, upgrade_required=me.upgrade_required)
             stub = pb_grpc.AgentStub(self.channels.get(self.raft.leader_address))
             try:
                 reply = await stub.Report(req, timeout=2.0)
             except grpc.aio.AioRpcError as exc:
-                log.debug("report not accepted", extra=fields(leader=self.raft.leader_id, code=exc.code().name,
-                                                              error=exc.details()))
+                level = logging.WARNING if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else logging.DEBUG
+                log.log(level, "report not accepted", extra=fields(leader=self.raft.leader_id,
+                                                                   code=exc.code().name, error=exc.details()))
                 return
+            self._leader_format = reply.state_format or BASELINE_STATE_FORMAT
             restarts = [(r.address, r.port, r.reason) for r in reply.peer_restarts]
         else:
             return
         for address, port, reason in restarts:
             for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
                 log.info(line, extra=fields(node=self.node))
+
+    def agent_version(self) -> PeerVersion:
+        """What this agent says of itself in reports and Status (docs/versioning.md)."""
+        return PeerVersion(AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, self.raft.upgrade_required)
 
     def _update_local_metrics(self, inventory: HostInventory) -> None:
         assigned: dict[str, int] = {}
@@ -527,9 +543,10 @@ class Daemon:
 
     async def _start_http(self) -> None:
         options = HttpOptions(require_api_key=not self.s.insecure, connect_timeout=self.s.proxy_connect_timeout,
-                              read_timeout=self.s.proxy_read_timeout, max_body=self.s.http_max_body)
+                              read_timeout=self.s.proxy_read_timeout, max_body=self.s.http_max_body,
+                              header_timeout=self.s.http_header_timeout)
         app = make_http_app(_Provider(self), metrics=self.metrics, options=options)
-        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._http = http_runner(app, options, access_log=None)
         await self._http.setup()
         host, _, port = self.s.http_listen.rpartition(":")
         ssl_context = None
@@ -626,6 +643,8 @@ class _Provider:
         return not self.d.stop_event.is_set()
 
     def ready(self) -> tuple[bool, str]:
+        if self.d.raft.upgrade_required:
+            return False, f"needs an upgrade: {self.d.raft.upgrade_required}"
         if not self.d.raft.leader_id:
             return False, "no leader elected"
         if not self.d.synced:

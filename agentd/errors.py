@@ -57,6 +57,11 @@ class StaleTerm(PeerError):
         super().__init__(f"stale term {got}: newest seen is {newest}")
 
 
+class UpgradeRequired(AgentdError):
+    """Versions disagree: a log entry or snapshot newer than this agent can apply, a write the cluster's
+    oldest member could not apply, or a peer too many versions away (docs/versioning.md)."""
+
+
 class PluginError(AgentdError):
     """A plugin failed to load or raised inside a hook."""
 

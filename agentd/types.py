@@ -251,7 +251,7 @@ class DeploymentSpec(Value):
     @field_validator("name")
     @classmethod
     def _dns_label(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 "must be a DNS label: lowercase letters, digits and '-', 1-63 characters, "
                 "starting and ending with a letter or digit"

@@ -81,6 +81,10 @@ class Consensus:
         self.view.commit_index = self.view.last_applied = self.index
         return self.state.apply(self.index, self.view.term, command)
 
+    @property
+    def members(self) -> dict:
+        return self.view.members
+
 
 class Agent:
     """One agent's API side on a real gRPC server."""

@@ -28,6 +28,7 @@ from agentd.plugins import PluginManager
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import simulated_host
 from agentd.types import Assignment, DeploymentSpec, HostInventory, RuntimeOptions
+from agentd.version import STATE_FORMAT
 
 GRACE = 30.0
 
@@ -41,6 +42,7 @@ class FakeRaft:
         self.is_leader = True
         self.index = 0
         self.proposed: list[dict] = []
+        self.members: dict[str, object] = {}
 
     async def propose(self, command: bytes, timeout: float | None = None):
         if not self.is_leader:
@@ -78,6 +80,7 @@ class World:
 
     def __init__(self, placer: Placer, hosts: Iterable[dict], port_range: tuple[int, int] = (40000, 40999)):
         self.state = ClusterState()
+        self.state.cluster_format = STATE_FORMAT  # a cluster this release created (tests/test_versioning.py)
         self.raft = FakeRaft(self.state)
         self.clock = Clock()
         self.hosts = {h["name"]: HostInventory.model_validate(h) for h in hosts}

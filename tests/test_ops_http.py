@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agentd.api.http import HttpOptions, ModelCard, make_http_app
+from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Balancer, Endpoint
 from agentd.errors import InvalidInput
 from agentd.metrics import Metrics
@@ -228,17 +228,21 @@ async def test_another_tenants_model_is_refused_and_hidden(env):
     await deploy(provider, upstream, model="qwen", tenant="acme")
     key, _ = provider.new_key("acme")
     status, body, _ = await post(client, base, key, {"model": "secret-model"})
-    assert status == 403 and body["error"]["code"] == "model_not_allowed"
+    _, unknown, _ = await post(client, base, key, {"model": "no-such-model"})
+    # The same 404 as for a model nobody deployed: a key cannot probe other tenants' model names.
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"] == {**unknown["error"], "message": unknown["error"]["message"].replace("no-such-model",
+                                                                                                "secret-model")}
     assert theirs.hits == []
     async with client.get(base + "/v1/models", headers=auth(key)) as r:
         ids = [m["id"] for m in (await r.json())["data"]]
     assert ids == ["llama", "qwen"]
     async with client.get(base + "/v1/models/secret-model", headers=auth(key)) as r:
-        assert r.status == 403
+        assert r.status == 404
     async with client.get(base + "/v1/models/llama", headers=auth(key)) as r:
         assert (await r.json())["agentd"]["tenant"] == "acme"
     limited, _ = provider.new_key("acme", models=["qwen"], seed=1)
-    assert (await post(client, base, limited, {"model": "llama"}))[0] == 403
+    assert (await post(client, base, limited, {"model": "llama"}))[0] == 404
     assert (await post(client, base, limited, {"model": "qwen"}))[0] == 200
 
 
@@ -253,6 +257,8 @@ async def test_unknown_model_bad_json_and_missing_model(env):
     assert status == 400 and body["error"]["code"] == "missing_model"
     status, body, _ = await post(client, base, key, [1, 2])
     assert status == 400
+    status, body, _ = await post(client, base, key, b"[" * 100_000 + b"]" * 100_000)  # was a 500 and a traceback
+    assert status == 400 and body["error"]["code"] == "invalid_json" and "nested too deeply" in body["error"]["message"]
 
 
 async def test_never_routes_to_a_replica_that_is_not_ready(env):
@@ -421,3 +427,30 @@ async def test_https_with_operator_certificate(tmp_path):
         await runner.cleanup()
     with pytest.raises(InvalidInput, match="HTTPS"):
         http_ssl_context(tmp_path / "missing.crt", tmp_path / "node.key")
+
+
+async def test_slow_header_connections_are_closed_after_the_header_timeout():
+    """Issue 14: 300 connections that never finish their headers were held forever (slowloris)."""
+    options = HttpOptions(header_timeout=0.5)
+    runner = http_runner(make_http_app(Provider(Metrics("n1")), options=options), options)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(50)]
+        for _, w in conns:
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        async with asyncio.timeout(10):
+            for r, w in conns:
+                w.write(b"X-Slow: 1\r\n")  # still sending headers: the timer is not reset by bytes
+                try:
+                    assert await r.read() == b""  # closed by the server...
+                except ConnectionResetError:
+                    pass  # ...or reset, with our unread bytes in its buffer
+                w.close()
+        async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200  # whole requests are unaffected
+    finally:
+        await runner.cleanup()
+

@@ -79,8 +79,12 @@ def test_input_validation():
         make(tenant="a b")
     with pytest.raises(InvalidInput, match="model name"):
         make(models=["ok", "$(reboot)"])
-    with pytest.raises(InvalidInput, match="positive"):
-        make(ttl=0)
+    for ttl in (0, -5, float("nan"), float("inf"), 11 * 365 * 86400):  # each gave a key that never expires
+        with pytest.raises(InvalidInput, match="positive"):
+            make(ttl=ttl)
+    for name in ("acme\n", "acme\r\n", "\nacme"):  # Python's `$` matches before a trailing newline
+        with pytest.raises(InvalidInput, match="tenant"):
+            make(tenant=name)
     _, store = make(models=["*"])
     assert next(iter(store.values())).models == ()
 
@@ -105,3 +109,21 @@ def test_model_server_keys_are_per_instance_and_need_the_secret():
     assert secret not in a and a.startswith("agdsrv_")
     with pytest.raises(InvalidInput, match="no cluster secret"):
         K.model_server_key("", "tiny-r0-g1")
+
+
+def test_names_with_a_trailing_newline_are_refused_everywhere():
+    from pydantic import ValidationError
+
+    from agentd.runtime.spec import ProcessSpec
+    from agentd.security.ca import check_name
+    from agentd.types import DeploymentSpec
+
+    with pytest.raises(InvalidInput):
+        check_name("gpu-1\n")
+    with pytest.raises(ValidationError):
+        DeploymentSpec(name="chat\n", model="/m.gguf", runtime="llamabox")
+    with pytest.raises(ValidationError):
+        DeploymentSpec(name="chat", model="/m.gguf", runtime="llamabox", tenant="acme\n")
+    with pytest.raises(ValidationError):
+        ProcessSpec(name="main\n", argv=("x",))
+    assert K.parse_key("agd_" + "a" * 10 + "_" + "b" * 52 + "\n") is None

@@ -47,6 +47,11 @@ def test_keys_and_tokens_check_their_input_before_calling_the_cluster(tmp_path, 
     assert rc == 2 and "90d" in err
     rc, _, err = cli("token", "create", "--ttl", "forever")
     assert rc == 2 and "--ttl" in err
+    for lifetime in ("0s", "0d", "nand", "infd", "-1d"):  # each would give a key that never expires
+        rc, _, err = cli("keys", "create", "--tenant", "acme", "--expires", lifetime)
+        assert rc == 2 and "--expires" in err, (lifetime, err)
+    rc, _, err = cli("token", "create", "--ttl", "0s")
+    assert rc == 2 and "positive" in err
     rc, _, err = cli("join", "--token", "not-a-token", "--server", "127.0.0.1:1", "--dir", str(tmp_path / "j"))
     assert rc == 2 and "<8 chars>.<32 chars>.<64 hex digits>" in err
     rc, _, err = cli("join", "--token", "abcdefgh." + "a" * 32 + "." + "0" * 64, "--server", "nowhere")

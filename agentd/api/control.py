@@ -19,14 +19,16 @@ import grpc
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
+from agentd import formats
 from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
 from agentd.cluster.state import ClusterState, StateEvent
 from agentd.coordinator import Coordinator, InstanceReport
-from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
 from agentd.logs import fields
 from agentd.types import HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, PeerVersion, incompatibility
 
 log = logging.getLogger(__name__)
 FORWARDED = "x-agentd-forwarded"
@@ -70,7 +72,7 @@ def status_for(exc: AgentdError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotAvailable):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, PeerError):
+    if isinstance(exc, (PeerError, UpgradeRequired)):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
 
@@ -253,8 +255,10 @@ class ControlService(pb_grpc.ControlServicer):
     async def Deploy(self, request, context):
         async def local():
             spec = spec_from_pb(request.spec)
-            result, index = await self.coordinator.deploy(spec, replace=request.replace)
-            return pb.DeployReply(deployment=self._deployment_pb(spec.name), message=result.message, index=index)
+            whys: list[str] = []
+            result, index = await self.coordinator.deploy(spec, replace=request.replace, whys=whys)
+            return pb.DeployReply(deployment=self._deployment_pb(spec.name), message=result.message, index=index,
+                                  why=whys)
         return await self._on_leader("Deploy", request, context, local)
 
     async def Scale(self, request, context):
@@ -305,7 +309,10 @@ class ControlService(pb_grpc.ControlServicer):
                     name=name, address=address, state=rec.state if rec else ("up" if rep else "unknown"),
                     voter=bool(getattr(member, "voter", False)), leader=name == self.raft.leader_id,
                     inventory_json=rep.inventory.model_dump_json() if rep else "",
-                    last_seen_seconds=(now - rep.last_seen) if rep else -1.0))
+                    last_seen_seconds=(now - rep.last_seen) if rep else -1.0,
+                    agent_version=rep.agent.version if rep else "",
+                    state_format=rep.agent.state_format if rep else 0,
+                    upgrade_required=rep.agent.upgrade_required if rep else ""))
             return pb.ListNodesReply(nodes=nodes)
         return await self._on_leader("ListNodes", request, context, local)
 
@@ -319,7 +326,9 @@ class ControlService(pb_grpc.ControlServicer):
         return pb.StatusReply(node_id=self.node_id, leader_id=self.raft.leader_id or "",
                               leader_address=self.raft.leader_address or "", term=self.raft.term,
                               commit_index=self.raft.commit_index, last_applied=self.raft.last_applied,
-                              members=members)
+                              members=members, agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
+                              wire_version=WIRE_VERSION, cluster_format=self.state.cluster_format,
+                              upgrade_required=getattr(self.raft, "upgrade_required", ""))
 
     async def Watch(self, request, context):
         if not self.raft.is_leader:
@@ -463,12 +472,18 @@ class AgentService(pb_grpc.AgentServicer):
         if not self.raft.is_leader:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+        agent = PeerVersion.reported(request.agent_version, request.state_format, request.wire_version,
+                                     request.upgrade_required[:1000])
+        if why := incompatibility(AGENT_VERSION, agent.version):
+            log.warning("report from an incompatible agent refused", extra=fields(node=request.node, reason=why))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"report from {request.node!r} refused: {why}")
         cached = self._inventories.get(request.node)
         if cached is not None and cached[0] == request.inventory_json:
             inventory = cached[1]
         else:
             try:
-                inventory = HostInventory.model_validate_json(request.inventory_json)
+                # A newer agent may report fields this one does not know: safe to leave out of an inventory.
+                inventory = formats.validate_lenient(HostInventory, request.inventory_json)
             except ValidationError as exc:
                 why = validation_message(exc, root="inventory_json")
                 log.warning("garbage report refused", extra=fields(node=request.node, error=why[:200]))
@@ -478,15 +493,17 @@ class AgentService(pb_grpc.AgentServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"report from {request.node!r} carries the inventory of {inventory.name!r}")
             self._inventories[request.node] = (request.inventory_json, inventory)
-        restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances])
+        restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances], agent)
         return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
-                              peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts])
+                              peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
+                              agent_version=AGENT_VERSION, state_format=STATE_FORMAT)
 
-    def accept_report(self, inventory: HostInventory, instances: list[InstanceReport]) -> list[tuple[str, int, str]]:
+    def accept_report(self, inventory: HostInventory, instances: list[InstanceReport],
+                      agent: PeerVersion = PeerVersion()) -> list[tuple[str, int, str]]:
         """Record a host's report (also the leader's own); returns the peer restarts that host must act on."""
         previous = self.coordinator.reports.get(inventory.name)
         before = {(i.instance_id, i.part): i.state for i in previous.instances} if previous else {}
-        self.coordinator.on_report(inventory, instances)
+        self.coordinator.on_report(inventory, instances, agent)
         for i in instances:
             if before.get((i.instance_id, i.part)) != i.state:
                 self.control.publish_instance_event(i)

@@ -6,9 +6,9 @@ may see, the ready endpoints of a model, and who an API key belongs to. That
 keeps this module testable with real sockets and a tiny fake provider, and
 keeps the daemon's state out of request handlers.
 
-Authorization on /v1/: no or unknown key → 401; a model of another tenant (or
-outside the key's model list) → 403; a model nobody deployed → 404; a model
-with no ready replica → 503. /healthz, /readyz and /metrics are open, for
+Authorization on /v1/: no or unknown key → 401; a model nobody deployed, of
+another tenant or outside the key's model list → the same 404 (a key cannot
+learn other tenants' model names); a model with no ready replica → 503. /healthz, /readyz and /metrics are open, for
 load balancers and Prometheus; bind `http_listen` accordingly.
 """
 
@@ -86,6 +86,9 @@ class HttpOptions:
     read_timeout: float = 600.0
     max_attempts: int = 3
     max_body: int = 64 * 1024 * 1024
+    # A connection that has not sent a whole request this long after it opened (or after its last
+    # response) is closed: slow-header (slowloris) connections would otherwise be held forever.
+    header_timeout: float = 30.0
 
 
 async def _call(value: Any) -> Any:
@@ -117,6 +120,17 @@ def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
     for name in PROXIED_ENDPOINTS:
         app.router.add_post(f"/v1/{name}", handlers.proxy)
     return app
+
+
+def http_runner(app: web.Application, options: HttpOptions, **kwargs: Any) -> web.AppRunner:
+    """aiohttp's runner with agentd's connection limits.
+
+    aiohttp has no separate header-read timeout; its keep-alive timer runs from
+    the moment a connection opens (and again after each response) and closes
+    the connection if no complete request has arrived by then, however slowly
+    bytes trickle in. So `keepalive_timeout` is the header timeout here.
+    """
+    return web.AppRunner(app, handle_signals=False, keepalive_timeout=options.header_timeout, **kwargs)
 
 
 class _Handlers:
@@ -169,24 +183,25 @@ class _Handlers:
         principal = await self._principal(request)
         if isinstance(principal, web.Response):
             return principal
-        card = await self._card(request.match_info["model"])
+        card = await self._card(request.match_info["model"], principal)
         if isinstance(card, web.Response):
             return card
-        if not principal.may_use(card.id, card.tenant):
-            return self._forbidden(card.id)
         return web.json_response(card.to_openai())
 
-    async def _card(self, model: str) -> ModelCard | web.Response:
+    async def _card(self, model: str, principal: Principal) -> ModelCard | web.Response:
+        """The model's card, or the same 404 whether nobody deployed it or this key may not use it.
+
+        A 403 for models the key may not use would let any key holder probe
+        other tenants' model names; so a model outside the key's view does not
+        exist for it (as GitHub answers 404 for private repositories).
+        """
         cards = await _call(self.provider.models())
         for c in cards:
-            if c.id == model:
+            if c.id == model and principal.may_use(c.id, c.tenant):
                 return c
         return openai_error(404, f"the model {model!r} does not exist (see GET /v1/models)",
                             type_="invalid_request_error", code="model_not_found", param="model")
 
-    def _forbidden(self, model: str) -> web.Response:
-        return openai_error(403, f"this API key may not use the model {model!r}", type_="invalid_request_error",
-                            code="model_not_allowed", param="model")
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         endpoint_name = request.path.removeprefix("/v1/")
@@ -205,18 +220,19 @@ class _Handlers:
             return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, openai_error(
                 400, f"the request body is not valid JSON: {exc}", type_="invalid_request_error",
                 code="invalid_json"))
+        except RecursionError:  # json's C scanner recurses per nesting level
+            return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, openai_error(
+                400, "the request body is nested too deeply", type_="invalid_request_error", code="invalid_json"))
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str) or not model:
             return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, openai_error(
                 400, "the request body must be a JSON object with a string 'model'", type_="invalid_request_error",
                 code="missing_model", param="model"))
-        card = await self._card(model)
+        card = await self._card(model, principal)
         if isinstance(card, web.Response):
+            log.info("refused a request for a model that does not exist or the key may not use",
+                     extra=fields(key=principal.key_id, tenant=principal.tenant))
             return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, card)
-        if not principal.may_use(card.id, card.tenant):
-            log.info("refused a request for a model the key may not use",
-                     extra=fields(model=model, key=principal.key_id, tenant=principal.tenant))
-            return self._count(model, endpoint_name, self._forbidden(model))
         endpoints = await _call(self.provider.routes(model))
         return await request.app[PROXY].forward(request, model=model, body=body, payload=payload,
                                                 endpoints=endpoints)

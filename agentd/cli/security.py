@@ -10,6 +10,7 @@ leader. `join` runs on a new host, before its agent starts.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -172,13 +173,15 @@ def _call(args: argparse.Namespace, method: str, request) -> object:
 
 
 def parse_lifetime(text: str, flag: str = "--expires") -> float:
+    """A positive, finite lifetime: `0s` must not become 'never expires' (0 means that on the wire)."""
     text = text.strip()
     try:
-        if text.endswith("d"):
-            return float(text[:-1]) * 86400
-        return parse_duration(text)
+        seconds = float(text[:-1]) * 86400 if text.endswith("d") else parse_duration(text)
     except ValueError:
         raise InvalidInput(f"{flag} {text!r}: use a duration such as 90d, 12h, 30m") from None
+    if not 0 < seconds < float("inf"):  # also NaN ('nand') and inf ('infd')
+        raise InvalidInput(f"{flag} {text!r}: the lifetime must be a positive duration such as 90d, 12h, 30m")
+    return seconds
 
 
 def _when(t: float) -> str:
@@ -190,12 +193,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     reply = _call(args, "CreateJoinToken", sec_pb.CreateJoinTokenRequest(
         ttl_seconds=ttl, node_name=args.node_name, description=args.description))
     data = {"token": reply.token, **_token_dict(reply.info)}
-    emit(args, data, lambda: "\n".join([
-        reply.token,
-        f"id {reply.info.id}, expires {_when(reply.info.expires_at)}"
-        + (f", only for host {reply.info.node_name}" if reply.info.node_name else "") + ", single use",
-        "on the new host: agentd join --token <token> --server <an agent's address>",
-    ]))
+    # Only the token on stdout, so `T=$(agentd token create)` captures just it; the hints go to stderr.
+    emit(args, data, reply.token)
+    if not getattr(args, "json", False):
+        print(f"id {reply.info.id}, expires {_when(reply.info.expires_at)}"
+              + (f", only for host {reply.info.node_name}" if reply.info.node_name else "") + ", single use\n"
+              "on the new host: agentd join --token <token> --server <an agent's address>", file=sys.stderr)
     return 0
 
 
@@ -254,12 +257,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         tenant=args.tenant, models=args.model, name=args.name, admin=args.admin, ttl_seconds=ttl))
     info = reply.info
     data = {"key": reply.key, **_key_dict(info)}
-    emit(args, data, lambda: "\n".join([
-        reply.key,
-        f"id {info.id}, tenant {info.tenant}, models {','.join(info.models) or 'all'}"
-        + (", admin" if info.admin else "") + ("" if not ttl else f", expires in {args.expires}"),
-        "this is the only time the key is shown: store it now",
-    ]))
+    emit(args, data, reply.key)  # only the key on stdout (`K=$(agentd keys create ...)`), hints on stderr
+    if not getattr(args, "json", False):
+        print(f"id {info.id}, tenant {info.tenant}, models {','.join(info.models) or 'all'}"
+              + (", admin" if info.admin else "") + ("" if not ttl else f", expires in {args.expires}") + "\n"
+              "this is the only time the key is shown: store it now", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,15 @@ Commands are JSON objects with an `op`. The coordinator builds them (see
 `commands`), runs placement before proposing, and stamps each assignment with
 its Raft term. Fencing lives here too: an assignment stamped with a term older
 than the one already recorded for that replica is refused.
+
+Versions (docs/versioning.md): every command carries `"v"`, the oldest state
+format that can apply it (absent in entries written by agentd 0.1.0: format 1).
+An entry or snapshot of a newer format than `STATE_FORMAT` raises
+UpgradeRequired *before* anything changes: the node stops applying there instead
+of skipping it, which would leave this copy of the state silently different from
+the others. `cluster_format` is the newest format every member supports, raised by
+the leader with a `cluster.format` entry; nothing newer is proposed before that
+(`admit`).
 """
 
 from __future__ import annotations
@@ -21,15 +30,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agentd.errors import InvalidInput
+from agentd import formats
+from agentd.errors import InvalidInput, UpgradeRequired
 from agentd.logs import fields
 from agentd.security import apikeys, tokens
 from agentd.types import Assignment, DeploymentSpec
+from agentd.version import AGENT_VERSION, BASELINE_STATE_FORMAT, STATE_FORMAT
 
 log = logging.getLogger(__name__)
 
 NODE_UP = "up"
 NODE_DOWN = "down"
+
+# The state format in which each op appeared; an op not listed is from the first release. A new op is
+# added here with the format that introduces it, and its builder passes that to `_encode`.
+OP_SINCE: dict[str, int] = {"cluster.format": 2}
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class ClusterState:
         self.api_keys: dict[str, apikeys.ApiKeyRecord] = {}
         self.join_tokens: dict[str, tokens.JoinTokenRecord] = {}
         self.cluster_secret = ""
+        self.cluster_format = BASELINE_STATE_FORMAT
         self.last_index = 0
         self.last_term = 0
         self._listeners: list[Callable[[StateEvent], None]] = []
@@ -110,16 +126,24 @@ class ClusterState:
     # ------------------------------------------------------------------ apply
 
     def apply(self, index: int, term: int, command: bytes) -> ApplyResult:
-        """Apply one committed entry. Idempotent for indices already applied."""
+        """Apply one committed entry. Idempotent for indices already applied.
+
+        Raises UpgradeRequired, with nothing applied, for an entry of a newer format than this agent knows.
+        """
         if index <= self.last_index:
             return ApplyResult(True, f"entry {index} already applied")
-        self.last_index, self.last_term = index, term
         try:
             cmd = json.loads(command)
             if not isinstance(cmd, dict) or not isinstance(cmd.get("op"), str):
                 raise ValueError("a command is a JSON object with an 'op'")
         except (ValueError, UnicodeDecodeError) as exc:
+            self.last_index, self.last_term = index, term
             return self._refuse(index, f"malformed command: {exc}")
+        needs = command_format(cmd)
+        if needs > STATE_FORMAT:
+            raise UpgradeRequired(f"log entry {index} ({cmd['op']!r}) needs state format {needs}; this agent "
+                                  f"(agentd {AGENT_VERSION}) applies formats up to {STATE_FORMAT}: upgrade it")
+        self.last_index, self.last_term = index, term
         handler = getattr(self, f"_op_{cmd['op'].replace('.', '_')}", None)
         if handler is None:
             return self._refuse(index, f"unknown op {cmd['op']!r}")
@@ -135,6 +159,22 @@ class ClusterState:
                 except Exception:  # a broken listener must not stop the state machine
                     log.exception("state listener failed", extra=fields(event=ev.kind))
         return result
+
+    def admit(self, command: bytes) -> str:
+        """Why the leader must not propose `command` now ("" when it may): it needs a newer state format than
+        the cluster's oldest member supports. `cluster.format` itself is judged by whoever proposes it."""
+        try:
+            cmd = json.loads(command)
+        except (ValueError, UnicodeDecodeError):
+            return ""  # refused the same way on every node when applied
+        if not isinstance(cmd, dict) or cmd.get("op") == "cluster.format":
+            return ""
+        needs = command_format(cmd)
+        if needs > self.cluster_format:
+            return (f"this change needs state format {needs}, but the cluster still runs format "
+                    f"{self.cluster_format}: an agent in it runs an older agentd (see `agentd nodes`); "
+                    "upgrade every agent, then retry")
+        return ""
 
     def _refuse(self, index: int, why: str) -> ApplyResult:
         log.warning("refused entry", extra=fields(index=index, reason=why))
@@ -263,6 +303,17 @@ class ClusterState:
         self.cluster_secret = value
         return ApplyResult(True, "cluster secret set")
 
+    def _op_cluster_format(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Raise the cluster's state format: every member supports it, so newer entries may follow."""
+        fmt = cmd["format"]
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise ValueError("format must be an integer")
+        if fmt <= self.cluster_format:
+            return ApplyResult(False, f"the cluster already runs state format {self.cluster_format}")
+        self.cluster_format = fmt
+        events.append(StateEvent("cluster.format", str(fmt), index, term, {"format": fmt}))
+        return ApplyResult(True, f"cluster state format raised to {fmt}")
+
     def _check_assignments(self, name: str, assignments: Iterable[Assignment], replicas: int) -> str:
         seen = set()
         for a in assignments:
@@ -297,14 +348,17 @@ class ClusterState:
 
     def snapshot(self) -> bytes:
         return json.dumps({
+            # The format a reader needs: the state may hold anything the cluster's format allows.
+            "format": self.cluster_format,
+            "cluster_format": self.cluster_format,
             "last_index": self.last_index,
             "last_term": self.last_term,
             "deployments": [
-                {"spec": r.spec.model_dump(mode="json"), "created_index": r.created_index,
+                {"spec": _dump(r.spec), "created_index": r.created_index,
                  "updated_index": r.updated_index}
                 for r in sorted(self.deployments.values(), key=lambda r: r.spec.name)
             ],
-            "assignments": [a.model_dump(mode="json") for a in self.all_assignments()],
+            "assignments": [_dump(a) for a in self.all_assignments()],
             "nodes": [vars(n) for n in sorted(self.nodes.values(), key=lambda n: n.name)],
             "api_keys": [r.to_json() for r in apikeys.list_keys(self.api_keys)],
             "join_tokens": [t.to_json() for _, t in sorted(self.join_tokens.items())],
@@ -312,7 +366,13 @@ class ClusterState:
         }, sort_keys=True).encode()
 
     def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's; raises UpgradeRequired, changing nothing, for a newer format."""
         raw = json.loads(data)
+        needs = raw.get("format", BASELINE_STATE_FORMAT)
+        if not isinstance(needs, int) or needs > STATE_FORMAT:
+            raise UpgradeRequired(f"the snapshot at index {raw.get('last_index')} needs state format {needs}; "
+                                  f"this agent (agentd {AGENT_VERSION}) reads formats up to {STATE_FORMAT}: "
+                                  "upgrade it")
         self.deployments = {
             d["spec"]["name"]: DeploymentRecord(DeploymentSpec.model_validate(d["spec"]), d["created_index"],
                                                 d["updated_index"])
@@ -328,19 +388,34 @@ class ClusterState:
         toks = [tokens.JoinTokenRecord.from_json(t) for t in raw.get("join_tokens", [])]
         self.join_tokens = {t.id: t for t in toks}
         self.cluster_secret = raw.get("cluster_secret", "")
+        self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
 
 
 # ---------------------------------------------------------------------- command builders
 
 
-def _encode(cmd: dict[str, Any]) -> bytes:
-    return json.dumps(cmd, sort_keys=True, separators=(",", ":")).encode()
+def command_format(cmd: dict[str, Any]) -> int:
+    """The state format a decoded command needs: its `"v"`, 1 for entries of agentd 0.1.0 (no `"v"`)."""
+    v = cmd.get("v", BASELINE_STATE_FORMAT)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else STATE_FORMAT + 1
+
+
+def _dump(value: Any) -> Any:
+    """A value as the log stores it: new fields at their default are left out (agentd.formats)."""
+    return formats.dump(value, STATE_FORMAT)
+
+
+def _encode(cmd: dict[str, Any], *values: Any) -> bytes:
+    """Stamp the command with the oldest format that can apply it: its op's, or a newer value's inside it."""
+    need = max([OP_SINCE.get(cmd["op"], BASELINE_STATE_FORMAT), *(formats.needed_format(v) for v in values)])
+    return json.dumps({**cmd, "v": need}, sort_keys=True, separators=(",", ":")).encode()
 
 
 def deploy_command(spec: DeploymentSpec, assignments: Iterable[Assignment], replace: bool = False) -> bytes:
-    return _encode({"op": "deploy", "spec": spec.model_dump(mode="json"), "replace": replace,
-                    "assignments": [a.model_dump(mode="json") for a in assignments]})
+    assignments = list(assignments)
+    return _encode({"op": "deploy", "spec": _dump(spec), "replace": replace,
+                    "assignments": [_dump(a) for a in assignments]}, spec, assignments)
 
 
 def delete_command(name: str) -> bytes:
@@ -348,8 +423,9 @@ def delete_command(name: str) -> bytes:
 
 
 def assign_command(name: str, assignments: Iterable[Assignment], replicas: int) -> bytes:
+    assignments = list(assignments)
     return _encode({"op": "assign", "name": name, "replicas": replicas,
-                    "assignments": [a.model_dump(mode="json") for a in assignments]})
+                    "assignments": [_dump(a) for a in assignments]}, assignments)
 
 
 def node_command(name: str, state: str, address: str = "") -> bytes:
@@ -379,6 +455,10 @@ def token_revoke_command(token_id: str) -> bytes:
 
 def secret_init_command(value: str) -> bytes:
     return _encode({"op": "secret.init", "value": value})
+
+
+def cluster_format_command(fmt: int) -> bytes:
+    return _encode({"op": "cluster.format", "format": fmt})
 
 
 def _short(exc: Exception) -> str:

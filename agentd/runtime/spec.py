@@ -80,7 +80,7 @@ class ProcessSpec(_Value):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError(f"process name {v!r} must be lowercase letters, digits, '.', '_' or '-'")
         return v
 

@@ -94,6 +94,9 @@ def _b32(raw: bytes, n: int) -> str:
     return base64.b32encode(raw).decode().lower().rstrip("=")[:n]
 
 
+MAX_TTL = 10 * 365 * 86400.0
+
+
 def new_api_key(*, tenant: str, now: float, random_bytes: Callable[[int], bytes], models: Iterable[str] = (),
                 name: str = "", admin: bool = False, ttl: float | None = None) -> tuple[str, ApiKeyRecord]:
     """The key (shown to the user once, never stored) and its record. `random_bytes` is `secrets.token_bytes`."""
@@ -103,8 +106,9 @@ def new_api_key(*, tenant: str, now: float, random_bytes: Callable[[int], bytes]
         models = ()
     for m in models:
         check_name(m, "model name")
-    if ttl is not None and ttl <= 0:
-        raise InvalidInput(f"an API key's lifetime must be positive (got {ttl:g}s)")
+    if ttl is not None and not 0 < ttl <= MAX_TTL:  # NaN and inf fail this too: a key that never expires
+        raise InvalidInput(f"an API key's lifetime must be positive and at most {MAX_TTL // 86400:.0f} days "
+                           f"(got {ttl:g}s); leave it out for a key that does not expire")
     if len(name) > 200:
         raise InvalidInput("an API key's name is at most 200 characters")
     key_id = _b32(random_bytes(7), 10)
@@ -116,7 +120,7 @@ def new_api_key(*, tenant: str, now: float, random_bytes: Callable[[int], bytes]
 
 
 def parse_key(presented: str) -> tuple[str, str] | None:
-    m = _KEY_RE.match(presented or "")
+    m = _KEY_RE.fullmatch(presented or "")
     return (m.group(1), m.group(2)) if m else None
 
 

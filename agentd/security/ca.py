@@ -105,7 +105,7 @@ def ca_fingerprint(cert: x509.Certificate) -> str:
 
 
 def check_name(name: str, what: str = "node name") -> str:
-    if not NAME_RE.match(name or ""):
+    if not NAME_RE.fullmatch(name or ""):
         raise InvalidInput(f"{what} {name!r} must be 1-63 characters of letters, digits, '.', '_' or '-', "
                            "starting with a letter or digit")
     return name
@@ -193,7 +193,7 @@ def split_addresses(addresses: Iterable[str]) -> tuple[list[str], list[ipaddress
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            if not _DNS_RE.match(host):
+            if not _DNS_RE.fullmatch(host):
                 raise InvalidInput(f"{raw!r} is neither an IP address nor a DNS name") from None
             if host not in dns:
                 dns.append(host)
@@ -241,7 +241,7 @@ def sign_csr(ca: CertificateAuthority, csr_pem: bytes, *, role: str = ROLE_NODE,
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = [d for d in san.get_values_for_type(x509.DNSName) if _DNS_RE.match(d)]
+        dns = [d for d in san.get_values_for_type(x509.DNSName) if _DNS_RE.fullmatch(d)]
         ips = list(san.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         pass

@@ -113,7 +113,7 @@ def create_join_token(ca_pin: str, *, now: float, ttl: float = DEFAULT_TTL, desc
 
 
 def parse_join_token(text: str) -> ParsedToken:
-    m = _TOKEN_RE.match((text or "").strip())
+    m = _TOKEN_RE.fullmatch((text or "").strip())
     if not m:
         raise InvalidInput("a join token looks like <8 chars>.<32 chars>.<64 hex digits> "
                            "(as printed by 'agentd token create'); this one does not")

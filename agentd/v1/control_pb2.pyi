@@ -36,7 +36,7 @@ class RuntimeOptions(_message.Message):
     def __init__(self, gpu_memory_utilization: _Optional[float] = ..., ctx_size: _Optional[int] = ..., allow_cpu_offload: _Optional[bool] = ..., extra_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant")
+    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant", "parallelism")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DeploymentSpec(_message.Message):
     EXCLUDE_GPUS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     runtime: str
@@ -64,7 +65,8 @@ class DeploymentSpec(_message.Message):
     exclude_gpus: _containers.RepeatedScalarFieldContainer[str]
     options: RuntimeOptions
     tenant: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    parallelism: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid")
@@ -119,14 +121,16 @@ class DeployRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class DeployReply(_message.Message):
-    __slots__ = ("deployment", "message", "index")
+    __slots__ = ("deployment", "message", "index", "why")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
     deployment: Deployment
     message: str
     index: int
-    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+    why: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., message: _Optional[str] = ..., index: _Optional[int] = ..., why: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("name", "serializable")
@@ -185,7 +189,7 @@ class PlanReply(_message.Message):
     def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds")
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +197,9 @@ class Node(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: str
@@ -200,7 +207,10 @@ class Node(_message.Message):
     leader: bool
     inventory_json: str
     last_seen_seconds: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ...) -> None: ...
+    agent_version: str
+    state_format: int
+    upgrade_required: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -273,7 +283,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "last_applied", "members")
+    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "last_applied", "members", "agent_version", "state_format", "cluster_format", "upgrade_required", "wire_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +291,11 @@ class StatusReply(_message.Message):
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     leader_id: str
     leader_address: str
@@ -288,7 +303,12 @@ class StatusReply(_message.Message):
     commit_index: int
     last_applied: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    agent_version: str
+    state_format: int
+    cluster_format: int
+    upgrade_required: str
+    wire_version: int
+    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wire_version: _Optional[int] = ...) -> None: ...
 
 class LogsRequest(_message.Message):
     __slots__ = ("instance_id", "part", "follow", "previous", "tail_lines")
@@ -313,26 +333,38 @@ class LogChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., host: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("node", "address", "inventory_json", "instances")
+    __slots__ = ("node", "address", "inventory_json", "instances", "agent_version", "state_format", "wire_version", "upgrade_required")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     inventory_json: str
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    agent_version: str
+    state_format: int
+    wire_version: int
+    upgrade_required: str
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ...) -> None: ...
 
 class ReportReply(_message.Message):
-    __slots__ = ("term", "leader_id", "peer_restarts")
+    __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format")
     TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     term: int
     leader_id: str
     peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
-    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ...) -> None: ...
+    agent_version: str
+    state_format: int
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ...) -> None: ...
 
 class PeerRestart(_message.Message):
     __slots__ = ("address", "port", "reason")

@@ -44,9 +44,10 @@ from agentd.cluster.raft.types import (
     Ready,
     Role,
 )
-from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
+from agentd.version import AGENT_VERSION, BASELINE_VERSION, SKEW_PHRASE, incompatibility
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class RaftNode:
         self.core: RaftCore | None = None
         self.cluster_id = ""
         self._last_applied = 0
+        # Why this node stopped applying (an entry or snapshot of a newer state format): it keeps voting and
+        # storing the log, so a quorum holds, and applies again once restarted on a newer agentd.
+        self.upgrade_required = ""
+        # Proposals are checked against it before they enter the log: "" admits, a reason refuses.
+        self.admit: Callable[[bytes], str] = lambda command: ""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._proposals: dict[int, tuple[int, asyncio.Future]] = {}
@@ -312,6 +318,8 @@ class RaftNode:
         if len(command) > self.options.max_command_bytes:
             raise InvalidInput(f"command of {len(command)} bytes exceeds {self.options.max_command_bytes}")
         core = self._running_core()
+        if core.role == Role.LEADER and (why := self.admit(command)):
+            raise UpgradeRequired(why)
         try:
             index, term = core.propose(command)
         except NotLeader:
@@ -455,9 +463,24 @@ class RaftNode:
                 self.core.tick()
             self._kick()
 
+    def _stop_applying(self, exc: UpgradeRequired) -> None:
+        """Apply nothing more until restarted on a newer agentd: skipping would leave this copy different."""
+        self.upgrade_required = str(exc)
+        log.critical("stopped applying the replicated state: this agent needs an upgrade",
+                     extra=fields(node=self.id, reason=self.upgrade_required, last_applied=self._last_applied))
+        for index in sorted(self._proposals):
+            _, fut = self._proposals.pop(index)
+            _fail(fut, UpgradeRequired(self.upgrade_required))
+
     def _apply(self, rd: Ready) -> None:
+        if self.upgrade_required:
+            return
         if rd.install and rd.snapshot is not None:
-            self.sm.restore(rd.snapshot.data)
+            try:
+                self.sm.restore(rd.snapshot.data)
+            except UpgradeRequired as exc:
+                self._stop_applying(exc)
+                return
             self._last_applied = rd.snapshot.meta.index
             for index in [i for i in self._proposals if i <= self._last_applied]:
                 _, fut = self._proposals.pop(index)
@@ -469,6 +492,9 @@ class RaftNode:
             if e.kind == EntryKind.NORMAL:
                 try:
                     result = self.sm.apply(e.index, e.term, e.data)
+                except UpgradeRequired as exc:
+                    self._stop_applying(exc)
+                    break
                 except Exception as exc:  # a state machine bug; keep the log moving
                     log.exception("state machine failed to apply an entry", extra=fields(index=e.index))
                     error = exc
@@ -568,6 +594,8 @@ class RaftNode:
     async def _handle_join(self, req: pb.RaftJoinRequest, forwarded: bool) -> pb.RaftJoinReply:
         if not req.node_id or not req.address or len(req.node_id) > 253 or any(c.isspace() for c in req.node_id):
             raise InvalidInput("join needs a node id without spaces and an address")
+        if why := incompatibility(AGENT_VERSION, req.agent_version or BASELINE_VERSION):
+            raise UpgradeRequired(f"{req.node_id} cannot join: {why}")
         if not self.is_leader:
             if forwarded:
                 raise NotAvailable("leadership changed while the join was forwarded; retry")
@@ -629,10 +657,13 @@ class RaftNode:
                 break
             stub = GrpcTransport.stub(self._channel(address))
             try:
-                reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address),
+                reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address,
+                                                           agent_version=AGENT_VERSION),
                                         timeout=self.options.catch_up_timeout + self.options.propose_timeout)
             except grpc.aio.AioRpcError as exc:
                 last_error = f"{address}: {exc.code().name}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and SKEW_PHRASE in (exc.details() or ""):
+                    raise UpgradeRequired(f"could not join a cluster via {address}: {exc.details()}") from None
                 log.info("join attempt failed; retrying", extra=fields(node=self.id, via=address, error=last_error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -650,7 +681,7 @@ class RaftNode:
 
     async def _readdress(self) -> None:
         """We restarted on a new address: ask the leader to record it (peers cannot reach us until then)."""
-        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True)
+        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True, agent_version=AGENT_VERSION)
         delay = 0.2
         while True:
             me = self.core.membership.get(self.id)

@@ -26,10 +26,11 @@ from google.protobuf.message import DecodeError
 
 from agentd.cluster.raft.codec import StreamDecoder, encode
 from agentd.cluster.raft.types import Message, SnapshotRequest
-from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError
+from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
 from agentd.v1 import raft_pb2_grpc
+from agentd.version import AGENT_VERSION, BASELINE_VERSION, VERSION_METADATA_KEY, incompatibility
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class _Peer:
 
     async def _write(self, msg: Message) -> None:
         if self.call is None or self.call.done():
-            self.call = self.t.stub(self.channel).Send(wait_for_ready=False)
+            self.call = self.t.stub(self.channel).Send(wait_for_ready=False,
+                                                       metadata=((VERSION_METADATA_KEY, AGENT_VERSION),))
             call = self.call
             call.add_done_callback(lambda _c: self._on_call_done(call))
         for part in encode(msg, self.t.cluster_id, self.t.address):
@@ -235,6 +237,11 @@ class GrpcTransport:
     # ------------------------------------------------------------ inbound
 
     async def _on_stream(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.RaftSendReply:
+        theirs = next((v for k, v in (context.invocation_metadata() or ()) if k == VERSION_METADATA_KEY),
+                      BASELINE_VERSION)  # agentd 0.1.0 says nothing
+        if why := incompatibility(AGENT_VERSION, str(theirs)):
+            log.warning("raft stream from an incompatible agent refused", extra=fields(reason=why))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         decoder = StreamDecoder(self.max_snapshot)
         sender: str | None = None
         received = 0
@@ -300,7 +307,7 @@ class GrpcTransport:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except NotAvailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except PeerError as exc:
+        except (PeerError, UpgradeRequired) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except AgentdError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
