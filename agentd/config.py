@@ -24,9 +24,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agentd.clientconfig import DEFAULT_CONFIG_PATH, token_listen_default
 from agentd.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -263,10 +263,7 @@ class Settings(BaseSettings):
     @property
     def token_listen_address(self) -> str:
         """The token port: `token_listen`, else the `listen` host on the next port."""
-        if self.token_listen:
-            return self.token_listen
-        host, _, port = self.listen.rpartition(":")
-        return f"{host}:{int(port) + 1 if int(port) else 0}"
+        return self.token_listen or token_listen_default(self.listen)
 
     @classmethod
     def settings_customise_sources(

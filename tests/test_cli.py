@@ -1,8 +1,12 @@
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from agentd.cli.main import build_parser
+from agentd.cli.main import COMMANDS, build_parser, module_for
 from agentd.testing.gguf import write_tiny_llama_gguf
 from tests.conftest import run_cli
 
@@ -28,14 +32,94 @@ def test_version_json_lists_builtin_plugins():
     proc = run_cli("version", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["agentd"]
-    assert set(data["plugins"]) >= {"vllm", "llamabox"}
+    assert data["version"] and data["agentd"] == data["version"]
+    plugins = {p["name"]: p for p in data["plugins"]}
+    assert set(plugins) >= {"vllm", "llamabox"}
+    assert plugins["llamabox"]["distribution"] == "agentd-llamabox"
+    assert plugins["llamabox"]["version"] == importlib.metadata.version("agentd-llamabox")
 
 
 def test_global_json_flag_before_subcommand():
     proc = run_cli("--json", "version")
     assert proc.returncode == 0
-    assert json.loads(proc.stdout)["agentd"]
+    assert json.loads(proc.stdout)["version"]
+
+
+# What a command line imports decides how fast `agentd` starts (benchmarks/cli_startup.py measures it).
+_IMPORTS = """
+import json, sys
+from agentd.cli.main import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def _modules_after(*argv: str, env: dict[str, str] | None = None) -> set[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS, *argv], capture_output=True, text=True, env=full_env,
+                          timeout=60)
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    return {m.split(".")[0] for m in report["modules"]} | set(report["modules"])
+
+
+def test_version_reads_metadata_without_loading_plugins_grpc_or_pydantic():
+    loaded = _modules_after("version", "--json")
+    assert not loaded & {"agentd_llamabox", "agentd_vllm", "pluggy", "grpc", "pydantic", "pydantic_settings",
+                         "agentd.config", "agentd.plugins"}, loaded
+
+
+@pytest.mark.parametrize("command", ["status", "ps", "ls"])
+def test_client_commands_load_neither_pydantic_nor_the_other_commands(tmp_path, command):
+    cfg = tmp_path / "agentd.toml"
+    cfg.write_text('listen = "127.0.0.1:1"\n')  # nothing listens: exit 3, after everything was imported
+    loaded = _modules_after(command, env={"AGENTD_CONFIG": str(cfg), "AGENTD_INSECURE": "1"})
+    assert "grpc" in loaded
+    assert not loaded & {"pydantic", "pydantic_settings", "cryptography", "agentd.config", "agentd.placement",
+                         "agentd.cli.security", "agentd.cli.plan", "importlib.metadata"}, loaded
+
+
+def test_command_table_matches_what_each_module_registers():
+    every = [name for names in COMMANDS.values() for name in names]
+    assert len(every) == len(set(every))
+    for module, names in COMMANDS.items():
+        assert tuple(_top_level(build_parser([module]))) == names, module
+    assert tuple(_top_level(build_parser())) == tuple(every)
+
+
+def _top_level(parser):
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices
+
+
+@pytest.mark.parametrize("argv,module", [
+    (["ps"], "cluster"), (["--json", "status"], "cluster"), (["--log-level", "debug", "version"], "basic"),
+    (["--log-format=json", "token", "ls"], "security"), (["plan", "--json"], "plan"), (["--help"], None),
+    (["--log-lev", "debug", "ps"], None), (["nope"], None), ([], None), (["--log-level"], None),
+])
+def test_module_for_reads_the_command_word(argv, module):
+    assert module_for(argv) == module
+
+
+def test_a_command_module_alone_gives_the_same_help_as_the_whole_parser():
+    whole = dict(_help_texts(build_parser()))
+    for module in COMMANDS:
+        for path, text in _help_texts(build_parser([module])):
+            assert text == whole[path], path
+
+
+def _help_texts(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub.format_help()
+                yield from _help_texts(sub, (*prefix, name))
+
+
+def test_a_usage_error_after_a_known_command_is_worded_by_the_whole_parser():
+    proc = run_cli("ps", "--bogus", "--server", "127.0.0.1:1")
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, "agentd: error: unrecognized arguments: --bogus (see 'agentd --help')")
 
 
 @pytest.mark.parametrize("argv", [["--bogus"], ["version", "--nope"], ["config", "show", "--log-level", "loud"],

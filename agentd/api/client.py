@@ -64,11 +64,11 @@ def _readable(*paths: Path) -> bool:
 
 def cli_auth(settings: Any, environ: Mapping[str, str] | None = None) -> ClientAuth:
     """The credentials the CLI uses against the cluster (see the module docstring for the order)."""
-    from agentd.security.tls import channel_credentials, channel_options, load_identity
-
     env = os.environ if environ is None else environ
     if settings.insecure:
-        return ClientAuth()
+        return ClientAuth()  # before importing the TLS code: it loads cryptography (~35 ms)
+    from agentd.security.tls import channel_credentials, channel_options, load_identity
+
     dirs = user_tls_dirs(settings, env)
     node_dir = Path(settings.tls_directory)
     token = env.get("AGENTD_TOKEN", "").strip()
@@ -128,11 +128,14 @@ class ControlClient:
     @classmethod
     def for_cli(cls, server: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                 environ: Mapping[str, str] | None = None) -> ControlClient:
-        """The CLI's client: `server`, else AGENTD_SERVER, else this host's agent; credentials from the environment."""
-        from agentd.config import load_settings
+        """The CLI's client: `server`, else AGENTD_SERVER, else this host's agent; credentials from the environment.
+
+        The settings come from `client_settings`, which skips pydantic when it can (start-up time).
+        """
+        from agentd.clientconfig import client_settings
 
         env = os.environ if environ is None else environ
-        settings = load_settings()
+        settings = client_settings()
         auth = cli_auth(settings, env)
         address = server or env.get("AGENTD_SERVER") or (
             settings.token_listen_address if auth.token_port else settings.listen)

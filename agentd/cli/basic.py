@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Any
 
-from agentd import __version__
-from agentd.cli.main import emit
-from agentd.config import config_path, load_settings
-from agentd.plugins import PluginManager
+from agentd.cli.common import emit
+
+if TYPE_CHECKING:
+    from agentd.plugins import PluginManager
+
+PLUGIN_GROUP = "agentd.plugins"  # agentd.plugins.manager.ENTRY_POINT_GROUP, without importing pluggy
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("version", parents=parents, help="print the version of agentd and its plugins",
-                       description="Print the version of agentd and of each loaded plugin.")
+                       description="Print the version of agentd and of each installed plugin (from the "
+                       "package metadata; the plugins are not loaded: 'agentd plugins' loads them).")
     p.set_defaults(func=cmd_version)
 
     p = sub.add_parser("config", parents=parents, help="inspect the configuration",
@@ -32,22 +36,59 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def load_plugins() -> PluginManager:
+    from agentd.config import load_settings
+    from agentd.plugins import PluginManager
+
     settings = load_settings()
     return PluginManager.load(allow=settings.plugins, disable=settings.disable_plugins)
 
 
+def installed_plugins() -> list[dict[str, str]]:
+    """Each `agentd.plugins` entry point with its distribution's name and version, sorted by name.
+
+    Read from the package metadata only: importing a plugin costs time (and may fail), and
+    `agentd version` must answer at once, whatever is installed.
+    """
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        dist = ep.dist
+        out.append({"name": ep.name, "distribution": dist.name if dist else "",
+                    "version": dist.version if dist else ""})
+    return out
+
+
+def version_info() -> dict[str, Any]:
+    """What `agentd version --json` prints: {"version": ..., ..., "plugins": [...]}.
+
+    Keys come from agentd.version.info() (state format, wire version) where that module exists;
+    "agentd" repeats the version for scripts written against agentd 0.1.0.
+    """
+    from agentd import __version__
+
+    data: dict[str, Any] = {"version": __version__}
+    try:
+        from agentd.version import info  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # a tree from before the versioning work (issue 12)
+        pass
+    else:
+        data.update(info())
+    data["agentd"] = data["version"]
+    data["plugins"] = installed_plugins()
+    return data
+
+
 def cmd_version(args: argparse.Namespace) -> int:
-    mgr = load_plugins()
-    data = {
-        "agentd": __version__,
-        "plugins": {p.name: p.version for p in mgr.loaded},
-    }
+    data = version_info()
     emit(args, data, lambda: "\n".join(
-        [f"agentd {__version__}"] + [f"  plugin {p.name} {p.version}" for p in mgr.loaded]))
+        [f"agentd {data['version']}"] + [f"  plugin {p['name']} {p['version']}" for p in data["plugins"]]))
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from agentd.config import config_path, load_settings
+
     settings = load_settings()
     data = json.loads(settings.model_dump_json())
     source = str(config_path()) if config_path().is_file() else None

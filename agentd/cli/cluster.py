@@ -12,11 +12,8 @@ import os
 import sys
 import time
 
-from google.protobuf.json_format import MessageToDict
-
 from agentd.api.client import CannotPlace, ControlClient
-from agentd.cli.main import EXIT_UNAVAILABLE, emit, key_values
-from agentd.config import load_settings
+from agentd.cli.common import EXIT_UNAVAILABLE, emit, key_values
 from agentd.errors import InvalidInput
 from agentd.v1 import control_pb2 as pb
 
@@ -154,6 +151,8 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def _dict(msg) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
@@ -167,6 +166,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from agentd.config import load_settings
     from agentd.daemon import run_daemon
 
     flags = {k: getattr(args, k, None) for k in ("listen", "advertise", "http_listen", "data_dir", "join",

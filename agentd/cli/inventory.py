@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from agentd.cli.main import emit
+from agentd.cli.common import emit
 from agentd.config import load_settings
 from agentd.inventory import collect_inventory
 from agentd.types import GiB, HostInventory

@@ -3,71 +3,73 @@
 Exit codes: 0 OK, 1 unexpected failure, 2 invalid input or usage, 3 could not
 be placed or not available. Every error is one line on stderr; a traceback
 means a bug in agentd, and is shown only with AGENTD_DEBUG=1.
+
+Start-up time matters (operators run `agentd ps` in loops), so a command line
+imports only the subcommand module that defines its command: `agentd version`
+loads neither grpc nor pydantic. The whole parser (every module) is built for
+`agentd --help`, for a command line whose command is not obvious, and to
+report a usage error, so help texts and error messages are those of the whole
+parser.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from types import ModuleType
 
+from agentd.cli.common import (
+    EXIT_FAILURE,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    Parser,
+    UsageError,
+    common_options,
+    emit,
+    key_values,
+)
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INVALID = 2
-EXIT_UNAVAILABLE = 3
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAILURE",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "Parser",
+    "UsageError",
+    "build_parser",
+    "command_modules",
+    "common_options",
+    "emit",
+    "key_values",
+    "main",
+]
+
+# Each module (agentd.cli.<name>) adds its subcommands through `register(subparsers, parents)`, in this order
+# (the order of `agentd --help`), and defines exactly the commands listed (tests/test_cli.py checks both ways).
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "basic": ("version", "config", "plugins"),
+    "inventory": ("inventory",),
+    "model": ("model",),
+    "security": ("init-ca", "certs", "token", "join", "keys"),
+    "plan": ("plan",),
+    "cluster": ("serve", "deploy", "ls", "ps", "rm", "scale", "nodes", "status", "watch", "logs"),
+}
+# Options of the top-level parser that take a value (`--log-level debug version`).
+_VALUE_OPTIONS = ("--log-format", "--log-level")
 
 
-class UsageError(InvalidInput):
-    """A bad flag or value on the command line."""
+def command_modules(names: Sequence[str] | None = None) -> list[ModuleType]:
+    """The subcommand modules, all of them or the named ones, in help order."""
+    return [importlib.import_module(f"agentd.cli.{m}") for m in COMMANDS if names is None or m in names]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but errors raise instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def common_options() -> argparse.ArgumentParser:
-    """Options every subcommand accepts, before or after its name.
-
-    SUPPRESS keeps a subcommand's unset flag from overwriting the same flag
-    given before the subcommand name.
-    """
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="machine-readable JSON on stdout")
-    p.add_argument("--log-format", choices=["auto", "text", "json"], default=argparse.SUPPRESS,
-                   help="log line format on stderr (default: text on a TTY, JSON otherwise)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   default=argparse.SUPPRESS, help="log verbosity (default: info)")
-    return p
-
-
-def key_values(items: list[str], flag: str) -> dict[str, str]:
-    """Repeated `--flag KEY=VALUE` options as a dict; an item without `=` or a key is invalid input."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
-def command_modules() -> list[Any]:
-    """Each module adds its subcommands through `register(subparsers, parents)`."""
-    from agentd.cli import basic, cluster, inventory, model, plan, security
-
-    return [basic, inventory, model, security, plan, cluster]
-
-
-def build_parser() -> Parser:
+def build_parser(modules: Sequence[str] | None = None) -> Parser:
+    """The parser of every command, or of the commands of `modules` only (same texts, fewer imports)."""
     parents = [common_options()]
     parser = Parser(
         prog="agentd",
@@ -75,17 +77,28 @@ def build_parser() -> Parser:
         parents=parents,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for module in command_modules():
+    for module in command_modules(modules):
         module.register(sub, parents)
     return parser
 
 
-def emit(args: argparse.Namespace, data: Any, human: str | Callable[[], str]) -> None:
-    """Print `data` as JSON with --json, else the human text."""
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        print(human() if callable(human) else human)
+def module_for(argv: Sequence[str]) -> str | None:
+    """The module that defines the command of `argv`; None when that takes more than a glance.
+
+    Looks at the top-level options only as far as the command word: `--json`, `--log-level X`,
+    `--log-format=X`. Anything else before the command (an abbreviation, `--help`, `--`) means None.
+    """
+    it = iter(argv)
+    for arg in it:
+        if arg == "--json" or any(arg.startswith(f"{opt}=") for opt in _VALUE_OPTIONS):
+            continue
+        if arg in _VALUE_OPTIONS:
+            next(it, None)
+            continue
+        if arg.startswith("-"):
+            return None
+        return next((m for m, commands in COMMANDS.items() if arg in commands), None)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,12 +111,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
+def _parse(argv: list[str]) -> tuple[Parser, object]:
+    """Parse with the one module the command needs; a usage error is reported by the whole parser."""
+    module = module_for(argv)
+    if module is not None:
+        parser = build_parser([module])
+        try:
+            return parser, parser.parse_args(argv)
+        except UsageError:
+            pass  # the whole parser words the error (and knows every command, should the glance be wrong)
+    parser = build_parser()
+    return parser, parser.parse_args(argv)
+
+
 def _run(argv: list[str]) -> int:
     from agentd.logs import setup_logging
 
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        parser, args = _parse(argv)
     except UsageError as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from agentd.cli.main import emit
+from agentd.cli.common import emit
 from agentd.modelinfo import inspect_model
 from agentd.types import GiB, MiB, ModelInfo
 

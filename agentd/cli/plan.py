@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agentd.cli.main import EXIT_OK, EXIT_UNAVAILABLE, emit, key_values
+from agentd.cli.common import EXIT_OK, EXIT_UNAVAILABLE, emit, key_values
 from agentd.errors import InvalidInput
 from agentd.modelinfo import inspect_model
 from agentd.placement import place, plan_json

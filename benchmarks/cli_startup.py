@@ -1,0 +1,114 @@
+"""Whole-process start-up of the `agentd` command, against `python -c pass` in the same run.
+
+    .venv/bin/python benchmarks/cli_startup.py [--runs 20] [--no-secure]
+
+Each row is the wall time of one whole process (fork, interpreter start,
+imports, the work, exit), measured from this process: the median, the fastest
+and the slowest of `--runs` runs, and the median minus that of `python -c pass`
+(the interpreter's own start). The commands run round-robin, one run of each in
+turn, so a burst of load elsewhere on the machine lands on every row alike.
+
+`status`, `ps` and `ls` talk to a real agent that this benchmark starts
+(`agentd serve` with a simulated host, one deployment of the tiny GGUF so `ps`
+lists an instance): once over plaintext (AGENTD_INSECURE=1), and once over
+mutual TLS with an admin certificate (AGENTD_TLS_DIR), as an operator's
+shell would. The targets (issue 16): `agentd version` under 0.15 s, `agentd
+status` and `agentd ps` under 0.35 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agentd.testing.gguf import write_tiny_llama_gguf
+from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.v1 import control_pb2 as pb
+
+AGENTD = str(Path(sys.executable).with_name("agentd"))  # the console script an operator runs
+
+
+def _run_once(argv: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return elapsed
+
+
+def measure(rows: list[tuple[str, list[str], dict[str, str]]], runs: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    for _name, argv, env in rows:  # one warm-up each: page cache, .pyc files
+        _run_once(argv, env)
+    for _ in range(runs):
+        for name, argv, env in rows:
+            times[name].append(_run_once(argv, env))
+    return times
+
+
+def _start_agent(root: Path, model: Path, secure: bool) -> LocalCluster:
+    c = LocalCluster(root, hosts=[simulated_host("bench", gpus=2, gpu_gib=24)], secure=secure)
+    c.start()
+    c.wait_for_inventories()
+    with c.any_client(timeout=30) as cl:
+        cl.deploy(pb.DeploymentSpec(name="tiny", model=str(model), runtime="llamabox", replicas=1,
+                                    options=pb.RuntimeOptions(ctx_size=256)))
+    return c
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20, help="runs of each command (default 20)")
+    ap.add_argument("--no-secure", action="store_true", help="skip the rows against an mTLS agent")
+    args = ap.parse_args()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    clusters: list[LocalCluster] = []
+    with tempfile.TemporaryDirectory(prefix="agentd-cli-startup-") as tmp:
+        root = Path(tmp)
+        (root / "empty.toml").touch()
+        base["AGENTD_CONFIG"] = str(root / "empty.toml")
+        model = write_tiny_llama_gguf(root / "tiny.gguf")
+        try:
+            plain = _start_agent(root / "plain", model, secure=False)
+            clusters.append(plain)
+            env_plain = {**base, "AGENTD_INSECURE": "1", "AGENTD_SERVER": plain.agents["bench"].listen}
+            rows = [
+                ("python -c pass", [sys.executable, "-c", "pass"], base),
+                ("agentd version", [AGENTD, "version"], base),
+                ("agentd version --json", [AGENTD, "version", "--json"], base),
+                ("agentd status (plaintext)", [AGENTD, "status"], env_plain),
+                ("agentd ps (plaintext)", [AGENTD, "ps"], env_plain),
+                ("agentd ls (plaintext)", [AGENTD, "ls"], env_plain),
+                ("agentd ps --help", [AGENTD, "ps", "--help"], base),
+                ("agentd --help (every module)", [AGENTD, "--help"], base),
+            ]
+            if not args.no_secure:
+                tls = _start_agent(root / "tls", model, secure=True)
+                clusters.append(tls)
+                env_tls = {**base, "AGENTD_TLS_DIR": str(tls.admin_dir), "AGENTD_SERVER": tls.agents["bench"].listen}
+                rows += [("agentd status (mTLS, admin cert)", [AGENTD, "status"], env_tls),
+                         ("agentd ps (mTLS, admin cert)", [AGENTD, "ps"], env_tls)]
+            times = measure(rows, args.runs)
+        finally:
+            for c in clusters:
+                c.stop()
+    floor = statistics.median(times["python -c pass"])
+    width = max(len(name) for name in times)
+    print(f"{'command':<{width}}  {'n':>3}  {'median':>8}  {'min':>8}  {'max':>8}  {'- pass':>8}")
+    for name, xs in times.items():
+        med = statistics.median(xs)
+        print(f"{name:<{width}}  {len(xs):>3}  {med * 1000:>6.0f}ms  {min(xs) * 1000:>6.0f}ms  "
+              f"{max(xs) * 1000:>6.0f}ms  {(med - floor) * 1000:>6.0f}ms")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
