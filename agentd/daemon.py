@@ -195,6 +195,7 @@ class Daemon:
             node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL)
         self.coordinator.on_placement = self._on_placement
         self.raft.admit = self.coordinator.admit  # nothing newer than every member supports enters the log
+        self.raft.admit_joiner = self._admit_joiner
         self.control = ControlService(node_id=self.node, raft=self.raft, state=self.state,
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
@@ -430,6 +431,12 @@ class Daemon:
         for address, port, reason in restarts:
             for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
                 log.info(line, extra=fields(node=self.node))
+
+    def _admit_joiner(self, state_format: int) -> str:
+        if state_format < self.state.cluster_format:
+            return (f"the cluster writes state format {self.state.cluster_format} and the joiner applies formats "
+                    f"up to {state_format}: install this cluster's release (agentd {AGENT_VERSION}) on it")
+        return ""
 
     def agent_version(self) -> PeerVersion:
         """What this agent says of itself in reports and Status (docs/versioning.md)."""

@@ -35,8 +35,9 @@ BASELINE_DATA_FORMAT = 1
 
 # gRPC metadata on the Raft stream an agent opens to a peer: its release.
 VERSION_METADATA_KEY = "agentd-version"
-# In every refusal for a version skew, so a caller can tell it from a passing failure and stop retrying.
 SKEW_PHRASE = "more than one minor version apart"
+# In every refusal of a join for its version, so the joiner can tell it from a passing failure and stop.
+UPGRADE_PHRASE = "cannot join: "
 
 
 @dataclass(frozen=True, order=True)

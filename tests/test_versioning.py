@@ -291,3 +291,31 @@ def test_a_foreign_raft_file_is_not_upgraded(tmp_path):
     with pytest.raises(ConfigError, match="not a data directory agentd wrote"):
         datadir.prepare(d)
     assert not (d / datadir.FORMAT_FILE).exists()
+
+
+def test_a_joiner_the_cluster_cannot_trust_with_its_format_is_refused_at_once(tmp_path):
+    async def main():
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        opts = RaftOptions(heartbeat_interval=0.05, election_timeout_min=0.4, election_timeout_max=0.8,
+                           join_timeout=30.0)
+        first = RaftNode("n1", f"127.0.0.1:{ports[0]}", tmp_path / "n1", ClusterState(), options=opts)
+        seen: list[int] = []
+        first.admit_joiner = lambda fmt: seen.append(fmt) or "the cluster writes state format 9"
+        await first.start()
+        joiner = RaftNode("n2", f"127.0.0.1:{ports[1]}", tmp_path / "n2", ClusterState(), options=opts,
+                          join=[f"127.0.0.1:{ports[0]}"])
+        try:
+            await first.wait_for_leader(10)
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(UpgradeRequired, match="n2 cannot join: the cluster writes state format 9"):
+                await joiner.start()
+            assert asyncio.get_running_loop().time() - t0 < 10  # not retried until the 30 s join timeout
+            assert seen == [STATE_FORMAT] and "n2" not in first.members
+        finally:
+            await first.stop(graceful=False)
+
+    asyncio.run(main())

@@ -157,16 +157,18 @@ class RaftSendReply(_message.Message):
     def __init__(self, received: _Optional[int] = ...) -> None: ...
 
 class RaftJoinRequest(_message.Message):
-    __slots__ = ("node_id", "address", "has_log", "agent_version")
+    __slots__ = ("node_id", "address", "has_log", "agent_version", "state_format")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HAS_LOG_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     has_log: bool
     agent_version: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., has_log: _Optional[bool] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    state_format: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., has_log: _Optional[bool] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ...) -> None: ...
 
 class RaftJoinReply(_message.Message):
     __slots__ = ("cluster_id", "leader_id", "members", "voter")

@@ -47,7 +47,14 @@ from agentd.cluster.raft.types import (
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
-from agentd.version import AGENT_VERSION, BASELINE_VERSION, SKEW_PHRASE, incompatibility
+from agentd.version import (
+    AGENT_VERSION,
+    BASELINE_STATE_FORMAT,
+    BASELINE_VERSION,
+    STATE_FORMAT,
+    UPGRADE_PHRASE,
+    incompatibility,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +167,8 @@ class RaftNode:
         self.upgrade_required = ""
         # Proposals are checked against it before they enter the log: "" admits, a reason refuses.
         self.admit: Callable[[bytes], str] = lambda command: ""
+        # Joins too, by the joiner's state format: one that cannot apply what the cluster writes stays out.
+        self.admit_joiner: Callable[[int], str] = lambda state_format: ""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._proposals: dict[int, tuple[int, asyncio.Future]] = {}
@@ -594,7 +603,8 @@ class RaftNode:
     async def _handle_join(self, req: pb.RaftJoinRequest, forwarded: bool) -> pb.RaftJoinReply:
         if not req.node_id or not req.address or len(req.node_id) > 253 or any(c.isspace() for c in req.node_id):
             raise InvalidInput("join needs a node id without spaces and an address")
-        if why := incompatibility(AGENT_VERSION, req.agent_version or BASELINE_VERSION):
+        if why := incompatibility(AGENT_VERSION, req.agent_version or BASELINE_VERSION) or self.admit_joiner(
+                req.state_format or BASELINE_STATE_FORMAT):
             raise UpgradeRequired(f"{req.node_id} cannot join: {why}")
         if not self.is_leader:
             if forwarded:
@@ -658,11 +668,11 @@ class RaftNode:
             stub = GrpcTransport.stub(self._channel(address))
             try:
                 reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address,
-                                                           agent_version=AGENT_VERSION),
+                                                           agent_version=AGENT_VERSION, state_format=STATE_FORMAT),
                                         timeout=self.options.catch_up_timeout + self.options.propose_timeout)
             except grpc.aio.AioRpcError as exc:
                 last_error = f"{address}: {exc.code().name}: {exc.details()}"
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and SKEW_PHRASE in (exc.details() or ""):
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and UPGRADE_PHRASE in (exc.details() or ""):
                     raise UpgradeRequired(f"could not join a cluster via {address}: {exc.details()}") from None
                 log.info("join attempt failed; retrying", extra=fields(node=self.id, via=address, error=last_error))
                 await asyncio.sleep(delay)
@@ -681,7 +691,8 @@ class RaftNode:
 
     async def _readdress(self) -> None:
         """We restarted on a new address: ask the leader to record it (peers cannot reach us until then)."""
-        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True, agent_version=AGENT_VERSION)
+        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True, agent_version=AGENT_VERSION,
+                                 state_format=STATE_FORMAT)
         delay = 0.2
         while True:
             me = self.core.membership.get(self.id)
