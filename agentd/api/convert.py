@@ -28,6 +28,7 @@ def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
             "pin": [{"host": p.host, "gpus": list(p.gpus)} for p in msg.pin],
             "exclude_gpus": list(msg.exclude_gpus),
             "tenant": msg.tenant or "default",
+            "parallelism": msg.parallelism or "auto",
             "options": {
                 "gpu_memory_utilization": (
                     opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
@@ -53,6 +54,7 @@ def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
         name=spec.name, model=spec.model, runtime=spec.runtime, replicas=spec.replicas, strategy=spec.strategy,
         selector=spec.selector, pin=[pb.GpuPin(host=p.host, gpus=list(p.gpus)) for p in spec.pin],
         exclude_gpus=list(spec.exclude_gpus), options=options, tenant=spec.tenant,
+        parallelism="" if spec.parallelism == "auto" else spec.parallelism,  # empty on the wire means auto
     )
 
 

@@ -111,6 +111,9 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--tenant", default="", help="the tenant whose API keys may use it on /v1/ (default: default)")
     p.add_argument("--strategy", choices=["binpack", "spread"], default="binpack")
+    p.add_argument("--parallelism", choices=["auto", "latency", "gpus"], default="auto",
+                   help="vLLM: auto = TP over NVLink, PP over PCIe or across hosts; latency = the largest TP; "
+                   "gpus = the fewest GPUs (default auto)")
     p.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="host label selector")
     p.add_argument("--pin", action="append", default=[], metavar="HOST[:GPU,GPU]", help="pin to a host / GPUs")
     p.add_argument("--exclude-gpu", action="append", default=[], metavar="UUID", help="never use this GPU")
@@ -142,7 +145,8 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
                              tenant=getattr(args, "tenant", ""),
                              strategy=args.strategy, selector=key_values(args.selector, "--selector"), pin=pins,
-                             exclude_gpus=args.exclude_gpu, options=options)
+                             exclude_gpus=args.exclude_gpu, options=options,
+                             parallelism=getattr(args, "parallelism", "auto"))
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
@@ -211,6 +215,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             parts = ", ".join(f"{p['host']}[{','.join(map(str, p['gpus']))}] {p['role']} {p['layers']}L"
                               for p in a["plan"]["parts"])
             lines.append(f"  replica {a['replica']}: {parts}")
+            if a["replica"] < len(reply.why) and reply.why[a["replica"]]:  # a deploy places replicas 0..n-1
+                lines.append(f"    why: {reply.why[a['replica']]}")
         return "\n".join(lines)
 
     if args.wait is None:

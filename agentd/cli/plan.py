@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--name", default=None, help="deployment name in messages (default: from the model file)")
     p.add_argument("--replicas", type=_positive, default=1, metavar="N")
     p.add_argument("--strategy", choices=["binpack", "spread"], default="binpack")
+    p.add_argument("--parallelism", choices=["auto", "latency", "gpus"], default="auto",
+                   help="vLLM: auto = TP over NVLink, PP over PCIe or across hosts; latency = the largest TP; "
+                   "gpus = the fewest GPUs (default auto; docs/placement.md)")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=None, metavar="F",
                    help="vLLM's share of each GPU, 0 < F <= 1 (default 0.9)")
     p.add_argument("--ctx-size", type=_positive, default=None, metavar="N",
@@ -124,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         spec = DeploymentSpec(
             name=args.name or deployment_name(args.model), model=str(args.model), runtime=args.runtime,
             replicas=args.replicas, strategy=args.strategy, selector=key_values(args.selector, "--selector"),
-            pin=_pins(args.pin), exclude_gpus=tuple(args.exclude_gpu),
+            pin=_pins(args.pin), exclude_gpus=tuple(args.exclude_gpu), parallelism=args.parallelism,
             options=RuntimeOptions(gpu_memory_utilization=args.gpu_memory_utilization, ctx_size=args.ctx_size,
                                    allow_cpu_offload=args.allow_cpu_offload))
     except ValidationError as exc:
@@ -161,4 +164,6 @@ def render(spec: DeploymentSpec, plan: Plan) -> str:
         widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
         lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.append("  args: " + " ".join(rp.args))
+        if rp.why:
+            lines.append("  why: " + rp.why)
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from agentd.placement.demand import LayerDemand, ShardDemand
 from agentd.placement.findings import CANDIDATE, DEVICE, HOST, SHAPE, STATIC, Findings
 from agentd.placement.layersplit import LayerSplitSearch
 from agentd.placement.layout import LaunchParams, Layout
+from agentd.placement.links import links_of
 from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
 from agentd.placement.sharded import Candidates, ShardedSearch
 from agentd.placement.snapshot import GpuView, HostView, Snapshot
@@ -83,6 +84,8 @@ class Request:
     # diagnosis freeing other jobs' memory) re-checks only the GPUs whose state changed.
     by_name: dict[str, Any] = field(default_factory=dict)
     search_cache: dict[Any, Any] = field(default_factory=dict)
+    # Each host inventory's links (gpu_links read once): for shapes that ask for NVLink or PCIe.
+    links: dict[int, Any] = field(default_factory=dict)
     # agentd_estimate and the shape checks per shape (pure, and independent of the cluster): shared by
     # replicas and what-ifs.
     demands: dict[Shape, Any] = field(default_factory=dict)
@@ -104,6 +107,7 @@ class Request:
         snapshot `other` placed on), and the shape checks' when those are."""
         a, b = self.spec, other.spec
         self.search_cache = other.search_cache
+        self.links = other.links
         if (a.selector, a.pin) == (b.selector, b.pin):
             self.gates = other.gates
             if snapshot is not None and a.exclude_gpus == b.exclude_gpus and self._same("check_device", other):
@@ -227,6 +231,7 @@ class Outcome:
     failed_replica: int | None
     hosts_total: int
     snapshot: Snapshot | None = None  # the cluster the attempt started from
+    whys: list[str] = field(default_factory=list)  # per placed replica: the runtime's agentd_explain
 
     @property
     def placed(self) -> bool:
@@ -242,23 +247,30 @@ def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignme
     """
     start = snap = snapshot or Snapshot.build(cluster, existing)
     layouts: list[Layout] = []
+    whys: list[str] = []
     replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
-        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)), explain)
+        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)), explain,
+                        whys if explain else None)
         if isinstance(got, Findings):
-            return Outcome(layouts, got, r, len(cluster.hosts), start)
+            return Outcome(layouts, got, r, len(cluster.hosts), start, whys)
         layouts.append(got)
         for h in got.hosts:
             replicas_on[h] = replicas_on.get(h, 0) + 1
         if r + 1 < req.spec.replicas:
             snap = snap.reserve(got.reservations())
-    return Outcome(layouts, None, None, len(cluster.hosts), start)
+    return Outcome(layouts, None, None, len(cluster.hosts), start, whys)
 
 
 def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
-              explain: bool = True) -> Layout | Findings:
+              explain: bool = True, whys: list[str] | None = None) -> Layout | Findings:
     """The first layout that passes every check, or the findings that explain why there is none (only
-    some of them without `explain`: the search then skips what only a diagnosis needs)."""
+    some of them without `explain`: the search then skips what only a diagnosis needs). With `whys`,
+    the runtime's reason for the layout (agentd_explain) is appended to it.
+
+    A shape that asks for linked GPUs (`Sharded.link`) is a preference: its checks and estimate are
+    the plain shape's, and its misses are not findings (the plain shape, proposed too, explains).
+    """
     strategy = strategy or Strategy(req.spec.strategy)
     findings = Findings()
     r = req.run("check_static")
@@ -279,19 +291,22 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
         if limits.exact is not None and not _matches_exact(shape, limits.exact):
             continue
         matched = True
-        why = req.check_shape(shape)
+        preferred = isinstance(shape, Sharded) and shape.link != "any"
+        base = shape.plain if preferred else shape
+        why = req.check_shape(base)
         if why is not None:
-            findings.add(SHAPE, why)
+            if not preferred:
+                findings.add(SHAPE, why)
             continue
-        demand = demands.get(shape)
+        demand = demands.get(base)
         if demand is None:
-            demand = demands[shape] = req.hooks.call(
-                "agentd_estimate", runtime=req.runtime, model=req.model, spec=req.spec, shape=shape)
+            demand = demands[base] = req.hooks.call(
+                "agentd_estimate", runtime=req.runtime, model=req.model, spec=req.spec, shape=base)
         if isinstance(shape, Sharded):
             if not isinstance(demand, ShardDemand):
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected ShardDemand")
-            sharded = sharded or ShardedSearch(cands, strategy, req.search_cache)
+            sharded = sharded or ShardedSearch(cands, strategy, req.search_cache, req.links)
             got = sharded.find(shape, demand, explain)
             if got is None:
                 continue
@@ -300,8 +315,11 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
                 continue
             why = req.validate(got)
             if why is not None:
-                findings.add(CANDIDATE, why)
+                if not preferred:
+                    findings.add(CANDIDATE, why)
                 continue
+            if whys is not None:
+                whys.append(_explain(req, got, limits, cands, strategy, sharded))
             return got
         if isinstance(shape, LayerSplit):
             if not isinstance(demand, LayerDemand):
@@ -310,6 +328,8 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
             split = split or LayerSplitSearch(cands, strategy, limits.exact, pinned)
             got = split.find(shape, demand, req.validate, score)
             if isinstance(got, Layout):
+                if whys is not None:
+                    whys.append(_explain(req, got, limits, cands, strategy, sharded))
                 return got
             if log.isEnabledFor(logging.DEBUG):
                 for rej in got:
@@ -324,6 +344,43 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
     if explain and not findings:
         findings.add(HOST, Rejection("cluster", "has no hosts", subject_plural="cluster"))
     return findings
+
+
+def _explain(req: Request, layout: Layout, limits: ShapeLimits, cands: Candidates, strategy: Strategy,
+             sharded: ShardedSearch | None) -> str:
+    """The runtime's sentence on why it chose `layout` (agentd_explain), or "" when it gives none.
+
+    The hook gets `find(shapes)`: the first of `shapes` that would place on the same snapshot, as
+    this search would find it (same checks, same strategy), booking nothing; so a plugin can name
+    the layout another policy would have chosen. Sharded shapes only: a plain scan of the others.
+    """
+    search = sharded
+
+    def find(shapes: Iterable[Shape]) -> Layout | None:
+        nonlocal search
+        for shape in shapes:
+            if not isinstance(shape, Sharded):
+                continue
+            if limits.exact is not None and not _matches_exact(shape, limits.exact):
+                continue
+            base = shape.plain
+            if req.check_shape(base) is not None:
+                continue
+            demand = req.demands.get(base)
+            if demand is None:
+                demand = req.demands[base] = req.hooks.call(
+                    "agentd_estimate", runtime=req.runtime, model=req.model, spec=req.spec, shape=base)
+            if not isinstance(demand, ShardDemand):
+                continue
+            search = search or ShardedSearch(cands, strategy, req.search_cache, req.links)
+            got = search.find(shape, demand, explain=False)
+            if isinstance(got, Layout) and req.validate(got) is None:
+                return got
+        return None
+
+    text = req.hooks.call("agentd_explain", runtime=req.runtime, model=req.model, spec=req.spec, layout=layout,
+                          limits=limits, find=find)
+    return text if isinstance(text, str) else ""
 
 
 def _matches_exact(shape: Shape, exact: tuple[tuple[str, int], ...]) -> bool:
@@ -404,8 +461,15 @@ def _filter(req: Request, snap: Snapshot, findings: Findings | None) -> tuple[Ca
         assert eligible is not None
         return eligible
 
+    nvlink = pcie = 0
+    links = req.links
+    for hv, _ in rows:
+        if hv.info.gpu_links:
+            hl = links_of(hv.info, links)
+            nvlink = max(nvlink, hl.largest["nvlink"])
+            pcie = max(pcie, hl.largest["pcie"])
     limits = ShapeLimits(hosts=counted, max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem,
-                         exact=exact)
+                         exact=exact, nvlink_gpus=nvlink, pcie_gpus=pcie)
     return Candidates(rows, unjudged, max_mem, judge), limits, pinned
 
 
@@ -500,7 +564,7 @@ def _host_rejection(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...
 # --------------------------------------------------------------------------- plan
 
 
-def replica_plan(req: Request, layout: Layout) -> ReplicaPlan:
+def replica_plan(req: Request, layout: Layout, why: str = "") -> ReplicaPlan:
     params = req.hooks.call("agentd_layout_args", runtime=req.runtime, model=req.model, spec=req.spec,
                             layout=layout) or LaunchParams(
         env=tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts))
@@ -512,7 +576,7 @@ def replica_plan(req: Request, layout: Layout) -> ReplicaPlan:
     shape = layout.shape
     tp, pp = (shape.tp, shape.pp) if isinstance(shape, Sharded) else (1, 1)
     return ReplicaPlan(tensor_parallel=tp, pipeline_parallel=pp, parts=tuple(parts), args=tuple(params.args),
-                       score=req.score(layout) if req.scorers else 0.0)
+                       score=req.score(layout) if req.scorers else 0.0, why=why)
 
 
 def place(
@@ -547,7 +611,9 @@ def _plan(plugins: Any, cluster: ClusterInventory, model: ModelInfo, spec: Deplo
     req = prepare(plugins, model, spec)
     outcome = attempt(req, cluster, existing)
     if outcome.placed:
-        return Plan(placed=True, runtime=spec.runtime, replicas=tuple(replica_plan(req, lo) for lo in outcome.layouts))
+        whys = outcome.whys + [""] * (len(outcome.layouts) - len(outcome.whys))
+        return Plan(placed=True, runtime=spec.runtime,
+                    replicas=tuple(replica_plan(req, lo, why) for lo, why in zip(outcome.layouts, whys, strict=True)))
     return Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
 
 

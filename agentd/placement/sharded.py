@@ -28,6 +28,7 @@ from typing import Any
 from agentd.placement.constraints import Rejection
 from agentd.placement.demand import ShardDemand
 from agentd.placement.layout import Layout, PartLayout
+from agentd.placement.links import links_of
 from agentd.placement.shapes import Sharded
 from agentd.placement.snapshot import GpuView, HostView
 from agentd.placement.strategy import Strategy
@@ -69,10 +70,12 @@ class Candidates:
 
 
 class ShardedSearch:
-    def __init__(self, candidates: Candidates, strategy: Strategy, cache: dict | None = None):
+    def __init__(self, candidates: Candidates, strategy: Strategy, cache: dict | None = None,
+                 links: dict | None = None):
         self.candidates = candidates
         self.strategy = strategy
         self._cache = cache if cache is not None else {}  # per (host view, budget fraction): sorted capacities
+        self._links = links if links is not None else {}  # per host inventory: its HostLinks
         self._caps: dict[float | None, list[tuple[HostView, list[int], tuple[GpuView, ...]]]] = {}
         self._kth: dict[tuple, list[int]] = {}  # per (budget fraction, g): g-th largest capacities, ascending
         self._top: dict[float | None, int] = {}  # per budget fraction: the largest capacity
@@ -120,6 +123,8 @@ class ShardedSearch:
         need = demand.per_gpu
         g = shape.gpus_per_host
         top = self.candidates.max_memory
+        if shape.link != "any":  # a preference: a miss is no rejection (the plain shape explains it)
+            return self._find_linked(shape, demand) if demand.capacity(top, top) >= need else None
         if demand.capacity(top, top) < need:  # no GPU could hold a share, whatever the device filters say
             return self._why_not(shape, demand, 0) if explain else None
         if self.candidates.unjudged:
@@ -146,6 +151,36 @@ class ShardedSearch:
             parts.append(PartLayout(hv.name, "main" if i == 0 else "worker", tuple(gv.index for gv in chosen),
                                     memory, layers=layers))
         return Layout(shape, tuple(parts), demand)
+
+    def _find_linked(self, shape: Sharded, demand: ShardDemand) -> Layout | None:
+        """One host's GPUs, every pair joined by `shape.link`: the strategy's first host that has them,
+        its preferred GPUs among them. Only hosts that report links are looked at."""
+        need = demand.per_gpu
+        g = shape.gpus
+        f = demand.budget_fraction
+        key = self.strategy.host_key
+        best = None
+        for hv, caps, gpus in self._host_caps(demand):
+            if len(caps) < g or caps[g - 1] < need:
+                continue
+            links = links_of(hv.info, self._links)
+            if links is None or links.largest[shape.link] < g:
+                continue
+            if f is None:
+                fitting = [gv for gv in gpus if gv.free >= need]
+            else:
+                fitting = [gv for gv in gpus if int(f * gv.total) >= need]
+            chosen = links.choose(shape.link, self._rank_gpus(fitting), g)
+            if chosen is not None and (best is None or key(hv) < best[0]):
+                best = (key(hv), hv, chosen)
+        if best is None:
+            return None
+        _, hv, chosen = best
+        chosen = sorted(chosen, key=_index)
+        memory = tuple(demand.reservation(gv.total) for gv in chosen)
+        layers = sum(demand.stage_layers or (0,))
+        part = PartLayout(hv.name, "main", tuple(gv.index for gv in chosen), memory, layers=layers)
+        return Layout(shape, (part,), demand)
 
     def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, tuple[GpuView, ...]]]:
         need = demand.per_gpu
@@ -184,11 +219,12 @@ class ShardedSearch:
         return sorted(range(len(keys)), key=keys.__getitem__)
 
     def _choose_gpus(self, fitting: Sequence[GpuView], g: int) -> list[GpuView]:
+        return sorted(self._rank_gpus(fitting)[:g], key=_index)
+
+    def _rank_gpus(self, fitting: Sequence[GpuView]) -> list[GpuView]:
         if self.strategy.binpack:  # the fullest GPUs that still fit: keep empty ones whole
-            ranked = sorted(fitting, key=_free_then_index)
-        else:
-            ranked = sorted(fitting, key=_most_free_then_index)
-        return sorted(ranked[:g], key=_index)
+            return sorted(fitting, key=_free_then_index)
+        return sorted(fitting, key=_most_free_then_index)
 
     # ------------------------------------------------------------------ explanations
 

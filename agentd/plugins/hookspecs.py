@@ -104,6 +104,21 @@ def agentd_layout_args(runtime, model, spec, layout):
     """
 
 
+@hookspec(firstresult=True)
+def agentd_explain(runtime, model, spec, layout, limits, find):
+    """Say in one sentence why `layout` was chosen over the runner-up (the plan's `why`).
+
+    Called once per placed replica, after the layout passed every check.
+    `limits` are the ShapeLimits the proposals were made for. `find(shapes)`
+    returns the first Layout among `shapes` (Sharded shapes) that would place
+    on the same cluster view with the same checks and strategy, or None; it
+    books nothing, so a plugin can name the layout another policy would have
+    chosen ("TP=4 on GPUs 1-4 (NVLink); PP=3 would use 3 GPUs: --parallelism
+    gpus"). Return a string, or None when `runtime` is not yours. Keep it
+    cheap: each `find` costs about one more search per shape it tries.
+    """
+
+
 # --------------------------------------------------------------------------- act
 # (process phase: launch, health and stop of the processes a runtime starts; see agentd/runtime)
 #

@@ -158,19 +158,25 @@ def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits: Shap
 
 
 def _shapes(model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits) -> Iterator[Sharded]:
-    """Fewest GPUs first; for a GPU count, one host before several, and larger TP before PP.
+    """The shapes in the order of the deployment's `parallelism` (docs/placement.md, "Candidate order").
 
-    Multi-host layouts run one pipeline stage per host through Ray (TP = GPUs
-    per host, PP = hosts). Counts whose weights alone exceed the largest
-    GPU budget are skipped: no layout of that size can fit.
+    auto: one GPU; then, inside one host, TP only over NVLink (smallest first), TP x PP over NVLink,
+    PP first over PCIe-only GPUs (vLLM's advice for GPUs without NVLink); then the fewest-GPUs order
+    for GPUs of unknown or mixed links and for several hosts. Without reported topology that is
+    exactly `gpus`. latency: the largest TP first. gpus: the fewest GPUs first.
+    Multi-host layouts run one pipeline stage per host through Ray (TP = GPUs per host, PP = hosts).
+    Counts whose weights alone exceed the largest GPU budget are skipped: no layout of that size can fit.
     """
     g = limits.max_gpus_per_host
     if g == 0:
         return
+    mode = spec.parallelism
     if limits.exact is not None:  # pinned GPUs: only the shapes that use exactly them
         counts = {n for _, n in limits.exact}
         if len(limits.exact) == 1:
             n = limits.exact[0][1]
+            if mode == "auto" and n > 1 and limits.pcie_gpus >= n:  # PCIe only: pipeline stages first
+                yield from (Sharded(tp, n // tp, link="pcie") for tp in reversed(_divisors_desc(n)))
             yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
         elif len(counts) == 1:
             yield Sharded(counts.pop(), len(limits.exact), hosts=len(limits.exact))
@@ -179,9 +185,44 @@ def _shapes(model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits) -> Iter
     n_max = g * max(1, max_hosts)
     budget = utilization(spec) * limits.max_gpu_memory
     n_min = max(1, math.ceil(model.total_weight_bytes / budget)) if budget else 1
+    lo = min(n_min, n_max)
+    if mode == "latency":
+        yield from _largest_tp_first(lo, g, max_hosts)
+        return
+    if mode == "auto" and (limits.nvlink_gpus > 1 or limits.pcie_gpus > 1):
+        yield from _linked_first(lo, g, limits)
+    yield from _fewest_gpus_first(lo, n_max, g, max_hosts)
+
+
+def _linked_first(lo: int, g: int, limits: ShapeLimits) -> Iterator[Sharded]:
+    """auto's shapes on one host whose GPUs report their links: one GPU; TP only over NVLink, fewest GPUs
+    first; TP x PP over NVLink (heads or memory ruled TP only out), larger TP first; then over PCIe only,
+    PP first (vLLM: "on GPUs without NVLink, use pipeline parallelism")."""
+    if lo <= 1:
+        yield Sharded(1)
+    first = max(2, lo)
+    nvlink = min(g, limits.nvlink_gpus)
+    yield from (Sharded(n, link="nvlink") for n in range(first, nvlink + 1))
+    for n in range(first, nvlink + 1):
+        yield from (Sharded(tp, n // tp, link="nvlink") for tp in _divisors_desc(n, n - 1))
+    for n in range(first, min(g, limits.pcie_gpus) + 1):
+        yield from (Sharded(tp, n // tp, link="pcie") for tp in reversed(_divisors_desc(n)))
+
+
+def _largest_tp_first(lo: int, g: int, max_hosts: int) -> Iterator[Sharded]:
+    """latency: the largest TP first; for a TP, one host before several, fewer stages first."""
+    for tp in range(g, 0, -1):
+        yield from (Sharded(tp, pp) for pp in range(max(1, -(-lo // tp)), g // tp + 1))
+    for tp in range(g, 0, -1):
+        yield from (Sharded(tp, h, hosts=h) for h in range(max(2, -(-lo // tp)), max_hosts + 1))
+
+
+def _fewest_gpus_first(lo: int, n_max: int, g: int, max_hosts: int) -> Iterator[Sharded]:
+    """gpus (and auto where links are unknown): the fewest GPUs first; for a count, one host before
+    several, and larger TP before PP."""
     # Too big for the whole cluster: still propose the largest layouts, so the
     # diagnosis can say by how much they miss.
-    for n in range(min(n_min, n_max), n_max + 1):
+    for n in range(lo, n_max + 1):
         if n <= g:
             yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
         # One stage per host: TP divides n, and TP <= GPUs per host (TP never spans hosts), with
@@ -294,3 +335,68 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
         args += ["--distributed-executor-backend", "ray"]
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
     return LaunchParams(args=tuple(args), env=env)
+
+
+# --------------------------------------------------------------------------- explain
+
+_LINK_TEXT = {"nvlink": " (NVLink)", "pcie": " (PCIe only)"}
+_MODES = ("auto", "gpus", "latency")
+
+
+def _reason(shape: Sharded, mode: str, limits: ShapeLimits) -> str:
+    if limits.exact is not None:
+        return "the pinned GPUs"
+    if shape.gpus == 1:
+        return "one GPU holds it"
+    if mode == "gpus":
+        return "the fewest GPUs that fit"
+    if mode == "latency":
+        return "the largest tensor-parallel size that fits"
+    if shape.link == "nvlink":
+        if shape.pp == 1:
+            return "tensor parallel over NVLink, as vLLM advises inside a host"
+        return ("pipeline stages inside the host: no tensor-parallel-only layout on NVLink-connected GPUs "
+                "fits or passes the heads rule")
+    if shape.link == "pcie":
+        if shape.pp == 1:
+            return "tensor parallel over PCIe: no layout with pipeline stages fits"
+        return "pipeline stages over PCIe, as vLLM advises for GPUs without NVLink"
+    if shape.hosts > 1:
+        return "no single host holds it: one pipeline stage per host, TP = GPUs per host"
+    if limits.nvlink_gpus > 1 or limits.pcie_gpus > 1:
+        return "no GPUs all joined by NVLink, or all by PCIe only, hold it: the fewest GPUs that fit"
+    return "GPU interconnect unknown: the fewest GPUs that fit"
+
+
+def _uses(layout: Layout) -> str:
+    n = layout.gpu_count
+    text = f"{layout.shape.label} would use {n} GPU{'s' if n != 1 else ''}"
+    return text if layout.shape.hosts == 1 else f"{text} on {layout.shape.hosts} hosts"
+
+
+@hookimpl
+def agentd_explain(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layout, limits: ShapeLimits, find):
+    """The layout, why the policy chose it, and what each other --parallelism would run instead (when
+    that differs): "TP=4 on gpu-node-1 GPUs 1-4 (NVLink): tensor parallel over NVLink, as vLLM advises
+    inside a host; PP=3 would use 3 GPUs: --parallelism gpus"."""
+    if runtime != NAME or not isinstance(layout.shape, Sharded):
+        return None
+    shape = layout.shape
+    mode = spec.parallelism
+    text = f"{layout.label}{_LINK_TEXT.get(shape.link, '')}: {_reason(shape, mode, limits)}"
+    if limits.exact is not None:
+        return text
+    linked = limits.nvlink_gpus > 1 or limits.pcie_gpus > 1
+    chosen = (shape.tp, shape.pp, shape.hosts)
+    seen = {chosen}
+    for other in _MODES:
+        if other == mode or (not linked and {mode, other} == {"auto", "gpus"}):  # the same order without links
+            continue
+        alt = find(_shapes(model, spec.model_copy(update={"parallelism": other}), limits))
+        if alt is None:
+            continue
+        key = (alt.shape.tp, alt.shape.pp, alt.shape.hosts)
+        if key not in seen:
+            seen.add(key)
+            text += f"; {_uses(alt)}: --parallelism {other}"
+    return text if len(seen) > 1 else f"{text}; the same with any --parallelism"

@@ -6,6 +6,7 @@ from agentd.plugins import RuntimeInfo, hookimpl
 from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
+    agentd_explain,
     agentd_layout_args,
     agentd_propose,
 )
