@@ -116,12 +116,14 @@ class Coordinator:
         clock: Callable[[], float] = time.monotonic,
         propose_timeout: float = 10.0,
         inspect_timeout: float = INSPECT_TIMEOUT,
+        validate_spec: Callable[[DeploymentSpec], None] | None = None,
     ):
         self.state = state
         self.consensus = consensus
         self._place = place
         self._inspect = BoundedInspector(inspect, timeout=inspect_timeout)  # a user's path: never on the loop
         self._validate_runtime = validate_runtime
+        self._validate_spec = validate_spec  # launch flags only agentd may set (PluginManager.check_launch_options)
         self.port_range = port_range
         self.node_down_grace = node_down_grace
         self.report_interval = report_interval
@@ -280,11 +282,13 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._report_arrived.wait(), 0.05)
 
-    async def _model(self, spec: DeploymentSpec) -> ModelInfo:
+    async def _model(self, spec: DeploymentSpec, *, check_options: bool = True) -> ModelInfo:
         try:
             self._validate_runtime(spec.runtime)
         except InvalidInput as exc:
             raise InvalidInput(str(exc), where="runtime") from None
+        if check_options and self._validate_spec is not None:  # not when re-placing what is committed
+            self._validate_spec(spec)
         try:
             return await self._inspect(spec.model)
         except InvalidInput as exc:  # the message names the file; say which field it came from
@@ -478,7 +482,7 @@ class Coordinator:
                 spec = record.spec.model_copy(update={"replicas": 1})
                 others = [x for x in self.state.all_assignments() if (x.deployment, x.replica) != key]
                 try:
-                    model = await self._model(spec)
+                    model = await self._model(spec, check_options=False)
                 except AgentdError as exc:
                     self._replace_after[key] = self.clock() + self.node_down_grace
                     decisions.append(f"{a.instance_id} on down host(s) {', '.join(sorted(hosts & down))} "

@@ -191,7 +191,8 @@ class Daemon:
                                      on_event=self._on_process_event)
         self.coordinator = Coordinator(
             state=self.state, consensus=self.raft, place=Placer(self.plugins), inspect=inspect_model,
-            validate_runtime=self.plugins.runtime, port_range=settings.port_range,
+            validate_runtime=self.plugins.runtime, validate_spec=self.plugins.check_launch_options,
+            port_range=settings.port_range,
             node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL)
         self.coordinator.on_placement = self._on_placement
         self.raft.admit = self.coordinator.admit  # nothing newer than every member supports enters the log

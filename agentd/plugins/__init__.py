@@ -2,5 +2,6 @@
 
 from agentd.plugins.hookspecs import hookimpl, hookspec
 from agentd.plugins.manager import PluginManager, RuntimeInfo
+from agentd.plugins.reserved import ReservedLaunch
 
-__all__ = ["PluginManager", "RuntimeInfo", "hookimpl", "hookspec"]
+__all__ = ["PluginManager", "ReservedLaunch", "RuntimeInfo", "hookimpl", "hookspec"]

@@ -129,6 +129,23 @@ def agentd_explain(runtime, model, spec, layout, limits, find):
 # plugin only says what to run and how to read its answers.
 
 
+@hookspec
+def agentd_reserved_launch(runtime):
+    """Declare the launch flags and environment variables only agentd may set for `runtime`.
+
+    Return an `agentd.plugins.ReservedLaunch` (flags, long and short; variable
+    names and prefixes; whether the program accepts abbreviated long options;
+    hints naming the deployment option to use instead), or None for runtimes
+    you do not know. Declare what your `agentd_launch` sets (listen address,
+    port, API key, model, devices) and whatever changes what the server
+    allocates without placement booking it. Every plugin's declarations for
+    the runtime apply, plus agentd's own (`LD_*`, `PATH`, `PYTHONPATH`,
+    `CUDA_VISIBLE_DEVICES`, ...). A deploy whose `options.extra_args` or
+    `options.env` set one is refused with INVALID_ARGUMENT naming it. Called
+    by the coordinator for each deploy: pure, no I/O.
+    """
+
+
 @hookspec(firstresult=True)
 def agentd_launch(assignment, part_index, ctx):
     """Say which processes run part `part_index` of `assignment` on this host.

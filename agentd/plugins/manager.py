@@ -17,6 +17,8 @@ import pluggy
 from agentd.errors import InvalidInput, PluginError
 from agentd.logs import fields
 from agentd.plugins import hookspecs
+from agentd.plugins.reserved import CORE, ReservedLaunch, check_launch_options
+from agentd.types import DeploymentSpec
 
 ENTRY_POINT_GROUP = "agentd.plugins"
 log = logging.getLogger(__name__)
@@ -117,6 +119,15 @@ class PluginManager:
             known = ", ".join(sorted(runtimes)) or "none loaded"
             raise InvalidInput(f"unknown runtime {name!r} (available: {known})")
         return runtimes[name]
+
+    def reserved_launch(self, runtime: str) -> ReservedLaunch:
+        """What only agentd may set for `runtime`: agentd's own list and every plugin's declaration."""
+        return ReservedLaunch.merge([CORE, *self._call_safely("agentd_reserved_launch", runtime=runtime)])
+
+    def check_launch_options(self, spec: DeploymentSpec) -> None:
+        """InvalidInput naming the first extra argument or variable of `spec` that only agentd may set."""
+        check_launch_options(spec.runtime, spec.options.extra_args, spec.options.env,
+                             self.reserved_launch(spec.runtime))
 
     def _call_safely(self, hook_name: str, **kwargs: Any) -> list[Any]:
         try:

@@ -9,7 +9,11 @@ from agentd_llamabox.placement import (  # noqa: F401 (placement hooks, re-expor
     agentd_layout_args,
     agentd_propose,
 )
-from agentd_llamabox.process import agentd_health, agentd_launch  # noqa: F401 (act-phase hooks, re-exported for pluggy)
+from agentd_llamabox.process import (  # noqa: F401 (act-phase hooks, re-exported for pluggy)
+    agentd_health,
+    agentd_launch,
+    agentd_reserved_launch,
+)
 
 NAME = "llamabox"
 

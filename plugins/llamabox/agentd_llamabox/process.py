@@ -24,9 +24,9 @@ How a plan becomes a command line, and why:
   there. `--no-op-offload` goes with it: llama.cpp's default op offload runs
   big batches of host-weight matmuls (the CPU layers, the pinned output) on
   the first GPU by copying the weights into its compute buffer, memory the
-  plan does not book; with it off they run where their weights are. A
-  deployment may pass `--op-offload` in its extra args to trade that memory
-  for faster prompt processing.
+  plan does not book; with it off they run where their weights are.
+  (`--op-offload` in a deployment's extra args is refused with the other
+  flags that change the booking: `RESERVED` below.)
 * **`--fit off`.** llama-server's default re-fits unset arguments to the free
   memory it sees; the plan already decided, and must not be second-guessed
   differently on each host.
@@ -50,7 +50,7 @@ import os
 from pathlib import Path
 
 from agentd.errors import InvalidInput
-from agentd.plugins import hookimpl
+from agentd.plugins import ReservedLaunch, hookimpl
 from agentd.runtime.binaries import find_binary
 from agentd.runtime.spec import Endpoint, HealthVerdict, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
 from agentd.types import Assignment, Part
@@ -64,6 +64,53 @@ _CTX = ("-c", "--ctx-size")
 _OP_OFFLOAD = ("--op-offload", "--no-op-offload")
 # The output layer's weight kept in RAM: output.weight, or token_embd.weight's copy for tied embeddings.
 OUTPUT_WEIGHT_ON_CPU = r"^(output|token_embd)\.weight$=CPU"
+
+
+CTX_HINT = "use the ctx_size option (agentd deploy --ctx-size), which placement books"
+SPLIT_HINT = "placement decides the devices and the layer split; use --pin, --exclude-gpu or --allow-cpu-offload"
+BOOKED_HINT = "it changes the memory llama-server allocates, which placement books with llama-server's defaults"
+ADDRESS_HINT = "agentd binds each server to the host's internal address and a port from port_range"
+KEY_HINT = "agentd gives each server its own key; clients use keys from 'agentd keys create'"
+
+# What only agentd may put on llama-server's command line (issue 14): see agentd/plugins/reserved.py.
+RESERVED = ReservedLaunch(
+    flags=(
+        # the model and where it comes from
+        "-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hfv",
+        "--hf-repo-v", "-hffv", "--hf-file-v", "-dr", "--docker-repo", "-a", "--alias",
+        "--models-dir", "--models-preset", "--models-max",
+        # where it listens, and who may call it
+        "--host", "--port", "--path", "--api-prefix", "--api-key", "--api-key-file", "--ssl-key-file",
+        "--ssl-cert-file", "--props",
+        # files it would write as the agentd user
+        "--slot-save-path", "--log-file",
+        # devices and the layer split
+        "--rpc", "-dev", "--device", "-mg", "--main-gpu", "-sm", "--split-mode", "-ts", "--tensor-split",
+        "-ngl", "--gpu-layers", "--n-gpu-layers", "-ot", "--override-tensor", "-cmoe", "--cpu-moe", "-ncmoe",
+        "--n-cpu-moe", "--fit", "-fit", "--fit-target", "--fit-ctx", "--op-offload", "--no-op-offload",
+        # what placement books
+        "-c", "--ctx-size", "-fa", "--flash-attn", "-b", "--batch-size", "-ub", "--ubatch-size", "-np",
+        "--parallel", "-kvu", "--kv-unified", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "--swa-full",
+        "-mm", "--mmproj", "-mmu", "--mmproj-url",
+        # a draft model is a second model, unbooked
+        "-md", "--model-draft", "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "-devd", "--device-draft",
+        "-cd", "--ctx-size-draft", "-otd", "--override-tensor-draft", "-hfd", "-hfrd", "--hf-repo-draft",
+    ),
+    env=("LLAMA_API_KEY", "GGML_CUDA_ENABLE_UNIFIED_MEMORY"),
+    env_prefixes=("LLAMA_ARG_",),  # llama.cpp reads every flag from LLAMA_ARG_<NAME> too
+    hints={"-c": CTX_HINT, "--ctx-size": CTX_HINT, "-m": "give the model with --model",
+           "--model": "give the model with --model", "--host": ADDRESS_HINT, "--port": ADDRESS_HINT,
+           "--api-key": KEY_HINT, "--api-key-file": KEY_HINT, "LLAMA_API_KEY": KEY_HINT,
+           **{f: SPLIT_HINT for f in ("-ngl", "--gpu-layers", "--n-gpu-layers", "-ts", "--tensor-split", "-sm",
+                                      "--split-mode", "-ot", "--override-tensor", "--rpc", "-dev", "--device")},
+           **{f: BOOKED_HINT for f in ("-fa", "--flash-attn", "-b", "--batch-size", "-ub", "--ubatch-size",
+                                      "-np", "--parallel", "--op-offload", "--no-op-offload")}},
+)
+
+
+@hookimpl
+def agentd_reserved_launch(runtime):
+    return RESERVED if runtime == NAME else None
 
 
 def _package_bin_dirs() -> list[Path]:

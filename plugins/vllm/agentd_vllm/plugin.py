@@ -10,7 +10,11 @@ from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported 
     agentd_layout_args,
     agentd_propose,
 )
-from agentd_vllm.process import agentd_launch, agentd_stop  # noqa: F401 (act-phase hooks, re-exported for pluggy)
+from agentd_vllm.process import (  # noqa: F401 (act-phase hooks, re-exported for pluggy)
+    agentd_launch,
+    agentd_reserved_launch,
+    agentd_stop,
+)
 
 NAME = "vllm"
 

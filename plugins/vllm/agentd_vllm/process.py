@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 
 from agentd.errors import InvalidInput
-from agentd.plugins import hookimpl
+from agentd.plugins import ReservedLaunch, hookimpl
 from agentd.runtime.binaries import find_binary
 from agentd.runtime.spec import Endpoint, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
 from agentd.types import Assignment, Part
@@ -79,6 +79,38 @@ def ray_binary(ctx: LaunchContext) -> str:
     vllm = ctx.settings.vllm_binary or ""
     dirs = [Path(vllm).parent] if "/" in vllm else []
     return find_binary("", ("ray",), dirs, setting="vllm_binary (ray is looked up beside it)")
+
+
+CTX_HINT = "use the ctx_size option (agentd deploy --ctx-size), which placement books"
+MEM_HINT = "use the gpu_memory_utilization option (agentd deploy --gpu-memory-utilization), which placement books"
+LAYOUT_HINT = "placement decides tensor and pipeline parallelism; use --parallelism, --pin or --exclude-gpu"
+ADDRESS_HINT = "agentd binds each server to the host's internal address and a port from port_range"
+
+# What only agentd may put on `vllm serve`'s command line (issue 14): see agentd/plugins/reserved.py.
+RESERVED = ReservedLaunch(
+    flags=(
+        "--model", "--served-model-name", "--config",
+        "--host", "--port", "--uds", "--root-path", "--api-key", "--ssl-keyfile", "--ssl-certfile",
+        "--ssl-ca-certs", "--allowed-local-media-path",
+        "-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size", "-dp", "--data-parallel-size",
+        "-dpl", "--data-parallel-size-local", "-dpa", "--data-parallel-address", "-dpp", "--data-parallel-rpc-port",
+        "--data-parallel-start-rank", "-dpb", "--data-parallel-backend", "--data-parallel-hybrid-lb",
+        "--data-parallel-external-lb", "--enable-expert-parallel", "--headless", "-asc", "--api-server-count",
+        "--distributed-executor-backend",
+        "--gpu-memory-utilization", "--kv-cache-memory-bytes", "--max-model-len", "--cpu-offload-gb",
+        "--swap-space", "--kv-cache-dtype", "--speculative-config",
+    ),
+    env=("VLLM_API_KEY", "VLLM_HOST_IP", "VLLM_PORT", "RAY_ADDRESS", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"),
+    abbreviations=True,  # argparse: --max-model means --max-model-len
+    hints={"--max-model-len": CTX_HINT, "--gpu-memory-utilization": MEM_HINT, "--host": ADDRESS_HINT,
+           "--port": ADDRESS_HINT, "--api-key": "agentd gives each server its own key (VLLM_API_KEY)",
+           **{f: LAYOUT_HINT for f in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size")}},
+)
+
+
+@hookimpl
+def agentd_reserved_launch(runtime):
+    return RESERVED if runtime == NAME else None
 
 
 def serve_argv(a: Assignment, binary: str, ep_address: str, ep_port: int) -> list[str]:
