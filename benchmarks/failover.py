@@ -1,6 +1,8 @@
 """Failover, deploy latency and coordinator load, with real `agentd serve` processes on loopback.
 
     .venv/bin/python benchmarks/failover.py [--runs 10] [--members 500] [--cpu-seconds 20] [--skip-cpu]
+    .venv/bin/python benchmarks/failover.py --only e --hung-timeouts 1s,default   # before/after a change
+    .venv/bin/python benchmarks/failover.py --soak 600 --soak-hosts 200 [--soak-burn 1]   # not part of a default run
 
 (a) SIGKILL of the leader -> a new leader ACCEPTS a Deploy: Deploy calls are
     sent round-robin to the two survivors (each with a 1 s deadline, a fresh
@@ -18,7 +20,17 @@
 (c) (a) again with `--election-timeout 500ms`.
 (e) Like (a) and (c), but the leader is frozen with SIGSTOP instead of killed:
     its sockets stay open, so no follower sees its stream break and the new
-    leader is found by the election timeout (then SIGCONT; it rejoins).
+    leader is found by the election timeout (then SIGCONT; it rejoins). Once
+    with each `--hung-timeouts` setting (`default`, or an --election-timeout
+    such as `1s`, which is 1-2 s: the defaults before agentd 0.2). Also shown:
+    when the new leader was elected (its "became leader" log line).
+(s) `--soak SECONDS`: no spurious election. Three agents with the default
+    timeouts (or `--soak-timeout`) run for SECONDS while `--soak-hosts`
+    simulated hosts report to the leader every `--soak-report-interval`
+    seconds (the Report path of (d)), and `--soak-burn` processes spin on the
+    CPUs. Every second each agent's Status is read; any change of term or
+    leader is an election that nothing provoked. Also counted from the logs:
+    elections started, leaders' step-downs for want of a quorum.
 (d) The leader's CPU with `--members` simulated hosts heartbeating every
     second: one agent leads a one-node cluster; a separate process sends
     Agent.Report for each member once a second (spread evenly over the
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -108,8 +121,11 @@ class Bench:
 
 
 def failover_runs(root: Path, model: Path, runs: int, election_timeout: str,
-                  sig: signal.Signals = signal.SIGKILL) -> list[float]:
-    """(a) / (c) / (e): seconds from the signal to the leader to the first accepted Deploy."""
+                  sig: signal.Signals = signal.SIGKILL, elected: list[float] | None = None) -> list[float]:
+    """(a) / (c) / (e): seconds from the signal to the leader to the first accepted Deploy.
+
+    `elected` gets, per run, the seconds from the signal to the new leader's "became leader" log line.
+    """
     b = Bench(root, election_timeout)
     times = []
     try:
@@ -120,7 +136,7 @@ def failover_runs(root: Path, model: Path, runs: int, election_timeout: str,
             survivors = [n for n in NAMES if n != leader]
             for n in survivors:  # connections up before the clock starts
                 b.status(n)
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             b.c.agents[leader].proc.send_signal(sig)
             attempt = 0
             while True:
@@ -135,6 +151,11 @@ def failover_runs(root: Path, model: Path, runs: int, election_timeout: str,
                 if time.perf_counter() - t0 > 30:
                     raise SystemExit(f"no Deploy accepted within 30 s; logs in {root}")
             times.append(time.perf_counter() - t0)
+            if elected is not None:
+                new = _leader_of(b, survivors)
+                seen = [t for t in _log_times(b.c.agents[new].log_file, "became leader") if t >= wall0]
+                if seen:
+                    elected.append(seen[0] - wall0)
             if sig == signal.SIGSTOP:
                 b.delete_all(_leader_of(b, survivors))
                 b.c.agents[leader].proc.send_signal(signal.SIGCONT)
@@ -146,6 +167,21 @@ def failover_runs(root: Path, model: Path, runs: int, election_timeout: str,
     finally:
         b.close()
     return times
+
+
+def _log_times(path: Path, msg: str) -> list[float]:
+    """Wall-clock times of an agent's JSON log lines whose message is `msg`."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f'"msg":"{msg}"' not in line:
+            continue
+        try:
+            ts = json.loads(line)["ts"]
+        except (ValueError, KeyError):
+            continue
+        out.append(datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")
+                   .replace(tzinfo=datetime.UTC).timestamp())
+    return out
 
 
 def _leader_of(b: Bench, names: list[str]) -> str:
@@ -210,8 +246,8 @@ def member_inventory(i: int) -> dict[str, Any]:
     return inv
 
 
-async def send_reports(address: str, members: int, seconds: float) -> dict[str, Any]:
-    """Every member reports once a second, spread evenly; returns latencies and errors."""
+async def send_reports(address: str, members: int, seconds: float, interval: float = 1.0) -> dict[str, Any]:
+    """Every member reports once per `interval` seconds, spread evenly; returns latencies and errors."""
     reqs = []
     for i in range(members):
         inv = member_inventory(i)
@@ -236,7 +272,7 @@ async def send_reports(address: str, members: int, seconds: float) -> dict[str, 
 
         loop = asyncio.get_running_loop()
         start = loop.time()
-        period = 1.0 / members
+        period = interval / members
         tasks: set[asyncio.Task] = set()
         k = 0
         while loop.time() - start < seconds:
@@ -284,6 +320,62 @@ def coordinator_cpu(root: Path, members: int, seconds: float, warmup: float) -> 
             "rss": rss}
 
 
+# ---------------------------------------------------------------------- (s) soak: no spurious election
+
+
+def soak(root: Path, seconds: float, hosts: int, report_interval: float, burn: int,
+         election_timeout: str) -> dict[str, Any]:
+    """(s): three agents left alone (but loaded) for `seconds`; every leader or term change is counted."""
+    b = Bench(root, election_timeout)
+    burners: list[subprocess.Popen] = []
+    sender = None
+    try:
+        b.c.start()
+        b.c.wait_for_inventories()
+        leader = b.whole()
+        term = b.status(leader).term
+        wall0 = time.time()
+        if hosts:
+            sender = subprocess.Popen(
+                [sys.executable, __file__, "--_send", b.c.agents[leader].listen, str(hosts), str(seconds),
+                 str(report_interval)], stdout=subprocess.PIPE, text=True)
+        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(burn)]
+        changes: list[str] = []
+        polls = failed = 0
+        procs = {n: psutil.Process(b.c.agents[n].proc.pid) for n in NAMES}
+        for p in procs.values():
+            p.cpu_percent(None)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            for n in NAMES:
+                polls += 1
+                try:
+                    s = b.status(n)
+                except grpc.RpcError:
+                    failed += 1
+                    continue
+                if (s.leader_id, s.term) != (leader, term):
+                    changes.append(f"{time.time() - wall0:.0f}s: {n} sees leader {s.leader_id or '-'} term {s.term}")
+                    leader, term = (s.leader_id or leader), max(term, s.term)
+        cpu = {n: p.cpu_percent(None) for n, p in procs.items()}
+        sent = json.loads(sender.communicate(timeout=120)[0]) if sender else None
+        counts = {
+            what: sum(sum(1 for t in _log_times(b.c.agents[n].log_file, msg) if t >= wall0) for n in NAMES)
+            for what, msg in (("leaders elected", "became leader"),
+                              ("step-downs without a quorum", "cannot hear a quorum of voters"),
+                              ("fast-failover campaigns", "leader connection lost; campaigning soon"))}
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+        if sender and sender.poll() is None:
+            sender.kill()
+        b.close()
+    return {"changes": changes, "polls": polls, "failed_polls": failed, "counts": counts, "sent": sent,
+            "cpu": cpu, "load": os.getloadavg()}
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -296,7 +388,8 @@ def _ms(xs: list[float]) -> tuple[str, str]:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_send":
         address, members, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-        result = asyncio.run(send_reports(address, members, seconds))
+        interval = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
+        result = asyncio.run(send_reports(address, members, seconds, interval))
         print(json.dumps(result))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -306,7 +399,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=6.0, help="seconds of reports before (d) measures")
     ap.add_argument("--skip-cpu", action="store_true", help="skip (d)")
     ap.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append", help="run only these parts")
+    ap.add_argument("--hung-timeouts", default="default,500ms", metavar="T,T,...",
+                    help="(e): election timeouts to run, 'default' or an --election-timeout (default: default,500ms)")
+    ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                    help="run only (s), the no-spurious-election soak, for SECONDS (e.g. 600)")
+    ap.add_argument("--soak-hosts", type=int, default=200, help="(s): simulated hosts reporting (default 200)")
+    ap.add_argument("--soak-report-interval", type=float, default=5.0, help="(s): seconds between a host's reports")
+    ap.add_argument("--soak-burn", type=int, default=0, help="(s): processes spinning on the CPUs meanwhile")
+    ap.add_argument("--soak-timeout", default="", help="(s): an --election-timeout instead of the default")
     args = ap.parse_args()
+    if args.soak:
+        return _report_soak(args)
     parts = set(args.only or ["a", "b", "c", "d", "e"]) - ({"d"} if args.skip_cpu else set())
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="agentd-failover-") as tmp:
@@ -326,10 +429,14 @@ def main() -> int:
             t = failover_runs(root / "c", model, args.runs, "500ms")
             rows.append(("(c) SIGKILL leader -> Deploy accepted, 500ms", str(len(t)), *_ms(t)))
         if "e" in parts:
-            t = failover_runs(root / "e1", model, args.runs, "", signal.SIGSTOP)
-            rows.append(("(e) SIGSTOP leader -> Deploy accepted, defaults", str(len(t)), *_ms(t)))
-            t = failover_runs(root / "e2", model, args.runs, "500ms", signal.SIGSTOP)
-            rows.append(("(e) SIGSTOP leader -> Deploy accepted, 500ms", str(len(t)), *_ms(t)))
+            for i, timeout in enumerate(args.hung_timeouts.split(",")):
+                elected: list[float] = []
+                t = failover_runs(root / f"e{i}", model, args.runs, "" if timeout == "default" else timeout,
+                                  signal.SIGSTOP, elected)
+                label = "defaults" if timeout == "default" else f"--election-timeout {timeout}"
+                rows.append((f"(e) SIGSTOP leader -> Deploy accepted, {label}", str(len(t)), *_ms(t)))
+                rows.append((f"(e) SIGSTOP leader -> new leader elected, {label}", str(len(elected)),
+                             *_ms(elected)))
         if "d" in parts:
             d = coordinator_cpu(root / "d", args.members, args.cpu_seconds, args.warmup)
             sent = d["sent"]
@@ -354,6 +461,26 @@ def main() -> int:
         print(notes)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _report_soak(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="agentd-soak-") as tmp:
+        r = soak(Path(tmp), args.soak, args.soak_hosts, args.soak_report_interval, args.soak_burn, args.soak_timeout)
+    print(f"(s) soak: 3 agents, election timeout {args.soak_timeout or 'default'}, {args.soak:g} s, "
+          f"{args.soak_hosts} simulated hosts reporting every {args.soak_report_interval:g} s, "
+          f"{args.soak_burn} CPU burners")
+    print(f"    leader/term changes seen by Status polls: {len(r['changes'])} ({r['polls']} polls, "
+          f"{r['failed_polls']} failed)")
+    for line in r["changes"]:
+        print(f"      {line}")
+    print("    from the logs: " + ", ".join(f"{k} {v}" for k, v in r["counts"].items()))
+    if r["sent"]:
+        lat = sorted(r["sent"]["latencies"])
+        p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
+        print(f"    reports: {r['sent']['sent']} sent, errors {r['sent']['errors'] or 'none'}, p99 {p99:.1f} ms")
+    print("    agents' CPU (mean over the soak): " + ", ".join(f"{n} {c:.1f} %" for n, c in r["cpu"].items()))
+    print(f"machine: {os.cpu_count()} CPUs, load average {r['load'][0]:.2f} {r['load'][1]:.2f} {r['load'][2]:.2f}")
+    return 1 if r["changes"] or r["counts"]["leaders elected"] else 0
 
 
 if __name__ == "__main__":

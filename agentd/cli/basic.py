@@ -62,18 +62,12 @@ def installed_plugins() -> list[dict[str, str]]:
 def version_info() -> dict[str, Any]:
     """What `agentd version --json` prints: {"version": ..., ..., "plugins": [...]}.
 
-    Keys come from agentd.version.info() (state format, wire version) where that module exists;
-    "agentd" repeats the version for scripts written against agentd 0.1.0.
+    Keys come from agentd.version.info() (the release, state format, wire version); "agentd" repeats the
+    release for scripts written against agentd 0.1.0.
     """
-    from agentd import __version__
+    from agentd.version import info  # it imports nothing of agentd: cheap
 
-    data: dict[str, Any] = {"version": __version__}
-    try:
-        from agentd.version import info  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # a tree from before the versioning work (issue 12)
-        pass
-    else:
-        data.update(info())
+    data: dict[str, Any] = info()
     data["agentd"] = data["version"]
     data["plugins"] = installed_plugins()
     return data
