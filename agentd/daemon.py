@@ -54,6 +54,7 @@ from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
 from agentd.api.security_service import JoinService, SecurityService, add_security_services
+from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
 from agentd.cluster.raft.types import Role
@@ -419,7 +420,9 @@ class Daemon:
                                    wire_version=me.wire_version, upgrade_required=me.upgrade_required)
             stub = pb_grpc.AgentStub(self.channels.get(self.raft.leader_address))
             try:
-                reply = await stub.Report(req, timeout=2.0)
+                reply = await unless_leader_moves(stub.Report(req, timeout=2.0), lambda: self.raft.leader_id)
+            except LeaderMoved:
+                return  # the leader change asked for a report at once (_on_leader_change): it goes to the new one
             except grpc.aio.AioRpcError as exc:
                 level = logging.WARNING if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else logging.DEBUG
                 log.log(level, "report not accepted", extra=fields(leader=self.raft.leader_id,
