@@ -167,10 +167,11 @@ def leader(c: LocalCluster) -> str:
     return c.wait_for_leader(30)[0]
 
 
-def completion(c: LocalCluster, via: str, model: str) -> str:
+def completion(c: LocalCluster, via: str, model: str, key: str = "") -> str:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(f"http://{c.agents[via].http_listen}/v1/completions", method="POST",
                                  data=json.dumps({"model": model, "prompt": "Hi", "max_tokens": 3}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["choices"][0]["text"]
 
@@ -189,6 +190,7 @@ def restart_as(c: LocalCluster, name: str, env: dict[str, str]) -> None:
     c.kill(name, signal.SIGTERM)
     c.agent_env[name] = env
     c.start_agent(name)
+    wait_for(lambda: status(c, name).leader_id, 30, f"{name} to follow a leader after its restart")
 
 
 @pytest.fixture
@@ -214,7 +216,7 @@ def test_a_0_1_0_cluster_upgrades_host_by_host_while_it_serves(tmp_path, release
     try:
         c.start()
         c.wait_for_inventories()
-        deploy(c, "a", spec("first", models["tiny"], pin=["a"]))
+        deploy(c, "a", spec("first", models["tiny"], pin=[pb.GpuPin(host="a")]))
         wait_for(lambda: running(c, "a", "first"), 60, "first running on 0.1.0")
         pids = server_pids(tmp_path)
         assert len(pids) == 1
@@ -228,7 +230,7 @@ def test_a_0_1_0_cluster_upgrades_host_by_host_while_it_serves(tmp_path, release
         st = status(c, "c")
         assert (st.agent_version, st.state_format, st.cluster_format) == (AGENT_VERSION, STATE_FORMAT, 1)
         assert json.loads((c.agents["c"].data_dir / "agentd-data.json").read_text())["data_format"] == 2
-        deploy(c, "c", spec("second", models["tiny"], pin=["b"]))  # forwarded to the 0.1.0 leader
+        deploy(c, "c", spec("second", models["tiny"], pin=[pb.GpuPin(host="b")]))  # forwarded to the 0.1.0 leader
         wait_for(lambda: running(c, "a", "second"), 60, "second running")
         wait_for(lambda: {"first", "second"} <= local_names(c, "c"), 10, "c to apply the old leader's entry")
 
@@ -238,8 +240,9 @@ def test_a_0_1_0_cluster_upgrades_host_by_host_while_it_serves(tmp_path, release
             restart_as(c, "b", old)
         assert leader(c) in ("a", "c")
         lead = leader(c)
-        wait_for(lambda: all(n.agent_version for n in _nodes(c, lead) if n.name != "b"), 30, "reports")
-        deploy(c, lead, spec("third", models["tiny"], pin=["c"]))
+        wait_for(lambda: all(n.agent_version == AGENT_VERSION for n in _nodes(c, lead) if n.name != "b"), 30,
+                 "the new agents' reports")
+        deploy(c, lead, spec("third", models["tiny"], pin=[pb.GpuPin(host="c")]))
         wait_for(lambda: "third" in local_names(c, "b"), 30, "the old follower to apply the new leader's entry")
         with pytest.raises(AgentdError) as refused:
             deploy(c, lead, spec("fourth", models["tiny"], parallelism="latency"))
@@ -247,12 +250,12 @@ def test_a_0_1_0_cluster_upgrades_host_by_host_while_it_serves(tmp_path, release
         assert "needs state format 2" in msg and "b (agentd 0.1.0, state format 1)" in msg
         assert status(c, lead).cluster_format == 1
         nodes = {n.name: n for n in _nodes(c, lead)}
-        assert nodes["b"].agent_version == "" and nodes["a"].agent_version == AGENT_VERSION
+        assert nodes["b"].agent_version == "0.1.0" and nodes["a"].agent_version == AGENT_VERSION
 
         # 3. Every host new: the leader raises the cluster's format, and the same request goes through.
         restart_as(c, "b", new)
         wait_for(lambda: status(c, leader(c)).cluster_format == STATE_FORMAT, 30, "the cluster format raised")
-        deploy(c, leader(c), spec("fourth", models["tiny"], parallelism="latency", pin=["a"]))
+        deploy(c, leader(c), spec("fourth", models["tiny"], parallelism="latency", pin=[pb.GpuPin(host="a")]))
         wait_for(lambda: "fourth" in local_names(c, "b"), 30, "b to apply a format-2 entry")
         assert pids <= server_pids(tmp_path), "the model server 0.1.0 started was restarted during the upgrade"
         assert completion(c, "c", "first")
@@ -273,7 +276,7 @@ def test_a_0_1_0_data_directory_with_keys_deployments_and_servers_is_taken_over(
         c.start()
         c.wait_for_inventories()
         with c.agents["a"].client(timeout=30) as client:
-            key = client.call("CreateApiKey", sec_pb.CreateApiKeyRequest(tenant="team", description="kept"))
+            key = client.call("CreateApiKey", sec_pb.CreateApiKeyRequest(tenant="team", name="kept"))
             token = client.call("CreateJoinToken", sec_pb.CreateJoinTokenRequest(ttl_seconds=3600, node_name="z"))
         deploy(c, "a", spec("kept", models["tiny"], tenant="team"))
         first = wait_for(lambda: running(c, "a", "kept"), 60, "kept running on 0.1.0")
@@ -290,8 +293,11 @@ def test_a_0_1_0_data_directory_with_keys_deployments_and_servers_is_taken_over(
             keys = client.call("ListApiKeys", sec_pb.ListApiKeysRequest()).keys
             tokens = client.call("ListJoinTokens", sec_pb.ListJoinTokensRequest()).tokens
             d = client.call("Get", pb.GetRequest(name="kept"))
-        assert key.id in {k.id for k in keys} and token.id in {t.id for t in tokens}
+        assert key.info.id in {k.id for k in keys} and token.info.id in {t.id for t in tokens}
         assert d.spec.tenant == "team"
+        # The key works on /v1/, and the proxy reaches the adopted server with the key derived from the
+        # cluster secret that 0.1.0 wrote.
+        assert completion(c, "a", "kept", key=key.key)
         assert json.loads((c.agents["a"].data_dir / "agentd-data.json").read_text()) == {
             "data_format": 2, "agent_version": AGENT_VERSION}
         log = c.agents["a"].log_file.read_text(errors="replace")
@@ -301,31 +307,36 @@ def test_a_0_1_0_data_directory_with_keys_deployments_and_servers_is_taken_over(
 
 
 def test_an_agent_that_meets_a_newer_entry_stops_applying_and_says_so(tmp_path, release_future, models):
-    c = cluster(tmp_path / "c", "ab", agent_env={"a": code_env(release_future)})
+    future = code_env(release_future)
+    c = cluster(tmp_path / "c", "ab", agent_env={"b": dict(future)})
     try:
-        c.start()
+        c.start()  # a (this release) bootstraps and leads; b (0.3.0) joins while the cluster writes format 2
         c.wait_for_inventories()
-        assert leader(c) == "a"
-        deploy(c, "a", spec("x", models["tiny"], pin=["a"]))
-        wait_for(lambda: "x" in local_names(c, "b"), 30, "b to apply a format-1 entry of the 0.3.0 leader")
-        with c.agents["a"].client(timeout=30) as client:
+        restart_as(c, "a", {})  # a hands leadership to b on SIGTERM and comes back as its follower
+        assert leader(c) == "b"
+        deploy(c, "b", spec("x", models["tiny"], pin=[pb.GpuPin(host="b")]))
+        wait_for(lambda: "x" in local_names(c, "a"), 30, "a to apply a format-1 entry of the 0.3.0 leader")
+        with c.agents["b"].client(timeout=30) as client:
             client.call("Delete", pb.DeleteRequest(name="x"))  # written as format 3 by the "future" leader
-        b = wait_for(lambda: next((n for n in _nodes(c, "a") if n.name == "b" and n.upgrade_required), None),
-                     30, "b to report that it needs an upgrade")
+        a = wait_for(lambda: next((n for n in _nodes(c, "b") if n.name == "a" and n.upgrade_required), None),
+                     30, "a to report that it needs an upgrade")
         assert re.search(r"log entry \d+ \('delete'\) needs state format 3; this agent \(agentd "
-                         + re.escape(AGENT_VERSION) + r"\) applies formats up to 2", b.upgrade_required)
-        assert "x" in local_names(c, "b")  # stopped there: the delete is not skipped, it waits for the upgrade
+                         + re.escape(AGENT_VERSION) + r"\) applies formats up to 2", a.upgrade_required)
+        assert "x" in local_names(c, "a")  # stopped there: the delete is not skipped, it waits for the upgrade
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
         r = subprocess.run([sys.executable, "-m", "agentd", "nodes", "--server", c.agents["a"].listen],
                            capture_output=True, text=True, timeout=30, env=env)
-        assert re.search(r"^b\s.*needs-upgrade", r.stdout, re.M), r.stdout + r.stderr
+        assert re.search(r"^a\s.*needs-upgrade", r.stdout, re.M), r.stdout + r.stderr
+        r = subprocess.run([sys.executable, "-m", "agentd", "status", "--server", c.agents["a"].listen],
+                           capture_output=True, text=True, timeout=30, env=env)
+        assert "NEEDS UPGRADE: log entry" in r.stdout, r.stdout + r.stderr
         try:
-            urllib.request.urlopen(f"http://{c.agents['b'].http_listen}/readyz", timeout=5)
+            urllib.request.urlopen(f"http://{c.agents['a'].http_listen}/readyz", timeout=5)
             raise AssertionError("/readyz answered 200")
         except urllib.error.HTTPError as exc:
             assert exc.code == 503 and "needs an upgrade" in exc.read().decode()
-        # Upgraded (here: onto the same newer code), b applies from where it stopped.
-        restart_as(c, "b", code_env(release_future))
-        wait_for(lambda: "x" not in local_names(c, "b"), 30, "b to apply the delete after its upgrade")
+        # Upgraded (onto the newer code), a applies from where it stopped.
+        restart_as(c, "a", future)
+        wait_for(lambda: "x" not in local_names(c, "a"), 30, "a to apply the delete after its upgrade")
     finally:
         c.stop()

@@ -156,7 +156,9 @@ class LocalCluster:
         if self.secure and agent.token_listen:
             env["AGENTD_TOKEN_LISTEN"] = agent.token_listen
         log = open_private(agent.log_file, os.O_WRONLY | os.O_APPEND)  # the child owns it for its lifetime
-        agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+        # Not the caller's directory: `python -m` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, and an agent given another release's code in agent_env must import that code.
+        agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                       start_new_session=True)
         os.close(log)
         return agent
@@ -233,7 +235,8 @@ class LocalCluster:
             try:
                 with agent.client(timeout=10.0) as c:
                     return c.call("CreateJoinToken", sec_pb.CreateJoinTokenRequest(
-                        ttl_seconds=ttl, node_name=node_name, description=f"LocalCluster {node_name}")).token
+                        ttl_seconds=ttl, node_name=node_name, any_node=not node_name,
+                        description=f"LocalCluster {node_name}")).token
             except AgentdError as exc:
                 errors.append(f"{agent.name}: {exc}")
         raise NotAvailable("no agent could create a join token: " + "; ".join(errors))
