@@ -76,7 +76,9 @@ def version_info() -> dict[str, Any]:
 def cmd_version(args: argparse.Namespace) -> int:
     data = version_info()
     emit(args, data, lambda: "\n".join(
-        [f"agentd {data['version']}"] + [f"  plugin {p['name']} {p['version']}" for p in data["plugins"]]))
+        [f"agentd {data['version']} (state format {data['state_format']}, wire version {data['wire_version']}, "
+         f"data format {data['data_format']})"]
+        + [f"  plugin {p['name']} {p['version']}" for p in data["plugins"]]))
     return 0
 
 
