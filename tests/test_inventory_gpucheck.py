@@ -212,3 +212,30 @@ def test_the_script_itself_stays_runnable_by_old_python3():
     compile_src = SCRIPT.read_text()
     assert "from __future__" not in compile_src and ":=" not in compile_src
     assert Path(SCRIPT).stat().st_mode & 0o111
+
+
+SMI_TOPO = ("\x1b[4m\tGPU0\tGPU1\tGPU2\tNIC0\tCPU Affinity\tNUMA Affinity\x1b[0m\n"
+            "GPU0\t X \tNV18\tSYS\tPXB\t0-47\t0\n"
+            "GPU1\tNV18\t X \tSYS\tSYS\t0-47\t0\n"
+            "GPU2\tSYS\tSYS\t X \tSYS\t48-95\t1\n"
+            "NIC0\tPXB\tSYS\tSYS\t X\n\nLegend:\n  X    = Self\n"
+            "  NV#  = Connection traversing a bonded set of # NVLinks\n")
+
+
+def test_topology_is_read_from_nvidia_smi_topo_and_checked_pair_by_pair(monkeypatch):
+    monkeypatch.setattr(gc, "run", lambda argv, **kw: (0, SMI_TOPO, ""))
+    cells = gc.smi_topology("nvidia-smi")
+    assert cells[(0, 1)] == "NV18" and cells[(0, 2)] == "SYS" and cells[(2, 1)] == "SYS" and (0, 3) not in cells
+    inventory = {"gpus": [{"index": i} for i in range(3)], "gpu_links": [
+        {"gpus": [0, 1], "link": "nvlink", "nvlinks": 18},
+        {"gpus": [0, 2], "link": "pcie", "path": "SYS"},
+        {"gpus": [1, 2], "link": "unknown"}]}
+    checks = gc.topology_checks(inventory, cells)
+    assert [(c.gpu, c.agentd, c.smi, c.result) for c in checks] == [
+        ("0-1", "NV18", "NV18", gc.PASS), ("0-2", "SYS", "SYS", gc.PASS), ("1-2", "?", "SYS", gc.WARN)]
+    wrong = dict(inventory, gpu_links=[{"gpus": [0, 1], "link": "pcie", "path": "NODE"}])
+    assert gc.topology_checks(wrong, cells)[0].result == gc.FAIL
+    assert [c.result for c in gc.topology_checks(inventory, None)] == [gc.SKIP] * 3
+    assert gc.topology_matrix(inventory).splitlines()[1].split() == ["GPU0", "X", "NV18", "SYS"]
+    monkeypatch.setattr(gc, "run", lambda argv, **kw: (1, "", "not supported"))
+    assert gc.smi_topology("nvidia-smi") is None

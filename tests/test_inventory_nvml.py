@@ -188,7 +188,8 @@ def test_mig_instances_are_devices_with_their_parent_and_their_own_memory():
     assert (a.memory_total, a.memory_used, a.pci_bus_id) == (20 * GiB, 5 * GiB, "00000000:20:00.0")
     assert a.utilization == 0.0  # NotSupported on MIG devices: silent
     assert [(p.pid, p.owned) for p in a.processes] == [(77, True)]
-    assert host.warnings == ()
+    # Tensor parallel never spans MIG instances: their links are unknown, and that is the only warning.
+    assert host.warnings == ("GPU(s) 00000000:20:00.0 have MIG enabled: their links to other GPUs are unknown",)
 
 
 def test_mig_enabled_without_instances_reports_nothing_for_that_gpu_and_says_why():
@@ -265,7 +266,9 @@ def test_an_eight_gpu_inventory_makes_a_bounded_number_of_nvml_calls():
     nv = eight_gpu_host()
     host = collect(nv)
     assert len(host.gpus) == 8
-    per_gpu = (sum(nv.calls.values()) - nv.calls["nvmlInit"] - nv.calls["nvmlShutdown"] - 1) / 8
+    topology = sum(n for f, n in nv.calls.items() if "NvLink" in f or "P2P" in f or "Topology" in f)
+    assert topology == 8 + 28 + 28  # NVLink state (NotSupported: no NVLink), then P2P and PCIe path per pair
+    per_gpu = (sum(nv.calls.values()) - topology - nv.calls["nvmlInit"] - nv.calls["nvmlShutdown"] - 1) / 8
     assert per_gpu == 10  # handle, pci, uuid, mig mode, memory, name, utilization, cc, 2 process lists
 
 

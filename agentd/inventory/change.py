@@ -29,6 +29,8 @@ def material_changes(old: HostInventory | None, new: HostInventory, *, gpu_memor
         return [f"first inventory: {len(new.gpus)} GPU(s), {new.cpu_count} CPU(s), "
                 f"{_gib(new.memory_total)} RAM" + (" (simulated)" if new.simulated else "")]
     out: list[str] = []
+    if old.gpu_links != new.gpu_links:
+        out.append(f"GPU topology changed ({len(old.gpu_links)} -> {len(new.gpu_links)} GPU pair(s) reported)")
     for attr in ("name", "address", "labels", "cpu_count", "memory_total", "simulated"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(f"host {attr} changed from {getattr(old, attr)!r} to {getattr(new, attr)!r}")

@@ -66,7 +66,7 @@ def collect_inventory(
     return HostInventory(
         name=node_name, address=address, labels=dict(labels or {}),
         cpu_count=facts.cpu_count, memory_total=facts.memory_total, memory_available=facts.memory_available,
-        load_average=facts.load_average, gpus=reading.gpus,
+        load_average=facts.load_average, gpus=reading.gpus, gpu_links=reading.links,
         warnings=(*warnings, *facts.warnings, *reading.warnings),
     )
 

@@ -54,6 +54,19 @@ NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 nvmlMemory_v2 = 0x02000028
 
+# Topology (NVLink and PCIe), as in pynvml.
+NVML_FEATURE_ENABLED = 1
+NVML_NVLINK_MAX_LINKS = 18
+NVML_NVLINK_DEVICE_TYPE_GPU = 0
+NVML_NVLINK_DEVICE_TYPE_SWITCH = 2
+NVML_P2P_CAPS_INDEX_NVLINK = 2
+NVML_P2P_STATUS_OK = 0
+NVML_P2P_STATUS_NOT_SUPPORTED = 5
+NVML_TOPOLOGY_MULTIPLE = 20
+NVML_TOPOLOGY_NODE = 40
+NVML_TOPOLOGY_SYSTEM = 50
+SWITCH = "switch"  # an NVLink that ends at an NVSwitch, in FakeGpu.nvlinks
+
 
 class NVMLError(Exception):
     """Like pynvml.NVMLError: `NVMLError(code)` is an instance of the code's subclass."""
@@ -117,6 +130,13 @@ class FakeGpu:
     mig_enabled: bool = False
     mig_devices: list[FakeGpu | None] = field(default_factory=list)  # None = empty MIG slot
     supports_memory_v2: bool = True
+    # Active NVLinks, one entry per link: the PCI bus id of the GPU at the other end, or SWITCH. Empty: a
+    # GPU without NVLink (NVML answers NotSupported).
+    nvlinks: list[str] = field(default_factory=list)
+    # Where it sits on PCIe: GPUs under the same switch meet there (PXB), else at their NUMA node's root
+    # complex (NODE) or across the CPU interconnect (SYS).
+    pcie_switch: str = ""
+    numa_node: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FakeGpu:
@@ -280,6 +300,48 @@ class FakeNvml:
         if index >= len(gpu.mig_devices) or gpu.mig_devices[index] is None:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return _Handle(gpu.mig_devices[index], parent=gpu)
+
+    # ------------------------------------------------------------------ topology
+
+    def nvmlDeviceGetNvLinkState(self, handle: _Handle, link: int) -> int:
+        gpu = self._enter("nvmlDeviceGetNvLinkState", handle)
+        if not gpu.nvlinks or handle.parent is not None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= link < min(len(gpu.nvlinks), NVML_NVLINK_MAX_LINKS):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return NVML_FEATURE_ENABLED
+
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, handle: _Handle, link: int) -> int:
+        gpu = self._enter("nvmlDeviceGetNvLinkRemoteDeviceType", handle)
+        return NVML_NVLINK_DEVICE_TYPE_SWITCH if gpu.nvlinks[link] == SWITCH else NVML_NVLINK_DEVICE_TYPE_GPU
+
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, handle: _Handle, link: int) -> SimpleNamespace:
+        gpu = self._enter("nvmlDeviceGetNvLinkRemotePciInfo", handle)
+        return SimpleNamespace(busId=gpu.nvlinks[link].encode())
+
+    def _nvlinked(self, a: FakeGpu, b: FakeGpu) -> bool:
+        return b.pci_bus_id in a.nvlinks or a.pci_bus_id in b.nvlinks or (SWITCH in a.nvlinks and SWITCH in b.nvlinks)
+
+    def _other(self, fn: str, handle: _Handle) -> FakeGpu:
+        """The second device of a pairwise call: its failures apply, the call is counted once."""
+        self.calls[fn] -= 1
+        gpu = self._enter(fn, handle)
+        assert gpu is not None
+        return gpu
+
+    def nvmlDeviceGetP2PStatus(self, h1: _Handle, h2: _Handle, index: int) -> int:
+        a = self._enter("nvmlDeviceGetP2PStatus", h1)
+        b = self._other("nvmlDeviceGetP2PStatus", h2)
+        if index == NVML_P2P_CAPS_INDEX_NVLINK:
+            return NVML_P2P_STATUS_OK if self._nvlinked(a, b) else NVML_P2P_STATUS_NOT_SUPPORTED
+        return NVML_P2P_STATUS_OK
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, h1: _Handle, h2: _Handle) -> int:
+        a = self._enter("nvmlDeviceGetTopologyCommonAncestor", h1)
+        b = self._other("nvmlDeviceGetTopologyCommonAncestor", h2)
+        if a.pcie_switch and a.pcie_switch == b.pcie_switch:
+            return NVML_TOPOLOGY_MULTIPLE
+        return NVML_TOPOLOGY_NODE if a.numa_node == b.numa_node else NVML_TOPOLOGY_SYSTEM
 
 
 def eight_gpu_host(*, prefix: str = "GPU-fake") -> FakeNvml:

@@ -17,6 +17,9 @@ Decisions that matter to placement:
   reported as devices (mig=True, parent_uuid), each with its own slot.
 - NVML stays initialised between reads: nvmlInit can take seconds on a GPU
   without persistence mode, far too slow to repeat every refresh.
+- **Topology** (which pairs are joined by NVLink, which only by PCIe;
+  topology.py) is read once per set of GPUs and kept while the same GPUs are
+  present: it takes a few hundred NVML calls and does not change at runtime.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentd.inventory.topology import TopologyGpu, read_links
 from agentd.logs import fields
-from agentd.types import GpuInfo, GpuProcess
+from agentd.types import GpuInfo, GpuLink, GpuProcess
 
 log = logging.getLogger("agentd.inventory")
 
@@ -48,6 +52,7 @@ _MIG_ENABLE = 1
 class GpuReading:
     gpus: tuple[GpuInfo, ...] = ()
     warnings: tuple[str, ...] = ()
+    links: tuple[GpuLink, ...] = ()  # GPU pairs and their interconnect (topology.py)
 
 
 class _DeviceFailed(Exception):
@@ -65,6 +70,8 @@ class _Slot:
     nvml_index: int
     pci_key: tuple[int, int, int, int] | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)
+    handle: Any = None
+    bus_id: str = ""
 
 
 def pci_sort_key(bus_id: str) -> tuple[int, int, int, int] | None:
@@ -93,6 +100,8 @@ class NvmlReader:
         self._importer = importer
         self._initialised = False
         self._lock = threading.Lock()
+        # The topology of the last set of whole GPUs read: (their (uuid, bus id, index)s, links, warnings).
+        self._topology: tuple[tuple, tuple[GpuLink, ...], tuple[str, ...]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,7 +177,40 @@ class NvmlReader:
                 return GpuReading(warnings=(f"NVML cannot count GPUs ({exc}): no GPUs reported",))
             warnings: list[str] = []
             slots = [self._read_slot(nv, i, is_owned, process_name, warnings) for i in range(count)]
-            return GpuReading(gpus=tuple(_number(_pci_order(slots))), warnings=tuple(warnings))
+            ordered = _pci_order(slots)
+            gpus = _number(ordered)
+            links, topology_warnings = self._links(nv, ordered, gpus)
+            return GpuReading(gpus=tuple(gpus), warnings=(*warnings, *topology_warnings), links=links)
+
+    def _links(self, nv: Any, ordered: list[_Slot], gpus: list[GpuInfo]) -> tuple[tuple[GpuLink, ...],
+                                                                                    tuple[str, ...]]:
+        """The links between whole GPUs, read again only when the set of GPUs changed."""
+        whole: list[TopologyGpu] = []
+        mig: list[str] = []
+        index = 0
+        for slot in ordered:
+            if not slot.devices:
+                index += 1
+                continue
+            if len(slot.devices) == 1 and not slot.devices[0]["mig"]:
+                whole.append(TopologyGpu(index, slot.handle, slot.bus_id))
+            else:
+                mig.append(slot.bus_id or f"at NVML index {slot.nvml_index}")
+            index += len(slot.devices)
+        key = tuple((g.index, g.bus_id) for g in whole) + tuple(gpu.uuid for gpu in gpus)
+        if self._topology is None or self._topology[0] != key:
+            try:
+                links, warnings = read_links(nv, whole)
+            except Exception as exc:  # a binding surprise must not cost the host its GPUs
+                log.warning("GPU topology failed", extra=fields(error=str(exc)))
+                links, warnings = (), (f"GPU topology could not be read ({type(exc).__name__}: {exc}): "
+                                       "every GPU pair is unknown",)
+            self._topology = (key, links, warnings)
+        links, warnings = self._topology[1], self._topology[2]
+        if mig and len(gpus) > 1:
+            warnings = (*warnings, f"GPU(s) {', '.join(mig)} have MIG enabled: their links to other GPUs "
+                                   "are unknown")
+        return links, warnings
 
     def _reset_if_uninitialised(self, nv: Any, exc: BaseException) -> None:
         if self._error_code(exc) == self._code(nv, "NVML_ERROR_UNINITIALIZED", _UNINITIALIZED):
@@ -180,10 +222,11 @@ class NvmlReader:
         label = f"GPU at NVML index {i}"
         try:
             handle = self._essential(nv, label, "get a handle", nv.nvmlDeviceGetHandleByIndex, i)
+            slot.handle = handle
             bus_id = ""
             try:
                 pci = nv.nvmlDeviceGetPciInfo(handle)
-                bus_id = _text(pci.busId)
+                bus_id = slot.bus_id = _text(pci.busId)
                 slot.pci_key = pci_sort_key(bus_id)
                 label = f"GPU {bus_id}"
             except Exception as exc:
