@@ -91,6 +91,7 @@ from agentd.v1 import security_pb2 as sec_pb
 from agentd.version import AGENT_VERSION, BASELINE_STATE_FORMAT, STATE_FORMAT, WIRE_VERSION, PeerVersion
 
 log = logging.getLogger(__name__)
+EXIT_RAFT_FAILED = 74  # EX_IOERR: Raft storage failed (or the Raft loop did); Restart=on-failure restarts
 
 REPORT_INTERVAL = 1.0
 FAULT_FILE_ENV = "AGENTD_TEST_FAULT_FILE"  # tests only: JSON {"partition": [peer ids]} cuts Raft traffic
@@ -136,6 +137,8 @@ def _claim(message_cls: Any, field: str) -> Any:
 # A peer's certificate name must match the node it speaks for in these calls (agentd.security.auth).
 NODE_CLAIMS = {
     "/agentd.v1.Raft/Send": _claim(raft_pb.RaftMessage, "sender"),
+    "/agentd.v1.Raft/Join": _claim(raft_pb.RaftJoinRequest, "node_id"),  # a host may not re-address another
+    "/agentd.v1.Raft/Leave": _claim(raft_pb.RaftLeaveRequest, "node_id"),  # nor remove another
     "/agentd.v1.Agent/Report": _claim(pb.ReportRequest, "node"),
 }
 
@@ -178,8 +181,12 @@ class Daemon:
         self.plugins = plugins or PluginManager.load(settings.plugins, settings.disable_plugins)
         self.state = ClusterState()
         self.metrics = Metrics(self.node)
-        interceptors = [AuthInterceptor(self._verify_bearer, bindings=NODE_CLAIMS)] if self.secure else []
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.auth: AuthInterceptor | None = None
+        if self.secure:
+            self.auth = AuthInterceptor(self._verify_bearer, bindings=NODE_CLAIMS,
+                                        revoked=self.state.cert_revocation, is_member=self._is_member)
+            self.state.subscribe(self._on_revocation)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[self.auth] if self.auth else [])
         self.raft = RaftNode(self.node, settings.advertise_address, self.data_dir, self.state,
                              options=RaftOptions.from_settings(settings), join=settings.join, server=self.server)
         credentials = channel_credentials(self.identity) if self.identity is not None else None
@@ -201,13 +208,14 @@ class Daemon:
         self.control = ControlService(node_id=self.node, raft=self.raft, state=self.state,
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
+        self.control.leader_format = lambda: self._leader_format
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
         self.security: SecurityService | None = None
         self.joins: JoinService | None = None
         if self.identity is not None:
             ca = load_ca(settings.tls_directory)  # with its key on signers, which answer joins
             self.security = SecurityService(node_id=self.node, raft=self.raft, state=self.state,
-                                            channels=self.channels, ca_pin=ca.fingerprint)
+                                            channels=self.channels, ca_pin=ca.fingerprint, ca=ca)
             self.joins = JoinService(node_id=self.node, raft=self.raft, state=self.state, channels=self.channels,
                                      ca=ca, security=self.security)
         self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids)
@@ -216,6 +224,8 @@ class Daemon:
         self.notifier = SdNotifier.from_environ(unset=True)
         self._election_term = 0
         self.stop_event = asyncio.Event()
+        self.exit_code = 0
+        self.raft.on_fatal = self._on_raft_fatal
         self.restarting = False
         self.synced = False  # the local state has caught up with the leader's commit index once
         self._leader_format = BASELINE_STATE_FORMAT  # the leader's state format, from its last report reply
@@ -290,7 +300,19 @@ class Daemon:
                                                 data_dir=str(self.data_dir)))
         await self.stop_event.wait()
         await self.shutdown()
-        return 0
+        return self.exit_code
+
+    def _on_raft_fatal(self, reason: str) -> None:
+        """A member that cannot persist must not go on as if it could: exit non-zero, and systemd restarts it.
+
+        Until it has exited, /readyz says 503 with the reason and no API key is accepted here (this copy of
+        the keys may miss a revocation it can no longer store). Its model servers keep running and are
+        adopted on the next start. See docs/cluster.md, "A member that cannot persist".
+        """
+        self.exit_code = EXIT_RAFT_FAILED
+        log.critical("this agent can no longer take part in the cluster; exiting so that the service manager "
+                     "restarts it", extra=fields(node=self.node, reason=reason, exit_code=self.exit_code))
+        self.stop_event.set()
 
     def _restart_signal(self) -> None:
         self.restarting = True
@@ -351,7 +373,18 @@ class Daemon:
                 log.info("cluster secret not committed yet; retrying", extra=fields(error=str(exc)))
                 await asyncio.sleep(0.5)
 
+    def _is_member(self, name: str) -> bool | None:
+        """Whether `name` is a member of the cluster, or None while this agent is in none (see AuthInterceptor)."""
+        members = self.raft.members
+        return name in members if self.node in members else None
+
+    def _on_revocation(self, ev: Any) -> None:
+        if ev.kind in ("cert.revoked", "key.revoked") and self.auth is not None:
+            self.auth.close_revoked()
+
     def _verify_bearer(self, token: str) -> apikeys.Principal | None:
+        if self.raft.fatal:  # its copy of the keys may lack a revocation it could not store
+            return None
         return apikeys.verify_key(self.state.api_keys, token, now=time.time())
 
     def keyed(self, a: Assignment) -> Assignment:
@@ -654,6 +687,8 @@ class _Provider:
         return not self.d.stop_event.is_set()
 
     def ready(self) -> tuple[bool, str]:
+        if self.d.raft.fatal:
+            return False, f"stopped, exiting: {self.d.raft.fatal}"
         if self.d.raft.upgrade_required:
             return False, f"needs an upgrade: {self.d.raft.upgrade_required}"
         if not self.d.raft.leader_id:

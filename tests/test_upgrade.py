@@ -230,6 +230,8 @@ def test_a_0_1_0_cluster_upgrades_host_by_host_while_it_serves(tmp_path, release
         st = status(c, "c")
         assert (st.agent_version, st.state_format, st.cluster_format) == (AGENT_VERSION, STATE_FORMAT, 1)
         assert json.loads((c.agents["c"].data_dir / "agentd-data.json").read_text())["data_format"] == 2
+        with pytest.raises(AgentdError, match=r"the leader \(a\) applies format 1: it runs an older agentd"):
+            deploy(c, "c", spec("early", models["tiny"], parallelism="gpus"))  # 0.1.0 would drop the option
         deploy(c, "c", spec("second", models["tiny"], pin=[pb.GpuPin(host="b")]))  # forwarded to the 0.1.0 leader
         wait_for(lambda: running(c, "a", "second"), 60, "second running")
         wait_for(lambda: {"first", "second"} <= local_names(c, "c"), 10, "c to apply the old leader's entry")

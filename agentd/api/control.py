@@ -25,6 +25,7 @@ from agentd.cluster.state import ClusterState, StateEvent
 from agentd.coordinator import Coordinator, InstanceReport
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
 from agentd.logs import fields
+from agentd.security.auth import REDIRECT_KEY, Redirect, current_caller, forward_metadata
 from agentd.types import HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
@@ -58,6 +59,13 @@ class RaftView(Protocol):
 
 
 LogReader = Callable[[pb.LogsRequest], AsyncIterator[bytes]]
+
+
+async def redirect(context: grpc.aio.ServicerContext, r: Redirect) -> None:
+    """Tell the caller to call another agent itself: UNAVAILABLE, the address in trailing metadata (the CLI
+    follows it) and in the sentence (for anyone else)."""
+    context.set_trailing_metadata(((REDIRECT_KEY, r.address),))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(r))
 
 
 def status_for(exc: AgentdError) -> grpc.StatusCode:
@@ -125,6 +133,9 @@ class ControlService(pb_grpc.ControlServicer):
         self.coordinator = coordinator
         self.channels = channels
         self.local_logs = local_logs
+        # The leader's state format, as its last ReportReply said (the daemon sets it): a request this agent
+        # forwards must not carry what an older leader would silently drop.
+        self.leader_format: Callable[[], int] = lambda: STATE_FORMAT
         self._watchers: set[asyncio.Queue] = set()
         state.subscribe(self._on_state_event)
 
@@ -142,7 +153,12 @@ class ControlService(pb_grpc.ControlServicer):
                     raise NotAvailable("no leader elected yet" if not self.raft.leader_address
                                        else "leadership changed while the call was forwarded; retry")
                 try:
-                    return await self._forward(method, request)
+                    metadata = forward_metadata(self.node_id, FORWARDED, self.raft.leader_address,
+                                                f"the leader ({self.raft.leader_id})")
+                except Redirect as r:
+                    await redirect(context, r)
+                try:
+                    return await self._forward(method, request, metadata)
                 except _LeaderMoved as moved:
                     if method not in READS:  # the old leader may still run it: the caller decides
                         raise NotAvailable(f"the leader changed from {moved.old} to {moved.new} while the call "
@@ -158,7 +174,7 @@ class ControlService(pb_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside agent {self.node_id}: "
                                                           f"{type(exc).__name__}: {exc} (the agent's log has details)")
 
-    async def _forward(self, method: str, request: Any) -> Any:
+    async def _forward(self, method: str, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
         """Call the leader; give up as soon as another leader is known.
 
         A leader that hangs (SIGSTOP, a stalled machine) keeps its sockets
@@ -167,7 +183,7 @@ class ControlService(pb_grpc.ControlServicer):
         """
         leader = self.raft.leader_id
         stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
-        call = getattr(stub, method)(request, timeout=FORWARD_TIMEOUT, metadata=((FORWARDED, self.node_id),))
+        call = getattr(stub, method)(request, timeout=FORWARD_TIMEOUT, metadata=metadata)
         task = asyncio.ensure_future(call)
         try:
             while True:
@@ -253,6 +269,9 @@ class ControlService(pb_grpc.ControlServicer):
     # ------------------------------------------------------------------ writes (leader)
 
     async def Deploy(self, request, context):
+        if not self.raft.is_leader:
+            await self._refuse_what_the_leader_would_drop(request.spec, context)
+
         async def local():
             spec = spec_from_pb(request.spec)
             whys: list[str] = []
@@ -260,6 +279,19 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.DeployReply(deployment=self._deployment_pb(spec.name), message=result.message, index=index,
                                   why=whys)
         return await self._on_leader("Deploy", request, context, local)
+
+    async def _refuse_what_the_leader_would_drop(self, spec_pb: pb.DeploymentSpec,
+                                                 context: grpc.aio.ServicerContext) -> None:
+        """An older leader (agentd 0.1.0) ignores spec fields it does not know: say so instead of forwarding."""
+        try:
+            needs = formats.needed_format(spec_from_pb(spec_pb))
+        except AgentdError:
+            return  # the leader answers with the reason
+        if needs > self.leader_format():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this deployment needs state format {needs}, but the leader "
+                                f"({self.raft.leader_id}) applies format {self.leader_format()}: it runs an older "
+                                "agentd and would ignore the new options; finish the upgrade, then retry")
 
     async def Scale(self, request, context):
         async def local():
@@ -334,9 +366,14 @@ class ControlService(pb_grpc.ControlServicer):
         if not self.raft.is_leader:
             if not self.raft.leader_address:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "no leader elected yet")
+            try:
+                metadata = forward_metadata(self.node_id, FORWARDED, self.raft.leader_address,
+                                            f"the leader ({self.raft.leader_id})")
+            except Redirect as r:
+                await redirect(context, r)
             stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
             try:
-                async for ev in stub.Watch(request, metadata=((FORWARDED, self.node_id),)):
+                async for ev in stub.Watch(request, metadata=metadata):
                     yield ev
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "")
@@ -364,9 +401,13 @@ class ControlService(pb_grpc.ControlServicer):
         address = self._address_of(host)
         if not address:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"no address known for host {host}")
+        try:  # the host that runs it judges the caller: a bearer token travels along, a certificate is redirected
+            metadata = forward_metadata(self.node_id, FORWARDED, address, f"host {host}")
+        except Redirect as r:
+            await redirect(context, r)
         stub = pb_grpc.AgentStub(self.channels.get(address))
         try:
-            async for chunk in stub.Logs(request):
+            async for chunk in stub.Logs(request, metadata=metadata):
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
@@ -510,5 +551,17 @@ class AgentService(pb_grpc.AgentServicer):
         return self.coordinator.take_peer_restarts(inventory.name)
 
     async def Logs(self, request, context):
+        caller = current_caller()
+        if caller is not None and caller.kind == "cert" and caller.role == "node":
+            # A host reads the logs of instances it has a part of (a worker's main server), no others.
+            try:
+                host = self.control._host_of(request.instance_id, request.part)
+                ids = {a.instance_id for a in self.control.state.assignments_on(caller.name)}
+                ids |= {f"{a.deployment}-r{a.replica}" for a in self.control.state.assignments_on(caller.name)}
+            except AgentdError as exc:
+                await context.abort(status_for(exc), str(exc))
+            if host != caller.name and request.instance_id not in ids:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"host {caller.name!r} may read only the logs of its own instances")
         async for chunk in self.control._stream_local(request, context):
             yield chunk
