@@ -202,7 +202,8 @@ def test_identify_caches_callers_by_certificate_and_stays_bounded(pki, monkeypat
     cache: dict = {}
     ctx = {"x509_pem_cert": [pki["peer"].cert_pem]}
     first = auth.identify(ctx, (), lambda t: None, cache)
-    assert first == auth.Caller("cert", "n2", "node") and auth.identify(ctx, (), lambda t: None, cache) is first
+    assert (first.kind, first.name, first.role) == ("cert", "n2", "node")
+    assert auth.identify(ctx, (), lambda t: None, cache) is first
     for who in ("admin", "server", "rogue_admin"):
         auth.identify({"x509_pem_cert": [pki[who].cert_pem]}, (), lambda t: None, cache)
     assert len(cache) == 2 and pki["peer"].cert_pem not in cache

@@ -12,9 +12,16 @@ does (docs/security.md, "The CLI against a secure cluster"), first match wins:
    agent's token port, trusting the `ca.crt` found as below;
 3. an admin certificate (`admin.crt`, `admin.key`, `ca.crt`) in `tls_dir`
    (AGENTD_TLS_DIR) or ~/.config/agentd/tls: mutual TLS on `listen`;
-4. this host's node certificate in `tls_dir` when readable (root or the
-   agentd user on an agent host): mutual TLS as the node;
-5. otherwise plaintext, which only an --insecure cluster answers.
+4. otherwise plaintext, which only an --insecure cluster answers.
+
+A host's own node certificate is never used: it authorizes no admin action
+(docs/security.md). An operator on a GPU host uses an admin certificate or an
+admin key like anyone else.
+
+An agent that is not the leader does not forward a certificate caller's
+write (the leader must see the caller's own certificate): it answers with
+the leader's address in trailing metadata, and the client calls there
+(`REDIRECT_KEY`, at most `MAX_REDIRECTS` times per call).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from agentd.v1 import control_pb2_grpc as pb_grpc
 from agentd.v1 import security_pb2_grpc as sec_grpc
 
 DEFAULT_TIMEOUT = 60.0
+REDIRECT_KEY = "x-agentd-redirect"  # agentd.security.auth.REDIRECT_KEY (not imported: CLI start-up time)
+MAX_REDIRECTS = 3
 USER_TLS_DIR = Path("~/.config/agentd/tls")
 TLS_HINT = ("if the cluster runs with TLS, give this client credentials: an admin certificate in "
             "~/.config/agentd/tls or AGENTD_TLS_DIR, or AGENTD_TOKEN=<admin API key> with --server <token port>")
@@ -84,10 +93,6 @@ def cli_auth(settings: Any, environ: Mapping[str, str] | None = None) -> ClientA
             identity = load_identity(d, "admin")
             return ClientAuth(channel_credentials(identity), tuple(channel_options()),
                               f"admin certificate {identity.name!r} from {d}")
-    if _readable(node_dir / "node.crt", node_dir / "node.key", node_dir / "ca.crt"):
-        identity = load_identity(node_dir, "node")
-        return ClientAuth(channel_credentials(identity), tuple(channel_options()),
-                          f"node certificate {identity.name!r} from {node_dir}")
     return ClientAuth()
 
 
@@ -116,14 +121,28 @@ class ControlClient:
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
                  credentials: grpc.ChannelCredentials | None = None, *, auth: ClientAuth | None = None):
-        self.address = address
         self.timeout = timeout
         self.auth = auth or ClientAuth(credentials, describe="given credentials" if credentials else "plaintext")
+        self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        self.address = address
         options = list(self.auth.options)
         self._channel = (grpc.secure_channel(address, self.auth.credentials, options=options)
                          if self.auth.credentials else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.ControlStub(self._channel)
         self.security = sec_grpc.SecurityStub(self._channel)
+
+    def _redirected(self, exc: grpc.RpcError) -> bool:
+        """Follow an agent's "call the leader (or host) at ADDRESS" answer: reconnect there; False if none."""
+        if not hasattr(exc, "trailing_metadata") or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        target = next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == REDIRECT_KEY), "")
+        if not target or target == self.address:
+            return False
+        self._channel.close()
+        self._connect(target)
+        return True
 
     @classmethod
     def for_cli(cls, server: str | None = None, timeout: float = DEFAULT_TIMEOUT,
@@ -154,18 +173,29 @@ class ControlClient:
         return getattr(self.stub, method, None) or getattr(self.security, method)
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return self._method(method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
+        for attempt in range(MAX_REDIRECTS + 1):
+            try:
+                return self._method(method)(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                if attempt < MAX_REDIRECTS and self._redirected(exc):
+                    continue
+                raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
+        raise AssertionError("unreachable")
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
-        try:
-            yield from self._method(method)(request)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
+        for attempt in range(MAX_REDIRECTS + 1):
+            started = False
+            try:
+                for item in self._method(method)(request):
+                    started = True
+                    yield item
                 return
-            raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if not started and attempt < MAX_REDIRECTS and self._redirected(exc):
+                    continue
+                raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
 
     # Convenience wrappers used by the CLI and tests.
     def deploy(self, spec: pb.DeploymentSpec, replace: bool = False) -> pb.DeployReply:

@@ -32,9 +32,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentd.api.control import FORWARD_TIMEOUT, FORWARDED, ChannelPool, RaftView, status_for
+from agentd.api.control import FORWARD_TIMEOUT, FORWARDED, ChannelPool, RaftView, redirect, status_for
 from agentd.cluster.state import (
     ClusterState,
+    cert_revoke_command,
     key_add_command,
     key_revoke_command,
     token_add_command,
@@ -44,6 +45,7 @@ from agentd.cluster.state import (
 from agentd.errors import AgentdError, InvalidInput, NotAvailable
 from agentd.logs import fields
 from agentd.security import apikeys, tokens
+from agentd.security.auth import Redirect, current_caller, forward_metadata
 from agentd.security.ca import ROLE_NODE, CertificateAuthority, check_name, sign_csr
 from agentd.security.join import csr_node_name
 from agentd.v1 import control_pb2 as cpb
@@ -90,12 +92,14 @@ async def _committed(raft: Any, command: bytes) -> str:
 class SecurityService(pb_grpc.SecurityServicer):
     def __init__(self, *, node_id: str, raft: Any, state: ClusterState, channels: ChannelPool, ca_pin: str,
                  clock: Callable[[], float] = time.time,
-                 random_bytes: Callable[[int], bytes] = secrets.token_bytes):
+                 random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+                 ca: CertificateAuthority | None = None):
         self.node_id = node_id
         self.raft: RaftView = raft
         self.state = state
         self.channels = channels
         self.ca_pin = ca_pin
+        self.ca = ca  # with its key on signers: they renew hosts' certificates
         self.clock = clock
         self.random_bytes = random_bytes
 
@@ -107,10 +111,14 @@ class SecurityService(pb_grpc.SecurityServicer):
             if _forwarded(context) or not self.raft.leader_address:
                 raise NotAvailable("no leader elected yet" if not self.raft.leader_address
                                    else "leadership changed while the call was forwarded; retry")
+            try:  # the leader judges the original caller: its bearer token travels, a certificate is redirected
+                metadata = forward_metadata(self.node_id, FORWARDED, self.raft.leader_address,
+                                            f"the leader ({self.raft.leader_id})")
+            except Redirect as r:
+                await redirect(context, r)
             stub = pb_grpc.SecurityStub(self.channels.get(self.raft.leader_address))
             try:
-                return await getattr(stub, method)(request, timeout=FORWARD_TIMEOUT,
-                                                   metadata=((FORWARDED, self.node_id),))
+                return await getattr(stub, method)(request, timeout=FORWARD_TIMEOUT, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "")
         except AgentdError as exc:
@@ -121,6 +129,9 @@ class SecurityService(pb_grpc.SecurityServicer):
     async def CreateJoinToken(self, request, context):
         async def local():
             now = self.clock()
+            if not request.node_name and not request.any_node:
+                raise InvalidInput("a join token is bound to the host name it is for: give it "
+                                   "('agentd token create --node NAME'); a token any host may use needs --any-node")
             node_name = check_name(request.node_name) if request.node_name else None
             token, record = tokens.create_join_token(
                 self.ca_pin, now=now, ttl=request.ttl_seconds or tokens.DEFAULT_TTL,
@@ -186,6 +197,45 @@ class SecurityService(pb_grpc.SecurityServicer):
                                                      lagging=lagging))
             return pb.RevokeApiKeyReply(info=key_info(record, now), index=index, lagging=lagging)
         return await self._on_leader("RevokeApiKey", request, context, local)
+
+    # ------------------------------------------------------------ certificates
+
+    async def RevokeCertificate(self, request, context):
+        async def local():
+            name = check_name(request.name)
+            if name == self.node_id:
+                raise InvalidInput(f"{name!r} is the leader: move leadership first ('agentd nodes' shows the "
+                                   "members; stop or drain this agent), then revoke its certificate")
+            message = await _committed(self.raft, cert_revoke_command(name, self.clock()))
+            index = self.raft.last_applied
+            removed = False
+            if name in self.raft.members:  # a revoked host is no member: it must not vote, nor be counted
+                await self.raft.remove_member(name)
+                removed = True
+            lagging = await self.wait_applied_everywhere(index)
+            log.warning("certificate revoked", extra=fields(name=name, index=index, removed=removed,
+                                                            lagging=lagging))
+            return pb.RevokeCertificateReply(message=message, index=index, lagging=lagging, removed=removed)
+        return await self._on_leader("RevokeCertificate", request, context, local)
+
+    async def RenewCertificate(self, request, context):
+        """A host asks for a fresh certificate for its own name, with its current (valid, unrevoked) one."""
+        caller = current_caller()
+        if caller is None or caller.kind != "cert" or caller.role != ROLE_NODE:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only a host renews, with its own certificate")
+        if self.ca is None or self.ca.key is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{NOT_A_SIGNER}: {self.node_id} does not hold the CA key")
+        try:
+            name = csr_node_name(request.csr_pem)
+            if name != caller.name:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"the certificate of {caller.name!r} may renew only itself, not {name!r}")
+            cert = sign_csr(self.ca, request.csr_pem, role=ROLE_NODE)
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+        log.info("renewed a host's certificate", extra=fields(node=name))
+        return pb.RenewCertificateReply(cert_pem=cert, ca_pem=self.ca.cert_pem, signer=self.node_id)
 
     async def wait_applied_everywhere(self, index: int, timeout: float = CONFIRM_TIMEOUT) -> list[str]:
         """Wait until every member has applied `index`; returns those that did not within `timeout`.
@@ -254,9 +304,9 @@ class JoinService(pb_grpc.JoinServicer):
 
     async def _sign(self, request, context, name: str, secret_hash: str) -> pb.JoinReply:
         now = self.clock()
-        if name in self.raft.members:
-            # A certificate for a member's name would let its holder speak as that member. Re-issuing one (a host
-            # that lost its disk) takes a token made for that name on purpose.
+        if name in self.raft.members or name in self.state.revoked_certs:
+            # A certificate for a member's (or a revoked) name would let its holder speak as that member.
+            # Re-issuing one (a host that lost its disk) takes a token made for that name on purpose.
             record = self.state.join_tokens.get(request.token_id)
             if record is None or record.node_name != name:
                 reason = (f"{name!r} is already a member of the cluster: to give it a new certificate, create a "

@@ -30,6 +30,12 @@ from agentd.security.ca import (
 from agentd.v1 import security_pb2 as sec_pb
 
 
+def _server_parent() -> argparse.ArgumentParser:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
+    return client
+
+
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("init-ca", parents=parents, help="create the cluster CA and this host's certificate",
                        description="Create the cluster certificate authority (ca.crt, ca.key) on the first host, "
@@ -56,6 +62,14 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s.add_argument("--ca-dir", type=Path, help="directory holding ca.crt and ca.key (default: tls_dir)")
     s.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     s.set_defaults(func=cmd_certs_issue)
+    s = csub.add_parser("revoke", parents=[*parents, _server_parent()],
+                        help="revoke a host's or an admin's certificates",
+                        description="Revoke every certificate issued so far for NAME (a host or an admin). Each "
+                        "agent refuses it on every call and closes its open streams; a host of that name is "
+                        "removed from the cluster. A new certificate for NAME takes a join token bound to it "
+                        "('agentd token create --node NAME') or 'agentd certs issue' on a signer. Admin only.")
+    s.add_argument("name", help="the certificate name: a node name, or an admin's name")
+    s.set_defaults(func=cmd_certs_revoke)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
@@ -68,7 +82,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s = tsub.add_parser("create", parents=cparents, help="create a token and print it once",
                         description="Create a one-time join token (printed once; the cluster keeps its hash).")
     s.add_argument("--ttl", default="1h", metavar="DURATION", help="lifetime, e.g. 30m, 1h, 2d (default 1h; max 7d)")
-    s.add_argument("--node-name", default="", help="only a host of this name may use it")
+    s.add_argument("--node", "--node-name", dest="node_name", default="", metavar="NAME",
+                   help="the host name the token is for: only a host of this name may use it (required "
+                        "unless --any-node)")
+    s.add_argument("--any-node", action="store_true",
+                   help="a token any host name may use (whoever holds it chooses the name)")
     s.add_argument("--description", default="", help="a note shown by 'agentd token ls'")
     s.set_defaults(func=cmd_token_create)
     s = tsub.add_parser("ls", parents=cparents, help="list join tokens (never their secrets)",
@@ -154,6 +172,19 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    reply = _call(args, "RevokeCertificate", sec_pb.RevokeCertificateRequest(name=args.name))
+    data = {"name": args.name, "message": reply.message, "index": reply.index, "lagging": list(reply.lagging),
+            "removed": reply.removed}
+    text = f"{reply.message}; " + ("every agent refuses them now" if not reply.lagging else
+                                   f"not yet confirmed by {', '.join(reply.lagging)} (they refuse them once they "
+                                   "catch up)")
+    if reply.removed:
+        text += f"; {args.name} was removed from the cluster"
+    emit(args, data, text)
+    return 0
+
+
 # ---------------------------------------------------------------- join tokens
 
 
@@ -190,8 +221,12 @@ def _when(t: float) -> str:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     ttl = parse_lifetime(args.ttl, "--ttl")
+    if not args.node_name and not args.any_node:
+        raise InvalidInput("give the host the token is for (--node NAME); a token any host may use needs --any-node")
+    if args.node_name and args.any_node:
+        raise InvalidInput("--node and --any-node exclude each other")
     reply = _call(args, "CreateJoinToken", sec_pb.CreateJoinTokenRequest(
-        ttl_seconds=ttl, node_name=args.node_name, description=args.description))
+        ttl_seconds=ttl, node_name=args.node_name, any_node=args.any_node, description=args.description))
     data = {"token": reply.token, **_token_dict(reply.info)}
     # Only the token on stdout, so `T=$(agentd token create)` captures just it; the hints go to stderr.
     emit(args, data, reply.token)

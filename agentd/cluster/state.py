@@ -44,7 +44,7 @@ NODE_DOWN = "down"
 
 # The state format in which each op appeared; an op not listed is from the first release. A new op is
 # added here with the format that introduces it, and its builder passes that to `_encode`.
-OP_SINCE: dict[str, int] = {"cluster.format": 2}
+OP_SINCE: dict[str, int] = {"cluster.format": 2, "cert.revoke": 2}
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ class ClusterState:
         self.api_keys: dict[str, apikeys.ApiKeyRecord] = {}
         self.join_tokens: dict[str, tokens.JoinTokenRecord] = {}
         self.cluster_secret = ""
+        # Revoked certificates: name -> when (the leader's clock). Every certificate of that name issued up to
+        # then is refused on every call; one issued later (a re-join with a token bound to the name) is not.
+        self.revoked_certs: dict[str, float] = {}
         self.cluster_format = BASELINE_STATE_FORMAT
         self.last_index = 0
         self.last_term = 0
@@ -118,6 +121,16 @@ class ClusterState:
 
     def all_assignments(self) -> list[Assignment]:
         return sorted(self.assignments.values(), key=lambda a: (a.deployment, a.replica))
+
+    def cert_revocation(self, name: str, issued_at: float) -> str:
+        """Why the certificate of `name` issued at `issued_at` is refused ("" when it is not revoked).
+
+        Certificate times have whole seconds: one issued in the second of its name's revocation counts as
+        revoked (a re-issue a second later is not)."""
+        at = self.revoked_certs.get(name)
+        if at is None or issued_at > at:
+            return ""
+        return f"the certificate of {name!r} was revoked"
 
     def subscribe(self, listener: Callable[[StateEvent], None]) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -293,6 +306,15 @@ class ClusterState:
         events.append(StateEvent("token.revoked", str(cmd["id"]), index, term))
         return ApplyResult(True, f"join token {cmd['id']} revoked")
 
+    def _op_cert_revoke(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Revoke every certificate of a name issued up to `at`; a later revocation of the name moves it on."""
+        name, at = str(cmd["name"]), float(cmd["at"])
+        if not name or at != at or at in (float("inf"), float("-inf")):
+            raise ValueError("cert.revoke needs a name and a finite time")
+        self.revoked_certs[name] = max(at, self.revoked_certs.get(name, at))
+        events.append(StateEvent("cert.revoked", name, index, term, {"at": self.revoked_certs[name]}))
+        return ApplyResult(True, f"certificates of {name!r} issued up to {at:.0f} are revoked")
+
     def _op_secret_init(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
         """Set the cluster secret once; the first entry wins, so two leaders proposing it agree."""
         value = str(cmd["value"])
@@ -363,6 +385,8 @@ class ClusterState:
             "api_keys": [r.to_json() for r in apikeys.list_keys(self.api_keys)],
             "join_tokens": [t.to_json() for _, t in sorted(self.join_tokens.items())],
             "cluster_secret": self.cluster_secret,
+            # Left out while empty, as every new field at its default (older readers ignore unknown keys).
+            **({"revoked_certs": dict(sorted(self.revoked_certs.items()))} if self.revoked_certs else {}),
         }, sort_keys=True).encode()
 
     def restore(self, data: bytes) -> None:
@@ -388,6 +412,7 @@ class ClusterState:
         toks = [tokens.JoinTokenRecord.from_json(t) for t in raw.get("join_tokens", [])]
         self.join_tokens = {t.id: t for t in toks}
         self.cluster_secret = raw.get("cluster_secret", "")
+        self.revoked_certs = {str(k): float(v) for k, v in raw.get("revoked_certs", {}).items()}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
 
@@ -451,6 +476,10 @@ def token_consume_command(token_id: str, secret_hash: str, node_name: str, at: f
 
 def token_revoke_command(token_id: str) -> bytes:
     return _encode({"op": "token.revoke", "id": token_id})
+
+
+def cert_revoke_command(name: str, at: float) -> bytes:
+    return _encode({"op": "cert.revoke", "name": name, "at": at})
 
 
 def secret_init_command(value: str) -> bytes:

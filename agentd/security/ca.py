@@ -326,6 +326,11 @@ def cert_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
+def cert_issued_at(cert: x509.Certificate) -> float:
+    """When agentd issued `cert` (unix seconds, whole): its start of validity is backdated by BACKDATE."""
+    return (cert.not_valid_before_utc + BACKDATE).timestamp()
+
+
 def verify_issued(ca_cert: x509.Certificate, cert: x509.Certificate, now: dt.datetime | None = None) -> None:
     """Raise InvalidInput unless `cert` was signed by `ca_cert` and is within its validity window."""
     try:

@@ -27,14 +27,16 @@ class JoinTokenInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., used_at: _Optional[float] = ..., used_by: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CreateJoinTokenRequest(_message.Message):
-    __slots__ = ("ttl_seconds", "description", "node_name")
+    __slots__ = ("ttl_seconds", "description", "node_name", "any_node")
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ANY_NODE_FIELD_NUMBER: _ClassVar[int]
     ttl_seconds: float
     description: str
     node_name: str
-    def __init__(self, ttl_seconds: _Optional[float] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ...) -> None: ...
+    any_node: bool
+    def __init__(self, ttl_seconds: _Optional[float] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ..., any_node: _Optional[bool] = ...) -> None: ...
 
 class CreateJoinTokenReply(_message.Message):
     __slots__ = ("token", "info")
@@ -153,6 +155,40 @@ class RevokeApiKeyReply(_message.Message):
     index: int
     lagging: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, info: _Optional[_Union[ApiKeyInfo, _Mapping]] = ..., index: _Optional[int] = ..., lagging: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevokeCertificateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeCertificateReply(_message.Message):
+    __slots__ = ("message", "index", "lagging", "removed")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAGGING_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    index: int
+    lagging: _containers.RepeatedScalarFieldContainer[str]
+    removed: bool
+    def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ..., lagging: _Optional[_Iterable[str]] = ..., removed: _Optional[bool] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateReply(_message.Message):
+    __slots__ = ("cert_pem", "ca_pem", "signer")
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: bytes
+    ca_pem: bytes
+    signer: str
+    def __init__(self, cert_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("token_id", "secret", "csr_pem")

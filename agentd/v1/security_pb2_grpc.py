@@ -69,6 +69,16 @@ class SecurityStub:
                 request_serializer=agentd_dot_v1_dot_security__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_security__pb2.RevokeApiKeyReply.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/agentd.v1.Security/RevokeCertificate',
+                request_serializer=agentd_dot_v1_dot_security__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_security__pb2.RevokeCertificateReply.FromString,
+                _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/agentd.v1.Security/RenewCertificate',
+                request_serializer=agentd_dot_v1_dot_security__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_security__pb2.RenewCertificateReply.FromString,
+                _registered_method=True)
 
 
 class SecurityServicer:
@@ -116,6 +126,18 @@ class SecurityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_SecurityServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=agentd_dot_v1_dot_security__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_security__pb2.RevokeApiKeyReply.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=agentd_dot_v1_dot_security__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_security__pb2.RevokeCertificateReply.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=agentd_dot_v1_dot_security__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_security__pb2.RenewCertificateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class Security:
             '/agentd.v1.Security/RevokeApiKey',
             agentd_dot_v1_dot_security__pb2.RevokeApiKeyRequest.SerializeToString,
             agentd_dot_v1_dot_security__pb2.RevokeApiKeyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Security/RevokeCertificate',
+            agentd_dot_v1_dot_security__pb2.RevokeCertificateRequest.SerializeToString,
+            agentd_dot_v1_dot_security__pb2.RevokeCertificateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Security/RenewCertificate',
+            agentd_dot_v1_dot_security__pb2.RenewCertificateRequest.SerializeToString,
+            agentd_dot_v1_dot_security__pb2.RenewCertificateReply.FromString,
             options,
             channel_credentials,
             insecure,

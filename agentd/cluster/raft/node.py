@@ -31,7 +31,14 @@ import grpc
 from agentd.cluster.raft.core import NotLeader, RaftCore
 from agentd.cluster.raft.progress import ProgressState
 from agentd.cluster.raft.storage import FileStorage, PersistedState, Storage
-from agentd.cluster.raft.transport import CHANNEL_OPTIONS, FORWARDED, GrpcTransport, TransportEvents
+from agentd.cluster.raft.transport import (
+    CHANNEL_OPTIONS,
+    FORWARDED,
+    LEADER_HINT,
+    AskTheLeader,
+    GrpcTransport,
+    TransportEvents,
+)
 from agentd.cluster.raft.types import (
     ConfigChange,
     Entry,
@@ -609,7 +616,8 @@ class RaftNode:
         if not self.is_leader:
             if forwarded:
                 raise NotAvailable("leadership changed while the join was forwarded; retry")
-            return await self._forward("Join", req, self.options.catch_up_timeout + self.options.propose_timeout)
+            raise AskTheLeader(f"{self.id} is not the leader; ask the leader ({self.leader_id or 'unknown'}) at "
+                               f"{self.leader_address or '?'}", self.leader_address or "")
         core = self._leader_core()
         existing = core.membership.get(req.node_id)
         async with asyncio.timeout(self.options.catch_up_timeout + self.options.propose_timeout):
@@ -638,7 +646,8 @@ class RaftNode:
         if not self.is_leader:
             if forwarded:
                 raise NotAvailable("leadership changed while the request was forwarded; retry")
-            return await self._forward("Leave", req, self.options.propose_timeout)
+            raise AskTheLeader(f"{self.id} is not the leader; ask the leader ({self.leader_id or 'unknown'}) at "
+                               f"{self.leader_address or '?'}", self.leader_address or "")
         members = await self.remove_member(req.node_id)
         return pb.RaftLeaveReply(members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
                                           for m in members.values()])
@@ -662,7 +671,10 @@ class RaftNode:
     async def _join(self) -> None:
         deadline = self._clock() + self.options.join_timeout
         delay, last_error = 0.1, "no join address answered"
-        for address in itertools.cycle(self.join_addresses):
+        hinted: list[str] = []  # a follower's answer says where the leader is: ask there next
+        addresses = itertools.cycle(self.join_addresses)
+        while True:
+            address = hinted.pop() if hinted else next(addresses)
             if self._clock() > deadline:
                 break
             stub = GrpcTransport.stub(self._channel(address))
@@ -674,6 +686,10 @@ class RaftNode:
                 last_error = f"{address}: {exc.code().name}: {exc.details()}"
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and UPGRADE_PHRASE in (exc.details() or ""):
                     raise UpgradeRequired(f"could not join a cluster via {address}: {exc.details()}") from None
+                leader = next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == LEADER_HINT), "")
+                if leader and leader != address:
+                    hinted.append(leader)
+                    continue
                 log.info("join attempt failed; retrying", extra=fields(node=self.id, via=address, error=last_error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

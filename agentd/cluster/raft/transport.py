@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 
 SERVICE = "agentd.v1.Raft"
 FORWARDED = "x-agentd-raft-forwarded"
+LEADER_HINT = "x-agentd-leader"  # trailing metadata of a Join or Leave sent to a follower: where the leader is
+
+
+class AskTheLeader(NotAvailable):
+    """A follower does not forward another host's Join or Leave: the leader must see that host's own
+    certificate (a member may speak only for itself), so the caller is told where the leader is."""
+
+    def __init__(self, message: str, leader_address: str):
+        super().__init__(message)
+        self.leader_address = leader_address
 
 # Reconnect quickly to a restarted peer: grpc's default backoff grows to 120 s.
 CHANNEL_OPTIONS = [
@@ -306,6 +316,8 @@ class GrpcTransport:
         except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except NotAvailable as exc:
+            if isinstance(exc, AskTheLeader) and exc.leader_address:
+                context.set_trailing_metadata(((LEADER_HINT, exc.leader_address),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except (PeerError, UpgradeRequired) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

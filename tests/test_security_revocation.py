@@ -1,0 +1,64 @@
+"""The certificate revocation list in the replicated state (issue 13), and the interceptor that checks it.
+
+`cert.revoke` is a new state-machine op (state format 2): the leader writes it
+only once every member runs a release that applies it, and an older snapshot
+reader never sees an empty list it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+
+from agentd.cluster.state import OP_SINCE, ClusterState, cert_revoke_command, cluster_format_command
+from agentd.security import auth
+from agentd.security import ca as C
+
+
+def test_cert_revoke_is_a_format_2_op_the_leader_writes_only_once_every_member_runs_it():
+    assert OP_SINCE["cert.revoke"] == 2
+    command = cert_revoke_command("b", 1000.0)
+    assert json.loads(command)["v"] == 2
+    st = ClusterState()
+    assert "needs state format 2" in st.admit(command)  # a cluster still at format 1 (an agentd 0.1.0 member)
+    assert st.apply(1, 1, cluster_format_command(2)).ok
+    assert st.admit(command) == ""
+    assert st.apply(2, 1, command).ok
+
+
+def test_a_revocation_covers_certificates_issued_up_to_it_and_not_later_ones():
+    st = ClusterState()
+    st.apply(1, 1, cluster_format_command(2))
+    assert st.cert_revocation("b", 999.0) == ""
+    st.apply(2, 1, cert_revoke_command("b", 1000.5))
+    assert "'b' was revoked" in st.cert_revocation("b", 999.0)
+    assert "'b' was revoked" in st.cert_revocation("b", 1000.0), "issued in the same (whole) second"
+    assert st.cert_revocation("b", 1001.0) == "", "a certificate issued afterwards is a new one"
+    assert st.cert_revocation("c", 999.0) == ""
+    st.apply(3, 1, cert_revoke_command("b", 900.0))  # an older time never un-revokes
+    assert st.cert_revocation("b", 999.0)
+    assert not st.apply(4, 1, json.dumps({"op": "cert.revoke", "name": "", "at": 1, "v": 2}).encode()).ok
+    assert not st.apply(5, 1, json.dumps({"op": "cert.revoke", "name": "x", "at": "nan", "v": 2}).encode()).ok
+
+
+def test_snapshots_carry_the_list_and_leave_it_out_while_empty():
+    st = ClusterState()
+    st.apply(1, 1, cluster_format_command(2))
+    assert "revoked_certs" not in json.loads(st.snapshot())
+    st.apply(2, 1, cert_revoke_command("b", 1000.0))
+    copy = ClusterState()
+    copy.restore(st.snapshot())
+    assert copy.revoked_certs == {"b": 1000.0} and copy.cert_revocation("b", 10.0)
+
+
+def test_the_certificate_cache_never_hides_a_revocation():
+    """The interceptor parses a certificate once (cache) but asks the revocation list on every call."""
+    ca = C.create_ca()
+    identity = C.issue_identity(ca, "b", role="node")
+    revoked: dict[str, float] = {}
+    interceptor = auth.AuthInterceptor(lambda t: None,
+                                       revoked=lambda n, at: "revoked" if at <= revoked.get(n, -1) else "")
+    cache = interceptor._cert_cache
+    caller = auth.cert_caller(identity.cert_pem, cache)
+    assert interceptor.refusal(caller) == "" and auth.cert_caller(identity.cert_pem, cache) is caller
+    revoked["b"] = caller.issued_at
+    assert interceptor.refusal(auth.cert_caller(identity.cert_pem, cache)) == "revoked"
