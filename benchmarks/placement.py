@@ -8,7 +8,10 @@ used by other jobs, and one host in eight holds agentd instances already
 accounting do real work. Models come from real headers: Llama-3.1-70B and
 Llama-3.1-405B config.json for vLLM, header-only GGUFs of Llama-3-70B Q4_K_M
 and DeepSeek-R1 BF16 (1.2 TiB, needs rpc-servers on several hosts) for
-llama-box, plus an unplaceable request to time the diagnosis path.
+llama-box, plus an unplaceable request to time the diagnosis path. The
+last row places Llama-3.1-70B again on the same hosts reporting NVSwitch
+links between their GPUs (`gpu_links`), where vLLM's auto parallelism
+prefers tensor parallel over NVLink (TP=4 instead of PP=3).
 Prints min / median ms: the machine is shared, the min is the code's own cost.
 Targets: under 20 ms at 512 hosts and under 100 ms at 2,048 hosts.
 """
@@ -35,6 +38,7 @@ from agentd.types import (  # noqa: E402
     ClusterInventory,
     DeploymentSpec,
     GpuInfo,
+    GpuLink,
     GpuProcess,
     HostInventory,
     Part,
@@ -46,9 +50,11 @@ from agentd.types import (  # noqa: E402
 GiB = 1024**3
 
 
-def cluster(hosts: int, seed: int = 7) -> tuple[ClusterInventory, list[Assignment]]:
+def cluster(hosts: int, seed: int = 7, nvlink: bool = False) -> tuple[ClusterInventory, list[Assignment]]:
+    """`nvlink`: every host reports NVSwitch links between its 8 GPUs (28 pairs)."""
     rnd = random.Random(seed)
     out, existing = [], []
+    links = tuple(GpuLink(gpus=(a, b), link="nvlink", nvlinks=12) for a in range(8) for b in range(a + 1, 8))
     for h in range(hosts):
         name = f"node-{h:04d}"
         gpus = []
@@ -59,7 +65,7 @@ def cluster(hosts: int, seed: int = 7) -> tuple[ClusterInventory, list[Assignmen
                                 memory_total=80 * GiB, memory_used=used, compute_capability="8.0", processes=procs))
         out.append(HostInventory(name=name, address=f"10.0.{h // 250}.{h % 250}:7070",
                                  labels={"rack": f"r{h % 16}"}, cpu_count=64, memory_total=1024 * GiB,
-                                 memory_available=900 * GiB, gpus=tuple(gpus)))
+                                 memory_available=900 * GiB, gpus=tuple(gpus), gpu_links=links if nvlink else ()))
         if h % 8 == 3:  # an agentd instance already holds GPUs 6 and 7
             part = Part(host=name, gpus=(6, 7), role="main", memory=(72 * GiB, 72 * GiB))
             existing.append(Assignment(deployment=f"d{h}", replica=0, term=1, model="m", runtime="vllm",
@@ -102,6 +108,7 @@ def main() -> int:
         ("llamabox", "llama-70b-q4", {}, 1),
         ("llamabox", "deepseek-r1-bf16", {}, 1),
         ("vllm", "llama-405b", {"gpu_memory_utilization": 0.02}, 1),  # unplaceable: diagnosis path
+        ("vllm", "llama-70b", {}, 1, "nvlink"),  # the same hosts reporting NVSwitch links
     ]
     header = f"{'runtime':<9} {'model':<17} {'replicas':>8} " + " ".join(f"{n:>13}" for n in sizes)
     print(f"min / median ms per placement (warm process, {args.repeat} runs, a third of them at 2,048 hosts); "
@@ -109,10 +116,13 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     clusters = {n: cluster(n) for n in sizes}
-    for runtime, model_name, opts, replicas in cases:
+    linked = {}
+    for runtime, model_name, opts, replicas, *topology in cases:
         cells, outcome = [], ""
         for n in sizes:
-            c, existing = clusters[n]
+            if topology and n not in linked:
+                linked[n] = cluster(n, nvlink=True)
+            c, existing = linked[n] if topology else clusters[n]
             spec = DeploymentSpec(name="bench", model=model_name, runtime=runtime, replicas=replicas,
                                   options=RuntimeOptions(**opts))
             repeat = args.repeat if n <= 512 else max(3, args.repeat // 3)
@@ -122,7 +132,7 @@ def main() -> int:
             rp = plan.replicas[0] if plan.placed else None
             outcome = (f"TP={rp.tensor_parallel} PP={rp.pipeline_parallel} parts={len(rp.parts)}"
                        if rp else "unplaced")
-        label = model_name + ("" if not opts else "*")
+        label = model_name + ("" if not opts else "*") + (" nvlink" if topology else "")
         print(f"{runtime:<9} {label:<17} {replicas:>8} " + " ".join(cells) + f"   {outcome}")
     print("* options: 405b ctx_size=32768; the unplaceable row uses gpu_memory_utilization=0.02")
     return 0

@@ -51,3 +51,27 @@ async def test_deploy_returns_the_why_and_commits_assignments_without_it():
     (a,) = state.assignments_for("big")
     assert a.plan.tensor_parallel == 4 and a.plan.why == ""
     assert "why" not in json.dumps(raft.proposed)
+
+
+async def test_the_deploy_reply_carries_the_why_through_a_forwarding_follower():
+    from agentd.v1 import control_pb2 as pb
+    from tests.test_control_api import Agent
+
+    placer = Placer(PluginManager.load())
+    a, b = Agent("a", placer), Agent("b", placer)
+    try:
+        for x in (a, b):
+            await x.server.start()
+        a.lead()
+        b.follow(a)
+        host = ClusterInventory.model_validate_json((ROOT / "examples/clusters/l40s-pcie.json").read_text()).hosts[0]
+        a.coordinator.on_report(host.model_copy(update={"name": "a"}), [])
+        reply = await b.stub.Deploy(pb.DeployRequest(spec=pb.DeploymentSpec(name="big", model=AWQ, runtime="vllm",
+                                                                            replicas=1)))
+        (why,) = reply.why
+        assert why.startswith("PP=") and "(PCIe only): pipeline stages over PCIe" in why
+        (assignment,) = json.loads(reply.deployment.assignments_json)
+        assert "why" not in assignment["plan"]
+    finally:
+        for x in (a, b):
+            await x.close()

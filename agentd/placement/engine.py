@@ -30,7 +30,7 @@ from agentd.placement.demand import LayerDemand, ShardDemand
 from agentd.placement.findings import CANDIDATE, DEVICE, HOST, SHAPE, STATIC, Findings
 from agentd.placement.layersplit import LayerSplitSearch
 from agentd.placement.layout import LaunchParams, Layout
-from agentd.placement.links import links_of
+from agentd.placement.links import bounds as link_bounds
 from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
 from agentd.placement.sharded import Candidates, ShardedSearch
 from agentd.placement.snapshot import GpuView, HostView, Snapshot
@@ -465,9 +465,11 @@ def _filter(req: Request, snap: Snapshot, findings: Findings | None) -> tuple[Ca
     links = req.links
     for hv, _ in rows:
         if hv.info.gpu_links:
-            hl = links_of(hv.info, links)
-            nvlink = max(nvlink, hl.largest["nvlink"])
-            pcie = max(pcie, hl.largest["pcie"])
+            nv, pc = link_bounds(hv.info, links)
+            if nv > nvlink:
+                nvlink = nv
+            if pc > pcie:
+                pcie = pc
     limits = ShapeLimits(hosts=counted, max_gpus_per_host=max_per_host, gpus=total_gpus, max_gpu_memory=max_mem,
                          exact=exact, nvlink_gpus=nvlink, pcie_gpus=pcie)
     return Candidates(rows, unjudged, max_mem, judge), limits, pinned

@@ -9,8 +9,9 @@ requirement, so hosts without topology get the plain shapes only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agentd.types import HostInventory
 
@@ -21,7 +22,7 @@ T = TypeVar("T")
 class HostLinks:
     """One host's links by kind: who is adjacent to whom, and the largest connected group."""
 
-    __slots__ = ("adjacent", "largest")
+    __slots__ = ("adjacent", "bounds", "largest")
 
     def __init__(self, info: HostInventory):
         self.adjacent: dict[str, dict[int, set[int]]] = {k: {} for k in KINDS}
@@ -32,6 +33,7 @@ class HostLinks:
                 adj.setdefault(a, set()).add(b)
                 adj.setdefault(b, set()).add(a)
         self.largest = {k: _largest_component(adj) for k, adj in self.adjacent.items()}
+        self.bounds = bounds(info, {})
 
     def choose(self, kind: str, ranked: Sequence[T], g: int, index=lambda x: x.index) -> list[T] | None:
         """`g` of `ranked` (most preferred first) with every pair joined by `kind`, or None.
@@ -78,11 +80,41 @@ def _largest_component(adj: dict[int, set[int]]) -> int:
     return best
 
 
+def bounds(info: HostInventory, cache: dict[int, tuple[HostInventory, Any]]) -> tuple[int, int]:
+    """An upper bound on the most GPUs of the host all joined by NVLink, and all by PCIe only: the largest
+    k whose k(k-1)/2 pairs the host lists of that kind, at most its GPU count. Counting is cheap enough to
+    run on every host of every placement (building HostLinks is not); cached per inventory object."""
+    hit = cache.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1] if isinstance(hit[1], tuple) else hit[1].bounds
+    nvlink = pcie = 0
+    for link in info.gpu_links:
+        kind = link.link
+        if kind == "nvlink":
+            nvlink += 1
+        elif kind == "pcie":
+            pcie += 1
+    n = len(info.gpus)
+    out = (min(n, _clique_bound(nvlink)), min(n, _clique_bound(pcie)))
+    cache[id(info)] = (info, out)
+    return out
+
+
+def _clique_bound(pairs: int) -> int:
+    """The largest k with k(k-1)/2 <= pairs (0 without pairs)."""
+    if not pairs:
+        return 0
+    k = int((1 + math.sqrt(1 + 8 * pairs)) / 2)
+    while k * (k - 1) // 2 > pairs:
+        k -= 1
+    return k
+
+
 def links_of(info: HostInventory, cache: dict[int, tuple[HostInventory, HostLinks]]) -> HostLinks | None:
     """The host's links (None without any), built once per inventory object."""
     if not info.gpu_links:
         return None
     hit = cache.get(id(info))
-    if hit is None or hit[0] is not info:
+    if hit is None or hit[0] is not info or isinstance(hit[1], tuple):
         hit = cache[id(info)] = (info, HostLinks(info))
     return hit[1]

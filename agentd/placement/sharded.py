@@ -153,34 +153,43 @@ class ShardedSearch:
         return Layout(shape, tuple(parts), demand)
 
     def _find_linked(self, shape: Sharded, demand: ShardDemand) -> Layout | None:
-        """One host's GPUs, every pair joined by `shape.link`: the strategy's first host that has them,
-        its preferred GPUs among them. Only hosts that report links are looked at."""
+        """One host's GPUs, every pair joined by `shape.link`: the first host in the strategy's order that
+        has them (the host _choose_hosts would prefer among those that do), its preferred GPUs among
+        them. Hosts without links are passed over before their GPUs are looked at."""
         need = demand.per_gpu
         g = shape.gpus
         f = demand.budget_fraction
-        key = self.strategy.host_key
-        best = None
-        for hv, caps, gpus in self._host_caps(demand):
+        candidates = self.candidates
+        if not candidates.unjudged:  # no host has g GPUs that can hold a share: nothing to scan
+            arr = self._kth_sorted(demand, g)
+            if not arr or arr[-1] < need:
+                return None
+        kind = shape.link
+        cache = self._links
+        for i in self._order:
+            hv = candidates.rows[i][0]
+            if len(hv.gpus) < g or not hv.info.gpu_links:
+                continue
+            gpus = candidates.eligible(i)
+            caps = self._caps_of(((hv, gpus),), f)[0][1]
             if len(caps) < g or caps[g - 1] < need:
                 continue
-            links = links_of(hv.info, self._links)
-            if links is None or links.largest[shape.link] < g:
+            links = links_of(hv.info, cache)
+            if links is None or links.largest[kind] < g:
                 continue
             if f is None:
                 fitting = [gv for gv in gpus if gv.free >= need]
             else:
                 fitting = [gv for gv in gpus if int(f * gv.total) >= need]
-            chosen = links.choose(shape.link, self._rank_gpus(fitting), g)
-            if chosen is not None and (best is None or key(hv) < best[0]):
-                best = (key(hv), hv, chosen)
-        if best is None:
-            return None
-        _, hv, chosen = best
-        chosen = sorted(chosen, key=_index)
-        memory = tuple(demand.reservation(gv.total) for gv in chosen)
-        layers = sum(demand.stage_layers or (0,))
-        part = PartLayout(hv.name, "main", tuple(gv.index for gv in chosen), memory, layers=layers)
-        return Layout(shape, (part,), demand)
+            chosen = links.choose(kind, self._rank_gpus(fitting), g)
+            if chosen is None:
+                continue
+            chosen = sorted(chosen, key=_index)
+            memory = tuple(demand.reservation(gv.total) for gv in chosen)
+            layers = sum(demand.stage_layers or (0,))
+            part = PartLayout(hv.name, "main", tuple(gv.index for gv in chosen), memory, layers=layers)
+            return Layout(shape, (part,), demand)
+        return None
 
     def _choose_hosts(self, demand: ShardDemand, g: int, n: int) -> list[tuple[HostView, tuple[GpuView, ...]]]:
         need = demand.per_gpu
