@@ -91,6 +91,9 @@ class LocalCluster:
     # Mutual TLS and authentication (docs/security.md): the first agent gets the CA (as `agentd init-ca`
     # makes it), the others join with one-time tokens; clients use an admin certificate in `admin_dir`.
     secure: bool = False
+    # Per-agent command prefix (e.g. `unshare -m sh -c 'mount a small tmpfs on the data dir && exec "$@"'`,
+    # to fill one agent's disk); it must exec the agent so that the process keeps its pid.
+    agent_prefix: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,7 @@ class LocalCluster:
         env.update(self.agent_env.get(name, {}))
         if self.secure and agent.token_listen:
             env["AGENTD_TOKEN_LISTEN"] = agent.token_listen
+        argv = [*self.agent_prefix.get(name, []), *argv]
         log = open_private(agent.log_file, os.O_WRONLY | os.O_APPEND)  # the child owns it for its lifetime
         # Not the caller's directory: `python -m` puts the working directory first on sys.path, ahead of
         # PYTHONPATH, and an agent given another release's code in agent_env must import that code.

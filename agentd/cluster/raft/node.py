@@ -172,6 +172,10 @@ class RaftNode:
         # Why this node stopped applying (an entry or snapshot of a newer state format): it keeps voting and
         # storing the log, so a quorum holds, and applies again once restarted on a newer agentd.
         self.upgrade_required = ""
+        # Why this node stopped for good (its storage failed, or the loop crashed): it must say nothing more,
+        # and the daemon exits so the service manager restarts it (docs/cluster.md, "A member that cannot persist").
+        self.fatal = ""
+        self.on_fatal: Callable[[str], None] = lambda reason: None
         # Proposals are checked against it before they enter the log: "" admits, a reason refuses.
         self.admit: Callable[[bytes], str] = lambda command: ""
         # Joins too, by the joiner's state format: one that cannot apply what the cluster writes stays out.
@@ -435,7 +439,7 @@ class RaftNode:
             # A bug or a state machine that cannot restore: continuing could apply
             # entries out of order, so this node stops and says why.
             log.critical("raft loop failed; stopping the node", exc_info=True, extra=fields(node=self.id))
-            asyncio.get_running_loop().create_task(self.stop(graceful=False))
+            self._fail_node("the Raft loop failed (see the log)")
 
     async def _drain_forever(self) -> None:
         core = self.core
@@ -447,17 +451,26 @@ class RaftNode:
                 try:
                     if rd.must_persist:
                         await asyncio.to_thread(self._storage.save, rd)
-                except (OSError, AgentdError):
+                except (OSError, AgentdError) as exc:
                     # Without durable storage this node must not say anything more.
                     log.critical("cannot persist raft state; stopping the node", exc_info=True,
                                  extra=fields(node=self.id))
-                    asyncio.get_running_loop().create_task(self.stop(graceful=False))
+                    self._fail_node(f"cannot persist Raft state: {exc}")
                     return
                 self.transport.send(rd.messages)
                 if rd.soft_state is not None:
                     self._on_soft_state(rd)
                 self._apply(rd)
                 self._maybe_snapshot()
+
+    def _fail_node(self, reason: str) -> None:
+        self.fatal = reason
+        self.transport.ready = False  # refuse peers at once, before the stop below has run
+        asyncio.get_running_loop().create_task(self.stop(graceful=False))
+        try:
+            self.on_fatal(reason)
+        except Exception:
+            log.exception("on_fatal failed", extra=fields(node=self.id))
 
     async def _ticker(self) -> None:
         interval = self.options.tick_interval
