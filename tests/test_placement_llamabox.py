@@ -77,17 +77,17 @@ def test_seed_the_gpustack_choice_is_refused_with_the_reason(plugins, deepseek, 
     assert not plan.placed
     assert plan.diagnosis.message == (
         "0/12 hosts can run deepseek-r1 (llamabox): 8 hosts not pinned, 1 main-server candidate cannot hold one "
-        "layer (needs 21.9 GiB, largest free 11.0 GiB)")
+        "layer (needs 22.3 GiB, largest free 11.0 GiB)")
 
 
 def test_seed_with_selector_gives_the_fit_error_of_the_issue(plugins, deepseek, seed):
     plan = place(seed, deepseek, spec("llamabox", name="deepseek-r1", selector={"rack": "a"}), plugins=plugins)
     d = plan.diagnosis
     assert d.message == ("0/12 hosts can run deepseek-r1 (llamabox): 8 main-server candidates cannot hold one layer "
-                         "(needs 21.9 GiB, largest free 11.0 GiB), 4 hosts excluded by selector rack=a")
+                         "(needs 22.3 GiB, largest free 11.0 GiB), 4 hosts excluded by selector rack=a")
     main_reason = d.reasons[0]
     assert main_reason.count == 8 and main_reason.details["largest_free"] == 11 * GiB
-    assert d.near_miss == "main-server candidate worker-12 cannot hold one layer: needs 21.9 GiB, largest free 11.0 GiB"
+    assert d.near_miss == "main-server candidate worker-12 cannot hold one layer: needs 22.3 GiB, largest free 11.0 GiB"
     assert d.suggestions[0] == "free GPU 0 on worker-12 (13.0 GiB used by pid 4120)"
     assert d.suggestions[-1].startswith("drop the selector rack=a: full offload with the main server on gpu-a100-1")
     assert plan_json(plan)["diagnosis"]["reasons"][1] == {
@@ -100,7 +100,7 @@ def test_a_rejected_main_server_is_logged(plugins, deepseek, seed, caplog):
     with caplog.at_level(logging.DEBUG, logger="agentd.placement"):
         place(seed, deepseek, spec("llamabox", selector={"rack": "a"}), plugins=plugins)
     assert ("rejected main-server candidate worker-19: cannot hold one layer "
-            "(needs 21.9 GiB, largest free 11.0 GiB)") in caplog.messages
+            "(needs 22.3 GiB, largest free 11.0 GiB)") in caplog.messages
 
 
 # --------------------------------------------------------------------------- memory
@@ -112,9 +112,18 @@ def test_layer_memory_comes_from_the_header_plus_kv_cache_and_buffers(deepseek):
     assert d.layer_bytes == tuple(b + kv for b in deepseek.layer_bytes)
     assert d.layer_bytes[0] < d.layer_bytes[3]  # three dense layers, then MoE
     assert d.output_bytes == deepseek.non_repeating_bytes["output"] + deepseek.non_repeating_bytes["output_norm"]
-    assert d.device_overhead == N_UBATCH * 4 * (8 * 7168 + 2 * 18432) + CUDA_CONTEXT
-    assert d.output_overhead == N_UBATCH * 129280 * 4
-    assert d.cpu_fixed_bytes == deepseek.non_repeating_bytes["token_embd"]
+    # llama.cpp's compute buffers (agentd_llamabox/memory.py), u = one f32 row per ubatch token:
+    u, h, mask = N_UBATCH * 4, 7168, 4096 * N_UBATCH * 2
+    core = u * (128 * (2 * 512 + 3 * 64 + 128) + 2 * h)  # MLA's absorbed attention is the largest layer
+    logits = N_UBATCH * 129280 * 4
+    assert d.device_overhead == core + 14 * u * h + 4 * mask + u * 128 * 64 + CUDA_CONTEXT  # pipeline copies
+    out = max(logits, core) + 9 * u * h + 4 * mask + CUDA_CONTEXT  # the output device's own (smaller) inputs
+    assert d.device_overhead + d.output_overhead == max(out, d.device_overhead)
+    assert d.single_device_overhead == max(logits + 4 * u * h, core + 2 * u * h) + mask + CUDA_CONTEXT
+    assert d.cpu_fixed_bytes == deepseek.non_repeating_bytes["token_embd"] + 4 * u * h + mask + 4 * 129280 * 8
+    assert d.pipeline_cpu_bytes == 6 * u * h + 3 * mask
+    p = estimate(deepseek, spec("llamabox", ctx=4096), "partial")
+    assert p.device_overhead == core + u * h + mask + CUDA_CONTEXT and p.output_overhead == 0
 
 
 # --------------------------------------------------------------------------- ranking

@@ -85,23 +85,27 @@ def llama_cpp_assignment(argv: tuple[str, ...], env: dict[str, str], m: ModelInf
     return out
 
 
-def device_bytes(m: ModelInfo, s, dev: Device, gpu_side: bool) -> int:
+def device_bytes(m: ModelInfo, s, dev: Device, gpu_side: bool, devices: int, partial: bool) -> int:
     """Bytes on one device: the model's tensors where llama.cpp puts them, plus the cost model's
-    per-layer (weights + KV) and per-device (compute buffer, context, logits) sizes."""
-    d = estimate(m, s)
+    per-layer (weights + KV) and per-device (compute buffer, context, logits) sizes. `devices`
+    GPUs in all: a full offload onto one runs no pipeline (its own overhead), onto more it does."""
+    d = estimate(m, s, "partial" if partial else "full")
+    single = not partial and devices == 1
     nr = m.non_repeating_bytes
     tied = not nr.get("output")
     weight = nr["token_embd"] if tied else nr["output"]
-    if not gpu_side:  # host RAM: the embedding, the CPU layers, an untied output weight (a tied one is
-        per = d.cpu_layer_bytes or d.layer_bytes  # the embedding's own mapping)
-        return nr["token_embd"] + sum(per[i] for i in dev.layers) + (weight if dev.output_weight and not tied else 0)
+    if not gpu_side:  # host RAM: the embedding and buffers, the CPU layers, an untied output weight (a tied
+        per = d.cpu_layer_bytes or d.layer_bytes  # one is the embedding's own mapping)
+        return (d.cpu_fixed_bytes + sum(per[i] for i in dev.layers)
+                + (weight if dev.output_weight and not tied else 0)
+                + (d.pipeline_cpu_bytes if not partial and devices > 1 else 0))
     total = sum(d.layer_bytes[i] for i in dev.layers)
     if dev.layers or dev.output_slot:
-        total += d.device_overhead
+        total += d.single_overhead if single else d.device_overhead
     if dev.output_slot:
         total += nr["output_norm"]
     if dev.output_weight:
-        total += weight + d.output_overhead  # the lm_head and its logits
+        total += weight + (0 if single else d.output_overhead)  # the lm_head and its logits
     return total
 
 
@@ -135,12 +139,15 @@ def assert_booked_is_loaded(plan, m: ModelInfo, s, c, tmp: Path) -> dict[str, De
     for i, mem in zip(main.env["CUDA_VISIBLE_DEVICES"].split(","), mainp.memory, strict=True):
         booked[f"cuda {i}"] = mem
     assert set(booked) == set(loaded) - {CPU}, "every booked device gets something, nothing lands elsewhere"
+    partial, n = mainp.cpu_layers > 0, len(booked)
     for dev, mem in booked.items():
-        assert mem == device_bytes(m, s, loaded[dev], gpu_side=True), dev
+        assert mem == device_bytes(m, s, loaded[dev], True, n, partial), dev
     assert loaded[CPU].layers == list(range(mainp.cpu_layers)), "the plan's CPU layers are the ones in RAM"
-    assert estimate(m, s).ram_for(mainp.cpu_layers) == device_bytes(m, s, loaded[CPU], gpu_side=False)
+    d = estimate(m, s, "partial" if partial else "full")
+    ram_needed = d.ram_for(mainp.cpu_layers, pipeline=not partial and n > 1)
+    assert ram_needed == device_bytes(m, s, loaded[CPU], False, n, partial)
     ram = {h.name: h.memory_available for h in c.hosts}[mainp.host]
-    assert estimate(m, s).ram_for(mainp.cpu_layers) <= ram
+    assert ram_needed <= ram
     return loaded
 
 
@@ -211,7 +218,7 @@ def test_partial_offload_never_puts_every_layer_on_gpus(tmp_path):
     layout with no CPU layer would make llama-server load the output weight onto that GPU
     (cpu_layers == 0 means full offload to the act phase), so one layer stays in RAM."""
     m = llama()
-    d = estimate(m, spec("llamabox"))
+    d = estimate(m, spec("llamabox"), "partial")
     fits_layers = (sum(d.layer_bytes) + d.device_overhead + d.output_norm_bytes) / GiB + 0.1
     c = cluster(host("a", gpus=[gpu(0, fits_layers, host="a")], ram_gib=256))
     assert not place(c, m, spec("llamabox"), plugins=PLUGINS).placed
@@ -221,3 +228,25 @@ def test_partial_offload_never_puts_every_layer_on_gpus(tmp_path):
     assert main.cpu_layers == 1 and main.layers == len(SIZES) - 1
     loaded = assert_booked_is_loaded(plan, m, s, c, tmp_path)
     assert loaded[CPU].output_weight and loaded[CPU].layers == [0]
+
+
+def _flag(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_what_the_estimate_assumes_is_pinned_in_the_argv(tmp_path):
+    """Flash attention, batch sizes and slots decide the compute buffers and the sliding-window cells the
+    estimate books (agentd_llamabox/memory.py): the launched command line says the same."""
+    from agentd_llamabox import memory
+
+    m = llama()
+    c = cluster(host("a", gpus=[gpu(0, 80, host="a")]))
+    plan = place(c, m, spec("llamabox"), plugins=PLUGINS)
+    _, main = launch(plan, m, tmp_path)
+    assert _flag(main.argv, "--flash-attn") == "on" and "--kv-unified" in main.argv
+    assert (_flag(main.argv, "--batch-size"), _flag(main.argv, "--ubatch-size"), _flag(main.argv, "--parallel")) \
+        == (str(memory.N_BATCH), str(memory.N_UBATCH), str(memory.N_SEQ))
+    # llama-box, an older llama.cpp: a bare --flash-attn, and its slots share one cache without --kv-unified.
+    box = lb._for_llama_box(tuple(plan.replicas[0].args))
+    assert "--flash-attn" in box and "on" not in box and "--kv-unified" not in box
+    assert _flag(box, "--parallel") == str(memory.N_SEQ)

@@ -8,12 +8,17 @@ leader judged the original caller and the node role shrank to what a host needs.
 
 from __future__ import annotations
 
+import datetime
 import json
+import signal
+import socket
+import ssl
 import threading
 import time
 
 import grpc
 import pytest
+from cryptography import x509
 
 from agentd.api.client import ControlClient
 from agentd.api.join_client import join_cluster
@@ -128,8 +133,8 @@ def test_a_host_that_is_not_a_member_is_refused_everywhere(cluster, rogue):
             calls = {
                 "Status": lambda: pb_grpc.ControlStub(ch).Status(pb.StatusRequest(), timeout=5),
                 "Report": lambda: pb_grpc.AgentStub(ch).Report(pb.ReportRequest(node="rogue"), timeout=5),
-                "Send": lambda: ch.stream_unary("/agentd.v1.Raft/Send")(iter([vote("rogue", agent.name, term + 3)]),
-                                                                        timeout=5),
+                "Send": lambda to=agent.name: ch.stream_unary("/agentd.v1.Raft/Send")(
+                    iter([vote("rogue", to, term + 3)]), timeout=5),
             }
             for method, call in calls.items():
                 code, details = status(call)
@@ -263,8 +268,56 @@ def test_a_revoked_certificate_is_refused_on_open_streams(cluster, tmp_path):
     # A certificate issued for the name afterwards is a new one, and works.
     time.sleep(1.1)
     C.save_identity(tmp_path / "mallory2", "admin", C.issue_identity(ca, "mallory", role="admin"))
-    with channel(cluster.agents[lead].listen, channel_credentials(load_identity(tmp_path / "mallory2", "admin"))) as ch2:
+    again = channel_credentials(load_identity(tmp_path / "mallory2", "admin"))
+    with channel(cluster.agents[lead].listen, again) as ch2:
         assert status(lambda: pb_grpc.ControlStub(ch2).List(pb.ListRequest(), timeout=5))[0] == OK
+
+
+def served_certificate(c: LocalCluster, address: str):
+    """The certificate an agent presents on its mutual-TLS port now (a fresh handshake, as an admin)."""
+    from cryptography import x509
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=ca_pem(c).decode())
+    ctx.load_cert_chain(c.admin_dir / "admin.crt", c.admin_dir / "admin.key")
+    ctx.set_alpn_protocols(["h2"])
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+def test_a_host_renews_its_certificate_through_the_cluster_before_it_expires(cluster):
+    lead, follower = leader_and_follower(cluster)
+    host = cluster.agents[follower]  # not a signer: it must ask one, with its current certificate
+    cluster.kill(follower, signal.SIGTERM)
+    ca = C.load_ca(cluster.agents["a"].tls_dir, need_key=True)
+    old = C.issue_identity(ca, follower, role="node", addresses=["127.0.0.1"],
+                           now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=300))
+    C.save_identity(host.tls_dir, "node", old)  # 65 days left of 365: due
+    old_key = (host.tls_dir / "node.key").read_bytes()
+    cluster.start_agent(follower)
+    deadline = time.monotonic() + 30
+    while "renewed this host's certificate" not in host.log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "renewed this host's certificate" in host.log_file.read_text(), host.log_file.read_text()[-3000:]
+    renewed = load_identity(host.tls_dir, "node")
+    assert renewed.name == follower and (host.tls_dir / "node.key").read_bytes() != old_key
+    served = served_certificate(cluster, host.listen)
+    assert served.not_valid_after_utc > datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=360), \
+        "the agent presents the renewed certificate without a restart"
+    assert ("127.0.0.1" in [str(i) for i in served.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)])
+    with channel(cluster.agents[lead].listen, channel_credentials(renewed)) as ch:
+        assert status(lambda: pb_grpc.ControlStub(ch).Status(pb.StatusRequest(), timeout=5))[0] == OK
+    # A host may renew only itself.
+    from agentd.security.renewal import renewal_request
+    other = renewal_request(cluster.agents[lead].tls_dir.joinpath("node.crt").read_bytes())
+    with channel(cluster.agents["a"].listen, channel_credentials(renewed)) as ch:
+        code, details = status(lambda: spb_grpc.SecurityStub(ch).RenewCertificate(
+            spb.RenewCertificateRequest(csr_pem=other.csr_pem), timeout=5))
+    assert code == DENIED and f"may renew only itself, not {lead!r}" in details, details
+    cluster.wait_for_inventories()
 
 
 def test_a_revoked_host_is_removed_and_refused(cluster):

@@ -53,16 +53,33 @@ class LayerDemand:
     breakdown: Mapping[str, int] = field(default_factory=dict)
     output_norm_bytes: int = 0  # the part of output_bytes on the last device in partial offload
     cpu_output_bytes: int = 0  # RAM the output weight takes in partial offload (0 if it shares another tensor)
+    # Full offload onto one device: llama.cpp runs no pipeline, so that device's overhead (compute buffer with
+    # the logits, runtime context) is this instead of device_overhead + output_overhead (None: the same).
+    single_device_overhead: int | None = None
+    pipeline_cpu_bytes: int = 0  # host RAM added when a full offload spans several devices (pipeline copies)
 
     @property
     def layers(self) -> int:
         return len(self.layer_bytes)
 
-    def ram_for(self, cpu_layers: int) -> int:
+    def __post_init__(self):
+        if self.single_device_overhead is not None and \
+                self.single_device_overhead > self.device_overhead + self.output_overhead:
+            # The search fits a one-device full offload with either figure; it must never book more than it fit.
+            raise ValueError("single_device_overhead must not exceed device_overhead + output_overhead")
+
+    @property
+    def single_overhead(self) -> int:
+        """The overhead of the only device of a full offload."""
+        both = self.device_overhead + self.output_overhead
+        return both if self.single_device_overhead is None else self.single_device_overhead
+
+    def ram_for(self, cpu_layers: int, pipeline: bool = False) -> int:
         """Host RAM of the main process with the first `cpu_layers` layers on the CPU (and, when
-        there are any, the output weight with them)."""
+        there are any, the output weight with them); `pipeline`: a full offload over several devices."""
         per = self.cpu_layer_bytes or self.layer_bytes
-        return self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
+        return (self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
+                + (self.pipeline_cpu_bytes if pipeline else 0))
 
 
 Demand = ShardDemand | LayerDemand

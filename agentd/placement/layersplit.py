@@ -286,6 +286,8 @@ class LayerSplitSearch:
             if why is not None:
                 return [why]
         counts = _balanced(ctx, devices) if ctx.full else None
+        if ctx.full and len(devices) == 1 and devices[0].free >= ctx.single + ctx.prefix[-1]:
+            counts = [ctx.layers]  # one device runs no pipeline: its own (smaller) overhead
         if counts is None:
             counts = _greedy_reserved(ctx, devices)
         if counts is None:
@@ -315,8 +317,12 @@ class LayerSplitSearch:
         # The last device takes llama.cpp's output slot: the whole output layer in full offload, only
         # its norm in partial offload (the weight stays in RAM; demand.py has the rule).
         last = len(dev) - 1
-        mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if k == last else 0)
-                    for k, (g, lo, hi) in enumerate(dev))
+        pipeline = ctx.full and len(dev) + len(rpc) > 1  # llama.cpp's pipeline parallelism
+        if ctx.full and not pipeline:
+            mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.single for g, lo, hi in dev)
+        else:
+            mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if k == last else 0)
+                        for k, (g, lo, hi) in enumerate(dev))
         main_part = PartLayout(
             hv.name, "main", tuple(g.index for g, _, _ in dev), mem,
             layers=sum(hi - lo for _, lo, hi in dev), layer_split=tuple(hi - lo for _, lo, hi in dev),
@@ -327,7 +333,7 @@ class LayerSplitSearch:
             for g, lo, hi in reversed(rpc))
         facts = {**(facts or self._facts(ctx, [g for g, _, _ in main.blocks])),
                  "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0),
-                 "ram_needed": ctx.demand.ram_for(cpu_layers)}
+                 "ram_needed": ctx.demand.ram_for(cpu_layers, pipeline=pipeline)}
         return Layout(shape, (main_part, *rpc_parts), ctx.demand, facts)
 
 
@@ -341,6 +347,9 @@ class _Ctx:
         self.d = demand.device_overhead
         # What the last device holds besides its layers (demand.py: the output rule).
         self.out = demand.output_bytes + demand.output_overhead if full else demand.output_norm_bytes
+        # Full offload onto one device runs no pipeline: its overhead is the demand's single-device one
+        # (at most d + out, so a fill that fits the one with d + out fits this too).
+        self.single = demand.output_bytes + demand.single_overhead if full else 0
         # Partial offload keeps at least one layer on the CPU: with none there, llama.cpp (and the
         # act phase) would put the output weight on the last GPU, and this layout did not book it.
         self.floor = 0 if full else min(1, self.layers)
@@ -376,6 +385,8 @@ def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int,
     if not ctx.full:
         spans, lo = _fill_order(ctx, frees, range(len(frees)), -1)
         return spans, lo, -1, any(hi > lo for _, lo, hi in spans)
+    if frees and ctx.layers and frees[0] >= ctx.single + ctx.prefix[-1]:
+        return ((0, 0, ctx.layers),), 0, 0, True  # the whole model on the largest GPU: no pipeline
     best = None
     for out, free in enumerate(frees):
         if free < ctx.d + ctx.out or (out and free == frees[out - 1]):

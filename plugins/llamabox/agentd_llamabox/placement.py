@@ -35,12 +35,12 @@ from __future__ import annotations
 from agentd.placement import LaunchParams, LayerDemand, LayerSplit, Layout, MinLayersOnMain
 from agentd.plugins import hookimpl
 from agentd.types import DeploymentSpec, MiB, ModelInfo
+from agentd_llamabox import memory
 
 NAME = "llamabox"
 DEFAULT_CTX = 8192  # llama-box's usual --ctx-size; never more than the model's own
-N_UBATCH = 512
-CUDA_CONTEXT = 256 * MiB  # per process and device: CUDA context and cuBLAS workspace
-KV_ELEMENT_BYTES = 2  # f16 cache (llama.cpp's default cache type)
+N_UBATCH = memory.N_UBATCH
+CUDA_CONTEXT = 256 * MiB  # per process and device: CUDA context and cuBLAS workspace (not in llama.cpp's projection)
 
 
 def ctx_size(model: ModelInfo, spec: DeploymentSpec) -> int:
@@ -54,26 +54,38 @@ def _layer_weights(model: ModelInfo) -> tuple[int, ...]:
     return (rest // model.num_hidden_layers,) * model.num_hidden_layers
 
 
-def estimate(model: ModelInfo, spec: DeploymentSpec) -> LayerDemand:
+def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> LayerDemand:
+    """The layer-split demand for a full or partial offload (agentd_llamabox.memory has the terms)."""
     ctx = ctx_size(model, spec)
-    kv = (model.kv_cache.k_elements + model.kv_cache.v_elements) * KV_ELEMENT_BYTES * ctx
-    layers = tuple(w + kv for w in _layer_weights(model))
+    mem = memory.llama_cpp_memory(model, ctx)
+    layers = tuple(w + kv for w, kv in zip(_layer_weights(model), mem.kv_per_layer, strict=True))
     nr = model.non_repeating_bytes
     norm = nr.get("output_norm", 0)
     output = (nr.get("output") or nr.get("token_embd", 0)) + norm
-    ffn = model.intermediate_size or 4 * model.hidden_size
-    compute = N_UBATCH * 4 * (8 * model.hidden_size + 2 * ffn)  # f32 activations of one ubatch (flash attention)
-    logits = N_UBATCH * model.vocab_size * 4
+    breakdown = {"kv_per_layer": max(mem.kv_per_layer, default=0), "logits": mem.logits, "ctx_size": ctx,
+                 "masks": mem.masks, "core": mem.core}
+    if offload == "partial":
+        # Tensor overrides (the output weight pinned to the CPU) turn pipeline parallelism off.
+        return LayerDemand(
+            layer_bytes=layers, output_bytes=output, device_overhead=mem.partial_device + CUDA_CONTEXT,
+            cpu_fixed_bytes=nr.get("token_embd", 0) + mem.host_partial,
+            breakdown={**breakdown, "compute": mem.partial_device, "host_compute": mem.host_partial},
+            output_norm_bytes=norm,
+            # Tied embeddings: the output "weight" is token_embd's mapping, already counted in RAM.
+            cpu_output_bytes=nr.get("output", 0))
+    device = mem.pipeline_device
     return LayerDemand(
         layer_bytes=layers,
         output_bytes=output,
-        device_overhead=compute + CUDA_CONTEXT,
-        output_overhead=logits,
-        cpu_fixed_bytes=nr.get("token_embd", 0),
-        breakdown={"kv_per_layer": kv, "compute": compute, "logits": logits, "ctx_size": ctx},
+        device_overhead=device + CUDA_CONTEXT,
+        output_overhead=max(0, mem.pipeline_output_device - device),
+        cpu_fixed_bytes=nr.get("token_embd", 0) + mem.host_single,
+        breakdown={**breakdown, "compute": device, "output_compute": mem.pipeline_output_device,
+                   "single_compute": mem.single_device, "host_compute": mem.host_single},
         output_norm_bytes=norm,
-        # Tied embeddings: the output "weight" is token_embd's mapping, already counted in RAM.
         cpu_output_bytes=nr.get("output", 0),
+        single_device_overhead=mem.single_device + CUDA_CONTEXT,
+        pipeline_cpu_bytes=mem.host_pipeline - mem.host_single,
     )
 
 
@@ -98,7 +110,7 @@ def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits):
 def agentd_estimate(runtime, model: ModelInfo, spec: DeploymentSpec, shape):
     if runtime != NAME or not isinstance(shape, LayerSplit):
         return None
-    return estimate(model, spec)
+    return estimate(model, spec, shape.offload)
 
 
 def tensor_split(layout: Layout) -> list[int]:
@@ -122,5 +134,6 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
     ]
     if len(split) > 1:
         args += ["--tensor-split", ",".join(map(str, split))]
+    args += memory.pinned_args()  # what the estimate assumes (batch sizes, slots, flash attention)
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
     return LaunchParams(args=tuple(args), env=env)

@@ -190,6 +190,24 @@ def _strip(args: tuple[str, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _for_llama_box(args: tuple[str, ...]) -> tuple[str, ...]:
+    """llama-box (an older llama.cpp) takes flash attention as a bare flag and has no --kv-unified (its
+    slots share one cache already)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        x = args[i]
+        if x in ("-fa", "--flash-attn") and i + 1 < len(args) and args[i + 1] in ("on", "off", "auto"):
+            if args[i + 1] != "off":
+                out.append("--flash-attn")
+            i += 2
+            continue
+        if x not in ("--kv-unified", "-kvu"):
+            out.append(x)
+        i += 1
+    return tuple(out)
+
+
 def _cuda_env(part: Part) -> dict[str, str]:
     env = dict(part.env)
     if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
@@ -209,6 +227,8 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
     # -ngl and --tensor-split are derived from the plan's per-part layer counts, here, where the
     # binary's counting rule is known; the placement's own rendering of them is replaced.
     extra = _strip(tuple(a.plan.args), _NGL + _TS) + tuple(a.options.extra_args)
+    if box:
+        extra = _for_llama_box(extra)
     argv = [binary, "-m", str(model), "--host", ep.address, "--port", str(ep.port), "--alias", a.deployment]
     if rpc_eps:
         argv += ["--rpc", ",".join(f"{e.address}:{e.port}" for e in rpc_eps)]
