@@ -70,9 +70,9 @@ from agentd.placement import Placer
 from agentd.plugins import PluginManager
 from agentd.runtime import Endpoint, Supervisor, logfiles
 from agentd.runtime.spec import InstanceStatus
-from agentd.security import apikeys
+from agentd.security import apikeys, renewal
 from agentd.security.auth import AuthInterceptor
-from agentd.security.ca import CA_CERT, load_ca
+from agentd.security.ca import CA_CERT, ROLE_NODE, IssuedIdentity, load_ca, save_identity, sign_csr
 from agentd.security.files import private_dir, tighten_tree
 from agentd.security.tls import (
     TlsIdentity,
@@ -88,6 +88,7 @@ from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 from agentd.v1 import raft_pb2 as raft_pb
 from agentd.v1 import security_pb2 as sec_pb
+from agentd.v1 import security_pb2_grpc as sec_pb_grpc
 from agentd.version import AGENT_VERSION, BASELINE_STATE_FORMAT, STATE_FORMAT, WIRE_VERSION, PeerVersion
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ class Daemon:
         reflection.enable_server_reflection(services, self.server)
         if self.identity is not None:
             add_secure_ports(self.server, self.identity, listen=self.s.listen,
-                             token_listen=self.s.token_listen_address)
+                             token_listen=self.s.token_listen_address, current=lambda: self.identity)
             log.info("serving mutual TLS", extra=fields(node=self.node, listen=self.s.listen,
                                                         token_listen=self.s.token_listen_address,
                                                         signer=bool(self.joins and self.joins.signer)))
@@ -293,6 +294,8 @@ class Daemon:
         self._spawn(self._reconciler(), "reconciler")
         self._spawn(run_periodically(self.coordinator.tick, REPORT_INTERVAL, "coordinator-tick"), "tick")
         self._spawn(self._systemd(), "systemd")
+        if self.identity is not None:
+            self._spawn(self._renewer(), "cert-renewal")
         if os.environ.get(FAULT_FILE_ENV):
             self._spawn(self._faults(Path(os.environ[FAULT_FILE_ENV])), "faults")
         await self._start_http()
@@ -372,6 +375,68 @@ class Daemon:
             except AgentdError as exc:
                 log.info("cluster secret not committed yet; retrying", extra=fields(error=str(exc)))
                 await asyncio.sleep(0.5)
+
+    async def _renewer(self) -> None:
+        """Renew this host's certificate through the cluster once a third of its lifetime is left
+        (agentd/security/renewal.py); checked at start and hourly, retried every minute after a failure."""
+        while True:
+            delay = renewal.CHECK_INTERVAL
+            try:
+                await self._renew_certificate()
+            except (AgentdError, grpc.aio.AioRpcError, OSError) as exc:
+                log.warning("could not renew this host's certificate; retrying", extra=fields(error=str(exc)[:300]))
+                delay = renewal.RETRY_INTERVAL
+            await asyncio.sleep(delay)
+
+    async def _renew_certificate(self) -> str:
+        """Renew if due; returns the sentence logged ("" when not due)."""
+        import datetime as dt
+
+        assert self.identity is not None
+        why = renewal.renewal_due(self.identity.cert_pem, dt.datetime.now(dt.UTC))
+        if not why:
+            return ""
+        request = renewal.renewal_request(self.identity.cert_pem)
+        if self.joins is not None and self.joins.signer:  # a signer renews itself
+            cert = sign_csr(self.joins.ca, request.csr_pem, role=ROLE_NODE)
+            ca_pem, signer = self.joins.ca.cert_pem, self.node
+        else:
+            cert, ca_pem, signer = await self._renew_through_cluster(request.csr_pem)
+        await asyncio.to_thread(save_identity, self.s.tls_directory, "node",
+                                IssuedIdentity(key_pem=request.key_pem, cert_pem=cert, ca_pem=ca_pem))
+        identity = await asyncio.to_thread(load_identity, self.s.tls_directory, "node")  # checks chain and key
+        self.identity = identity
+        credentials = channel_credentials(identity)
+        self.raft.transport.set_credentials(credentials, channel_options())
+        old = self.channels.set_credentials(credentials)
+        self._spawn(self._close_later(old), "close-old-channels")
+        sentence = f"renewed this host's certificate: {why}"
+        log.info(sentence, extra=fields(node=self.node, signer=signer))
+        return sentence
+
+    async def _renew_through_cluster(self, csr_pem: bytes) -> tuple[bytes, bytes, str]:
+        """Ask the members, the leader first, until a signer renews (the others answer 'not a signer')."""
+        own = getattr(self.raft.members.get(self.node), "address", None)
+        order = [self.raft.leader_address or ""] + [getattr(m, "address", "") for _, m in
+                                                    sorted(self.raft.members.items())]
+        tried, last = set(), "no member is known yet"
+        for address in order:
+            if not address or address == own or address in tried:
+                continue
+            tried.add(address)
+            stub = sec_pb_grpc.SecurityStub(self.channels.get(address))
+            try:
+                reply = await stub.RenewCertificate(sec_pb.RenewCertificateRequest(csr_pem=csr_pem), timeout=10.0)
+                return reply.cert_pem, reply.ca_pem, reply.signer
+            except grpc.aio.AioRpcError as exc:
+                last = f"{address}: {exc.code().name}: {exc.details()}"
+        raise NotAvailable(f"no signer renewed this host's certificate ({last})")
+
+    async def _close_later(self, channels: list[Any], grace: float = 60.0) -> None:
+        await asyncio.sleep(grace)  # calls in flight on the old channels finish first
+        for ch in channels:
+            with contextlib.suppress(Exception):
+                await ch.close()
 
     def _is_member(self, name: str) -> bool | None:
         """Whether `name` is a member of the cluster, or None while this agent is in none (see AuthInterceptor)."""

@@ -104,6 +104,13 @@ class ChannelPool:
             self._channels[address] = ch
         return ch
 
+    def set_credentials(self, credentials: grpc.ChannelCredentials) -> list[grpc.aio.Channel]:
+        """Use new credentials (a renewed certificate) for channels opened from now on; returns the old
+        channels, which the caller closes once calls in flight on them are done."""
+        self._credentials = credentials
+        old, self._channels = list(self._channels.values()), {}
+        return old
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()

@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,15 +186,44 @@ def _unverified_chain(tls: ssl.SSLSocket) -> list[x509.Certificate]:
     return [x509.load_der_x509_certificate(d) for d in ders]
 
 
+def reloadable_server_credentials(current: Callable[[], TlsIdentity], *,
+                                  require_client_auth: bool) -> grpc.ServerCredentials:
+    """Server credentials that present `current()`'s certificate from the next handshake on (a renewed node
+    certificate takes effect without a restart; handshakes already made keep theirs)."""
+    served = [current()]
+
+    def config(identity: TlsIdentity) -> Any:
+        return grpc.ssl_server_certificate_configuration([(identity.key_pem, identity.chain_pem)],
+                                                         root_certificates=identity.ca_pem)
+
+    def fetch() -> Any:
+        identity = current()
+        if identity is served[0]:
+            return None  # unchanged
+        served[0] = identity
+        return config(identity)
+
+    return grpc.dynamic_ssl_server_credentials(config(served[0]), fetch,
+                                               require_client_authentication=require_client_auth)
+
+
 def add_secure_ports(server: grpc.aio.Server, identity: TlsIdentity, *, listen: str,
-                     token_listen: str | None) -> tuple[int, int | None]:
-    """Bind the mutual-TLS port and, if given, the token port; returns the bound port numbers."""
-    port = server.add_secure_port(listen, server_credentials(identity))
+                     token_listen: str | None,
+                     current: Callable[[], TlsIdentity] | None = None) -> tuple[int, int | None]:
+    """Bind the mutual-TLS port and, if given, the token port; returns the bound port numbers.
+
+    With `current`, both ports present whatever identity it returns at each handshake (renewal)."""
+    if current is not None:
+        mutual = reloadable_server_credentials(current, require_client_auth=True)
+        token_creds = reloadable_server_credentials(current, require_client_auth=False)
+    else:
+        mutual, token_creds = server_credentials(identity), token_server_credentials(identity)
+    port = server.add_secure_port(listen, mutual)
     if port == 0:
         raise NotAvailable(f"cannot listen on {listen}")
     token_port = None
     if token_listen:
-        token_port = server.add_secure_port(token_listen, token_server_credentials(identity))
+        token_port = server.add_secure_port(token_listen, token_creds)
         if token_port == 0:
             raise NotAvailable(f"cannot listen on {token_listen}")
     return port, token_port
