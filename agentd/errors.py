@@ -68,3 +68,7 @@ class PluginError(AgentdError):
 
 class RuntimeFailure(AgentdError):
     """A runtime process could not be started or supervised."""
+
+
+class BinaryNotUsable(RuntimeFailure):
+    """The program of a spec is missing or cannot be executed."""

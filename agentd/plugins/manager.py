@@ -17,18 +17,12 @@ import pluggy
 from agentd.errors import InvalidInput, PluginError
 from agentd.logs import fields
 from agentd.plugins import hookspecs
+from agentd.plugins.api import RuntimeInfo
 from agentd.plugins.reserved import CORE, ReservedLaunch, check_launch_options
 from agentd.types import DeploymentSpec
 
 ENTRY_POINT_GROUP = "agentd.plugins"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    name: str
-    formats: tuple[str, ...]
-    description: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,39 +24,9 @@ reserved long flag (`--max-model` for `--max-model-len`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from agentd.errors import InvalidInput
-
-
-@dataclass(frozen=True)
-class ReservedLaunch:
-    """What a plugin's `agentd_reserved_launch(runtime)` returns."""
-
-    flags: tuple[str, ...] = ()  # option names, long and short: ("-m", "--model", ...)
-    env: tuple[str, ...] = ()  # variable names: ("VLLM_API_KEY", ...)
-    env_prefixes: tuple[str, ...] = ()  # ("LLAMA_ARG_",): every variable that starts so
-    abbreviations: bool = False  # the program accepts unambiguous prefixes of long options (argparse)
-    hints: Mapping[str, str] = field(default_factory=dict)  # flag or variable -> what to use instead
-
-    @staticmethod
-    def merge(parts: Iterable[ReservedLaunch | None]) -> ReservedLaunch:
-        flags: list[str] = []
-        env: list[str] = []
-        prefixes: list[str] = []
-        hints: dict[str, str] = {}
-        abbrev = False
-        for p in parts:
-            if p is None:
-                continue
-            flags += p.flags
-            env += p.env
-            prefixes += p.env_prefixes
-            hints.update(p.hints)
-            abbrev = abbrev or p.abbreviations
-        return ReservedLaunch(tuple(dict.fromkeys(flags)), tuple(dict.fromkeys(env)), tuple(dict.fromkeys(prefixes)),
-                              abbrev, hints)
-
+from agentd.plugins.api import ReservedLaunch
 
 GPU_HINT = "agentd chooses the GPUs from the plan; use --pin HOST:GPU,... or --exclude-gpu"
 

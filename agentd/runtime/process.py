@@ -27,14 +27,10 @@ from pathlib import Path
 
 import psutil
 
-from agentd.errors import RuntimeFailure
+from agentd.errors import BinaryNotUsable
 from agentd.security.files import private_dir
 
 _CREATE_TIME_TOLERANCE = 0.05  # seconds; psutil derives it from clock ticks since boot
-
-
-class BinaryNotUsable(RuntimeFailure):
-    """The program of a spec is missing or cannot be executed."""
 
 
 def resolve_program(program: str, env: dict[str, str]) -> str:
