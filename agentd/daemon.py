@@ -54,6 +54,7 @@ from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
 from agentd.api.security_service import JoinService, SecurityService, add_security_services
+from agentd.cluster.clock import ClusterClock
 from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
@@ -96,6 +97,7 @@ EXIT_RAFT_FAILED = 74  # EX_IOERR: Raft storage failed (or the Raft loop did); R
 
 REPORT_INTERVAL = 1.0
 FAULT_FILE_ENV = "AGENTD_TEST_FAULT_FILE"  # tests only: JSON {"partition": [peer ids]} cuts Raft traffic
+CLOCK_SKEW_ENV = "AGENTD_TEST_CLOCK_SKEW"  # tests only: seconds this agent's wall clock reads off (issue 14)
 RECONCILE_PERIOD = 5.0  # re-apply even without a change: cheap, and heals a missed event
 STATE_ORDER = ("FATAL", "BACKOFF", "STOPPING", "PENDING", "STARTING", "STOPPED", "RUNNING")
 
@@ -211,14 +213,19 @@ class Daemon:
                                       local_logs=self.local_logs)
         self.control.leader_format = lambda: self._leader_format
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        # Key and token expiry read the members' median clock, so one host's wrong clock moves no lifetime.
+        skew = float(os.environ.get(CLOCK_SKEW_ENV) or 0)  # tests only: this agent's clock reads that far off
+        self.cluster_clock = ClusterClock(wall=(lambda: time.time() + skew) if skew else time.time)
+        self.agent.clock = self.cluster_clock
         self.security: SecurityService | None = None
         self.joins: JoinService | None = None
         if self.identity is not None:
             ca = load_ca(settings.tls_directory)  # with its key on signers, which answer joins
             self.security = SecurityService(node_id=self.node, raft=self.raft, state=self.state,
-                                            channels=self.channels, ca_pin=ca.fingerprint, ca=ca)
+                                            channels=self.channels, ca_pin=ca.fingerprint, ca=ca,
+                                            clock=self.cluster_clock.now)
             self.joins = JoinService(node_id=self.node, raft=self.raft, state=self.state, channels=self.channels,
-                                     ca=ca, security=self.security)
+                                     ca=ca, security=self.security, clock=self.cluster_clock.now)
         self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids)
         self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
         self.watchdog = watchdog_interval()  # read before from_environ(unset=True) removes WATCHDOG_USEC
@@ -349,6 +356,8 @@ class Daemon:
     # ------------------------------------------------------------------ events
 
     def _on_leader_change(self, change: Any) -> None:
+        self.cluster_clock.leading = self.raft.is_leader
+        self.cluster_clock.members = len(self.raft.members) or 1
         # Elections this agent started: one per term in which it stood (a leader always stood for its term; a
         # single voter goes from follower to leader in one step, never seen as a candidate).
         if self.raft.role in (Role.CANDIDATE, Role.LEADER) and change.term > self._election_term:
@@ -450,7 +459,7 @@ class Daemon:
     def _verify_bearer(self, token: str) -> apikeys.Principal | None:
         if self.raft.fatal:  # its copy of the keys may lack a revocation it could not store
             return None
-        return apikeys.verify_key(self.state.api_keys, token, now=time.time())
+        return apikeys.verify_key(self.state.api_keys, token, now=self.cluster_clock.now())
 
     def keyed(self, a: Assignment) -> Assignment:
         """The assignment with its model server's key (never stored; every agent derives the same)."""
@@ -518,7 +527,9 @@ class Daemon:
                                    wire_version=me.wire_version, upgrade_required=me.upgrade_required)
             stub = pb_grpc.AgentStub(self.channels.get(self.raft.leader_address))
             try:
-                reply = await unless_leader_moves(stub.Report(req, timeout=2.0), lambda: self.raft.leader_id)
+                call = stub.Report(req, timeout=2.0, metadata=self.cluster_clock.report_metadata())
+                reply = await unless_leader_moves(call, lambda: self.raft.leader_id)
+                self.cluster_clock.on_reply(await call.trailing_metadata())
             except LeaderMoved:
                 return  # the leader change asked for a report at once (_on_leader_change): it goes to the new one
             except grpc.aio.AioRpcError as exc:

@@ -508,6 +508,8 @@ def _parsed_stream(behavior: Callable[..., AsyncIterator[Any]], request_cls: Any
 class AgentService(pb_grpc.AgentServicer):
     """Agent-to-agent calls: heartbeat reports to the coordinator, host-local logs."""
 
+    clock: Any = None  # agentd.cluster.clock.ClusterClock; the daemon sets it (reports carry the reporter's clock)
+
     def __init__(self, *, raft: RaftView, coordinator: Coordinator, control: ControlService):
         self.raft = raft
         self.coordinator = coordinator
@@ -542,6 +544,8 @@ class AgentService(pb_grpc.AgentServicer):
                                     f"report from {request.node!r} carries the inventory of {inventory.name!r}")
             self._inventories[request.node] = (request.inventory_json, inventory)
         restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances], agent)
+        if self.clock is not None:  # the reporter's wall clock, for the cluster's median (agentd/cluster/clock.py)
+            context.set_trailing_metadata(self.clock.on_report(request.node, context.invocation_metadata()))
         return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
                               peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
                               agent_version=AGENT_VERSION, state_format=STATE_FORMAT)
