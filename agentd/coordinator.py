@@ -205,8 +205,14 @@ class Coordinator:
             node = self.state.nodes.get(name)
             if node is not None and node.state == NODE_DOWN:
                 continue
+            if name in self.state.held_hosts:  # the operator has not approved it: no tenant's work goes there
+                continue
             if now - rep.last_seen <= self.node_down_grace:
-                out.append(rep.inventory)
+                inventory = rep.inventory
+                labels = self.state.trusted_labels(name, inventory.labels)
+                if labels is not inventory.labels:
+                    inventory = inventory.model_copy(update={"labels": labels})
+                out.append(inventory)
         return out
 
     def snapshot(self, exclude_hosts: Sequence[str] = ()) -> ClusterInventory:

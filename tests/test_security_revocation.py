@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import json
 
-from agentd.cluster.state import OP_SINCE, ClusterState, cert_revoke_command, cluster_format_command
+from agentd.cluster.state import (
+    OP_SINCE,
+    ClusterState,
+    cert_revoke_command,
+    cluster_format_command,
+    node_approve_command,
+    node_hold_command,
+)
 from agentd.security import auth
 from agentd.security import ca as C
 
@@ -62,3 +69,26 @@ def test_the_certificate_cache_never_hides_a_revocation():
     assert interceptor.refusal(caller) == "" and auth.cert_caller(identity.cert_pem, cache) is caller
     revoked["b"] = caller.issued_at
     assert interceptor.refusal(auth.cert_caller(identity.cert_pem, cache)) == "revoked"
+
+
+def test_held_hosts_and_tenant_labels_are_the_operators_word_only():
+    assert OP_SINCE["node.hold"] == OP_SINCE["node.approve"] == 2
+    assert json.loads(node_hold_command("c"))["v"] == 2 and json.loads(node_approve_command("c", ["x"]))["v"] == 2
+    st = ClusterState()
+    st.apply(1, 1, cluster_format_command(2))
+    claimed = {"rack": "r1", "tenant.agentd.io/acme": "true"}
+    assert st.trusted_labels("b", claimed) == {"rack": "r1"}, "a host cannot label itself for a tenant"
+    plain = {"rack": "r1"}
+    assert st.trusted_labels("b", plain) is plain
+    assert st.apply(2, 1, node_hold_command("c")).ok and st.held_hosts == {"c"}
+    assert st.apply(3, 1, node_approve_command("c", ["acme", "globex", "acme"])).ok
+    assert st.held_hosts == set() and st.host_tenants == {"c": ("acme", "globex")}
+    assert st.trusted_labels("c", claimed) == {"rack": "r1", "tenant.agentd.io/acme": "true",
+                                              "tenant.agentd.io/globex": "true"}
+    st.apply(4, 1, node_hold_command("d"))
+    copy = ClusterState()
+    copy.restore(st.snapshot())
+    assert copy.held_hosts == {"d"} and copy.host_tenants == {"c": ("acme", "globex")}
+    st.apply(5, 1, node_approve_command("c"))  # approved again without tenants: no longer dedicated
+    assert "c" not in st.host_tenants
+    assert not st.apply(6, 1, json.dumps({"op": "node.approve", "name": "c", "tenants": [""], "v": 2}).encode()).ok

@@ -26,6 +26,7 @@ from agentd.cluster.raft.codec import encode
 from agentd.cluster.raft.types import VoteRequest
 from agentd.security import ca as C
 from agentd.security.tls import channel_credentials, channel_options, load_identity
+from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
@@ -43,7 +44,10 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("roles")
-    c = LocalCluster(root, hosts=[simulated_host(n, gpus=1) for n in ("a", "b", "c")], secure=True)
+    # b claims, in its own report, to be dedicated to tenant acme: only the operator's approval may say so.
+    hosts = [simulated_host("a", gpus=1), simulated_host("b", gpus=1, labels={"tenant.agentd.io/acme": "true"}),
+             simulated_host("c", gpus=1)]
+    c = LocalCluster(root, hosts=hosts, secure=True)
     try:
         c.start()
         c.wait_for_inventories()
@@ -271,6 +275,35 @@ def test_a_revoked_certificate_is_refused_on_open_streams(cluster, tmp_path):
     again = channel_credentials(load_identity(tmp_path / "mallory2", "admin"))
     with channel(cluster.agents[lead].listen, again) as ch2:
         assert status(lambda: pb_grpc.ControlStub(ch2).List(pb.ListRequest(), timeout=5))[0] == OK
+
+
+def plan_hosts(c: LocalCluster, model, **fields) -> tuple[bool, set[str]]:
+    spec = pb.DeploymentSpec(name="probe", model=str(model), runtime="llamabox",
+                             options=pb.RuntimeOptions(ctx_size=256), **fields)
+    with c.any_client() as cl:
+        reply = cl.call("Plan", pb.PlanRequest(spec=spec))
+    plan = json.loads(reply.plan_json)
+    return reply.placed, {p["host"] for r in plan.get("replicas", []) for p in r["parts"]}
+
+
+def test_hosts_the_operator_did_not_approve_get_no_tenants_work(cluster, tmp_path):
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(model, n_layers=8, hidden=256, ffn=512)
+    acme = {"tenant.agentd.io/acme": "true"}
+    placed, hosts = plan_hosts(cluster, model, replicas=1, selector=acme)
+    assert not placed and hosts == set(), "b's own claim to be acme's host counts for nothing"
+    # A host whose join token needs approval gets no work until the operator approves it.
+    with cluster.any_client() as cl:
+        cl.call("CreateJoinToken", spb.CreateJoinTokenRequest(node_name="c", needs_approval=True, ttl_seconds=60))
+    placed, hosts = plan_hosts(cluster, model, replicas=3, strategy="spread")
+    assert "c" not in hosts, hosts
+    env = {"AGENTD_TLS_DIR": str(cluster.admin_dir), "HOME": str(tmp_path)}
+    r = run_cli("nodes", "approve", "c", "--tenant", "acme", "--server", cluster.agents["a"].listen, env=env)
+    assert r.returncode == 0 and "host c approved for tenants acme" in r.stdout, r.stdout + r.stderr
+    placed, hosts = plan_hosts(cluster, model, replicas=1, selector=acme)
+    assert placed and hosts == {"c"}, hosts
+    placed, hosts = plan_hosts(cluster, model, replicas=3, strategy="spread")
+    assert placed and hosts == {"a", "b", "c"}, hosts
 
 
 def served_certificate(c: LocalCluster, address: str):

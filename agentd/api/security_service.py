@@ -38,6 +38,8 @@ from agentd.cluster.state import (
     cert_revoke_command,
     key_add_command,
     key_revoke_command,
+    node_approve_command,
+    node_hold_command,
     token_add_command,
     token_consume_command,
     token_revoke_command,
@@ -133,12 +135,16 @@ class SecurityService(pb_grpc.SecurityServicer):
                 raise InvalidInput("a join token is bound to the host name it is for: give it "
                                    "('agentd token create --node NAME'); a token any host may use needs --any-node")
             node_name = check_name(request.node_name) if request.node_name else None
+            if request.needs_approval and not node_name:
+                raise InvalidInput("a token whose host needs approval must be bound to that host (--node NAME)")
             token, record = tokens.create_join_token(
                 self.ca_pin, now=now, ttl=request.ttl_seconds or tokens.DEFAULT_TTL,
                 description=request.description[:200], node_name=node_name, random_bytes=self.random_bytes)
+            if request.needs_approval:  # held before the token exists: the host never gets work unapproved
+                await _committed(self.raft, node_hold_command(node_name))
             await _committed(self.raft, token_add_command(record))
             log.info("join token created", extra=fields(token=record.id, expires_at=record.expires_at,
-                                                        node_name=node_name or ""))
+                                                        node_name=node_name or "", held=request.needs_approval))
             return pb.CreateJoinTokenReply(token=token, info=token_info(record, now))
         return await self._on_leader("CreateJoinToken", request, context, local)
 
@@ -217,6 +223,15 @@ class SecurityService(pb_grpc.SecurityServicer):
                                                             lagging=lagging))
             return pb.RevokeCertificateReply(message=message, index=index, lagging=lagging, removed=removed)
         return await self._on_leader("RevokeCertificate", request, context, local)
+
+    async def ApproveNode(self, request, context):
+        async def local():
+            name = check_name(request.name)
+            tenants = sorted({check_name(t, "tenant") for t in request.tenants})
+            message = await _committed(self.raft, node_approve_command(name, tenants))
+            log.info(message, extra=fields(node=name, tenants=tenants))
+            return pb.ApproveNodeReply(message=message)
+        return await self._on_leader("ApproveNode", request, context, local)
 
     async def RenewCertificate(self, request, context):
         """A host asks for a fresh certificate for its own name, with its current (valid, unrevoked) one."""

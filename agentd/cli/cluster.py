@@ -84,7 +84,14 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("nodes", parents=cparents, help="list the cluster's hosts",
-                       description="List hosts with their state, role in consensus and GPUs.")
+                       description="List hosts with their state, role in consensus and GPUs. 'agentd nodes "
+                       "approve NAME [--tenant T]...' lets a host held by its join token (token create "
+                       "--needs-approval) get work, optionally only for deployments that select its tenants "
+                       "(label tenant.agentd.io/T=true, which only this command sets). Admin only.")
+    p.add_argument("action", nargs="?", choices=["approve"], help="approve: let host NAME get work")
+    p.add_argument("name", nargs="?", help="the host to approve")
+    p.add_argument("--tenant", action="append", default=[], metavar="T",
+                   help="with approve: dedicate the host to this tenant (repeatable)")
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("status", parents=cparents, help="leader, term, members and commit index",
@@ -293,6 +300,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
+    if args.action == "approve":
+        from agentd.cli.security import cmd_nodes_approve
+
+        return cmd_nodes_approve(args)
     with _client(args) as c:
         reply = c.call("ListNodes", pb.ListNodesRequest())
     rows, data = [], []

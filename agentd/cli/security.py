@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         "unless --any-node)")
     s.add_argument("--any-node", action="store_true",
                    help="a token any host name may use (whoever holds it chooses the name)")
+    s.add_argument("--needs-approval", action="store_true",
+                   help="the host gets no work until 'agentd nodes approve NAME'")
     s.add_argument("--description", default="", help="a note shown by 'agentd token ls'")
     s.set_defaults(func=cmd_token_create)
     s = tsub.add_parser("ls", parents=cparents, help="list join tokens (never their secrets)",
@@ -172,6 +174,14 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes_approve(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise InvalidInput("agentd nodes approve NAME: give the host to approve")
+    reply = _call(args, "ApproveNode", sec_pb.ApproveNodeRequest(name=args.name, tenants=args.tenant))
+    emit(args, {"name": args.name, "tenants": sorted(set(args.tenant)), "message": reply.message}, reply.message)
+    return 0
+
+
 def cmd_certs_revoke(args: argparse.Namespace) -> int:
     reply = _call(args, "RevokeCertificate", sec_pb.RevokeCertificateRequest(name=args.name))
     data = {"name": args.name, "message": reply.message, "index": reply.index, "lagging": list(reply.lagging),
@@ -226,7 +236,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     if args.node_name and args.any_node:
         raise InvalidInput("--node and --any-node exclude each other")
     reply = _call(args, "CreateJoinToken", sec_pb.CreateJoinTokenRequest(
-        ttl_seconds=ttl, node_name=args.node_name, any_node=args.any_node, description=args.description))
+        ttl_seconds=ttl, node_name=args.node_name, any_node=args.any_node, needs_approval=args.needs_approval,
+        description=args.description))
     data = {"token": reply.token, **_token_dict(reply.info)}
     # Only the token on stdout, so `T=$(agentd token create)` captures just it; the hints go to stderr.
     emit(args, data, reply.token)

@@ -72,6 +72,13 @@ class DeploymentRecord:
     updated_index: int
 
 
+# Host approval (issue 13): a held host gets no work; the operator's approval may dedicate it to tenants.
+OP_SINCE.update({"node.hold": 2, "node.approve": 2})
+
+# Labels only the operator sets (`agentd nodes approve NAME --tenant T`): a host's own report cannot claim them.
+TENANT_LABEL_PREFIX = "tenant.agentd.io/"
+
+
 @dataclass
 class NodeRecord:
     name: str
@@ -99,6 +106,10 @@ class ClusterState:
         # Revoked certificates: name -> when (the leader's clock). Every certificate of that name issued up to
         # then is refused on every call; one issued later (a re-join with a token bound to the name) is not.
         self.revoked_certs: dict[str, float] = {}
+        # Hosts the operator has not approved yet (a join token made with needs_approval): placement skips them.
+        self.held_hosts: set[str] = set()
+        # Hosts the operator dedicated to tenants: they carry tenant.agentd.io/<tenant>=true.
+        self.host_tenants: dict[str, tuple[str, ...]] = {}
         self.cluster_format = BASELINE_STATE_FORMAT
         self.last_index = 0
         self.last_term = 0
@@ -121,6 +132,15 @@ class ClusterState:
 
     def all_assignments(self) -> list[Assignment]:
         return sorted(self.assignments.values(), key=lambda a: (a.deployment, a.replica))
+
+    def trusted_labels(self, host: str, reported: dict[str, str]) -> dict[str, str]:
+        """A host's labels as placement sees them: the tenant labels are the operator's, never the host's."""
+        tenants = self.host_tenants.get(host, ())
+        if not tenants and not any(k.startswith(TENANT_LABEL_PREFIX) for k in reported):
+            return reported
+        labels = {k: v for k, v in reported.items() if not k.startswith(TENANT_LABEL_PREFIX)}
+        labels.update({f"{TENANT_LABEL_PREFIX}{t}": "true" for t in tenants})
+        return labels
 
     def cert_revocation(self, name: str, issued_at: float) -> str:
         """Why the certificate of `name` issued at `issued_at` is refused ("" when it is not revoked).
@@ -315,6 +335,28 @@ class ClusterState:
         events.append(StateEvent("cert.revoked", name, index, term, {"at": self.revoked_certs[name]}))
         return ApplyResult(True, f"certificates of {name!r} issued up to {at:.0f} are revoked")
 
+    def _op_node_hold(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """A host that must wait for the operator's approval before it gets any work."""
+        name = str(cmd["name"])
+        if not name:
+            raise ValueError("node.hold needs a name")
+        self.held_hosts.add(name)
+        events.append(StateEvent("node.held", name, index, term))
+        return ApplyResult(True, f"host {name} gets no work until 'agentd nodes approve {name}'")
+
+    def _op_node_approve(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        name, tenants = str(cmd["name"]), cmd.get("tenants", [])
+        if not name or not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
+            raise ValueError("node.approve needs a name and a list of tenant names")
+        self.held_hosts.discard(name)
+        if tenants:
+            self.host_tenants[name] = tuple(sorted(set(tenants)))
+        else:
+            self.host_tenants.pop(name, None)
+        events.append(StateEvent("node.approved", name, index, term, {"tenants": sorted(set(tenants))}))
+        return ApplyResult(True, f"host {name} approved" + (f" for tenants {', '.join(sorted(set(tenants)))}"
+                                                            if tenants else ""))
+
     def _op_secret_init(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
         """Set the cluster secret once; the first entry wins, so two leaders proposing it agree."""
         value = str(cmd["value"])
@@ -387,6 +429,9 @@ class ClusterState:
             "cluster_secret": self.cluster_secret,
             # Left out while empty, as every new field at its default (older readers ignore unknown keys).
             **({"revoked_certs": dict(sorted(self.revoked_certs.items()))} if self.revoked_certs else {}),
+            **({"held_hosts": sorted(self.held_hosts)} if self.held_hosts else {}),
+            **({"host_tenants": {k: list(v) for k, v in sorted(self.host_tenants.items())}}
+               if self.host_tenants else {}),
         }, sort_keys=True).encode()
 
     def restore(self, data: bytes) -> None:
@@ -413,6 +458,8 @@ class ClusterState:
         self.join_tokens = {t.id: t for t in toks}
         self.cluster_secret = raw.get("cluster_secret", "")
         self.revoked_certs = {str(k): float(v) for k, v in raw.get("revoked_certs", {}).items()}
+        self.held_hosts = {str(n) for n in raw.get("held_hosts", [])}
+        self.host_tenants = {str(k): tuple(v) for k, v in raw.get("host_tenants", {}).items()}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
 
@@ -480,6 +527,14 @@ def token_revoke_command(token_id: str) -> bytes:
 
 def cert_revoke_command(name: str, at: float) -> bytes:
     return _encode({"op": "cert.revoke", "name": name, "at": at})
+
+
+def node_hold_command(name: str) -> bytes:
+    return _encode({"op": "node.hold", "name": name})
+
+
+def node_approve_command(name: str, tenants: Iterable[str] = ()) -> bytes:
+    return _encode({"op": "node.approve", "name": name, "tenants": sorted(set(tenants))})
 
 
 def secret_init_command(value: str) -> bytes:

@@ -27,16 +27,18 @@ class JoinTokenInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., used_at: _Optional[float] = ..., used_by: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CreateJoinTokenRequest(_message.Message):
-    __slots__ = ("ttl_seconds", "description", "node_name", "any_node")
+    __slots__ = ("ttl_seconds", "description", "node_name", "any_node", "needs_approval")
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ANY_NODE_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     ttl_seconds: float
     description: str
     node_name: str
     any_node: bool
-    def __init__(self, ttl_seconds: _Optional[float] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ..., any_node: _Optional[bool] = ...) -> None: ...
+    needs_approval: bool
+    def __init__(self, ttl_seconds: _Optional[float] = ..., description: _Optional[str] = ..., node_name: _Optional[str] = ..., any_node: _Optional[bool] = ..., needs_approval: _Optional[bool] = ...) -> None: ...
 
 class CreateJoinTokenReply(_message.Message):
     __slots__ = ("token", "info")
@@ -189,6 +191,20 @@ class RenewCertificateReply(_message.Message):
     ca_pem: bytes
     signer: str
     def __init__(self, cert_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., signer: _Optional[str] = ...) -> None: ...
+
+class ApproveNodeRequest(_message.Message):
+    __slots__ = ("name", "tenants")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ApproveNodeReply(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("token_id", "secret", "csr_pem")
