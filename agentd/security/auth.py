@@ -123,6 +123,8 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
     rule("/agentd.v1.Control/Status", ROLE_ADMIN, ROLE_NODE),
     rule("/agentd.v1.Control/Leader", ROLE_ADMIN, ROLE_NODE),
     rule("/agentd.v1.Control/ListInstances", ROLE_ADMIN, ROLE_NODE),
+    # A follower asks the leader for a read point before it streams a backup; a member holds the whole state.
+    rule("/agentd.v1.Control/Snapshot", ROLE_ADMIN, ROLE_NODE),
     rule("/agentd.v1.Control/", ROLE_ADMIN),
     rule("/agentd.v1.Security/ConsumeJoinToken", ROLE_NODE),  # a signer asking the leader, never a person
     rule("/agentd.v1.Security/RenewCertificate", ROLE_NODE),  # a host renewing its own certificate
