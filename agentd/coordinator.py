@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentd.cluster.maintenance import Cordon
 from agentd.cluster.state import (
     NODE_DOWN,
     NODE_UP,
@@ -31,6 +32,7 @@ from agentd.cluster.state import (
     deploy_command,
     node_command,
 )
+from agentd.drains import Drains
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
 from agentd.inspection import INSPECT_TIMEOUT, BoundedInspector
 from agentd.logs import fields
@@ -95,6 +97,17 @@ class NodeReport:
     agent: PeerVersion = field(default_factory=PeerVersion)
 
 
+def with_cordons(host: HostInventory, cordons: Sequence[Cordon]) -> HostInventory:
+    """`host` with its cordoned GPUs, or all of it, marked for placement."""
+    if not cordons:
+        return host
+    whole = next((c for c in cordons if c.gpu is None), None)
+    gpus = {c.gpu for c in cordons if c.gpu is not None}
+    return host.model_copy(update={
+        "cordoned": (whole.reason or "cordoned") if whole else "",
+        "gpus": tuple(g.model_copy(update={"cordoned": True}) if g.index in gpus else g for g in host.gpus)})
+
+
 def host_of(address: str) -> str:
     """'10.0.0.3:7070' -> '10.0.0.3'; '[::1]:7070' -> '::1'."""
     host = address.rpartition(":")[0] if ":" in address else address
@@ -139,6 +152,7 @@ class Coordinator:
         self._report_arrived = asyncio.Event()  # wakes plan_when_ready at once instead of at its next poll
         self._leading = asyncio.Event()  # set by became_leader: the daemon has handed the coordinator over
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
+        self.drains = Drains(self)
 
     # ------------------------------------------------------------------ soft state
 
@@ -186,7 +200,7 @@ class Coordinator:
                 self._last_pids[key] = i.pid
             if not was or not i.pid or was == i.pid or not i.endpoint:
                 continue
-            assignment = next((a for a in self.state.all_assignments() if a.instance_id == i.instance_id), None)
+            assignment = next((a for a in self.state.incarnations() if a.instance_id == i.instance_id), None)
             if assignment is None:
                 continue
             address, _, port = i.endpoint.rpartition(":")
@@ -216,7 +230,11 @@ class Coordinator:
         return out
 
     def snapshot(self, exclude_hosts: Sequence[str] = ()) -> ClusterInventory:
-        return ClusterInventory(hosts=tuple(h for h in self.live_hosts() if h.name not in exclude_hosts))
+        """The live hosts as placement sees them: cordons (from the replicated state) marked on them."""
+        hosts = [h for h in self.live_hosts() if h.name not in exclude_hosts]
+        if self.state.cordons:
+            hosts = [with_cordons(h, self.state.cordons_of(h.name)) for h in hosts]
+        return ClusterInventory(hosts=tuple(hosts))
 
     def instances(self, deployment: str = "") -> list[InstanceReport]:
         out = []
@@ -301,7 +319,7 @@ class Coordinator:
             raise InvalidInput(str(exc), where=None if exc.where == "model" else "model") from None
 
     def _plan(self, spec: DeploymentSpec, model: ModelInfo, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
-        existing = [a for a in self.state.all_assignments() if a.deployment != exclude_deployment]
+        existing = [a for a in self.state.incarnations() if a.deployment != exclude_deployment]
         started = time.perf_counter()
         plan = self._place(self.snapshot(), model, spec, existing)
         return plan, model, time.perf_counter() - started
@@ -388,7 +406,7 @@ class Coordinator:
     def _ports_in_use(self) -> dict[str, set[int]]:
         """Ports per address, so agents sharing one address (one machine) never collide."""
         used: dict[str, set[int]] = {}
-        for a in self.state.all_assignments():
+        for a in self.state.incarnations():
             for ep in a.endpoints:
                 used.setdefault(ep.address, set()).add(ep.port)
         return used
@@ -468,6 +486,7 @@ class Coordinator:
             decisions += await self._replace_from(down)
         if raised := await self.raise_cluster_format():
             decisions.append(raised)
+        decisions += await self.drains.step()
         for d in decisions:
             log.info(d)
         return decisions
@@ -486,7 +505,7 @@ class Coordinator:
                 if record is None:
                     continue
                 spec = record.spec.model_copy(update={"replicas": 1})
-                others = [x for x in self.state.all_assignments() if (x.deployment, x.replica) != key]
+                others = [x for x in self.state.incarnations() if x is not a]
                 try:
                     model = await self._model(spec, check_options=False)
                 except AgentdError as exc:

@@ -654,7 +654,7 @@ class Daemon:
                 yield chunk
 
     def _assignment(self, instance_id: str) -> Any:
-        for a in self.state.all_assignments():
+        for a in self.state.incarnations():
             if instance_id in (a.instance_id, f"{a.deployment}-r{a.replica}"):
                 return a
         raise InvalidInput(f"no instance {instance_id!r}")
@@ -782,7 +782,7 @@ class _Provider:
             if i.deployment == model:
                 by_replica.setdefault(i.instance_id, []).append(i)
         out = []
-        for a in self.d.state.assignments_for(model):
+        for a in self.d.state.incarnations_for(model):  # a drain's surge serves as soon as it is ready
             parts = by_replica.get(a.instance_id, [])
             main = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
             ep = a.endpoints[main]

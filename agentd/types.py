@@ -22,6 +22,16 @@ class Value(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Fields added after the first release: left out of the JSON while they hold their default, so agents of
+# the previous release (extra="forbid") still read what this one writes; `since_format` is the state/wire
+# format that first has them (agentd/formats.py).
+_SINCE_2: dict[str, Any] = {"since_format": 2}
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
 # --------------------------------------------------------------------------- inventory
 
 
@@ -49,20 +59,13 @@ class GpuInfo(Value):
     mig: bool = False
     parent_uuid: str = ""
     simulated: bool = False
+    # `agentd cordon HOST:INDEX` (docs/operations.md): no new parts here. Set by the coordinator from the
+    # replicated state when it plans, or in a cluster file for `agentd plan`; never reported by a host.
+    cordoned: bool = Field(default=False, exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @property
     def memory_free(self) -> int:
         return max(0, self.memory_total - self.memory_used)
-
-
-# Fields added after the first release: left out of the JSON while they hold their default, so agents of
-# the previous release (extra="forbid") still read what this one writes; `since_format` is the state/wire
-# format that first has them (agentd/formats.py).
-_SINCE_2: dict[str, Any] = {"since_format": 2}
-
-
-def _empty(value: Any) -> bool:
-    return not value
 
 
 GpuLinkKind = Literal["nvlink", "pcie", "unknown"]
@@ -105,6 +108,9 @@ class HostInventory(Value):
     warnings: tuple[str, ...] = ()
     # GPU pairs and their interconnect (NVML topology); a pair not listed is unknown.
     gpu_links: tuple[GpuLink, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
+    # `agentd cordon HOST` (docs/operations.md): why the host takes no new parts ("" when it does); set like
+    # GpuInfo.cordoned.
+    cordoned: str = Field(default="", exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @field_validator("gpus")
     @classmethod

@@ -10,6 +10,8 @@ UNAVAILABLE, which clients retry).
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 FORWARDED = "x-agentd-forwarded"
 FORWARD_TIMEOUT = 30.0
 LEADER_CHECK_PERIOD = 0.05  # while a call is forwarded, how often to look whether the leader changed
+SNAPSHOT_CHUNK = 1 << 20  # bytes per SnapshotChunk: well under gRPC's message limit
+SNAPSHOT_CATCH_UP = 10.0  # seconds a follower may take to apply up to the leader's read index
 READS = frozenset({"Get", "List", "ListInstances", "ListNodes", "Plan"})  # safe to send again to a new leader
 
 
@@ -239,7 +243,7 @@ class ControlService(pb_grpc.ControlServicer):
         reported = {(i.instance_id, i.part): i for i in self.coordinator.instances(deployment)}
         out = list(reported.values())
         follower = not self.raft.is_leader
-        for a in self.state.all_assignments():
+        for a in self.state.incarnations():
             if deployment and a.deployment != deployment:
                 continue
             for idx, part in enumerate(a.plan.parts):
@@ -344,6 +348,7 @@ class ControlService(pb_grpc.ControlServicer):
                 member = members.get(name)
                 address = (getattr(member, "address", "") or (rec.address if rec else "")
                            or (rep.inventory.address if rep else ""))
+                left, blocked = self.coordinator.drains.remaining(name)
                 nodes.append(pb.Node(
                     name=name, address=address, state=rec.state if rec else ("up" if rep else "unknown"),
                     voter=bool(getattr(member, "voter", False)), leader=name == self.raft.leader_id,
@@ -351,9 +356,26 @@ class ControlService(pb_grpc.ControlServicer):
                     last_seen_seconds=(now - rep.last_seen) if rep else -1.0,
                     agent_version=rep.agent.version if rep else "",
                     state_format=rep.agent.state_format if rep else 0,
-                    upgrade_required=rep.agent.upgrade_required if rep else ""))
+                    upgrade_required=rep.agent.upgrade_required if rep else "",
+                    cordoned=[c.key for c in self.state.cordons_of(name)],
+                    draining=left, drain_blocked=blocked))
             return pb.ListNodesReply(nodes=nodes)
         return await self._on_leader("ListNodes", request, context, local)
+
+    async def Cordon(self, request, context):
+        async def local():
+            result, index, t = await self.coordinator.drains.cordon(
+                request.target, reason=request.reason[:500], drain=request.drain, force=request.force)
+            return pb.CordonReply(message=result.message, index=index, host=t.host,
+                                  gpu=-1 if t.gpu is None else t.gpu)
+        return await self._on_leader("Cordon", request, context, local)
+
+    async def Uncordon(self, request, context):
+        async def local():
+            result, index, t = await self.coordinator.drains.uncordon(request.target)
+            return pb.CordonReply(message=result.message, index=index, host=t.host,
+                                  gpu=-1 if t.gpu is None else t.gpu)
+        return await self._on_leader("Uncordon", request, context, local)
 
     async def Leader(self, request, context):
         return pb.LeaderReply(leader_id=self.raft.leader_id or "", leader_address=self.raft.leader_address or "",
@@ -395,6 +417,67 @@ class ControlService(pb_grpc.ControlServicer):
         finally:
             self._watchers.discard(q)
 
+    async def Snapshot(self, request, context):
+        """A consistent copy of the replicated state, from any agent (agentd.cluster.backup writes the file).
+
+        The leader confirms it still leads (ReadIndex). A follower asks the leader for that read index and
+        waits until it has applied it (Raft thesis §6.4), so the copy holds every write committed before the
+        call, whichever agent answers. The state and its (index, term) are read in one step of the event
+        loop: no entry is applied in between.
+        """
+        try:
+            if request.read_index_only:
+                if not self.raft.is_leader:
+                    raise NotAvailable(f"{self.node_id} is not the leader (leader: {self.raft.leader_id or 'none'})")
+                index = await self.raft.read_barrier()
+                yield pb.SnapshotChunk(index=index, term=self.raft.term, node_id=self.node_id)
+                return
+            if self.raft.is_leader:
+                await self.raft.read_barrier()
+            else:
+                index = await self._leader_read_index(context)
+                async with asyncio.timeout(SNAPSHOT_CATCH_UP):
+                    while self.raft.last_applied < index:
+                        await asyncio.sleep(0.01)
+            frozen = _state_copy(self.state)  # one step of the loop: no entry is applied while it is taken
+            index, term = frozen.last_index, frozen.last_term
+            # Serialising 10,000 deployments takes seconds (benchmarks/snapshot.py): off the loop, so the
+            # leader's heartbeats go on meanwhile.
+            data = await asyncio.to_thread(frozen.snapshot)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} did not catch up with the leader "
+                                                             f"within {SNAPSHOT_CATCH_UP:g}s; retry")
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+        log.info("state snapshot taken for a backup", extra=fields(node=self.node_id, index=index, term=term,
+                                                                   bytes=len(data)))
+        cluster_id = str(getattr(self.raft, "cluster_id", "") or "")
+        for offset in range(0, max(len(data), 1), SNAPSHOT_CHUNK):
+            chunk = data[offset:offset + SNAPSHOT_CHUNK]
+            if offset == 0:
+                yield pb.SnapshotChunk(data=chunk, index=index, term=term, cluster_id=cluster_id,
+                                       node_id=self.node_id, size=len(data))
+            else:
+                yield pb.SnapshotChunk(data=chunk)
+
+    async def _leader_read_index(self, context: grpc.aio.ServicerContext) -> int:
+        """The leader's read index (it confirmed its leadership with a quorum), for a read served here."""
+        if not self.raft.leader_address:
+            raise NotAvailable("no leader elected yet: a consistent snapshot needs one")
+        try:
+            metadata = forward_metadata(self.node_id, FORWARDED, self.raft.leader_address,
+                                        f"the leader ({self.raft.leader_id})")
+        except Redirect as r:
+            await redirect(context, r)
+        stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
+        try:
+            async for chunk in stub.Snapshot(pb.SnapshotRequest(read_index_only=True), metadata=metadata,
+                                             timeout=FORWARD_TIMEOUT):
+                return chunk.index
+        except grpc.aio.AioRpcError as exc:
+            raise NotAvailable(f"the leader ({self.raft.leader_id}) gave no read index: {exc.details()}") from None
+        raise NotAvailable(f"the leader ({self.raft.leader_id}) gave no read index")
+
     async def Logs(self, request, context):
         """Stream an instance's log from whichever host runs the requested part."""
         try:
@@ -427,7 +510,7 @@ class ControlService(pb_grpc.ControlServicer):
             await context.abort(status_for(exc), str(exc))
 
     def _host_of(self, instance_id: str, part: int) -> str:
-        for a in self.state.all_assignments():
+        for a in self.state.incarnations():
             if a.instance_id == instance_id or f"{a.deployment}-r{a.replica}" == instance_id:
                 if part < 0:
                     mains = [p for p in a.plan.parts if p.role == "main"]
@@ -443,6 +526,30 @@ class ControlService(pb_grpc.ControlServicer):
             return member.address
         rec = self.state.nodes.get(host)
         return rec.address if rec else ""
+
+
+def _state_copy(state: ClusterState) -> ClusterState:
+    """A copy of `state` that later applies do not change, cheap enough to take on the event loop.
+
+    Containers are copied one level deep and mutable records (dataclasses that apply updates in place) are
+    copied; values inside them are immutable (pydantic values, frozen records) and shared.
+    """
+    clone = copy.copy(state)
+    for name, value in vars(state).items():
+        if isinstance(value, dict):
+            setattr(clone, name, {k: _record_copy(v) for k, v in value.items()})
+        elif isinstance(value, (list, set)):
+            setattr(clone, name, type(value)(_record_copy(v) for v in value))
+    clone._listeners = []
+    return clone
+
+
+def _record_copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not value.__dataclass_params__.frozen:
+        return copy.copy(value)
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    return value
 
 
 def add_services(server: grpc.aio.Server, control: ControlService, agent: AgentService) -> None:

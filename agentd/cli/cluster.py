@@ -312,14 +312,21 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         gpus = inv.get("gpus", [])
         free = sum(g["memory_total"] - g["memory_used"] for g in gpus) / 2**30
         role = "leader" if n.leader else ("voter" if n.voter else "learner")
-        rows.append([n.name, n.address, n.state, role, str(len(gpus)), f"{free:.1f}",
-                     "yes" if inv.get("simulated") else "no"])
+        state = "needs-upgrade" if n.upgrade_required else n.state
+        if n.cordoned:
+            host_too = n.name in n.cordoned
+            gpus = [k.split(":", 1)[1] for k in n.cordoned if ":" in k]
+            state += ",cordoned" if host_too else f",cordoned:gpu{','.join(gpus)}"
+        if n.draining:
+            state += f",draining:{n.draining}"
+        rows.append([n.name, n.address, state, role, str(len(gpus)), f"{free:.1f}",
+                     "yes" if inv.get("simulated") else "no", n.agent_version or "-"])
         entry = _dict(n)
         entry["inventory"] = inv
         entry.pop("inventory_json", None)
         data.append(entry)
     emit(args, {"nodes": data},
-         lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "GPUS", "FREE_GIB", "SIMULATED"]))
+         lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "GPUS", "FREE_GIB", "SIMULATED", "VERSION"]))
     return 0
 
 
@@ -333,7 +340,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                  f"leader:       {reply.leader_id or '(none)'} {reply.leader_address}",
                  f"term:         {reply.term}",
                  f"commit index: {reply.commit_index} (applied {reply.last_applied})",
-                 "members:"]
+                 f"version:      agentd {reply.agent_version or '0.1.0'}, state format {reply.state_format or 1} "
+                 f"(cluster writes format {reply.cluster_format or 1}), wire {reply.wire_version or 1}"]
+        if reply.upgrade_required:
+            lines.append(f"NEEDS UPGRADE: {reply.upgrade_required}")
+        lines.append("members:")
         lines += [f"  {m.id:<16} {m.address:<22} {'voter' if m.voter else 'learner'}" for m in reply.members]
         return "\n".join(lines)
 

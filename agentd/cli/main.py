@@ -58,6 +58,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "security": ("init-ca", "certs", "token", "join", "keys"),
     "plan": ("plan",),
     "cluster": ("serve", "deploy", "ls", "ps", "rm", "scale", "nodes", "status", "watch", "logs"),
+    "maintenance": ("cordon", "uncordon", "drain"),
+    "ops": ("snapshot",),
 }
 # Options of the top-level parser that take a value (`--log-level debug version`).
 _VALUE_OPTIONS = ("--log-format", "--log-level")

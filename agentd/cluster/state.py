@@ -25,12 +25,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from agentd import formats
+from agentd.cluster import maintenance
+from agentd.cluster.maintenance import MAINTENANCE_OPS, MaintenanceState
+from agentd.cluster.results import ApplyResult, StateEvent
 from agentd.errors import InvalidInput, UpgradeRequired
 from agentd.logs import fields
 from agentd.security import apikeys, tokens
@@ -44,25 +47,7 @@ NODE_DOWN = "down"
 
 # The state format in which each op appeared; an op not listed is from the first release. A new op is
 # added here with the format that introduces it, and its builder passes that to `_encode`.
-OP_SINCE: dict[str, int] = {"cluster.format": 2, "cert.revoke": 2}
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    ok: bool
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StateEvent:
-    """What changed, for Watch streams and the local reconciler."""
-
-    kind: str  # deployment.created|updated|deleted, assignment.set|removed, node.up|down, key.*, token.*
-    name: str
-    index: int
-    term: int
-    data: dict[str, Any] = field(default_factory=dict)
+OP_SINCE: dict[str, int] = {"cluster.format": 2, "cert.revoke": 2, **MAINTENANCE_OPS}
 
 
 @dataclass
@@ -87,7 +72,7 @@ class NodeRecord:
     since_index: int = 0
 
 
-class ClusterState:
+class ClusterState(MaintenanceState):
     """Deployments, assignments, node states and access records, changed only through `apply`.
 
     Access records (docs/security.md): API keys and join tokens (hashes only,
@@ -111,6 +96,7 @@ class ClusterState:
         # Hosts the operator dedicated to tenants: they carry tenant.agentd.io/<tenant>=true.
         self.host_tenants: dict[str, tuple[str, ...]] = {}
         self.cluster_format = BASELINE_STATE_FORMAT
+        self._init_maintenance()
         self.last_index = 0
         self.last_term = 0
         self._listeners: list[Callable[[StateEvent], None]] = []
@@ -124,11 +110,8 @@ class ClusterState:
         return sorted((a for (d, _), a in self.assignments.items() if d == deployment), key=lambda a: a.replica)
 
     def assignments_on(self, host: str) -> list[Assignment]:
-        """Assignments with at least one part on `host`, in a stable order."""
-        return sorted(
-            (a for a in self.assignments.values() if any(p.host == host for p in a.plan.parts)),
-            key=lambda a: (a.deployment, a.replica),
-        )
+        """Incarnations (assignments and surges) with at least one part on `host`, in a stable order."""
+        return [a for a in self.incarnations() if any(p.host == host for p in a.plan.parts)]
 
     def all_assignments(self) -> list[Assignment]:
         return sorted(self.assignments.values(), key=lambda a: (a.deployment, a.replica))
@@ -397,6 +380,10 @@ class ClusterState:
         old = {a.replica: a for a in self.assignments_for(name)}
         wanted = {a.replica: a for a in new}
         for replica, a in old.items():
+            if wanted.get(replica) != a and (s := self.surges.pop((name, replica), None)) is not None:
+                # a surge moves one incarnation; a new decision for the replica supersedes it
+                events.append(StateEvent("assignment.removed", name, index, term,
+                                         {"replica": replica, "instance_id": s.instance_id, "surge": True}))
             if replica not in wanted:
                 del self.assignments[(name, replica)]
                 events.append(StateEvent("assignment.removed", name, index, term,
@@ -432,6 +419,7 @@ class ClusterState:
             **({"held_hosts": sorted(self.held_hosts)} if self.held_hosts else {}),
             **({"host_tenants": {k: list(v) for k, v in sorted(self.host_tenants.items())}}
                if self.host_tenants else {}),
+            **self._maintenance_snapshot(),
         }, sort_keys=True).encode()
 
     def restore(self, data: bytes) -> None:
@@ -461,6 +449,7 @@ class ClusterState:
         self.held_hosts = {str(n) for n in raw.get("held_hosts", [])}
         self.host_tenants = {str(k): tuple(v) for k, v in raw.get("host_tenants", {}).items()}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
+        self._maintenance_restore(raw)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
 
 
@@ -539,6 +528,30 @@ def node_approve_command(name: str, tenants: Iterable[str] = ()) -> bytes:
 
 def secret_init_command(value: str) -> bytes:
     return _encode({"op": "secret.init", "value": value})
+
+
+def cordon_command(c: maintenance.Cordon) -> bytes:
+    return _encode(maintenance.cordon_command(c))
+
+
+def uncordon_command(host: str, gpu: int | None) -> bytes:
+    return _encode(maintenance.uncordon_command(host, gpu))
+
+
+def surge_command(a: Assignment) -> bytes:
+    return _encode(maintenance.surge_command(a), a)
+
+
+def surge_cancel_command(a: Assignment) -> bytes:
+    return _encode(maintenance.surge_cancel_command(a))
+
+
+def promote_command(a: Assignment) -> bytes:
+    return _encode(maintenance.promote_command(a))
+
+
+def retire_command(a: Assignment) -> bytes:
+    return _encode(maintenance.retire_command(a))
 
 
 def cluster_format_command(fmt: int) -> bytes:

@@ -528,6 +528,11 @@ def _filter_host(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...]],
             reject(why)
             judged(why)
             continue
+        if g.info.cordoned:
+            why = Rejection("GPU", "cordoned", g.uuid, {"uuid": g.uuid}, where=g.label)
+            reject(why)
+            judged(why)
+            continue
         for c, check in device_checks:
             try:
                 why = check(g)
@@ -556,6 +561,8 @@ def _host_rejection(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...
     if selector and any(hv.labels.get(k) != v for k, v in selector.items()):
         text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
         return Rejection("host", f"excluded by selector {text}", where=hv.name)
+    if hv.info.cordoned:
+        return Rejection("host", "cordoned", hv.info.cordoned, where=hv.name)
     if pinned and hv.name not in pinned:
         return Rejection("host", "not pinned", where=hv.name)
     if not hv.gpus:

@@ -189,7 +189,7 @@ class PlanReply(_message.Message):
     def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required")
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,9 @@ class Node(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: str
@@ -210,7 +213,40 @@ class Node(_message.Message):
     agent_version: str
     state_format: int
     upgrade_required: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ...) -> None: ...
+    cordoned: _containers.RepeatedScalarFieldContainer[str]
+    draining: int
+    drain_blocked: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ...) -> None: ...
+
+class CordonRequest(_message.Message):
+    __slots__ = ("target", "reason", "drain", "force")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    reason: str
+    drain: bool
+    force: bool
+    def __init__(self, target: _Optional[str] = ..., reason: _Optional[str] = ..., drain: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class CordonReply(_message.Message):
+    __slots__ = ("message", "index", "host", "gpu")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    index: int
+    host: str
+    gpu: int
+    def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ..., host: _Optional[str] = ..., gpu: _Optional[int] = ...) -> None: ...
+
+class UncordonRequest(_message.Message):
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -331,6 +367,28 @@ class LogChunk(_message.Message):
     data: bytes
     host: str
     def __init__(self, data: _Optional[bytes] = ..., host: _Optional[str] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("read_index_only",)
+    READ_INDEX_ONLY_FIELD_NUMBER: _ClassVar[int]
+    read_index_only: bool
+    def __init__(self, read_index_only: _Optional[bool] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("data", "index", "term", "cluster_id", "node_id", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    index: int
+    term: int
+    cluster_id: str
+    node_id: str
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ..., node_id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("node", "address", "inventory_json", "instances", "agent_version", "state_format", "wire_version", "upgrade_required")

@@ -69,6 +69,16 @@ class ControlStub:
                 request_serializer=agentd_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.ListNodesReply.FromString,
                 _registered_method=True)
+        self.Cordon = channel.unary_unary(
+                '/agentd.v1.Control/Cordon',
+                request_serializer=agentd_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
+                _registered_method=True)
+        self.Uncordon = channel.unary_unary(
+                '/agentd.v1.Control/Uncordon',
+                request_serializer=agentd_dot_v1_dot_control__pb2.UncordonRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
+                _registered_method=True)
         self.ListInstances = channel.unary_unary(
                 '/agentd.v1.Control/ListInstances',
                 request_serializer=agentd_dot_v1_dot_control__pb2.ListInstancesRequest.SerializeToString,
@@ -93,6 +103,11 @@ class ControlStub:
                 '/agentd.v1.Control/Logs',
                 request_serializer=agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/agentd.v1.Control/Snapshot',
+                request_serializer=agentd_dot_v1_dot_control__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
 
 
@@ -142,6 +157,19 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cordon(self, request, context):
+        """No new parts on a host or GPU; with drain, also move what runs there (surge first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Uncordon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInstances(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,6 +199,13 @@ class ControlServicer:
 
     def Logs(self, request, context):
         """An instance's log, from whichever host runs it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """A consistent copy of the replicated state, for backups (SnapshotRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +249,16 @@ def add_ControlServicer_to_server(servicer, server):
                     request_deserializer=agentd_dot_v1_dot_control__pb2.ListNodesRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.ListNodesReply.SerializeToString,
             ),
+            'Cordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cordon,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.CordonRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.CordonReply.SerializeToString,
+            ),
+            'Uncordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Uncordon,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.UncordonRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.CordonReply.SerializeToString,
+            ),
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.ListInstancesRequest.FromString,
@@ -238,6 +283,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.LogsRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.LogChunk.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.SnapshotRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +490,60 @@ class Control:
             _registered_method=True)
 
     @staticmethod
+    def Cordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Cordon',
+            agentd_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Uncordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Uncordon',
+            agentd_dot_v1_dot_control__pb2.UncordonRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListInstances(request,
             target,
             options=(),
@@ -564,6 +668,33 @@ class Control:
             '/agentd.v1.Control/Logs',
             agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
             agentd_dot_v1_dot_control__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Control/Snapshot',
+            agentd_dot_v1_dot_control__pb2.SnapshotRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
