@@ -227,3 +227,59 @@ def test_agentd_plan_takes_the_flag_and_prints_why():
     assert rp["tensor_parallel"] == 8 and rp["why"].startswith("TP=8 on h100-node-1 GPUs 0-7: the largest")
     r = run_cli(*args, "--parallelism", "fast")
     assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr
+
+
+# --------------------------------------------------------------------------- invariants on random hosts
+
+
+def _random_case(rnd):
+    hosts = []
+    for h in range(rnd.choice([1, 2, 3])):
+        n = rnd.choice([2, 4, 8])
+        used = {i: rnd.choice([0, 0, 0, 30, 75]) for i in range(n)}
+        style = rnd.choice(["nvswitch", "pcie", "pairs", "islands", "none", "holes"])
+        out = []
+        for a, b in itertools.combinations(range(n), 2):
+            kind = {"nvswitch": "nvlink", "pcie": "pcie", "pairs": "nvlink" if a // 2 == b // 2 else "pcie",
+                    "islands": "nvlink" if a // 4 == b // 4 else "pcie", "none": None,
+                    "holes": rnd.choice(["nvlink", "pcie", "unknown", None])}[style]
+            if kind:
+                out.append(GpuLink(gpus=(a, b), link=kind))
+        hosts.append(host(f"h{h}", n=n, used=used).model_copy(update={"gpu_links": tuple(out)}))
+    heads = rnd.choice([32, 40, 64, 128])
+    m = model(layers=rnd.choice([2, 8, 32, 80]), layer_bytes=int(rnd.choice([0.5, 2, 6, 20]) * GiB), heads=heads,
+              kv_heads=8, ctx=4096)
+    return cluster(*hosts), m
+
+
+def test_every_policy_keeps_vllms_rules_and_names_the_links_it_claims():
+    import random
+
+    placed = 0
+    for seed in range(60):
+        rnd = random.Random(seed)
+        c, m = _random_case(rnd)
+        plans = {}
+        for mode in ("auto", "latency", "gpus"):
+            s = spec(parallelism=mode)
+            p = place(c, m, s, plugins=PLUGINS)
+            plans[mode] = p
+            if not p.placed:
+                continue
+            placed += 1
+            assert_vllm_rules(p, m, s, c)
+            r = p.replicas[0]
+            kinds = {(h.name, lk.gpus): lk.link for h in c.hosts for lk in h.gpu_links}
+            pairs = [(part.host, pair) for part in r.parts for pair in itertools.combinations(part.gpus, 2)]
+            if "(NVLink)" in r.why:
+                assert all(kinds.get(x) == "nvlink" for x in pairs), (seed, mode, r.why)
+            if "(PCIe only)" in r.why:
+                assert all(kinds.get(x) == "pcie" for x in pairs), (seed, mode, r.why)
+        # Where or whether it places does not depend on the policy, only how it splits.
+        assert len({p.placed for p in plans.values()}) == 1, seed
+        # Without topology auto is the fewest-GPUs rule: the same layouts, only the sentence differs.
+        bare = place(without_links(c), m, spec(), plugins=PLUGINS)
+        assert [r.model_copy(update={"why": ""}) for r in bare.replicas] == [
+            r.model_copy(update={"why": ""}) for r in place(without_links(c), m, spec(parallelism="gpus"),
+                                                            plugins=PLUGINS).replicas]
+    assert placed > 60
