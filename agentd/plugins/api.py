@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,15 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from agentd.errors import AgentdError, BinaryNotUsable, InvalidInput, PluginError
 from agentd.types import GiB
 
-if TYPE_CHECKING:  # until demand.py moves here too
-    from agentd.placement.demand import LayerDemand, ShardDemand
-
 __all__ = [
-    "API_VERSION", "AgentdError", "BinaryNotUsable", "Constraint", "Endpoint", "Gpu", "HealthVerdict",
-    "HttpProbe", "InvalidInput", "LaunchContext", "LaunchParams", "LayerSplit", "Layout", "Link",
+    "API_VERSION", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu", "HealthVerdict",
+    "HttpProbe", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand", "LayerSplit", "Layout", "Link",
     "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError", "ProbeResult",
-    "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Shape",
-    "ShapeLimits", "Sharded", "TcpProbe", "TensorParallelDivisibility", "find_binary", "gib", "hookimpl",
+    "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Scorer", "Shape",
+    "ShapeLimits", "ShardDemand", "Sharded", "TcpProbe", "TensorParallelDivisibility", "find_binary", "gib", "hookimpl",
     "index_list", "layout_rejection",
 ]
 
@@ -184,6 +181,88 @@ class ShapeLimits:
     pcie_gpus: int = 0
 
 
+# --------------------------------------------------------------------------- memory estimates
+
+
+@dataclass(frozen=True)
+class ShardDemand:
+    """Each GPU of a `Sharded` shape must hold `per_gpu` bytes.
+
+    `budget_fraction` models runtimes that take a fixed fraction of every GPU
+    (vLLM's gpu_memory_utilization): the share must fit in fraction x total,
+    and that whole budget is what gets booked. Without it, the share must fit
+    in the GPU's free memory and exactly the share is booked.
+    """
+
+    per_gpu: int
+    budget_fraction: float | None = None
+    stage_layers: tuple[int, ...] = ()  # model layers per pipeline stage
+    breakdown: Mapping[str, int] = field(default_factory=dict)  # weights, kv_cache, activation, overhead
+
+    def capacity(self, total: int, free: int) -> int:
+        return int(self.budget_fraction * total) if self.budget_fraction is not None else free
+
+    def reservation(self, total: int) -> int:
+        return int(self.budget_fraction * total) if self.budget_fraction is not None else self.per_gpu
+
+
+@dataclass(frozen=True)
+class LayerDemand:
+    """Per-layer memory for a `LayerSplit` shape (llama.cpp's layer split).
+
+    Layers are placed whole, in order: the first `cpu_layers` stay in the main
+    host's RAM, then contiguous blocks go to each device. Every device that
+    holds layers also needs `device_overhead` (compute buffer, CUDA context).
+
+    The output layer follows one rule, shared with the act phase
+    (agentd_llamabox/process.py): its weight is on the last device exactly
+    when every layer is (full offload: `output_bytes` + `output_overhead`
+    there). In partial offload at least one layer stays in RAM, the output
+    weight stays in RAM with it (`cpu_output_bytes`), and only what is left
+    of the output layer, `output_norm_bytes`, goes to the last device.
+    """
+
+    layer_bytes: tuple[int, ...]  # weights + KV cache of each repeating layer, in model order
+    output_bytes: int = 0  # output (lm_head) + output_norm, on the last device in full offload
+    device_overhead: int = 0  # per device holding layers: compute buffer + runtime context
+    output_overhead: int = 0  # extra on the device holding the output layer (logits buffer)
+    cpu_fixed_bytes: int = 0  # host RAM the main always needs (token embeddings stay on CPU)
+    cpu_layer_bytes: tuple[int, ...] = ()  # RAM per layer kept on CPU; empty = layer_bytes
+    breakdown: Mapping[str, int] = field(default_factory=dict)
+    output_norm_bytes: int = 0  # the part of output_bytes on the last device in partial offload
+    cpu_output_bytes: int = 0  # RAM the output weight takes in partial offload (0 if it shares another tensor)
+    # Full offload onto one device: llama.cpp runs no pipeline, so that device's overhead (compute buffer with
+    # the logits, runtime context) is this instead of device_overhead + output_overhead (None: the same).
+    single_device_overhead: int | None = None
+    pipeline_cpu_bytes: int = 0  # host RAM added when a full offload spans several devices (pipeline copies)
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_bytes)
+
+    def __post_init__(self):
+        if self.single_device_overhead is not None and \
+                self.single_device_overhead > self.device_overhead + self.output_overhead:
+            # The search fits a one-device full offload with either figure; it must never book more than it fit.
+            raise ValueError("single_device_overhead must not exceed device_overhead + output_overhead")
+
+    @property
+    def single_overhead(self) -> int:
+        """The overhead of the only device of a full offload."""
+        both = self.device_overhead + self.output_overhead
+        return both if self.single_device_overhead is None else self.single_device_overhead
+
+    def ram_for(self, cpu_layers: int, pipeline: bool = False) -> int:
+        """Host RAM of the main process with the first `cpu_layers` layers on the CPU (and, when
+        there are any, the output weight with them); `pipeline`: a full offload over several devices."""
+        per = self.cpu_layer_bytes or self.layer_bytes
+        return (self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
+                + (self.pipeline_cpu_bytes if pipeline else 0))
+
+
+Demand = ShardDemand | LayerDemand
+
+
 # --------------------------------------------------------------------------- candidates
 
 
@@ -205,7 +284,7 @@ class PartLayout:
 class Layout:
     shape: Shape
     parts: tuple[PartLayout, ...]
-    demand: ShardDemand | LayerDemand
+    demand: Demand
     # Numbers the engine learned while building this candidate, for constraints
     # and messages: e.g. main_layer_need and main_largest_free for a layer split.
     facts: Mapping[str, float] = field(default_factory=dict)
@@ -256,6 +335,15 @@ class LaunchParams:
 
     args: tuple[str, ...] = ()
     env: tuple[Mapping[str, str], ...] = ()  # one mapping per part, same order as Layout.parts
+
+
+class Scorer(Protocol):
+    """What `agentd_scorers` returns: ranks valid candidates of one shape (higher is better).
+
+    `weight` is optional (1.0 when absent); the core adds the weighted scores.
+    """
+
+    def score(self, layout: Layout) -> float: ...
 
 
 # --------------------------------------------------------------------------- constraints

@@ -13,18 +13,35 @@ every hook is documented in docs/plugins.md (a test checks this).
 
 from __future__ import annotations
 
-import pluggy
+from collections.abc import Callable, Iterable, Sequence
 
-PROJECT = "agentd"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
+from agentd.plugins.api import (  # noqa: F401 (PROJECT and hookimpl: re-exported for older imports)
+    PROJECT,
+    Constraint,
+    HealthVerdict,
+    LaunchContext,
+    LaunchParams,
+    LayerDemand,
+    Layout,
+    ProbeResult,
+    ProcessSpec,
+    ReservedLaunch,
+    RuntimeInfo,
+    Scorer,
+    Shape,
+    ShapeLimits,
+    ShardDemand,
+    Sharded,
+    hookimpl,
+    hookspec,
+)
+from agentd.types import Assignment, DeploymentSpec, ModelInfo
 
 # --------------------------------------------------------------------------- describe
 
 
 @hookspec
-def agentd_runtime():
+def agentd_runtime() -> RuntimeInfo | None:
     """Describe the runtime this plugin provides, if any.
 
     Return an `agentd.plugins.RuntimeInfo` (name, model formats served,
@@ -45,7 +62,7 @@ def agentd_runtime():
 
 
 @hookspec
-def agentd_constraints(runtime, model, spec):
+def agentd_constraints(runtime: str, model: ModelInfo, spec: DeploymentSpec) -> Iterable[Constraint] | None:
     """Declare the rules a layout must satisfy (filter phase).
 
     Return an iterable of constraint objects (see agentd.placement.Constraint:
@@ -58,7 +75,8 @@ def agentd_constraints(runtime, model, spec):
 
 
 @hookspec(firstresult=True)
-def agentd_propose(runtime, model, spec, limits):
+def agentd_propose(runtime: str, model: ModelInfo, spec: DeploymentSpec,
+                   limits: ShapeLimits) -> Iterable[Shape] | None:
     """Propose layout shapes for `runtime`, most preferred first (propose phase).
 
     Return an iterable of agentd.placement shapes (`Sharded(tp, pp, hosts)`
@@ -70,7 +88,8 @@ def agentd_propose(runtime, model, spec, limits):
 
 
 @hookspec(firstresult=True)
-def agentd_estimate(runtime, model, spec, shape):
+def agentd_estimate(runtime: str, model: ModelInfo, spec: DeploymentSpec,
+                    shape: Shape) -> ShardDemand | LayerDemand | None:
     """Declare the memory `shape` needs on each device (declare phase).
 
     Return `ShardDemand` for a Sharded shape (bytes per GPU, and the
@@ -81,7 +100,7 @@ def agentd_estimate(runtime, model, spec, shape):
 
 
 @hookspec
-def agentd_scorers(runtime, model, spec):
+def agentd_scorers(runtime: str, model: ModelInfo, spec: DeploymentSpec) -> Iterable[Scorer] | None:
     """Declare scorers that rank valid candidates of the same shape (score phase).
 
     Return an iterable of objects with `score(layout) -> float` (higher is
@@ -93,7 +112,8 @@ def agentd_scorers(runtime, model, spec):
 
 
 @hookspec(firstresult=True)
-def agentd_layout_args(runtime, model, spec, layout):
+def agentd_layout_args(runtime: str, model: ModelInfo, spec: DeploymentSpec,
+                       layout: Layout) -> LaunchParams | None:
     """Turn the chosen layout into launch parameters for the plan.
 
     Return agentd.placement.LaunchParams: `args` for the main process (e.g.
@@ -105,7 +125,8 @@ def agentd_layout_args(runtime, model, spec, layout):
 
 
 @hookspec(firstresult=True)
-def agentd_explain(runtime, model, spec, layout, limits, find):
+def agentd_explain(runtime: str, model: ModelInfo, spec: DeploymentSpec, layout: Layout, limits: ShapeLimits,
+                   find: Callable[[Sequence[Sharded]], Layout | None]) -> str | None:
     """Say in one sentence why `layout` was chosen over the runner-up (the plan's `why`).
 
     Called once per placed replica, after the layout passed every check.
@@ -130,7 +151,7 @@ def agentd_explain(runtime, model, spec, layout, limits, find):
 
 
 @hookspec
-def agentd_reserved_launch(runtime):
+def agentd_reserved_launch(runtime: str) -> ReservedLaunch | None:
     """Declare the launch flags and environment variables only agentd may set for `runtime`.
 
     Return an `agentd.plugins.ReservedLaunch` (flags, long and short; variable
@@ -147,7 +168,7 @@ def agentd_reserved_launch(runtime):
 
 
 @hookspec(firstresult=True)
-def agentd_launch(assignment, part_index, ctx):
+def agentd_launch(assignment: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSpec] | None:
     """Say which processes run part `part_index` of `assignment` on this host.
 
     Return a list of `agentd.runtime.ProcessSpec` (argv list, env, the
@@ -164,7 +185,8 @@ def agentd_launch(assignment, part_index, ctx):
 
 
 @hookspec(firstresult=True)
-def agentd_health(assignment, part_index, process, result):
+def agentd_health(assignment: Assignment, part_index: int, process: ProcessSpec,
+                  result: ProbeResult) -> HealthVerdict | None:
     """Read one probe answer of `process` (a ProcessSpec of yours).
 
     `result` is an `agentd.runtime.ProbeResult` (ok, HTTP status, the first
@@ -178,7 +200,7 @@ def agentd_health(assignment, part_index, process, result):
 
 
 @hookspec
-def agentd_stop(assignment, part_index, ctx):
+def agentd_stop(assignment: Assignment, part_index: int, ctx: LaunchContext) -> None:
     """Clean up after part `part_index` of `assignment` was stopped for good on this host.
 
     Called once every process of the instance on this host has been stopped
