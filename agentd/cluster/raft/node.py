@@ -88,8 +88,8 @@ class RaftOptions:
     """Timing and limits; `from_settings` maps the daemon's configuration."""
 
     heartbeat_interval: float = 0.1
-    election_timeout_min: float = 1.0
-    election_timeout_max: float = 2.0
+    election_timeout_min: float = 0.8  # the same defaults as agentd.config.Settings
+    election_timeout_max: float = 1.2
     ticks_per_heartbeat: int = 5
     max_voters: int = 5
     voters: tuple[str, ...] = ()  # names that vote; empty = the first max_voters members

@@ -1,0 +1,102 @@
+"""Issue 14, item 2 (building block): the mTLS tunnel that puts a helper such as ggml-rpc-server on 127.0.0.1.
+
+Real sockets on loopback, real certificates from a cluster CA: only a node
+certificate of that CA, for an allowed host, gets through the exit; bytes
+pass unchanged both ways; the exit's own port speaks only TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+
+import pytest
+
+from agentd.security import ca as C
+from agentd.security.tunnel import client_context, serve_entry, serve_exit, server_context
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tunnel")
+    authority = C.create_ca()
+    for name, role in (("gpu-1", C.ROLE_NODE), ("gpu-2", C.ROLE_NODE), ("rpc-host", C.ROLE_NODE), ("alice", "admin")):
+        d = root / name
+        ident = C.issue_identity(authority, name, role=role, addresses=["127.0.0.1"])
+        C.save_identity(d, "node", ident)
+    other = C.create_ca()
+    C.save_identity(root / "foreign", "node", C.issue_identity(other, "gpu-1", role=C.ROLE_NODE,
+                                                               addresses=["127.0.0.1"]))
+    return root
+
+
+async def echo_server() -> tuple[asyncio.Server, int]:
+    async def handle(r, w):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def through(port: int, payload: bytes) -> bytes:
+    """Send `payload`, read as many bytes back (a request/response client, as ggml RPC's: no half-close)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(payload)
+        await w.drain()
+        async with asyncio.timeout(10):
+            return await r.readexactly(len(payload))
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    finally:
+        w.close()
+
+
+async def tunnel(dirs, client: str, allow=("gpu-1",)):
+    helper, helper_port = await echo_server()
+    exit_ = await serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), allow)
+    exit_port = exit_.sockets[0].getsockname()[1]
+    entry = await serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_port}", client_context(dirs / client))
+    return [helper, exit_, entry], entry.sockets[0].getsockname()[1], exit_port
+
+
+async def close(servers) -> None:
+    for s in servers:
+        s.close()
+
+
+async def test_bytes_pass_unchanged_both_ways(dirs):
+    servers, port, _ = await tunnel(dirs, "gpu-1")
+    try:
+        assert await through(port, b"HELLO") == b"HELLO"
+        big = os.urandom(8 << 20)
+        got = await through(port, big)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+    finally:
+        await close(servers)
+
+
+@pytest.mark.parametrize("client", ["gpu-2", "alice", "foreign"])
+async def test_only_the_allowed_cluster_host_gets_through(dirs, client):
+    """gpu-2: a cluster node, not the instance's main host; alice: an admin certificate; foreign: another CA."""
+    servers, port, _ = await tunnel(dirs, client)
+    try:
+        assert await through(port, b"HELLO") == b""
+    finally:
+        await close(servers)
+
+
+async def test_any_node_when_no_host_is_named_and_plain_tcp_never(dirs):
+    servers, port, exit_port = await tunnel(dirs, "gpu-2", allow=())
+    try:
+        assert await through(port, b"HELLO") == b"HELLO"
+        assert await through(exit_port, b"HELLO") == b"", "the exit speaks only TLS"
+    finally:
+        await close(servers)
