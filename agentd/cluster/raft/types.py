@@ -284,8 +284,8 @@ class RaftConfig:
     """Timing in ticks and replication limits; the driver maps ticks to seconds."""
 
     heartbeat_ticks: int = 5
-    election_ticks_min: int = 50
-    election_ticks_max: int = 100
+    election_ticks_min: int = 40
+    election_ticks_max: int = 60
     max_append_entries: int = 512
     max_append_bytes: int = 1 << 20
     max_inflight: int = 64
