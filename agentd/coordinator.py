@@ -342,7 +342,8 @@ class Coordinator:
                                                         term=self.consensus.term))
             return await self._commit(deploy_command(spec, assignments, replace=replace))
 
-    async def scale(self, name: str, replicas: int) -> tuple[ApplyResult, int]:
+    async def scale(self, name: str, replicas: int, whys: list[str] | None = None) -> tuple[ApplyResult, int]:
+        """Add or remove replicas; `whys`, when given, gets each new replica's reason for its layout."""
         await self._require_leader()
         if replicas < 0:
             raise InvalidInput(f"replicas must be >= 0, got {replicas}")
@@ -359,6 +360,8 @@ class Coordinator:
                 if not plan.placed:
                     raise Unplaceable(plan.diagnosis)
                 new = self._assignments(record.spec, plan, missing, {})
+                if whys is not None:
+                    whys.extend(rp.why for rp in plan.replicas)
             return await self._commit(assign_command(name, new, replicas))
 
     async def delete(self, name: str) -> tuple[ApplyResult, int]:

@@ -50,6 +50,9 @@ async def test_deploy_returns_the_why_and_commits_assignments_without_it():
     assert len(whys) == 1 and whys[0].startswith("TP=4 on h100-node-1 GPUs 0-3 (NVLink): tensor parallel over NVLink")
     (a,) = state.assignments_for("big")
     assert a.plan.tensor_parallel == 4 and a.plan.why == ""
+    more: list[str] = []
+    result, _ = await coord.scale("big", 2, whys=more)
+    assert result.ok and len(more) == 1 and more[0].startswith("TP=4 on h100-node-1 GPUs 4-7 (NVLink)")
     assert "why" not in json.dumps(raft.proposed)
 
 

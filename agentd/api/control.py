@@ -306,8 +306,10 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Scale(self, request, context):
         async def local():
-            result, index = await self.coordinator.scale(request.name, request.replicas)
-            return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message, index=index)
+            whys: list[str] = []
+            result, index = await self.coordinator.scale(request.name, request.replicas, whys=whys)
+            return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message, index=index,
+                                  why=whys)
         return await self._on_leader("Scale", request, context, local)
 
     async def Delete(self, request, context):

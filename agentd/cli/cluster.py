@@ -295,7 +295,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
         except CannotPlace as exc:
             print(f"agentd: {exc}", file=sys.stderr)
             return EXIT_UNAVAILABLE
-    emit(args, {"message": reply.message, "index": reply.index}, reply.message)
+    whys = [w for w in reply.why if w]  # one per replica added (vLLM: why it got its layout)
+    emit(args, {"message": reply.message, "index": reply.index, "why": list(reply.why)},
+         "\n".join([reply.message, *(f"  why: {w}" for w in whys)]))
     return 0
 
 
