@@ -455,6 +455,11 @@ class Daemon:
     def _on_revocation(self, ev: Any) -> None:
         if ev.kind in ("cert.revoked", "key.revoked") and self.auth is not None:
             self.auth.close_revoked()
+        elif ev.kind == "node.held" and ev.name == self.node:
+            log.warning("this host gets no work until an admin approves it", extra=fields(
+                node=self.node, hint=f"agentd nodes approve {self.node} [--tenant T]"))
+        elif ev.kind == "node.approved" and ev.name == self.node:
+            log.info("this host was approved", extra=fields(node=self.node, tenants=ev.data.get("tenants", [])))
 
     def _verify_bearer(self, token: str) -> apikeys.Principal | None:
         if self.raft.fatal:  # its copy of the keys may lack a revocation it could not store
