@@ -202,3 +202,53 @@ def test_estimate_answers_only_layer_split_shapes():
     m = gguf_model()
     assert agentd_estimate(runtime="llamabox", model=m, spec=spec("llamabox"), shape=Sharded(2)) is None
     assert agentd_estimate(runtime="vllm", model=m, spec=spec("llamabox"), shape=LayerSplit()) is None
+
+
+# --------------------------------------------------------------------------- hosts without GPUs
+
+
+def _cpu_host(name: str, ram_gib: float):
+    from agentd.types import HostInventory
+
+    return HostInventory(name=name, cpu_count=32, memory_total=int(ram_gib * GiB), memory_available=int(ram_gib * GiB))
+
+
+def test_a_host_without_gpus_serves_from_ram_when_the_deployment_allows_it(plugins):
+    """llamabox declares RuntimeInfo.host_memory: with --allow-cpu-offload a CPU-only host is a main server
+    whose layers are all in RAM (its own device), with the same RAM booking as partial offload."""
+    m = gguf_model(layers=8, layer_bytes=2 * GiB, vocab=32000)
+    c = cluster(_cpu_host("cpu1", 64))
+    refused = place(c, m, spec("llamabox"), plugins=plugins)
+    assert refused.diagnosis.message == "0/1 hosts can run m (llamabox): 1 host without GPUs"
+    s = spec("llamabox", offload=True)
+    plan = place(c, m, s, plugins=plugins)
+    [main] = plan.replicas[0].parts
+    assert (main.host, main.gpus, main.layers, main.cpu_layers, main.memory) == ("cpu1", (), 0, 8, ())
+    assert plan.replicas[0].args[2:4] == ("--n-gpu-layers", "0")
+    d = estimate(m, s, "partial")
+    too_small = place(cluster(_cpu_host("cpu1", d.ram_for(8) / GiB - 0.1)), m, s, plugins=plugins)
+    assert "has too little RAM for the layers left on the CPU" in too_small.diagnosis.message
+    # vLLM declares no host memory: a CPU-only host stays out, whatever the deployment allows.
+    from tests.scenarios.build import model
+
+    vllm = place(c, model(layers=8), spec("vllm", offload=True), plugins=plugins)
+    assert vllm.diagnosis.message == "0/1 hosts can run m (vllm): 1 host without GPUs"
+
+
+def test_a_cpu_main_server_takes_rpc_servers_for_what_its_ram_cannot_hold(plugins):
+    m = gguf_model(layers=8, layer_bytes=2 * GiB, vocab=32000)
+    # the GPU host's own RAM is too small to be a partial-offload main; the CPU host's holds 5 layers
+    c = cluster(_cpu_host("cpu1", 13), host("g", 1, 10, ram_gib=1))
+    s = spec("llamabox", offload=True)
+    plan = place(c, m, s, plugins=plugins)
+    parts = plan.replicas[0].parts
+    assert [(p.host, p.role, p.gpus) for p in parts] == [("cpu1", "main", ()), ("g", "rpc", (0,))]
+    assert parts[0].cpu_layers + parts[1].layers == 8 and parts[0].cpu_layers >= 1
+    assert_llamabox_rules(plan, m, s, c)
+
+
+def test_a_gpu_host_beats_a_cpu_host(plugins):
+    m = gguf_model(layers=8, layer_bytes=2 * GiB, vocab=32000)
+    c = cluster(_cpu_host("cpu1", 512), host("g", 1, 24))
+    plan = place(c, m, spec("llamabox", offload=True), plugins=plugins)
+    assert [(p.host, p.cpu_layers) for p in plan.replicas[0].parts] == [("g", 0)]  # full offload first

@@ -95,6 +95,9 @@ class Request:
     # What the host filters of the latest attempt left (independent of free memory): the what-ifs
     # ask the runtime what it would propose under a changed request.
     limits: ShapeLimits | None = None
+    # Hosts without GPUs are candidates: the runtime declares RuntimeInfo.host_memory and the deployment
+    # allows CPU offload.
+    cpu_hosts: bool = False
 
     @cached_property
     def excluded(self) -> frozenset[str]:
@@ -205,7 +208,8 @@ def prepare(plugins: Any, model: ModelInfo, spec: DeploymentSpec) -> Request:
     if info.formats and model.format not in info.formats:
         raise InvalidInput(f"runtime {spec.runtime!r} serves {', '.join(info.formats)} models, "
                            f"not {model.format} ({model.name or model.architecture})")
-    req = Request(hooks, model, spec)
+    req = Request(hooks, model, spec,
+                  cpu_hosts=bool(getattr(info, "host_memory", False)) and spec.options.allow_cpu_offload)
     args = {"runtime": spec.runtime, "model": model, "spec": spec}
     constraints = _flatten(hooks.call("agentd_constraints", **args))
     for level in LEVELS:
@@ -445,7 +449,10 @@ def _filter(req: Request, snap: Snapshot, findings: Findings | None) -> tuple[Ca
         if findings is not None and res.rejections:
             findings.add_all(res.stage, res.rejections)
         considered = res.considered
-        if considered:
+        if not considered and req.cpu_hosts and not hv.gpus and res.stage == DEVICE and not res.rejections:
+            counted += 1  # a host without GPUs, its RAM the runtime's device: a main-server candidate
+            rows.append((hv, ()))
+        elif considered:
             counted += 1
             total_gpus += considered
             if considered > max_per_host:
@@ -565,7 +572,7 @@ def _host_rejection(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...
         return Rejection("host", "cordoned", hv.info.cordoned, where=hv.name)
     if pinned and hv.name not in pinned:
         return Rejection("host", "not pinned", where=hv.name)
-    if not hv.gpus:
+    if not hv.gpus and not req.cpu_hosts:
         return Rejection("host", "without GPUs", where=hv.name)
     return None
 

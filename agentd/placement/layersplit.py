@@ -191,8 +191,9 @@ class LayerSplitSearch:
                     validate: Validate) -> Rejection | None:
         """A main server holding no layer: the layout constraints say why; without one, full offload
         still needs the output layer on the main server."""
+        # main_gpus 0: a host without GPUs (admitted for a CPU deployment), whose RAM is its device.
         empty = Layout(shape, (PartLayout(hv.name, "main", (), (), layers=0, cpu_layers=ctx.layers),),
-                       ctx.demand, facts)
+                       ctx.demand, {**facts, "main_gpus": len(hv.gpus)})
         why = validate(empty)
         if why is not None or main is not None:
             return why
@@ -332,7 +333,7 @@ class LayerSplitSearch:
                        layer_split=(hi - lo,))
             for g, lo, hi in reversed(rpc))
         facts = {**(facts or self._facts(ctx, [g for g, _, _ in main.blocks])),
-                 "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0),
+                 "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0), "main_gpus": len(hv.gpus),
                  "ram_needed": ctx.demand.ram_for(cpu_layers, pipeline=pipeline)}
         return Layout(shape, (main_part, *rpc_parts), ctx.demand, facts)
 

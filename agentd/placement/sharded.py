@@ -60,9 +60,10 @@ class Candidates:
 
     @cached_property
     def hosts(self) -> tuple[tuple[HostView, tuple[GpuView, ...]], ...]:
-        """Every host with a GPU that passes the device filters."""
+        """Every host with a GPU that passes the device filters, and the hosts without GPUs that are
+        candidates (their RAM the runtime's device: only when the request allows it)."""
         self.judge_all()
-        return tuple((hv, gpus) for hv, gpus in self.rows if gpus)
+        return tuple((hv, gpus) for hv, gpus in self.rows if gpus or not hv.gpus)
 
     def judge_all(self) -> None:
         for i in range(len(self.rows)) if self.unjudged else ():

@@ -81,6 +81,10 @@ class RuntimeInfo:
     name: str
     formats: tuple[str, ...]
     description: str = ""
+    # The runtime can use a host's RAM as its device (llama.cpp on CPUs): hosts without GPUs become
+    # candidates when the deployment allows CPU offload (`allow_cpu_offload`). Layer-split layouts only:
+    # such a main server holds its layers in RAM (`cpu_layers`), rpc-servers on other hosts' GPUs take the rest.
+    host_memory: bool = False
 
 
 # --------------------------------------------------------------------------- messages
@@ -581,7 +585,8 @@ class _Shortfall(Mapping):
 
 @dataclass(frozen=True)
 class MinLayersOnMain(Constraint):
-    """The main server must hold at least `layers` model layers on its own GPUs.
+    """The main server must hold at least `layers` model layers on its own devices: its GPUs, or its RAM
+    on a host without GPUs where the deployment allows CPU offload (RuntimeInfo.host_memory).
 
     A main server that offloads everything to rpc-servers is the GPUStack
     failure this exists for: it starts, then crawls or crashes. Layer-split
@@ -595,6 +600,8 @@ class MinLayersOnMain(Constraint):
     def check_layout(self, layout: Layout) -> Rejection | None:
         if not isinstance(layout.shape, LayerSplit) or layout.main.layers >= self.layers:
             return None
+        if layout.facts.get("main_gpus") == 0 and (layout.main.cpu_layers or 0) >= self.layers:
+            return None  # a host without GPUs (the engine admits one only for a CPU deployment): RAM is its device
         need = layout.facts.get("main_layer_need", 0)
         largest = layout.facts.get("main_largest_free", 0)
         what = "one layer" if self.layers == 1 else f"{self.layers} layers"

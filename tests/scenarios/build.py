@@ -141,7 +141,11 @@ def assert_llamabox_rules(plan: Plan, m: ModelInfo, s: DeploymentSpec, c: Cluste
     for rp in plan.replicas:
         main = rp.parts[0]
         assert main.role == "main" and all(p.role == "rpc" for p in rp.parts[1:])
-        assert main.layers >= 1 and main.gpus, "the main server must hold a layer on its own GPUs"
+        hosts = {h.name: h for h in c.hosts}
+        if hosts[main.host].gpus:
+            assert main.layers >= 1 and main.gpus, "the main server must hold a layer on its own GPUs"
+        else:  # a host without GPUs, allowed for a CPU deployment: its RAM is its device
+            assert s.options.allow_cpu_offload and not main.gpus and main.cpu_layers >= 1
         assert all(len(p.gpus) == 1 and p.layers >= 1 for p in rp.parts[1:])
         assert sum(p.layers for p in rp.parts) + (main.cpu_layers or 0) == L
         assert all(sum(p.layer_split) == p.layers for p in rp.parts)

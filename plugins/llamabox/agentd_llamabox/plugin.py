@@ -24,4 +24,5 @@ def agentd_runtime():
         name=NAME,
         formats=("gguf",),
         description="llama-box or llama.cpp llama-server, with layers offloaded to rpc-servers",
+        host_memory=True,  # llama.cpp runs layers on CPUs: hosts without GPUs serve with --allow-cpu-offload
     )
