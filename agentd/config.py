@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     # One-time join token (`agentd token create`): with `join`, a host without a certificate gets one at start.
     join_token: SecretStr = SecretStr("")  # shown as ********** by `agentd config show`
     insecure: bool = False  # no TLS, no authentication; logs a warning at start
-    drain_on_stop: bool = False  # SIGTERM stops this host's model servers before exiting
+    stop_models_on_exit: bool = False  # SIGTERM stops this host's model servers before exiting
+    drain_on_stop: bool = False  # deprecated name of stop_models_on_exit (before 0.2.0)
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica
     proxy_read_timeout: float = 600.0  # /v1/ proxy: longest silence from a model server
     http_max_body: int = Field(default=64 * 1024 * 1024, ge=1024)  # /v1/ request body limit, bytes
@@ -138,6 +139,11 @@ class Settings(BaseSettings):
     @classmethod
     def _runtime_durations(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @property
+    def stops_models_on_exit(self) -> bool:
+        """`stop_models_on_exit`, or its deprecated name `drain_on_stop`."""
+        return self.stop_models_on_exit or self.drain_on_stop
 
     @model_validator(mode="after")
     def _runtime_invariants(self) -> Settings:

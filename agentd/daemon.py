@@ -118,13 +118,15 @@ def part_reports(node: str, st: InstanceStatus, assignment: Any) -> list[Instanc
             state, reason = worst.state, worst.reason
             restarts = sum(p.restarts for p in procs)
             pid = next((p.pid for p in procs if p.pid), 0) or 0
+            port_in_use = next((p.port_in_use for p in procs if p.port_in_use), 0)
         else:
-            state, reason, restarts, pid = st.state, st.reason, st.restarts, 0
+            state, reason, restarts, pid, port_in_use = st.state, st.reason, st.restarts, 0, 0
         ep = assignment.endpoints[idx]
         out.append(InstanceReport(
             instance_id=st.instance_id, deployment=st.deployment, replica=st.replica, generation=st.generation,
             part=idx, host=node, role=part.role, state=state, reason=reason, restarts=restarts,
-            endpoint=f"{ep.address}:{ep.port}", term=assignment.term, pid=pid, gpus=tuple(part.gpus)))
+            endpoint=f"{ep.address}:{ep.port}", term=assignment.term, pid=pid, gpus=tuple(part.gpus),
+            port_in_use=port_in_use))
     return out
 
 
@@ -260,6 +262,9 @@ class Daemon:
 
     async def run(self) -> int:
         self._private_files()
+        if self.s.drain_on_stop:
+            log.warning("drain_on_stop is deprecated: it is now called stop_models_on_exit (AGENTD_STOP_MODELS_ON_EXIT,"
+                        " --stop-models-on-exit); 'agentd drain' moves a host's replicas elsewhere instead")
         for step in await asyncio.to_thread(datadir.prepare, self.data_dir):
             log.warning("upgraded the data directory", extra=fields(data_dir=str(self.data_dir), step=step))
         if self.s.insecure:
@@ -332,7 +337,7 @@ class Daemon:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"agentd-{name}"))
 
     async def shutdown(self) -> None:
-        drain, why = drain_decision(self.data_dir, self.s.drain_on_stop, restarting=self.restarting)
+        drain, why = drain_decision(self.data_dir, self.s.stops_models_on_exit, restarting=self.restarting)
         log.info(why, extra=fields(node=self.node))
         self.notifier.stopping(why)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -166,7 +166,7 @@ def test_agent_lifecycle_under_a_service_manager(tmp_path):
         a.proc.send_signal(signal.SIGUSR2)
         assert a.proc.wait(30) == 0
         stopping = notify.wait_for("STOPPING", "1", after=before)
-        assert "restart without draining" in stopping["STATUS"]
+        assert "exiting for a restart: model servers keep running" in stopping["STATUS"]
         assert alive(server.pid) and drain_file(a.data_dir).exists()
 
         # The next agent adopts the running server (same pid), then SIGTERM with the drain file stops it.
@@ -176,10 +176,10 @@ def test_agent_lifecycle_under_a_service_manager(tmp_path):
         before = time.monotonic()
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(30) == 0
-        assert "draining before exit" in notify.wait_for("STOPPING", "1", after=before)["STATUS"]
+        assert "stopping this host's model servers before exit" in notify.wait_for("STOPPING", "1", after=before)["STATUS"]
         assert not alive(server.pid) and not drain_file(a.data_dir).exists()
         events = [json.loads(line) for line in a.log_file.read_text().splitlines() if line.startswith("{")]
-        assert any(e["msg"].startswith("draining before exit") for e in events)
+        assert any(e["msg"].startswith("stopping this host's model servers before exit") for e in events)
     finally:
         c.stop()
         notify.close()

@@ -115,7 +115,12 @@ def test_status_line():
 
 def test_drain_contract(tmp_path):
     assert drain_decision(tmp_path, False)[0] is False
-    assert drain_decision(tmp_path, True) == (True, "draining before exit: drain_on_stop is set")
+    assert drain_decision(tmp_path, True) == (
+        True, "stopping this host's model servers before exit: stop_models_on_exit is set")
+    (tmp_path / "drain-on-stop").touch()  # the file's name before 0.2.0 still works
+    assert drain_decision(tmp_path, False)[0] is True
+    clear_drain_request(tmp_path)
+    assert not (tmp_path / "drain-on-stop").exists()
     path = request_drain(tmp_path / "state")
     ok, why = drain_decision(tmp_path / "state", False)
     assert ok and str(path) in why

@@ -14,16 +14,22 @@ def test_defaults_derive_from_data_dir_and_listen():
     s = load_settings(data_dir=Path("/srv/agentd"), listen="10.0.0.1:9000")
     assert s.tls_directory == Path("/srv/agentd/tls")
     assert s.token_listen_address == "10.0.0.1:9001"
-    assert not s.insecure and not s.drain_on_stop
+    assert not s.insecure and not s.stops_models_on_exit
+
+
+def test_stop_models_on_exit_and_its_deprecated_name(monkeypatch):
+    assert load_settings(stop_models_on_exit=True).stops_models_on_exit
+    monkeypatch.setenv("AGENTD_DRAIN_ON_STOP", "1")  # the name before 0.2.0
+    assert load_settings().stops_models_on_exit
 
 
 def test_environment(monkeypatch):
-    monkeypatch.setenv("AGENTD_DRAIN_ON_STOP", "1")
+    monkeypatch.setenv("AGENTD_STOP_MODELS_ON_EXIT", "1")
     monkeypatch.setenv("AGENTD_INSECURE", "true")
     monkeypatch.setenv("AGENTD_PROXY_CONNECT_TIMEOUT", "500ms")
     monkeypatch.setenv("AGENTD_TLS_DIR", "/etc/agentd/tls")
     s = load_settings()
-    assert s.drain_on_stop and s.insecure and s.proxy_connect_timeout == 0.5
+    assert s.stops_models_on_exit and s.insecure and s.proxy_connect_timeout == 0.5
     assert s.tls_directory == Path("/etc/agentd/tls")
 
 

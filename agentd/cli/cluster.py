@@ -43,8 +43,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="host label (repeatable)")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="no TLS and no authentication (loopback tests and demos only; logs a warning)")
-    p.add_argument("--drain-on-stop", action="store_true", default=None,
-                   help="stop this host's model servers when agentd stops (default: leave them running)")
+    p.add_argument("--stop-models-on-exit", action="store_true", default=None,
+                   help="stop this host's model servers when agentd stops (default: leave them running; "
+                   "not 'agentd drain', which moves them to other hosts)")
+    p.add_argument("--drain-on-stop", action="store_true", default=None, help="deprecated: --stop-models-on-exit")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", parents=cparents, help="deploy a model",
@@ -182,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k, None) for k in ("listen", "advertise", "http_listen", "data_dir", "join",
                                                  "node_name", "simulate_inventory", "heartbeat_interval",
-                                                 "node_down_grace", "insecure", "drain_on_stop", "join_token")}
+                                                 "node_down_grace", "insecure", "drain_on_stop", "stop_models_on_exit",
+                                                 "join_token")}
     if args.election_timeout:
         from agentd.config import parse_duration
 
