@@ -176,7 +176,8 @@ def test_agent_lifecycle_under_a_service_manager(tmp_path):
         before = time.monotonic()
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(30) == 0
-        assert "stopping this host's model servers before exit" in notify.wait_for("STOPPING", "1", after=before)["STATUS"]
+        status = notify.wait_for("STOPPING", "1", after=before)["STATUS"]
+        assert "stopping this host's model servers before exit" in status
         assert not alive(server.pid) and not drain_file(a.data_dir).exists()
         events = [json.loads(line) for line in a.log_file.read_text().splitlines() if line.startswith("{")]
         assert any(e["msg"].startswith("stopping this host's model servers before exit") for e in events)

@@ -49,10 +49,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agentd.errors import InvalidInput
-from agentd.plugins import ReservedLaunch, hookimpl
-from agentd.runtime.binaries import find_binary
-from agentd.runtime.spec import Endpoint, HealthVerdict, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
+from agentd.plugins.api import (
+    Endpoint,
+    HealthVerdict,
+    HttpProbe,
+    InvalidInput,
+    LaunchContext,
+    ProcessSpec,
+    ReservedLaunch,
+    TcpProbe,
+    find_binary,
+    hookimpl,
+)
 from agentd.types import Assignment, Part
 
 NAME = "llamabox"
