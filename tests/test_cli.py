@@ -37,6 +37,9 @@ def test_version_json_lists_builtin_plugins():
     assert set(plugins) >= {"vllm", "llamabox"}
     assert plugins["llamabox"]["distribution"] == "agentd-llamabox"
     assert plugins["llamabox"]["version"] == importlib.metadata.version("agentd-llamabox")
+    from agentd.plugins.api import API_VERSION
+
+    assert plugins["llamabox"]["api"] == plugins["vllm"]["api"] == API_VERSION  # read from package metadata
 
 
 def test_global_json_flag_before_subcommand():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "agentd"
+PLUGINS = PKG.parent / "plugins"
 
 FORBIDDEN = {
     "placement": {"asyncio", "grpc", "pynvml", "psutil", "subprocess", "socket", "aiohttp",
@@ -41,6 +42,46 @@ def _violations(layer: str) -> list[str]:
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layer_imports_point_downward(layer):
     assert _violations(layer) == []
+
+
+# A runtime plugin imports agentd.plugins.api and agentd.types, nothing else of agentd (issue 15): the
+# rest of agentd may be refactored freely. Checked on every plugin distribution under plugins/.
+PLUGIN_MAY_IMPORT = ("agentd.plugins.api", "agentd.types")
+# The API module itself sits just above the types layer (DESIGN.md section 2).
+API_MAY_IMPORT = ("agentd.types", "agentd.errors")
+
+
+def _agentd_imports_outside(files, allowed) -> list[str]:
+    bad = []
+    for f in files:
+        for mod in imported_modules(f):
+            if (mod == "agentd" or mod.startswith("agentd.")) and mod not in allowed:
+                bad.append(f"{f} imports {mod}")
+    return bad
+
+
+def _plugin_sources(root: Path) -> list[Path]:
+    return sorted(f for f in root.rglob("*.py") if "tests" not in f.relative_to(root).parts)
+
+
+def test_plugins_import_only_the_plugin_api():
+    files = _plugin_sources(PLUGINS)
+    assert len({f.relative_to(PLUGINS).parts[0] for f in files}) >= 2  # the check sees the built-in plugins
+    assert _agentd_imports_outside(files, PLUGIN_MAY_IMPORT) == []
+
+
+def test_the_plugin_api_imports_only_the_types_layer():
+    assert _agentd_imports_outside([PKG / "plugins" / "api.py"], API_MAY_IMPORT) == []
+
+
+def test_the_plugin_check_catches_a_private_import(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "x.py").write_text(
+        "from agentd.plugins.api import hookimpl\nfrom agentd.types import ModelInfo\n"
+        "def f():\n    from agentd.runtime.binaries import find_binary\n")
+    files = _plugin_sources(tmp_path)
+    assert [b.split(" imports ")[1] for b in _agentd_imports_outside(files, PLUGIN_MAY_IMPORT)] == \
+        ["agentd.runtime.binaries"]
 
 
 def test_the_check_itself_catches_a_violation(tmp_path):

@@ -55,8 +55,20 @@ def installed_plugins() -> list[dict[str, str]]:
     for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         dist = ep.dist
         out.append({"name": ep.name, "distribution": dist.name if dist else "",
-                    "version": dist.version if dist else ""})
+                    "version": dist.version if dist else "", "api": declared_plugin_api(dist)})
     return out
+
+
+def declared_plugin_api(dist: Any) -> str:
+    """The plugin API version a distribution declares in its metadata: the keyword `agentd-plugin-api=1.0`
+    (docs/plugins.md, "Versioning"); "" when it declares none."""
+    if dist is None:
+        return ""
+    for line in dist.metadata.get_all("Keywords") or ():
+        for word in line.replace(",", " ").split():
+            if word.startswith("agentd-plugin-api="):
+                return word.partition("=")[2]
+    return ""
 
 
 def version_info() -> dict[str, Any]:
@@ -78,7 +90,8 @@ def cmd_version(args: argparse.Namespace) -> int:
     emit(args, data, lambda: "\n".join(
         [f"agentd {data['version']} (state format {data['state_format']}, wire version {data['wire_version']}, "
          f"data format {data['data_format']})"]
-        + [f"  plugin {p['name']} {p['version']}" for p in data["plugins"]]))
+        + [f"  plugin {p['name']} {p['version']}" + (f" (plugin API {p['api']})" if p["api"] else "")
+           for p in data["plugins"]]))
     return 0
 
 

@@ -2,7 +2,11 @@
 
 A plugin that fails to import or register is reported by name and skipped:
 one broken third-party package must not stop a daemon that serves models
-with the others.
+with the others. Two checks at load make a plugin's mistakes loud instead of
+silent: its declared plugin API version (`AGENTD_PLUGIN_API`, the rule in
+agentd.plugins.api.API_VERSION), and pluggy's `check_pending()`, which refuses
+an implementation of a hook that does not exist (a misspelled hook would
+otherwise never be called).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
+from pluggy import PluginValidationError
 
 from agentd.errors import InvalidInput, PluginError
 from agentd.logs import fields
 from agentd.plugins import hookspecs
-from agentd.plugins.api import RuntimeInfo
+from agentd.plugins.api import API_VERSION, RuntimeInfo
 from agentd.plugins.reserved import CORE, ReservedLaunch, check_launch_options
 from agentd.types import DeploymentSpec
 
@@ -73,9 +78,10 @@ class PluginManager:
     def _load_one(self, ep: EntryPoint) -> None:
         try:
             obj = ep.load()
-            self.pm.register(obj, name=ep.name)
+            check_api_version(ep.name, getattr(obj, "AGENTD_PLUGIN_API", None), required=True)
+            self._register_checked(obj, ep.name)
         except Exception as exc:  # any failure in third-party code: report, skip, go on
-            msg = f"{type(exc).__name__}: {exc}"
+            msg = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
             self.failures.append(PluginFailure(ep.name, msg))
             log.warning("plugin failed to load; skipped", extra=fields(plugin=ep.name, error=msg))
             return
@@ -88,9 +94,25 @@ class PluginManager:
             )
         )
 
-    def register(self, obj: Any, name: str, version: str = "") -> None:
-        """Register an in-process plugin object (tests, embedding)."""
+    def _register_checked(self, obj: Any, name: str) -> None:
+        """Register `obj`, then refuse it (unregistered again) if it implements a hook that does not exist.
+
+        Every plugin registered before passed the same check, so what check_pending finds is this one's.
+        """
         self.pm.register(obj, name=name)
+        try:
+            self.pm.check_pending()
+        except PluginValidationError:
+            unknown = sorted(c.name for c in self.pm.get_hookcallers(obj) or () if not c.has_spec())
+            self.pm.unregister(obj, name=name)
+            raise PluginError(f"plugin {name!r} implements unknown hook(s) {', '.join(unknown)}: not in agentd's "
+                              f"plugin API {API_VERSION} (misspelled? the hooks are in docs/plugins.md)") from None
+
+    def register(self, obj: Any, name: str, version: str = "") -> None:
+        """Register an in-process plugin object (tests, embedding); the same checks as for entry points,
+        except that a declared API version is optional here."""
+        check_api_version(name, getattr(obj, "AGENTD_PLUGIN_API", None), required=False)
+        self._register_checked(obj, name)
         self.loaded.append(LoadedPlugin(name=name, distribution="", version=version))
 
     def unregister(self, name: str) -> None:
@@ -128,6 +150,39 @@ class PluginManager:
             return getattr(self.pm.hook, hook_name)(**kwargs)
         except Exception as exc:
             raise PluginError(f"hook {hook_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def check_api_version(plugin: str, declared: object, *, required: bool) -> None:
+    """Refuse a plugin written for another major version of the plugin API; warn about a newer minor.
+
+    The rule (docs/plugins.md, "Versioning"): minor versions only add, so a plugin for 1.0 runs on an
+    agentd offering 1.3; a plugin for 1.4 may rely on something 1.3 lacks, so it loads with a warning; a
+    plugin for 2.x (or an agentd of 2.x with a plugin for 1.x) is refused.
+    """
+    if declared is None:
+        if required:
+            raise PluginError(f"plugin {plugin!r} declares no plugin API version (set AGENTD_PLUGIN_API = "
+                              f"\"{API_VERSION}\" in the module its entry point names)")
+        return
+    ours = _parse_version(API_VERSION)
+    theirs = _parse_version(declared) if isinstance(declared, str) else None
+    if theirs is None:
+        raise PluginError(f"plugin {plugin!r} declares plugin API version {declared!r}, "
+                          f"not \"MAJOR.MINOR\" (this agentd offers {API_VERSION})")
+    if theirs[0] != ours[0]:
+        raise PluginError(f"plugin {plugin!r} was written for plugin API {declared}, this agentd offers "
+                          f"{API_VERSION}: the major versions differ; install a release of the plugin for "
+                          f"API {ours[0]}.x")
+    if theirs[1] > ours[1]:
+        log.warning("plugin written for a newer plugin API; loaded, but what it relies on from the newer "
+                    "minor version is missing", extra=fields(plugin=plugin, plugin_api=declared, api=API_VERSION))
+
+
+def _parse_version(text: str) -> tuple[int, int] | None:
+    major, dot, minor = text.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        return None
+    return int(major), int(minor)
 
 
 def _new_pm() -> pluggy.PluginManager:

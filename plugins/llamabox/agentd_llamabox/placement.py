@@ -32,8 +32,7 @@ endpoints in the same order.
 
 from __future__ import annotations
 
-from agentd.placement import LaunchParams, LayerDemand, LayerSplit, Layout, MinLayersOnMain
-from agentd.plugins import hookimpl
+from agentd.plugins.api import LaunchParams, LayerDemand, LayerSplit, Layout, MinLayersOnMain, hookimpl
 from agentd.types import DeploymentSpec, MiB, ModelInfo
 from agentd_llamabox import memory
 

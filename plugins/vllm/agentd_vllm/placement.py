@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from agentd.placement import (
+from agentd.plugins.api import (
     Constraint,
     LaunchParams,
     Layout,
@@ -42,8 +42,8 @@ from agentd.placement import (
     ShardDemand,
     Sharded,
     TensorParallelDivisibility,
+    hookimpl,
 )
-from agentd.plugins import hookimpl
 from agentd.types import DeploymentSpec, MiB, ModelInfo
 
 NAME = "vllm"

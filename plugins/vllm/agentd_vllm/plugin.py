@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentd.plugins import RuntimeInfo, hookimpl
+from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
@@ -16,6 +16,9 @@ from agentd_vllm.process import (  # noqa: F401 (act-phase hooks, re-exported fo
     agentd_stop,
 )
 
+# The plugin API this plugin was written for (agentd.plugins.api.API_VERSION; docs/plugins.md, "Versioning").
+# pyproject.toml says the same in its keywords, for `agentd version` to read without importing the plugin.
+AGENTD_PLUGIN_API = "1.0"
 NAME = "vllm"
 
 

@@ -29,10 +29,17 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from agentd.errors import InvalidInput
-from agentd.plugins import ReservedLaunch, hookimpl
-from agentd.runtime.binaries import find_binary
-from agentd.runtime.spec import Endpoint, HttpProbe, LaunchContext, ProcessSpec, TcpProbe
+from agentd.plugins.api import (
+    Endpoint,
+    HttpProbe,
+    InvalidInput,
+    LaunchContext,
+    ProcessSpec,
+    ReservedLaunch,
+    TcpProbe,
+    find_binary,
+    hookimpl,
+)
 from agentd.types import Assignment, Part
 
 NAME = "vllm"
