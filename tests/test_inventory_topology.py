@@ -140,3 +140,16 @@ def test_simulated_hosts_carry_their_topology():
     for name, kind in (("8xh100.json", "nvlink"), ("8xl40s.json", "pcie"), ("8xa100.json", "nvlink")):
         host = collect_inventory(node_name="x", simulate=ROOT / "examples/hosts" / name, probe=PROBE)
         assert len(host.gpu_links) == 28 and {link.link for link in host.gpu_links} == {kind}
+
+
+def test_agentd_inventory_shows_the_links_as_nvidia_smi_does():
+    from agentd.cli.inventory import render
+
+    host = collect_inventory(node_name="x", simulate=ROOT / "examples/hosts/8xh100.json", probe=PROBE)
+    lines = render(host).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("links "))
+    assert lines[start].split() == ["links", *(f"GPU{i}" for i in range(8))]
+    assert lines[start + 1].split() == ["GPU0", "X", *["NV18"] * 7]
+    unknown = host.model_copy(update={"gpu_links": host.gpu_links[:1]})
+    assert render(unknown).splitlines()[start + 1].split() == ["GPU0", "X", "NV18"]
+    assert "links" not in render(host.model_copy(update={"gpu_links": ()}))

@@ -68,5 +68,27 @@ def render(host: HostInventory) -> str:
             for p in host.gpus[i - 1].processes:
                 owner = "agentd" if p.owned else "external"
                 lines.append(f"    pid {p.pid:<8} {_gib(p.memory_used):>6} GiB  {owner:<8}  {p.name}".rstrip())
+    lines += _links(host)
     lines += [f"warning: {w}" for w in host.warnings]
     return "\n".join(lines)
+
+
+def _links(host: HostInventory) -> list[str]:
+    """The GPU links as nvidia-smi topo -m shows them: NV# for NVLink, the PCIe path, ? when unknown."""
+    if not host.gpu_links:
+        return []
+    links = {link.gpus: link for link in host.gpu_links}
+    index = sorted({i for pair in links for i in pair})
+
+    def cell(a: int, b: int) -> str:
+        link = links.get((min(a, b), max(a, b)))
+        if a == b:
+            return "X"
+        if link is None or link.link == "unknown":
+            return "?"
+        if link.link == "nvlink":
+            return f"NV{link.nvlinks}" if link.nvlinks else "NV"
+        return link.path or "PCIe"
+
+    rows = [["links", *(f"GPU{i}" for i in index)]] + [[f"GPU{a}", *(cell(a, b) for b in index)] for a in index]
+    return ["  ".join(c.ljust(6) for c in row).rstrip() for row in rows]
