@@ -660,6 +660,10 @@ class Supervisor:
         used: set[int] = set()
         for inst in self._instances.values():
             used.update(inst.ports.values())
+            # The coordinator's endpoints for the instance's parts, before any process binds them: a local port
+            # handed out while the instance launches (a tunnel entry) must not take one (on one host, or on
+            # hosts that share an address, as a LocalCluster's do).
+            used.update(e.port for e in inst.assignment.endpoints)
             for r in inst.runners.values():
                 used.update(e.port for e in r.spec.ports)
         return used

@@ -47,6 +47,7 @@ How a plan becomes a command line, and why:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from agentd.plugins.api import (
@@ -223,13 +224,57 @@ def _cuda_env(part: Part) -> dict[str, str]:
     return env
 
 
-def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec:
+def tunnel_dir(ctx: LaunchContext) -> Path | None:
+    """The node certificate's directory when rpc traffic goes through mTLS tunnels (a secure cluster), else None."""
+    s = ctx.settings
+    if getattr(s, "insecure", True) or getattr(s, "tls_directory", None) is None:
+        return None
+    tls = Path(s.tls_directory)
+    return tls if (tls / "node.crt").exists() and (tls / "node.key").exists() else None
+
+
+def _tunnel(side: str, listen: str, to: str, tls: Path, allow: tuple[str, ...] = ()) -> tuple[str, ...]:
+    argv = [sys.executable, "-m", "agentd.security.tunnel", side, "--listen", listen, "--to", to,
+            "--tls-dir", str(tls)]
+    for host in allow:
+        argv += ["--allow", host]
+    return tuple(argv)
+
+
+def entry_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> tuple[list[ProcessSpec], list[Endpoint]]:
+    """The main part's side of the rpc tunnels: one local entry per rpc part, and the endpoints to give --rpc.
+
+    Without tunnels (an --insecure cluster) --rpc names the rpc parts' endpoints directly.
+    """
+    rpc = [i for i, p in enumerate(a.plan.parts) if p.role == "rpc"]
+    tls = tunnel_dir(ctx)
+    if tls is None:
+        return [], [Endpoint(host=a.endpoints[i].address, port=a.endpoints[i].port) for i in rpc]
+    specs, local = [], []
+    for i in rpc:
+        remote = a.endpoints[i]
+        here = Endpoint(host="127.0.0.1", port=ctx.port(f"rpc-entry-{i}"))
+        specs.append(ProcessSpec(
+            name=f"tunnel-rpc-{i}", argv=_tunnel("entry", f"{here.host}:{here.port}",
+                                                 f"{remote.address}:{remote.port}", tls),
+            part_index=part_index, role="main", cwd=str(ctx.work_dir), listen=here, ports=(here,),
+            ready=TcpProbe(host=here.host, port=here.port),
+            wait_for=(Endpoint(host=remote.address, port=remote.port),),  # a restart of the far side restarts it
+        ))
+        local.append(here)
+    return specs, local
+
+
+def main_spec(a: Assignment, part_index: int, ctx: LaunchContext,
+              rpc_eps: list[Endpoint] | None = None) -> ProcessSpec:
     part, ep = a.plan.parts[part_index], a.endpoints[part_index]
     model = Path(a.model)
     if not model.exists() or model.is_dir():
         raise InvalidInput(f"model file {a.model} not found on {ctx.node}")
     binary = main_binary(ctx.settings)
-    rpc_eps = [a.endpoints[i] for i, p in enumerate(a.plan.parts) if p.role == "rpc"]
+    if rpc_eps is None:
+        rpc_eps = [Endpoint(host=a.endpoints[i].address, port=a.endpoints[i].port)
+                   for i, p in enumerate(a.plan.parts) if p.role == "rpc"]
     box = _is_llama_box(binary)
     ngl, split, output_on_cpu = offload(a, ctx.simulated_gpus, output_slot=not box)
     # -ngl and --tensor-split are derived from the plan's per-part layer counts, here, where the
@@ -239,7 +284,7 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
         extra = _for_llama_box(extra)
     argv = [binary, "-m", str(model), "--host", ep.address, "--port", str(ep.port), "--alias", a.deployment]
     if rpc_eps:
-        argv += ["--rpc", ",".join(f"{e.address}:{e.port}" for e in rpc_eps)]
+        argv += ["--rpc", ",".join(f"{e.host}:{e.port}" for e in rpc_eps)]
     if not _has(extra, _NGL):
         argv += ["-ngl", str(ngl)]
     if len(split) > 1 and not _has(extra, _TS):
@@ -262,7 +307,7 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec
         role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
         ports=(Endpoint(host=ep.address, port=ep.port),),
         ready=HttpProbe(host=ep.address, port=ep.port, path="/health"),
-        wait_for=tuple(Endpoint(host=e.address, port=e.port) for e in rpc_eps),
+        wait_for=tuple(rpc_eps),
         gpus=() if ctx.simulated_gpus else part.gpus,
     )
 
@@ -280,20 +325,39 @@ def write_key_file(work_dir: Path, key: str) -> Path:
     return path
 
 
-def rpc_spec(a: Assignment, part_index: int, ctx: LaunchContext) -> ProcessSpec:
+def rpc_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSpec]:
+    """The rpc-server; in a secure cluster bound to 127.0.0.1 behind a tunnel exit on the part's endpoint.
+
+    ggml-rpc-server has no authentication, and lets its one client allocate buffers and write tensors
+    (docs/security.md, "Helpers behind a tunnel"). The exit admits only the node certificate of the host
+    that runs this instance's main server.
+    """
     part, ep = a.plan.parts[part_index], a.endpoints[part_index]
+    outside = Endpoint(host=ep.address, port=ep.port)
+    tls = tunnel_dir(ctx)
+    serve = outside if tls is None else Endpoint(host="127.0.0.1", port=ctx.port(f"rpc-server-{part_index}"))
     binary = rpc_binary(ctx.settings)
     if _is_llama_box(binary):
-        argv = [binary, "--rpc-server-host", ep.address, "--rpc-server-port", str(ep.port),
+        argv = [binary, "--rpc-server-host", serve.host, "--rpc-server-port", str(serve.port),
                 "--rpc-server-main-gpu", "0"]
     else:
-        argv = [binary, "-H", ep.address, "-p", str(ep.port)]
-    return ProcessSpec(
+        argv = [binary, "-H", serve.host, "-p", str(serve.port)]
+    server = ProcessSpec(
         name=f"rpc-{part_index}", argv=tuple(argv), env=_cuda_env(part), part_index=part_index, role="rpc",
-        cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
-        ports=(Endpoint(host=ep.address, port=ep.port),), ready=TcpProbe(host=ep.address, port=ep.port),
+        cwd=str(ctx.work_dir), listen=serve, ports=(serve,), ready=TcpProbe(host=serve.host, port=serve.port),
         gpus=() if ctx.simulated_gpus else part.gpus,
     )
+    if tls is None:
+        return [server]
+    main_hosts = tuple(sorted({p.host for p in a.plan.parts if p.role == "main"}))
+    exit_ = ProcessSpec(
+        name=f"tunnel-{part_index}", argv=_tunnel("exit", f"{outside.host}:{outside.port}",
+                                                  f"{serve.host}:{serve.port}", tls, main_hosts),
+        part_index=part_index, role="rpc", cwd=str(ctx.work_dir), listen=outside, ports=(outside,),
+        ready=TcpProbe(host=outside.host, port=outside.port),
+        wait_for=(serve,),  # starts after the rpc-server, restarts after it: the main side then restarts too
+    )
+    return [server, exit_]
 
 
 @hookimpl
@@ -302,9 +366,10 @@ def agentd_launch(assignment, part_index, ctx):
         return None
     role = assignment.plan.parts[part_index].role
     if role == "main":
-        return [main_spec(assignment, part_index, ctx)]
+        entries, rpc_eps = entry_specs(assignment, part_index, ctx)
+        return [main_spec(assignment, part_index, ctx, rpc_eps), *entries]  # main first: its pid and logs
     if role == "rpc":
-        return [rpc_spec(assignment, part_index, ctx)]
+        return rpc_specs(assignment, part_index, ctx)
     raise InvalidInput(f"llamabox has no part role {role!r} (main and rpc only)")
 
 
