@@ -283,3 +283,11 @@ def test_every_policy_keeps_vllms_rules_and_names_the_links_it_claims():
             r.model_copy(update={"why": ""}) for r in place(without_links(c), m, spec(parallelism="gpus"),
                                                             plugins=PLUGINS).replicas]
     assert placed > 60
+
+
+def test_pcie_gpus_fall_back_to_tp_for_a_model_vllm_cannot_pipeline():
+    m = model(layers=32, layer_bytes=5 * GiB, heads=32, kv_heads=8, ctx=4096, arch="MllamaForConditionalGeneration")
+    p = plan_of(load(L40S), m)
+    assert layout(p)[1] == 1 and layout(p)[0] > 1
+    assert "(PCIe only): tensor parallel over PCIe: no layout with pipeline stages fits or is supported" in \
+        p.replicas[0].why

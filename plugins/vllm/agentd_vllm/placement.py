@@ -359,7 +359,7 @@ def _reason(shape: Sharded, mode: str, limits: ShapeLimits) -> str:
                 "fits or passes the heads rule")
     if shape.link == "pcie":
         if shape.pp == 1:
-            return "tensor parallel over PCIe: no layout with pipeline stages fits"
+            return "tensor parallel over PCIe: no layout with pipeline stages fits or is supported for this model"
         return "pipeline stages over PCIe, as vLLM advises for GPUs without NVLink"
     if shape.hosts > 1:
         return "no single host holds it: one pipeline stage per host, TP = GPUs per host"
