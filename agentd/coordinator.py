@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from agentd.cluster.maintenance import Cordon
 from agentd.cluster.state import (
     NODE_DOWN,
+    NODE_REMOVED,
     NODE_UP,
     ApplyResult,
     ClusterState,
@@ -31,6 +32,7 @@ from agentd.cluster.state import (
     delete_command,
     deploy_command,
     node_command,
+    node_remove_command,
 )
 from agentd.drains import Drains
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
@@ -87,6 +89,7 @@ class InstanceReport:
     term: int = 0
     pid: int = 0
     gpus: tuple[int, ...] = ()
+    port_in_use: int = 0  # a port of this part that another process holds: the replica needs new ports
 
 
 @dataclass
@@ -95,6 +98,11 @@ class NodeReport:
     instances: list[InstanceReport] = field(default_factory=list)
     last_seen: float = 0.0
     agent: PeerVersion = field(default_factory=PeerVersion)
+
+
+def removed_message(name: str) -> str:
+    return (f"host {name} was removed from the cluster (agentd nodes rm): it takes no work and cannot rejoin "
+            "under this name; give a replacement host a new name")
 
 
 def with_cordons(host: HostInventory, cordons: Sequence[Cordon]) -> HostInventory:
@@ -217,7 +225,7 @@ class Coordinator:
         out = []
         for name, rep in sorted(self.reports.items()):
             node = self.state.nodes.get(name)
-            if node is not None and node.state == NODE_DOWN:
+            if node is not None and node.state != NODE_UP:  # down, or removed for good
                 continue
             if name in self.state.held_hosts:  # the operator has not approved it: no tenant's work goes there
                 continue
@@ -407,12 +415,58 @@ class Coordinator:
         return host_of(node.address) if node and node.address else "127.0.0.1"
 
     def _ports_in_use(self) -> dict[str, set[int]]:
-        """Ports per address, so agents sharing one address (one machine) never collide."""
+        """Ports per address, so agents sharing one address (one machine) never collide: those of every
+        assignment, and those that other processes hold on a host (its report's foreign_ports)."""
         used: dict[str, set[int]] = {}
         for a in self.state.incarnations():
             for ep in a.endpoints:
                 used.setdefault(ep.address, set()).add(ep.port)
+        for name, rep in self.reports.items():
+            if rep.inventory.foreign_ports:
+                used.setdefault(self._address_of(name), set()).update(rep.inventory.foreign_ports)
         return used
+
+    async def _repair_port_clashes(self) -> list[str]:
+        """Give new ports to a replica whose host found one of its ports held by another process at spawn.
+
+        The replica gets a new generation (so a new instance id, and with it new local and Ray ports on its
+        hosts) stamped with this term, and fresh endpoint ports that skip every port reported taken. The old
+        one never started, so nothing that serves is stopped. At most once per report interval per replica.
+        """
+        clashes: dict[str, set[tuple[str, int]]] = {}
+        for host, rep in self.reports.items():
+            for i in rep.instances:
+                if i.port_in_use:
+                    clashes.setdefault(i.instance_id, set()).add((host, i.port_in_use))
+        if not clashes:
+            return []
+        decisions = []
+        async with self._lock:
+            for a in self.state.all_assignments():
+                hit = clashes.get(a.instance_id)
+                key = (a.deployment, a.replica)
+                record = self.state.deployment(a.deployment)
+                if not hit or record is None or self.clock() < self._replace_after.get(key, 0.0):
+                    continue
+                taken = self._ports_in_use()
+                for host, port in hit:
+                    taken.setdefault(self._address_of(host), set()).add(port)
+                clashed = {(self._address_of(h), p) for h, p in hit}
+                endpoints = []
+                for ep in a.endpoints:
+                    port = ep.port
+                    if (ep.address, ep.port) in clashed:
+                        port = self._free_port(ep.address, taken)
+                        taken.setdefault(ep.address, set()).add(port)
+                    endpoints.append(ep.model_copy(update={"port": port}))
+                new = a.model_copy(update={"generation": a.generation + 1, "term": self.consensus.term,
+                                           "endpoints": tuple(endpoints)})
+                self._replace_after[key] = self.clock() + self.report_interval
+                await self._commit(assign_command(a.deployment, [new], record.spec.replicas))
+                ports = ", ".join(f"{p} on {h}" for h, p in sorted(hit))
+                decisions.append(f"{a.instance_id}: port {ports} held by another process: new ports as "
+                                 f"{new.instance_id} ({', '.join(str(e.port) for e in endpoints)})")
+        return decisions
 
     def _free_port(self, address: str, taken: dict[str, set[int]]) -> int:
         lo, hi = self.port_range
@@ -421,6 +475,24 @@ class Coordinator:
             if port not in used:
                 return port
         raise NotAvailable(f"no free port left in {lo}-{hi} on {address}")
+
+    # ------------------------------------------------------------------ membership
+
+    async def remove_node(self, name: str) -> tuple[ApplyResult, int, int]:
+        """`agentd nodes rm`: mark `name` removed for good; its replicas are re-placed at the next tick, as a
+        down host's are. Returns the result, its index and how many replicas had a part there. Leaving Raft
+        and revoking the certificate are the caller's (the API has the Raft node and the clock)."""
+        await self._require_leader()
+        known = set(self.reports) | set(self.state.nodes) | set(self.consensus.members)
+        if name not in known:
+            raise InvalidInput(f"no host named {name!r} (`agentd nodes` lists them)")
+        if self.state.removed(name):
+            raise InvalidInput(f"host {name} was removed already")
+        async with self._lock:
+            result, index = await self._commit(node_remove_command(name))
+        self.reports.pop(name, None)
+        affected = sum(1 for a in self.state.incarnations() if any(p.host == name for p in a.plan.parts))
+        return result, index, affected
 
     # ------------------------------------------------------------------ versions
 
@@ -473,6 +545,8 @@ class Coordinator:
         # A host that died with the old leader never reports to this one: it counts as
         # silent since this agent took over, so it, too, is marked down after the grace.
         for name in sorted(set(self.reports) | set(self.state.nodes)):
+            if self.state.removed(name):
+                continue
             rep = self.reports.get(name)
             node = self.state.nodes.get(name)
             last_seen = rep.last_seen if rep else self.leader_since
@@ -484,12 +558,13 @@ class Coordinator:
             elif rep is not None and silent <= self.node_down_grace and (node is None or node.state == NODE_DOWN):
                 decisions.append(f"host {name} reporting: marked up")
                 await self._commit(node_command(name, NODE_UP, address))
-        down = {n for n, rec in self.state.nodes.items() if rec.state == NODE_DOWN}
+        down = {n for n, rec in self.state.nodes.items() if rec.state in (NODE_DOWN, NODE_REMOVED)}
         if down:
             decisions += await self._replace_from(down)
         if raised := await self.raise_cluster_format():
             decisions.append(raised)
         decisions += await self.drains.step()
+        decisions += await self._repair_port_clashes()
         for d in decisions:
             log.info(d)
         return decisions

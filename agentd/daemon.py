@@ -61,7 +61,7 @@ from agentd.cluster.raft.transport import CHANNEL_OPTIONS
 from agentd.cluster.raft.types import Role
 from agentd.cluster.state import ClusterState, secret_init_command
 from agentd.config import Settings
-from agentd.coordinator import Coordinator, InstanceReport, host_of, run_periodically
+from agentd.coordinator import Coordinator, InstanceReport, host_of, removed_message, run_periodically
 from agentd.errors import AgentdError, ConfigError, InvalidInput, NotAvailable
 from agentd.inventory import Collector, InventoryRefresher
 from agentd.logs import fields
@@ -555,7 +555,9 @@ class Daemon:
             for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
                 log.info(line, extra=fields(node=self.node))
 
-    def _admit_joiner(self, state_format: int) -> str:
+    def _admit_joiner(self, node_id: str, state_format: int) -> str:
+        if self.state.removed(node_id):
+            return removed_message(node_id)
         if state_format < self.state.cluster_format:
             return (f"the cluster writes state format {self.state.cluster_format} and the joiner applies formats "
                     f"up to {state_format}: install this cluster's release (agentd {AGENT_VERSION}) on it")

@@ -211,3 +211,25 @@ async def test_a_failed_successor_is_dropped_and_tried_again_later(placer, model
     w.report("b")
     w.clock.advance(6)
     assert any("gets a successor m-r0-g3" in d for d in await w.coord.tick())
+
+
+# ---------------------------------------------------------------------- nodes rm
+
+
+async def test_a_removed_host_loses_its_replicas_at_once_and_never_comes_back_up(placer, models):
+    w = World(placer, [host("a"), host("b")]).start()
+    await on_a(w, models)
+    await w.coord.drains.cordon("a:0")
+    result, _, replicas = await w.coord.remove_node("a")
+    assert result.ok and replicas == 1 and w.state.removed("a") and "a:0" not in w.state.cordons
+    decisions = await w.coord.tick()
+    assert any("re-placed from down host(s) a" in d for d in decisions)
+    assert [p.host for p in w.state.assignments_for("m")[0].plan.parts] == ["b"]
+    w.report("a")  # a report that slipped through: it is not marked up again
+    assert not any("host a" in d for d in await w.coord.tick())
+    assert not w.state.apply(w.raft.index + 1, 3, json.dumps({"op": "node", "name": "a", "state": "up"}).encode()).ok
+    with pytest.raises(InvalidInput, match="removed already"):
+        await w.coord.remove_node("a")
+    with pytest.raises(InvalidInput, match="no host named 'zz'"):
+        await w.coord.remove_node("zz")
+    assert "a" not in {h.name for h in w.coord.live_hosts()}

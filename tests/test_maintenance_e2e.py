@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -148,5 +149,45 @@ def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
         assert r.returncode == 2 and "no host or GPU named 'nosuch'" in r.stderr
         r = cli(c, "drain", "a:5")
         assert r.returncode == 2 and "host a has no GPU 5" in r.stderr
+    finally:
+        c.stop()
+
+
+def test_nodes_rm_re_places_leaves_raft_and_keeps_the_host_out(tmp_path):
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    base = 23000 + (os.getpid() % 80) * 100 + 50
+    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
+                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    try:
+        c.start()
+        c.wait_for_inventories()
+        leader = c.wait_for_leader()[0]
+        gone = next(n for n in "ab" if n != leader)  # a follower other than c, which the CLI talks to
+        for h in "abc":
+            if h != gone:
+                assert cli(c, "cordon", h).returncode == 0
+        r = cli(c, "deploy", "m", "--model", str(model), "--runtime", "llamabox", "--ctx-size", "256",
+                "--wait", "60")
+        assert r.returncode == 0, r.stderr
+        for h in "abc":
+            if h != gone:
+                assert cli(c, "uncordon", h).returncode == 0
+        assert hosts_of(c, "m") == [gone]
+        c.kill(gone)  # the host died for good
+        r = cli(c, "nodes", "rm", gone)
+        assert r.returncode == 0, r.stderr
+        assert f"{gone} removed: 1 replica(s)" in r.stdout and "left Raft" in r.stdout
+        wait_for(lambda: hosts_of(c, "m") != [gone] and ready_replicas(c, "m") == 1, 30, "m re-placed")
+        with c.agents["c"].client(timeout=5) as client:
+            assert gone not in {m.id for m in client.status().members}
+        assert re.search(rf"^{gone}\s.*removed", cli(c, "nodes").stdout, re.M)
+        # Back with its old data directory: nothing it says is taken, and it gets no work.
+        c.start_agent(gone)
+        time.sleep(3)
+        assert re.search(rf"^{gone}\s.*removed", cli(c, "nodes").stdout, re.M)
+        r = cli(c, "nodes", "rm", gone)
+        assert r.returncode == 2 and "removed already" in r.stderr
+        r = cli(c, "nodes", "rm", "nosuch")
+        assert r.returncode == 2 and "no host named 'nosuch'" in r.stderr
     finally:
         c.stop()

@@ -281,7 +281,7 @@ def test_a_data_directory_of_a_newer_release_is_refused_with_both_versions(tmp_p
 @pytest.mark.parametrize("content", ["{", '{"data_format": "two"}', "[]", '{"data_format": 0}'])
 def test_a_damaged_format_file_is_a_clear_error(tmp_path, content):
     (tmp_path / datadir.FORMAT_FILE).write_text(content)
-    with pytest.raises(ConfigError, match="agentd-data.json is unreadable"):
+    with pytest.raises(ConfigError, match=r"agentd-data\.json is unreadable"):
         datadir.prepare(tmp_path)
 
 
@@ -304,7 +304,7 @@ def test_a_joiner_the_cluster_cannot_trust_with_its_format_is_refused_at_once(tm
                            join_timeout=30.0)
         first = RaftNode("n1", f"127.0.0.1:{ports[0]}", tmp_path / "n1", ClusterState(), options=opts)
         seen: list[int] = []
-        first.admit_joiner = lambda fmt: seen.append(fmt) or "the cluster writes state format 9"
+        first.admit_joiner = lambda node_id, fmt: seen.append(fmt) or "the cluster writes state format 9"
         await first.start()
         joiner = RaftNode("n2", f"127.0.0.1:{ports[1]}", tmp_path / "n2", ClusterState(), options=opts,
                           join=[f"127.0.0.1:{ports[0]}"])

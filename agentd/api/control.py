@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -23,8 +24,8 @@ from pydantic import ValidationError
 
 from agentd import formats
 from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
-from agentd.cluster.state import ClusterState, StateEvent
-from agentd.coordinator import Coordinator, InstanceReport
+from agentd.cluster.state import ClusterState, StateEvent, cert_revoke_command
+from agentd.coordinator import Coordinator, InstanceReport, removed_message
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
 from agentd.logs import fields
 from agentd.security.auth import REDIRECT_KEY, Redirect, current_caller, forward_metadata
@@ -60,6 +61,10 @@ class RaftView(Protocol):
     def members(self) -> dict[str, Any]: ...
 
     async def read_barrier(self, timeout: float | None = None) -> int: ...
+
+    async def propose(self, command: bytes, timeout: float | None = None) -> Any: ...
+
+    async def remove_member(self, member_id: str, timeout: float | None = None) -> dict[str, Any]: ...
 
 
 LogReader = Callable[[pb.LogsRequest], AsyncIterator[bytes]]
@@ -125,14 +130,14 @@ def instance_to_pb(i: InstanceReport) -> pb.Instance:
     return pb.Instance(instance_id=i.instance_id, deployment=i.deployment, replica=i.replica,
                        generation=i.generation, part=i.part, host=i.host, gpus=list(i.gpus), role=i.role,
                        state=i.state, reason=i.reason, restarts=i.restarts, endpoint=i.endpoint, term=i.term,
-                       pid=i.pid)
+                       pid=i.pid, port_in_use=i.port_in_use)
 
 
 def instance_from_pb(m: pb.Instance) -> InstanceReport:
     return InstanceReport(instance_id=m.instance_id, deployment=m.deployment, replica=m.replica,
                           generation=m.generation, part=m.part, host=m.host, role=m.role, state=m.state,
                           reason=m.reason, restarts=m.restarts, endpoint=m.endpoint, term=m.term, pid=m.pid,
-                          gpus=tuple(m.gpus))
+                          gpus=tuple(m.gpus), port_in_use=m.port_in_use)
 
 
 class ControlService(pb_grpc.ControlServicer):
@@ -378,6 +383,22 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.CordonReply(message=result.message, index=index, host=t.host,
                                   gpu=-1 if t.gpu is None else t.gpu)
         return await self._on_leader("Uncordon", request, context, local)
+
+    async def RemoveNode(self, request, context):
+        async def local():
+            name = request.name.strip()
+            if name == self.node_id:
+                raise InvalidInput(f"{name} leads the cluster: stop its agent (it hands leadership over) or run "
+                                   "this on the new leader after a restart, then remove it")
+            result, index, replicas = await self.coordinator.remove_node(name)
+            # Its certificate too (state format 2, like node.remove): a copy of its identity is refused anywhere.
+            await self.raft.propose(cert_revoke_command(name, time.time()))
+            left = name in self.raft.members
+            if left:
+                await self.raft.remove_member(name)
+            log.warning("host removed from the cluster", extra=fields(node=name, replicas=replicas, left_raft=left))
+            return pb.RemoveNodeReply(message=result.message, index=index, replicas=replicas, left_raft=left)
+        return await self._on_leader("RemoveNode", request, context, local)
 
     async def Leader(self, request, context):
         return pb.LeaderReply(leader_id=self.raft.leader_id or "", leader_address=self.raft.leader_address or "",
@@ -629,6 +650,8 @@ class AgentService(pb_grpc.AgentServicer):
         if not self.raft.is_leader:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+        if self.coordinator.state.removed(request.node):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, removed_message(request.node))
         agent = PeerVersion.reported(request.agent_version, request.state_format, request.wire_version,
                                      request.upgrade_required[:1000])
         if why := incompatibility(AGENT_VERSION, agent.version):

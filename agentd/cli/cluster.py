@@ -89,9 +89,12 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                        description="List hosts with their state, role in consensus and GPUs. 'agentd nodes "
                        "approve NAME [--tenant T]...' lets a host held by its join token (token create "
                        "--needs-approval) get work, optionally only for deployments that select its tenants "
-                       "(label tenant.agentd.io/T=true, which only this command sets). Admin only.")
-    p.add_argument("action", nargs="?", choices=["approve"], help="approve: let host NAME get work")
-    p.add_argument("name", nargs="?", help="the host to approve")
+                       "(label tenant.agentd.io/T=true, which only this command sets). 'agentd nodes rm "
+                       "NAME' removes a host gone for good: its replicas are re-placed, it leaves Raft, its "
+                       "certificate is revoked and it can never rejoin under that name. Admin only.")
+    p.add_argument("action", nargs="?", choices=["approve", "rm"],
+                   help="approve: let host NAME get work; rm: remove host NAME for good")
+    p.add_argument("name", nargs="?", help="the host to approve or remove")
     p.add_argument("--tenant", action="append", default=[], metavar="T",
                    help="with approve: dedicate the host to this tenant (repeatable)")
     p.set_defaults(func=cmd_nodes)
@@ -309,6 +312,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         from agentd.cli.security import cmd_nodes_approve
 
         return cmd_nodes_approve(args)
+    if args.action == "rm":
+        return cmd_nodes_rm(args)
     with _client(args) as c:
         reply = c.call("ListNodes", pb.ListNodesRequest())
     rows, data = [], []
@@ -332,6 +337,18 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         data.append(entry)
     emit(args, {"nodes": data},
          lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "GPUS", "FREE_GIB", "SIMULATED", "VERSION"]))
+    return 0
+
+
+def cmd_nodes_rm(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise InvalidInput("agentd nodes rm NAME: give the host to remove")
+    with _client(args) as c:
+        r = c.call("RemoveNode", pb.RemoveNodeRequest(name=args.name))
+    emit(args, {"name": args.name, "message": r.message, "index": r.index, "replicas": r.replicas,
+                "left_raft": r.left_raft},
+         lambda: f"{args.name} removed: {r.replicas} replica(s) with a part there are re-placed now"
+                 + ("; it left Raft" if r.left_raft else "") + "; its certificate is revoked")
     return 0
 
 

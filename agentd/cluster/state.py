@@ -44,10 +44,13 @@ log = logging.getLogger(__name__)
 
 NODE_UP = "up"
 NODE_DOWN = "down"
+# `agentd nodes rm`: gone for good. Placement and re-placement treat it as down; it never comes back up under
+# this name (its reports are refused, so are its joins), and the record stays as a tombstone that says so.
+NODE_REMOVED = "removed"
 
 # The state format in which each op appeared; an op not listed is from the first release. A new op is
 # added here with the format that introduces it, and its builder passes that to `_encode`.
-OP_SINCE: dict[str, int] = {"cluster.format": 2, "cert.revoke": 2, **MAINTENANCE_OPS}
+OP_SINCE: dict[str, int] = {"cluster.format": 2, "cert.revoke": 2, "node.remove": 2, **MAINTENANCE_OPS}
 
 
 @dataclass
@@ -256,11 +259,31 @@ class ClusterState(MaintenanceState):
         rec = self.nodes.get(name)
         if rec is None:
             rec = self.nodes[name] = NodeRecord(name)
+        if rec.state == NODE_REMOVED:
+            return ApplyResult(False, f"node {name} was removed from the cluster at index {rec.since_index}")
         rec.address = cmd.get("address", rec.address) or rec.address
         if rec.state != state or rec.since_index == 0:
             rec.state, rec.since_index = state, index
             events.append(StateEvent(f"node.{state}", name, index, term, {"address": rec.address}))
         return ApplyResult(True, f"node {name} is {state}")
+
+    def _op_node_remove(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """`agentd nodes rm`: the host is gone for good; its cordons go with it, its replicas are re-placed."""
+        name = str(cmd["name"])
+        if not name:
+            raise ValueError("node.remove needs a name")
+        rec = self.nodes.get(name)
+        if rec is not None and rec.state == NODE_REMOVED:
+            return ApplyResult(False, f"node {name} was removed already, at index {rec.since_index}")
+        rec = self.nodes[name] = NodeRecord(name, rec.address if rec else "", NODE_REMOVED, index)
+        for key in [k for k, c in self.cordons.items() if c.host == name]:
+            del self.cordons[key]
+        events.append(StateEvent("node.removed", name, index, term, {"address": rec.address}))
+        return ApplyResult(True, f"node {name} removed")
+
+    def removed(self, name: str) -> bool:
+        rec = self.nodes.get(name)
+        return rec is not None and rec.state == NODE_REMOVED
 
     # ------------------------------------------------------------------ access records
 
@@ -512,6 +535,10 @@ def token_consume_command(token_id: str, secret_hash: str, node_name: str, at: f
 
 def token_revoke_command(token_id: str) -> bytes:
     return _encode({"op": "token.revoke", "id": token_id})
+
+
+def node_remove_command(name: str) -> bytes:
+    return _encode({"op": "node.remove", "name": name})
 
 
 def cert_revoke_command(name: str, at: float) -> bytes:

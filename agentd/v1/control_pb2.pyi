@@ -69,7 +69,7 @@ class DeploymentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid")
+    __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid", "port_in_use")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class Instance(_message.Message):
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    PORT_IN_USE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     deployment: str
     replica: int
@@ -98,7 +99,8 @@ class Instance(_message.Message):
     endpoint: str
     term: int
     pid: int
-    def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[int] = ..., generation: _Optional[int] = ..., part: _Optional[int] = ..., host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., restarts: _Optional[int] = ..., endpoint: _Optional[str] = ..., term: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    port_in_use: int
+    def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[int] = ..., generation: _Optional[int] = ..., part: _Optional[int] = ..., host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., restarts: _Optional[int] = ..., endpoint: _Optional[str] = ..., term: _Optional[int] = ..., pid: _Optional[int] = ..., port_in_use: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("spec", "instances", "assignments_json", "updated_index")
@@ -247,6 +249,24 @@ class UncordonRequest(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     target: str
     def __init__(self, target: _Optional[str] = ...) -> None: ...
+
+class RemoveNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveNodeReply(_message.Message):
+    __slots__ = ("message", "index", "replicas", "left_raft")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LEFT_RAFT_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    index: int
+    replicas: int
+    left_raft: bool
+    def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ..., replicas: _Optional[int] = ..., left_raft: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

@@ -79,6 +79,11 @@ class ControlStub:
                 request_serializer=agentd_dot_v1_dot_control__pb2.UncordonRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/agentd.v1.Control/RemoveNode',
+                request_serializer=agentd_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.RemoveNodeReply.FromString,
+                _registered_method=True)
         self.ListInstances = channel.unary_unary(
                 '/agentd.v1.Control/ListInstances',
                 request_serializer=agentd_dot_v1_dot_control__pb2.ListInstancesRequest.SerializeToString,
@@ -165,6 +170,12 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Uncordon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +269,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Uncordon,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.UncordonRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.CordonReply.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.RemoveNodeReply.SerializeToString,
             ),
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
@@ -533,6 +549,33 @@ class Control:
             '/agentd.v1.Control/Uncordon',
             agentd_dot_v1_dot_control__pb2.UncordonRequest.SerializeToString,
             agentd_dot_v1_dot_control__pb2.CordonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/RemoveNode',
+            agentd_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.RemoveNodeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -178,8 +178,9 @@ class RaftNode:
         self.on_fatal: Callable[[str], None] = lambda reason: None
         # Proposals are checked against it before they enter the log: "" admits, a reason refuses.
         self.admit: Callable[[bytes], str] = lambda command: ""
-        # Joins too, by the joiner's state format: one that cannot apply what the cluster writes stays out.
-        self.admit_joiner: Callable[[int], str] = lambda state_format: ""
+        # Joins too, by the joiner's name and state format: one that cannot apply what the cluster writes, or
+        # that the operator removed for good, stays out.
+        self.admit_joiner: Callable[[str, int], str] = lambda node_id, state_format: ""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._proposals: dict[int, tuple[int, asyncio.Future]] = {}
@@ -624,7 +625,7 @@ class RaftNode:
         if not req.node_id or not req.address or len(req.node_id) > 253 or any(c.isspace() for c in req.node_id):
             raise InvalidInput("join needs a node id without spaces and an address")
         if why := incompatibility(AGENT_VERSION, req.agent_version or BASELINE_VERSION) or self.admit_joiner(
-                req.state_format or BASELINE_STATE_FORMAT):
+                req.node_id, req.state_format or BASELINE_STATE_FORMAT):
             raise UpgradeRequired(f"{req.node_id} cannot join: {why}")
         if not self.is_leader:
             if forwarded:
