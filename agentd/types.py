@@ -111,6 +111,9 @@ class HostInventory(Value):
     # `agentd cordon HOST` (docs/operations.md): why the host takes no new parts ("" when it does); set like
     # GpuInfo.cordoned.
     cordoned: str = Field(default="", exclude_if=_empty, json_schema_extra=_SINCE_2)
+    # Ports in this host's port ranges (model servers, Ray) that processes agentd did not start listen on:
+    # the coordinator assigns none of them (docs/runtime.md, "Ports taken by someone else").
+    foreign_ports: tuple[int, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @field_validator("gpus")
     @classmethod

@@ -197,18 +197,30 @@ async def test_a_process_that_keeps_exiting_on_start_becomes_fatal_with_its_log(
     assert edges(sup, "db")[-1] == "FATAL->STOPPED"
 
 
-async def test_a_taken_port_is_an_explicit_reason_and_nothing_is_spawned(tmp_path, plugins):
+async def test_a_taken_port_is_an_explicit_reason_nothing_is_spawned_and_it_is_reported_never_fatal(tmp_path,
+                                                                                                    plugins):
+    """A port someone else holds is not this process's failure: it waits in BACKOFF, reports the port (the
+    coordinator gives the replica new ports, docs/runtime.md), and starts once the holder has gone."""
     sup = make(tmp_path, plugins)
     a = toy_assignment(parts=1)
+    port = a.endpoints[0].port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", a.endpoints[0].port))
+        s.bind(("127.0.0.1", port))
         s.listen()
         await sup.apply([a])
-        st = await sup.wait_for(a.instance_id, ["FATAL"], timeout=10)
-    port = a.endpoints[0].port
-    assert st.reason.startswith(f"db: port {port} on 127.0.0.1 is already in use by pid {os.getpid()}")
-    assert st.reason.endswith("(after 2 attempts)")
-    assert "PENDING->STARTING" not in edges(sup, "db")
+        st = await sup.wait_for(a.instance_id, ["BACKOFF"], timeout=10)
+        assert st.reason.startswith(f"db: port {port} on 127.0.0.1 is already in use by pid {os.getpid()}")
+        assert "asked the coordinator for another port" in st.reason
+        assert [p.port_in_use for p in st.processes] == [port]
+        # More attempts than start_retries: still no FATAL, still nothing spawned.
+        deadline = asyncio.get_running_loop().time() + 10
+        while edges(sup, "db").count("BACKOFF->PENDING") < sup.config.start_retries + 1:
+            assert asyncio.get_running_loop().time() < deadline, edges(sup, "db")
+            await asyncio.sleep(0.05)
+        assert "FATAL" not in sup.instance(a.instance_id).state
+        assert "PENDING->STARTING" not in edges(sup, "db")
+    st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=20)
+    assert [p.port_in_use for p in st.processes] == [0]
     await sup.apply([])
 
 

@@ -34,6 +34,8 @@ def material_changes(old: HostInventory | None, new: HostInventory, *, gpu_memor
     for attr in ("name", "address", "labels", "cpu_count", "memory_total", "simulated"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(f"host {attr} changed from {getattr(old, attr)!r} to {getattr(new, attr)!r}")
+    if old.foreign_ports != new.foreign_ports:
+        out.append(f"ports held by other processes: {_ports(old.foreign_ports)} -> {_ports(new.foreign_ports)}")
     step = max(host_memory_step, int(new.memory_total * HOST_MEMORY_FRACTION))
     if abs(old.memory_available - new.memory_available) >= step:
         out.append(f"host memory available {_gib(old.memory_available)} -> {_gib(new.memory_available)}")
@@ -72,6 +74,10 @@ def _gpu_changes(a: GpuInfo, b: GpuInfo, step: int) -> list[str]:
     for pid in sorted(pid for pid in pa.keys() & pb.keys() if pa[pid] != pb[pid]):
         out.append(f"{label} process {pid} is now {_owner(pb[pid])}")
     return out
+
+
+def _ports(ports: tuple[int, ...]) -> str:
+    return ", ".join(map(str, ports)) or "none"
 
 
 def _owner(owned: bool) -> str:

@@ -10,6 +10,7 @@ file, because that is the operator's mistake to fix, not a hardware state.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from agentd.inventory.host import HostProbe, Ownership, PsutilProbe
 from agentd.inventory.nvml import GpuReading, NvmlReader
+from agentd.inventory.ports import foreign_listeners
 from agentd.inventory.simulated import HOST_FACT_KEYS, load_simulated, mark_simulated
 from agentd.logs import fields
 from agentd.types import GpuProcess, HostInventory
@@ -120,14 +122,25 @@ class Collector:
     owned_pids: Callable[[], set[int]] = _no_pids
     nvml: Any = None
     probe: HostProbe | None = None
+    # Port ranges (model servers, Ray) in which listeners of other processes are reported (foreign_ports).
+    port_ranges: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         self._reader = self.nvml if isinstance(self.nvml, NvmlReader) else NvmlReader(self.nvml)
 
     def __call__(self) -> HostInventory:
-        return collect_inventory(node_name=self.node_name, address=self.address, labels=self.labels,
-                                 simulate=self.simulate, nvml=self._reader, owned_pids=self.owned_pids,
-                                 override_name=True, probe=self.probe)
+        inventory = collect_inventory(node_name=self.node_name, address=self.address, labels=self.labels,
+                                      simulate=self.simulate, nvml=self._reader, owned_pids=self.owned_pids,
+                                      override_name=True, probe=self.probe)
+        if not self.port_ranges:
+            return inventory
+        probe = self.probe or PsutilProbe()
+        try:
+            owned = {*self.owned_pids(), os.getpid()}  # agentd itself: its children are its model servers
+        except Exception:
+            owned = {os.getpid()}
+        ports = foreign_listeners(self.port_ranges, Ownership(owned, probe.parent_pid))
+        return inventory.model_copy(update={"foreign_ports": ports}) if ports else inventory
 
     def close(self) -> None:
         self._reader.close()
@@ -136,4 +149,5 @@ class Collector:
     def from_settings(cls, settings: Any, *, owned_pids: Callable[[], set[int]] = _no_pids) -> Collector:
         """The daemon's collect: its node name, advertised address, labels and simulate_inventory."""
         return cls(node_name=settings.node_name, address=settings.advertise_address, labels=dict(settings.labels),
-                   simulate=settings.simulate_inventory, owned_pids=owned_pids)
+                   simulate=settings.simulate_inventory, owned_pids=owned_pids,
+                   port_ranges=(tuple(settings.port_range), tuple(settings.ray_port_range)))

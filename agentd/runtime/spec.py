@@ -43,6 +43,7 @@ class ProcessStatus(_Value):
     ports: tuple[int, ...] = ()
     log_path: str = ""
     argv: tuple[str, ...] = ()
+    port_in_use: int = 0  # the last start found this port held by another process (0: no clash)
 
 
 class InstanceStatus(_Value):

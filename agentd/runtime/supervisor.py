@@ -125,6 +125,7 @@ class _Runner:
         self.task: asyncio.Task | None = None
         self.ready_once = False
         self.remote_poll = 0.0  # current wait between TCP checks of endpoints on other hosts
+        self.port_in_use = 0  # a port another process held at the last start; reported so the coordinator moves us
 
     # ------------------------------------------------------------------ plumbing
 
@@ -228,13 +229,14 @@ class _Runner:
         try:
             check_free((e.host, e.port) for e in self.spec.ports)
         except PortInUse as exc:
-            self.start_failures += 1
-            if self.start_failures >= self.sup.config.start_retries:
-                self._go(State.FATAL, f"{exc} (after {self.start_failures} attempts)")
-            else:
-                self.delay = self.backoff.next_delay(self.sup.clock())
-                self._go(State.BACKOFF, f"{exc}; retrying in {self.delay:.1f}s")
+            # Not a failure of this process: the host reports the clash and the coordinator gives the replica
+            # new ports (a new generation replaces this instance). Until then, retry: the holder may go away.
+            self.port_in_use = exc.port
+            self.delay = self.backoff.next_delay(self.sup.clock())
+            self._go(State.BACKOFF, f"{exc}; asked the coordinator for another port, retrying in "
+                                    f"{self.delay:.1f}s meanwhile")
             return
+        self.port_in_use = 0
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -449,6 +451,7 @@ class _Runner:
             pid=self.handle.pid if self.handle is not None else None,
             since=self.ps.since + wall_offset, ports=tuple(e.port for e in self.spec.ports),
             log_path=str(self.sup.logs.path(self.inst.instance_id, self.name)), argv=self.spec.argv,
+            port_in_use=self.port_in_use,
         )
 
 
