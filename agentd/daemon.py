@@ -214,6 +214,7 @@ class Daemon:
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
         self.control.leader_format = lambda: self._leader_format
+        self.control.local_instances = self.local_instances
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
         # Key and token expiry read the members' median clock, so one host's wrong clock moves no lifetime.
         skew = float(os.environ.get(CLOCK_SKEW_ENV) or 0)  # tests only: this agent's clock reads that far off

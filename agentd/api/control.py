@@ -152,6 +152,9 @@ class ControlService(pb_grpc.ControlServicer):
         # The leader's state format, as its last ReportReply said (the daemon sets it): a request this agent
         # forwards must not carry what an older leader would silently drop.
         self.leader_format: Callable[[], int] = lambda: STATE_FORMAT
+        # This host's instances as its own supervisor sees them (the daemon sets it): `ps --local`, and the
+        # states a serializable read shows for this host's parts when this agent does not lead.
+        self.local_instances: Callable[[], list[InstanceReport]] = lambda: []
         self._watchers: set[asyncio.Queue] = set()
         state.subscribe(self._on_state_event)
 
@@ -243,11 +246,16 @@ class ControlService(pb_grpc.ControlServicer):
     def _instances(self, deployment: str = "") -> list[InstanceReport]:
         """Reported instances, plus PENDING/UNKNOWN rows for assigned parts nobody reported yet.
 
-        Only the leader hears reports: on a follower (a serializable read) every row is UNKNOWN.
+        Only the leader hears reports. On a follower (a serializable read, also during an outage) this host's
+        parts come from its own supervisor and the other hosts' rows are UNKNOWN.
         """
-        reported = {(i.instance_id, i.part): i for i in self.coordinator.instances(deployment)}
-        out = list(reported.values())
         follower = not self.raft.is_leader
+        if follower:
+            reported = {(i.instance_id, i.part): i for i in self.local_instances()
+                        if not deployment or i.deployment == deployment}
+        else:
+            reported = {(i.instance_id, i.part): i for i in self.coordinator.instances(deployment)}
+        out = list(reported.values())
         for a in self.state.incarnations():
             if deployment and a.deployment != deployment:
                 continue
@@ -339,6 +347,12 @@ class ControlService(pb_grpc.ControlServicer):
             deployments=[self._deployment_pb(n) for n in sorted(self.state.deployments)]))
 
     async def ListInstances(self, request, context):
+        if request.local:  # this host's supervisor: no leader needed
+            return pb.ListInstancesReply(instances=[
+                instance_to_pb(i) for i in sorted(self.local_instances(), key=lambda i: (i.deployment, i.replica,
+                                                                                        i.part))
+                if not request.deployment or i.deployment == request.deployment])
+
         async def local():
             return pb.ListInstancesReply(instances=[instance_to_pb(i) for i in self._instances(request.deployment)])
         return await self._on_leader("ListInstances", request, context, local)

@@ -66,12 +66,14 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                                    "leader answers, with every committed change (linearizable).")
     p.add_argument("--local", action="store_true",
                    help="answer from the --server agent's own copy of the state, without the leader (may lag it; "
-                        "READY is known to the leader only)")
+                        "READY counts the replicas whose main part runs on that agent's host)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("ps", parents=cparents, help="list instances with host, GPUs and state",
                        description="List running instances (one row per part of each replica).")
     p.add_argument("deployment", nargs="?", default="", help="only this deployment")
+    p.add_argument("--local", action="store_true",
+                   help="only the --server agent's host, from its own supervisor: works with no leader (an outage)")
     p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("rm", parents=cparents, help="delete a deployment",
@@ -278,7 +280,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        reply = c.call("ListInstances", pb.ListInstancesRequest(deployment=args.deployment))
+        reply = c.call("ListInstances", pb.ListInstancesRequest(deployment=args.deployment, local=args.local))
     rows = [[i.instance_id, str(i.part), i.role, i.host, ",".join(map(str, i.gpus)) or "-", i.state,
              str(i.restarts), i.endpoint, i.reason] for i in reply.instances]
     emit(args, {"instances": [_dict(i) for i in reply.instances]},

@@ -279,10 +279,12 @@ class ListNodesReply(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
-    __slots__ = ("deployment",)
+    __slots__ = ("deployment", "local")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     deployment: str
-    def __init__(self, deployment: _Optional[str] = ...) -> None: ...
+    local: bool
+    def __init__(self, deployment: _Optional[str] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class ListInstancesReply(_message.Message):
     __slots__ = ("instances",)
