@@ -454,9 +454,17 @@ class Daemon:
                 await ch.close()
 
     def _is_member(self, name: str) -> bool | None:
-        """Whether `name` is a member of the cluster, or None while this agent is in none (see AuthInterceptor)."""
-        members = self.raft.members
-        return name in members if self.node in members else None
+        """Whether `name` is a member of the cluster, or None while this agent is in none (see AuthInterceptor).
+
+        Members: Raft's (voters and learners), and hosts the replicated state knows and has not removed (a
+        watcher, which follows the state outside Raft, once the leader recorded it)."""
+        members, nodes = self.raft.members, self.state.nodes
+        if self.node not in members and self.node not in nodes:
+            return None
+        if name in members:
+            return True
+        record = nodes.get(name)
+        return record is not None and record.state != "removed"
 
     def _on_revocation(self, ev: Any) -> None:
         if ev.kind in ("cert.revoked", "key.revoked") and self.auth is not None:
@@ -476,7 +484,8 @@ class Daemon:
         """The assignment with its model server's key (never stored; every agent derives the same)."""
         if not self.secure or not self.state.cluster_secret:
             return a
-        return a.model_copy(update={"api_key": apikeys.model_server_key(self.state.cluster_secret, a.instance_id)})
+        secret = self.state.secret_for(a.instance_id)  # the previous secret for instances older than a rotation
+        return a.model_copy(update={"api_key": apikeys.model_server_key(secret, a.instance_id)})
 
     def _on_process_event(self, event: Any) -> None:
         self._report_now.set()

@@ -1,4 +1,4 @@
-"""The certificate revocation list in the replicated state (issue 13), and the interceptor that checks it.
+"""Revocation, rotation and approval records in the replicated state (issue 13), and the interceptor's checks.
 
 `cert.revoke` is a new state-machine op (state format 2): the leader writes it
 only once every member runs a release that applies it, and an older snapshot
@@ -12,13 +12,19 @@ import json
 from agentd.cluster.state import (
     OP_SINCE,
     ClusterState,
+    assign_command,
     cert_revoke_command,
     cluster_format_command,
+    deploy_command,
     node_approve_command,
     node_hold_command,
+    secret_init_command,
+    secret_rotate_command,
 )
 from agentd.security import auth
 from agentd.security import ca as C
+from agentd.security.apikeys import model_server_key
+from tests.test_cluster_state import assignment, spec
 
 
 def test_cert_revoke_is_a_format_2_op_the_leader_writes_only_once_every_member_runs_it():
@@ -92,3 +98,29 @@ def test_held_hosts_and_tenant_labels_are_the_operators_word_only():
     st.apply(5, 1, node_approve_command("c"))  # approved again without tenants: no longer dedicated
     assert "c" not in st.host_tenants
     assert not st.apply(6, 1, json.dumps({"op": "node.approve", "name": "c", "tenants": [""], "v": 2}).encode()).ok
+
+
+def test_a_rotated_secret_keys_new_instances_and_running_ones_keep_theirs():
+    old, new, newer = "o" * 64, "n" * 64, "w" * 64
+    st = ClusterState()
+    st.apply(1, 1, cluster_format_command(2))
+    assert json.loads(secret_rotate_command(new))["v"] == 2 and OP_SINCE["secret.rotate"] == 2
+    assert not st.apply(2, 1, secret_rotate_command(new)).ok, "nothing to rotate before secret.init"
+    st.apply(3, 1, secret_init_command(old))
+    st.apply(4, 1, deploy_command(spec(replicas=1), [assignment(generation=1)]))
+    running = st.assignments_for("m")[0].instance_id
+    result = st.apply(5, 1, secret_rotate_command(new))
+    assert result.ok and result.data["instances_on_old_secret"] == 1
+    assert st.secret_for(running) == old, "a running server keeps the key it was started with"
+    assert st.secret_for("m-r0-g2") == new
+    assert model_server_key(st.secret_for(running), running) != model_server_key(new, running)
+    copy = ClusterState()
+    copy.restore(st.snapshot())
+    assert copy.secret_for(running) == old and copy.cluster_secret == new
+    # Rotating again would lose `old` while m-r0-g1 still runs with it: refused until it is replaced.
+    refused = st.apply(6, 1, secret_rotate_command(newer))
+    assert not refused.ok and "m-r0-g1" in refused.message and st.cluster_secret == new
+    st.apply(7, 2, assign_command("m", [assignment(generation=2, term=2)], replicas=1))
+    assert st.secret_for("m-r0-g2") == new
+    assert st.apply(8, 2, secret_rotate_command(newer)).ok
+    assert st.secret_for("m-r0-g2") == new and st.secret_for("m-r0-g3") == newer

@@ -353,6 +353,19 @@ def test_a_host_renews_its_certificate_through_the_cluster_before_it_expires(clu
     cluster.wait_for_inventories()
 
 
+def test_the_cluster_secret_rotates_without_stopping_anything(cluster, tmp_path):
+    lead, follower = leader_and_follower(cluster)
+    env = {"AGENTD_TLS_DIR": str(cluster.admin_dir), "HOME": str(tmp_path)}
+    r = run_cli("keys", "rotate-secret", "--server", cluster.agents[follower].listen, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "cluster secret rotated" in out["message"] and out["lagging"] == [], out
+    with channel(cluster.agents[lead].listen, as_node(cluster, follower)) as ch:
+        code, details = status(lambda: spb_grpc.SecurityStub(ch).RotateClusterSecret(
+            spb.RotateClusterSecretRequest(), timeout=10))
+    assert code == DENIED and "needs role admin" in details, "a host cannot rotate it"
+
+
 def test_a_revoked_host_is_removed_and_refused(cluster):
     """Last in the module: it takes a host out of the cluster."""
     lead, _ = leader_and_follower(cluster)

@@ -40,6 +40,7 @@ from agentd.cluster.state import (
     key_revoke_command,
     node_approve_command,
     node_hold_command,
+    secret_rotate_command,
     token_add_command,
     token_consume_command,
     token_revoke_command,
@@ -232,6 +233,17 @@ class SecurityService(pb_grpc.SecurityServicer):
             log.info(message, extra=fields(node=name, tenants=tenants))
             return pb.ApproveNodeReply(message=message)
         return await self._on_leader("ApproveNode", request, context, local)
+
+    async def RotateClusterSecret(self, request, context):
+        async def local():
+            result = await self.raft.propose(secret_rotate_command(apikeys.new_cluster_secret(self.random_bytes)))
+            if not getattr(result, "ok", False):
+                raise InvalidInput(getattr(result, "message", "refused by the state machine"))
+            lagging = await self.wait_applied_everywhere(self.raft.last_applied)
+            log.warning("cluster secret rotated", extra=fields(lagging=lagging))
+            return pb.RotateClusterSecretReply(message=result.message, lagging=lagging,
+                                               instances_on_old_secret=result.data.get("instances_on_old_secret", 0))
+        return await self._on_leader("RotateClusterSecret", request, context, local)
 
     async def RenewCertificate(self, request, context):
         """A host asks for a fresh certificate for its own name, with its current (valid, unrevoked) one."""

@@ -135,6 +135,12 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         description="Revoke an API key by its id; every agent refuses it from then on.")
     s.add_argument("key_id", help="the key's id, as 'agentd keys ls' shows it")
     s.set_defaults(func=cmd_keys_revoke)
+    s = ksub.add_parser("rotate-secret", parents=cparents,
+                        help="rotate the cluster secret model-server keys derive from",
+                        description="Make a new cluster secret: instances started from now on get model-server keys "
+                        "from it; running ones keep theirs until they are replaced ('agentd deploy --replace'). "
+                        "Refused while an instance from before the previous rotation still runs.")
+    s.set_defaults(func=cmd_keys_rotate_secret)
 
 
 # ---------------------------------------------------------------- certificates
@@ -179,6 +185,13 @@ def cmd_nodes_approve(args: argparse.Namespace) -> int:
         raise InvalidInput("agentd nodes approve NAME: give the host to approve")
     reply = _call(args, "ApproveNode", sec_pb.ApproveNodeRequest(name=args.name, tenants=args.tenant))
     emit(args, {"name": args.name, "tenants": sorted(set(args.tenant)), "message": reply.message}, reply.message)
+    return 0
+
+
+def cmd_keys_rotate_secret(args: argparse.Namespace) -> int:
+    reply = _call(args, "RotateClusterSecret", sec_pb.RotateClusterSecretRequest())
+    emit(args, {"message": reply.message, "instances_on_old_secret": reply.instances_on_old_secret,
+                "lagging": list(reply.lagging)}, reply.message)
     return 0
 
 

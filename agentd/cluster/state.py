@@ -61,7 +61,7 @@ class DeploymentRecord:
 
 
 # Host approval (issue 13): a held host gets no work; the operator's approval may dedicate it to tenants.
-OP_SINCE.update({"node.hold": 2, "node.approve": 2})
+OP_SINCE.update({"node.hold": 2, "node.approve": 2, "secret.rotate": 2})
 
 # Labels only the operator sets (`agentd nodes approve NAME --tenant T`): a host's own report cannot claim them.
 TENANT_LABEL_PREFIX = "tenant.agentd.io/"
@@ -96,6 +96,10 @@ class ClusterState(MaintenanceState):
         self.revoked_certs: dict[str, float] = {}
         # Hosts the operator has not approved yet (a join token made with needs_approval): placement skips them.
         self.held_hosts: set[str] = set()
+        # After `secret.rotate`: the previous secret, kept for the instances that ran when it was rotated (their
+        # servers were started with keys from it); new instances get keys from `cluster_secret`.
+        self.legacy_secret = ""
+        self.legacy_instances: frozenset[str] = frozenset()
         # Hosts the operator dedicated to tenants: they carry tenant.agentd.io/<tenant>=true.
         self.host_tenants: dict[str, tuple[str, ...]] = {}
         self.cluster_format = BASELINE_STATE_FORMAT
@@ -118,6 +122,12 @@ class ClusterState(MaintenanceState):
 
     def all_assignments(self) -> list[Assignment]:
         return sorted(self.assignments.values(), key=lambda a: (a.deployment, a.replica))
+
+    def secret_for(self, instance_id: str) -> str:
+        """The secret an instance's model-server key derives from: the one in force when it was started."""
+        if self.legacy_secret and instance_id in self.legacy_instances:
+            return self.legacy_secret
+        return self.cluster_secret
 
     def trusted_labels(self, host: str, reported: dict[str, str]) -> dict[str, str]:
         """A host's labels as placement sees them: the tenant labels are the operator's, never the host's."""
@@ -341,6 +351,28 @@ class ClusterState(MaintenanceState):
         events.append(StateEvent("cert.revoked", name, index, term, {"at": self.revoked_certs[name]}))
         return ApplyResult(True, f"certificates of {name!r} issued up to {at:.0f} are revoked")
 
+    def _op_secret_rotate(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """A new cluster secret for instances started from now on; running ones keep the one they have.
+
+        Refused while an instance from before the previous rotation still runs: that secret would be lost
+        and its server's key with it."""
+        value = str(cmd["value"])
+        if len(value) < 32:
+            raise ValueError("the cluster secret must be at least 32 characters")
+        if not self.cluster_secret:
+            return ApplyResult(False, "there is no cluster secret to rotate yet")
+        running = frozenset(a.instance_id for a in self.incarnations())
+        older = sorted(self.legacy_instances & running)
+        if older:
+            return ApplyResult(False, f"{len(older)} instance(s) still run with the secret before the previous "
+                                      f"rotation ({', '.join(older[:5])}): replace them first ('agentd deploy "
+                                      "--replace'), then rotate again")
+        self.legacy_secret, self.legacy_instances = self.cluster_secret, running
+        self.cluster_secret = value
+        events.append(StateEvent("secret.rotated", "", index, term, {"instances_on_old_secret": len(running)}))
+        return ApplyResult(True, f"cluster secret rotated; {len(running)} running instance(s) keep keys from the "
+                                 "previous one until they are replaced", {"instances_on_old_secret": len(running)})
+
     def _op_node_hold(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
         """A host that must wait for the operator's approval before it gets any work."""
         name = str(cmd["name"])
@@ -440,6 +472,8 @@ class ClusterState(MaintenanceState):
             # Left out while empty, as every new field at its default (older readers ignore unknown keys).
             **({"revoked_certs": dict(sorted(self.revoked_certs.items()))} if self.revoked_certs else {}),
             **({"held_hosts": sorted(self.held_hosts)} if self.held_hosts else {}),
+            **({"legacy_secret": self.legacy_secret, "legacy_instances": sorted(self.legacy_instances)}
+               if self.legacy_secret else {}),
             **({"host_tenants": {k: list(v) for k, v in sorted(self.host_tenants.items())}}
                if self.host_tenants else {}),
             **self._maintenance_snapshot(),
@@ -470,6 +504,8 @@ class ClusterState(MaintenanceState):
         self.cluster_secret = raw.get("cluster_secret", "")
         self.revoked_certs = {str(k): float(v) for k, v in raw.get("revoked_certs", {}).items()}
         self.held_hosts = {str(n) for n in raw.get("held_hosts", [])}
+        self.legacy_secret = raw.get("legacy_secret", "")
+        self.legacy_instances = frozenset(raw.get("legacy_instances", []))
         self.host_tenants = {str(k): tuple(v) for k, v in raw.get("host_tenants", {}).items()}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self._maintenance_restore(raw)
@@ -543,6 +579,10 @@ def node_remove_command(name: str) -> bytes:
 
 def cert_revoke_command(name: str, at: float) -> bytes:
     return _encode({"op": "cert.revoke", "name": name, "at": at})
+
+
+def secret_rotate_command(value: str) -> bytes:
+    return _encode({"op": "secret.rotate", "value": value})
 
 
 def node_hold_command(name: str) -> bytes:

@@ -206,6 +206,20 @@ class ApproveNodeReply(_message.Message):
     message: str
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
+class RotateClusterSecretRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateClusterSecretReply(_message.Message):
+    __slots__ = ("message", "instances_on_old_secret", "lagging")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_ON_OLD_SECRET_FIELD_NUMBER: _ClassVar[int]
+    LAGGING_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    instances_on_old_secret: int
+    lagging: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, message: _Optional[str] = ..., instances_on_old_secret: _Optional[int] = ..., lagging: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("token_id", "secret", "csr_pem")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class SecurityStub:
                 request_serializer=agentd_dot_v1_dot_security__pb2.ApproveNodeRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_security__pb2.ApproveNodeReply.FromString,
                 _registered_method=True)
+        self.RotateClusterSecret = channel.unary_unary(
+                '/agentd.v1.Security/RotateClusterSecret',
+                request_serializer=agentd_dot_v1_dot_security__pb2.RotateClusterSecretRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_security__pb2.RotateClusterSecretReply.FromString,
+                _registered_method=True)
 
 
 class SecurityServicer:
@@ -149,6 +154,12 @@ class SecurityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateClusterSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +212,11 @@ def add_SecurityServicer_to_server(servicer, server):
                     servicer.ApproveNode,
                     request_deserializer=agentd_dot_v1_dot_security__pb2.ApproveNodeRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_security__pb2.ApproveNodeReply.SerializeToString,
+            ),
+            'RotateClusterSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateClusterSecret,
+                    request_deserializer=agentd_dot_v1_dot_security__pb2.RotateClusterSecretRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_security__pb2.RotateClusterSecretReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +489,33 @@ class Security:
             '/agentd.v1.Security/ApproveNode',
             agentd_dot_v1_dot_security__pb2.ApproveNodeRequest.SerializeToString,
             agentd_dot_v1_dot_security__pb2.ApproveNodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateClusterSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Security/RotateClusterSecret',
+            agentd_dot_v1_dot_security__pb2.RotateClusterSecretRequest.SerializeToString,
+            agentd_dot_v1_dot_security__pb2.RotateClusterSecretReply.FromString,
             options,
             channel_credentials,
             insecure,
