@@ -45,12 +45,16 @@ def table(results: dict[str, dict], key: str) -> str:
         case = oracle.Case.parse(k)
         pr = oracle.Projection.from_json(v["projection"])
         margins = oracle.over(v["booking"], pr)
-        dev = max(sum(d) for d in pr.devices)
-        rows.setdefault((case.shape, case.ctx), {})[case.layout] = (
-            f"{dev / 1024:.1f} GiB, +{min(margins[:-1]):.1f}..{max(margins[:-1]):.1f}% (RAM +{margins[-1]:.1f}%)")
+        if pr.devices:
+            dev = max(sum(d) for d in pr.devices)
+            cell = f"{dev / 1024:.1f} GiB, +{min(margins[:-1]):.1f}..{max(margins[:-1]):.1f}% (RAM +{margins[-1]:.1f}%)"
+        else:  # a host without GPUs: everything in RAM
+            cell = f"RAM {sum(pr.host) / 1024:.1f} GiB, +{margins[-1]:.1f}%"
+        rows.setdefault((case.shape, case.ctx), {})[case.layout] = cell
     order = list(SHAPES)
     lines = [f"Projections of {key}: per layout, the largest device's projected total (model + KV + "
-             "compute) and how far over it agentd books, lowest..highest over the devices, and host RAM.",
+             "compute) and how far over it agentd books, lowest..highest over the devices, and host RAM; "
+             "`cpu` is a host without GPUs (all layers in RAM).",
              "",
              "| model | ctx | " + " | ".join(f"{x} device{'s' if x != '1' else ''}" if x.isdigit() else x
                                            for x in oracle.LAYOUTS) + " |",

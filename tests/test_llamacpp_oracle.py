@@ -39,6 +39,7 @@ LIVE = [  # one case per shape at least, every layout, short and long contexts
     "mixtral-8x7b-q4_k_m/32768/2", "mixtral-8x7b-q4_k_m/4096/partial",
     "deepseek-r1-bf16/4096/1", "deepseek-r1-bf16/131072/8", "deepseek-r1-bf16/16384/partial",
     "deepseek-r1-q4_k_m/65536/4", "deepseek-r1-q4_k_m/32768/partial",
+    "llama-3.1-8b-f16/16384/cpu", "gemma-3-27b-q8_0/32768/cpu",
 ]
 
 

@@ -163,3 +163,49 @@ def _healthy(port: int) -> bool:
             return r.status == 200
     except Exception:
         return False
+
+
+def test_a_host_without_gpus_serves_from_ram(tmp_path):
+    """A CPU deployment placed on a host without GPUs (RuntimeInfo.host_memory): the plan's argv runs the
+    real llama-server with every layer in RAM, and it answers a completion."""
+    from agentd.modelinfo import inspect_model
+    from agentd.placement import place
+    from agentd.plugins import PluginManager
+    from agentd.types import ClusterInventory, DeploymentSpec, HostInventory
+
+    model = tmp_path / "tied.gguf"
+    tied_llama(model)
+    m = inspect_model(str(model))
+    cluster = ClusterInventory(hosts=(HostInventory(name="a", cpu_count=2, memory_total=8 * 2**30,
+                                                    memory_available=4 * 2**30),))
+    spec = DeploymentSpec(name="cpu", model=str(model), runtime="llamabox",
+                          options=RuntimeOptions(ctx_size=256, allow_cpu_offload=True, extra_args=("-t", "1")))
+    plan = place(cluster, m, spec, plugins=PluginManager.load(allow=["llamabox"]))
+    [part] = plan.replicas[0].parts
+    assert (part.host, part.gpus, part.cpu_layers) == ("a", (), LAYERS)
+    port = free_port()
+    a = Assignment(deployment="cpu", replica=0, term=1, model=str(model), runtime="llamabox",
+                   options=spec.options, plan=ReplicaPlan(parts=plan.replicas[0].parts, args=plan.replicas[0].args),
+                   endpoints=(PartEndpoint(host="a", address="127.0.0.1", port=port),))
+    ctx = LaunchContext(node="a", work_dir=tmp_path, settings=load_settings(data_dir=str(tmp_path), node_name="a"),
+                        simulated_gpus=False, port=lambda k: 0, ray_port=lambda k, count=1: 0)
+    [main] = lb.agentd_launch(a, 0, ctx)
+    assert main.argv[main.argv.index("-ngl") + 1] == "0" and "--rpc" not in main.argv
+    log = tmp_path / "main.log"
+    with log.open("w") as out:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")} | main.env
+        proc = subprocess.Popen(main.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _healthy(port):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "llama-server did not become ready"
+            time.sleep(0.1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", method="POST",
+                                     data=b'{"prompt": "hello", "n_predict": 4}',
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and b"content" in r.read()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -159,15 +159,7 @@ def oracle_argv(server_argv: Sequence[str], endpoints: Sequence[str]) -> list[st
 _HOST_ROW = re.compile(r"common_memory_breakdown_print: \|\s+- (\S+)\s+\|\s+(\d+) =\s+(\d+) \+\s+(\d+) \+\s+(\d+)\s+\|")
 
 
-def project(bin_dir: Path, argv: Sequence[str], timeout: float = 120.0) -> Projection:
-    """Run llama-fit-params --fit-print on with `argv` (fit-params flags) and parse its table.
-
-    The printed table's Host row leaves out host buffers of "extra" types,
-    such as CPU_REPACK (quantized weights the CPU backend re-lays out for
-    its kernels, in anonymous memory rather than the file mapping); the
-    `-lv 4` breakdown lists them, and they are added to the host here.
-    """
-    cmd = [str(bin_dir / "llama-fit-params"), *argv, "--fit-print", "on", "-lv", "4"]
+def _project_once(cmd: list[str], timeout: float) -> tuple[Projection, int]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     devices: list[tuple[int, int, int]] = []
     host = None
@@ -183,16 +175,43 @@ def project(bin_dir: Path, argv: Sequence[str], timeout: float = 120.0) -> Proje
     if host is None:
         raise RuntimeError(f"llama-fit-params printed no projection (exit {out.returncode}): "
                            f"{' '.join(cmd)}\n{out.stderr[-2000:]}")
-    for m in _HOST_ROW.finditer(out.stdout + out.stderr):
+    rows = out.stderr.count("common_memory_breakdown_print: |   - ")
+    for m in _HOST_ROW.finditer(out.stderr):
         if m.group(1) != "Host":
             host = (host[0] + int(m.group(3)), host[1] + int(m.group(4)), host[2] + int(m.group(5)))
-    return Projection(tuple(devices), host)
+    return Projection(tuple(devices), host), rows
+
+
+def project(bin_dir: Path, argv: Sequence[str], timeout: float = 120.0, attempts: int = 8) -> Projection:
+    """Run llama-fit-params --fit-print on with `argv` (fit-params flags) and parse its table.
+
+    The printed table's Host row leaves out host buffers of "extra" types,
+    such as CPU_REPACK (quantized weights the CPU backend re-lays out for
+    its kernels, in anonymous memory rather than the file mapping); the
+    `-lv 4` breakdown lists them, and they are added to the host here.
+    That breakdown is logged by llama.cpp's asynchronous logger, which the
+    tool does not flush before it exits, so its last rows are sometimes
+    lost: the projection is taken again until the most complete breakdown
+    (the most rows) has been seen twice.
+    """
+    cmd = [str(bin_dir / "llama-fit-params"), *argv, "--fit-print", "on", "-lv", "4"]
+    best, best_rows, seen = None, -1, 0
+    for _ in range(attempts):
+        pr, rows = _project_once(cmd, timeout)
+        if rows > best_rows:
+            best, best_rows, seen = pr, rows, 1
+        elif rows == best_rows:
+            seen += 1
+            if seen >= 2:
+                break
+    assert best is not None
+    return best
 
 
 # --------------------------------------------------------------------------- agentd's side of a case
 
 CONTEXTS = (4096, 16384, 32768, 65536, 131072)
-LAYOUTS = ("1", "2", "4", "8", "partial")
+LAYOUTS = ("1", "2", "4", "8", "partial", "cpu")
 SLACK_FRACTION, SLACK_BYTES = 0.10, 64 * MiB  # the rule: never below, never more than 10% + 64 MiB over
 
 
@@ -200,7 +219,7 @@ SLACK_FRACTION, SLACK_BYTES = 0.10, 64 * MiB  # the rule: never below, never mor
 class Case:
     shape: str
     ctx: int
-    layout: str  # a device count, or "partial" (one GPU holding about half the layers)
+    layout: str  # a device count, "partial" (one GPU holding about half the layers), "cpu" (a host without GPUs)
 
     @property
     def key(self) -> str:
@@ -250,18 +269,19 @@ def book(model, model_path: str, case: Case, plugins) -> Booking:
     )
 
     gib = 1024**3
-    partial = case.layout == "partial"
+    cpu = case.layout == "cpu"
+    partial = case.layout == "partial" or cpu
     est = lbp.estimate(model, DeploymentSpec(name="m", model="m", runtime="llamabox",
                                              options=RuntimeOptions(ctx_size=case.ctx)))
     need = sum(est.layer_bytes) + est.output_bytes + est.device_overhead + est.output_overhead
-    n = 1 if partial else int(case.layout)
+    n = 0 if cpu else 1 if partial else int(case.layout)
     per_gpu = (sum(est.layer_bytes) // 2 if partial else need) + 2 * est.device_overhead
 
     def gpus(k: int, host: str):
         return tuple(GpuInfo(index=i, uuid=f"GPU-{host}-{i}", memory_total=per_gpu, memory_used=0)
                      for i in range(k))
 
-    main_gpus = min(n, 2)
+    main_gpus = min(n, 2)  # none: the host's RAM is the main server's device (RuntimeInfo.host_memory)
     hosts = [HostInventory(name="main", cpu_count=64, memory_total=64 * 1024 * gib,
                            memory_available=64 * 1024 * gib, gpus=gpus(main_gpus, "main"))]
     hosts += [HostInventory(name=f"r{i}", cpu_count=64, memory_total=64 * gib, memory_available=64 * gib,
@@ -357,11 +377,12 @@ def run_cases(bin_dir: Path, paths: dict[str, Path], cases: Sequence[Case], plug
 
     models = {name: inspect_model(str(p)) for name, p in paths.items()}
     out = {}
-    with rpc_servers(bin_dir, max(int(c.layout) if c.layout.isdigit() else 1 for c in cases)) as eps:
+    with rpc_servers(bin_dir, max((int(c.layout) if c.layout.isdigit() else 1 for c in cases), default=1)) as eps:
         for c in cases:
             path = str(paths[c.shape])
             b = book(models[c.shape], path, c, plugins)
-            pr = project(bin_dir, ["-m", path, *b.argv, "--rpc", ",".join(eps[:len(b.devices)])])
+            rpc = ["--rpc", ",".join(eps[:len(b.devices)])] if b.devices else []
+            pr = project(bin_dir, ["-m", path, *b.argv, *rpc])
             out[c.key] = {"argv": list(b.argv), "projection": pr.to_json(), "booking": b}
     return out
 

@@ -29,7 +29,8 @@ flash-attention KQ masks, one per KV kind, n_kv x T x 2 bytes each):
   max(logits, core) + 9uH + 4 masks.
 * partial offload (tensor overrides turn pipeline parallelism off; op
   offload is off): each device core + uH + masks; the host computes the
-  CPU layers and the output: max(logits + 5uH, core + 3uH) + masks.
+  CPU layers and the output: max(logits + 6uH, core + 3uH) + masks (a
+  host without GPUs, all layers in RAM, the same: RuntimeInfo.host_memory).
 * host RAM besides weights: the host compute buffer (full offload: 4uH +
   masks on one device, 10uH + 4 masks with pipeline parallelism) and
   llama-server's output buffer, n_seq x vocab x 4 x 2.
@@ -116,7 +117,7 @@ class LlamaCppMemory:
 
     @property
     def host_partial(self) -> int:
-        return max(self.logits + 5 * self.u_h, self.core + 3 * self.u_h) + self.masks + self.output_buffer
+        return max(self.logits + 6 * self.u_h, self.core + 3 * self.u_h) + self.masks + self.output_buffer
 
 
 def llama_cpp_memory(model: ModelInfo, ctx: int, n_seq: int = N_SEQ) -> LlamaCppMemory:
