@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     voters: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_voters: Literal[1, 3, 5, 7] = 5
     labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Where this host's models are (docs/models.md): scanned and reported; fetched copies go to the first.
+    # Empty = <data_dir>/models.
+    model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     heartbeat_interval: float = 0.1
     # A hung leader is replaced after about min + (max - min) / 3 (the first of two followers); see docs/raft.md.
@@ -164,13 +167,21 @@ class Settings(BaseSettings):
             raise ValueError(f"port_range {a}-{b} and ray_port_range {c}-{d} overlap")
         return self
 
-    @field_validator("join", "voters", "plugins", "disable_plugins", mode="before")
+    @field_validator("join", "voters", "plugins", "disable_plugins", "model_dirs", mode="before")
     @classmethod
     def _comma_lists(cls, v: Any) -> Any:
         if isinstance(v, str) and v.lstrip().startswith("["):
             return json.loads(v)
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("model_dirs")
+    @classmethod
+    def _absolute_dirs(cls, v: list[Path]) -> list[Path]:
+        relative = [str(p) for p in v if not p.is_absolute()]
+        if relative:
+            raise ValueError(f"model directories must be absolute paths, got {', '.join(relative)}")
         return v
 
     @field_validator("labels", mode="before")
@@ -262,6 +273,11 @@ class Settings(BaseSettings):
     @property
     def advertise_address(self) -> str:
         return self.advertise or self.listen
+
+    @property
+    def model_directories(self) -> tuple[Path, ...]:
+        """`model_dirs`, or <data_dir>/models."""
+        return tuple(self.model_dirs) or (self.data_dir / "models",)
 
     @property
     def tls_directory(self) -> Path:

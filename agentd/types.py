@@ -93,6 +93,39 @@ class GpuLink(Value):
         return (a, b) if a < b else (b, a)
 
 
+class ModelFile(Value):
+    """One file of a model a host holds: its name relative to the model (a GGUF shard's file name, a path
+    inside a Hugging Face directory), its size and its sha256 (hex; "" until the host has hashed it)."""
+
+    name: str
+    size: int = Field(default=0, ge=0)
+    sha256: str = Field(default="", exclude_if=_empty)
+
+
+class HeldModel(Value):
+    """A model in one of a host's model directories, as the host reports it (docs/models.md).
+
+    The cluster's catalog is keyed by `digest`: the file's sha256 for a single file, else the sha256 of
+    the manifest (each file's name, size and sha256), "sha256:<hex>"; "" while the host is still hashing.
+    `path` is where it lies on that host (the .gguf, the first shard, or the directory). `broken` says why
+    the host cannot use it (a bad config.json, a truncated GGUF); `complete` is False for a partial copy.
+    """
+
+    name: str
+    digest: str = Field(default="", exclude_if=_empty)
+    path: str
+    format: Literal["gguf", "hf"] = "gguf"
+    size: int = Field(default=0, ge=0)
+    files: tuple[ModelFile, ...] = ()
+    complete: bool = True
+    broken: str = Field(default="", exclude_if=_empty)
+    info: ModelInfo | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @property
+    def usable(self) -> bool:
+        return self.complete and not self.broken and bool(self.digest) and self.info is not None
+
+
 class HostInventory(Value):
     """One host, as `agentd inventory --json` prints it and as a cluster file lists it."""
 
@@ -114,6 +147,11 @@ class HostInventory(Value):
     # Ports in this host's port ranges (model servers, Ray) that processes agentd did not start listen on:
     # the coordinator assigns none of them (docs/runtime.md, "Ports taken by someone else").
     foreign_ports: tuple[int, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
+    # The models in this host's model directories (docs/models.md), the directories themselves, and the
+    # bytes free where a fetched copy would go (the first directory); None when unknown.
+    models: tuple[HeldModel, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
+    model_dirs: tuple[str, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
+    model_disk_free: int | None = Field(default=None, exclude_if=lambda v: v is None, json_schema_extra=_SINCE_2)
 
     @field_validator("gpus")
     @classmethod
@@ -218,6 +256,50 @@ class ModelInfo(Value):
 
 
 # --------------------------------------------------------------------------- deployments
+
+CATALOG_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._/+-]{0,199})(@(?P<digest>sha256:[0-9a-f]{64}))?$")
+HF_REF_RE = re.compile(
+    r"^hf:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
+
+
+class ModelRef(Value):
+    """What `--model` names (docs/models.md): an absolute path on the hosts, a Hugging Face name, or a name in
+    the cluster's catalog, optionally pinned to one content digest."""
+
+    kind: Literal["path", "hf", "catalog"]
+    name: str  # the path, ORG/NAME, or the catalog name
+    digest: str = ""  # "sha256:<hex>" when the catalog name pins one
+    revision: str = ""  # hf: only
+
+    @property
+    def text(self) -> str:
+        if self.kind == "hf":
+            return f"hf:{self.name}" + (f"@{self.revision}" if self.revision else "")
+        return self.name + (f"@{self.digest}" if self.digest else "")
+
+
+def parse_model_ref(model: str) -> ModelRef:
+    """`--model`'s value as a ModelRef; ValueError, saying what is accepted, for anything else.
+
+    Relative paths are refused: they would resolve against whichever agent reads them, and a name that
+    happens to exist in the caller's directory must not silently become a path.
+    """
+    text = model.strip()
+    if text.startswith("/"):
+        return ModelRef(kind="path", name=text)
+    if text.startswith("hf:"):
+        m = HF_REF_RE.fullmatch(text)
+        if m is None:
+            raise ValueError(f"{model!r} is not hf:ORG/NAME[@REVISION]")
+        return ModelRef(kind="hf", name=m["name"], revision=m["rev"] or "")
+    m = CATALOG_NAME_RE.fullmatch(text)
+    relative = text.startswith((".", "~")) or text.lower().endswith((".gguf", ".json", ".safetensors"))
+    if m is None or relative or "//" in text or "/../" in f"/{text}/" or "/./" in f"/{text}/":
+        raise ValueError(f"{model!r} is neither an absolute path, hf:ORG/NAME[@REVISION] nor a catalog name "
+                         "NAME[@sha256:DIGEST] (`agentd model ls` lists them); relative paths are refused, "
+                         "give the absolute path")
+    return ModelRef(kind="catalog", name=m["name"], digest=m["digest"] or "")
+
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.inventory.host import HostProbe, Ownership, PsutilProbe
+from agentd.inventory.models import DIGEST_CACHE, ModelCatalog
 from agentd.inventory.nvml import GpuReading, NvmlReader
 from agentd.inventory.ports import foreign_listeners
 from agentd.inventory.simulated import HOST_FACT_KEYS, load_simulated, mark_simulated
@@ -124,6 +125,8 @@ class Collector:
     probe: HostProbe | None = None
     # Port ranges (model servers, Ray) in which listeners of other processes are reported (foreign_ports).
     port_ranges: tuple[tuple[int, int], ...] = ()
+    # The models in this host's model directories (agentd.inventory.models); None reports none.
+    catalog: ModelCatalog | None = None
 
     def __post_init__(self) -> None:
         self._reader = self.nvml if isinstance(self.nvml, NvmlReader) else NvmlReader(self.nvml)
@@ -132,6 +135,10 @@ class Collector:
         inventory = collect_inventory(node_name=self.node_name, address=self.address, labels=self.labels,
                                       simulate=self.simulate, nvml=self._reader, owned_pids=self.owned_pids,
                                       override_name=True, probe=self.probe)
+        if self.catalog is not None:
+            inventory = inventory.model_copy(update={
+                "models": self.catalog.scan(), "model_dirs": tuple(str(d) for d in self.catalog.dirs),
+                "model_disk_free": self.catalog.disk_free()})
         if not self.port_ranges:
             return inventory
         probe = self.probe or PsutilProbe()
@@ -144,10 +151,13 @@ class Collector:
 
     def close(self) -> None:
         self._reader.close()
+        if self.catalog is not None:
+            self.catalog.close()
 
     @classmethod
     def from_settings(cls, settings: Any, *, owned_pids: Callable[[], set[int]] = _no_pids) -> Collector:
         """The daemon's collect: its node name, advertised address, labels and simulate_inventory."""
+        catalog = ModelCatalog(settings.model_directories, Path(settings.data_dir) / DIGEST_CACHE)
         return cls(node_name=settings.node_name, address=settings.advertise_address, labels=dict(settings.labels),
                    simulate=settings.simulate_inventory, owned_pids=owned_pids,
-                   port_ranges=(tuple(settings.port_range), tuple(settings.ray_port_range)))
+                   port_ranges=(tuple(settings.port_range), tuple(settings.ray_port_range)), catalog=catalog)
