@@ -149,6 +149,7 @@ class Demo:
     agents: int = 2
     keep: bool = False
     created_root: bool = False
+    cpu_only: bool = False  # agents without GPUs: llama-server runs the model from RAM (--allow-cpu-offload)
     timings: Timings = field(default_factory=Timings)
     cluster: LocalCluster | None = None
 
@@ -158,8 +159,9 @@ class Demo:
 
     def run(self) -> int:
         t0 = self.timings.clock()
-        print(f"agentd demo: {self.agents} agents on this machine with simulated GPUs serve a tiny llama model "
-              f"split over llama.cpp RPC\n    directory: {self.root}", flush=True)
+        what = ("without GPUs serve a tiny llama model from RAM (llama.cpp on CPUs)" if self.cpu_only else
+                "with simulated GPUs serve a tiny llama model split over llama.cpp RPC")
+        print(f"agentd demo: {self.agents} agents on this machine {what}\n    directory: {self.root}", flush=True)
         try:
             model = self.make_model()
             self.start_cluster()
@@ -197,11 +199,13 @@ class Demo:
 
     def start_cluster(self) -> None:
         names = "abcdefgh"[: self.agents]
-        title = f"Start {self.agents} agents (`agentd serve --simulate`), each with one {GPU_GIB * 1024:.0f} MiB GPU"
+        title = (f"Start {self.agents} agents (`agentd serve --simulate`), "
+                 + ("none with a GPU" if self.cpu_only else f"each with one {GPU_GIB * 1024:.0f} MiB GPU"))
         with self.timings.step(2, self.total_steps, title):
             low, high = free_port_block()
+            gpus = 0 if self.cpu_only else 1
             self.cluster = LocalCluster(
-                self.root / "cluster", hosts=[simulated_host(n, gpus=1, gpu_gib=GPU_GIB) for n in names],
+                self.root / "cluster", hosts=[simulated_host(n, gpus=gpus, gpu_gib=GPU_GIB) for n in names],
                 extra_env={"AGENTD_PORT_RANGE": f"[{low},{high}]"})
             self.cluster.start()
             self.cluster.wait_for_inventories()
@@ -225,7 +229,7 @@ class Demo:
     def deploy(self, model: Path) -> dict[str, Any]:
         with self.timings.step(3, self.total_steps, "Deploy with the llamabox runtime and wait until it runs"):
             args = ["deploy", DEPLOYMENT, "--model", str(model), "--runtime", "llamabox", "--ctx-size", "256",
-                    "--arg=-lv", "--arg=4", "--wait", "120"]
+                    "--arg=-lv", "--arg=4", "--wait", "120"] + (["--allow-cpu-offload"] if self.cpu_only else [])
             say("$ agentd " + " ".join(args).replace(str(self.root), "$DIR"))
             t0 = self.timings.clock()
             r = run_cli(*args, server=self.first().listen)
@@ -238,7 +242,11 @@ class Demo:
             reply = c.call("Get", pb.GetRequest(name=DEPLOYMENT))
         (assignment,) = json.loads(reply.assignments_json)
         roles = sorted(p["role"] for p in assignment["plan"]["parts"])
-        if roles != ["main", "rpc"]:
+        if self.cpu_only:
+            main = assignment["plan"]["parts"][0]
+            if roles != ["main"] or main["gpus"] or main.get("cpu_layers") != MODEL_SHAPE["n_layers"]:
+                raise DemoFailed(f"expected one main server holding every layer in RAM, got {assignment['plan']}")
+        elif roles != ["main", "rpc"]:
             raise DemoFailed(f"expected the model split into main + rpc, got parts {roles}")
         return assignment
 
@@ -250,13 +258,15 @@ class Demo:
             rows = [["ROLE", "HOST", "GPU", "LAYERS", "PLANNED ON GPU", "ENDPOINT"]]
             for p, ep in zip(parts, eps, strict=True):
                 planned = sum(p.get("memory") or [0]) / MiB
-                rows.append([p["role"], p["host"], ",".join(map(str, p["gpus"])), str(p["layers"]),
-                             f"{planned:.0f} of {GPU_GIB * 1024:.0f} MiB", f"{ep['address']}:{ep['port']}"])
+                on_gpu = f"{planned:.0f} of {GPU_GIB * 1024:.0f} MiB" if p["gpus"] else "- (no GPU)"
+                layers = str(p["layers"]) if p["gpus"] else f"{p.get('cpu_layers') or 0} in RAM"
+                rows.append([p["role"], p["host"], ",".join(map(str, p["gpus"])), layers, on_gpu,
+                             f"{ep['address']}:{ep['port']}"])
             say(f"plan (term {assignment['term']}, instance {assignment['deployment']}-r{assignment['replica']}-g"
                 f"{assignment['generation']}):")
             say(_table(rows), indent=6)
             main = next(i for i, p in enumerate(parts) if p["role"] == "main")
-            rpc = next(i for i, p in enumerate(parts) if p["role"] == "rpc")
+            rpc = next((i for i, p in enumerate(parts) if p["role"] == "rpc"), None)
             other = next(a for a in self.cluster.agents.values() if a.name != parts[main]["host"])
             log = cli_ok("logs", f"{DEPLOYMENT}-r0", server=other.listen)
             header = log.splitlines()[0] if log else ""
@@ -267,6 +277,13 @@ class Demo:
             wanted = ("offloading", "offloaded", "model buffer size", "KV buffer size")
             lines = [ln.split(" I ", 1)[-1].strip() for ln in log.splitlines() if any(w in ln for w in wanted)]
             say("\n".join(lines), indent=6)
+            if rpc is None:  # --cpu-only
+                expect = f"offloaded 0/{MODEL_SHAPE['n_layers'] + 1} layers to GPU"
+                if not any(expect in ln for ln in lines):
+                    raise DemoFailed(f"llama-server's log does not say {expect!r}: layers went elsewhere than RAM")
+                say(f"=> all {MODEL_SHAPE['n_layers']} layers run from RAM in llama-server on {parts[main]['host']}, "
+                    "a host without GPUs (its RAM is the runtime's device: RuntimeInfo.host_memory)")
+                return
             expect = f"offloading {parts[rpc]['layers']} repeating layers to GPU"
             if not any(expect in ln for ln in lines):
                 raise DemoFailed(f"llama-server's log does not say {expect!r}: the split did not happen as planned")
@@ -294,8 +311,9 @@ class Demo:
             say(f"model {out['model']!r}, {out['usage']['completion_tokens']} tokens in {took * 1000:.0f} ms, "
                 f"finish_reason {choice['finish_reason']!r}:", indent=6)
             say(f"text: {choice['text']!r}", indent=6)
-            say(f"(agent {via.name} proxied the request to llama-server on {main_host}, which ran "
-                f"{next(p['layers'] for p in parts if p['role'] == 'rpc')} layers over RPC; the weights are "
+            over = (f"which ran {next(p['layers'] for p in parts if p['role'] == 'rpc')} layers over RPC"
+                    if any(p["role"] == "rpc" for p in parts) else "which ran every layer on its CPUs")
+            say(f"(agent {via.name} proxied the request to llama-server on {main_host}, {over}; the weights are "
                 "random, so the words are noise)")
             if not ready or out["usage"]["completion_tokens"] < 1:
                 raise DemoFailed(f"/v1/models lists {models} and the completion was {out}")
@@ -440,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=2, choices=[2, 3], help="how many agents (default 2)")
     ap.add_argument("--keep", action="store_true", help="leave the cluster running and print how to use and stop it")
     ap.add_argument("--stop", type=Path, metavar="DIR", help="stop a cluster that an earlier --keep left running")
+    ap.add_argument("--cpu-only", action="store_true",
+                    help="agents without GPUs: the model runs from RAM (deployed with --allow-cpu-offload)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the demo cleans up like Ctrl-C
     if args.stop:
@@ -455,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="agentd-demo-"))
         created = True
-    return Demo(root=root, agents=args.agents, keep=args.keep, created_root=created).run()
+    return Demo(root=root, agents=args.agents, keep=args.keep, created_root=created, cpu_only=args.cpu_only).run()
 
 
 if __name__ == "__main__":

@@ -288,6 +288,21 @@ def test_the_readme_demo_runs_keeps_the_cluster_and_stops_it(tmp_path):
     assert_gone(pids, d, timeout=1)  # the agents (their parent, the demo, has exited: init reaps them)
 
 
+def test_the_cpu_only_demo_serves_from_ram(tmp_path):
+    """`scripts/demo --cpu-only`: agents without GPUs, deployed with --allow-cpu-offload; llama-server on one
+    of them holds every layer in RAM (the runtime declares host memory) and answers through the other."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    d = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "agentd.demo", "--dir", str(d), "--cpu-only"], capture_output=True,
+                       text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "none with a GPU" in out and "all 1 part(s) running" in out
+    assert "load_tensors: offloaded 0/9 layers to GPU" in out and "all 8 layers run from RAM" in out
+    assert "model 'tiny', 12 tokens" in out and "OK: every step worked." in out
+    assert model_servers(d) == []
+
+
 # ---------------------------------------------------------------------- one host
 
 
