@@ -68,7 +68,10 @@ class Settings(BaseSettings):
     join: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Node names that vote; empty means the first `max_voters` members to join.
     voters: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_voters: Literal[1, 3, 5, 7] = 5
+    max_voters: int = 5  # 1, 3, 5 or 7 (checked below: the environment gives a string, which Literal refuses)
+    # Members beyond the voters: learners that keep the whole log, ready to be promoted; every other host
+    # watches the committed state from a voter (docs/cluster.md).
+    standby_learners: int = Field(default=2, ge=0, le=7)
     labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # Where this host's models are (docs/models.md): scanned and reported; fetched copies go to the first.
     # Empty = <data_dir>/models.
@@ -142,6 +145,13 @@ class Settings(BaseSettings):
     @classmethod
     def _runtime_durations(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator("max_voters")
+    @classmethod
+    def _odd_voters(cls, v: int) -> int:
+        if v not in (1, 3, 5, 7):
+            raise ValueError(f"max_voters must be 1, 3, 5 or 7, got {v}")
+        return v
 
     @property
     def stops_models_on_exit(self) -> bool:

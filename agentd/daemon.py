@@ -54,12 +54,13 @@ from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
 from agentd.api.security_service import JoinService, SecurityService, add_security_services
+from agentd.catalog import held_copy
 from agentd.cluster.clock import ClusterClock
 from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
 from agentd.cluster.raft.types import Role
-from agentd.cluster.state import ClusterState, secret_init_command
+from agentd.cluster.state import NODE_UP, ClusterState, node_command, secret_init_command
 from agentd.config import Settings
 from agentd.coordinator import Coordinator, InstanceReport, host_of, removed_message, run_periodically
 from agentd.errors import AgentdError, ConfigError, InvalidInput, NotAvailable
@@ -210,6 +211,9 @@ class Daemon:
         self.coordinator.on_placement = self._on_placement
         self.raft.admit = self.coordinator.admit  # nothing newer than every member supports enters the log
         self.raft.admit_joiner = self._admit_joiner
+        self.raft.can_watch = self._can_watch
+        self.raft.on_removed = lambda: not self.state.removed(self.node)  # `nodes rm` keeps it out altogether
+        self.raft.on_watcher_joined = self._watcher_joined
         self.control = ControlService(node_id=self.node, raft=self.raft, state=self.state,
                                       coordinator=self.coordinator, channels=self.channels,
                                       local_logs=self.local_logs)
@@ -245,6 +249,8 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._http: web.AppRunner | None = None
         self._routes_cache: tuple[float, list[InstanceReport]] = (0.0, [])
+        self._model_paths: dict[str, str] = {}  # instance id -> this host's copy of its catalog model (localized)
+        self._last_known: dict[tuple[str, int], InstanceReport] = {}  # see _fill_gaps
         self._health = health.aio.HealthServicer()
 
     # ------------------------------------------------------------------ lifecycle
@@ -302,6 +308,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGUSR2, self._restart_signal)
+        if self.collector.catalog is not None:  # a finished digest is reported at once, not at the next refresh
+            self.collector.catalog.on_digest = lambda: loop.call_soon_threadsafe(self.refresher.refresh_now)
         self._spawn(self.refresher.run(), "inventory")
         self._spawn(self._reporter(), "reporter")
         self._spawn(self._reconciler(), "reconciler")
@@ -480,6 +488,28 @@ class Daemon:
             return None
         return apikeys.verify_key(self.state.api_keys, token, now=self.cluster_clock.now())
 
+    def localized(self, a: Assignment) -> Assignment:
+        """The assignment with a catalog model name (`NAME@sha256:DIGEST`) replaced by this host's copy.
+
+        Once an instance has a path it keeps it, so a rescan (a file touched, a digest recomputed) never
+        changes a running instance's assignment. Without a copy here the name stays, and the runtime says
+        the model is not on this host.
+        """
+        ref = a.model
+        if ref.startswith("/") or ref.startswith("hf:") or "@sha256:" not in ref:
+            return a
+        path = self._model_paths.get(a.instance_id)
+        if path is None:
+            inventory = self.refresher.latest
+            copy = held_copy(inventory.models if inventory else (), ref)
+            if copy is None:
+                return a
+            path = self._model_paths[a.instance_id] = copy.path
+        live = {x.instance_id for x in self.state.assignments_on(self.node)}
+        for gone in [k for k in self._model_paths if k not in live]:
+            del self._model_paths[gone]
+        return a.model_copy(update={"model": path})
+
     def keyed(self, a: Assignment) -> Assignment:
         """The assignment with its model server's key (never stored; every agent derives the same)."""
         if not self.secure or not self.state.cluster_secret:
@@ -565,6 +595,18 @@ class Daemon:
             for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
                 log.info(line, extra=fields(node=self.node))
 
+    def _can_watch(self, name: str) -> bool:
+        """A member that runs a release with watchers (0.2.0 and later) may leave Raft to watch."""
+        rep = self.coordinator.reports.get(name)
+        return rep is not None and rep.agent.state_format >= 2
+
+    async def _watcher_joined(self, name: str, address: str) -> None:
+        """Record a new watcher as a host of the cluster, so that every voter accepts its calls at once."""
+        node = self.state.nodes.get(name)
+        if node is None or node.state != NODE_UP:
+            with contextlib.suppress(AgentdError):
+                await self.raft.propose(node_command(name, NODE_UP, address))
+
     def _admit_joiner(self, node_id: str, state_format: int) -> str:
         if self.state.removed(node_id):
             return removed_message(node_id)
@@ -633,7 +675,8 @@ class Daemon:
         while True:
             self._reconcile_now.clear()
             try:
-                await self.supervisor.apply([self.keyed(a) for a in self.state.assignments_on(self.node)])
+                await self.supervisor.apply([self.keyed(self.localized(a))
+                                             for a in self.state.assignments_on(self.node)])
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -701,9 +744,10 @@ class Daemon:
             raise NotAvailable(f"cannot listen on {self.s.http_listen} for HTTP: {exc.strerror}") from None
 
     async def cluster_instances(self) -> list[InstanceReport]:
-        """Every reported instance, from the leader (cached for a second on other agents)."""
+        """Every instance's state for the proxy: the leader's reports (cached for a second on other agents),
+        with the gaps filled (`_fill_gaps`)."""
         if self.raft.is_leader:
-            return self.coordinator.instances()
+            return self._fill_gaps(self.coordinator.instances())
         at, cached = self._routes_cache
         if time.monotonic() - at < 1.0:
             return cached
@@ -711,12 +755,33 @@ class Daemon:
             return cached
         stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
         try:
-            reply = await stub.ListInstances(pb.ListInstancesRequest(), timeout=2.0)
+            reply = await stub.ListInstances(pb.ListInstancesRequest(reported_only=True), timeout=2.0)
         except grpc.aio.AioRpcError:
             return cached
-        out = [instance_from_pb(i) for i in reply.instances]
+        out = self._fill_gaps([instance_from_pb(i) for i in reply.instances])
         self._routes_cache = (time.monotonic(), out)
         return out
+
+    def _fill_gaps(self, reported: list[InstanceReport]) -> list[InstanceReport]:
+        """The leader's reports, plus what this agent last knew of parts the leader has no report of.
+
+        A new leader has heard no host yet, and an agent being restarted (`systemctl restart`, an upgrade)
+        reports nothing for a few seconds, while its model servers run on and are adopted: without this, the
+        proxy would answer 503 for their replicas meanwhile (tests/test_rolling_restart.py). A part keeps its
+        last known state until its host reports again or is marked down (then its replica is re-placed under
+        a new instance id); this host's own parts come from its supervisor. A replica that really died is
+        refused at connect and the proxy tries the next one.
+        """
+        known = {(i.instance_id, i.part): i for i in reported}
+        for i in self.local_instances():
+            known.setdefault((i.instance_id, i.part), i)
+        for key, i in self._last_known.items():
+            node = self.state.nodes.get(i.host)
+            if key not in known and (node is None or node.state == "up"):
+                known[key] = i
+        current = {a.instance_id for a in self.state.all_assignments()}
+        self._last_known = {k: i for k, i in known.items() if i.instance_id in current}
+        return list(self._last_known.values())
 
     async def _faults(self, path: Path) -> None:
         """Fault injection for cluster tests: follow `path` and cut Raft traffic to the peers it names.

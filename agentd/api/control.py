@@ -354,6 +354,9 @@ class ControlService(pb_grpc.ControlServicer):
                 if not request.deployment or i.deployment == request.deployment])
 
         async def local():
+            if request.reported_only:
+                return pb.ListInstancesReply(instances=[instance_to_pb(i)
+                                                        for i in self.coordinator.instances(request.deployment)])
             return pb.ListInstancesReply(instances=[instance_to_pb(i) for i in self._instances(request.deployment)])
         return await self._on_leader("ListInstances", request, context, local)
 
@@ -379,7 +382,9 @@ class ControlService(pb_grpc.ControlServicer):
                     state_format=rep.agent.state_format if rep else 0,
                     upgrade_required=rep.agent.upgrade_required if rep else "",
                     cordoned=[c.key for c in self.state.cordons_of(name)],
-                    draining=left, drain_blocked=blocked))
+                    draining=left, drain_blocked=blocked,
+                    role=("leader" if name == self.raft.leader_id else "voter" if getattr(member, "voter", False)
+                          else "learner" if member is not None else "watcher")))
             return pb.ListNodesReply(nodes=nodes)
         return await self._on_leader("ListNodes", request, context, local)
 
@@ -426,7 +431,8 @@ class ControlService(pb_grpc.ControlServicer):
                               commit_index=self.raft.commit_index, last_applied=self.raft.last_applied,
                               members=members, agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
                               wire_version=WIRE_VERSION, cluster_format=self.state.cluster_format,
-                              upgrade_required=getattr(self.raft, "upgrade_required", ""))
+                              upgrade_required=getattr(self.raft, "upgrade_required", ""),
+                              watching=_watching(self.raft))
 
     async def Watch(self, request, context):
         if not self.raft.is_leader:
@@ -612,6 +618,11 @@ def add_services(server: grpc.aio.Server, control: ControlService, agent: AgentS
                     _parsed_unary(behavior, request_cls, method.full_name),
                     response_serializer=response_cls.SerializeToString)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+
+
+def _watching(raft: Any) -> str:
+    watcher = getattr(raft, "watcher", None)
+    return (watcher.source or "(looking for a voter)") if watcher is not None else ""
 
 
 def _parse(request_cls: Any, raw: bytes) -> Any:

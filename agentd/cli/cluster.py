@@ -323,7 +323,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         inv = json.loads(n.inventory_json) if n.inventory_json else {}
         gpus = inv.get("gpus", [])
         free = sum(g["memory_total"] - g["memory_used"] for g in gpus) / 2**30
-        role = "leader" if n.leader else ("voter" if n.voter else "learner")
+        role = n.role or ("leader" if n.leader else ("voter" if n.voter else "learner"))
         state = "needs-upgrade" if n.upgrade_required else n.state
         if n.cordoned:
             host_too = n.name in n.cordoned
@@ -368,6 +368,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                  f"(cluster writes format {reply.cluster_format or 1}), wire {reply.wire_version or 1}"]
         if reply.upgrade_required:
             lines.append(f"NEEDS UPGRADE: {reply.upgrade_required}")
+        if reply.watching:
+            lines.append(f"watcher:      follows the committed state from {reply.watching} (not in Raft)")
         lines.append("members:")
         lines += [f"  {m.id:<16} {m.address:<22} {'voter' if m.voter else 'learner'}" for m in reply.members]
         return "\n".join(lines)

@@ -29,6 +29,7 @@ from agentd.v1 import control_pb2 as pb
 
 GiB = 1024**3
 DEFAULT_MAX_VOTERS = 5  # Settings.max_voters' default: the first five agents vote
+DEFAULT_STANDBY_LEARNERS = 2  # Settings.standby_learners' default: then every other agent is a watcher
 _PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
@@ -91,6 +92,9 @@ class LocalCluster:
     # Mutual TLS and authentication (docs/security.md): the first agent gets the CA (as `agentd init-ca`
     # makes it), the others join with one-time tokens; clients use an admin certificate in `admin_dir`.
     secure: bool = False
+    # Raft seats (docs/cluster.md): voters, then standby learners; every further agent is a watcher.
+    max_voters: int = DEFAULT_MAX_VOTERS
+    standby_learners: int = DEFAULT_STANDBY_LEARNERS
     # Per-agent command prefix (e.g. `unshare -m sh -c 'mount a small tmpfs on the data dir && exec "$@"'`,
     # to fill one agent's disk); it must exec the agent so that the process keeps its pid.
     agent_prefix: dict[str, list[str]] = field(default_factory=dict)
@@ -122,8 +126,11 @@ class LocalCluster:
         self.wait_for_leader(timeout)
         for name in names[1:]:
             self.start_agent(name)
-        self.wait_for_members(len(names), timeout)
-        self.wait_for_members(min(len(names), DEFAULT_MAX_VOTERS), timeout, voters=True)
+        members = min(len(names), self.max_voters + self.standby_learners)
+        self.wait_for_members(members, timeout)
+        self.wait_for_members(min(len(names), self.max_voters), timeout, voters=True)
+        if members < len(names):
+            self.wait_for_followers(timeout)
         return self
 
     def start_agent(self, name: str, join: list[str] | None = None) -> Agent:
@@ -151,6 +158,10 @@ class LocalCluster:
                 argv += ["--token", self.create_token(name)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
         env.update({"AGENTD_CONFIG": str(self.root / "none.toml"), "PYTHONUNBUFFERED": "1"})
+        if self.max_voters != DEFAULT_MAX_VOTERS:
+            env["AGENTD_MAX_VOTERS"] = str(self.max_voters)
+        if self.standby_learners != DEFAULT_STANDBY_LEARNERS:
+            env["AGENTD_STANDBY_LEARNERS"] = str(self.standby_learners)
         (self.root / "none.toml").touch()
         env.update(self.extra_env)
         if self.faults:
@@ -292,6 +303,23 @@ class LocalCluster:
             time.sleep(0.1)
         what = "voters" if voters else "members"
         raise NotAvailable(f"cluster did not reach {count} {what} within {timeout:g}s; logs in {self.root}")
+
+    def wait_for_followers(self, timeout: float = 30.0) -> None:
+        """Until every live agent follows a leader: members through Raft, watchers through a voter's stream."""
+        deadline = time.monotonic() + timeout
+        waiting = {a.name for a in self.alive_agents()}
+        while waiting and time.monotonic() < deadline:
+            for name in sorted(waiting):
+                try:
+                    with self.agents[name].client(timeout=1.0) as c:
+                        if c.status().leader_id:
+                            waiting.discard(name)
+                except AgentdError:
+                    pass
+            self._check_alive()
+            time.sleep(0.1)
+        if waiting:
+            raise NotAvailable(f"agents {sorted(waiting)} follow no leader after {timeout:g}s; logs in {self.root}")
 
     def wait_for_inventories(self, timeout: float = 30.0) -> None:
         """Until the leader holds every agent's inventory report: placement only sees hosts that reported,

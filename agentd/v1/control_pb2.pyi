@@ -191,7 +191,7 @@ class PlanReply(_message.Message):
     def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked")
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked", "role")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class Node(_message.Message):
     CORDONED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DRAIN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: str
@@ -218,7 +219,8 @@ class Node(_message.Message):
     cordoned: _containers.RepeatedScalarFieldContainer[str]
     draining: int
     drain_blocked: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ...) -> None: ...
+    role: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class CordonRequest(_message.Message):
     __slots__ = ("target", "reason", "drain", "force")
@@ -279,12 +281,14 @@ class ListNodesReply(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
-    __slots__ = ("deployment", "local")
+    __slots__ = ("deployment", "local", "reported_only")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_ONLY_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     local: bool
-    def __init__(self, deployment: _Optional[str] = ..., local: _Optional[bool] = ...) -> None: ...
+    reported_only: bool
+    def __init__(self, deployment: _Optional[str] = ..., local: _Optional[bool] = ..., reported_only: _Optional[bool] = ...) -> None: ...
 
 class ListInstancesReply(_message.Message):
     __slots__ = ("instances",)
@@ -341,7 +345,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "last_applied", "members", "agent_version", "state_format", "cluster_format", "upgrade_required", "wire_version")
+    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "last_applied", "members", "agent_version", "state_format", "cluster_format", "upgrade_required", "wire_version", "watching")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +358,7 @@ class StatusReply(_message.Message):
     CLUSTER_FORMAT_FIELD_NUMBER: _ClassVar[int]
     UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WATCHING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     leader_id: str
     leader_address: str
@@ -366,7 +371,8 @@ class StatusReply(_message.Message):
     cluster_format: int
     upgrade_required: str
     wire_version: int
-    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wire_version: _Optional[int] = ...) -> None: ...
+    watching: str
+    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wire_version: _Optional[int] = ..., watching: _Optional[str] = ...) -> None: ...
 
 class LogsRequest(_message.Message):
     __slots__ = ("instance_id", "part", "follow", "previous", "tail_lines")

@@ -157,30 +157,34 @@ class RaftSendReply(_message.Message):
     def __init__(self, received: _Optional[int] = ...) -> None: ...
 
 class RaftJoinRequest(_message.Message):
-    __slots__ = ("node_id", "address", "has_log", "agent_version", "state_format")
+    __slots__ = ("node_id", "address", "has_log", "agent_version", "state_format", "can_watch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HAS_LOG_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CAN_WATCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     has_log: bool
     agent_version: str
     state_format: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., has_log: _Optional[bool] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ...) -> None: ...
+    can_watch: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., has_log: _Optional[bool] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., can_watch: _Optional[bool] = ...) -> None: ...
 
 class RaftJoinReply(_message.Message):
-    __slots__ = ("cluster_id", "leader_id", "members", "voter")
+    __slots__ = ("watcher", "cluster_id", "leader_id", "members", "voter")
+    WATCHER_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
+    watcher: bool
     cluster_id: str
     leader_id: str
     members: _containers.RepeatedCompositeFieldContainer[RaftMember]
     voter: bool
-    def __init__(self, cluster_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ..., voter: _Optional[bool] = ...) -> None: ...
+    def __init__(self, watcher: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ..., voter: _Optional[bool] = ...) -> None: ...
 
 class RaftLeaveRequest(_message.Message):
     __slots__ = ("node_id",)
@@ -193,3 +197,47 @@ class RaftLeaveReply(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     members: _containers.RepeatedCompositeFieldContainer[RaftMember]
     def __init__(self, members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ...) -> None: ...
+
+class RaftWatchRequest(_message.Message):
+    __slots__ = ("node_id", "from_index", "cluster_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    from_index: int
+    cluster_id: str
+    def __init__(self, node_id: _Optional[str] = ..., from_index: _Optional[int] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+
+class RaftWatchSnapshot(_message.Message):
+    __slots__ = ("index", "term", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    term: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RaftWatchLeader(_message.Message):
+    __slots__ = ("leader_id", "leader_address", "term", "commit_index", "members")
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    leader_id: str
+    leader_address: str
+    term: int
+    commit_index: int
+    members: _containers.RepeatedCompositeFieldContainer[RaftMember]
+    def __init__(self, leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ...) -> None: ...
+
+class RaftWatchEvent(_message.Message):
+    __slots__ = ("snapshot", "entry", "leader")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    snapshot: RaftWatchSnapshot
+    entry: RaftEntry
+    leader: RaftWatchLeader
+    def __init__(self, snapshot: _Optional[_Union[RaftWatchSnapshot, _Mapping]] = ..., entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., leader: _Optional[_Union[RaftWatchLeader, _Mapping]] = ...) -> None: ...

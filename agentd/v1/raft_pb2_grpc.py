@@ -49,6 +49,11 @@ class RaftStub:
                 request_serializer=agentd_dot_v1_dot_raft__pb2.RaftLeaveRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_raft__pb2.RaftLeaveReply.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/agentd.v1.Raft/Watch',
+                request_serializer=agentd_dot_v1_dot_raft__pb2.RaftWatchRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_raft__pb2.RaftWatchEvent.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -72,6 +77,12 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=agentd_dot_v1_dot_raft__pb2.RaftLeaveRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_raft__pb2.RaftLeaveReply.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=agentd_dot_v1_dot_raft__pb2.RaftWatchRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_raft__pb2.RaftWatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Raft:
             '/agentd.v1.Raft/Leave',
             agentd_dot_v1_dot_raft__pb2.RaftLeaveRequest.SerializeToString,
             agentd_dot_v1_dot_raft__pb2.RaftLeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Raft/Watch',
+            agentd_dot_v1_dot_raft__pb2.RaftWatchRequest.SerializeToString,
+            agentd_dot_v1_dot_raft__pb2.RaftWatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ from agentd.cluster.raft.transport import (
     CHANNEL_OPTIONS,
     FORWARDED,
     LEADER_HINT,
+    SERVICE,
     AskTheLeader,
     GrpcTransport,
     TransportEvents,
@@ -51,6 +52,7 @@ from agentd.cluster.raft.types import (
     Ready,
     Role,
 )
+from agentd.cluster.watch import WATCHER_MARKER, Watcher, WatchFeed, read_watcher_marker, write_watcher_marker
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
@@ -100,6 +102,10 @@ class RaftOptions:
     max_command_bytes: int = 1 << 20
     max_snapshot_bytes: int = 1 << 30
     fast_failover: bool = True
+    # Watchers (docs/cluster.md): with every voter seat taken, a joiner that can watch stays out of Raft, except
+    # for this many standby learners (kept caught up, promoted when a voter is removed).
+    can_watch: bool = False
+    standby_learners: int = 2
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> RaftOptions:
@@ -109,6 +115,8 @@ class RaftOptions:
             "election_timeout_max": settings.election_timeout_max,
             "max_voters": settings.max_voters,
             "voters": tuple(settings.voters),
+            "can_watch": True,
+            "standby_learners": settings.standby_learners,
         }
         values.update(overrides)
         return cls(**values)
@@ -152,6 +160,7 @@ class RaftNode:
         self.options = options or RaftOptions()
         self.sm = state_machine
         self.join_addresses = [a for a in join if a and a != address]
+        self._data_dir = Path(data_dir)
         self._storage: Storage = storage or FileStorage(Path(data_dir) / "raft", node_id)
         self._rng = rng or random.Random()
         self._clock = clock
@@ -166,6 +175,16 @@ class RaftNode:
         self._server = server or grpc.aio.server(options=CHANNEL_OPTIONS)
         self._listen = listen or address
         self.transport.register(self._server)
+        # Watchers (agentd/cluster/watch.py): a member serves its applied entries; a watcher follows one.
+        self.feed = WatchFeed()
+        self.watcher: Watcher | None = None
+        self.can_watch: Callable[[str], bool] = lambda member_id: False  # the daemon: runs a release that can
+        self.on_removed: Callable[[], bool] = lambda: False  # True: a learner removed to make it a watcher
+        self.on_watcher_joined: Callable[[str, str], Awaitable[None]] = _nothing  # the daemon records the host
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                self._on_watch, request_deserializer=pb.RaftWatchRequest.FromString,
+                response_serializer=pb.RaftWatchEvent.SerializeToString)})])
         self.core: RaftCore | None = None
         self.cluster_id = ""
         self._last_applied = 0
@@ -199,14 +218,18 @@ class RaftNode:
 
     @property
     def is_leader(self) -> bool:
-        return self.core is not None and self.core.role == Role.LEADER
+        return self.watcher is None and self.core is not None and self.core.role == Role.LEADER
 
     @property
     def leader_id(self) -> str | None:
+        if self.watcher is not None:
+            return self.watcher.leader_id
         return self.core.leader if self.core else None
 
     @property
     def leader_address(self) -> str | None:
+        if self.watcher is not None:
+            return self.watcher.leader_address
         leader = self.leader_id
         if leader is None:
             return None
@@ -220,19 +243,27 @@ class RaftNode:
 
     @property
     def term(self) -> int:
+        if self.watcher is not None:
+            return self.watcher.term
         return self.core.term if self.core else 0
 
     @property
     def commit_index(self) -> int:
+        if self.watcher is not None:
+            return self.watcher.commit_index
         return self.core.committed if self.core else 0
 
     @property
     def last_applied(self) -> int:
-        return self._last_applied
+        return self.watcher.last_applied if self.watcher is not None else self._last_applied
 
     @property
     def members(self) -> dict[str, Member]:
-        """The latest membership (in force as soon as it is in the log): id -> Member(address, voter)."""
+        """The latest membership (in force as soon as it is in the log): id -> Member(address, voter).
+
+        A watcher is no member: it returns the members its voter last told it of."""
+        if self.watcher is not None:
+            return dict(self.watcher.members)
         return {m.id: m for m in self.core.membership.members} if self.core else {}
 
     def subscribe(self, callback: Callable[[LeaderChange], None]) -> Callable[[], None]:
@@ -257,6 +288,11 @@ class RaftNode:
         Raises RaftStorageError for a damaged data directory and PeerError when
         no join address accepted us within `join_timeout`.
         """
+        marker = await asyncio.to_thread(read_watcher_marker, self._watcher_marker)
+        if marker is not None:  # a watcher restarting: no log to load, a snapshot from a voter catches it up
+            await self._serve_if_own()
+            self._become_watcher(marker["cluster_id"], [*marker.get("seeds", []), *self.join_addresses])
+            return
         state = await asyncio.to_thread(self._storage.load)
         joining = False
         if state.is_empty() and not self.join_addresses:
@@ -273,11 +309,7 @@ class RaftNode:
             self.sm.restore(state.snapshot.data)
             self._last_applied = state.snapshot.meta.index
         self._sync_addresses()
-        if self._own_server:
-            self.bound_port = self._server.add_insecure_port(self._listen)
-            if not self.bound_port:
-                raise NotAvailable(f"cannot listen on {self._listen}")
-            await self._server.start()
+        await self._serve_if_own()
         self.transport.ready = True
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
@@ -299,6 +331,66 @@ class RaftNode:
                 await self.stop(graceful=False)
                 raise
 
+    async def _serve_if_own(self) -> None:
+        if self._own_server and self.bound_port is None:
+            self.bound_port = self._server.add_insecure_port(self._listen)
+            if not self.bound_port:
+                raise NotAvailable(f"cannot listen on {self._listen}")
+            await self._server.start()
+
+    # ------------------------------------------------------------ watchers (agentd/cluster/watch.py)
+
+    @property
+    def _watcher_marker(self) -> Path:
+        return self._data_dir / "raft" / WATCHER_MARKER
+
+    def _become_watcher(self, cluster_id: str, seeds: Sequence[str]) -> None:
+        """Follow the committed state from voters' Watch streams instead of holding the log."""
+        self.cluster_id = self.transport.cluster_id = cluster_id
+        self.watcher = Watcher(self.id, cluster_id, self.sm, [a for a in seeds if a and a != self.address],
+                               self.transport.open_channel, on_leader=self._on_watched_leader)
+        if self.core is not None:
+            self.watcher.members = {m.id: m for m in self.core.membership.members}
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(), name=f"raft-watch-{self.id}"))
+        log.info("following the cluster as a watcher", extra=fields(node=self.id, cluster=cluster_id,
+                                                                     last_applied=self.watcher.last_applied))
+
+    async def _watch(self) -> None:
+        try:
+            await self.watcher.run()
+        finally:
+            if self.watcher is not None and self.watcher.upgrade_required:
+                self.upgrade_required = self.watcher.upgrade_required
+
+    def _on_watched_leader(self, leader: str | None, term: int) -> None:
+        if leader:
+            self._leader_event.set()
+        else:
+            self._leader_event.clear()
+        change = LeaderChange(False, leader, term)
+        for cb in list(self._subscribers):
+            cb(change)
+
+    async def _convert_to_watcher(self) -> None:
+        """A learner the leader removed to make room (only voters hold the log): keep the state, watch on."""
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        self._tasks = [t for t in self._tasks if t is asyncio.current_task()]
+        self._fail_all(NotAvailable(f"{self.id} became a watcher; retry against the leader"))
+        seeds = [m.address for m in self.core.membership.members if m.id != self.id]
+        await asyncio.to_thread(write_watcher_marker, self._watcher_marker, self.cluster_id, seeds)
+        self._become_watcher(self.cluster_id, seeds)
+
+    async def _on_watch(self, req: pb.RaftWatchRequest, context: grpc.aio.ServicerContext):
+        if self.watcher is not None or self.core is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.id} holds no log: watch a voter")
+        if req.cluster_id and self.cluster_id and req.cluster_id != self.cluster_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"watcher of cluster {req.cluster_id}; this node is in {self.cluster_id}")
+        async for ev in self.feed.serve(req, self, self.sm, self._clock):
+            yield ev
+
     def _bootstrap(self) -> PersistedState:
         cluster_id = uuid.uuid4().hex
         membership = Membership((Member(self.id, self.address, True),))
@@ -317,6 +409,8 @@ class RaftNode:
                 await self.transfer_leadership(timeout=self.options.election_timeout_min)
         self._stopping = True
         self.transport.ready = False
+        if self.watcher is not None:
+            await self.watcher.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -336,6 +430,8 @@ class RaftNode:
 
     async def propose(self, command: bytes, timeout: float | None = None) -> Any:
         """Replicate `command`; returns the state machine's result once committed and applied here."""
+        if self.watcher is not None:
+            raise NotAvailable(self._not_leader())
         if len(command) > self.options.max_command_bytes:
             raise InvalidInput(f"command of {len(command)} bytes exceeds {self.options.max_command_bytes}")
         core = self._running_core()
@@ -352,6 +448,11 @@ class RaftNode:
                                                "(it may still commit)")
 
     async def read_barrier(self, timeout: float | None = None) -> int:
+        if self.watcher is not None:
+            raise NotAvailable(self._not_leader())
+        return await self._read_barrier(timeout)
+
+    async def _read_barrier(self, timeout: float | None = None) -> int:
         """Linearizable read point: once this returns, the local state reflects every write committed before the call.
 
         Only the leader can serve it (ReadIndex: it confirms with a quorum that it
@@ -512,6 +613,7 @@ class RaftNode:
                 self._stop_applying(exc)
                 return
             self._last_applied = rd.snapshot.meta.index
+            self.feed.reset()
             for index in [i for i in self._proposals if i <= self._last_applied]:
                 _, fut = self._proposals.pop(index)
                 _fail(fut, NotAvailable("replaced by a snapshot from the leader; outcome unknown, check and retry"))
@@ -532,6 +634,7 @@ class RaftNode:
                 membership_changed = True
                 result = Membership.decode(e.data)
             self._last_applied = e.index
+            self.feed.applied(e)
             pending = self._proposals.pop(e.index, None)
             if pending is not None:
                 term, fut = pending
@@ -562,9 +665,14 @@ class RaftNode:
             self._read_waiting = still
         if membership_changed or rd.install or any(e.kind == EntryKind.CONFIG for e in rd.entries):
             self._sync_addresses()
-            if membership_changed and self.core.membership.get(self.id) is None:
-                log.warning("this node was removed from the cluster; it follows no leader and never campaigns",
-                            extra=fields(node=self.id))
+            if membership_changed and self.core.membership.get(self.id) is None and self.watcher is None:
+                if self.on_removed():
+                    log.info("removed from Raft to make room: this agent goes on as a watcher",
+                             extra=fields(node=self.id))
+                    asyncio.get_running_loop().create_task(self._convert_to_watcher())
+                else:
+                    log.warning("this node was removed from the cluster; it follows no leader and never campaigns",
+                                extra=fields(node=self.id))
 
     def _maybe_snapshot(self) -> None:
         core = self.core
@@ -634,6 +742,12 @@ class RaftNode:
                                f"{self.leader_address or '?'}", self.leader_address or "")
         core = self._leader_core()
         existing = core.membership.get(req.node_id)
+        if existing is None and req.can_watch and not self._wants_member(req.node_id):
+            log.info("a host joined as a watcher", extra=fields(node=self.id, watcher=req.node_id))
+            await self.on_watcher_joined(req.node_id, req.address)
+            return pb.RaftJoinReply(cluster_id=self.cluster_id, leader_id=self.id, watcher=True,
+                                    members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
+                                             for m in self.members.values()])
         async with asyncio.timeout(self.options.catch_up_timeout + self.options.propose_timeout):
             if existing is None:
                 await self.add_member(req.node_id, req.address, voter=False)
@@ -694,7 +808,8 @@ class RaftNode:
             stub = GrpcTransport.stub(self._channel(address))
             try:
                 reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address,
-                                                           agent_version=AGENT_VERSION, state_format=STATE_FORMAT),
+                                                           agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
+                                                           can_watch=self.options.can_watch),
                                         timeout=self.options.catch_up_timeout + self.options.propose_timeout)
             except grpc.aio.AioRpcError as exc:
                 last_error = f"{address}: {exc.code().name}: {exc.details()}"
@@ -710,6 +825,17 @@ class RaftNode:
                 continue
             for m in reply.members:
                 self.transport.learn(m.id, m.address)
+            if reply.watcher:
+                seeds = [m.address for m in reply.members]
+                await asyncio.to_thread(write_watcher_marker, self._watcher_marker, reply.cluster_id, seeds)
+                for t in self._tasks:  # no log to keep: the Raft loop has nothing to do here
+                    t.cancel()
+                self._tasks = []
+                self._become_watcher(reply.cluster_id, seeds)
+                self.watcher.members = {m.id: Member(m.id, m.address, m.voter) for m in reply.members}
+                log.info("joined the cluster as a watcher", extra=fields(node=self.id, cluster=reply.cluster_id,
+                                                                        leader=reply.leader_id))
+                return
             await asyncio.to_thread(self._storage.set_cluster_id, reply.cluster_id)
             self.cluster_id = reply.cluster_id
             self.transport.cluster_id = reply.cluster_id
@@ -740,6 +866,15 @@ class RaftNode:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def _wants_member(self, member_id: str) -> bool:
+        """Whether a new host joins Raft (to vote, or as a standby learner) rather than watching."""
+        m = self.core.membership
+        if self.options.voters:
+            return member_id in self.options.voters or (
+                len([x for x in m.members if x.id not in self.options.voters]) < self.options.standby_learners)
+        # Seats are taken in join order: learners waiting for promotion hold theirs.
+        return len(m.members) < self.options.max_voters + self.options.standby_learners
+
     def _should_vote(self, member_id: str) -> bool:
         if self.options.voters:
             return member_id in self.options.voters
@@ -765,6 +900,7 @@ class RaftNode:
                      and core.progress[i].state == ProgressState.REPLICATE
                      and core.progress[i].match >= core.committed]
             if not ready:
+                await self._learners_to_watchers(m, wanted)
                 continue
             target = sorted(ready)[0]
             try:
@@ -773,6 +909,20 @@ class RaftNode:
                 log.info("promoted a learner to voter", extra=fields(node=self.id, member=target))
             except AgentdError as exc:
                 log.info("could not promote a learner yet", extra=fields(member=target, reason=str(exc)))
+
+    async def _learners_to_watchers(self, m: Membership, wanted: list[str]) -> None:
+        """Learners beyond the standby ones, of a release that can watch, leave Raft and watch instead (a
+        cluster of agentd 0.1.0 made every host a learner: this converts it during a rolling upgrade)."""
+        spare = [x.id for x in m.members if not x.voter and x.id not in wanted and self.can_watch(x.id)]
+        extra = len(m.members) - len(m.voters) - self.options.standby_learners
+        for member_id in sorted(spare)[:max(0, min(extra, 1))]:  # one change at a time
+            try:
+                async with self._config_lock:
+                    await self._change(ConfigChange("remove", member_id))
+                log.info("a learner leaves Raft to watch instead", extra=fields(node=self.id, member=member_id))
+            except AgentdError as exc:
+                log.info("could not turn a learner into a watcher yet", extra=fields(member=member_id,
+                                                                                     reason=str(exc)))
 
     async def _change(self, change: ConfigChange) -> None:
         """Propose one membership change and wait until it is applied; retries while another is in flight."""
@@ -841,6 +991,10 @@ class RaftNode:
     def set_partition(self, peers: Iterable[str]) -> None:
         """Fault injection: drop all Raft traffic to and from `peers` (empty heals)."""
         self.transport.set_blocked(peers)
+
+
+async def _nothing(*args: Any) -> None:
+    return None
 
 
 def _consume(fut: asyncio.Future) -> None:

@@ -1,0 +1,298 @@
+"""Watchers: hosts that follow the committed state without holding the Raft log (docs/cluster.md).
+
+Only voters (and a learner or two) are Raft members. Every other host is a
+*watcher*: it keeps its copy of the replicated state from a `Raft/Watch` stream
+served by any voter, not only the leader, so the leader's cost does not grow
+with AppendEntries to every host.
+
+- The voter's side is `WatchFeed`: the committed entries it applied lately
+  (a bounded window), and a stream per watcher: a snapshot of the state machine
+  when the watcher is new or asks for an index the window no longer holds, then
+  every committed entry in order, and the leader's identity every second.
+- The watcher's side is `Watcher`: it applies what the stream carries to its
+  state machine, exactly once and in order (an entry at or below what it applied
+  is skipped, a gap makes it reconnect and ask again), and when its voter goes
+  away it asks the next one for the entry after its last applied one.
+
+Only committed entries are ever streamed (a voter applies nothing else), so the
+fencing rules of the state machine hold for watchers as for voters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from agentd.cluster.raft.storage import RaftStorageError
+from agentd.cluster.raft.types import Entry, EntryKind, Member
+from agentd.errors import UpgradeRequired
+from agentd.logs import fields
+from agentd.v1 import raft_pb2 as pb
+from agentd.v1 import raft_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WATCHER_MARKER = "watcher.json"  # in the Raft directory of a watcher: its cluster, and voters to ask first
+FEED_KEEP = 4096  # committed entries a voter keeps for watchers that resume
+LEADER_EVERY = 1.0  # seconds between leader events on an idle stream
+
+
+class Applier(Protocol):
+    last_index: int
+    last_term: int
+
+    def apply(self, index: int, term: int, command: bytes) -> Any: ...
+    def snapshot(self) -> bytes: ...
+    def restore(self, data: bytes) -> None: ...
+
+
+class VoterView(Protocol):
+    """What the feed reads of the voter that serves it."""
+
+    @property
+    def leader_id(self) -> str | None: ...
+    @property
+    def leader_address(self) -> str | None: ...
+    @property
+    def term(self) -> int: ...
+    @property
+    def commit_index(self) -> int: ...
+    @property
+    def last_applied(self) -> int: ...
+    @property
+    def members(self) -> dict[str, Member]: ...
+
+
+class WatchFeed:
+    """A voter's recently applied entries, and the streams of the watchers that follow it."""
+
+    def __init__(self, keep: int = FEED_KEEP):
+        self.keep = keep
+        self._entries: list[Entry] = []
+        self._changed = asyncio.Event()
+        self.streams = 0
+
+    def applied(self, entry: Entry) -> None:
+        if self._entries and entry.index != self._entries[-1].index + 1:
+            self._entries = []  # not contiguous (a snapshot came in between): start the window afresh
+        self._entries.append(entry)
+        if len(self._entries) > 2 * self.keep:
+            del self._entries[: len(self._entries) - self.keep]
+        self._notify()
+
+    def reset(self) -> None:
+        """A snapshot replaced the state: the window no longer continues it."""
+        self._entries = []
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _entry(self, index: int) -> Entry | None:
+        if not self._entries or not self._entries[0].index <= index <= self._entries[-1].index:
+            return None
+        return self._entries[index - self._entries[0].index]
+
+    async def serve(self, req: pb.RaftWatchRequest, voter: VoterView, sm: Applier,
+                    clock: Callable[[], float] = time.monotonic) -> AsyncIterator[pb.RaftWatchEvent]:
+        self.streams += 1
+        try:
+            next_index = req.from_index
+            if next_index == 0 or (next_index <= voter.last_applied and self._entry(next_index) is None):
+                next_index = self._snapshot_point(voter)
+                yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=voter.last_applied,
+                                                                      term=sm.last_term, data=sm.snapshot()))
+            sent_leader = None
+            last_sent = 0.0
+            while True:
+                changed = self._changed
+                while next_index <= voter.last_applied:
+                    e = self._entry(next_index)
+                    if e is None:  # fell out of the window while this watcher was slow: start it over
+                        next_index = self._snapshot_point(voter)
+                        yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(
+                            index=voter.last_applied, term=sm.last_term, data=sm.snapshot()))
+                        continue
+                    yield pb.RaftWatchEvent(entry=pb.RaftEntry(index=e.index, term=e.term, kind=int(e.kind),
+                                                               data=e.data))
+                    next_index += 1
+                leader = (voter.leader_id, voter.term)
+                if leader != sent_leader or clock() - last_sent >= LEADER_EVERY:
+                    yield pb.RaftWatchEvent(leader=pb.RaftWatchLeader(
+                        leader_id=voter.leader_id or "", leader_address=voter.leader_address or "",
+                        term=voter.term, commit_index=voter.commit_index,
+                        members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
+                                 for m in voter.members.values()]))
+                    sent_leader, last_sent = leader, clock()
+                try:
+                    await asyncio.wait_for(changed.wait(), LEADER_EVERY)
+                except TimeoutError:
+                    pass
+        finally:
+            self.streams -= 1
+
+    @staticmethod
+    def _snapshot_point(voter: VoterView) -> int:
+        return voter.last_applied + 1
+
+
+class Watcher:
+    """A watcher's loop: follow one voter's Watch stream, move to another when it goes away."""
+
+    def __init__(self, node_id: str, cluster_id: str, sm: Applier, seeds: list[str],
+                 open_channel: Callable[[str], grpc.aio.Channel], *,
+                 on_leader: Callable[[str | None, int], None] = lambda leader, term: None,
+                 retry: float = 0.2):
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.sm = sm
+        self.seeds = list(seeds)
+        self._open_channel = open_channel
+        self._on_leader = on_leader
+        self._retry = retry
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.last_applied = sm.last_index
+        self.leader_id: str | None = None
+        self.leader_address: str | None = None
+        self.term = 0
+        self.commit_index = 0
+        self.members: dict[str, Member] = {}
+        self.upgrade_required = ""
+        self.source = ""  # the voter it streams from now
+        self.applied_event = asyncio.Event()
+
+    def candidates(self) -> list[str]:
+        """Voters first, each watcher starting at a different one (by its name) so they spread; then seeds."""
+        voters = sorted(m.address for m in self.members.values() if m.voter and m.address)
+        if voters:
+            k = zlib.crc32(self.node_id.encode()) % len(voters)
+            voters = voters[k:] + voters[:k]
+        others = sorted(m.address for m in self.members.values() if not m.voter and m.address)
+        out = []
+        for a in [*voters, *others, *self.seeds]:
+            if a not in out:
+                out.append(a)
+        return out
+
+    async def run(self) -> None:
+        while not self.upgrade_required:
+            for address in self.candidates():
+                try:
+                    await self._follow(address)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("watch stream ended; trying the next voter",
+                             extra=fields(node=self.node_id, voter=address, code=exc.code().name,
+                                          error=(exc.details() or "")[:200], last_applied=self.last_applied))
+                except _Gap as gap:
+                    log.warning("watch stream skipped entries; asking again", extra=fields(
+                        node=self.node_id, voter=address, got=gap.index, expected=self.last_applied + 1))
+                if self.upgrade_required:
+                    return
+            self.source = ""
+            await asyncio.sleep(self._retry)
+
+    async def _follow(self, address: str) -> None:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = self._open_channel(address)
+        stub = raft_pb2_grpc.RaftStub(ch)
+        req = pb.RaftWatchRequest(node_id=self.node_id, cluster_id=self.cluster_id,
+                                  from_index=self.last_applied + 1 if self.last_applied else 0)
+        call = stub.Watch(req)
+        self.source = address
+        async for ev in call:
+            body = ev.WhichOneof("body")
+            if body == "snapshot":
+                self._restore(ev.snapshot)
+            elif body == "entry":
+                self._apply(ev.entry)
+            elif body == "leader":
+                self._leader(ev.leader)
+            if self.upgrade_required:
+                call.cancel()
+                return
+
+    def _restore(self, s: pb.RaftWatchSnapshot) -> None:
+        if s.index <= self.last_applied:
+            return  # nothing newer than what it holds
+        try:
+            self.sm.restore(s.data)
+        except UpgradeRequired as exc:
+            self._stop(exc)
+            return
+        self.last_applied = s.index
+        self.applied_event.set()
+
+    def _apply(self, e: pb.RaftEntry) -> None:
+        if e.index <= self.last_applied:
+            return  # a resumed stream may repeat: applied once
+        if e.index != self.last_applied + 1:
+            raise _Gap(e.index)
+        if e.kind == EntryKind.NORMAL:
+            try:
+                self.sm.apply(e.index, e.term, e.data)
+            except UpgradeRequired as exc:
+                self._stop(exc)
+                return
+        self.last_applied = e.index
+        self.applied_event.set()
+
+    def _leader(self, m: pb.RaftWatchLeader) -> None:
+        changed = (m.leader_id or None, m.term) != (self.leader_id, self.term)
+        self.leader_id, self.leader_address = m.leader_id or None, m.leader_address or None
+        self.term, self.commit_index = m.term, m.commit_index
+        if m.members:
+            self.members = {x.id: Member(x.id, x.address, x.voter) for x in m.members}
+        if changed:
+            self._on_leader(self.leader_id, self.term)
+
+    def _stop(self, exc: UpgradeRequired) -> None:
+        self.upgrade_required = str(exc)
+        log.critical("stopped applying the replicated state: this agent needs an upgrade",
+                     extra=fields(node=self.node_id, reason=self.upgrade_required, last_applied=self.last_applied))
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+class _Gap(Exception):
+    def __init__(self, index: int):
+        self.index = index
+        super().__init__(f"entry {index} after a gap")
+
+
+def write_watcher_marker(path: Path, cluster_id: str, seeds: list[str]) -> None:
+    """Written once a host is told to watch: on restart it watches again instead of joining Raft."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"cluster_id": cluster_id, "seeds": sorted(set(seeds))}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_watcher_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RaftStorageError(f"unreadable ({exc}): delete it and start the agent with --join", where=str(path)) \
+            from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("cluster_id"), str) or not raw["cluster_id"]:
+        raise RaftStorageError("names no cluster: delete it and start the agent with --join", where=str(path))
+    return raw
