@@ -34,12 +34,13 @@ def test_version_json_lists_builtin_plugins():
     data = json.loads(proc.stdout)
     assert data["version"] and data["agentd"] == data["version"]
     plugins = {p["name"]: p for p in data["plugins"]}
-    assert set(plugins) >= {"vllm", "llamabox"}
+    assert set(plugins) >= {"vllm", "llamabox", "sglang"}
     assert plugins["llamabox"]["distribution"] == "agentd-llamabox"
     assert plugins["llamabox"]["version"] == importlib.metadata.version("agentd-llamabox")
     from agentd.plugins.api import API_VERSION
 
-    assert plugins["llamabox"]["api"] == plugins["vllm"]["api"] == API_VERSION  # read from package metadata
+    # read from package metadata, without importing the plugins
+    assert plugins["llamabox"]["api"] == plugins["vllm"]["api"] == plugins["sglang"]["api"] == API_VERSION
 
 
 def test_global_json_flag_before_subcommand():

@@ -11,10 +11,11 @@ GROUP = "agentd.plugins"
 def test_builtin_plugins_load_through_entry_points():
     mgr = PluginManager.load()
     names = {p.name for p in mgr.loaded}
-    assert {"vllm", "llamabox"} <= names
+    assert {"vllm", "llamabox", "sglang"} <= names
     # Registered through the installed distributions, exactly like a third-party plugin.
     dists = {p.name: p.distribution for p in mgr.loaded}
     assert dists["vllm"] == "agentd-vllm" and dists["llamabox"] == "agentd-llamabox"
+    assert dists["sglang"] == "agentd-sglang" and mgr.failures == []
     assert mgr.runtimes()["llamabox"].formats == ("gguf",)
 
 
@@ -36,8 +37,8 @@ def test_allowlist_and_disable():
 
 def test_unknown_runtime_is_invalid_input_naming_the_alternatives():
     mgr = PluginManager.load()
-    with pytest.raises(InvalidInput, match=r"unknown runtime 'sglang'.*llamabox"):
-        mgr.runtime("sglang")
+    with pytest.raises(InvalidInput, match=r"unknown runtime 'tgi'.*llamabox"):
+        mgr.runtime("tgi")
 
 
 def test_third_party_runtime_registers_through_the_same_hooks():
@@ -46,7 +47,7 @@ def test_third_party_runtime_registers_through_the_same_hooks():
         def agentd_runtime(self):
             return RuntimeInfo(name="sglang", formats=("safetensors",))
 
-    mgr = PluginManager.load()
+    mgr = PluginManager.load(allow=["vllm", "llamabox"])  # without the installed sglang plugin
     mgr.register(SGLang(), name="sglang")
     assert "sglang" in mgr.runtimes()
 
@@ -54,7 +55,7 @@ def test_third_party_runtime_registers_through_the_same_hooks():
 def test_cli_env_allowlist_and_disable():
     from tests.conftest import run_cli
 
-    proc = run_cli("plugins", "--json", env={"AGENTD_DISABLE_PLUGINS": "llamabox"})
+    proc = run_cli("plugins", "--json", env={"AGENTD_DISABLE_PLUGINS": "llamabox,sglang"})
     assert proc.returncode == 0, proc.stderr
     import json
 

@@ -1,0 +1,293 @@
+"""SGLang's placement rules: what `python -m sglang.launch_server` accepts, and how it takes memory.
+
+Rules mirror SGLang's own start-up checks (sglang 0.5.23), so agentd never
+proposes a layout SGLang would refuse:
+
+* heads % TP == 0, and KV heads % TP == 0 or TP % KV heads == 0
+  (QKVParallelLinear: KV heads are split, or replicated evenly when TP exceeds them);
+* PP <= layers, and PP > 1 only for models whose SGLang class is built for it
+  (PPMissingLayer: Llama, Qwen2/3 and their MoE, Mixtral, DeepSeek V2/V3, GLM-4, gpt-oss);
+* expert parallelism for MoE models, `--ep-size TP`, only where the experts divide evenly
+  over the ranks (otherwise the experts are tensor-parallel, as SGLang does by default);
+* context length no longer than the model's.
+
+Memory (how SGLang books it, srt/arg_groups/memory_hook.py and mem_cache/kv_cache_configurator.py):
+SGLang reads the GPU's free memory F when it starts, keeps `(1 - mem_fraction_static) x F` for
+activations and CUDA graphs, and fills `mem_fraction_static x F` with the weights and then the KV
+cache pool. It takes every free byte of the GPU, so agentd books each GPU whole
+(`ShardDemand(budget_fraction=1.0)`) and gives SGLang only GPUs that are at least
+`MIN_FREE_SHARE` free. Per GPU it needs
+
+    weights of the heaviest pipeline stage / TP
+  + KV cache of one full-context sequence for that stage's layers, per GPU
+  + R, SGLang's own activation reserve for the pinned batch limits:
+        512 MiB + 1.5 MiB x chunked_prefill_size + TP x PP / 8 GiB + 2 MiB x max_running_requests
+
+and `agentd_layout_args` pins what the estimate assumed: `--mem-fraction-static` (so that the
+reserve R stays outside the static pool on the chosen GPUs), `--chunked-prefill-size` and
+`--max-running-requests` (what R is computed for), and the context length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from agentd.plugins.api import (
+    Constraint,
+    LaunchParams,
+    Layout,
+    PipelineStages,
+    Rejection,
+    ShapeLimits,
+    ShardDemand,
+    Sharded,
+    TensorParallelDivisibility,
+    gib,
+    hookimpl,
+)
+from agentd.types import DeploymentSpec, MiB, ModelInfo
+
+NAME = "sglang"
+MIN_FREE_SHARE = 0.9  # a GPU given to SGLang has at least this share of its memory free
+CHUNKED_PREFILL_SIZE = 8192  # pinned: SGLang's own default for 40-160 GB GPUs
+MAX_RUNNING_REQUESTS = 256  # pinned: caps the decode CUDA-graph batch the reserve is sized for
+
+# Architectures whose SGLang model class supports pipeline parallel (its layers are PPMissingLayer
+# outside the rank's range). Conservative: an architecture missing here is never given PP > 1.
+PP_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "Phi3ForCausalLM", "InternLM3ForCausalLM", "MistralForCausalLM",
+    "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4ForCausalLM",
+    "GptOssForCausalLM",
+})
+
+
+def context_length(model: ModelInfo, spec: DeploymentSpec) -> int:
+    return spec.options.ctx_size or model.context_length
+
+
+def reserve_bytes(tp: int, pp: int) -> int:
+    """SGLang's activation + CUDA-graph reserve (memory_hook.handle_gpu_memory_settings) for the pinned
+    chunked_prefill_size and max_running_requests."""
+    mib = 512 + max(CHUNKED_PREFILL_SIZE, 2048) * 1.5 + tp * pp / 8 * 1024 + MAX_RUNNING_REQUESTS * 2
+    return int(mib * MiB)
+
+
+def expert_parallel(model: ModelInfo, tp: int) -> int:
+    """The --ep-size for `tp` ranks: TP when the experts divide evenly over them, else 1 (no EP)."""
+    if model.moe is None or tp == 1 or model.moe.num_experts % tp:
+        return 1
+    return tp
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class ContextLength(Constraint):
+    """SGLang refuses a --context-length above the model's (without SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN)."""
+
+    requested: int
+    model_max: int
+    name = "ContextLength"
+
+    def check_static(self) -> Rejection | None:
+        if self.requested <= self.model_max:
+            return None
+        return Rejection("request", "asks for a longer context than the model supports",
+                         f"{self.requested} tokens, the model's context length is {self.model_max}",
+                         {"requested": self.requested, "model_max": self.model_max}, subject_plural="requests",
+                         fix=f"use --ctx-size {self.model_max} or less")
+
+
+@dataclass(frozen=True)
+class WholeGpu(Constraint):
+    """SGLang takes every free byte of a GPU, so it gets only GPUs that are (nearly) all free, and on each
+    the static pool (weights + KV cache) and the activation reserve must fit in what is free.
+
+    Device level: at least MIN_FREE_SHARE of the GPU is free (memory held by other processes and by agentd's
+    other instances counts as used). Layout level: the estimate fits in MIN_FREE_SHARE of each chosen GPU,
+    so it fits in what SGLang will find free when it starts.
+    """
+
+    share: float = MIN_FREE_SHARE
+    static_fraction: float | None = None  # the user's --mem-fraction-static: weights + KV must fit in it
+    name = "WholeGpu"
+
+    def check_device(self, gpu) -> Rejection | None:
+        need = self.share * gpu.total
+        if gpu.free >= need:
+            return None
+        held = gpu.describe_foreign() if gpu.foreign else f"{gib(gpu.assigned)} assigned to agentd instances"
+        return Rejection("GPU", "was not free enough for SGLang (it takes a GPU whole)",
+                         f"needs {gib(need)} free ({self.share:g} x {gib(gpu.total)}), has {gib(gpu.free)}: {held}",
+                         {"needs": int(need), "free": gpu.free, "total": gpu.total}, where=gpu.label,
+                         closeness=gpu.free / need if need else 1.0,
+                         fix=f"free {gpu.label} ({held})" if gpu.foreign else "")
+
+    def check_layout(self, layout: Layout) -> Rejection | None:
+        need = layout.demand.per_gpu
+        for part in layout.parts:
+            # budget_fraction 1.0: each GPU's booking is its total memory
+            for index, total in zip(part.gpus, part.memory, strict=True):
+                if need > self.share * total:
+                    return Rejection("layout", "did not fit: the per-GPU share exceeds what SGLang finds free",
+                                     f"needs {gib(need)} per GPU, GPU {index} on {part.host} has "
+                                     f"{gib(self.share * total)} ({self.share:g} x {gib(total)})",
+                                     {"needs": need, "total": total}, where=layout.shape.label, list_where=True,
+                                     closeness=self.share * total / need)
+                static = layout.demand.breakdown.get("weights", 0) + layout.demand.breakdown.get("kv_cache", 0)
+                if self.static_fraction is not None and static > self.static_fraction * self.share * total:
+                    room = self.static_fraction * self.share * total
+                    return Rejection("layout", "did not fit: weights and KV cache exceed mem_fraction_static",
+                                     f"needs {gib(static)} per GPU, mem_fraction_static {self.static_fraction:g} "
+                                     f"of GPU {index} on {part.host} gives {gib(room)}",
+                                     {"needs": static, "total": total, "mem_fraction_static": self.static_fraction},
+                                     where=layout.shape.label, list_where=True, closeness=room / static)
+        return None
+
+
+@hookimpl
+def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
+    if runtime != NAME:
+        return None
+    return [
+        ContextLength(context_length(model, spec), model.context_length),
+        WholeGpu(static_fraction=spec.options.gpu_memory_utilization),
+        TensorParallelDivisibility(model.num_attention_heads, model.num_key_value_heads),
+        PipelineStages(model.num_hidden_layers, supported=model.architecture in PP_ARCHITECTURES,
+                       why_unsupported=f"SGLang has no pipeline parallel for {model.architecture}"),
+    ]
+
+
+# --------------------------------------------------------------------------- propose
+
+
+@hookimpl
+def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits):
+    if runtime != NAME:
+        return None
+    return _shapes(model, limits)
+
+
+def _shapes(model: ModelInfo, limits: ShapeLimits) -> Iterator[Sharded]:
+    """The fewest GPUs first; for a count, one host before several, larger TP before PP (SGLang's advice:
+    tensor parallel inside a node). Several hosts run one pipeline stage each (--pp-size = --nnodes).
+    Pinned GPUs: only the shapes that use exactly them."""
+    g = limits.max_gpus_per_host
+    if g == 0:
+        return
+    if limits.exact is not None:
+        counts = {n for _, n in limits.exact}
+        if len(limits.exact) == 1:
+            n = limits.exact[0][1]
+            yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
+        elif len(counts) == 1:
+            yield Sharded(counts.pop(), len(limits.exact), hosts=len(limits.exact))
+        return
+    max_hosts = min(limits.hosts, model.num_hidden_layers)
+    n_max = g * max(1, max_hosts)
+    budget = MIN_FREE_SHARE * limits.max_gpu_memory
+    lo = min(max(1, math.ceil(model.total_weight_bytes / budget)) if budget else 1, n_max)
+    for n in range(lo, n_max + 1):
+        if n <= g:
+            yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
+        for tp in range(min(g, n // 2), -(-n // max_hosts) - 1, -1) if max_hosts >= 2 else ():
+            if n % tp == 0:
+                yield Sharded(tp, n // tp, hosts=n // tp)
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def stage_layers(layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per pipeline stage as SGLang splits them (distributed/utils.get_pp_indices): even, and the
+    last `layers % pp` stages one more."""
+    q, r = divmod(layers, pp)
+    return (q,) * (pp - r) + (q + 1,) * r
+
+
+def _layer_sizes(model: ModelInfo) -> tuple[int, ...]:
+    if model.layer_bytes:
+        return tuple(model.layer_bytes) + (0,) * max(0, model.num_hidden_layers - len(model.layer_bytes))
+    rest = max(0, model.total_weight_bytes - sum(model.non_repeating_bytes.values()))
+    return (rest // model.num_hidden_layers,) * model.num_hidden_layers
+
+
+def _heaviest_stage(model: ModelInfo, stages: tuple[int, ...]) -> int:
+    nr = model.non_repeating_bytes
+    embed = nr.get("token_embd", 0)
+    head = (nr.get("output", 0) or (embed if len(stages) > 1 else 0)) + nr.get("output_norm", 0)
+    sizes = _layer_sizes(model)
+    out, start = 0, 0
+    for i, n in enumerate(stages):
+        w = sum(sizes[start:start + n]) + (embed if i == 0 else 0) + (head if i == len(stages) - 1 else 0)
+        out = max(out, w)
+        start += n
+    return out
+
+
+def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
+    """KV bytes per token per layer on one rank: MLA's latent cache is whole on every rank; GQA/MHA ranks
+    hold max(1, KV heads / TP) heads. Element size of the model dtype (--kv-cache-dtype auto)."""
+    elem = 4 if model.dtype.lower() in ("float32", "fp32") else 2
+    per = (model.kv_cache.k_elements + model.kv_cache.v_elements) * elem
+    if model.kv_cache.kind == "mla":
+        return per
+    kv = model.num_key_value_heads
+    return per * (kv // tp if kv >= tp else 1) / kv
+
+
+def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDemand:
+    tp, pp = shape.tp, shape.pp
+    stages = stage_layers(model.num_hidden_layers, pp)
+    weights = math.ceil(_heaviest_stage(model, stages) / tp)
+    kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * context_length(model, spec))
+    reserve = reserve_bytes(tp, pp)
+    return ShardDemand(per_gpu=weights + kv + reserve, budget_fraction=1.0, stage_layers=stages,
+                       breakdown={"weights": weights, "kv_cache": kv, "activation": reserve})
+
+
+@hookimpl
+def agentd_estimate(runtime, model: ModelInfo, spec: DeploymentSpec, shape):
+    if runtime != NAME or not isinstance(shape, Sharded):
+        return None
+    return estimate(model, spec, shape)
+
+
+# --------------------------------------------------------------------------- launch parameters
+
+
+def mem_fraction_static(layout: Layout, spec: DeploymentSpec) -> float:
+    """--mem-fraction-static for the chosen GPUs: the user's (deploy --gpu-memory-utilization), or what
+    leaves the activation reserve outside the static pool on the smallest chosen GPU when SGLang finds
+    MIN_FREE_SHARE of it free. Rounded down to 3 decimals (a smaller static pool only shrinks the KV
+    pool beyond the one sequence booked)."""
+    if spec.options.gpu_memory_utilization is not None:
+        return spec.options.gpu_memory_utilization
+    smallest = min(m for p in layout.parts for m in p.memory)
+    reserve = layout.demand.breakdown["activation"]
+    return math.floor((1 - reserve / (MIN_FREE_SHARE * smallest)) * 1000) / 1000
+
+
+@hookimpl
+def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layout):
+    if runtime != NAME or not isinstance(layout.shape, Sharded):
+        return None
+    shape = layout.shape
+    args = ["--tp-size", str(shape.tp), "--pp-size", str(shape.pp)]
+    ep = expert_parallel(model, shape.tp)
+    if ep > 1:
+        args += ["--ep-size", str(ep)]
+    args += ["--mem-fraction-static", f"{mem_fraction_static(layout, spec):g}",
+             "--chunked-prefill-size", str(CHUNKED_PREFILL_SIZE),
+             "--max-running-requests", str(MAX_RUNNING_REQUESTS),
+             "--context-length", str(context_length(model, spec))]
+    env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
+    return LaunchParams(args=tuple(args), env=env)
