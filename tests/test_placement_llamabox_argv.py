@@ -250,3 +250,27 @@ def test_what_the_estimate_assumes_is_pinned_in_the_argv(tmp_path):
     box = lb._for_llama_box(tuple(plan.replicas[0].args))
     assert "--flash-attn" in box and "on" not in box and "--kv-unified" not in box
     assert _flag(box, "--parallel") == str(memory.N_SEQ)
+
+
+def test_extra_args_that_change_the_batching_or_context_are_what_gets_booked():
+    """A deployment's extra args come last on llama-server's command line and win there: the estimate
+    follows them, so booking and argv cannot drift apart."""
+    from agentd_llamabox import memory
+
+    from agentd.types import RuntimeOptions
+
+    m = gguf_model(layers=4, layer_bytes=GiB, vocab=32000, kv_heads=8, head_dim=128)
+    base = estimate(m, spec("llamabox", ctx=4096))
+    s = spec("llamabox", ctx=4096)
+    more = s.model_copy(update={"options": RuntimeOptions(ctx_size=4096, extra_args=(
+        "-np", "8", "--ubatch-size=1024", "-c", "16384"))})
+    d = estimate(m, more)
+    assert d.breakdown["ctx_size"] == 16384 and d.breakdown["kv_per_layer"] == 4 * base.breakdown["kv_per_layer"]
+    assert d.breakdown["logits"] == 2 * base.breakdown["logits"]  # 1024 outputs per micro-batch
+    assert memory.batching(("-np", "8", "--ubatch-size=1024")) == memory.Batching(n_ubatch=1024, n_seq=8)
+    assert memory.batching(("-b", "256")) == memory.Batching(n_batch=256, n_ubatch=256)  # capped at the batch
+    assert memory.batching(("-np", "-1")) == memory.Batching()  # auto: llama-server's 4 slots
+    c = cluster(host("a", gpus=[gpu(0, 80, host="a")]))
+    args = place(c, m, more, plugins=PLUGINS).replicas[0].args
+    got = (_flag(args, "--parallel"), _flag(args, "--ubatch-size"), _flag(args, "--ctx-size"))
+    assert got == ("8", "1024", "16384")

@@ -54,10 +54,48 @@ CTX_PAD = 256
 SWA_PATTERNS = {"gemma3": 6, "gemma2": 2, "cohere2": 4, "gemma3n": 5}
 
 
-def pinned_args(n_seq: int = N_SEQ) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class Batching:
+    """Batch, micro-batch and slots: what the launched llama-server runs with, and the estimate assumes."""
+
+    n_batch: int = N_BATCH
+    n_ubatch: int = N_UBATCH
+    n_seq: int = N_SEQ
+
+
+_FLAGS = {"-b": "n_batch", "--batch-size": "n_batch", "-ub": "n_ubatch", "--ubatch-size": "n_ubatch",
+          "-np": "n_seq", "--parallel": "n_seq"}
+
+
+def flag_value(args: tuple[str, ...] | list[str], flags: tuple[str, ...]) -> str | None:
+    """The last value given to any of `flags` ("--flag v" or "--flag=v"), as llama.cpp's parser keeps it."""
+    found = None
+    for i, x in enumerate(args):
+        name, eq, inline = x.partition("=")
+        if name in flags:
+            if eq:
+                found = inline
+            elif i + 1 < len(args):
+                found = args[i + 1]
+    return found
+
+
+def batching(extra_args: tuple[str, ...] | list[str] = ()) -> Batching:
+    """The defaults, or what a deployment's extra args set instead (they come last on the command line and
+    win there, so the estimate follows them); llama.cpp caps the micro-batch at the batch."""
+    values = {"n_batch": N_BATCH, "n_ubatch": N_UBATCH, "n_seq": N_SEQ}
+    for field_name in set(_FLAGS.values()):
+        raw = flag_value(extra_args, tuple(f for f, n in _FLAGS.items() if n == field_name))
+        if raw is not None and raw.lstrip("-").isdigit() and int(raw) > 0:  # -np -1 is "auto": 4 slots
+            values[field_name] = int(raw)
+    values["n_ubatch"] = min(values["n_ubatch"], values["n_batch"])
+    return Batching(**values)
+
+
+def pinned_args(b: Batching = Batching()) -> tuple[str, ...]:
     """The flags the estimate assumes, for the main server's command line."""
-    return ("--flash-attn", "on", "--batch-size", str(N_BATCH), "--ubatch-size", str(N_UBATCH),
-            "--parallel", str(n_seq), "--kv-unified")
+    return ("--flash-attn", "on", "--batch-size", str(b.n_batch), "--ubatch-size", str(b.n_ubatch),
+            "--parallel", str(b.n_seq), "--kv-unified")
 
 
 def _pad(x: int, to: int = CTX_PAD) -> int:
@@ -120,9 +158,10 @@ class LlamaCppMemory:
         return max(self.logits + 6 * self.u_h, self.core + 3 * self.u_h) + self.masks + self.output_buffer
 
 
-def llama_cpp_memory(model: ModelInfo, ctx: int, n_seq: int = N_SEQ) -> LlamaCppMemory:
+def llama_cpp_memory(model: ModelInfo, ctx: int, b: Batching = Batching()) -> LlamaCppMemory:
+    n_seq = b.n_seq
     n_ctx = _pad(ctx)
-    t = min(n_ctx, N_UBATCH)
+    t = min(n_ctx, b.n_ubatch)
     u = t * 4
     h = model.hidden_size
     kv_el = model.kv_cache.k_elements + model.kv_cache.v_elements
@@ -148,5 +187,5 @@ def llama_cpp_memory(model: ModelInfo, ctx: int, n_seq: int = N_SEQ) -> LlamaCpp
         terms.append(model.num_attention_heads * (2 * kvc.kv_lora_rank + 3 * rope + nope) + 2 * h)
         mla_rope = u * model.num_attention_heads * rope
     return LlamaCppMemory(
-        n_ctx=n_ctx, kv_per_layer=kv, masks=masks, logits=min(t, N_BATCH) * model.vocab_size * 4,
+        n_ctx=n_ctx, kv_per_layer=kv, masks=masks, logits=min(t, b.n_batch) * model.vocab_size * 4,
         core=u * max(terms), u_h=u * h, mla_rope=mla_rope, output_buffer=n_seq * model.vocab_size * 4 * 2)
