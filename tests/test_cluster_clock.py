@@ -114,17 +114,17 @@ def test_a_leader_a_day_ahead_gives_keys_their_intended_lifetime_everywhere(tmp_
         c.wait_for_inventories()
         assert c.leader()[0] == "a"
         time.sleep(1.5)  # a has heard b's and c's clocks
-        ttl = 6.0
+        ttl = 15.0
         with c.agents["a"].client() as cl:
             created = time.time()
             reply = cl.call("CreateApiKey", spb.CreateApiKeyRequest(tenant="acme", ttl_seconds=ttl))
         assert abs(reply.info.expires_at - (created + ttl)) < 3, "stamped with the cluster's clock, not a's"
         urls = {n: f"http://{a.http_listen}/v1/models" for n, a in c.agents.items()}
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while {n: get(u, reply.key) for n, u in urls.items()} != dict.fromkeys(urls, 200):
             assert time.monotonic() < deadline, "the key never worked everywhere"
             time.sleep(0.1)
-        time.sleep(max(0.0, created + ttl + 2.0 - time.time()))
+        time.sleep(max(0.0, created + ttl + 2.0 - time.time()))  # the documented bound is about 1 s
         assert {n: get(u, reply.key) for n, u in urls.items()} == dict.fromkeys(urls, 401)
     finally:
         c.stop()
