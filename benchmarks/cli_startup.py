@@ -7,6 +7,9 @@ imports, the work, exit), measured from this process: the median, the fastest
 and the slowest of `--runs` runs, and the median minus that of `python -c pass`
 (the interpreter's own start). The commands run round-robin, one run of each in
 turn, so a burst of load elsewhere on the machine lands on every row alike.
+The last column is the median CPU time (user + system) of the process: on a
+machine that others load, wall times stretch with the run queue but CPU time
+mostly does not, so it says what the command itself costs.
 
 `status`, `ps` and `ls` talk to a real agent that this benchmark starts
 (`agentd serve` with a simulated host, one deployment of the tiny GGUF so `ps`
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,17 +38,23 @@ from agentd.v1 import control_pb2 as pb
 AGENTD = str(Path(sys.executable).with_name("agentd"))  # the console script an operator runs
 
 
-def _run_once(argv: list[str], env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole process."""
+    c0, t0 = _cpu(), time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
-    return elapsed
+    return elapsed, cpu
 
 
-def measure(rows: list[tuple[str, list[str], dict[str, str]]], runs: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+def measure(rows: list[tuple[str, list[str], dict[str, str]]], runs: int) -> dict[str, list[tuple[float, float]]]:
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
     for _name, argv, env in rows:  # one warm-up each: page cache, .pyc files
         _run_once(argv, env)
     for _ in range(runs):
@@ -99,13 +109,15 @@ def main() -> int:
         finally:
             for c in clusters:
                 c.stop()
-    floor = statistics.median(times["python -c pass"])
+    floor = statistics.median(w for w, _ in times["python -c pass"])
     width = max(len(name) for name in times)
-    print(f"{'command':<{width}}  {'n':>3}  {'median':>8}  {'min':>8}  {'max':>8}  {'- pass':>8}")
-    for name, xs in times.items():
+    print(f"{'command':<{width}}  {'n':>3}  {'median':>8}  {'min':>8}  {'max':>8}  {'- pass':>8}  {'CPU':>8}")
+    for name, runs_ in times.items():
+        xs = [w for w, _ in runs_]
         med = statistics.median(xs)
+        cpu = statistics.median(c for _, c in runs_)
         print(f"{name:<{width}}  {len(xs):>3}  {med * 1000:>6.0f}ms  {min(xs) * 1000:>6.0f}ms  "
-              f"{max(xs) * 1000:>6.0f}ms  {(med - floor) * 1000:>6.0f}ms")
+              f"{max(xs) * 1000:>6.0f}ms  {(med - floor) * 1000:>6.0f}ms  {cpu * 1000:>6.0f}ms")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     return 0
 
