@@ -306,6 +306,54 @@ def test_hosts_the_operator_did_not_approve_get_no_tenants_work(cluster, tmp_pat
     assert placed and hosts == {"a", "b", "c"}, hosts
 
 
+@pytest.mark.llamacpp
+def test_logs_are_read_where_the_instance_runs_by_an_admin_or_its_own_host(cluster, tmp_path):
+    lead, host = leader_and_follower(cluster)
+    third = next(n for n in cluster.agents if n not in (lead, host))
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(model, n_layers=8, hidden=256, ffn=512)
+    spec = pb.DeploymentSpec(name="logme", model=str(model), runtime="llamabox", replicas=1,
+                             options=pb.RuntimeOptions(ctx_size=256), pin=[pb.GpuPin(host=host)])
+    with cluster.agents[lead].client() as cl:
+        cl.deploy(spec)
+        deadline = time.monotonic() + 60
+        while True:
+            parts = cl.call("ListInstances", pb.ListInstancesRequest(deployment="logme")).instances
+            if parts and all(p.state == "RUNNING" for p in parts):
+                break
+            assert time.monotonic() < deadline and not any(p.state == "FATAL" for p in parts), parts
+            time.sleep(0.2)
+    try:
+        # An admin certificate at the leader is sent to the host that runs it; the client follows.
+        with cluster.agents[lead].client() as cl:
+            chunks = list(cl.stream("Logs", pb.LogsRequest(instance_id="logme-r0", part=-1, tail_lines=5)))
+            assert chunks and {c.host for c in chunks} == {host}
+            assert cl.address == cluster.agents[host].listen
+        # An admin key travels with the call to that host, which verifies it.
+        with cluster.agents[lead].client() as cl:
+            key = cl.call("CreateApiKey", spb.CreateApiKeyRequest(tenant="ops", admin=True)).key
+        creds = channel_credentials(ca_pem=ca_pem(cluster), bearer_token=key)
+        deadline = time.monotonic() + 10
+        with channel(cluster.agents[third].token_listen, creds) as ch:
+            while True:
+                try:
+                    got = list(pb_grpc.ControlStub(ch).Logs(pb.LogsRequest(instance_id="logme-r0", part=-1,
+                                                                           tail_lines=5), timeout=10))
+                    break
+                except grpc.RpcError as exc:  # the key reaches every agent's copy of the state in a moment
+                    assert time.monotonic() < deadline and exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                    time.sleep(0.1)
+        assert got and {c.host for c in got} == {host}
+        # Another host may not read it: a host reads only the logs of instances it has a part of.
+        with channel(cluster.agents[host].listen, as_node(cluster, third)) as ch:
+            code, details = status(lambda: list(pb_grpc.AgentStub(ch).Logs(
+                pb.LogsRequest(instance_id="logme-r0", part=-1), timeout=10)))
+        assert code == DENIED and "only the logs of its own instances" in details, details
+    finally:
+        with cluster.agents[lead].client() as cl:
+            cl.call("Delete", pb.DeleteRequest(name="logme"))
+
+
 def served_certificate(c: LocalCluster, address: str):
     """The certificate an agent presents on its mutual-TLS port now (a fresh handshake, as an admin)."""
     from cryptography import x509
@@ -370,9 +418,28 @@ def test_a_revoked_host_is_removed_and_refused(cluster):
     """Last in the module: it takes a host out of the cluster."""
     lead, _ = leader_and_follower(cluster)
     victim = next(n for n in cluster.agents if n != lead)
+    # An open Raft stream in the victim's name (nothing sent on it yet) is closed by the revocation.
+    stop, ended = threading.Event(), {}
+
+    def quiet():
+        stop.wait(60)
+        yield from ()
+
+    def raft_stream() -> None:
+        with channel(cluster.agents[lead].listen, as_node(cluster, victim)) as ch:
+            ended["code"], ended["details"] = status(lambda: ch.stream_unary("/agentd.v1.Raft/Send")(quiet(),
+                                                                                                   timeout=60))
+
+    streamer = threading.Thread(target=raft_stream, daemon=True)
+    streamer.start()
+    time.sleep(0.5)
+    assert streamer.is_alive(), ended
     with ControlClient(cluster.agents[lead].listen, auth=cluster.agents[lead].auth) as cl:
         reply = cl.call("RevokeCertificate", spb.RevokeCertificateRequest(name=victim))
     assert reply.removed and list(reply.lagging) == [], reply
+    streamer.join(10)
+    stop.set()
+    assert ended.get("code") == grpc.StatusCode.UNAUTHENTICATED and "revoked" in ended["details"], ended
     assert victim not in members(cluster)
     for agent in cluster.agents.values():
         if agent.name == victim:
