@@ -124,3 +124,31 @@ def test_a_rotated_secret_keys_new_instances_and_running_ones_keep_theirs():
     assert st.secret_for("m-r0-g2") == new
     assert st.apply(8, 2, secret_rotate_command(newer)).ok
     assert st.secret_for("m-r0-g2") == new and st.secret_for("m-r0-g3") == newer
+
+
+def test_a_forwarded_call_is_judged_by_the_callers_own_credential():
+    """A member forwarding a call carries the caller's bearer token; a certificate caller is redirected."""
+    from agentd.security.apikeys import Principal
+
+    ca = C.create_ca()
+    node_pem = C.issue_identity(ca, "b", role="node").cert_pem
+    admin_pem = C.issue_identity(ca, "alice", role="admin").cert_pem
+    principal = Principal(key_id="k1", tenant="ops", admin=True)
+    verify = {"good": principal}.get
+    forwarded = auth.identify({"x509_pem_cert": [node_pem]}, [("authorization", "Bearer good")], verify)
+    assert (forwarded.kind, forwarded.name, forwarded.role, forwarded.via) == ("token", "k1", "admin", "b")
+    assert auth.identify({"x509_pem_cert": [node_pem]}, [("authorization", "Bearer bad")], verify) is None
+    alone = auth.identify({"x509_pem_cert": [node_pem]}, [], verify)
+    assert (alone.kind, alone.role) == ("cert", "node"), "a host's certificate alone is a node, never an admin"
+    admin = auth.identify({"x509_pem_cert": [admin_pem]}, [("authorization", "Bearer good")], verify)
+    assert (admin.kind, admin.name) == ("cert", "alice")
+
+    assert auth.forward_metadata("b", "x-fwd", "10.0.0.1:7070", caller=forwarded) == (
+        ("x-fwd", "b"), ("authorization", "Bearer good"))
+    try:
+        auth.forward_metadata("b", "x-fwd", "10.0.0.1:7070", caller=admin)
+        raise AssertionError("a certificate caller must be redirected")
+    except auth.Redirect as r:
+        assert r.address == "10.0.0.1:7070" and "10.0.0.1:7070" in str(r)
+    assert auth.forward_metadata("b", "x-fwd", "a:1", caller=auth.Caller(auth.INSECURE, "", "admin")) == (
+        ("x-fwd", "b"),)
