@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -233,7 +234,10 @@ class Daemon:
                                             clock=self.cluster_clock.now)
             self.joins = JoinService(node_id=self.node, raft=self.raft, state=self.state, channels=self.channels,
                                      ca=ca, security=self.security, clock=self.cluster_clock.now)
-        self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids)
+        # Which runtimes this host can run (the plugins' agentd_installed), asked once, in the refresher's
+        # worker thread: the inventory reports them and placement keeps each runtime to hosts that have it.
+        installed = functools.cache(lambda: self.plugins.installed_runtimes(settings))
+        self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids, runtimes=installed)
         self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
         self.watchdog = watchdog_interval()  # read before from_environ(unset=True) removes WATCHDOG_USEC
         self.notifier = SdNotifier.from_environ(unset=True)

@@ -152,6 +152,9 @@ class HostInventory(Value):
     models: tuple[HeldModel, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
     model_dirs: tuple[str, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
     model_disk_free: int | None = Field(default=None, exclude_if=lambda v: v is None, json_schema_extra=_SINCE_2)
+    # The runtimes whose programs this host has, name -> version ("" when unknown; plugin hook agentd_installed).
+    # Empty (an older agent, a cluster file): the host is taken to run every runtime.
+    runtimes: dict[str, str] = Field(default_factory=dict, exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @field_validator("gpus")
     @classmethod

@@ -35,6 +35,11 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         host = collect_inventory(node_name=settings.node_name, address=settings.advertise_address,
                                  labels=dict(settings.labels), simulate=settings.simulate_inventory,
                                  override_name=True)
+        if not host.simulated:  # the runtimes the plugins find here, as the daemon reports them
+            from agentd.plugins import PluginManager
+
+            plugins = PluginManager.load(allow=settings.plugins, disable=settings.disable_plugins)
+            host = host.model_copy(update={"runtimes": plugins.installed_runtimes(settings)})
     emit(args, json.loads(host.model_dump_json()), lambda: render(host))
     return 0
 
@@ -69,6 +74,8 @@ def render(host: HostInventory) -> str:
                 owner = "agentd" if p.owned else "external"
                 lines.append(f"    pid {p.pid:<8} {_gib(p.memory_used):>6} GiB  {owner:<8}  {p.name}".rstrip())
     lines += _links(host)
+    if host.runtimes:
+        lines.append("runtimes " + ", ".join(f"{k} {v}".strip() for k, v in host.runtimes.items()))
     lines += [f"warning: {w}" for w in host.warnings]
     return "\n".join(lines)
 

@@ -127,6 +127,9 @@ class Collector:
     port_ranges: tuple[tuple[int, int], ...] = ()
     # The models in this host's model directories (agentd.inventory.models); None reports none.
     catalog: ModelCatalog | None = None
+    # The runtimes whose programs this host has, name -> version (the plugins' agentd_installed, asked by the
+    # daemon); None reports none. A simulated inventory reports what its file says instead.
+    runtimes: Callable[[], dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         self._reader = self.nvml if isinstance(self.nvml, NvmlReader) else NvmlReader(self.nvml)
@@ -139,6 +142,8 @@ class Collector:
             inventory = inventory.model_copy(update={
                 "models": self.catalog.scan(), "model_dirs": tuple(str(d) for d in self.catalog.dirs),
                 "model_disk_free": self.catalog.disk_free()})
+        if self.runtimes is not None and not inventory.simulated:
+            inventory = inventory.model_copy(update={"runtimes": self.runtimes()})
         if not self.port_ranges:
             return inventory
         probe = self.probe or PsutilProbe()
@@ -155,9 +160,11 @@ class Collector:
             self.catalog.close()
 
     @classmethod
-    def from_settings(cls, settings: Any, *, owned_pids: Callable[[], set[int]] = _no_pids) -> Collector:
+    def from_settings(cls, settings: Any, *, owned_pids: Callable[[], set[int]] = _no_pids,
+                      runtimes: Callable[[], dict[str, str]] | None = None) -> Collector:
         """The daemon's collect: its node name, advertised address, labels and simulate_inventory."""
         catalog = ModelCatalog(settings.model_directories, Path(settings.data_dir) / DIGEST_CACHE)
         return cls(node_name=settings.node_name, address=settings.advertise_address, labels=dict(settings.labels),
                    simulate=settings.simulate_inventory, owned_pids=owned_pids,
-                   port_ranges=(tuple(settings.port_range), tuple(settings.ray_port_range)), catalog=catalog)
+                   port_ranges=(tuple(settings.port_range), tuple(settings.ray_port_range)), catalog=catalog,
+                   runtimes=runtimes)

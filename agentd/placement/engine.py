@@ -570,6 +570,11 @@ def _host_rejection(req: Request, hv: HostView, pinned: dict[str, tuple[int, ...
         return Rejection("host", f"excluded by selector {text}", where=hv.name)
     if hv.info.cordoned:
         return Rejection("host", "cordoned", hv.info.cordoned, where=hv.name)
+    installed = hv.info.runtimes  # empty: an older agent or a cluster file, taken to run every runtime
+    if installed and req.spec.runtime not in installed:
+        has = ", ".join(f"{k} {v}".strip() for k, v in installed.items())
+        return Rejection("host", f"without {req.spec.runtime} installed", f"{hv.name} has {has}",
+                         {"installed": dict(installed)}, where=hv.name)
     if pinned and hv.name not in pinned:
         return Rejection("host", "not pinned", where=hv.name)
     if not hv.gpus and not req.cpu_hosts:

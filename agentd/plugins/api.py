@@ -46,11 +46,11 @@ from agentd.types import GiB
 
 __all__ = [
     "API_VERSION", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu", "HealthVerdict",
-    "HttpProbe", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand", "LayerSplit", "Layout", "Link",
-    "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError", "ProbeResult",
-    "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Scorer", "Shape",
-    "ShapeLimits", "ShardDemand", "Sharded", "TcpProbe", "TensorParallelDivisibility", "find_binary", "gib", "hookimpl",
-    "index_list", "layout_rejection",
+    "HttpProbe", "InstalledRuntime", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand", "LayerSplit",
+    "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError",
+    "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo",
+    "Scorer", "Shape", "ShapeLimits", "ShardDemand", "Sharded", "TcpProbe", "TensorParallelDivisibility",
+    "find_binary", "gib", "hookimpl", "index_list", "layout_rejection",
 ]
 
 API_VERSION = "1.0"
@@ -85,6 +85,18 @@ class RuntimeInfo:
     # candidates when the deployment allows CPU offload (`allow_cpu_offload`). Layer-split layouts only:
     # such a main server holds its layers in RAM (`cpu_layers`), rpc-servers on other hosts' GPUs take the rest.
     host_memory: bool = False
+
+
+@dataclass(frozen=True)
+class InstalledRuntime:
+    """What `agentd_installed(settings)` returns: this host has the runtime's program (version "" if unknown).
+
+    Each agent reports its installed runtimes in its inventory (HostInventory.runtimes), and placement
+    never puts a runtime on a host that reports runtimes without it.
+    """
+
+    name: str
+    version: str = ""
 
 
 # --------------------------------------------------------------------------- messages

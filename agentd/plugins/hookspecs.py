@@ -14,11 +14,13 @@ every hook is documented in docs/plugins.md (a test checks this).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from agentd.plugins.api import (  # noqa: F401 (PROJECT and hookimpl: re-exported for older imports)
     PROJECT,
     Constraint,
     HealthVerdict,
+    InstalledRuntime,
     LaunchContext,
     LaunchParams,
     LayerDemand,
@@ -47,6 +49,21 @@ def agentd_runtime() -> RuntimeInfo | None:
     Return an `agentd.plugins.RuntimeInfo` (name, model formats served,
     description), or None for a plugin that only adds constraints to other
     runtimes. Runtime names are unique across loaded plugins.
+    """
+
+
+@hookspec
+def agentd_installed(settings: Any) -> InstalledRuntime | None:
+    """Say whether this host has your runtime's program, and its version.
+
+    Called on each agent when it starts (`settings` is its agentd.config.Settings:
+    the configured binary paths). Return `InstalledRuntime(name, version)`
+    when the program is there (version "" when it cannot be read cheaply),
+    None when it is not. The agent reports what every plugin answers in its
+    inventory (`runtimes`), and placement never puts a runtime on a host
+    that reports runtimes without it. Keep it quick (well under a second):
+    look for the program, read a version from package metadata or
+    `--version`; never import the runtime.
     """
 
 

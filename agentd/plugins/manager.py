@@ -136,6 +136,23 @@ class PluginManager:
             raise InvalidInput(f"unknown runtime {name!r} (available: {known})")
         return runtimes[name]
 
+    def installed_runtimes(self, settings: Any) -> dict[str, str]:
+        """Runtime name -> version of each runtime whose program this host has (agentd_installed).
+
+        A plugin whose hook fails is logged and left out (its runtime is then not reported installed on this
+        host); the others still answer."""
+        out: dict[str, str] = {}
+        for impl in self.pm.hook.agentd_installed.get_hookimpls():  # one by one: a failure costs only its own
+            try:
+                got = impl.function(**{a: settings for a in impl.argnames if a == "settings"})
+            except Exception as exc:  # third-party code: report, go on
+                log.warning("plugin failed to say whether its runtime is installed", extra=fields(
+                    plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if got is not None:
+                out[got.name] = got.version
+        return dict(sorted(out.items()))
+
     def reserved_launch(self, runtime: str) -> ReservedLaunch:
         """What only agentd may set for `runtime`: agentd's own list and every plugin's declaration."""
         return ReservedLaunch.merge([CORE, *self._call_safely("agentd_reserved_launch", runtime=runtime)])

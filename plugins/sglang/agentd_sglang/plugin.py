@@ -4,6 +4,7 @@ SGLang's own --nnodes/--node-rank/--dist-init-addr (no Ray)."""
 from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
+from agentd_sglang.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
 from agentd_sglang.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
