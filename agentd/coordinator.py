@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentd import catalog
 from agentd.cluster.maintenance import Cordon
 from agentd.cluster.state import (
     NODE_DOWN,
@@ -46,6 +47,8 @@ from agentd.types import (
     ModelInfo,
     PartEndpoint,
     Plan,
+    held_copy,
+    parse_model_ref,
 )
 from agentd.version import STATE_FORMAT, PeerVersion
 
@@ -242,7 +245,56 @@ class Coordinator:
         hosts = [h for h in self.live_hosts() if h.name not in exclude_hosts]
         if self.state.cordons:
             hosts = [with_cordons(h, self.state.cordons_of(h.name)) for h in hosts]
+        promised = self._promised_bytes()
+        if promised:
+            hosts = [h.model_copy(update={"model_disk_free": h.model_disk_free - promised[h.name]})
+                     if h.model_disk_free is not None and promised.get(h.name) else h for h in hosts]
         return ClusterInventory(hosts=tuple(hosts))
+
+    def _promised_bytes(self) -> dict[str, int]:
+        """Disk space per host that fetches of committed assignments will take: a host assigned a part of a
+        catalog model it does not hold yet. Taken off its reported free space before placement, so two deploys
+        never both count on the same free bytes (the second sees the first's assignment)."""
+        out: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for a in self.state.incarnations():
+            if "@sha256:" not in a.model:
+                continue
+            for host in {p.host for p in a.plan.parts}:
+                rep = self.reports.get(host)
+                if rep is None or held_copy(rep.inventory.models, a.model) is not None:
+                    continue
+                if a.model not in sizes:
+                    sizes[a.model] = max((m.size for r in self.reports.values() for m in r.inventory.models
+                                          if m.digest and a.model.endswith("@" + m.digest)), default=0)
+                out[host] = out.get(host, 0) + sizes[a.model]
+        return out
+
+    def catalog_hosts(self) -> list[HostInventory]:
+        """Every host's last report, down ones included: a model's facts do not change with its holder's health."""
+        return [rep.inventory for _, rep in sorted(self.reports.items())]
+
+    async def resolve(self, spec: DeploymentSpec) -> DeploymentSpec:
+        """`spec` with a catalog name pinned to its digest (`NAME@sha256:...`), from the hosts' reports.
+
+        A fresh leader may not have heard every host yet: a name not found is looked up again until every
+        known host has reported. Absolute paths are left as they are (inspected, as before).
+        """
+        try:
+            ref = parse_model_ref(spec.model)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), where="model") from None
+        if ref.kind == "path":
+            return spec
+        while True:
+            try:
+                model, _ = catalog.resolve(spec.model, self.live_hosts())
+                break
+            except InvalidInput:
+                if self.heard_from_known_hosts():
+                    raise
+            await asyncio.sleep(0.05)
+        return spec if model == spec.model else spec.model_copy(update={"model": model})
 
     def instances(self, deployment: str = "") -> list[InstanceReport]:
         out = []
@@ -286,6 +338,7 @@ class Coordinator:
 
     async def plan(self, spec: DeploymentSpec, exclude_deployment: str = "") -> tuple[Plan, ModelInfo]:
         """Placement for `spec` on the live cluster, counting what is already assigned."""
+        spec = await self.resolve(spec)
         plan, model, seconds = self._plan(spec, await self._model(spec), exclude_deployment)
         if self.on_placement:
             self.on_placement(seconds, plan)
@@ -321,6 +374,9 @@ class Coordinator:
             raise InvalidInput(str(exc), where="runtime") from None
         if check_options and self._validate_spec is not None:  # not when re-placing what is committed
             self._validate_spec(spec)
+        if not spec.model.startswith("/"):  # a catalog name: the facts its holders reported, no file opened
+            _, info = catalog.resolve(spec.model, self.catalog_hosts())
+            return info
         try:
             return await self._inspect(spec.model)
         except InvalidInput as exc:  # the message names the file; say which field it came from
@@ -339,6 +395,7 @@ class Coordinator:
         async with self._lock:
             if spec.name in self.state.deployments and not replace:
                 raise InvalidInput(f"deployment {spec.name!r} already exists (use replace to change it)")
+            spec = await self.resolve(spec)
             plan, _ = await self.plan_when_ready(spec, exclude_deployment=spec.name if replace else "")
             if not plan.placed:
                 raise Unplaceable(plan.diagnosis)

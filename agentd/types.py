@@ -182,6 +182,20 @@ class ClusterInventory(Value):
         return hosts
 
 
+def held_copy(models: tuple[HeldModel, ...] | list[HeldModel], model: str) -> HeldModel | None:
+    """The usable copy of `model` among a host's models: `NAME@sha256:DIGEST` by digest, or an absolute path
+    (as earlier releases deployed) by where the host has it."""
+    name, _, digest = model.partition("@")
+    for m in models:
+        if not m.usable:
+            continue
+        if digest and m.digest == digest:
+            return m
+        if not digest and name.startswith("/") and m.path == name.rstrip("/"):
+            return m
+    return None
+
+
 # --------------------------------------------------------------------------- model facts
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from agentd.catalog import held_copy
 from agentd.config import Settings
 from agentd.inventory.collect import Collector
-from agentd.inventory.models import DigestCache, ModelCatalog, find_copy, model_digest
+from agentd.inventory.models import DigestCache, ModelCatalog, model_digest
+from agentd.modelinfo import inspect_model
 from agentd.testing.gguf import llama_spec, write_header_only_gguf, write_tiny_llama_gguf
 from agentd.testing.localcluster import simulated_host
-from agentd.modelinfo import inspect_model
 from agentd.types import HeldModel, HostInventory, ModelFile, parse_model_ref
 
 
@@ -160,15 +161,15 @@ def test_model_refs():
     ref = parse_model_ref("org/name@sha256:" + "a" * 64)
     assert (ref.kind, ref.name, ref.digest) == ("catalog", "org/name", "sha256:" + "a" * 64)
     for bad in ("./x.gguf", "x.gguf", "../m", "a/../b", "~/m", "", "hf:nope", "x@sha256:12"):
-        with pytest.raises(ValueError, match="relative paths are refused|is not hf:|neither"):
+        with pytest.raises(ValueError, match=r"relative paths are refused|is not hf:|neither"):
             parse_model_ref(bad)
 
 
-def test_find_copy_by_digest_or_by_path(tmp_path):
+def test_held_copy_by_digest_or_by_path(tmp_path):
     info = inspect_model(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
     m = HeldModel(name="tiny", digest="sha256:" + "b" * 64, path="/m/tiny.gguf", size=1,
                   files=(ModelFile(name="tiny.gguf", size=1, sha256="b" * 64),), info=info)
-    assert find_copy([m], "tiny", m.digest) is m
-    assert find_copy([m], "other", m.digest) is None
-    assert find_copy([m], "/m/tiny.gguf", "") is m
-    assert find_copy([m.model_copy(update={"broken": "x"})], "tiny", m.digest) is None
+    assert held_copy([m], f"tiny@{m.digest}") is m
+    assert held_copy([m], "tiny@sha256:" + "c" * 64) is None
+    assert held_copy([m], "/m/tiny.gguf") is m
+    assert held_copy([m.model_copy(update={"broken": "x"})], f"tiny@{m.digest}") is None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -53,7 +52,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                        description="Create a deployment. The coordinator places it at once; if it cannot be "
                        "placed, nothing is committed and the diagnosis is printed (exit 3).")
     p.add_argument("name", help="deployment name (a DNS label)")
-    p.add_argument("--model", required=True, metavar="PATH", help="HF model directory or GGUF file")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="a catalog name NAME[@sha256:DIGEST] (`agentd model ls`), hf:ORG/NAME[@REVISION], or the "
+                   "absolute path of a GGUF file or HF model directory on the hosts (relative paths are refused)")
     p.add_argument("--runtime", required=True, help="runtime plugin: vllm, llamabox, ...")
     _spec_options(p)
     p.add_argument("--replace", action="store_true", help="replace an existing deployment of this name")
@@ -154,8 +155,14 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
         options.gpu_memory_utilization = args.gpu_memory_utilization
     if args.ctx_size is not None:
         options.ctx_size = args.ctx_size
-    # Paths are resolved here so `--model ./m.gguf` means the caller's file, not the agent's cwd.
-    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    # Never turned into a path here: a name that happens to exist in the caller's directory must not become
+    # one (docs/models.md). A relative path is refused, saying what is accepted.
+    from agentd.types import parse_model_ref  # pydantic: not for every CLI start
+
+    try:
+        model = parse_model_ref(args.model).text
+    except ValueError as exc:
+        raise InvalidInput(str(exc), where="--model") from None
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
                              tenant=getattr(args, "tenant", ""),
                              strategy=args.strategy, selector=key_values(args.selector, "--selector"), pin=pins,

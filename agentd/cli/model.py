@@ -1,4 +1,5 @@
-"""`agentd model inspect`: what placement will know about a model, read from its headers."""
+"""`agentd model inspect`: what placement will know about a model, read from its headers; `agentd model ls`:
+the cluster's catalog, which host holds which model (docs/models.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 from pathlib import Path
 
 from agentd.cli.common import emit
-from agentd.modelinfo import inspect_model
 from agentd.types import GiB, MiB, ModelInfo
 
 
@@ -27,12 +27,55 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="the multimodal projector GGUF of a GGUF model (default: the single mmproj*.gguf "
                    "beside it, if there is one)")
     s.set_defaults(func=cmd_inspect)
+    s = msub.add_parser(
+        "ls", parents=parents, help="list the models the cluster's hosts hold",
+        description="The cluster's model catalog, from the hosts' reports to the leader: each model (keyed by "
+        "content digest), its size and shape, and the hosts that hold it complete or partly. The same name "
+        "reported with different digests is flagged: deploy it as NAME@sha256:DIGEST. Broken models are "
+        "listed with the reason.")
+    s.add_argument("--server", default=None, metavar="HOST:PORT", help="agent to ask (default: the client config)")
+    s.set_defaults(func=cmd_ls)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from agentd.modelinfo import inspect_model
+
     info = inspect_model(args.path, mmproj=args.mmproj)
     emit(args, json.loads(info.model_dump_json()), lambda: render(info))
     return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from agentd import catalog, formats
+    from agentd.api.client import ControlClient
+    from agentd.types import HostInventory
+    from agentd.v1 import control_pb2 as pb
+
+    with ControlClient.for_cli(getattr(args, "server", None)) as c:
+        reply = c.call("ListNodes", pb.ListNodesRequest())
+    hosts = [formats.validate_lenient(HostInventory, n.inventory_json) for n in reply.nodes if n.inventory_json]
+    entries, broken = catalog.build(hosts)
+    data = {"models": [e.as_json() for e in entries],
+            "broken": [{"host": b.host, "name": b.name, "path": b.path, "reason": b.reason} for b in broken]}
+    emit(args, data, lambda: render_catalog(entries, broken))
+    return 0
+
+
+def render_catalog(entries: list, broken: list) -> str:
+    rows = [("MODEL", "DIGEST", "SIZE", "SHAPE", "HOSTS", "PARTLY")]
+    for e in entries:
+        shape = "-" if e.info is None else f"{e.info.architecture} {e.info.num_hidden_layers} layers" + (
+            f" {e.info.dtype}" if e.info.dtype else "")
+        rows.append((e.name + (" (!)" if e.conflict else ""), e.digest[:19], _size(e.size), shape,
+                     ",".join(e.holders) or "-", ",".join(e.partial) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for e in entries:
+        if e.conflict:
+            lines.append(f"(!) {e.name}@{e.digest}: {e.conflict}; deploy it as NAME@sha256:DIGEST")
+    for b in broken:
+        lines.append(f"broken: {b.name} on {b.host} ({b.path}): {b.reason}")
+    return "\n".join(lines)
 
 
 def _size(n: int) -> str:

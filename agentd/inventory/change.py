@@ -36,6 +36,9 @@ def material_changes(old: HostInventory | None, new: HostInventory, *, gpu_memor
             out.append(f"host {attr} changed from {getattr(old, attr)!r} to {getattr(new, attr)!r}")
     if old.foreign_ports != new.foreign_ports:
         out.append(f"ports held by other processes: {_ports(old.foreign_ports)} -> {_ports(new.foreign_ports)}")
+    if _catalog(old) != _catalog(new):
+        out.append(f"models: {len(old.models)} -> {len(new.models)} reported, "
+                   f"{sum(1 for m in new.models if m.usable)} usable")
     step = max(host_memory_step, int(new.memory_total * HOST_MEMORY_FRACTION))
     if abs(old.memory_available - new.memory_available) >= step:
         out.append(f"host memory available {_gib(old.memory_available)} -> {_gib(new.memory_available)}")
@@ -82,3 +85,7 @@ def _ports(ports: tuple[int, ...]) -> str:
 
 def _owner(owned: bool) -> str:
     return "agentd's" if owned else "external"
+
+
+def _catalog(inv: HostInventory) -> set[tuple[str, str, str, bool, str]]:
+    return {(m.name, m.path, m.digest, m.complete, m.broken) for m in inv.models}

@@ -284,14 +284,3 @@ def _files_below(d: Path) -> Iterable[Path]:
             if not n.startswith(".") and not n.endswith(PARTIAL_SUFFIX) and p.is_file():
                 yield p
 
-
-def find_copy(models: Iterable[HeldModel], name: str, digest: str) -> HeldModel | None:
-    """The usable copy of `name@digest` (or of the model at the absolute path `name`) among `models`."""
-    for m in models:
-        if not m.usable:
-            continue
-        if digest and m.digest == digest and (not name or m.name == name or m.path == name):
-            return m
-        if not digest and name.startswith("/") and (m.path == name or m.path == name.rstrip("/")):
-            return m
-    return None

@@ -31,6 +31,7 @@ from agentd.placement.findings import CANDIDATE, DEVICE, HOST, SHAPE, STATIC, Fi
 from agentd.placement.layersplit import LayerSplitSearch
 from agentd.placement.layout import LaunchParams, Layout
 from agentd.placement.links import bounds as link_bounds
+from agentd.placement.modelbytes import ModelBytes, model_bytes
 from agentd.placement.shapes import LayerSplit, Shape, ShapeLimits, Sharded
 from agentd.placement.sharded import Candidates, ShardedSearch
 from agentd.placement.snapshot import GpuView, HostView, Snapshot
@@ -98,6 +99,10 @@ class Request:
     # Hosts without GPUs are candidates: the runtime declares RuntimeInfo.host_memory and the deployment
     # allows CPU offload.
     cpu_hosts: bool = False
+    # The part roles whose hosts need the model files (agentd_model_file_roles; None: every role), and
+    # where the files are in the cluster of the latest attempt (None: no host reports a model catalog).
+    file_roles: frozenset[str] | None = None
+    model_bytes: ModelBytes | None = None
 
     @cached_property
     def excluded(self) -> frozenset[str]:
@@ -157,7 +162,10 @@ class Request:
         return why
 
     def validate(self, layout: Layout) -> Rejection | None:
-        return self.run("check_layout", layout)
+        why = self.run("check_layout", layout)
+        if why is None and self.model_bytes is not None:
+            return self.model_bytes.check_layout(layout)
+        return why
 
     def score(self, layout: Layout) -> float:
         total = 0.0
@@ -215,6 +223,8 @@ def prepare(plugins: Any, model: ModelInfo, spec: DeploymentSpec) -> Request:
     for level in LEVELS:
         req.checks[level] = [(c, getattr(c, level)) for c in constraints if _overrides(c, level)]
     req.scorers = _flatten(hooks.call("agentd_scorers", **args))
+    roles = hooks.call("agentd_model_file_roles", runtime=spec.runtime)
+    req.file_roles = None if roles is None else frozenset(roles)
     return req
 
 
@@ -250,11 +260,13 @@ def attempt(req: Request, cluster: ClusterInventory, existing: Sequence[Assignme
     `explain` (a what-if asks only whether it places) the findings of a failure are incomplete.
     """
     start = snap = snapshot or Snapshot.build(cluster, existing)
+    req.model_bytes = bytes_ = model_bytes(cluster, req.spec.model, req.model, req.file_roles)
+    holders = bytes_.holders if bytes_ is not None else frozenset()
     layouts: list[Layout] = []
     whys: list[str] = []
     replicas_on: dict[str, int] = {}
     for r in range(req.spec.replicas):
-        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on)), explain,
+        got = place_one(req, snap, Strategy(req.spec.strategy, dict(replicas_on), holders), explain,
                         whys if explain else None)
         if isinstance(got, Findings):
             return Outcome(layouts, got, r, len(cluster.hosts), start, whys)

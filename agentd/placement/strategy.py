@@ -18,13 +18,20 @@ from agentd.placement.snapshot import HostView
 class Strategy:
     name: str = "binpack"
     replicas_on: Mapping[str, int] = field(default_factory=dict)  # this plan's replicas placed per host
+    # Hosts that already hold the model's files (docs/models.md): preferred before the strategy's own order.
+    holders: frozenset[str] = frozenset()
 
     @property
     def binpack(self) -> bool:
         return self.name != "spread"
 
-    def host_key(self, hv: HostView) -> tuple[int, float, str]:
+    def host_key(self, hv: HostView) -> tuple:
         """Smaller is preferred."""
+        if self.holders:
+            fetch = hv.name not in self.holders
+            if self.binpack:
+                return (fetch, 0, -hv.used_fraction, hv.name)
+            return (fetch, self.replicas_on.get(hv.name, 0), hv.used_fraction, hv.name)
         if self.binpack:
             return (0, -hv.used_fraction, hv.name)
         return (self.replicas_on.get(hv.name, 0), hv.used_fraction, hv.name)

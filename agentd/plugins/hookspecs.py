@@ -157,6 +157,19 @@ def agentd_explain(runtime: str, model: ModelInfo, spec: DeploymentSpec, layout:
     """
 
 
+@hookspec(firstresult=True)
+def agentd_model_file_roles(runtime: str) -> Iterable[str] | None:
+    """The part roles whose hosts need the model's files on their own disk (docs/models.md).
+
+    Placement prefers hosts that already hold the files for these parts and
+    requires free disk in the model directory of a host that would fetch
+    them; before launch, such a host fetches them from a peer. llamabox:
+    `("main",)` (rpc-servers receive tensors over the network); vLLM: every
+    role of a multi-host replica. Return None for runtimes you do not know;
+    when no plugin answers, every role needs the files.
+    """
+
+
 # --------------------------------------------------------------------------- act
 # (process phase: launch, health and stop of the processes a runtime starts; see agentd/runtime)
 #

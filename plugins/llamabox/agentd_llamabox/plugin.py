@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_llamabox.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
+from agentd_llamabox.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
 from agentd_llamabox.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
@@ -30,3 +31,9 @@ def agentd_runtime():
         description="llama-box or llama.cpp llama-server, with layers offloaded to rpc-servers",
         host_memory=True,  # llama.cpp runs layers on CPUs: hosts without GPUs serve with --allow-cpu-offload
     )
+
+
+@hookimpl
+def agentd_model_file_roles(runtime):
+    """Only the main server reads the GGUF; rpc-servers receive their tensors from it over the network."""
+    return ("main",) if runtime == NAME else None

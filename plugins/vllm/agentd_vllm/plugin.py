@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_vllm.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
+from agentd_vllm.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
 from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
@@ -30,3 +31,9 @@ def agentd_runtime():
         formats=("safetensors",),
         description="vLLM: tensor/pipeline parallel on NVIDIA GPUs, multi-host through Ray",
     )
+
+
+@hookimpl
+def agentd_model_file_roles(runtime):
+    """Every host of a multi-host replica loads its own shard of the weights from local disk."""
+    return ("main", "worker") if runtime == NAME else None
