@@ -1,4 +1,5 @@
-"""Shared fixtures. Helpers that make models and clusters live in tests/helpers/."""
+"""Shared fixtures. Helpers that make models, hosts, clusters and deployments live in tests/scenarios/build.py;
+a cluster of real agents on loopback is agentd.testing.localcluster.LocalCluster."""
 
 from __future__ import annotations
 
