@@ -209,3 +209,31 @@ def test_identify_caches_callers_by_certificate_and_stays_bounded(pki, monkeypat
     assert len(cache) == 2 and pki["peer"].cert_pem not in cache
     assert auth.identify({}, [("authorization", "Bearer nope")], lambda t: None) is None
     assert auth.identify({}, [], lambda t: None).role == "anonymous"
+
+
+async def test_a_watcher_streams_the_state_under_its_own_name_only(pki):
+    """Raft/Watch (server streaming, parsed request): the node_id must be the caller's certificate name."""
+    from agentd.v1 import raft_pb2 as rpb
+
+    async def watch(request, context):
+        yield rpb.RaftWatchEvent(leader=rpb.RaftWatchLeader(leader_id=request.node_id))
+
+    handlers = grpc.method_handlers_generic_handler("agentd.v1.Raft", {"Watch": grpc.unary_stream_rpc_method_handler(
+        watch, request_deserializer=rpb.RaftWatchRequest.FromString,
+        response_serializer=rpb.RaftWatchEvent.SerializeToString)})
+    srv = grpc.aio.server(interceptors=[AuthInterceptor(lambda t: None)])
+    srv.add_generic_rpc_handlers((handlers,))
+    port, _ = add_secure_ports(srv, pki["server"], listen="127.0.0.1:0", token_listen=None)
+    await srv.start()
+    try:
+        async with channel(port, channel_credentials(pki["peer"])) as ch:
+            call = ch.unary_stream("/agentd.v1.Raft/Watch", request_serializer=rpb.RaftWatchRequest.SerializeToString,
+                                   response_deserializer=rpb.RaftWatchEvent.FromString)
+            own = [e async for e in call(rpb.RaftWatchRequest(node_id="n2"), timeout=5)]
+            assert own[0].leader.leader_id == "n2"
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                _ = [e async for e in call(rpb.RaftWatchRequest(node_id="n1"), timeout=5)]
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "of 'n2' may not speak for 'n1'" in exc.value.details()
+    finally:
+        await srv.stop(None)

@@ -39,11 +39,13 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 
 from agentd.logs import fields
 from agentd.security.apikeys import Principal
 from agentd.security.ca import ROLE_ADMIN, ROLE_NODE, cert_issued_at, cert_name, cert_role
 from agentd.security.tls import warn_insecure
+from agentd.v1 import raft_pb2
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,24 @@ def _reset(token: contextvars.Token) -> None:
 Claim = Callable[[Any], "str | None"]
 
 
+def message_claim(message_cls: Any, field_name: str) -> Claim:
+    """A claim read from a request, raw bytes or already parsed."""
+    def claimed(request: Any) -> str | None:
+        if isinstance(request, message_cls):
+            return getattr(request, field_name)
+        if isinstance(request, bytes):
+            try:
+                return getattr(message_cls.FromString(request), field_name)
+            except (DecodeError, ValueError):
+                return None  # the handler answers garbage itself
+        return None
+    return claimed
+
+
+# Claims checked whatever bindings the daemon passes: a watcher streams the state under its own name only.
+BUILTIN_BINDINGS: dict[str, Claim] = {"/agentd.v1.Raft/Watch": message_claim(raft_pb2.RaftWatchRequest, "node_id")}
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authorize every RPC by its method's rule before the handler runs.
 
@@ -229,7 +249,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._verify = verify_bearer
         self._rules = tuple(rules)
         self._insecure = insecure
-        self._bindings = dict(bindings or {})
+        self._bindings = {**BUILTIN_BINDINGS, **dict(bindings or {})}
         self._revoked = revoked or (lambda name, issued_at: "")
         self._is_member = is_member or (lambda name: True)
         self._cert_cache: dict[bytes, Caller] = {}
@@ -369,6 +389,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def streaming(request_or_iterator, context):
             caller = await authorize(method, context)
+            if bound and handler.unary_stream:
+                await self._check_claim(method, caller, request_or_iterator, context)
             token = _current.set(caller)
             task = asyncio.current_task()
             if task is not None:
