@@ -221,6 +221,7 @@ class Daemon:
         self.control.leader_format = lambda: self._leader_format
         self.control.local_instances = self.local_instances
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        self.agent.invite = self._invite
         # Key and token expiry read the members' median clock, so one host's wrong clock moves no lifetime.
         skew = float(os.environ.get(CLOCK_SKEW_ENV) or 0)  # tests only: this agent's clock reads that far off
         self.cluster_clock = ClusterClock(wall=(lambda: time.time() + skew) if skew else time.time)
@@ -248,6 +249,7 @@ class Daemon:
         self.restarting = False
         self.synced = False  # the local state has caught up with the leader's commit index once
         self._leader_format = BASELINE_STATE_FORMAT  # the leader's state format, from its last report reply
+        self._invited: tuple[str, float] | None = None  # the watcher asked to stand by in Raft, until when
         self._report_now = asyncio.Event()
         self._reconcile_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -592,12 +594,45 @@ class Daemon:
                                                                    code=exc.code().name, error=exc.details()))
                 return
             self._leader_format = reply.state_format or BASELINE_STATE_FORMAT
+            if reply.join_raft and self.raft.watcher is not None:
+                self._spawn(self.raft.become_member(), "become-member")
             restarts = [(r.address, r.port, r.reason) for r in reply.peer_restarts]
         else:
             return
         for address, port, reason in restarts:
             for line in self.supervisor.restart_dependents(Endpoint(host=address, port=port), reason):
                 log.info(line, extra=fields(node=self.node))
+
+    def _invite(self, name: str) -> bool:
+        """On the leader: ask this watcher to stand by in Raft while the seats for voters and standby learners
+        are not all taken (a voter was demoted, a learner removed). One at a time; hosts in zones and racks no
+        voter covers yet first."""
+        if self.s.voters or not self.raft.is_leader:
+            return False
+        members = self.raft.members
+        live = {h.name for h in self.coordinator.live_hosts()}
+        # A demoted voter that is down keeps its membership (it comes back as a non-voter): count live seats.
+        if name in members or len(live & set(members)) >= self.s.max_voters + self.s.standby_learners:
+            return False
+        pending = self._invited
+        now = time.monotonic()
+        if pending is not None and pending[1] > now and pending[0] not in members:
+            return name == pending[0]
+        voters = [self.coordinator.reports.get(m) for m, x in members.items() if getattr(x, "voter", False)]
+        covered = {(r.inventory.labels.get("zone"), r.inventory.labels.get("rack")) for r in voters if r}
+        candidates = []
+        for host in self.coordinator.live_hosts():
+            rep = self.coordinator.reports[host.name]
+            if host.name in members or rep.agent.state_format < 2 or self.state.removed(host.name) \
+                    or host.name in {c.host for c in self.state.cordons.values() if c.gpu is None}:
+                continue
+            spot = (host.labels.get("zone"), host.labels.get("rack"))
+            candidates.append((spot in covered, host.name))
+        if not candidates:
+            return False
+        chosen = min(candidates)[1]
+        self._invited = (chosen, now + 30.0)
+        return name == chosen
 
     def _can_watch(self, name: str) -> bool:
         """A member that runs a release with watchers (0.2.0 and later) may leave Raft to watch."""
@@ -785,6 +820,8 @@ class Daemon:
                 known[key] = i
         current = {a.instance_id for a in self.state.all_assignments()}
         self._last_known = {k: i for k, i in known.items() if i.instance_id in current}
+        log.info("DEBUGH20 fill_gaps", extra=fields(reported=[(i.instance_id, i.state) for i in reported],
+                                                   known=[(i.instance_id, i.state) for i in self._last_known.values()]))
         return list(self._last_known.values())
 
     async def _faults(self, path: Path) -> None:

@@ -102,3 +102,43 @@ def test_watchers_follow_any_voter_and_resume_without_losing_or_repeating(tmp_pa
         assert json.loads((c.agents["w4"].data_dir / "raft" / "watcher.json").read_text())["cluster_id"]
     finally:
         c.stop()
+
+
+def test_two_dead_voters_of_five_are_replaced_by_watchers_without_an_operator(tmp_path):
+    model = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    base = 25000 + (os.getpid() % 80) * 100 + 50
+    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in
+                                            ("v1", "v2", "v3", "v4", "v5", "w1", "w2", "w3")],
+                     max_voters=5, standby_learners=0, node_down_grace="3s",
+                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    try:
+        c.start(timeout=90)
+        c.wait_for_inventories(60)
+        leader = c.wait_for_leader()[0]
+        seated = {m.id for m in status(c, leader).members if m.voter}  # the first five to join
+        assert len(seated) == 5
+        watchers = tuple(n for n in c.agents if n not in seated)
+        deploy(c, leader, "kept", model, host=watchers[0])
+        dead = sorted(seated - {leader})[:2]
+        for v in dead:
+            c.kill(v, signal.SIGKILL)
+
+        def seats() -> dict[str, bool] | None:
+            lead = c.wait_for_leader(30)[0]
+            members = {m.id: m.voter for m in status(c, lead).members}
+            live_voters = [m for m, voter in members.items() if voter and m not in dead]
+            return members if len(live_voters) == 5 else None
+
+        members = wait_for(seats, 90, "five live voters again")
+        assert not any(members.get(v) for v in dead)  # demoted, not expelled from the state
+        assert sum(1 for w in watchers if members.get(w)) == 2  # two watchers took the seats
+        lead = c.wait_for_leader(30)[0]
+        assert "kept" in local_names(c, lead)
+        for w in watchers:
+            if members.get(w):
+                assert not (c.agents[w].data_dir / "raft" / "watcher.json").exists()
+                assert "kept" in local_names(c, w)
+        log = "".join(c.agents[n].log_file.read_text(errors="replace") for n in c.agents if c.agents[n].alive)
+        assert "demoted a voter that is down" in log and "a watcher joins Raft as a standby learner" in log
+    finally:
+        c.stop()

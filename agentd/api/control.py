@@ -667,6 +667,8 @@ class AgentService(pb_grpc.AgentServicer):
         self.raft = raft
         self.coordinator = coordinator
         self.control = control
+        # Whether the reporting host should join Raft as a standby learner (the daemon decides, see `_invite`).
+        self.invite: Callable[[str], bool] = lambda node: False
         # node -> (inventory JSON, parsed): a host's heartbeats mostly repeat its inventory, and at hundreds of
         # hosts validating it again was the coordinator's largest cost per report.
         self._inventories: dict[str, tuple[str, HostInventory]] = {}
@@ -703,7 +705,8 @@ class AgentService(pb_grpc.AgentServicer):
             context.set_trailing_metadata(self.clock.on_report(request.node, context.invocation_metadata()))
         return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
                               peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
-                              agent_version=AGENT_VERSION, state_format=STATE_FORMAT)
+                              agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
+                              join_raft=self.invite(request.node))
 
     def accept_report(self, inventory: HostInventory, instances: list[InstanceReport],
                       agent: PeerVersion = PeerVersion()) -> list[tuple[str, int, str]]:

@@ -578,6 +578,8 @@ class RaftCore:
             raise NotAvailable("leader has not committed an entry in its term yet; retry")
         if change.op == "promote":
             self._check_caught_up(change.member_id)
+        if change.op == "demote" and change.member_id == self.id:
+            raise InvalidInput("a leader does not demote itself: transfer leadership first")
         new = self._apply_change(self.membership, change)
         old_voters, new_voters = set(self.membership.voters), set(new.voters)
         if len(old_voters ^ new_voters) > 1:
@@ -603,7 +605,7 @@ class RaftCore:
     @staticmethod
     def _apply_change(cur: Membership, ch: ConfigChange) -> Membership:
         """New servers join as learners and are promoted once caught up, so there is no add-voter."""
-        if ch.op not in ("add_learner", "promote", "remove", "set_address"):
+        if ch.op not in ("add_learner", "promote", "demote", "remove", "set_address"):
             raise InvalidInput(f"unknown membership change {ch.op!r}")
         existing = cur.get(ch.member_id)
         if not ch.member_id:
@@ -618,6 +620,10 @@ class RaftCore:
             if existing.voter:
                 raise InvalidInput(f"{ch.member_id} is already a voter")
             return cur.with_member(Member(existing.id, existing.address, True))
+        if ch.op == "demote":  # a voter that is gone: it keeps its identity and comes back as a non-voter
+            if not existing.voter:
+                raise InvalidInput(f"{ch.member_id} is not a voter")
+            return cur.with_member(Member(existing.id, existing.address, False))
         if ch.op == "remove":
             return cur.without(ch.member_id)
         return cur.with_member(Member(existing.id, ch.address, existing.voter))  # set_address

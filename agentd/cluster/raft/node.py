@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -106,6 +107,9 @@ class RaftOptions:
     # for this many standby learners (kept caught up, promoted when a voter is removed).
     can_watch: bool = False
     standby_learners: int = 2
+    # A voter silent this long is demoted (it keeps its identity and comes back as a non-voter) once a
+    # caught-up learner can take its seat (the daemon: node_down_grace).
+    voter_down_grace: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> RaftOptions:
@@ -117,6 +121,7 @@ class RaftOptions:
             "voters": tuple(settings.voters),
             "can_watch": True,
             "standby_learners": settings.standby_learners,
+            "voter_down_grace": settings.node_down_grace,
         }
         values.update(overrides)
         return cls(**values)
@@ -882,13 +887,25 @@ class RaftNode:
         return m.is_voter(member_id) or len(m.voters) < self.options.max_voters
 
     async def _reconcile_voters(self) -> None:
-        """The leader promotes caught-up learners while there are fewer voters than wanted."""
+        """The leader promotes caught-up learners while there are fewer voters than wanted, and demotes a
+        voter gone for longer than the grace once a learner can take its seat."""
+        last_heard: dict[str, float] = {}
         while True:
             await asyncio.sleep(max(self.options.heartbeat_interval * 5, 0.1))
             core = self.core
+            if self.watcher is not None or core is None:
+                return
             if not self.is_leader or not core.committed_in_term() or self._config_lock.locked():
+                last_heard.clear()
                 continue
             m = core.membership
+            now = self._clock()
+            for v in m.voters:
+                pr = core.progress.get(v)
+                if v == self.id or (pr is not None and pr.recent_active) or v not in last_heard:
+                    last_heard[v] = now
+            if await self._replace_a_dead_voter(m, {v: now - t for v, t in last_heard.items()}):
+                continue
             learners = [x.id for x in m.members if not x.voter]
             if self.options.voters:
                 wanted = [i for i in learners if i in self.options.voters]
@@ -909,6 +926,61 @@ class RaftNode:
                 log.info("promoted a learner to voter", extra=fields(node=self.id, member=target))
             except AgentdError as exc:
                 log.info("could not promote a learner yet", extra=fields(member=target, reason=str(exc)))
+
+    async def _replace_a_dead_voter(self, m: Membership, silent: dict[str, float]) -> bool:
+        """Demote one voter silent past the grace. Safe with or without a successor ready: a dead voter
+        counts toward the quorum's size but never toward a majority, so dropping it never costs one; a
+        caught-up learner (a standby, or a watcher the leader invites) is then promoted to the free seat."""
+        core = self.core
+        dead = sorted(v for v in m.voters if v != self.id and silent.get(v, 0.0) > self.options.voter_down_grace)
+        if not dead or self.options.voters or len(m.voters) <= 1:
+            return False
+        try:
+            async with self._config_lock:
+                await self._change(ConfigChange("demote", dead[0]))
+            ready = sorted(x.id for x in m.members if not x.voter and x.id in core.progress
+                           and core.progress[x.id].recent_active)
+            log.warning("demoted a voter that is down; its seat goes to a caught-up learner", extra=fields(
+                node=self.id, voter=dead[0], silent=round(silent[dead[0]], 1), learners=ready))
+            return True
+        except AgentdError as exc:
+            log.info("could not demote a voter yet", extra=fields(voter=dead[0], reason=str(exc)))
+            return False
+
+    async def become_member(self) -> None:
+        """A watcher the leader asked to stand by: join Raft as a learner (its state stays; the log comes by
+        snapshot from the leader)."""
+        if self.watcher is None or self._stopping:
+            return
+        watcher, self.watcher = self.watcher, None
+        seeds = [m.address for m in watcher.members.values() if m.address] + self.join_addresses
+        await watcher.close()
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        self.join_addresses = [a for a in dict.fromkeys(seeds) if a and a != self.address]
+        # A watcher's storage was opened at start and never written: it starts the log empty.
+        self.core = RaftCore(self.id, hard_state=HardState(), snapshot=None, entries=[],
+                             config=self.options.raft_config(), rng=self._rng, can_vote=False)
+        self._last_applied = 0  # the leader's snapshot restores the state machine before anything is applied
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
+                       loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
+                       loop.create_task(self._reconcile_voters(), name=f"raft-voters-{self.id}")]
+        log.info("a watcher joins Raft as a standby learner", extra=fields(node=self.id))
+        wanted, self.options = self.options, dataclasses.replace(self.options, can_watch=False)
+        try:
+            await self._join()
+        except AgentdError as exc:
+            log.warning("could not join Raft; watching on", extra=fields(node=self.id, reason=str(exc)))
+            for t in self._tasks:
+                t.cancel()
+            self._tasks = []
+            self._become_watcher(self.cluster_id, self.join_addresses)
+            return
+        finally:
+            self.options = wanted
+        await asyncio.to_thread(self._watcher_marker.unlink, missing_ok=True)
 
     async def _learners_to_watchers(self, m: Membership, wanted: list[str]) -> None:
         """Learners beyond the standby ones, of a release that can watch, leave Raft and watch instead (a

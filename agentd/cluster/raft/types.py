@@ -274,7 +274,7 @@ class Ready:
 class ConfigChange:
     """One membership change; the core refuses anything changing more than one voter."""
 
-    op: str  # add_learner | promote | remove | set_address
+    op: str  # add_learner | promote | demote | remove | set_address
     member_id: str
     address: str = ""
 
