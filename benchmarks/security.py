@@ -121,9 +121,12 @@ def _http(url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[i
         return 0, {}
 
 
-def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: int, log) -> tuple[float, float]:
-    """(upload seconds, median tokens/s) for one llama-server run against `rpc`."""
+def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: int, log,
+                cpu=lambda: 0.0) -> tuple[float, float, float, float]:
+    """One llama-server run against `rpc`: (upload seconds, median tokens/s, `cpu()` seconds spent during the
+    upload, `cpu()` seconds per generated token). `cpu` reads the tunnel processes' CPU time."""
     port = _free_port()
+    c0 = cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(binary), "-m", str(model), "--rpc", rpc, "-ngl", "999", "--host", "127.0.0.1",
                              "--port", str(port), "-c", "512", "-t", "1", "-np", "1", "--fit", "off"],
@@ -134,7 +137,8 @@ def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: i
                 raise RuntimeError(f"llama-server exited with {proc.returncode}")
             time.sleep(0.02)
         upload = time.perf_counter() - t0
-        speeds = []
+        c1 = cpu()
+        speeds, tokens = [], 0
         for i in range(requests):
             code, body = _http(f"http://127.0.0.1:{port}/completion",
                                {"prompt": f"tell me a story {i}", "n_predict": n_predict, "temperature": 0,
@@ -142,10 +146,41 @@ def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: i
             if code != 200:
                 raise RuntimeError(f"/completion answered {code}")
             speeds.append(body["timings"]["predicted_per_second"])
-        return upload, statistics.median(speeds)
+            tokens += body["timings"]["predicted_n"] + body["timings"]["prompt_n"]
+        return upload, statistics.median(speeds), c1 - c0, (cpu() - c1) / max(tokens, 1)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _round_trips(port: int, n: int = 2000, size: int = 64) -> float:
+    """Median seconds for a `size`-byte request and its echo through `port`."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg, out = b"x" * size, []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.sendall(msg)
+            got = 0
+            while got < size:
+                got += len(s.recv(size - got))
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _echo_server() -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    code = ("import socket,threading\n"
+            "s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen()\n"
+            "def h(c):\n"
+            " c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n"
+            " while (d:=c.recv(65536)): c.sendall(d)\n"
+            "while True:\n"
+            " c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    _wait_port(port)
+    return proc, port
 
 
 def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int) -> None:
@@ -177,20 +212,50 @@ def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int
         try:
             for port in (rpc_port, exit_port, entry_port):
                 _wait_port(port)
+            import psutil
+
+            tunnel = [psutil.Process(p.pid) for p in procs[1:]]
+
+            def tunnel_cpu() -> float:
+                return sum(t.cpu_times().user + t.cpu_times().system for t in tunnel)
+
             size = model.stat().st_size / 2**20
             print(f"llama.cpp split onto ggml-rpc-server: {layers} layers, hidden {hidden}, F16, {size:.0f} MiB "
                   f"(every layer on the rpc-server), {n_predict} tokens per request, {rounds} rounds")
-            results: dict[str, list[tuple[float, float]]] = {"direct": [], "mTLS tunnel": []}
+            results: dict[str, list[tuple[float, float, float, float]]] = {"direct": [], "mTLS tunnel": []}
             for _ in range(rounds):
                 for path, rpc in (("direct", f"127.0.0.1:{rpc_port}"), ("mTLS tunnel", f"127.0.0.1:{entry_port}")):
-                    results[path].append(_serve_once(bindir / "llama-server", model, rpc, requests, n_predict, log))
-            base = statistics.median(tps for _, tps in results["direct"])
+                    results[path].append(_serve_once(bindir / "llama-server", model, rpc, requests, n_predict, log,
+                                                     tunnel_cpu if path != "direct" else (lambda: 0.0)))
+            base = statistics.median(r[1] for r in results["direct"])
             for path, rows in results.items():
-                up = statistics.median(u for u, _ in rows)
-                tps = statistics.median(t for _, t in rows)
+                up = statistics.median(r[0] for r in rows)
+                tps = statistics.median(r[1] for r in rows)
                 print(f"  {path:<12} upload (start to ready) {up:6.2f} s   generation {tps:7.1f} tokens/s "
                       f"({(tps / base - 1) * 100:+5.1f}% vs direct; runs: "
-                      f"{', '.join(f'{t:.1f}' for _, t in rows)})")
+                      f"{', '.join(f'{r[1]:.1f}' for r in rows)})")
+            rows = results["mTLS tunnel"]
+            print(f"  tunnel CPU (entry + exit processes): {statistics.median(r[2] for r in rows):.2f} s for the "
+                  f"upload ({size / max(statistics.median(r[2] for r in rows), 1e-9):.0f} MiB per CPU second), "
+                  f"{statistics.median(r[3] for r in rows) * 1e3:.2f} ms per token")
+            echo, echo_port = _echo_server()
+            e_exit, e_entry = _free_port(), _free_port()
+            pair = [subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{e_exit}", "--to",
+                                      f"127.0.0.1:{echo_port}", "--tls-dir", str(root / "rpc-host")],
+                                     stdout=log, stderr=log),
+                    subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{e_entry}", "--to",
+                                      f"127.0.0.1:{e_exit}", "--tls-dir", str(root / "main-host")],
+                                     stdout=log, stderr=log)]
+            try:
+                for port in (e_exit, e_entry):
+                    _wait_port(port)
+                direct, tunneled = _round_trips(echo_port), _round_trips(e_entry)
+                print(f"  64-byte round trip: direct {direct * 1e6:.0f} µs, through the tunnel {tunneled * 1e6:.0f} µs "
+                      f"(+{(tunneled - direct) * 1e6:.0f} µs per round trip)")
+            finally:
+                for p in (*pair, echo):
+                    p.terminate()
+                    p.wait(30)
         finally:
             for p in procs:
                 p.terminate()

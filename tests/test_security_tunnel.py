@@ -61,10 +61,9 @@ async def through(port: int, payload: bytes) -> bytes:
 
 async def tunnel(dirs, client: str, allow=("gpu-1",)):
     helper, helper_port = await echo_server()
-    exit_ = await serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), allow)
-    exit_port = exit_.sockets[0].getsockname()[1]
-    entry = await serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_port}", client_context(dirs / client))
-    return [helper, exit_, entry], entry.sockets[0].getsockname()[1], exit_port
+    exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), allow)
+    entry = serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_.port}", client_context(dirs / client))
+    return [helper, exit_, entry], entry.port, exit_.port
 
 
 async def close(servers) -> None:
@@ -100,3 +99,26 @@ async def test_any_node_when_no_host_is_named_and_plain_tcp_never(dirs):
         assert await through(exit_port, b"HELLO") == b"", "the exit speaks only TLS"
     finally:
         await close(servers)
+
+
+async def test_a_tls_record_without_data_does_not_stall_the_other_direction(dirs):
+    """A TLS 1.3 session ticket reaches the entry before any data: it must not block the relay thread.
+
+    (Found by the e2e test: the entry sat in a blocking TLS read of the ticket while llama-server's first
+    request waited to be forwarded.) The exit here sends tickets on purpose.
+    """
+    helper, helper_port = await echo_server()
+    ctx = server_context(dirs / "rpc-host")
+    ctx.num_tickets = 2
+    exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", ctx, ("gpu-1",))
+    entry = serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_.port}", client_context(dirs / "gpu-1"))
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", entry.port)
+        await asyncio.sleep(0.5)  # the handshake and the tickets are done before the first byte is sent
+        for i in range(3):
+            w.write(b"ping%d" % i)
+            async with asyncio.timeout(5):
+                assert await r.readexactly(5) == b"ping%d" % i
+        w.close()
+    finally:
+        await close([helper, exit_, entry])

@@ -17,10 +17,9 @@ halves, each a small process of the same instance:
 
 Both use the host's node certificate (`tls_dir/node.crt`, `node.key`). Bytes
 are copied as they come, with TCP_NODELAY on every socket: the RPC protocol
-is many small request/response round trips per token. A half-close crosses
-to plain TCP but not to TLS (asyncio's TLS cannot send one): there it closes
-the connection, which request/response protocols such as ggml RPC never
-notice. benchmarks/security.py --rpc measures the cost.
+is many small request/response round trips per token, so each connection
+is relayed by a thread of its own with blocking sockets (see `_relay`).
+benchmarks/security.py --rpc measures the cost.
 
 Run one half: `python -m agentd.security.tunnel exit --listen 10.0.0.3:41000
 --to 127.0.0.1:41001 --tls-dir /var/lib/agentd/tls --allow gpu-1`, or
@@ -30,14 +29,15 @@ Run one half: `python -m agentd.security.tunnel exit --listen 10.0.0.3:41000
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
+import select
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -47,6 +47,7 @@ from agentd.security.ca import CA_CERT, NODE_SAN, ROLE_NODE, cert_name, cert_rol
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+RECV = 256 * 1024
 
 
 def server_context(tls_dir: Path, name: str = "node") -> ssl.SSLContext:
@@ -56,6 +57,7 @@ def server_context(tls_dir: Path, name: str = "node") -> ssl.SSLContext:
     ctx.load_cert_chain(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
     ctx.load_verify_locations(tls_dir / CA_CERT)
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.num_tickets = 0  # no resumption wanted; and no post-handshake records to read past
     return ctx
 
 
@@ -69,7 +71,7 @@ def client_context(tls_dir: Path, name: str = "node") -> ssl.SSLContext:
     return ctx
 
 
-def peer_refusal(ssl_object: ssl.SSLObject | None, allow: frozenset[str]) -> str:
+def peer_refusal(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, allow: frozenset[str]) -> str:
     """Why the verified peer may not use this exit ("" when it may): role node, and one of `allow` if given."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
@@ -82,110 +84,52 @@ def peer_refusal(ssl_object: ssl.SSLObject | None, allow: frozenset[str]) -> str
     return ""
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _nodelay(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Relay(asyncio.Protocol):
-    """One side of a spliced connection: what it receives is written to its peer's transport.
-
-    Transports and callbacks, not streams: no task wakes per chunk, which is most of a small message's cost.
-    Flow control goes across: when the peer cannot take more, this side stops reading. A half-close is
-    passed on where the other side can write one (plain TCP); over TLS, which cannot, it closes both.
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.peer: _Relay | None = None
-        self.pending: list[bytes] = []
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        _nodelay(transport)
-
-    def attach(self, peer: _Relay) -> None:
-        self.peer, peer.peer = peer, self
-        for data in self.pending:
-            peer.transport.write(data)  # type: ignore[union-attr]
-        self.pending.clear()
-        if self.eof:
-            self._pass_eof()
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
-        else:
-            self.pending.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.peer is not None:
-            return self._pass_eof()
-        return True
-
-    def _pass_eof(self) -> bool:
-        t = self.peer.transport if self.peer is not None else None
-        if t is not None and t.can_write_eof():
-            t.write_eof()
-            return True  # keep our side open for the answer
-        self.close()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.close()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
-
-    def close(self) -> None:
-        for side in (self, self.peer):
-            if side is not None and side.transport is not None:
-                side.transport.close()
-
-
-class _Accepted(_Relay):
-    """The side a client connects to: reading waits until the far side is connected."""
-
-    def __init__(self, connect, check=None) -> None:
-        super().__init__()
-        self._connect = connect
-        self._check = check
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._check is not None and (why := self._check(transport)):
-            log.warning("tunnel refused a connection",
-                        extra={"peer": str(transport.get_extra_info("peername")), "reason": why})
-            transport.close()
-            return
-        transport.pause_reading()  # type: ignore[attr-defined]
-        asyncio.get_running_loop().create_task(self._open())
-
-    async def _open(self) -> None:
+def _send(s: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
         try:
-            _, far = await asyncio.wait_for(self._connect(_Relay), CONNECT_TIMEOUT)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            log.warning("tunnel could not reach its other end", extra={"error": str(exc)})
-            if self.transport is not None:
-                self.transport.close()
-            return
-        if self.transport is None:  # the client left meanwhile
-            far.transport.close()
-            return
-        self.attach(far)
+            view = view[s.send(view):]
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            select.select([], [s], [], 1.0)
+
+
+def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes, then close both.
+
+    One thread per connection, `select` for whichever side has data: each TLS object is used by this thread
+    alone (OpenSSL's rule), and a small message costs one recv and one send in C, which is what keeps a chatty
+    request/response protocol's round trips short (benchmarks/security.py --rpc). The sockets are
+    non-blocking: a TLS record that carries no application data (a session ticket, a key update) must not
+    block the thread while the other direction waits. A half-close ends the connection: request/response
+    protocols such as ggml RPC never send one.
+    """
+    socks = [a, b]
+    for s in socks:
+        s.setblocking(False)
+    try:
+        while True:
+            ready = [s for s in socks if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, _, _ = select.select(socks, [], [])
+            for s in ready:
+                try:
+                    data = s.recv(RECV)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue  # a record without application data, or half a record
+                if not data:
+                    return
+                _send(b if s is a else a, data)
+    except (OSError, ssl.SSLError, ValueError):
+        return
+    finally:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.close()
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -193,34 +137,82 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve_exit(listen: str, target: str, ctx: ssl.SSLContext, allow: Iterable[str] = ()) -> asyncio.Server:
+class Listener:
+    """A listening socket whose connections are each handled by `handle(conn)` in a thread of their own."""
+
+    def __init__(self, listen: str, handle: Callable[[socket.socket], None]):
+        host, port = _split(listen)
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.port = self.sock.getsockname()[1]
+        self._handle = handle
+        self._thread = threading.Thread(target=self._accept, name=f"tunnel-{self.port}", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            _nodelay(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def serve_exit(listen: str, target: str, ctx: ssl.SSLContext, allow: Iterable[str] = ()) -> Listener:
     """TLS on `listen` -> plain TCP to `target` (the helper on 127.0.0.1), for allowed cluster hosts only."""
     allowed = frozenset(allow)
     thost, tport = _split(target)
-    loop = asyncio.get_running_loop()
 
-    def check(transport: asyncio.BaseTransport) -> str:
-        return peer_refusal(transport.get_extra_info("ssl_object"), allowed)
+    def handle(conn: socket.socket) -> None:
+        peer = conn.getpeername()
+        try:
+            conn.settimeout(CONNECT_TIMEOUT)
+            tls = ctx.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("tunnel refused a connection: %s (from %s)", exc, peer)
+            conn.close()
+            return
+        why = peer_refusal(tls, allowed)
+        if why:
+            log.warning("tunnel refused a connection: %s (from %s)", why, peer)
+            tls.close()
+            return
+        try:
+            upstream = socket.create_connection((thost, tport), timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            log.warning("tunnel could not reach %s: %s", target, exc)
+            tls.close()
+            return
+        _nodelay(upstream)
+        tls.settimeout(None)
+        upstream.settimeout(None)
+        _relay(tls, upstream)
 
-    def connect(factory):
-        return loop.create_connection(factory, thost, tport)
-
-    host, port = _split(listen)
-    return await loop.create_server(lambda: _Accepted(connect, check), host, port, ssl=ctx,
-                                    ssl_handshake_timeout=CONNECT_TIMEOUT)
+    return Listener(listen, handle)
 
 
-async def serve_entry(listen: str, remote: str, ctx: ssl.SSLContext) -> asyncio.Server:
+def serve_entry(listen: str, remote: str, ctx: ssl.SSLContext) -> Listener:
     """Plain TCP on `listen` (127.0.0.1) -> TLS to the exit at `remote`, verified against the cluster CA."""
     rhost, rport = _split(remote)
-    loop = asyncio.get_running_loop()
 
-    def connect(factory):
-        return loop.create_connection(factory, rhost, rport, ssl=ctx, server_hostname=NODE_SAN,
-                                      ssl_handshake_timeout=CONNECT_TIMEOUT)
+    def handle(conn: socket.socket) -> None:
+        try:
+            raw = socket.create_connection((rhost, rport), timeout=CONNECT_TIMEOUT)
+            _nodelay(raw)
+            tls = ctx.wrap_socket(raw, server_hostname=NODE_SAN)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("tunnel could not reach its exit %s: %s", remote, exc)
+            conn.close()
+            return
+        tls.settimeout(None)
+        _relay(conn, tls)
 
-    host, port = _split(listen)
-    return await loop.create_server(lambda: _Accepted(connect), host, port)
+    return Listener(listen, handle)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,24 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tunnel %(levelname)s %(message)s")
 
-    async def run() -> None:
-        if args.side == "exit":
-            server = await serve_exit(args.listen, args.to, server_context(args.tls_dir), args.allow)
-        else:
-            server = await serve_entry(args.listen, args.to, client_context(args.tls_dir))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        log.info("%s %s -> %s", args.side, args.listen, args.to)
-        async with server:
-            await stop.wait()
-
     try:
-        asyncio.run(run())
+        if args.side == "exit":
+            listener = serve_exit(args.listen, args.to, server_context(args.tls_dir), args.allow)
+        else:
+            listener = serve_entry(args.listen, args.to, client_context(args.tls_dir))
     except OSError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("%s %s -> %s", args.side, args.listen, args.to)
+    while not stop.wait(3600):
+        pass
+    listener.close()
     return 0
 
 
