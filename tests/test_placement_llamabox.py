@@ -220,6 +220,8 @@ def test_a_host_without_gpus_serves_from_ram_when_the_deployment_allows_it(plugi
     c = cluster(_cpu_host("cpu1", 64))
     refused = place(c, m, spec("llamabox"), plugins=plugins)
     assert refused.diagnosis.message == "0/1 hosts can run m (llamabox): 1 host without GPUs"
+    assert refused.diagnosis.suggestions == (
+        "allow CPU offload (--allow-cpu-offload): 8 of 8 layers would run from RAM on cpu1",)
     s = spec("llamabox", offload=True)
     plan = place(c, m, s, plugins=plugins)
     [main] = plan.replicas[0].parts

@@ -116,7 +116,8 @@ class Request:
         a, b = self.spec, other.spec
         self.search_cache = other.search_cache
         self.links = other.links
-        if (a.selector, a.pin) == (b.selector, b.pin):
+        # Hosts without GPUs pass the host filters or not depending on cpu_hosts (allow_cpu_offload).
+        if (a.selector, a.pin) == (b.selector, b.pin) and self.cpu_hosts == other.cpu_hosts:
             self.gates = other.gates
             if snapshot is not None and a.exclude_gpus == b.exclude_gpus and self._same("check_device", other):
                 self.host_cache = other.host_cache
