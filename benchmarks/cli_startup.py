@@ -1,6 +1,6 @@
 """Whole-process start-up of the `agentd` command, against `python -c pass` in the same run.
 
-    .venv/bin/python benchmarks/cli_startup.py [--runs 20] [--no-secure]
+    .venv/bin/python benchmarks/cli_startup.py [--runs 20] [--no-secure] [--compare DIR]
 
 Each row is the wall time of one whole process (fork, interpreter start,
 imports, the work, exit), measured from this process: the median, the fastest
@@ -15,8 +15,11 @@ mostly does not, so it says what the command itself costs.
 (`agentd serve` with a simulated host, one deployment of the tiny GGUF so `ps`
 lists an instance): once over plaintext (AGENTD_INSECURE=1), and once over
 mutual TLS with an admin certificate (AGENTD_TLS_DIR), as an operator's
-shell would. The targets (issue 16): `agentd version` under 0.15 s, `agentd
-status` and `agentd ps` under 0.35 s.
+shell would. `--compare DIR` adds rows for another source tree (say, a
+`git worktree` of an older commit), run as `python -m agentd` from DIR, beside
+the same rows for this tree, so a change is measured under the same load.
+The targets (issue 16): `agentd version` under 0.15 s, `agentd status` and
+`agentd ps` under 0.35 s.
 """
 
 from __future__ import annotations
@@ -43,23 +46,26 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+def _run_once(argv: list[str], env: dict[str, str], cwd: str | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one whole process."""
     c0, t0 = _cpu(), time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
     return elapsed, cpu
 
 
-def measure(rows: list[tuple[str, list[str], dict[str, str]]], runs: int) -> dict[str, list[tuple[float, float]]]:
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
-    for _name, argv, env in rows:  # one warm-up each: page cache, .pyc files
-        _run_once(argv, env)
+Row = tuple[str, list[str], dict[str, str], str | None]  # name, argv, environment, working directory
+
+
+def measure(rows: list[Row], runs: int) -> dict[str, list[tuple[float, float]]]:
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _, _ in rows}
+    for _name, argv, env, cwd in rows:  # one warm-up each: page cache, .pyc files
+        _run_once(argv, env, cwd)
     for _ in range(runs):
-        for name, argv, env in rows:
-            times[name].append(_run_once(argv, env))
+        for name, argv, env, cwd in rows:
+            times[name].append(_run_once(argv, env, cwd))
     return times
 
 
@@ -77,6 +83,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20, help="runs of each command (default 20)")
     ap.add_argument("--no-secure", action="store_true", help="skip the rows against an mTLS agent")
+    ap.add_argument("--compare", metavar="DIR", help="also run version/status/ps from this source tree")
     args = ap.parse_args()
     base = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
     clusters: list[LocalCluster] = []
@@ -89,22 +96,28 @@ def main() -> int:
             plain = _start_agent(root / "plain", model, secure=False)
             clusters.append(plain)
             env_plain = {**base, "AGENTD_INSECURE": "1", "AGENTD_SERVER": plain.agents["bench"].listen}
-            rows = [
-                ("python -c pass", [sys.executable, "-c", "pass"], base),
-                ("agentd version", [AGENTD, "version"], base),
-                ("agentd version --json", [AGENTD, "version", "--json"], base),
-                ("agentd status (plaintext)", [AGENTD, "status"], env_plain),
-                ("agentd ps (plaintext)", [AGENTD, "ps"], env_plain),
-                ("agentd ls (plaintext)", [AGENTD, "ls"], env_plain),
-                ("agentd ps --help", [AGENTD, "ps", "--help"], base),
-                ("agentd --help (every module)", [AGENTD, "--help"], base),
+            rows: list[Row] = [
+                ("python -c pass", [sys.executable, "-c", "pass"], base, None),
+                ("agentd version", [AGENTD, "version"], base, None),
+                ("agentd version --json", [AGENTD, "version", "--json"], base, None),
+                ("agentd status (plaintext)", [AGENTD, "status"], env_plain, None),
+                ("agentd ps (plaintext)", [AGENTD, "ps"], env_plain, None),
+                ("agentd ls (plaintext)", [AGENTD, "ls"], env_plain, None),
+                ("agentd ps --help", [AGENTD, "ps", "--help"], base, None),
+                ("agentd --help (every module)", [AGENTD, "--help"], base, None),
             ]
+            if args.compare:
+                here = str(Path(__file__).resolve().parent.parent)
+                for label, tree in (("this tree", here), ("--compare", args.compare)):
+                    for cmd, env in (("version", base), ("status", env_plain), ("ps", env_plain)):
+                        rows.append((f"python -m agentd {cmd} ({label})", [sys.executable, "-m", "agentd", cmd],
+                                     env, tree))
             if not args.no_secure:
                 tls = _start_agent(root / "tls", model, secure=True)
                 clusters.append(tls)
                 env_tls = {**base, "AGENTD_TLS_DIR": str(tls.admin_dir), "AGENTD_SERVER": tls.agents["bench"].listen}
-                rows += [("agentd status (mTLS, admin cert)", [AGENTD, "status"], env_tls),
-                         ("agentd ps (mTLS, admin cert)", [AGENTD, "ps"], env_tls)]
+                rows += [("agentd status (mTLS, admin cert)", [AGENTD, "status"], env_tls, None),
+                         ("agentd ps (mTLS, admin cert)", [AGENTD, "ps"], env_tls, None)]
             times = measure(rows, args.runs)
         finally:
             for c in clusters:
