@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # Where this host's models are (docs/models.md): scanned and reported; fetched copies go to the first.
     # Empty = <data_dir>/models.
     model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    model_fetch_concurrency: int = Field(default=2, ge=1, le=64)  # models fetched from peers at once
+    model_fetch_rate: float = Field(default=0.0, ge=0.0)  # bytes per second per fetch; 0 = unlimited
 
     heartbeat_interval: float = 0.1
     # A hung leader is replaced after about min + (max - min) / 3 (the first of two followers); see docs/raft.md.

@@ -51,6 +51,7 @@ from grpc_reflection.v1alpha import reflection
 from agentd import datadir, formats
 from agentd.api.control import AgentService, ChannelPool, ControlService, add_services, instance_from_pb
 from agentd.api.drain import clear_drain_request, drain_decision
+from agentd.api.fetch import Fetch, Fetcher, ModelsService
 from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
@@ -66,6 +67,7 @@ from agentd.config import Settings
 from agentd.coordinator import Coordinator, InstanceReport, host_of, removed_message, run_periodically
 from agentd.errors import AgentdError, ConfigError, InvalidInput, NotAvailable
 from agentd.inventory import Collector, InventoryRefresher
+from agentd.inventory.models import file_key
 from agentd.logs import fields
 from agentd.metrics import Metrics
 from agentd.modelinfo import inspect_model
@@ -86,9 +88,11 @@ from agentd.security.tls import (
     load_identity,
     warn_insecure,
 )
-from agentd.types import Assignment, HostInventory
+from agentd.types import Assignment, HeldModel, HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.v1 import models_pb2 as mpb
+from agentd.v1 import models_pb2_grpc as mpb_grpc
 from agentd.v1 import raft_pb2 as raft_pb
 from agentd.v1 import security_pb2 as sec_pb
 from agentd.v1 import security_pb2_grpc as sec_pb_grpc
@@ -101,7 +105,8 @@ REPORT_INTERVAL = 1.0
 FAULT_FILE_ENV = "AGENTD_TEST_FAULT_FILE"  # tests only: JSON {"partition": [peer ids]} cuts Raft traffic
 CLOCK_SKEW_ENV = "AGENTD_TEST_CLOCK_SKEW"  # tests only: seconds this agent's wall clock reads off (issue 14)
 RECONCILE_PERIOD = 5.0  # re-apply even without a change: cheap, and heals a missed event
-STATE_ORDER = ("FATAL", "BACKOFF", "STOPPING", "PENDING", "STARTING", "STOPPED", "RUNNING")
+# FETCHING: the part's model is being copied from a peer before anything is launched (docs/models.md).
+STATE_ORDER = ("FATAL", "BACKOFF", "STOPPING", "FETCHING", "PENDING", "STARTING", "STOPPED", "RUNNING")
 
 
 def part_reports(node: str, st: InstanceStatus, assignment: Any) -> list[InstanceReport]:
@@ -240,6 +245,12 @@ class Daemon:
         installed = functools.cache(lambda: self.plugins.installed_runtimes(settings))
         self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids, runtimes=installed)
         self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
+        # Copies of models between hosts (docs/models.md): served by digest, fetched before a part launches.
+        self.models_service = ModelsService(models=self._held_models, locate=self._locate)
+        self.fetcher = Fetcher(node=self.node, model_dir=settings.model_directories[0], channel=self.channels.get,
+                               locate=self._locate_remote, on_file=self._fetched_file, on_change=self._fetch_changed,
+                               concurrency=settings.model_fetch_concurrency, rate=settings.model_fetch_rate)
+        self._fetching: dict[str, tuple[Assignment, Fetch]] = {}  # instance id -> its model's fetch
         self.watchdog = watchdog_interval()  # read before from_environ(unset=True) removes WATCHDOG_USEC
         self.notifier = SdNotifier.from_environ(unset=True)
         self._election_term = 0
@@ -290,6 +301,8 @@ class Daemon:
         if self.security is not None and self.joins is not None:
             add_security_services(self.server, self.security, self.joins)
             services += [sec_pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Security", "Join")]
+        mpb_grpc.add_ModelsServicer_to_server(self.models_service, self.server)
+        services.append(mpb.DESCRIPTOR.services_by_name["Models"].full_name)
         reflection.enable_server_reflection(services, self.server)
         if self.identity is not None:
             add_secure_ports(self.server, self.identity, listen=self.s.listen,
@@ -361,6 +374,8 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.close(stop_processes=drain)
+        await self.fetcher.close()
+        self.models_service.close()
         if drain:
             clear_drain_request(self.data_dir)
         with contextlib.suppress(Exception):
@@ -494,6 +509,88 @@ class Daemon:
             return None
         return apikeys.verify_key(self.state.api_keys, token, now=self.cluster_clock.now())
 
+    def _runnable(self, assignments: list[Assignment]) -> list[Assignment]:
+        """What the supervisor gets: each assignment with its model server's key and this host's copy of its
+        model. One whose model this host must hold but does not is held back while the model is fetched
+        from a peer (reported FETCHING, or FATAL with the reason)."""
+        out, waiting = [], {}
+        for a in assignments:
+            local = self.localized(a)
+            if local.model == a.model and "@sha256:" in a.model and self._needs_files(a):
+                name, _, digest = a.model.partition("@")
+                f = self.fetcher.ensure(name, digest)
+                if f.state != "DONE" or not f.path:
+                    waiting[a.instance_id] = (a, f)
+                    continue
+                self._model_paths[a.instance_id] = f.path  # fetched; the catalog will report it at its next scan
+                local = a.model_copy(update={"model": f.path})
+            out.append(self.keyed(local))
+        self._fetching = waiting
+        wanted = {f.digest for _, f in waiting.values()}
+        for digest in [d for d in self.fetcher.fetches if d not in wanted]:
+            self.fetcher.forget(digest)
+        return out
+
+    def _needs_files(self, a: Assignment) -> bool:
+        roles = self.plugins.hook.agentd_model_file_roles(runtime=a.runtime)
+        return any(p.host == self.node and (roles is None or p.role in roles) for p in a.plan.parts)
+
+    def _fetch_reports(self) -> list[InstanceReport]:
+        out = []
+        for a, f in self._fetching.values():
+            for idx, part in enumerate(a.plan.parts):
+                if part.host != self.node:
+                    continue
+                ep = a.endpoints[idx]
+                out.append(InstanceReport(
+                    instance_id=a.instance_id, deployment=a.deployment, replica=a.replica, generation=a.generation,
+                    part=idx, host=self.node, role=part.role, state="FATAL" if f.state == "FATAL" else "FETCHING",
+                    reason=f.reason, endpoint=f"{ep.address}:{ep.port}", term=a.term, gpus=tuple(part.gpus)))
+        return out
+
+    def _held_models(self) -> tuple[HeldModel, ...]:
+        inventory = self.refresher.latest
+        return inventory.models if inventory is not None else ()
+
+    async def _locate(self, digest: str, caller: str) -> tuple[HeldModel | None, list[tuple[str, str]]]:
+        """A model's manifest and the live hosts with a complete copy (the leader's reports)."""
+        if not self.raft.is_leader:
+            model, holders = await self._locate_remote(digest)
+            return model, [h for h in holders if h[0] != caller]
+        live = {h.name for h in self.coordinator.live_hosts()}
+        model, holders = None, []
+        for name, rep in sorted(self.coordinator.reports.items()):
+            copy = held_copy(rep.inventory.models, "@" + digest)
+            if copy is None or name == caller or name not in live:
+                continue
+            model = model or copy
+            holders.append((name, rep.inventory.address))
+        return model, holders
+
+    async def _locate_remote(self, digest: str) -> tuple[HeldModel, list[tuple[str, str]]]:
+        if self.raft.is_leader:
+            model, holders = await self._locate(digest, self.node)
+            if model is None:
+                raise LookupError(f"no live host reports a complete copy of {digest}")
+            return model, holders
+        if not self.raft.leader_address:
+            raise LookupError("no leader to ask where the model is")
+        stub = mpb_grpc.ModelsStub(self.channels.get(self.raft.leader_address))
+        reply = await stub.Locate(mpb.LocateRequest(digest=digest), timeout=5.0)
+        return HeldModel.model_validate_json(reply.model_json), [(h.host, h.address) for h in reply.holders]
+
+    def _fetched_file(self, path: Path, sha256: str) -> None:
+        """A fetched file was verified while written: its digest goes to the cache, so it is not hashed again."""
+        catalog = self.collector.catalog
+        if catalog is not None:
+            with contextlib.suppress(OSError):
+                catalog.hasher.cache.put(file_key(path), sha256)
+
+    def _fetch_changed(self) -> None:
+        self.refresher.refresh_now()
+        self._reconcile_now.set()
+        self._report_now.set()
+
     def localized(self, a: Assignment) -> Assignment:
         """The assignment with a catalog model name (`NAME@sha256:DIGEST`) replaced by this host's copy.
 
@@ -549,7 +646,7 @@ class Daemon:
             a = wanted.get(st.instance_id)
             if a is not None:
                 out += part_reports(self.node, st, a)
-        return out
+        return out + self._fetch_reports()
 
     async def _reporter(self) -> None:
         while True:
@@ -714,8 +811,7 @@ class Daemon:
         while True:
             self._reconcile_now.clear()
             try:
-                await self.supervisor.apply([self.keyed(self.localized(a))
-                                             for a in self.state.assignments_on(self.node)])
+                await self.supervisor.apply(self._runnable(self.state.assignments_on(self.node)))
             except asyncio.CancelledError:
                 raise
             except Exception:

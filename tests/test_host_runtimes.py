@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from agentd.config import load_settings
 from agentd.inventory.collect import Collector
 from agentd.placement import place
@@ -113,3 +115,31 @@ def test_the_collector_reports_what_the_plugins_found_and_a_simulated_host_what_
     sim = Collector(node_name="n2", simulate=f, runtimes=lambda: {"llamabox": "0.6.0"})()
     assert sim.simulated and sim.runtimes == {"vllm": "0.32.0"}
     assert Collector(node_name="n3")().runtimes == {}
+
+
+# --------------------------------------------------------------------------- through a real agent's report
+
+
+@pytest.mark.slow
+def test_an_agent_reports_its_runtimes_and_the_coordinator_places_by_them(tmp_path):
+    """One real `agentd serve`; its (simulated) inventory lists vLLM only, so the coordinator refuses a
+    llama-box deployment, saying why, and the host's runtimes show in what it reported."""
+    from agentd.api.client import CannotPlace
+    from agentd.testing.gguf import write_tiny_llama_gguf
+    from agentd.testing.localcluster import LocalCluster, simulated_host
+    from agentd.v1 import control_pb2 as pb
+
+    m = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    h = simulated_host("a", gpus=1, gpu_gib=1.0)
+    h["runtimes"] = {"vllm": "0.32.0"}
+    c = LocalCluster(tmp_path / "c", hosts=[h])
+    try:
+        c.start()
+        c.wait_for_inventories()
+        s = pb.DeploymentSpec(name="chat", model=str(m), runtime="llamabox", replicas=1,
+                              options=pb.RuntimeOptions(ctx_size=256))
+        with c.any_client(timeout=30) as cl, pytest.raises(CannotPlace) as err:
+            cl.deploy(s)
+        assert "1 host without llamabox installed (a has vllm 0.32.0)" in str(err.value)
+    finally:
+        c.stop()

@@ -1,0 +1,374 @@
+"""Copies of model files between agents (docs/models.md, "Copies between hosts").
+
+A host assigned a part whose model it lacks fetches the files from a peer that holds them, before the
+part is launched:
+
+- by digest only: the request names the model's digest and one of the file names the holder itself
+  listed; the holder maps them to its own path, so a caller can never name a path;
+- over the agents' own gRPC channel (mTLS and the node role in a secure cluster);
+- resumable: each file is written to `<dir>/.fetch-<digest>/<file>.partial`, and a retry (another holder,
+  or this one after an agent restart) asks from the bytes already there;
+- verified: the sha256 is computed while writing (the prefix of a resumed file is hashed first) and
+  compared with the holder's manifest; a mismatch discards the file and fetches it again, up to a limit,
+  so bad bytes are never served; verified files are renamed into place, the model's directory last;
+- bounded: a few fetches at a time, an optional byte rate, and blocking file I/O in threads of its own
+  (never on the event loop, never on the default executor);
+- a full disk ends the fetch at once: the partial files are removed and the reason reported (FATAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from agentd.logs import fields
+from agentd.types import GiB, HeldModel, ModelFile, held_copy
+from agentd.v1 import models_pb2 as mpb
+from agentd.v1 import models_pb2_grpc as mpb_grpc
+
+log = logging.getLogger("agentd.fetch")
+
+CHUNK = 1024 * 1024
+ATTEMPTS = 6  # per fetch: a dead holder, a corrupt copy; then the fetch fails with the last reason
+RETRY_DELAY = 0.5
+
+
+# --------------------------------------------------------------------------- the holder's side
+
+
+class ModelsService(mpb_grpc.ModelsServicer):
+    """Serves this host's model files by digest, and (on the leader) where a model's copies are."""
+
+    def __init__(self, *, models: Callable[[], Sequence[HeldModel]],
+                 locate: Callable[[str, str], Awaitable[tuple[HeldModel | None, list[tuple[str, str]]]]],
+                 threads: int = 4, chunk: int = CHUNK):
+        self._models = models
+        self._locate = locate
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="agentd-fetch-serve")
+        self.chunk = chunk
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def Locate(self, request, context):
+        caller = _caller_name(context)
+        model, holders = await self._locate(request.digest, caller)
+        if model is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no host reports a complete copy of {request.digest}")
+        return mpb.LocateReply(model_json=model.model_dump_json(),
+                               holders=[mpb.Holder(host=h, address=a) for h, a in holders])
+
+    async def Fetch(self, request, context):
+        copy = held_copy(self._models(), f"@{request.digest}") if request.digest else None
+        if copy is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this host holds no complete copy of {request.digest}")
+        entry = next((f for f in copy.files if f.name == request.file), None)
+        if entry is None:  # only names from our own manifest: never a path the caller chose
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.file!r} is not a file of {request.digest}")
+        path = model_base(copy) / entry.name
+        loop = asyncio.get_running_loop()
+        try:
+            f = await loop.run_in_executor(self._pool, _open_at, path, request.offset)
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read {entry.name}: {exc.strerror or exc}")
+        try:
+            offset = request.offset
+            first = True
+            while True:
+                data = await loop.run_in_executor(self._pool, f.read, self.chunk)
+                if not data:
+                    if first:
+                        yield mpb.FileChunk(offset=offset, size=entry.size, sha256=entry.sha256)
+                    return
+                if first:
+                    yield mpb.FileChunk(data=data, offset=offset, size=entry.size, sha256=entry.sha256)
+                    first = False
+                else:
+                    yield mpb.FileChunk(data=data, offset=offset)
+                offset += len(data)
+        finally:
+            await loop.run_in_executor(self._pool, f.close)
+
+
+def _open_at(path: Path, offset: int):
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, in the same pool
+    f.seek(offset)
+    return f
+
+
+def _caller_name(context) -> str:
+    with contextlib.suppress(Exception):
+        from agentd.security.auth import current_caller
+
+        caller = current_caller()
+        if caller is not None:
+            return caller.name
+    return ""
+
+
+def model_base(copy: HeldModel) -> Path:
+    """The directory a model's file names are relative to: the HF directory, or the GGUF's directory."""
+    return Path(copy.path) if copy.format == "hf" else Path(copy.path).parent
+
+
+# --------------------------------------------------------------------------- the fetching side
+
+
+class FetchFailed(Exception):
+    """A fetch that will not be retried by itself: the reason is the part's FATAL reason."""
+
+
+@dataclass
+class Fetch:
+    """One model being fetched to this host; `text` is what `agentd ps` shows."""
+
+    digest: str
+    name: str
+    total: int = 0
+    done: int = 0
+    state: str = "FETCHING"  # FETCHING | DONE | FATAL
+    reason: str = "waiting for a fetch slot"
+    started: float = field(default_factory=time.monotonic)
+    path: str = ""  # where the copy is, once DONE
+    _rate: float = 0.0
+    _last: tuple[float, int] = (0.0, 0)
+    task: asyncio.Task | None = None
+
+    def progress(self, now: float) -> None:
+        t0, b0 = self._last
+        if t0 == 0.0:
+            self._last = (now, self.done)
+            return
+        if now - t0 >= 0.5:
+            rate = (self.done - b0) / (now - t0)
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+            self._last = (now, self.done)
+        self.reason = self.text()
+
+    def text(self) -> str:
+        pct = int(100 * self.done / self.total) if self.total else 0
+        out = f"{pct}% of {self.total / GiB:.2f} GiB"
+        if self._rate > 0:
+            eta = (self.total - self.done) / self._rate
+            out += f" {self._rate / GiB:.1f} GiB/s ETA {_duration(eta)}"
+        return out
+
+
+def _duration(s: float) -> str:
+    if s < 60:
+        return f"{int(s) + 1}s"
+    if s < 3600:
+        return f"{int(s // 60) + 1}m"
+    return f"{s / 3600:.1f}h"
+
+
+class Fetcher:
+    """Fetches models into `model_dir`, a few at a time; one Fetch per digest, shared by its instances."""
+
+    def __init__(self, *, node: str, model_dir: Path, channel: Callable[[str], grpc.aio.Channel],
+                 locate: Callable[[str], Awaitable[tuple[HeldModel, list[tuple[str, str]]]]],
+                 on_file: Callable[[Path, str], None] = lambda p, sha: None,
+                 on_change: Callable[[], None] = lambda: None,
+                 concurrency: int = 2, rate: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.node = node
+        self.model_dir = model_dir
+        self._channel = channel
+        self._locate = locate
+        self._on_file = on_file
+        self._on_change = on_change
+        self._slots = asyncio.Semaphore(concurrency)
+        self.rate = rate  # bytes per second, 0 = unlimited
+        self.clock = clock
+        self.fetches: dict[str, Fetch] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(2, concurrency), thread_name_prefix="agentd-fetch")
+
+    def ensure(self, name: str, digest: str) -> Fetch:
+        """The fetch of `digest`, started if it is not running (a FATAL one is not retried: call forget)."""
+        f = self.fetches.get(digest)
+        if f is None or (f.state == "DONE" and not f.path):
+            f = self.fetches[digest] = Fetch(digest=digest, name=name)
+            f.task = asyncio.ensure_future(self._run(f))
+        return f
+
+    def forget(self, digest: str) -> None:
+        f = self.fetches.pop(digest, None)
+        if f is not None and f.task is not None and not f.task.done():
+            f.task.cancel()
+
+    async def close(self) -> None:
+        for f in list(self.fetches.values()):
+            if f.task is not None and not f.task.done():
+                f.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await f.task
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, f: Fetch) -> None:
+        try:
+            async with self._slots:
+                f.path = await self._fetch(f)
+            f.state, f.reason = "DONE", f"fetched {f.total / GiB:.2f} GiB in {self.clock() - f.started:.1f}s"
+            log.info(f"{f.name}@{f.digest[:19]}: {f.reason}", extra=fields(node=self.node, path=f.path))
+        except asyncio.CancelledError:
+            raise
+        except FetchFailed as exc:
+            f.state, f.reason = "FATAL", str(exc)
+            log.warning(f"{f.name}@{f.digest[:19]}: fetch failed: {exc}", extra=fields(node=self.node))
+        except Exception as exc:  # a bug: the part must still say why it does not start
+            f.state, f.reason = "FATAL", f"fetch failed: {type(exc).__name__}: {exc}"
+            log.exception("model fetch failed", extra=fields(node=self.node, digest=f.digest))
+        finally:
+            self._on_change()
+
+    async def _fetch(self, f: Fetch) -> str:
+        loop = asyncio.get_running_loop()
+        last = "no holder reported"
+        model: HeldModel | None = None
+        tmp = self.model_dir / f".fetch-{f.digest.removeprefix('sha256:')[:16]}"
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(RETRY_DELAY * attempt)
+            try:
+                model, holders = await self._locate(f.digest)
+            except grpc.aio.AioRpcError as exc:
+                last = f"cannot locate the model: {exc.details() or exc.code().name}"
+                continue
+            except LookupError as exc:
+                last = str(exc)
+                continue
+            f.total = model.size
+            holders = [h for h in holders if h[0] != self.node]
+            if not holders:
+                last = "no other host holds a complete copy"
+                continue
+            host, address = holders[attempt % len(holders)]
+            try:
+                await loop.run_in_executor(self._pool, _mkdirs, tmp)
+                for entry in model.files:
+                    await self._file(f, model, entry, tmp, host, address)
+                path, installed = await loop.run_in_executor(self._pool, _install, tmp, self.model_dir, model)
+                for dest, sha in installed:
+                    self._on_file(dest, sha)
+                return path
+            except grpc.aio.AioRpcError as exc:
+                last = f"copy from {host} broke off: {exc.details() or exc.code().name}"
+                log.info(f"{f.name}: {last}; resuming", extra=fields(node=self.node, attempt=attempt + 1))
+            except _Corrupt as exc:
+                last = str(exc)
+                log.warning(f"{f.name}: {last}; fetching it again", extra=fields(node=self.node))
+            except OSError as exc:
+                await loop.run_in_executor(self._pool, shutil.rmtree, tmp, True)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise FetchFailed(f"disk full in {self.model_dir} while fetching {f.name} "
+                                      f"({f.total / GiB:.2f} GiB): the partial copy was removed") from None
+                raise FetchFailed(f"cannot write the copy of {f.name} in {self.model_dir}: "
+                                  f"{exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            await loop.run_in_executor(self._pool, shutil.rmtree, tmp, True)
+        raise FetchFailed(f"fetching {f.name} failed after {ATTEMPTS} attempts: {last}")
+
+    async def _file(self, f: Fetch, model: HeldModel, entry: ModelFile, tmp: Path, host: str, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        final = tmp / entry.name
+        partial = final.with_name(final.name + ".partial")
+        done_before = sum(x.size for x in model.files if (tmp / x.name).exists())
+        if final.exists():
+            return  # verified and renamed by an earlier attempt
+        h, offset = await loop.run_in_executor(self._pool, _hash_prefix, partial)
+        f.done = done_before + offset
+        stub = mpb_grpc.ModelsStub(self._channel(address))
+        call = stub.Fetch(mpb.FetchRequest(digest=model.digest, file=entry.name, offset=offset))
+        out = await loop.run_in_executor(self._pool, _open_append, partial)
+        started, sent = self.clock(), 0
+        try:
+            async for chunk in call:
+                if chunk.offset != offset:
+                    raise _Corrupt(f"{entry.name} from {host}: chunk at {chunk.offset}, expected {offset}")
+                if chunk.data:
+                    await loop.run_in_executor(self._pool, _write, out, h, chunk.data)
+                    offset += len(chunk.data)
+                    f.done += len(chunk.data)
+                    f.progress(self.clock())
+                    if self.rate > 0:
+                        sent += len(chunk.data)
+                        ahead = sent / self.rate - (self.clock() - started)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+        finally:
+            await loop.run_in_executor(self._pool, out.close)
+        if offset != entry.size or h.hexdigest() != entry.sha256:
+            await loop.run_in_executor(self._pool, _unlink, partial)
+            f.done -= offset
+            got = "size " + str(offset) if offset != entry.size else "sha256 " + h.hexdigest()[:16]
+            raise _Corrupt(f"{entry.name} from {host} does not match the model's digest ({got}, expected "
+                           f"{entry.size} bytes, sha256 {entry.sha256[:16]}): discarded")
+        await loop.run_in_executor(self._pool, os.replace, partial, final)
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _mkdirs(p: Path) -> None:
+    p.mkdir(parents=True, exist_ok=True)
+
+
+def _hash_prefix(partial: Path) -> tuple[hashlib._Hash, int]:
+    h = hashlib.sha256()
+    n = 0
+    with contextlib.suppress(FileNotFoundError), open(partial, "rb", buffering=0) as f:
+        while block := f.read(8 * CHUNK):
+            h.update(block)
+            n += len(block)
+    return h, n
+
+
+def _open_append(p: Path):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return open(p, "ab", buffering=0)
+
+
+def _write(out, h, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        view = view[n:]
+    h.update(data)
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+
+
+def _install(tmp: Path, model_dir: Path, model: HeldModel) -> tuple[str, list[tuple[Path, str]]]:
+    """Move the verified files into place (the GGUF files, or the HF directory in one rename); the model's
+    path and each file's final path with its sha256."""
+    if model.format == "hf":
+        dest = model_dir / model.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            raise FetchFailed(f"{dest} exists already and is not this model: move it away, then restart the part")
+        os.replace(tmp, dest)
+        return str(dest), [(dest / e.name, e.sha256) for e in model.files]
+    base = model_dir / Path(model.name).parent
+    base.mkdir(parents=True, exist_ok=True)
+    installed = []
+    for entry in sorted(model.files, key=lambda x: x.name):
+        dest = base / entry.name
+        os.replace(tmp / entry.name, dest)
+        installed.append((dest, entry.sha256))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(base / Path(model.path).name), installed

