@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentd.coordinator import collector_paused  # noqa: E402
 from agentd.modelinfo import inspect_model  # noqa: E402
 from agentd.placement import place  # noqa: E402
 from agentd.plugins import PluginManager  # noqa: E402
@@ -76,13 +77,16 @@ def cluster(hosts: int, seed: int = 7, nvlink: bool = False) -> tuple[ClusterInv
 
 def timed(fn, repeat: int) -> tuple[float, float, object]:
     """(min ms, median ms, last result). Other processes share the machine: the min is the cleanest
-    reading of the code's own cost, the median what a caller sees."""
+    reading of the code's own cost, the median what a caller sees. Each call runs with the cyclic
+    collector paused, as the coordinator runs placement."""
     for _ in range(3):
-        result = fn()
+        with collector_paused():
+            result = fn()
     samples = []
     for _ in range(repeat):
         t = time.perf_counter()
-        result = fn()
+        with collector_paused():
+            result = fn()
         samples.append(time.perf_counter() - t)
     return min(samples) * 1000, statistics.median(samples) * 1000, result
 

@@ -505,3 +505,23 @@ def test_instances_lists_every_hosts_reports_sorted(placer, models):
     w.report("a", instances={"a": [part_report(fake, 0, "STARTING", 0)]})
     assert [(i.host, i.part, i.state) for i in w.coord.instances()] == [("a", 0, "STARTING"), ("b", 1, "RUNNING")]
     assert w.coord.instances("other") == []
+
+
+async def test_the_coordinator_pauses_the_cyclic_collector_while_it_places(placer, models):
+    """The placement core leaves the garbage collector alone (tests/test_layering.py); its caller pauses it,
+    so a placement's short-lived objects never trigger a walk of the leader's whole heap."""
+    import gc
+
+    seen: list[bool] = []
+
+    def recording(*args, **kw):
+        seen.append(gc.isenabled())
+        return placer(*args, **kw)
+
+    recording.plugins = placer.plugins
+    w = World(placer, [host("a")]).start()
+    w.coord = w.new_coordinator(recording)
+    w.start()
+    assert gc.isenabled()
+    result, _ = await w.coord.deploy(spec("chat", models["tiny"]))
+    assert result.ok and seen == [False] and gc.isenabled()

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parent.parent / "agentd"
 PLUGINS = PKG.parent / "plugins"
 
 FORBIDDEN = {
-    "placement": {"asyncio", "grpc", "pynvml", "psutil", "subprocess", "socket", "aiohttp",
+    "placement": {"asyncio", "grpc", "pynvml", "psutil", "subprocess", "socket", "aiohttp", "gc",
                   "agentd.cluster", "agentd.runtime", "agentd.api", "agentd.inventory", "agentd.daemon"},
     "modelinfo": {"asyncio", "grpc", "aiohttp", "agentd.cluster", "agentd.runtime", "agentd.api",
                   "agentd.placement"},

@@ -15,10 +15,8 @@ Pure: no I/O, no clocks, no randomness; the same input gives the same plan.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -629,8 +627,7 @@ def place(
     that does not exist or does not serve the model's format, PluginError
     when a plugin misbehaves; an unplaceable deployment is a Plan, not an error.
     """
-    with _collector_paused():
-        plan = _plan(plugins, cluster, model, spec, existing)
+    plan = _plan(plugins, cluster, model, spec, existing)
     log.info(decision(spec, plan), extra=fields(deployment=spec.name, runtime=spec.runtime, placed=plan.placed,
                                                 replicas=len(plan.replicas)))
     return plan
@@ -639,7 +636,8 @@ def place(
 def _plan(plugins: Any, cluster: ClusterInventory, model: ModelInfo, spec: DeploymentSpec,
           existing: Sequence[Assignment | ReplicaPlan]) -> Plan:
     """The work of `place`, in a frame of its own: every temporary (snapshots, filter caches) is
-    freed on return, before the cyclic collector resumes and would otherwise walk them all."""
+    freed on return, before a caller that paused the cyclic collector (the coordinator:
+    agentd/coordinator.py, collector_paused) resumes it, so it never walks them."""
     from agentd.placement.whatif import diagnose
 
     req = prepare(plugins, model, spec)
@@ -649,27 +647,6 @@ def _plan(plugins: Any, cluster: ClusterInventory, model: ModelInfo, spec: Deplo
         return Plan(placed=True, runtime=spec.runtime,
                     replicas=tuple(replica_plan(req, lo, why) for lo, why in zip(outcome.layouts, whys, strict=True)))
     return Plan(placed=False, runtime=spec.runtime, diagnosis=diagnose(req, cluster, existing, outcome))
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Hold off CPython's cyclic garbage collector for one placement.
-
-    A placement on a large cluster allocates an object or two per GPU, all
-    short-lived and acyclic (they die with the call, by reference counting).
-    Those allocations trigger collections, and a full collection walks the
-    caller's whole heap (the coordinator's inventories, the Raft log): on
-    2,048 hosts that cost twice the placement itself. Collection resumes on
-    exit, and nothing changes if the caller already disabled it.
-    """
-    was_enabled = gc.isenabled()
-    if was_enabled:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Placer:
