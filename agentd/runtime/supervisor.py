@@ -44,6 +44,7 @@ from agentd.runtime import logfiles
 from agentd.runtime.backoff import Backoff, BackoffPolicy
 from agentd.runtime.gpu import verify_gpu_release
 from agentd.runtime.health import Liveness, default_verdict, probe_tcp, run_probe
+from agentd.runtime.offloop import call_off_loop, on_loop
 from agentd.runtime.ports import PortAllocator, PortInUse, check_free
 from agentd.runtime.process import BinaryNotUsable, ProcessHandle, adopt, is_same_process, spawn, stop_tree
 from agentd.runtime.records import ProcessRecord, RecordStore, fingerprint
@@ -82,6 +83,7 @@ class SupervisorConfig:
     log_keep: int = 5
     log_max_bytes: int = 64 * MiB
     reason_log_lines: int = 8  # log lines quoted in a failure reason
+    launch_timeout: float = 30.0  # a plugin's agentd_launch (it may stat the model on a hung mount)
 
     @classmethod
     def from_settings(cls, s: Any) -> SupervisorConfig:
@@ -685,8 +687,10 @@ class Supervisor:
                     inst.ports[k if j == 0 else f"{k}#{j}"] = p
             return inst.ports[k]
 
+        loop = asyncio.get_running_loop()  # the hook runs in a thread (_build_specs): allocate on the loop
         return LaunchContext(node=self.node, work_dir=self.work_root / inst.instance_id, settings=self.settings,
-                             simulated_gpus=self.simulated_gpus, port=port, ray_port=ray_port)
+                             simulated_gpus=self.simulated_gpus, port=on_loop(loop, port),
+                             ray_port=on_loop(loop, ray_port))
 
     async def _build_specs(self, inst: _Instance) -> list[ProcessSpec]:
         a = inst.assignment
@@ -694,9 +698,15 @@ class Supervisor:
         specs: list[ProcessSpec] = []
         for i in a.parts_on(self.node):
             try:
-                res = self.plugins.hook.agentd_launch(assignment=a, part_index=i, ctx=ctx)
+                # Off the loop, with a timeout: a plugin may stat a model on a hung mount (agentd/runtime/offloop.py).
+                res = await call_off_loop(lambda i=i: self.plugins.hook.agentd_launch(assignment=a, part_index=i,
+                                                                                      ctx=ctx),
+                                          self.config.launch_timeout, name=f"launch-{a.instance_id}")
                 if inspect.isawaitable(res):
                     res = await res
+            except TimeoutError:
+                raise RuntimeFailure(f"the {a.runtime} plugin did not finish building part {i} within "
+                                     f"{self.config.launch_timeout:g}s (a model path on a hung mount?)") from None
             except AgentdError as exc:
                 raise RuntimeFailure(f"the {a.runtime} plugin cannot launch part {i}: {exc}") from None
             except Exception as exc:
