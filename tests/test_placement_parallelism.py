@@ -18,6 +18,7 @@ from agentd.api.convert import spec_from_pb, spec_to_pb
 from agentd.modelinfo import inspect_model
 from agentd.placement import Sharded, place, plan_json
 from agentd.placement.links import HostLinks
+from agentd.plugins import PluginManager
 from agentd.types import ClusterInventory, DeploymentSpec, GpuLink, HostInventory
 from agentd.v1 import control_pb2 as pb
 from tests.conftest import run_cli
@@ -291,3 +292,28 @@ def test_pcie_gpus_fall_back_to_tp_for_a_model_vllm_cannot_pipeline():
     assert layout(p)[1] == 1 and layout(p)[0] > 1
     assert "(PCIe only): tensor parallel over PCIe: no layout with pipeline stages fits or is supported" in \
         p.replicas[0].why
+
+
+# --------------------------------------------------------------------------- the same facts for SGLang
+
+
+def test_sglang_gets_the_same_policy_through_the_plugin_api():
+    """The SGLang plugin (agentd.plugins.api only) reads the same links: TP=4 over NVLink on the H100 host,
+    pipeline stages on the PCIe-only L40S host, the old order where no topology is reported."""
+    sglang = PluginManager.load(allow=["sglang"])
+
+    def sg(c, parallelism="auto"):
+        p = place(c, M170, spec(runtime="sglang", parallelism=parallelism), plugins=sglang)
+        assert p.placed, p.diagnosis
+        return p
+
+    nv = sg(load(H100))
+    assert layout(nv)[:2] == (4, 1) and nv.replicas[0].why.startswith(
+        "TP=4 on h100-node-1 GPUs 0-3 (NVLink): tensor parallel over NVLink inside a host")
+    assert "--parallelism gpus" in nv.replicas[0].why
+    assert layout(sg(load(H100), "gpus"))[:2] != (4, 1)
+    pcie = sg(load(L40S))
+    assert layout(pcie)[1] > 1 and "(PCIe only): pipeline stages over PCIe" in pcie.replicas[0].why
+    bare = sg(without_links(load(H100)))
+    assert layout(bare) == layout(sg(without_links(load(H100)), "gpus"))
+    assert "GPU interconnect unknown" in bare.replicas[0].why

@@ -169,13 +169,18 @@ def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
 def agentd_propose(runtime, model: ModelInfo, spec: DeploymentSpec, limits: ShapeLimits):
     if runtime != NAME:
         return None
-    return _shapes(model, limits)
+    return _shapes(model, limits, spec.parallelism)
 
 
-def _shapes(model: ModelInfo, limits: ShapeLimits) -> Iterator[Sharded]:
-    """The fewest GPUs first; for a count, one host before several, larger TP before PP (SGLang's advice:
-    tensor parallel inside a node). Several hosts run one pipeline stage each (--pp-size = --nnodes).
-    Pinned GPUs: only the shapes that use exactly them."""
+def _shapes(model: ModelInfo, limits: ShapeLimits, mode: str = "auto") -> Iterator[Sharded]:
+    """The shapes in the order of the deployment's `parallelism` (docs/placement.md, "Candidate order"),
+    from the GPU links the plugin API reports (`ShapeLimits.nvlink_gpus` / `pcie_gpus`, `Sharded.link`).
+
+    gpus: the fewest GPUs first; for a count, one host before several, larger TP before PP. auto
+    (SGLang's advice: tensor parallel inside a node): first one GPU, TP only over NVLink (smallest
+    first), TP x PP over NVLink, PP first over PCIe-only GPUs; then the gpus order, which is all of it
+    where no host reports its topology. latency: the largest TP first. Several hosts run one pipeline
+    stage each (--pp-size = --nnodes). Pinned GPUs: only the shapes that use exactly them."""
     g = limits.max_gpus_per_host
     if g == 0:
         return
@@ -183,6 +188,8 @@ def _shapes(model: ModelInfo, limits: ShapeLimits) -> Iterator[Sharded]:
         counts = {n for _, n in limits.exact}
         if len(limits.exact) == 1:
             n = limits.exact[0][1]
+            if mode == "auto" and n > 1 and limits.pcie_gpus >= n:  # PCIe only: pipeline stages first
+                yield from (Sharded(tp, n // tp, link="pcie") for tp in reversed(_divisors_desc(n)))
             yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
         elif len(counts) == 1:
             yield Sharded(counts.pop(), len(limits.exact), hosts=len(limits.exact))
@@ -191,6 +198,21 @@ def _shapes(model: ModelInfo, limits: ShapeLimits) -> Iterator[Sharded]:
     n_max = g * max(1, max_hosts)
     budget = MIN_FREE_SHARE * limits.max_gpu_memory
     lo = min(max(1, math.ceil(model.total_weight_bytes / budget)) if budget else 1, n_max)
+    if mode == "latency":
+        for tp in range(g, 0, -1):
+            yield from (Sharded(tp, pp) for pp in range(max(1, -(-lo // tp)), g // tp + 1))
+        for tp in range(g, 0, -1):
+            yield from (Sharded(tp, h, hosts=h) for h in range(max(2, -(-lo // tp)), max_hosts + 1))
+        return
+    if mode == "auto" and (limits.nvlink_gpus > 1 or limits.pcie_gpus > 1):
+        if lo <= 1:
+            yield Sharded(1)
+        nvlink = min(g, limits.nvlink_gpus)
+        yield from (Sharded(n, link="nvlink") for n in range(max(2, lo), nvlink + 1))
+        for n in range(max(2, lo), nvlink + 1):
+            yield from (Sharded(tp, n // tp, link="nvlink") for tp in _divisors_desc(n) if tp < n)
+        for n in range(max(2, lo), min(g, limits.pcie_gpus) + 1):
+            yield from (Sharded(tp, n // tp, link="pcie") for tp in reversed(_divisors_desc(n)))
     for n in range(lo, n_max + 1):
         if n <= g:
             yield from (Sharded(tp, n // tp) for tp in _divisors_desc(n))
@@ -201,6 +223,60 @@ def _shapes(model: ModelInfo, limits: ShapeLimits) -> Iterator[Sharded]:
 
 def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------- explain
+
+_LINK_TEXT = {"nvlink": " (NVLink)", "pcie": " (PCIe only)"}
+
+
+def _reason(shape: Sharded, mode: str, limits: ShapeLimits) -> str:
+    if limits.exact is not None:
+        return "the pinned GPUs"
+    if shape.gpus == 1:
+        return "one GPU holds it"
+    if mode == "gpus":
+        return "the fewest GPUs that fit"
+    if mode == "latency":
+        return "the largest tensor-parallel size that fits"
+    if shape.link == "nvlink":
+        if shape.pp == 1:
+            return "tensor parallel over NVLink inside a host"
+        return ("pipeline stages inside the host: no tensor-parallel-only layout on NVLink-connected GPUs "
+                "fits or passes the heads rule")
+    if shape.link == "pcie":
+        if shape.pp == 1:
+            return "tensor parallel over PCIe: no layout with pipeline stages fits or is supported for this model"
+        return "pipeline stages over PCIe, for GPUs without NVLink"
+    if shape.hosts > 1:
+        return "no single host holds it: one pipeline stage per node, TP = GPUs per node"
+    if limits.nvlink_gpus > 1 or limits.pcie_gpus > 1:
+        return "no GPUs all joined by NVLink, or all by PCIe only, hold it: the fewest GPUs that fit"
+    return "GPU interconnect unknown: the fewest GPUs that fit"
+
+
+@hookimpl
+def agentd_explain(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layout, limits: ShapeLimits, find):
+    """The layout, why the policy chose it, and what each other --parallelism would run instead."""
+    if runtime != NAME or not isinstance(layout.shape, Sharded):
+        return None
+    shape = layout.shape
+    text = f"{layout.label}{_LINK_TEXT.get(shape.link, '')}: {_reason(shape, spec.parallelism, limits)}"
+    if limits.exact is not None:
+        return text
+    linked = limits.nvlink_gpus > 1 or limits.pcie_gpus > 1
+    seen = {(shape.tp, shape.pp, shape.hosts)}
+    for other in ("auto", "gpus", "latency"):
+        if other == spec.parallelism or (not linked and {spec.parallelism, other} == {"auto", "gpus"}):
+            continue
+        alt = find(_shapes(model, limits, other))
+        if alt is None or (alt.shape.tp, alt.shape.pp, alt.shape.hosts) in seen:
+            continue
+        seen.add((alt.shape.tp, alt.shape.pp, alt.shape.hosts))
+        n = alt.gpu_count
+        uses = f"{alt.shape.label} would use {n} GPU{'s' if n != 1 else ''}"
+        text += f"; {uses if alt.shape.hosts == 1 else f'{uses} on {alt.shape.hosts} hosts'}: --parallelism {other}"
+    return text if len(seen) > 1 else f"{text}; the same with any --parallelism"
 
 
 # --------------------------------------------------------------------------- estimate

@@ -8,6 +8,7 @@ from agentd_sglang.installed import agentd_installed  # noqa: F401 (describe hoo
 from agentd_sglang.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
+    agentd_explain,
     agentd_layout_args,
     agentd_propose,
 )
