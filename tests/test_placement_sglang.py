@@ -269,3 +269,51 @@ def test_deploys_may_not_set_what_agentd_sets(plugins):
             plugins.check_launch_options(sgl().model_copy(update={
                 "options": RuntimeOptions(extra_args=(arg, "1"))}))
     plugins.check_launch_options(sgl().model_copy(update={"options": RuntimeOptions(extra_args=("--log-level",))}))
+
+
+# --------------------------------------------------------------------------- DP attention (MLA mixture of experts)
+
+
+def h200(n: int = 8):
+    return host("h200", n, total_gib=141)
+
+
+def test_mla_attention_weights_come_from_the_config():
+    m = _model("DeepSeek-R1")  # hidden 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128, rope 64, v 128
+    assert sg.mla_attention_params(m) == (7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256
+                                          + 128 * 128 * 7168)
+    assert sg.mla_attention_params(_model("Mixtral-8x7B-Instruct-v0.1")) is None
+
+
+def test_dp_attention_only_for_mla_moe_on_one_stage_with_experts_over_every_rank():
+    r1 = _model("DeepSeek-R1")  # 256 experts
+    assert [sg.attention_dp(r1, tp, 1) for tp in (1, 2, 4, 6, 8)] == [1, 2, 4, 1, 8]
+    assert sg.attention_dp(r1, 8, 2) == 1  # pipeline stages: plain TP
+    assert sg.attention_dp(_model("Mixtral-8x7B-Instruct-v0.1"), 8, 1) == 1  # MoE without MLA
+
+
+def test_deepseek_r1_on_eight_h200_runs_dp_attention_with_expert_parallel(plugins):
+    m = _model("DeepSeek-R1")
+    s = sgl(name="r1", ctx=8192, pin=(GpuPin(host="h200", gpus=tuple(range(8))),))
+    rp = place(cluster(h200()), m, s, plugins=plugins).replicas[0]
+    assert (rp.tensor_parallel, rp.pipeline_parallel) == (8, 1)
+    args = dict(zip(rp.args[::2], rp.args[1::2], strict=False))
+    assert args["--ep-size"] == "8" and args["--attn-dp-size"] == "8"
+    d = sg.estimate(m, s, Sharded(8))
+    attention = sg.mla_attention_params(m) * (m.total_weight_bytes / m.extra["estimated_parameters"]) * 61
+    plain = sg.estimate(m, s, Sharded(8, 2)).breakdown  # no DP attention with two stages
+    assert d.breakdown["weights"] > math.ceil(plain["weights"] * 2 - 1)  # one stage of 8 holds more per GPU
+    assert d.breakdown["weights"] == math.ceil((sg._heaviest_stage(m, (61,)) - attention) / 8 + attention)
+    assert d.breakdown["activation"] == sg.reserve_bytes(8, 1) + 256 * 8 * 3 * MiB  # SGLang's DP padding
+
+
+def test_dp_attention_lifts_the_heads_rule_where_sglang_does():
+    # 160 experts and 128 heads (DeepSeek-V2's shape): TP=5 splits experts evenly, and with DP attention each
+    # rank runs attention whole, so SGLang accepts what the plain heads rule would refuse.
+    from agentd.types import MoE
+
+    m = model(heads=128, kv_heads=128, kv_kind="mla").model_copy(update={
+        "moe": MoE(num_experts=160, experts_per_token=6),
+        "extra": {"qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "q_lora_rank": 1536}})
+    assert _accepted(m, 5) and not sglang_accepts(m, 5, 1)
+    assert not _accepted(m, 6)  # 160 experts do not divide over 6 ranks: no DP attention, heads rule applies

@@ -46,7 +46,7 @@ for argv in json.loads(sys.stdin.read()):
     out["parsed"].append({k: ns.get(k) for k in (
         "model_path", "host", "port", "served_model_name", "api_key", "tp_size", "pp_size", "ep_size",
         "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "context_length", "nnodes",
-        "node_rank", "dist_init_addr", "nccl_port")})
+        "node_rank", "dist_init_addr", "nccl_port", "attn_dp_size")})
 print(json.dumps(out))
 """
 
@@ -102,3 +102,24 @@ def test_every_reserved_flag_is_one_sglang_has(launched):
     flags = set(_parse([])["flags"])
     assert len(flags) > 300  # the whole parser, not a stub
     assert [f for f in sp.RESERVED.flags if f not in flags] == []
+
+
+def test_dp_attention_on_one_host_parses_with_its_own_rendezvous_block(tmp_path):
+    """DeepSeek-R1 on eight H200s: expert parallel and DP attention, which talks over TCP ports derived from
+    the dist-init port, so agentd passes one from a block it reserved."""
+    from agentd.types import GpuPin
+
+    plugins = PluginManager.load(allow=["sglang"])
+    m = inspect_model(ROOT / "tests" / "fixtures" / "hf" / "DeepSeek-R1")
+    s = spec("sglang", name="r1", ctx=8192, pin=(GpuPin(host="h200", gpus=tuple(range(8))),))
+    rp = place(cluster(host("h200", 8, total_gib=141)), m, s, plugins=plugins).replicas[0]
+    a = Assignment(deployment="r1", replica=0, term=1, model="/models/r1", runtime="sglang", plan=rp,
+                   endpoints=(PartEndpoint(host="h200", address="10.0.0.9", port=8000),))
+    ctx = LaunchContext(node="h200", work_dir=tmp_path, settings=_Settings(), port=lambda key: 40100,
+                        ray_port=lambda key, count=1: 31000)
+    [proc] = sp.launch(a, 0, ctx)
+    [ns] = _parse([list(proc.argv[3:])])["parsed"]
+    assert (ns["tp_size"], ns["ep_size"], ns["attn_dp_size"], ns["nnodes"]) == (8, 8, 8, 1)
+    assert ns["dist_init_addr"] == "10.0.0.9:31000"
+    assert {e.port for e in proc.ports} >= {8000, 40100, *range(31000, 31007)}
+

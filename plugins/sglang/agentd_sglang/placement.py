@@ -9,6 +9,10 @@ proposes a layout SGLang would refuse:
   (PPMissingLayer: Llama, Qwen2/3 and their MoE, Mixtral, DeepSeek V2/V3, GLM-4, gpt-oss);
 * expert parallelism for MoE models, `--ep-size TP`, only where the experts divide evenly
   over the ranks (otherwise the experts are tensor-parallel, as SGLang does by default);
+* DP attention for MLA mixture-of-experts models (DeepSeek V2/V3/R1) on one pipeline stage with
+  expert parallelism, `--attn-dp-size TP`, SGLang's recommended setup for them: each rank runs
+  attention on its own requests (attention TP = TP / attn_dp_size = 1, so the heads rule is
+  met by construction) and holds the attention weights whole;
 * context length no longer than the model's.
 
 Memory (how SGLang books it, srt/arg_groups/memory_hook.py and mem_cache/kv_cache_configurator.py):
@@ -18,10 +22,11 @@ cache pool. It takes every free byte of the GPU, so agentd books each GPU whole
 (`ShardDemand(budget_fraction=1.0)`) and gives SGLang only GPUs that are at least
 `MIN_FREE_SHARE` free. Per GPU it needs
 
-    weights of the heaviest pipeline stage / TP
+    weights of the heaviest pipeline stage / TP (with DP attention: the attention weights whole)
   + KV cache of one full-context sequence for that stage's layers, per GPU
   + R, SGLang's own activation reserve for the pinned batch limits:
         512 MiB + 1.5 MiB x chunked_prefill_size + TP x PP / 8 GiB + 2 MiB x max_running_requests
+        (+ 3 MiB x max_running_requests x attn_dp_size with DP attention)
 
 and `agentd_layout_args` pins what the estimate assumed: `--mem-fraction-static` (so that the
 reserve R stays outside the static pool on the chosen GPUs), `--chunked-prefill-size` and
@@ -68,11 +73,38 @@ def context_length(model: ModelInfo, spec: DeploymentSpec) -> int:
     return spec.options.ctx_size or model.context_length
 
 
-def reserve_bytes(tp: int, pp: int) -> int:
-    """SGLang's activation + CUDA-graph reserve (memory_hook.handle_gpu_memory_settings) for the pinned
-    chunked_prefill_size and max_running_requests."""
+def reserve_bytes(tp: int, pp: int, attn_dp: int = 1) -> int:
+    """SGLang's activation + CUDA-graph reserve (memory_hook.handle_gpu_memory_settings and
+    reserve_for_graph_mb) for the pinned chunked_prefill_size and max_running_requests."""
     mib = 512 + max(CHUNKED_PREFILL_SIZE, 2048) * 1.5 + tp * pp / 8 * 1024 + MAX_RUNNING_REQUESTS * 2
+    if attn_dp > 1:  # DP attention pads its batches: SGLang reserves more for it
+        mib += MAX_RUNNING_REQUESTS * attn_dp * 3
     return int(mib * MiB)
+
+
+def mla_attention_params(model: ModelInfo) -> int | None:
+    """Parameters of one MLA attention block (q_a/q_b or q, kv_a, kv_b, o projections), from config.json's
+    keys; None when the model is not MLA or its config lacks them."""
+    x, kv = model.extra, model.kv_cache
+    try:
+        nope, rope, v = int(x["qk_nope_head_dim"]), int(x["qk_rope_head_dim"]), int(x["v_head_dim"])
+        lora = int(kv.kv_lora_rank or 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if kv.kind != "mla" or not lora:
+        return None
+    h, heads = model.hidden_size, model.num_attention_heads
+    q_lora = x.get("q_lora_rank")
+    q = h * int(q_lora) + int(q_lora) * heads * (nope + rope) if q_lora else h * heads * (nope + rope)
+    return q + h * (lora + rope) + lora * heads * (nope + v) + heads * v * h
+
+
+def attention_dp(model: ModelInfo, tp: int, pp: int) -> int:
+    """--attn-dp-size for a shape: TP for an MLA mixture-of-experts model on one pipeline stage whose experts
+    divide over the ranks (DP attention with expert parallelism), else 1 (no DP attention)."""
+    if tp == 1 or pp > 1 or model.moe is None or expert_parallel(model, tp) != tp:
+        return 1
+    return tp if mla_attention_params(model) is not None else 1
 
 
 def expert_parallel(model: ModelInfo, tp: int) -> int:
@@ -149,6 +181,24 @@ class WholeGpu(Constraint):
         return None
 
 
+@dataclass(frozen=True)
+class AttentionHeads(Constraint):
+    """SGLang's QKVParallelLinear over the attention TP group: heads % attention TP == 0, and KV heads % TP == 0
+    or TP % KV heads == 0. The attention TP is TP / attn_dp_size: 1 under DP attention, so any TP passes
+    there, and TP elsewhere (the plain TensorParallelDivisibility)."""
+
+    model: ModelInfo
+    name = "AttentionHeads"
+
+    def check_shape(self, shape) -> Rejection | None:
+        if not isinstance(shape, Sharded) or shape.tp == 1:
+            return None
+        if attention_dp(self.model, shape.tp, shape.pp) > 1:
+            return None
+        m = self.model
+        return TensorParallelDivisibility(m.num_attention_heads, m.num_key_value_heads).check_shape(shape)
+
+
 @hookimpl
 def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
     if runtime != NAME:
@@ -156,7 +206,7 @@ def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
     return [
         ContextLength(context_length(model, spec), model.context_length),
         WholeGpu(static_fraction=spec.options.gpu_memory_utilization),
-        TensorParallelDivisibility(model.num_attention_heads, model.num_key_value_heads),
+        AttentionHeads(model),
         PipelineStages(model.num_hidden_layers, supported=model.architecture in PP_ARCHITECTURES,
                        why_unsupported=f"SGLang has no pipeline parallel for {model.architecture}"),
     ]
@@ -320,12 +370,25 @@ def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
     return per * (kv // tp if kv >= tp else 1) / kv
 
 
+def _bytes_per_param(model: ModelInfo) -> float:
+    params = model.extra.get("estimated_parameters")
+    if isinstance(params, int) and params > 0:
+        return model.total_weight_bytes / params
+    return 1.0 if model.quantization is not None and model.quantization.bits == 8 else 2.0
+
+
 def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDemand:
     tp, pp = shape.tp, shape.pp
     stages = stage_layers(model.num_hidden_layers, pp)
-    weights = math.ceil(_heaviest_stage(model, stages) / tp)
+    heaviest = _heaviest_stage(model, stages)
+    attn_dp = attention_dp(model, tp, pp)
+    if attn_dp > 1:  # attention runs unsplit on every rank: its weights are whole on each GPU
+        attention = mla_attention_params(model) * _bytes_per_param(model) * max(stages)
+        weights = math.ceil((heaviest - attention) / tp + attention)
+    else:
+        weights = math.ceil(heaviest / tp)
     kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * context_length(model, spec))
-    reserve = reserve_bytes(tp, pp)
+    reserve = reserve_bytes(tp, pp, attn_dp)
     return ShardDemand(per_gpu=weights + kv + reserve, budget_fraction=1.0, stage_layers=stages,
                        breakdown={"weights": weights, "kv_cache": kv, "activation": reserve})
 
@@ -361,6 +424,9 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
     ep = expert_parallel(model, shape.tp)
     if ep > 1:
         args += ["--ep-size", str(ep)]
+    attn_dp = attention_dp(model, shape.tp, shape.pp)
+    if attn_dp > 1:
+        args += ["--attn-dp-size", str(attn_dp)]
     args += ["--mem-fraction-static", f"{mem_fraction_static(layout, spec):g}",
              "--chunked-prefill-size", str(CHUNKED_PREFILL_SIZE),
              "--max-running-requests", str(MAX_RUNNING_REQUESTS),

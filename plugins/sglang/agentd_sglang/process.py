@@ -93,6 +93,7 @@ RESERVED = ReservedLaunch(
         "--ssl-keyfile", "--ssl-certfile",
         "--tp-size", "--tensor-parallel-size", "--pp-size", "--pipeline-parallel-size", "--dp-size",
         "--data-parallel-size", "--ep-size", "--expert-parallel-size", "--ep", "--enable-dp-attention",
+        "--attn-dp-size", "--attention-data-parallel-size",
         "--attn-cp-size", "--moe-dense-tp-size",
         "--nnodes", "--node-rank", "--dist-init-addr", "--nccl-init-addr", "--nccl-port", "--base-gpu-id",
         "--mem-fraction-static", "--max-total-tokens", "--context-length", "--chunked-prefill-size",
@@ -121,6 +122,8 @@ def server_argv(a: Assignment, python: str, address: str, port: int, *, nnodes: 
         argv += ["--api-key", a.api_key]
     if nnodes > 1 and dist_init is not None:
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--dist-init-addr", str(dist_init)]
+    elif dist_init is not None:
+        argv += ["--dist-init-addr", str(dist_init)]
     if nccl_port is not None:
         argv += ["--nccl-port", str(nccl_port)]
     return argv + list(a.plan.args) + list(a.options.extra_args)
@@ -137,10 +140,17 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     python = sglang_python(ctx)
     nccl = ctx.port("nccl")
     if not _multi_host(a):
-        argv = server_argv(a, python, ep.address, ep.port, nccl_port=nccl)
+        if "--attn-dp-size" not in a.plan.args:
+            argv = server_argv(a, python, ep.address, ep.port, nccl_port=nccl)
+            block: tuple[Endpoint, ...] = ()
+        else:  # DP attention talks over TCP ports derived from the dist-init port: give it a block of ours
+            first = ctx.ray_port("dist-init", DIST_PORTS)
+            argv = server_argv(a, python, ep.address, ep.port, nccl_port=nccl, nnodes=1,
+                               dist_init=Endpoint(host=ep.address, port=first))
+            block = tuple(Endpoint(host=ep.address, port=first + i) for i in range(DIST_PORTS - 1))
         return [ProcessSpec(
             name="main", argv=tuple(argv), env=env, part_index=part_index, role="main", cwd=str(ctx.work_dir),
-            listen=listen, ports=(listen, Endpoint(host=ep.address, port=nccl)),
+            listen=listen, ports=(listen, Endpoint(host=ep.address, port=nccl), *block),
             ready=HttpProbe(host=ep.address, port=ep.port, path="/health_generate"), gpus=gpus)]
     main_i = _main_index(a)
     main_ep = a.endpoints[main_i]
