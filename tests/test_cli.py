@@ -51,19 +51,33 @@ def test_global_json_flag_before_subcommand():
 
 # What a command line imports decides how fast `agentd` starts (benchmarks/cli_startup.py measures it).
 _IMPORTS = """
-import json, sys
+import json, os, sys
+if os.environ.get("FAKE_AGENT"):  # a Control service answering empty-ish replies, in this process
+    from concurrent import futures
+    import grpc
+    from agentd.v1 import control_pb2 as pb
+    replies = {"Status": pb.StatusReply(node_id="n", term=3),
+               "List": pb.ListReply(deployments=[pb.Deployment(spec=pb.DeploymentSpec(name="x", replicas=1))]),
+               "ListInstances": pb.ListInstancesReply(instances=[pb.Instance(instance_id="x-r0-g1", state="RUNNING")])}
+    handlers = {m: grpc.unary_unary_rpc_method_handler(lambda req, ctx, r=r: r.SerializeToString())
+                for m, r in replies.items()}
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("agentd.v1.Control", handlers),))
+    os.environ["AGENTD_SERVER"] = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
 from agentd.cli.main import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
 """
 
 
-def _modules_after(*argv: str, env: dict[str, str] | None = None) -> set[str]:
+def _modules_after(*argv: str, env: dict[str, str] | None = None, code: int = 0) -> set[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", _IMPORTS, *argv], capture_output=True, text=True, env=full_env,
                           timeout=60)
     report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["code"] == code, proc.stderr
     return {m.split(".")[0] for m in report["modules"]} | set(report["modules"])
 
 
@@ -76,11 +90,14 @@ def test_version_reads_metadata_without_loading_plugins_grpc_or_pydantic():
 @pytest.mark.parametrize("command", ["status", "ps", "ls"])
 def test_client_commands_load_neither_pydantic_nor_the_other_commands(tmp_path, command):
     cfg = tmp_path / "agentd.toml"
-    cfg.write_text('listen = "127.0.0.1:1"\n')  # nothing listens: exit 3, after everything was imported
-    loaded = _modules_after(command, env={"AGENTD_CONFIG": str(cfg), "AGENTD_INSECURE": "1"})
+    cfg.write_text('listen = "127.0.0.1:1"\n')  # AGENTD_SERVER (the fake agent) wins
+    env = {"AGENTD_CONFIG": str(cfg), "AGENTD_INSECURE": "1", "FAKE_AGENT": "1"}
+    loaded = _modules_after(command, env=env)
     assert "grpc" in loaded
     assert not loaded & {"pydantic", "pydantic_settings", "cryptography", "agentd.config", "agentd.placement",
-                         "agentd.cli.security", "agentd.cli.plan", "importlib.metadata"}, loaded
+                         "agentd.cli.security", "agentd.cli.plan", "importlib.metadata",
+                         "google.protobuf.json_format"}, loaded
+    assert "google.protobuf.json_format" in _modules_after(command, "--json", env=env)  # the check can fail
 
 
 def test_command_table_matches_what_each_module_registers():

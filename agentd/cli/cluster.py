@@ -280,8 +280,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         running = len({i.replica for i in d.instances if i.state == "RUNNING" and i.role == "main"})
         rows.append([d.spec.name, d.spec.runtime, f"{running}/{d.spec.replicas}", d.spec.model])
         data.append({"name": d.spec.name, "runtime": d.spec.runtime, "replicas": d.spec.replicas,
-                     "ready": running, "model": d.spec.model, "spec": _dict(d.spec)})
-    emit(args, {"deployments": data}, lambda: _table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]))
+                     "ready": running, "model": d.spec.model, "spec": d.spec})
+    emit(args, lambda: {"deployments": [{**d, "spec": _dict(d["spec"])} for d in data]},
+         lambda: _table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]))
     return 0
 
 
@@ -290,7 +291,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         reply = c.call("ListInstances", pb.ListInstancesRequest(deployment=args.deployment, local=args.local))
     rows = [[i.instance_id, str(i.part), i.role, i.host, ",".join(map(str, i.gpus)) or "-", i.state,
              str(i.restarts), i.endpoint, i.reason] for i in reply.instances]
-    emit(args, {"instances": [_dict(i) for i in reply.instances]},
+    emit(args, lambda: {"instances": [_dict(i) for i in reply.instances]},
          lambda: _table(rows, ["INSTANCE", "PART", "ROLE", "HOST", "GPUS", "STATE", "RESTARTS", "ENDPOINT",
                                "REASON"]))
     return 0
@@ -364,7 +365,6 @@ def cmd_nodes_rm(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         reply = c.status()
-    data = _dict(reply)
 
     def human() -> str:
         lines = [f"node:         {reply.node_id}",
@@ -381,7 +381,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines += [f"  {m.id:<16} {m.address:<22} {'voter' if m.voter else 'learner'}" for m in reply.members]
         return "\n".join(lines)
 
-    emit(args, data, human)
+    emit(args, lambda: _dict(reply), human)
     return 0
 
 

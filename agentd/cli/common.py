@@ -58,8 +58,12 @@ def key_values(items: list[str], flag: str) -> dict[str, str]:
 
 
 def emit(args: argparse.Namespace, data: Any, human: str | Callable[[], str]) -> None:
-    """Print `data` as JSON with --json, else the human text."""
+    """Print `data` as JSON with --json, else the human text.
+
+    Either may be a function, called only when needed: turning protobuf replies into dicts loads
+    google.protobuf.json_format, which the human output of `agentd ps` does without.
+    """
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(data() if callable(data) else data, indent=2, default=str))
     else:
         print(human() if callable(human) else human)
