@@ -192,3 +192,10 @@ def test_a_key_value_option_without_a_key_is_one_line_exit_2(tmp_path, argv, mes
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     proc = run_cli(*(a.format(model=model) for a in argv))
     assert (proc.returncode, proc.stderr.strip()) == (2, message), proc.stderr
+
+
+def test_version_reads_the_entry_point_group_the_plugin_manager_loads():
+    from agentd.cli.basic import PLUGIN_GROUP
+    from agentd.plugins.manager import ENTRY_POINT_GROUP
+
+    assert PLUGIN_GROUP == ENTRY_POINT_GROUP
