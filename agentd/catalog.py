@@ -29,11 +29,13 @@ class CatalogEntry:
     partial: list[str] = field(default_factory=list)  # hosts with part of it (a fetch in progress)
     names: set[str] = field(default_factory=set)  # every name hosts report for this digest
     conflict: str = ""  # another digest reported under the same name
+    revisions: set[str] = field(default_factory=set)  # Hugging Face cache: commits and refs naming it
 
     def as_json(self) -> dict:
         return {"name": self.name, "digest": self.digest, "size": self.size, "format": self.format,
                 "holders": self.holders, "partial": self.partial, "names": sorted(self.names),
-                "conflict": self.conflict, "info": None if self.info is None else self.info.model_dump(mode="json")}
+                "conflict": self.conflict, "revisions": sorted(self.revisions),
+                "info": None if self.info is None else self.info.model_dump(mode="json")}
 
 
 @dataclass
@@ -59,6 +61,7 @@ def build(hosts: Iterable[HostInventory]) -> tuple[list[CatalogEntry], list[Brok
             if e is None:
                 e = by_digest[m.digest] = CatalogEntry(m.name, m.digest, m.size, m.format, m.info)
             e.names.add(m.name)
+            e.revisions.update(r for r in (m.revision, *m.refs) if r)
             if e.info is None and m.info is not None:
                 e.info = m.info
             (e.holders if m.usable else e.partial).append(h.name)
@@ -100,6 +103,9 @@ def resolve(model: str, hosts: Sequence[HostInventory]) -> tuple[str, ModelInfo]
     name = ref.name
     matches = [e for e in entries if (name in e.names or (ref.digest and e.digest == ref.digest))
                and (not ref.digest or e.digest == ref.digest)]
+    if ref.revision:  # hf:ORG/NAME@REV: a ref (main, a tag) or a commit, as the hub cache names them
+        matches = [e for e in matches if ref.revision in e.revisions
+                   or (len(ref.revision) >= 7 and any(r.startswith(ref.revision) for r in e.revisions))]
     usable = [e for e in matches if e.info is not None and (e.holders or e.partial)]
     if not usable:
         raise InvalidInput(_not_found(ref, hosts, broken, [e for e in matches if e.info is None]), where="model")

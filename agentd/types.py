@@ -120,6 +120,9 @@ class HeldModel(Value):
     complete: bool = True
     broken: str = Field(default="", exclude_if=_empty)
     info: ModelInfo | None = Field(default=None, exclude_if=lambda v: v is None)
+    # From a Hugging Face hub cache: the snapshot's commit and the refs (branches, tags) that point at it.
+    revision: str = Field(default="", exclude_if=_empty)
+    refs: tuple[str, ...] = Field(default=(), exclude_if=_empty)
 
     @property
     def usable(self) -> bool:

@@ -26,6 +26,7 @@ from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from tests.test_model_catalog import HF_CONFIG, hf_cache_model
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -74,7 +75,8 @@ def cluster(tmp_path_factory):
                                   simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
                                   simulated_host("c", gpus=1, gpu_gib=24, used_gib=4)],  # binpack: c before b
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"},
-                     agent_env={"c": {"AGENTD_MODEL_FETCH_RATE": str(16 * MiB),
+                     agent_env={"a": {"AGENTD_MODEL_DIRS": f"{root / 'a' / 'models'},{root / 'a' / 'hub'}"},
+                                "c": {"AGENTD_MODEL_FETCH_RATE": str(16 * MiB),
                                       # c reports its free disk at start and after each fetch only
                                       "AGENTD_INVENTORY_REFRESH": "60s"}})
     models_a = root / "a" / "models"
@@ -82,6 +84,7 @@ def cluster(tmp_path_factory):
     write_tiny_llama_gguf(models_a / "odd.gguf", seed=3)
     padded(models_a / "fill.gguf", 40 * MiB, seed=4)
     padded(models_a / "big.gguf", 48 * MiB, seed=5)
+    hf_cache_model(root / "a" / "hub", "org/tiny-hf", {"config.json": HF_CONFIG, "tokenizer.json": b"{}"})
     cdir = c.agents["c"].data_dir / "models"
     cdir.mkdir(parents=True)
     c.agent_prefix["c"] = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64m,mode=0700 tmpfs "$0" && exec "$@"',
@@ -89,7 +92,7 @@ def cluster(tmp_path_factory):
     try:
         c.start()
         c.wait_for_inventories()
-        wait_for(lambda: len(usable_on(c, "a")) == 4, 60, "a's four models hashed")
+        wait_for(lambda: len(usable_on(c, "a")) == 5, 60, "a's five models hashed")
         yield c
     finally:
         c.stop()
@@ -182,6 +185,23 @@ def test_a_corrupt_source_is_refused_and_nothing_starts(cluster):
     assert not (cdir / "odd.gguf").exists()
     assert not [p for p in cdir.iterdir() if p.name.startswith(".fetch-")]
     stub(cluster).Delete(pb.DeleteRequest(name="odd"), timeout=15)
+
+
+def test_a_hugging_face_cache_model_is_found_reported_and_copied(cluster):
+    held = usable_on(cluster, "a")["org/tiny-hf"]
+    assert held["revision"] == "a" * 40 and held["refs"] == ["main"]
+    s = pb.DeploymentSpec(name="hf", model="hf:org/tiny-hf@main", runtime="vllm", replicas=1)
+    stub(cluster).Deploy(pb.DeployRequest(spec=s), timeout=30)
+    (a,) = json.loads(stub(cluster).Get(pb.GetRequest(name="hf"), timeout=5).assignments_json)
+    (host,) = [p["host"] for p in a["plan"]["parts"]]
+    assert a["model"] == f"org/tiny-hf@{held['digest']}" and host in ("b", "c")  # vLLM wants 90% free: b
+    # The host copies it into a plain directory (vLLM itself is not installed for these agents: it then fails).
+    wait_for(lambda: usable_on(cluster, host).get("org/tiny-hf", {}).get("digest") == held["digest"], 60,
+             f"{host} reporting its copy of org/tiny-hf")
+    copy = cluster.agents[host].data_dir / "models" / "org" / "tiny-hf"
+    copy = in_c(cluster, copy) if host == "c" else copy
+    assert (copy / "config.json").read_bytes() == HF_CONFIG and not (copy / "config.json").is_symlink()
+    stub(cluster).Delete(pb.DeleteRequest(name="hf"), timeout=15)
 
 
 def test_kill_9_of_the_only_holder_during_a_fetch(cluster):

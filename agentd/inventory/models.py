@@ -191,6 +191,11 @@ class ModelCatalog:
         for root in self.dirs:
             if not root.is_dir():
                 continue
+            if is_hf_cache(root):
+                for name, path, files, revision, refs in _hf_cache(root):
+                    held = self._held("hf", name, path, files)
+                    out.append(held.model_copy(update={"revision": revision, "refs": refs}))
+                continue
             for kind, name, path, files in _find(root):
                 out.append(self._held(kind, name, path, files))
         return tuple(sorted(out, key=lambda m: (m.name, m.path)))
@@ -274,6 +279,36 @@ def _find(root: Path) -> Iterable[tuple[str, str, Path, list[Path]]]:
         for name, shards in splits.items():
             shards.sort()
             yield "split", name, shards[0], shards
+
+
+def is_hf_cache(d: Path) -> bool:
+    """A Hugging Face hub cache (`models--ORG--NAME/snapshots/REV/...`), as huggingface_hub lays it out."""
+    try:
+        return any(e.name.startswith("models--") and e.is_dir() for e in os.scandir(d))
+    except OSError:
+        return False
+
+
+def _hf_cache(root: Path) -> Iterable[tuple[str, Path, list[Path], str, tuple[str, ...]]]:
+    """(ORG/NAME, snapshot dir, files, commit, refs) for each model revision with a config.json in a hub cache,
+    read with huggingface_hub's own cache scanner (its layout is the library's to know, not ours)."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir(root)
+    except Exception as exc:  # a corrupt cache: report nothing from it, say why once
+        log.warning("cannot read the Hugging Face cache", extra=fields(path=str(root), error=str(exc)))
+        return
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            names = {f.file_name for f in rev.files}
+            if "config.json" not in names:
+                continue
+            snapshot = Path(rev.snapshot_path)
+            files = sorted(Path(f.file_path) for f in rev.files)
+            yield repo.repo_id, snapshot, files, rev.commit_hash, tuple(sorted(rev.refs))
 
 
 def _files_below(d: Path) -> Iterable[Path]:
