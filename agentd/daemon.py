@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -912,12 +913,14 @@ class Daemon:
             known.setdefault((i.instance_id, i.part), i)
         for key, i in self._last_known.items():
             node = self.state.nodes.get(i.host)
-            if key not in known and (node is None or node.state == "up"):
+            now = known.get(key)
+            if now is None and (node is None or node.state == "up"):
                 known[key] = i
-        current = {a.instance_id for a in self.state.all_assignments()}
+            elif (now is not None and now.state == "STARTING" and i.state == "RUNNING" and now.pid
+                  and now.pid == i.pid):
+                known[key] = i  # the same process, adopted by its restarted agent, which has not probed it yet
+        current = {a.instance_id for a in self.state.incarnations()}
         self._last_known = {k: i for k, i in known.items() if i.instance_id in current}
-        log.info("DEBUGH20 fill_gaps", extra=fields(reported=[(i.instance_id, i.state) for i in reported],
-                                                   known=[(i.instance_id, i.state) for i in self._last_known.values()]))
         return list(self._last_known.values())
 
     async def _faults(self, path: Path) -> None:
@@ -1005,7 +1008,7 @@ class _Provider:
         for i in await self.d.cluster_instances():
             if i.deployment == model:
                 by_replica.setdefault(i.instance_id, []).append(i)
-        out = []
+        out, unheard = [], []
         for a in self.d.state.incarnations_for(model):  # a drain's surge serves as soon as it is ready
             parts = by_replica.get(a.instance_id, [])
             main = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
@@ -1014,6 +1017,13 @@ class _Provider:
             out.append(ProxyEndpoint(url=f"http://{_url_host(ep.address)}:{ep.port}",
                                      api_key=self.d.keyed(a).api_key or None, ready=ready,
                                      instance_id=a.instance_id))
+            if not parts and all(getattr(self.d.state.nodes.get(p.host), "state", "up") == "up" for p in a.plan.parts):
+                unheard.append(out[-1])
+        if unheard and not any(e.ready for e in out):
+            # Nothing is known ready, and these replicas are simply unheard of: a new leader that has not heard
+            # their hosts yet (one may be restarting, its model servers running on), an agent that never asked.
+            # Try them rather than answer 503: a refused connection moves the proxy on to the next replica.
+            out = [dataclasses.replace(e, ready=True) if e in unheard else e for e in out]
         return out
 
     async def models(self) -> Sequence[ModelCard]:
