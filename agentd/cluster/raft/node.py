@@ -53,7 +53,7 @@ from agentd.cluster.raft.types import (
     Ready,
     Role,
 )
-from agentd.cluster.watch import WATCHER_MARKER, Watcher, WatchFeed, read_watcher_marker, write_watcher_marker
+from agentd.cluster.raft.watch import WATCHER_MARKER, Watcher, WatchFeed, read_watcher_marker, write_watcher_marker
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
@@ -180,7 +180,7 @@ class RaftNode:
         self._server = server or grpc.aio.server(options=CHANNEL_OPTIONS)
         self._listen = listen or address
         self.transport.register(self._server)
-        # Watchers (agentd/cluster/watch.py): a member serves its applied entries; a watcher follows one.
+        # Watchers (agentd/cluster/raft/watch.py): a member serves its applied entries; a watcher follows one.
         self.feed = WatchFeed()
         self.watcher: Watcher | None = None
         self.can_watch: Callable[[str], bool] = lambda member_id: False  # the daemon: runs a release that can
@@ -343,7 +343,7 @@ class RaftNode:
                 raise NotAvailable(f"cannot listen on {self._listen}")
             await self._server.start()
 
-    # ------------------------------------------------------------ watchers (agentd/cluster/watch.py)
+    # ------------------------------------------------------------ watchers (agentd/cluster/raft/watch.py)
 
     @property
     def _watcher_marker(self) -> Path:
