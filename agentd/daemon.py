@@ -247,7 +247,8 @@ class Daemon:
         self.collector = Collector.from_settings(settings, owned_pids=self._owned_pids, runtimes=installed)
         self.refresher = InventoryRefresher(self.collector, settings.inventory_refresh, self._on_inventory)
         # Copies of models between hosts (docs/models.md): served by digest, fetched before a part launches.
-        self.models_service = ModelsService(models=self._held_models, locate=self._locate)
+        self.models_service = ModelsService(models=self._held_models, locate=self._locate, users=self._model_users,
+                                            removed=self._fetch_changed)
         self.fetcher = Fetcher(node=self.node, model_dir=settings.model_directories[0], channel=self.channels.get,
                                locate=self._locate_remote, on_file=self._fetched_file, on_change=self._fetch_changed,
                                concurrency=settings.model_fetch_concurrency, rate=settings.model_fetch_rate)
@@ -548,6 +549,14 @@ class Daemon:
                     part=idx, host=self.node, role=part.role, state="FATAL" if f.state == "FATAL" else "FETCHING",
                     reason=f.reason, endpoint=f"{ep.address}:{ep.port}", term=a.term, gpus=tuple(part.gpus)))
         return out
+
+    def _model_users(self, copy: HeldModel) -> list[str]:
+        """The deployments that use this copy: by digest (catalog names) or by its path (absolute paths)."""
+        def uses(model: str) -> bool:
+            return bool(copy.digest and model.endswith("@" + copy.digest)) or model.rstrip("/") == copy.path
+
+        users = {name for name, rec in self.state.deployments.items() if uses(rec.spec.model)}
+        return sorted(users | {a.deployment for a in self.state.incarnations() if uses(a.model)})
 
     def _held_models(self) -> tuple[HeldModel, ...]:
         inventory = self.refresher.latest

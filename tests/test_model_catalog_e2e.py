@@ -133,3 +133,24 @@ def test_deploy_by_name_places_on_the_holder_and_serves(cluster):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         assert json.loads(r.read())["choices"]
+
+
+def test_model_rm_refuses_a_model_in_use_and_deletes_unused_copies(cluster):
+    digests = {m["holders"][0]: m["digest"] for m in catalog(cluster)["models"] if m["holders"]}
+    a_digest, c_digest = digests["a"], digests["c"]
+    if not stub(cluster).List(pb.ListRequest(), timeout=5).deployments:
+        stub(cluster).Deploy(pb.DeployRequest(spec=spec(f"tiny@{a_digest}")), timeout=30)
+    r = cli(cluster, "model", "rm", f"tiny@{a_digest}")
+    assert r.returncode == 1 and "used by deployment(s) tiny" in r.stdout, (r.stdout, r.stderr)
+    assert (cluster.root / "a" / "models" / "tiny.gguf").exists()
+    r = cli(cluster, "model", "rm", "tiny")
+    assert r.returncode == 2 and "ambiguous" in r.stderr
+    r = cli(cluster, "model", "rm", f"tiny@{c_digest}", "--host", "a")
+    assert r.returncode == 2 and "not on a" in r.stderr
+    r = cli(cluster, "model", "rm", f"tiny@{c_digest}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"] == [
+        {"host": "c", "deleted": str(cluster.root / "c" / "models" / "tiny.gguf"), "bytes": json.loads(r.stdout)[
+            "results"][0]["bytes"]}]
+    assert not (cluster.root / "c" / "models" / "tiny.gguf").exists()
+    wait_for(lambda: [m["holders"] for m in catalog(cluster)["models"]] == [["a"]], 30, "only a's copy listed")

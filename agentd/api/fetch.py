@@ -53,9 +53,13 @@ class ModelsService(mpb_grpc.ModelsServicer):
 
     def __init__(self, *, models: Callable[[], Sequence[HeldModel]],
                  locate: Callable[[str, str], Awaitable[tuple[HeldModel | None, list[tuple[str, str]]]]],
+                 users: Callable[[HeldModel], list[str]] = lambda m: [],
+                 removed: Callable[[], None] = lambda: None,
                  threads: int = 4, chunk: int = CHUNK):
         self._models = models
         self._locate = locate
+        self._users = users
+        self._removed = removed
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="agentd-fetch-serve")
         self.chunk = chunk
 
@@ -100,6 +104,41 @@ class ModelsService(mpb_grpc.ModelsServicer):
                 offset += len(data)
         finally:
             await loop.run_in_executor(self._pool, f.close)
+
+
+    async def Remove(self, request, context):
+        """Delete this host's copy of a model no deployment uses (`agentd model rm`)."""
+        copy = next((m for m in self._models() if request.digest and m.digest == request.digest), None)
+        if copy is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this host holds no copy of {request.digest}")
+        users = self._users(copy)
+        if users:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{copy.name} is used by deployment(s) {', '.join(sorted(users))}: delete or "
+                                "change them first")
+        if copy.revision:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{copy.path} is in a Hugging Face cache: remove it with `huggingface-cli "
+                                "delete-cache`, which keeps the cache consistent")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, _remove_copy, copy)
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cannot delete {copy.path}: {exc.strerror or exc}")
+        log.info(f"deleted the copy of {copy.name}@{copy.digest[:19]} at {copy.path}")
+        self._removed()
+        return mpb.RemoveReply(path=copy.path, bytes=copy.size)
+
+
+def _remove_copy(copy: HeldModel) -> None:
+    if copy.format == "hf":
+        shutil.rmtree(copy.path)
+        return
+    base = model_base(copy)
+    for f in copy.files:
+        with contextlib.suppress(FileNotFoundError):
+            (base / f.name).unlink()
 
 
 def _open_at(path: Path, offset: int):

@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         "listed with the reason.")
     s.add_argument("--server", default=None, metavar="HOST:PORT", help="agent to ask (default: the client config)")
     s.set_defaults(func=cmd_ls)
+    s = msub.add_parser(
+        "rm", parents=parents, help="delete copies of a model that no deployment uses",
+        description="Delete the copies of MODEL (a catalog name NAME[@sha256:DIGEST]) on every host that holds "
+        "it, or on --host only. Each holder deletes its own copy, and refuses while a deployment uses the "
+        "model, naming the deployments. Exit 1 when a copy was not deleted.")
+    s.add_argument("model", metavar="MODEL", help="NAME or NAME@sha256:DIGEST (agentd model ls)")
+    s.add_argument("--host", action="append", default=[], metavar="HOST", help="only this host (repeatable)")
+    s.add_argument("--server", default=None, metavar="HOST:PORT", help="agent to ask (default: the client config)")
+    s.set_defaults(func=cmd_rm)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -59,6 +68,45 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "broken": [{"host": b.host, "name": b.name, "path": b.path, "reason": b.reason} for b in broken]}
     emit(args, data, lambda: render_catalog(entries, broken))
     return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    import grpc
+
+    from agentd import catalog, formats
+    from agentd.api.client import ControlClient, error_from_rpc
+    from agentd.errors import InvalidInput
+    from agentd.types import HostInventory
+    from agentd.v1 import control_pb2 as pb
+    from agentd.v1 import models_pb2 as mpb
+    from agentd.v1 import models_pb2_grpc as mpb_grpc
+
+    with ControlClient.for_cli(getattr(args, "server", None)) as c:
+        nodes = c.call("ListNodes", pb.ListNodesRequest()).nodes
+    hosts = [formats.validate_lenient(HostInventory, n.inventory_json) for n in nodes if n.inventory_json]
+    model, _ = catalog.resolve(args.model, hosts)
+    digest = model.partition("@")[2]
+    address = {n.name: n.address for n in nodes}
+    holders = [h.name for h in hosts if any(m.digest == digest for m in h.models)]
+    unknown = sorted(set(args.host) - {h.name for h in hosts})
+    if unknown:
+        raise InvalidInput(f"no host named {', '.join(unknown)} (agentd nodes lists them)", where="--host")
+    targets = [h for h in holders if not args.host or h in args.host]
+    if not targets:
+        raise InvalidInput(f"{model} is not on {', '.join(args.host)}", where="--host")
+    results, failed = [], 0
+    for host in targets:
+        with ControlClient.for_cli(address[host]) as c:
+            try:
+                reply = mpb_grpc.ModelsStub(c._channel).Remove(mpb.RemoveRequest(digest=digest), timeout=c.timeout)
+                results.append({"host": host, "deleted": reply.path, "bytes": reply.bytes})
+            except grpc.RpcError as exc:
+                failed += 1
+                results.append({"host": host, "error": str(error_from_rpc(exc, c.address))})
+    emit(args, {"model": model, "results": results}, lambda: "\n".join(
+        f"{r['host']}: deleted {r['deleted']} ({_size(r['bytes'])})" if "deleted" in r else
+        f"{r['host']}: not deleted: {r['error']}" for r in results))
+    return 1 if failed else 0
 
 
 def render_catalog(entries: list, broken: list) -> str:

@@ -121,6 +121,7 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
     rule("/agentd.v1.Raft/", ROLE_NODE),  # any later Raft method: host-to-host only
     rule("/agentd.v1.Agent/Report", ROLE_NODE),  # its own host only
     rule("/agentd.v1.Agent/Logs", ROLE_NODE, ROLE_ADMIN),  # node: instances with a part on its host
+    rule("/agentd.v1.Models/Remove", ROLE_ADMIN),  # agentd model rm
     rule("/agentd.v1.Models/", ROLE_NODE),  # copies of model files between hosts, by digest (docs/models.md)
     # Host-to-host reads the design needs: catching up (Status), the /v1/ proxy's routes (ListInstances).
     rule("/agentd.v1.Control/Status", ROLE_ADMIN, ROLE_NODE),

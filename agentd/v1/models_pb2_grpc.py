@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ModelsStub:
-    """Host to host (node certificates; docs/security.md).
+    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     def __init__(self, channel):
@@ -45,10 +45,15 @@ class ModelsStub:
                 request_serializer=agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_models__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/agentd.v1.Models/Remove',
+                request_serializer=agentd_dot_v1_dot_models__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_models__pb2.RemoveReply.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
-    """Host to host (node certificates; docs/security.md).
+    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     def Locate(self, request, context):
@@ -60,6 +65,13 @@ class ModelsServicer:
 
     def Fetch(self, request, context):
         """One file of a model this agent holds, from `offset` to its end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Remove(self, request, context):
+        """`agentd model rm`: delete this host's copy, refused while a deployment uses the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +90,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     request_deserializer=agentd_dot_v1_dot_models__pb2.FetchRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_models__pb2.FileChunk.SerializeToString,
             ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=agentd_dot_v1_dot_models__pb2.RemoveRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_models__pb2.RemoveReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentd.v1.Models', rpc_method_handlers)
@@ -87,7 +104,7 @@ def add_ModelsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Models:
-    """Host to host (node certificates; docs/security.md).
+    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     @staticmethod
@@ -134,6 +151,33 @@ class Models:
             '/agentd.v1.Models/Fetch',
             agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
             agentd_dot_v1_dot_models__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Models/Remove',
+            agentd_dot_v1_dot_models__pb2.RemoveRequest.SerializeToString,
+            agentd_dot_v1_dot_models__pb2.RemoveReply.FromString,
             options,
             channel_credentials,
             insecure,
