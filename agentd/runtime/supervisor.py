@@ -59,6 +59,7 @@ from agentd.runtime.spec import (
     TcpProbe,
 )
 from agentd.runtime.states import Event, ProcState, State, transition
+from agentd.runtime.strays import Stray, find_strays, owner_env
 from agentd.types import Assignment
 
 log = logging.getLogger("agentd.runtime")
@@ -245,6 +246,7 @@ class _Runner:
         sup = self.sup
         env = {k: v for k, v in os.environ.items() if not k.startswith(self.spec.env_remove_prefixes or ("\0",))}
         env.update(self.spec.env)
+        env.update(owner_env(sup.data_dir, self.inst.instance_id, self.name))  # found again if the records are lost
         header = f"run of {self.ps.key} (restart {self.ps.restarts}): {' '.join(self.spec.argv)}"
         t0 = time.perf_counter()
         try:
@@ -517,6 +519,7 @@ class Supervisor:
         self.spawn_latency: deque[float] = deque(maxlen=1000)  # log open + exec, for the benchmark
         self._instances: dict[str, _Instance] = {}
         self._candidates: dict[tuple[str, str], ProcessRecord] = {}
+        self._strays: dict[tuple[str, str], Stray] = {}  # running for this data dir without a record (strays.py)
         self._adoption_done = False
         self._started = False
         self._lock = asyncio.Lock()
@@ -537,6 +540,11 @@ class Supervisor:
             else:
                 self.records.remove(rec.instance_id, rec.process)
                 out.append(f"{rec.instance_id}/{rec.process} (pid {rec.pid}) exited while agentd was down")
+        known = {rec.pid for rec in self._candidates.values()}
+        for stray in await asyncio.to_thread(find_strays, self.data_dir, known):
+            self._strays[(stray.instance_id, stray.process)] = stray
+            out.append(f"found {stray.instance_id}/{stray.process} still running as pid {stray.pid} without a "
+                       "record (an earlier agentd on this data directory started it)")
         for s in out:
             log.info(s)
         return out
@@ -733,6 +741,11 @@ class Supervisor:
         adopted = []
         for spec in specs:
             rec = self._candidates.pop((a.instance_id, spec.name), None)
+            if rec is None and (stray_rec := self._adopt_stray(inst, spec)) is not None:
+                rec = stray_rec
+            elif rec is None and (a.instance_id, spec.name) in self._strays:  # runs something else: make room
+                log.info(await self._stop_stray(self._strays.pop((a.instance_id, spec.name)),
+                                                "its command line differs from this launch"))
             if rec is not None and rec.fingerprint == inst.fingerprint:
                 spec = rec.spec  # what actually runs, including ports handed out then
                 adopted.append(f"{spec.name} (pid {rec.pid})")
@@ -762,6 +775,11 @@ class Supervisor:
 
     async def _kill_orphans(self, desired: dict[str, Assignment]) -> list[str]:
         out = []
+        for (iid, name), stray in list(self._strays.items()):
+            if iid in desired:
+                continue  # _launch adopts it if it runs exactly what it would launch, else stops it
+            del self._strays[(iid, name)]
+            out.append(await self._stop_stray(stray, "no longer desired"))
         for (iid, name), rec in list(self._candidates.items()):
             a = desired.get(iid)
             if a is not None and fingerprint(a) == rec.fingerprint:
@@ -773,6 +791,27 @@ class Supervisor:
                 out.append(f"{iid}/{name}: killed orphan pid {rec.pid} ({why}; {outcome.sentence})")
             self.records.remove(iid, name)
         return out
+
+    async def _stop_stray(self, stray: Stray, why: str) -> str:
+        if not is_same_process(stray.pid, stray.create_time):
+            return f"{stray.instance_id}/{stray.process}: pid {stray.pid} (no record) already exited"
+        outcome = await stop_tree(stray.pid, stray.pgid, grace=self.config.stop_grace)
+        return (f"{stray.instance_id}/{stray.process}: stopped pid {stray.pid} of an earlier agentd on this data "
+                f"directory ({why}; {outcome.sentence})")
+
+    def _adopt_stray(self, inst: _Instance, spec: ProcessSpec) -> ProcessRecord | None:
+        """A record for a stray that runs exactly `spec` for this instance, so the runner adopts it."""
+        stray = self._strays.get((inst.instance_id, spec.name))
+        if stray is None or stray.argv != tuple(spec.argv) or not is_same_process(stray.pid, stray.create_time):
+            return None
+        del self._strays[(inst.instance_id, spec.name)]
+        rec = ProcessRecord(instance_id=inst.instance_id, process=spec.name, pid=stray.pid, pgid=stray.pgid,
+                            create_time=stray.create_time, argv=spec.argv, fingerprint=inst.fingerprint, spec=spec,
+                            assignment=inst.assignment, started_at=stray.create_time,
+                            log_path=str(self.logs.path(inst.instance_id, spec.name)), ready=True)
+        with contextlib.suppress(OSError):
+            self.records.write(rec)
+        return rec
 
     async def _plugin_verdict(self, a: Assignment, spec: ProcessSpec, result: ProbeResult) -> HealthVerdict | None:
         try:
