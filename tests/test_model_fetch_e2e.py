@@ -30,6 +30,10 @@ from tests.test_model_catalog import HF_CONFIG, hf_cache_model
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
+WIDE_CONFIG = json.dumps({
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+    "vocab_size": 32000, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}).encode()
 
 
 def _llama_server() -> bool:
@@ -85,6 +89,8 @@ def cluster(tmp_path_factory):
     padded(models_a / "fill.gguf", 40 * MiB, seed=4)
     padded(models_a / "big.gguf", 48 * MiB, seed=5)
     hf_cache_model(root / "a" / "hub", "org/tiny-hf", {"config.json": HF_CONFIG, "tokenizer.json": b"{}"})
+    (root / "a" / "models" / "wide").mkdir()  # 20 GiB by its config (no weights on disk): two GPUs at 55%
+    (root / "a" / "models" / "wide" / "config.json").write_bytes(WIDE_CONFIG)
     cdir = c.agents["c"].data_dir / "models"
     cdir.mkdir(parents=True)
     c.agent_prefix["c"] = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64m,mode=0700 tmpfs "$0" && exec "$@"',
@@ -92,7 +98,7 @@ def cluster(tmp_path_factory):
     try:
         c.start()
         c.wait_for_inventories()
-        wait_for(lambda: len(usable_on(c, "a")) == 5, 60, "a's five models hashed")
+        wait_for(lambda: len(usable_on(c, "a")) == 6, 60, "a's six models hashed")
         yield c
     finally:
         c.stop()
@@ -202,6 +208,20 @@ def test_a_hugging_face_cache_model_is_found_reported_and_copied(cluster):
     copy = in_c(cluster, copy) if host == "c" else copy
     assert (copy / "config.json").read_bytes() == HF_CONFIG and not (copy / "config.json").is_symlink()
     stub(cluster).Delete(pb.DeleteRequest(name="hf"), timeout=15)
+
+
+def test_every_host_of_a_multi_host_vllm_replica_fetches(cluster):
+    """vLLM declares that every part needs the files: both hosts of a PP=2 replica fetch them from a."""
+    held = usable_on(cluster, "a")["wide"]
+    s = pb.DeploymentSpec(name="wide", model="wide", runtime="vllm", replicas=1,
+                          options=pb.RuntimeOptions(gpu_memory_utilization=0.55))
+    stub(cluster).Deploy(pb.DeployRequest(spec=s), timeout=30)
+    (a,) = json.loads(stub(cluster).Get(pb.GetRequest(name="wide"), timeout=5).assignments_json)
+    assert sorted(p["host"] for p in a["plan"]["parts"]) == ["b", "c"]
+    for host in ("b", "c"):
+        wait_for(lambda h=host: usable_on(cluster, h).get("wide", {}).get("digest") == held["digest"], 60,
+                 f"{host} reporting its copy of wide")
+    stub(cluster).Delete(pb.DeleteRequest(name="wide"), timeout=15)
 
 
 def test_kill_9_of_the_only_holder_during_a_fetch(cluster):
