@@ -59,9 +59,14 @@ async def host(i, channels, stats):
 
 async def _host(i, channels, stats):
     name = f"sim-{i:05d}"
-    stub = rpb_grpc.RaftStub(channels[i % len(channels)])
-    reply = await stub.Join(rpb.RaftJoinRequest(node_id=name, address=f"127.0.0.2:{20000 + i}",
-        agent_version=AGENT_VERSION, state_format=STATE_FORMAT, can_watch=True), timeout=120)
+    req = rpb.RaftJoinRequest(node_id=name, address=f"127.0.0.2:{20000 + i}", agent_version=AGENT_VERSION,
+                              state_format=STATE_FORMAT, can_watch=True)
+    for attempt in range(60):  # as RaftNode._join: a follower names the leader, ask each in turn
+        try:
+            reply = await rpb_grpc.RaftStub(channels[(i + attempt) % len(channels)]).Join(req, timeout=60)
+            break
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.2)
     assert reply.watcher, reply
     state = ClusterState()
     w = Watcher(name, reply.cluster_id, state, list(seeds), lambda a: channels[seeds.index(a) % len(channels)])
