@@ -220,3 +220,21 @@ def test_a_hugging_face_cache_is_read_with_huggingface_hub(tmp_path):
         assert cat.resolve(ref, [host])[0] == f"org/tiny-hf@{m.digest}"
     with pytest.raises(InvalidInput, match="no host holds a model hf:org/tiny-hf@v2"):
         cat.resolve("hf:org/tiny-hf@v2", [host])
+
+
+def test_deploy_wait_draws_the_fetch_progress_on_one_terminal_line():
+    import io
+    from types import SimpleNamespace
+
+    from agentd.cli.cluster import _ProgressLine
+
+    out = io.StringIO()
+    bar = _ProgressLine(out)
+    bar([SimpleNamespace(state="PENDING", host="b", reason="")])
+    assert out.getvalue() == ""  # nothing fetching: nothing drawn
+    bar([SimpleNamespace(state="FETCHING", host="c", reason="42% of 2.00 GiB 0.1 GiB/s ETA 12s")])
+    bar([SimpleNamespace(state="FETCHING", host="c", reason="100% of 2.00 GiB 0.1 GiB/s ETA 1s")])
+    bar.done()
+    assert out.getvalue() == ("\r\x1b[2Kfetching the model: c [########............] 42% of 2.00 GiB 0.1 GiB/s ETA 12s"
+                              "\r\x1b[2Kfetching the model: c [####################] 100% of 2.00 GiB 0.1 GiB/s "
+                              "ETA 1s\n")

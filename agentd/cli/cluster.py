@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from agentd.api.client import CannotPlace, ControlClient
 from agentd.cli.common import EXIT_UNAVAILABLE, emit, key_values
@@ -245,20 +247,52 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         emit(args, data, human)
         return 0
     parts = sum(len(a["plan"]["parts"]) for a in data["deployment"]["assignments"])
+    bar = None if getattr(args, "json", False) or not sys.stderr.isatty() else _ProgressLine(sys.stderr)
     with _client(args) as c:
-        ok, instances, why = wait_running(c, spec.name, parts, args.wait)
+        ok, instances, why = wait_running(c, spec.name, parts, args.wait, progress=bar)
+    if bar is not None:
+        bar.done()
     data["instances"] = [_dict(i) for i in instances]
     emit(args, data, lambda: human() + "\n" + why)
     return 0 if ok else 1
 
 
+class _ProgressLine:
+    """One line on a terminal, rewritten in place: the parts fetching their model (docs/models.md)."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.shown = False
+
+    def __call__(self, instances: list) -> None:
+        fetching = [i for i in instances if i.state == "FETCHING"]
+        if not fetching:
+            return
+        texts = []
+        for i in fetching:
+            pct = int(i.reason.split("%", 1)[0]) if i.reason.split("%", 1)[0].isdigit() else 0
+            filled = pct // 5
+            texts.append(f"{i.host} [{'#' * filled}{'.' * (20 - filled)}] {i.reason}")
+        self.out.write("\r\x1b[2Kfetching the model: " + "; ".join(texts))
+        self.out.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
 def wait_running(c: ControlClient, name: str, parts: int, timeout: float,
-                 poll: float = 0.25) -> tuple[bool, list, str]:
-    """Poll until `parts` parts of `name` are RUNNING (True) or one is FATAL or time is up (False)."""
+                 poll: float = 0.25, progress: Callable[[list], None] | None = None) -> tuple[bool, list, str]:
+    """Poll until `parts` parts of `name` are RUNNING (True) or one is FATAL or time is up (False);
+    `progress`, when given, sees every poll's instances (a terminal's fetch progress bar)."""
     deadline = time.monotonic() + timeout
     instances: list = []
     while True:
         instances = list(c.call("ListInstances", pb.ListInstancesRequest(deployment=name)).instances)
+        if progress is not None:
+            progress(instances)
         fatal = [i for i in instances if i.state == "FATAL"]
         if fatal:
             return False, instances, f"{fatal[0].instance_id} part {fatal[0].part} on {fatal[0].host} failed: " \
