@@ -47,6 +47,7 @@ How a plan becomes a command line, and why:
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -233,6 +234,19 @@ def tunnel_dir(ctx: LaunchContext) -> Path | None:
     return tls if (tls / "node.crt").exists() and (tls / "node.key").exists() else None
 
 
+def _loopback_port() -> int:
+    """A free port on 127.0.0.1 from the kernel's ephemeral range.
+
+    For listeners on 127.0.0.1 only (the rpc-server behind its exit, a tunnel entry): nothing outside the
+    host reaches them, so `port_range` (which exists for firewalls) does not apply, and agents that share
+    an address (a LocalCluster's, the tests') cannot hand out the same one, as two allocators walking the
+    same range from its low end did.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _tunnel(side: str, listen: str, to: str, tls: Path, allow: tuple[str, ...] = ()) -> tuple[str, ...]:
     argv = [sys.executable, "-m", "agentd.security.tunnel", side, "--listen", listen, "--to", to,
             "--tls-dir", str(tls)]
@@ -253,7 +267,7 @@ def entry_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> tuple[lis
     specs, local = [], []
     for i in rpc:
         remote = a.endpoints[i]
-        here = Endpoint(host="127.0.0.1", port=ctx.port(f"rpc-entry-{i}"))
+        here = Endpoint(host="127.0.0.1", port=_loopback_port())
         specs.append(ProcessSpec(
             name=f"tunnel-rpc-{i}", argv=_tunnel("entry", f"{here.host}:{here.port}",
                                                  f"{remote.address}:{remote.port}", tls),
@@ -335,7 +349,7 @@ def rpc_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> list[Proces
     part, ep = a.plan.parts[part_index], a.endpoints[part_index]
     outside = Endpoint(host=ep.address, port=ep.port)
     tls = tunnel_dir(ctx)
-    serve = outside if tls is None else Endpoint(host="127.0.0.1", port=ctx.port(f"rpc-server-{part_index}"))
+    serve = outside if tls is None else Endpoint(host="127.0.0.1", port=_loopback_port())
     binary = rpc_binary(ctx.settings)
     if _is_llama_box(binary):
         argv = [binary, "--rpc-server-host", serve.host, "--rpc-server-port", str(serve.port),
