@@ -36,7 +36,7 @@ class RuntimeOptions(_message.Message):
     def __init__(self, gpu_memory_utilization: _Optional[float] = ..., ctx_size: _Optional[int] = ..., allow_cpu_offload: _Optional[bool] = ..., extra_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant", "parallelism")
+    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant", "parallelism", "idle_unload")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class DeploymentSpec(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    IDLE_UNLOAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     runtime: str
@@ -66,7 +67,8 @@ class DeploymentSpec(_message.Message):
     options: RuntimeOptions
     tenant: str
     parallelism: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ...) -> None: ...
+    idle_unload: float
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ..., idle_unload: _Optional[float] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid", "port_in_use")
@@ -103,16 +105,18 @@ class Instance(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[int] = ..., generation: _Optional[int] = ..., part: _Optional[int] = ..., host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., restarts: _Optional[int] = ..., endpoint: _Optional[str] = ..., term: _Optional[int] = ..., pid: _Optional[int] = ..., port_in_use: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("spec", "instances", "assignments_json", "updated_index")
+    __slots__ = ("spec", "instances", "assignments_json", "updated_index", "idle")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     UPDATED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     assignments_json: str
     updated_index: int
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., assignments_json: _Optional[str] = ..., updated_index: _Optional[int] = ...) -> None: ...
+    idle: bool
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., assignments_json: _Optional[str] = ..., updated_index: _Optional[int] = ..., idle: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
     __slots__ = ("spec", "replace")
@@ -175,6 +179,22 @@ class ScaleRequest(_message.Message):
     name: str
     replicas: int
     def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class WakeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WakeReply(_message.Message):
+    __slots__ = ("message", "index", "woken")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    WOKEN_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    index: int
+    woken: bool
+    def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ..., woken: _Optional[bool] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
     __slots__ = ("spec",)
@@ -419,7 +439,7 @@ class SnapshotChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ..., node_id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("node", "address", "inventory_json", "instances", "agent_version", "state_format", "wire_version", "upgrade_required")
+    __slots__ = ("node", "address", "inventory_json", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "activity")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +448,7 @@ class ReportRequest(_message.Message):
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     inventory_json: str
@@ -436,23 +457,60 @@ class ReportRequest(_message.Message):
     state_format: int
     wire_version: int
     upgrade_required: str
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ...) -> None: ...
+    activity: _containers.RepeatedCompositeFieldContainer[ModelActivity]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ...) -> None: ...
+
+class ModelActivity(_message.Message):
+    __slots__ = ("deployment", "idle_seconds", "in_flight")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    idle_seconds: float
+    in_flight: int
+    def __init__(self, deployment: _Optional[str] = ..., idle_seconds: _Optional[float] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class ReportReply(_message.Message):
-    __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format", "join_raft")
+    __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format", "join_raft", "cluster_time")
     TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     JOIN_RAFT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_TIME_FIELD_NUMBER: _ClassVar[int]
     term: int
     leader_id: str
     peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
     agent_version: str
     state_format: int
     join_raft: bool
-    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ...) -> None: ...
+    cluster_time: float
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ..., cluster_time: _Optional[float] = ...) -> None: ...
+
+class ReportUpdate(_message.Message):
+    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    inventory_json: str
+    instances_changed: bool
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    agent_version: str
+    state_format: int
+    wire_version: int
+    upgrade_required: str
+    wall_time: float
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ...) -> None: ...
 
 class PeerRestart(_message.Message):
     __slots__ = ("address", "port", "reason")

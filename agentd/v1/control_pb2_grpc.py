@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=agentd_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
                 _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/agentd.v1.Control/Wake',
+                request_serializer=agentd_dot_v1_dot_control__pb2.WakeRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.WakeReply.FromString,
+                _registered_method=True)
         self.Plan = channel.unary_unary(
                 '/agentd.v1.Control/Plan',
                 request_serializer=agentd_dot_v1_dot_control__pb2.PlanRequest.SerializeToString,
@@ -145,6 +150,14 @@ class ControlServicer:
 
     def Scale(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wake(self, request, context):
+        """Place an IDLE deployment again (an agent's /v1/ proxy holds a request for it); FAILED_PRECONDITION
+        with the diagnosis when it cannot be placed now.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -249,6 +262,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Scale,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.ScaleRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.DeployReply.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.WakeRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.WakeReply.SerializeToString,
             ),
             'Plan': grpc.unary_unary_rpc_method_handler(
                     servicer.Plan,
@@ -441,6 +459,33 @@ class Control:
             '/agentd.v1.Control/Scale',
             agentd_dot_v1_dot_control__pb2.ScaleRequest.SerializeToString,
             agentd_dot_v1_dot_control__pb2.DeployReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Control/Wake',
+            agentd_dot_v1_dot_control__pb2.WakeRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.WakeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -763,6 +808,11 @@ class AgentStub:
                 request_serializer=agentd_dot_v1_dot_control__pb2.ReportRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
                 _registered_method=True)
+        self.ReportStream = channel.stream_stream(
+                '/agentd.v1.Agent/ReportStream',
+                request_serializer=agentd_dot_v1_dot_control__pb2.ReportUpdate.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
+                _registered_method=True)
         self.Logs = channel.unary_stream(
                 '/agentd.v1.Agent/Logs',
                 request_serializer=agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
@@ -774,7 +824,15 @@ class AgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Report(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """agentd 0.1.0's report, one call per report; still served (and used where ReportStream is UNIMPLEMENTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportStream(self, request_iterator, context):
+        """A host's reports on one long-lived stream to the leader: one reply per update.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -792,6 +850,11 @@ def add_AgentServicer_to_server(servicer, server):
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.ReportRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.ReportReply.SerializeToString,
+            ),
+            'ReportStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportStream,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.ReportUpdate.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.ReportReply.SerializeToString,
             ),
             'Logs': grpc.unary_stream_rpc_method_handler(
@@ -826,6 +889,33 @@ class Agent:
             target,
             '/agentd.v1.Agent/Report',
             agentd_dot_v1_dot_control__pb2.ReportRequest.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentd.v1.Agent/ReportStream',
+            agentd_dot_v1_dot_control__pb2.ReportUpdate.SerializeToString,
             agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
             options,
             channel_credentials,
