@@ -235,3 +235,33 @@ def test_kill_9_of_the_only_holder_during_a_fetch(cluster):
     cdir = in_c(cluster, cluster.agents["c"].data_dir / "models")
     assert not (cdir / "big.gguf").exists()
     assert not [p for p in cdir.iterdir() if p.name.startswith(".fetch-")]
+
+
+@pytest.mark.skipif(not _llama_server(), reason="llama-server is not installed (scripts/bootstrap)")
+def test_in_a_secure_cluster_the_copy_goes_over_mtls_with_node_certificates(tmp_path):
+    """The same copy with TLS and authentication on: Locate and Fetch are node-role calls between agents."""
+    base = 25000 + (os.getpid() % 90) * 100
+    c = LocalCluster(tmp_path / "s", hosts=[simulated_host("b", gpus=1, gpu_gib=24),
+                                            simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
+                                            simulated_host("c", gpus=1, gpu_gib=24, used_gib=4)],
+                     secure=True, extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"})
+    model = write_tiny_llama_gguf(tmp_path / "s" / "a" / "models" / "tiny.gguf")
+    try:
+        c.start()
+        c.wait_for_inventories()
+        with c.agents["b"].client() as cl:
+            def hashed():
+                nodes = cl.call("ListNodes", pb.ListNodesRequest()).nodes
+                inv = json.loads(next(n.inventory_json for n in nodes if n.name == "a") or "{}")
+                return any(m.get("digest") for m in inv.get("models", []))
+
+            wait_for(hashed, 60, "a's model hashed")
+            cl.call("Deploy", pb.DeployRequest(spec=pb.DeploymentSpec(name="tiny", model="tiny",
+                                                                      runtime="llamabox", replicas=1)))
+            (a,) = json.loads(cl.call("Get", pb.GetRequest(name="tiny")).assignments_json)
+            assert [p["host"] for p in a["plan"]["parts"]] == ["c"]
+            wait_for(lambda: [i for i in cl.call("ListInstances", pb.ListInstancesRequest(deployment="tiny")).instances
+                              if i.state == "RUNNING"], 90, "tiny RUNNING on c")
+        assert (c.agents["c"].data_dir / "models" / "tiny.gguf").read_bytes() == model.read_bytes()
+    finally:
+        c.stop()
