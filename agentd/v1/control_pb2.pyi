@@ -489,7 +489,7 @@ class ReportReply(_message.Message):
     def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ..., cluster_time: _Optional[float] = ...) -> None: ...
 
 class ReportUpdate(_message.Message):
-    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time")
+    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time", "activity")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -500,6 +500,7 @@ class ReportUpdate(_message.Message):
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     inventory_json: str
@@ -510,7 +511,8 @@ class ReportUpdate(_message.Message):
     wire_version: int
     upgrade_required: str
     wall_time: float
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ...) -> None: ...
+    activity: _containers.RepeatedCompositeFieldContainer[ModelActivity]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ...) -> None: ...
 
 class PeerRestart(_message.Message):
     __slots__ = ("address", "port", "reason")
