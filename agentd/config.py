@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     proxy_read_timeout: float = 600.0  # /v1/ proxy: longest silence from a model server
     http_max_body: int = Field(default=64 * 1024 * 1024, ge=1024)  # /v1/ request body limit, bytes
     http_header_timeout: float = 30.0  # HTTP side: a connection idle or still sending its headers is closed
+    # Serving on demand (docs/on-demand.md). An idle deployment is unloaded only while every live host's proxy
+    # activity report is at most this old (reports go every second, and at once on a first request).
+    idle_report_max_age: float = 3.0
+    wake_timeout: float = 300.0  # /v1/: how long a request for an IDLE model is held while it loads
+    wake_queue: int = Field(default=256, ge=1)  # /v1/: requests held per agent for models being woken; then 503
     http_tls_cert: Path | None = None  # PEM chain; with http_tls_key, the HTTP side serves HTTPS
     http_tls_key: Path | None = None
 
@@ -134,6 +139,8 @@ class Settings(BaseSettings):
         "proxy_connect_timeout",
         "proxy_read_timeout",
         "http_header_timeout",
+        "idle_report_max_age",
+        "wake_timeout",
         mode="before",
     )
     @classmethod
@@ -270,6 +277,11 @@ class Settings(BaseSettings):
             raise ValueError("inventory_refresh must be positive")
         if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:
             raise ValueError("proxy_connect_timeout and proxy_read_timeout must be positive")
+        if not self.idle_report_max_age > 1.0:
+            raise ValueError(f"idle_report_max_age ({self.idle_report_max_age:g}s) must be above the report "
+                             "interval (1s): hosts report that often")
+        if not self.wake_timeout > 0:
+            raise ValueError("wake_timeout must be positive")
         if not self.http_header_timeout > 0:
             raise ValueError("http_header_timeout must be positive")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):

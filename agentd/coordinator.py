@@ -33,8 +33,10 @@ from agentd.cluster.state import (
     cluster_format_command,
     delete_command,
     deploy_command,
+    idle_command,
     node_command,
     node_remove_command,
+    wake_command,
 )
 from agentd.drains import Drains
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
@@ -162,6 +164,7 @@ class Coordinator:
         propose_timeout: float = 10.0,
         inspect_timeout: float = INSPECT_TIMEOUT,
         validate_spec: Callable[[DeploymentSpec], None] | None = None,
+        idle_report_max_age: float = 5.0,
     ):
         self.state = state
         self.consensus = consensus
@@ -185,6 +188,12 @@ class Coordinator:
         self._leading = asyncio.Event()  # set by became_leader: the daemon has handed the coordinator over
         self.on_placement: Callable[[float, Plan], None] | None = None  # metrics hook
         self.drains = Drains(self)
+        # Serving on demand (docs/on-demand.md): what each host's /v1/ proxy last said it sent each deployment,
+        # host -> (when the report arrived, deployment -> (seconds idle then, requests in flight)). A deployment
+        # is unloaded only while every live host's activity is at most `idle_report_max_age` old.
+        self.idle_report_max_age = idle_report_max_age
+        self._activity: dict[str, tuple[float, dict[str, tuple[float, int]]]] = {}
+        self._awake_since: dict[str, tuple[frozenset[str], float]] = {}  # deployment -> (its instances, since)
 
     # ------------------------------------------------------------------ soft state
 
@@ -195,6 +204,8 @@ class Coordinator:
         for rep in self.reports.values():
             rep.last_seen = max(rep.last_seen, now)
         self._reported_since_leading.clear()
+        self._activity.clear()  # idle times count afresh under this leader (_unload_idle)
+        self._awake_since.clear()
         self._leading.set()
 
     def lost_leadership(self) -> None:
@@ -210,6 +221,22 @@ class Coordinator:
         self.reports[inventory.name] = NodeReport(inventory, instances, self.clock(), agent)
         self._reported_since_leading.add(inventory.name)
         self._report_arrived.set()
+
+    def renew(self, name: str) -> bool:
+        """A host's lease renewed with nothing changed (a bare message on its report stream): it stays up until
+        `node_down_grace` from now. False when the leader holds no report of it to renew (a full one is due)."""
+        rep = self.reports.get(name)
+        if rep is None:
+            return False
+        rep.last_seen = self.clock()
+        self._reported_since_leading.add(name)
+        self._report_arrived.set()
+        return True
+
+    def on_activity(self, host: str, activity: dict[str, tuple[float, int]]) -> None:
+        """A host's proxy counters (ModelActivity in its report): seconds since its last request per deployment,
+        and the requests it forwards now."""
+        self._activity[host] = (self.clock(), activity)
 
     def _note_restarts(self, before: list[InstanceReport], after: list[InstanceReport]) -> None:
         """A part that now runs under a new pid was restarted: the other hosts of its instance must know.
@@ -440,6 +467,8 @@ class Coordinator:
                 raise InvalidInput(f"no deployment named {name!r}")
             current = {a.replica for a in self.state.assignments_for(name)}
             missing = [r for r in range(replicas) if r not in current]
+            if name in self.state.idle:  # the next wake places this many; nothing starts now
+                missing = []
             new: list[Assignment] = []
             if missing:
                 spec = record.spec.model_copy(update={"replicas": len(missing)})
@@ -450,6 +479,71 @@ class Coordinator:
                 if whys is not None:
                     whys.extend(rp.why for rp in plan.replicas)
             return await self._commit(assign_command(name, new, replicas))
+
+    async def wake(self, name: str) -> tuple[ApplyResult | None, int]:
+        """Place an IDLE deployment again, on whatever fits now. Returns (None, 0) when it is not idle (another
+        wake placed it already): under the lock, concurrent wakes from every agent make one placement."""
+        await self._require_leader()
+        async with self._lock:
+            record = self.state.deployment(name)
+            if record is None:
+                raise InvalidInput(f"no deployment named {name!r}")
+            if name not in self.state.idle:
+                return None, 0
+            spec = record.spec
+            plan, _ = await self.plan_when_ready(spec, exclude_deployment=name)
+            if not plan.placed:
+                raise Unplaceable(plan.diagnosis)
+            # A new generation (the index of the entry that made it idle, so never one used before): the woken
+            # replicas' instance ids differ from the unloaded ones', whose last reports may still be around.
+            assignments = [a.model_copy(update={"generation": record.updated_index + 1})
+                           for a in self._assignments(spec, plan, range(len(plan.replicas)), {})]
+            result, index = await self._commit(wake_command(name, assignments))
+            hosts = sorted({p.host for a in assignments for p in a.plan.parts})
+            log.info(f"deployment {name} woken: {len(assignments)} replica(s) on {', '.join(hosts)}",
+                     extra=fields(deployment=name, index=index, term=self.consensus.term))
+            return result, index
+
+    async def _unload_idle(self) -> list[str]:
+        """Unload deployments whose idle_unload time passed with no request at any agent's proxy.
+
+        Freshness: a request is known here once its proxy's host reports (at once on the first request after a
+        quiet second, else within the report interval). So nothing is unloaded while a live host's last report
+        is older than `idle_report_max_age`, nor while any proxy forwards a request for it, nor before the
+        deployment's current replicas have existed for the idle time under this leader.
+        """
+        now = self.clock()
+        decisions: list[str] = []
+        candidates = [r for n, r in sorted(self.state.deployments.items())
+                      if r.spec.idle_unload > 0 and n not in self.state.idle and self.state.assignments_for(n)]
+        if not candidates or not self.heard_from_known_hosts():
+            return decisions
+        live = {h.name for h in self.live_hosts()}
+        stale = sorted(h for h in live if now - self._activity.get(h, (float("-inf"), {}))[0]
+                       > self.idle_report_max_age)
+        async with self._lock:
+            for record in candidates:
+                name, after = record.spec.name, record.spec.idle_unload
+                ids = frozenset(a.instance_id for a in self.state.incarnations_for(name))
+                seen = self._awake_since.get(name)
+                if seen is None or seen[0] != ids:
+                    self._awake_since[name] = seen = (ids, now)
+                last, busy = seen[1], 0
+                for host, (at, acts) in self._activity.items():
+                    if host in live and name in acts:
+                        idle_for, in_flight = acts[name]
+                        last, busy = max(last, at - idle_for), busy + in_flight
+                if busy or now - last < after or name in self.state.idle:
+                    continue
+                if stale:
+                    log.debug("idle unload waits for fresh activity reports",
+                              extra=fields(deployment=name, hosts=stale[:5]))
+                    continue
+                await self._commit(idle_command(name))
+                self._awake_since.pop(name, None)
+                decisions.append(f"deployment {name}: no request for {now - last:.1f}s "
+                                 f"(idle_unload {after:g}s): unloaded, IDLE until the next request")
+        return decisions
 
     async def delete(self, name: str) -> tuple[ApplyResult, int]:
         await self._require_leader()
@@ -644,6 +738,7 @@ class Coordinator:
             decisions.append(raised)
         decisions += await self.drains.step()
         decisions += await self._repair_port_clashes()
+        decisions += await self._unload_idle()
         for d in decisions:
             log.info(d)
         return decisions

@@ -54,11 +54,13 @@ from agentd.api.control import AgentService, ChannelPool, ControlService, add_se
 from agentd.api.drain import clear_drain_request, drain_decision
 from agentd.api.fetch import Fetch, Fetcher, ModelsService
 from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
+from agentd.api.ondemand import Activity, Waker
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
+from agentd.api.report_stream import ReportStream, StreamEnded
 from agentd.api.sdnotify import SdNotifier, status_line, watchdog_interval
 from agentd.api.security_service import JoinService, SecurityService, add_security_services
 from agentd.catalog import held_copy
-from agentd.cluster.clock import ClusterClock
+from agentd.cluster.clock import CLUSTER_TIME_METADATA, ClusterClock
 from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
@@ -214,7 +216,8 @@ class Daemon:
             state=self.state, consensus=self.raft, place=Placer(self.plugins), inspect=inspect_model,
             validate_runtime=self.plugins.runtime, validate_spec=self.plugins.check_launch_options,
             port_range=settings.port_range,
-            node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL)
+            node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL,
+            idle_report_max_age=settings.idle_report_max_age)
         self.coordinator.on_placement = self._on_placement
         self.raft.admit = self.coordinator.admit  # nothing newer than every member supports enters the log
         self.raft.admit_joiner = self._admit_joiner
@@ -264,6 +267,8 @@ class Daemon:
         self._leader_format = BASELINE_STATE_FORMAT  # the leader's state format, from its last report reply
         self._invited: tuple[str, float] | None = None  # the watcher asked to stand by in Raft, until when
         self._report_now = asyncio.Event()
+        self.activity = Activity(on_first=self._report_now.set)  # the /v1/ proxy's requests, for idle unload
+        self.report_stream = ReportStream(self.node, settings.advertise_address)  # to the leader, see _report_once
         self._reconcile_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._http: web.AppRunner | None = None
@@ -680,22 +685,45 @@ class Daemon:
         self._update_local_metrics(inventory)
         me = self.agent_version()
         if self.raft.is_leader:
+            self.report_stream.close()
+            self.coordinator.on_activity(self.node, self.activity.snapshot())
             restarts = self.agent.accept_report(inventory, instances, me)  # it takes this host's peer restarts
         elif self.raft.leader_address:
             # Written for the leader's format: an older leader refuses fields it does not know (agentd.formats).
-            req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
-                                   inventory_json=json.dumps(formats.dump(inventory, self._leader_format)),
-                                   instances=[_instance_pb(i) for i in instances],
-                                   agent_version=me.version, state_format=me.state_format,
-                                   wire_version=me.wire_version, upgrade_required=me.upgrade_required)
-            stub = pb_grpc.AgentStub(self.channels.get(self.raft.leader_address))
+            inventory_json = json.dumps(formats.dump(inventory, self._leader_format))
+            rows = [_instance_pb(i) for i in instances]
+            address = self.raft.leader_address
+            channel = self.channels.get(address)
             try:
-                call = stub.Report(req, timeout=2.0, metadata=self.cluster_clock.report_metadata())
-                reply = await unless_leader_moves(call, lambda: self.raft.leader_id)
-                self.cluster_clock.on_reply(await call.trailing_metadata())
+                if self.report_stream.unary(address):  # an agentd 0.1.0 leader: one Report call per report
+                    req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
+                                           inventory_json=inventory_json, instances=rows,
+                                           agent_version=me.version, state_format=me.state_format,
+                                           wire_version=me.wire_version, upgrade_required=me.upgrade_required,
+                                   activity=[pb.ModelActivity(deployment=d, idle_seconds=idle, in_flight=n)
+                                             for d, (idle, n) in self.activity.snapshot().items()])
+                    call = pb_grpc.AgentStub(channel).Report(req, timeout=2.0,
+                                                             metadata=self.cluster_clock.report_metadata())
+                    reply = await unless_leader_moves(call, lambda: self.raft.leader_id)
+                    self.cluster_clock.on_reply(await call.trailing_metadata())
+                else:  # the stream to the leader: only what changed, else a renewal of this host's lease
+                    reply = await unless_leader_moves(self.report_stream.send(
+                        channel, address, inventory_json=inventory_json, instances=rows,
+                        version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
+                        wall_time=time.time()), lambda: self.raft.leader_id)
+                    if reply.cluster_time:
+                        self.cluster_clock.on_reply(((CLUSTER_TIME_METADATA, repr(reply.cluster_time)),))
+            except StreamEnded:
+                self._report_now.set()  # the leader closed it: a new stream at once
+                return
             except LeaderMoved:
                 return  # the leader change asked for a report at once (_on_leader_change): it goes to the new one
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self.report_stream.unary(address):
+                    log.info("the leader has no report stream (agentd 0.1.0): reporting with Agent/Report",
+                             extra=fields(leader=self.raft.leader_id))
+                    self._report_now.set()
+                    return
                 level = logging.WARNING if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else logging.DEBUG
                 log.log(level, "report not accepted", extra=fields(leader=self.raft.leader_id,
                                                                    code=exc.code().name, error=exc.details()))
@@ -875,7 +903,10 @@ class Daemon:
         options = HttpOptions(require_api_key=not self.s.insecure, connect_timeout=self.s.proxy_connect_timeout,
                               read_timeout=self.s.proxy_read_timeout, max_body=self.s.http_max_body,
                               header_timeout=self.s.http_header_timeout)
-        app = make_http_app(_Provider(self), metrics=self.metrics, options=options)
+        provider = _Provider(self)
+        waker = Waker(wake=provider.wake, ready=provider.has_ready, timeout=self.s.wake_timeout,
+                      queue=self.s.wake_queue)
+        app = make_http_app(provider, metrics=self.metrics, options=options, waker=waker, activity=self.activity)
         self._http = http_runner(app, options, access_log=None)
         await self._http.setup()
         host, _, port = self.s.http_listen.rpartition(":")
@@ -1043,8 +1074,27 @@ class _Provider:
             running = {(i.instance_id, i.part) for i in instances if i.deployment == name and i.state == "RUNNING"}
             ready = sum(1 for a in assignments if all((a.instance_id, k) in running for k in range(len(a.plan.parts))))
             cards.append(ModelCard(id=name, tenant=record.spec.tenant, runtime=record.spec.runtime,
-                                   replicas=record.spec.replicas, ready_replicas=ready))
+                                   replicas=record.spec.replicas, ready_replicas=ready,
+                                   on_demand=record.spec.idle_unload > 0, idle=name in self.d.state.idle))
         return cards
+
+    async def has_ready(self, model: str) -> bool:
+        """A replica of `model` reported RUNNING in every part (what the held requests of a wake wait for)."""
+        return any(c.id == model and c.ready_replicas for c in await self.models())
+
+    async def wake(self, model: str) -> None:
+        """Ask the coordinator to place an IDLE deployment again (here when this agent leads)."""
+        if self.d.raft.is_leader:
+            await self.d.coordinator.wake(model)
+            return
+        if not self.d.raft.leader_address:
+            raise NotAvailable("no leader elected yet")
+        stub = pb_grpc.ControlStub(self.d.channels.get(self.d.raft.leader_address))
+        try:
+            await stub.Wake(pb.WakeRequest(name=model), timeout=self.d.s.wake_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise NotAvailable(f"the leader ({self.d.raft.leader_id}) could not wake {model}: "
+                               f"{exc.code().name}: {exc.details()}") from None
 
     def verify_api_key(self, key: str) -> apikeys.Principal | None:
         """Against this agent's own copy of the replicated keys, on every request: a revocation is in force

@@ -358,6 +358,10 @@ class DeploymentSpec(Value):
     # fewest GPUs (docs/placement.md, "Candidate order").
     parallelism: Literal["auto", "latency", "gpus"] = Field(
         default="auto", exclude_if=lambda v: v == "auto", json_schema_extra=_SINCE_2)
+    # Seconds without a request (at any agent's /v1/) after which the deployment's replicas stop and it waits
+    # IDLE for the next request to place it again (docs/on-demand.md); 0: never.
+    idle_unload: float = Field(default=0.0, ge=0.0, le=366 * 86400.0, allow_inf_nan=False,
+                               exclude_if=lambda v: v == 0, json_schema_extra=_SINCE_2)
 
     @field_validator("name")
     @classmethod

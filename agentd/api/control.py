@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from agentd import formats
 from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
+from agentd.cluster.clock import CLOCK_METADATA, CLUSTER_TIME_METADATA
 from agentd.cluster.state import ClusterState, StateEvent, cert_revoke_command
 from agentd.coordinator import Coordinator, InstanceReport, removed_message
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
@@ -227,6 +228,7 @@ class ControlService(pb_grpc.ControlServicer):
             instances=[instance_to_pb(i) for i in self._instances(name)],
             assignments_json=json.dumps([a.model_dump(mode="json") for a in assignments]),
             updated_index=record.updated_index,
+            idle=name in self.state.idle,
         )
 
     async def _read(self, method: str, request: Any, context: grpc.aio.ServicerContext,
@@ -324,6 +326,14 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message, index=index,
                                   why=whys)
         return await self._on_leader("Scale", request, context, local)
+
+    async def Wake(self, request, context):
+        """An agent's /v1/ proxy holds requests for an IDLE deployment: place it again (once, however many ask)."""
+        async def local():
+            result, index = await self.coordinator.wake(request.name)
+            return pb.WakeReply(message=result.message if result else f"deployment {request.name} is not idle",
+                                index=index, woken=result is not None)
+        return await self._on_leader("Wake", request, context, local)
 
     async def Delete(self, request, context):
         async def local():
@@ -609,7 +619,11 @@ def add_services(server: grpc.aio.Server, control: ControlService, agent: AgentS
             request_cls = getattr(pb, method.input_type.name)
             response_cls = getattr(pb, method.output_type.name)
             behavior = getattr(servicer, method.name)
-            if method.server_streaming:
+            if method.client_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    _parsed_bidi(behavior, request_cls, method.full_name),
+                    response_serializer=response_cls.SerializeToString)
+            elif method.server_streaming:
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                     _parsed_stream(behavior, request_cls, method.full_name),
                     response_serializer=response_cls.SerializeToString)
@@ -645,6 +659,20 @@ def _parsed_unary(behavior: Callable[..., Awaitable[Any]], request_cls: Any, met
         if request is None:
             await _refuse_garbage(context, request_cls, raw, method)
         return await behavior(request, context)
+    return handler
+
+
+def _parsed_bidi(behavior: Callable[..., AsyncIterator[Any]], request_cls: Any, method: str) -> Any:
+    """A bidirectional stream: each message is parsed as it arrives, garbage ends the call (INVALID_ARGUMENT)."""
+    async def handler(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for raw in raws:
+                request = _parse(request_cls, raw)
+                if request is None:
+                    await _refuse_garbage(context, request_cls, raw, method)
+                yield request
+        async for item in behavior(parsed(), context):
+            yield item
     return handler
 
 
@@ -684,22 +712,9 @@ class AgentService(pb_grpc.AgentServicer):
         if why := incompatibility(AGENT_VERSION, agent.version):
             log.warning("report from an incompatible agent refused", extra=fields(node=request.node, reason=why))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"report from {request.node!r} refused: {why}")
-        cached = self._inventories.get(request.node)
-        if cached is not None and cached[0] == request.inventory_json:
-            inventory = cached[1]
-        else:
-            try:
-                # A newer agent may report fields this one does not know: safe to leave out of an inventory.
-                inventory = formats.validate_lenient(HostInventory, request.inventory_json)
-            except ValidationError as exc:
-                why = validation_message(exc, root="inventory_json")
-                log.warning("garbage report refused", extra=fields(node=request.node, error=why[:200]))
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"report from {request.node!r}: not a host inventory: {why}")
-            if inventory.name != request.node:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"report from {request.node!r} carries the inventory of {inventory.name!r}")
-            self._inventories[request.node] = (request.inventory_json, inventory)
+        inventory = await self._inventory(request.node, request.inventory_json, context)
+        self.coordinator.on_activity(request.node, {a.deployment: (max(0.0, a.idle_seconds), a.in_flight)
+                                                    for a in request.activity[:10000]})
         restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances], agent)
         if self.clock is not None:  # the reporter's wall clock, for the cluster's median (agentd/cluster/clock.py)
             context.set_trailing_metadata(self.clock.on_report(request.node, context.invocation_metadata()))
@@ -707,6 +722,88 @@ class AgentService(pb_grpc.AgentServicer):
                               peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
                               agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
                               join_raft=self.invite(request.node))
+
+    async def _inventory(self, node: str, inventory_json: str, context: grpc.aio.ServicerContext) -> HostInventory:
+        cached = self._inventories.get(node)
+        if cached is not None and cached[0] == inventory_json:
+            return cached[1]
+        try:
+            # A newer agent may report fields this one does not know: safe to leave out of an inventory.
+            inventory = formats.validate_lenient(HostInventory, inventory_json)
+        except ValidationError as exc:
+            why = validation_message(exc, root="inventory_json")
+            log.warning("garbage report refused", extra=fields(node=node, error=why[:200]))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"report from {node!r}: not a host inventory: {why}")
+        if inventory.name != node:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"report from {node!r} carries the inventory of {inventory.name!r}")
+        self._inventories[node] = (inventory_json, inventory)
+        return inventory
+
+    async def ReportStream(self, requests: AsyncIterator[pb.ReportUpdate], context: grpc.aio.ServicerContext):
+        """A host's reports on one long-lived stream (docs/cluster.md, "Liveness by lease").
+
+        The stream remembers what its host last said: a message carries only what changed, and one that
+        changed nothing renews the host's lease (Coordinator.renew) without touching its report. The
+        stream speaks for one host, the one its first message names, and that must be the caller's
+        certificate name (docs/security.md); any message while this agent is not the leader ends it
+        (FAILED_PRECONDITION), and the host opens a new one to the leader it then knows.
+        """
+        node = ""
+        inventory: HostInventory | None = None
+        instances: list[InstanceReport] = []
+        agent = PeerVersion()
+        async for m in requests:
+            if not self.raft.is_leader:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+            if not node:
+                node = m.node
+                caller = current_caller()
+                if caller is not None and caller.kind == "cert" and caller.role == "node" and caller.name != node:
+                    log.warning("refused a report stream claiming another node",
+                                extra=fields(caller=caller.name, claimed=node))
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"the certificate of {caller.name!r} may not speak for {node!r} "
+                                        "(/agentd.v1.Agent/ReportStream)")
+                if not node or not m.inventory_json or not m.agent_version:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "a report stream's first message names its node and carries its "
+                                        "inventory and agent version")
+                log.info("report stream opened", extra=fields(node=node, peer=context.peer()))
+            elif m.node and m.node != node:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"this report stream speaks for {node!r}, not {m.node!r}: one stream per host")
+            if self.coordinator.state.removed(node):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, removed_message(node))
+            changed = False
+            if m.agent_version:
+                agent = PeerVersion.reported(m.agent_version, m.state_format, m.wire_version,
+                                             m.upgrade_required[:1000])
+                if why := incompatibility(AGENT_VERSION, agent.version):
+                    log.warning("report from an incompatible agent refused", extra=fields(node=node, reason=why))
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"report from {node!r} refused: {why}")
+                changed = True
+            if m.inventory_json:
+                inventory = await self._inventory(node, m.inventory_json, context)
+                changed = True
+            if m.instances_changed:
+                instances = [instance_from_pb(i) for i in m.instances]
+                changed = True
+            assert inventory is not None  # the first message carries it
+            if changed or not self.coordinator.renew(node):
+                restarts = self.accept_report(inventory, instances, agent)
+            else:
+                restarts = self.coordinator.take_peer_restarts(node)
+            cluster_time = 0.0
+            if self.clock is not None and m.wall_time:
+                told = dict(self.clock.on_report(node, ((CLOCK_METADATA, repr(m.wall_time)),)))
+                cluster_time = float(told.get(CLUSTER_TIME_METADATA, 0.0))
+            yield pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
+                                 peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
+                                 agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
+                                 join_raft=self.invite(node), cluster_time=cluster_time)
 
     def accept_report(self, inventory: HostInventory, instances: list[InstanceReport],
                       agent: PeerVersion = PeerVersion()) -> list[tuple[str, int, str]]:

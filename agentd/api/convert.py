@@ -29,6 +29,7 @@ def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
             "exclude_gpus": list(msg.exclude_gpus),
             "tenant": msg.tenant or "default",
             "parallelism": msg.parallelism or "auto",
+            "idle_unload": msg.idle_unload,
             "options": {
                 "gpu_memory_utilization": (
                     opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
@@ -55,6 +56,7 @@ def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
         selector=spec.selector, pin=[pb.GpuPin(host=p.host, gpus=list(p.gpus)) for p in spec.pin],
         exclude_gpus=list(spec.exclude_gpus), options=options, tenant=spec.tenant,
         parallelism="" if spec.parallelism == "auto" else spec.parallelism,  # empty on the wire means auto
+        idle_unload=spec.idle_unload,
     )
 
 

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agentd.api.ondemand import Activity, WakeError, Waker
 from agentd.api.openai_proxy import Endpoint, OpenAIProxy, openai_error
 from agentd.logs import fields
 from agentd.metrics import CONTENT_TYPE, Metrics
@@ -47,11 +48,14 @@ class ModelCard:
     runtime: str = ""
     replicas: int = 0
     ready_replicas: int = 0
+    on_demand: bool = False  # it has idle_unload: a request finding no ready replica is held while it loads
+    idle: bool = False  # unloaded: the next request wakes it
 
     def to_openai(self) -> dict[str, Any]:
+        extra = {"state": "idle"} if self.idle else {}
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
                 "agentd": {"tenant": self.tenant, "runtime": self.runtime, "replicas": self.replicas,
-                           "ready_replicas": self.ready_replicas}}
+                           "ready_replicas": self.ready_replicas, **extra}}
 
 
 class HttpProvider(Protocol):
@@ -77,6 +81,7 @@ class HttpProvider(Protocol):
 
 PROVIDER = web.AppKey("agentd_provider", HttpProvider)
 PROXY = web.AppKey("agentd_proxy", OpenAIProxy)
+WAKER = web.AppKey("agentd_waker", Waker)
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,12 @@ async def _call(value: Any) -> Any:
 
 
 def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
-                  options: HttpOptions | None = None) -> web.Application:
-    """The aiohttp application; run it with aiohttp's AppRunner/TCPSite on `http_listen`."""
+                  options: HttpOptions | None = None, waker: Waker | None = None,
+                  activity: Activity | None = None) -> web.Application:
+    """The aiohttp application; run it with aiohttp's AppRunner/TCPSite on `http_listen`.
+
+    `activity` counts requests per deployment (idle unload); `waker` holds requests for a deployment being
+    woken (agentd.api.ondemand). Without them, a model with no ready replica gets 503 at once."""
     options = options or HttpOptions()
     app = web.Application(client_max_size=options.max_body)
     app[PROVIDER] = provider
@@ -111,7 +120,7 @@ def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
             yield
 
     app.cleanup_ctx.append(client_session)
-    handlers = _Handlers(provider, metrics, options)
+    handlers = _Handlers(provider, metrics, options, waker, activity or Activity())
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.prometheus)
@@ -134,10 +143,13 @@ def http_runner(app: web.Application, options: HttpOptions, **kwargs: Any) -> we
 
 
 class _Handlers:
-    def __init__(self, provider: HttpProvider, metrics: Metrics | None, options: HttpOptions):
+    def __init__(self, provider: HttpProvider, metrics: Metrics | None, options: HttpOptions,
+                 waker: Waker | None = None, activity: Activity | None = None):
         self.provider = provider
         self.metrics = metrics
         self.options = options
+        self.waker = waker
+        self.activity = activity or Activity()
 
     # ------------------------------------------------------------ operations
 
@@ -233,9 +245,17 @@ class _Handlers:
             log.info("refused a request for a model that does not exist or the key may not use",
                      extra=fields(key=principal.key_id, tenant=principal.tenant))
             return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, card)
-        endpoints = await _call(self.provider.routes(model))
-        return await request.app[PROXY].forward(request, model=model, body=body, payload=payload,
-                                                endpoints=endpoints)
+        with self.activity.track(model):  # held requests count: a deployment being woken is not idle
+            if self.waker is not None and (card.idle or (card.on_demand and not card.ready_replicas)):
+                try:
+                    await self.waker.hold(model, idle=card.idle)
+                except WakeError as exc:
+                    return self._count(model, endpoint_name, openai_error(
+                        exc.status, exc.message, type_="service_unavailable", code=exc.code,
+                        headers={"Retry-After": "5"}))
+            endpoints = await _call(self.provider.routes(model))
+            return await request.app[PROXY].forward(request, model=model, body=body, payload=payload,
+                                                    endpoints=endpoints)
 
     def _count(self, model: str, endpoint_name: str, resp: web.Response) -> web.Response:
         if self.metrics is not None:

@@ -131,6 +131,9 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallelism", choices=["auto", "latency", "gpus"], default="auto",
                    help="vLLM: auto = TP over NVLink, PP over PCIe or across hosts; latency = the largest TP; "
                    "gpus = the fewest GPUs (default auto)")
+    p.add_argument("--idle-unload", default="0", metavar="AFTER",
+                   help="stop the replicas after this long without a request (e.g. 15m; the deployment stays, "
+                   "IDLE, and the next /v1/ request loads it again); default: never")
     p.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="host label selector")
     p.add_argument("--pin", action="append", default=[], metavar="HOST[:GPU,GPU]", help="pin to a host / GPUs")
     p.add_argument("--exclude-gpu", action="append", default=[], metavar="UUID", help="never use this GPU")
@@ -165,8 +168,14 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
         model = parse_model_ref(args.model).text
     except ValueError as exc:
         raise InvalidInput(str(exc), where="--model") from None
+    from agentd.config import parse_duration  # pydantic: not for every CLI start
+
+    try:
+        idle_unload = parse_duration(getattr(args, "idle_unload", "0") or "0")
+    except ValueError as exc:
+        raise InvalidInput(f"--idle-unload: {exc}") from None
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
-                             tenant=getattr(args, "tenant", ""),
+                             tenant=getattr(args, "tenant", ""), idle_unload=idle_unload,
                              strategy=args.strategy, selector=key_values(args.selector, "--selector"), pin=pins,
                              exclude_gpus=args.exclude_gpu, options=options,
                              parallelism=getattr(args, "parallelism", "auto"))
@@ -312,9 +321,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows, data = [], []
     for d in reply.deployments:
         running = len({i.replica for i in d.instances if i.state == "RUNNING" and i.role == "main"})
-        rows.append([d.spec.name, d.spec.runtime, f"{running}/{d.spec.replicas}", d.spec.model])
+        ready = f"IDLE (0/{d.spec.replicas})" if d.idle else f"{running}/{d.spec.replicas}"
+        rows.append([d.spec.name, d.spec.runtime, ready, d.spec.model])
         data.append({"name": d.spec.name, "runtime": d.spec.runtime, "replicas": d.spec.replicas,
-                     "ready": running, "model": d.spec.model, "spec": d.spec})
+                     "ready": running, "model": d.spec.model, "spec": d.spec, **({"idle": True} if d.idle else {})})
     emit(args, lambda: {"deployments": [{**d, "spec": _dict(d["spec"])} for d in data]},
          lambda: _table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]))
     return 0

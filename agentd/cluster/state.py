@@ -63,6 +63,9 @@ class DeploymentRecord:
 # Host approval (issue 13): a held host gets no work; the operator's approval may dedicate it to tenants.
 OP_SINCE.update({"node.hold": 2, "node.approve": 2, "secret.rotate": 2})
 
+# Serving on demand (issue 21, docs/on-demand.md): a deployment unloaded after its idle time, placed again on wake.
+OP_SINCE.update({"deployment.idle": 2, "deployment.wake": 2})
+
 # Labels only the operator sets (`agentd nodes approve NAME --tenant T`): a host's own report cannot claim them.
 TENANT_LABEL_PREFIX = "tenant.agentd.io/"
 
@@ -102,6 +105,8 @@ class ClusterState(MaintenanceState):
         self.legacy_instances: frozenset[str] = frozenset()
         # Hosts the operator dedicated to tenants: they carry tenant.agentd.io/<tenant>=true.
         self.host_tenants: dict[str, tuple[str, ...]] = {}
+        # Deployments unloaded after their idle_unload time: no assignments until a request wakes them.
+        self.idle: set[str] = set()
         self.cluster_format = BASELINE_STATE_FORMAT
         self._init_maintenance()
         self.last_index = 0
@@ -221,6 +226,7 @@ class ClusterState(MaintenanceState):
             return ApplyResult(False, f"deployment {spec.name!r} already exists")
         created = existing.created_index if existing else index
         self.deployments[spec.name] = DeploymentRecord(spec, created, index)
+        self.idle.discard(spec.name)  # a (re)deploy places it now
         kind = "deployment.updated" if existing else "deployment.created"
         events.append(StateEvent(kind, spec.name, index, term, {"spec": spec.model_dump(mode="json")}))
         self._replace_assignments(spec.name, assignments, index, term, events)
@@ -232,6 +238,7 @@ class ClusterState(MaintenanceState):
         if name not in self.deployments:
             return ApplyResult(False, f"no deployment named {name!r}")
         del self.deployments[name]
+        self.idle.discard(name)
         self._replace_assignments(name, [], index, term, events)
         events.append(StateEvent("deployment.deleted", name, index, term))
         return ApplyResult(True, f"deployment {name} deleted")
@@ -261,6 +268,38 @@ class ClusterState(MaintenanceState):
         keep.update({a.replica: a for a in assignments})
         self._replace_assignments(name, list(keep.values()), index, term, events)
         return ApplyResult(True, f"deployment {name}: {len(assignments)} assignment(s) set, {replicas} replica(s)")
+
+    def _op_deployment_idle(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Unload an idle deployment: every assignment (and surge) goes, the spec stays, marked IDLE."""
+        name = str(cmd["name"])
+        record = self.deployments.get(name)
+        if record is None:
+            return ApplyResult(False, f"no deployment named {name!r}")
+        if name in self.idle:
+            return ApplyResult(False, f"deployment {name} is idle already")
+        self.idle.add(name)
+        record.updated_index = index
+        self._replace_assignments(name, [], index, term, events)
+        events.append(StateEvent("deployment.idle", name, index, term))
+        return ApplyResult(True, f"deployment {name} is idle: its replicas stop until a request wakes it")
+
+    def _op_deployment_wake(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Place an IDLE deployment again. Refused when it is not idle: of two wakes, the second places nothing."""
+        name = str(cmd["name"])
+        record = self.deployments.get(name)
+        if record is None:
+            return ApplyResult(False, f"no deployment named {name!r}")
+        if name not in self.idle:
+            return ApplyResult(False, f"deployment {name} is not idle")
+        assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
+        why = self._check_assignments(name, assignments, replicas=record.spec.replicas)
+        if why:
+            return ApplyResult(False, why)
+        self.idle.discard(name)
+        record.updated_index = index
+        self._replace_assignments(name, assignments, index, term, events)
+        events.append(StateEvent("deployment.woken", name, index, term, {"replicas": len(assignments)}))
+        return ApplyResult(True, f"deployment {name} woken: {len(assignments)} replica(s) placed")
 
     def _op_node(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
         name, state = cmd["name"], cmd["state"]
@@ -476,6 +515,7 @@ class ClusterState(MaintenanceState):
                if self.legacy_secret else {}),
             **({"host_tenants": {k: list(v) for k, v in sorted(self.host_tenants.items())}}
                if self.host_tenants else {}),
+            **({"idle": sorted(self.idle)} if self.idle else {}),
             **self._maintenance_snapshot(),
         }, sort_keys=True).encode()
 
@@ -507,6 +547,7 @@ class ClusterState(MaintenanceState):
         self.legacy_secret = raw.get("legacy_secret", "")
         self.legacy_instances = frozenset(raw.get("legacy_instances", []))
         self.host_tenants = {str(k): tuple(v) for k, v in raw.get("host_tenants", {}).items()}
+        self.idle = {str(n) for n in raw.get("idle", [])}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self._maintenance_restore(raw)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
@@ -546,6 +587,16 @@ def assign_command(name: str, assignments: Iterable[Assignment], replicas: int) 
     assignments = list(assignments)
     return _encode({"op": "assign", "name": name, "replicas": replicas,
                     "assignments": [_dump(a) for a in assignments]}, assignments)
+
+
+def idle_command(name: str) -> bytes:
+    return _encode({"op": "deployment.idle", "name": name})
+
+
+def wake_command(name: str, assignments: Iterable[Assignment]) -> bytes:
+    assignments = list(assignments)
+    return _encode({"op": "deployment.wake", "name": name, "assignments": [_dump(a) for a in assignments]},
+                   assignments)
 
 
 def node_command(name: str, state: str, address: str = "") -> bytes:

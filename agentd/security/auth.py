@@ -129,6 +129,7 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
     rule("/agentd.v1.Control/ListInstances", ROLE_ADMIN, ROLE_NODE),
     # A follower asks the leader for a read point before it streams a backup; a member holds the whole state.
     rule("/agentd.v1.Control/Snapshot", ROLE_ADMIN, ROLE_NODE),
+    rule("/agentd.v1.Control/Wake", ROLE_ADMIN, ROLE_NODE),  # a /v1/ proxy holding requests for an IDLE model
     rule("/agentd.v1.Control/", ROLE_ADMIN),
     rule("/agentd.v1.Security/ConsumeJoinToken", ROLE_NODE),  # a signer asking the leader, never a person
     rule("/agentd.v1.Security/RenewCertificate", ROLE_NODE),  # a host renewing its own certificate
