@@ -8,7 +8,8 @@ with AppendEntries to every host.
 - The voter's side is `WatchFeed`: the committed entries it applied lately
   (a bounded window), and a stream per watcher: a snapshot of the state machine
   when the watcher is new or asks for an index the window no longer holds, then
-  every committed entry in order, and the leader's identity every second.
+  every committed entry in order, and the leader's identity when it changes
+  (a new leader's first entry wakes the stream) and every 10 s.
 - The watcher's side is `Watcher`: it applies what the stream carries to its
   state machine, exactly once and in order (an entry at or below what it applied
   is skipped, a gap makes it reconnect and ask again), and when its voter goes
@@ -21,6 +22,7 @@ fencing rules of the state machine hold for watchers as for voters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import grpc
 
 from agentd.cluster.raft.storage import RaftStorageError
-from agentd.cluster.raft.types import Entry, EntryKind, Member
+from agentd.cluster.raft.types import Entry, EntryKind, Member, Membership
 from agentd.errors import UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 
 WATCHER_MARKER = "watcher.json"  # in the Raft directory of a watcher: its cluster, and voters to ask first
 FEED_KEEP = 4096  # committed entries a voter keeps for watchers that resume
-LEADER_EVERY = 1.0  # seconds between leader events on an idle stream
+# Seconds between leader events on an idle stream: a keepalive (a change of leader or term is sent at once).
+# At 2,048 watchers a one-second beat was most of the voters' work.
+LEADER_EVERY = 10.0
 
 
 class Applier(Protocol):
@@ -172,11 +176,16 @@ class Watcher:
         self.applied_event = asyncio.Event()
 
     def candidates(self) -> list[str]:
-        """Voters first, each watcher starting at a different one (by its name) so they spread; then seeds."""
-        voters = sorted(m.address for m in self.members.values() if m.voter and m.address)
+        """Voters first, each watcher starting at a different one (by its name) so they spread, the leader last
+        (it has the most to do); then learners, then seeds."""
+        voters = sorted(m.address for m in self.members.values()
+                        if m.voter and m.address and m.id != self.leader_id)
         if voters:
             k = zlib.crc32(self.node_id.encode()) % len(voters)
             voters = voters[k:] + voters[:k]
+        leader = self.members.get(self.leader_id or "")
+        if leader is not None and leader.address:
+            voters.append(leader.address)
         others = sorted(m.address for m in self.members.values() if not m.voter and m.address)
         out = []
         for a in [*voters, *others, *self.seeds]:
@@ -244,6 +253,9 @@ class Watcher:
             except UpgradeRequired as exc:
                 self._stop(exc)
                 return
+        elif e.kind == EntryKind.CONFIG:  # who may be streamed from, as soon as it changes
+            with contextlib.suppress(ValueError):
+                self.members = {m.id: m for m in Membership.decode(e.data).members}
         self.last_applied = e.index
         self.applied_event.set()
 
