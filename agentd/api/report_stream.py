@@ -1,0 +1,111 @@
+"""A host's reports to the leader on one long-lived Agent/ReportStream call (docs/cluster.md, "Liveness by lease").
+
+With one unary Report a second per host, the leader paid a call's setup,
+an inventory comparison and a full report's bookkeeping for each host each
+second. Here a host keeps one stream open to the leader it knows and sends
+on it only what changed since its previous message on that stream: the
+inventory when it changed, the instance states when they changed, else a bare
+renewal of its lease. The leader answers each message with what ReportReply
+always carried (peer restarts, its version and format, join_raft, the cluster
+time). A new stream starts over with everything: the leader remembers nothing
+across streams, so a new leader, a restarted agent or a broken connection
+cannot leave the leader with half a report.
+
+A leader that answers UNIMPLEMENTED (agentd 0.1.0) gets the unary Report: the
+caller asks `unary(address)` and falls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+
+
+class StreamEnded(Exception):
+    """The leader ended the stream without an error status (it is shutting down): open a new one."""
+
+
+@dataclass
+class _Sent:
+    """What the leader has acknowledged on the current stream."""
+
+    inventory_json: str = ""
+    instances: tuple[bytes, ...] | None = None
+    version: tuple[str, int, int, str] | None = None
+
+
+@dataclass
+class ReportStream:
+    node: str
+    address: str
+    timeout: float = 2.0  # for one message's reply; the stream itself has no deadline
+    target: str = ""  # the leader address the open stream goes to
+    _call: Any = None
+    _sent: _Sent = field(default_factory=_Sent)
+    _unary: set[str] = field(default_factory=set)  # leader addresses that answered UNIMPLEMENTED
+    opened: int = 0  # streams opened, for tests and benchmarks
+
+    def unary(self, target: str) -> bool:
+        """Whether the leader at `target` lacks ReportStream (agentd 0.1.0): report with the unary call."""
+        return target in self._unary
+
+    async def send(self, channel: grpc.aio.Channel, target: str, *, inventory_json: str,
+                   instances: Sequence[pb.Instance], version: tuple[str, int, int, str], wall_time: float = 0.0,
+                   activity: Sequence[Any] = ()) -> pb.ReportReply:
+        """Send what changed since the leader's last acknowledgement on the stream to `target` (opening one
+        when there is none to it) and return the leader's reply. Any failure closes the stream, so the next
+        report starts a new one with everything; an UNIMPLEMENTED leader is remembered (`unary`)."""
+        if self._call is None or self.target != target or self._call.done():
+            self.close()
+            self._call = pb_grpc.AgentStub(channel).ReportStream()
+            self.target = target
+            self.opened += 1
+        sent = self._sent
+        m = pb.ReportUpdate(node=self.node, address=self.address, wall_time=wall_time)
+        if inventory_json != sent.inventory_json:
+            m.inventory_json = inventory_json
+        rows = tuple(i.SerializeToString(deterministic=True) for i in instances)
+        if rows != sent.instances:
+            m.instances_changed = True
+            m.instances.extend(instances)
+        if version != sent.version:
+            m.agent_version, m.state_format, m.wire_version, m.upgrade_required = version
+        m.activity.extend(activity)  # the proxy's idle clocks move on every report: not a change to diff
+        call = self._call
+        try:
+            async with asyncio.timeout(self.timeout):
+                await call.write(m)
+                reply = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            self.close()
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._unary.add(target)
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if reply is grpc.aio.EOF:
+            code = await call.code()
+            details = await call.details()
+            self.close()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._unary.add(target)
+            if code != grpc.StatusCode.OK:
+                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+            raise StreamEnded(f"the leader at {target} ended the report stream")
+        self._sent = _Sent(inventory_json, rows, version)
+        return reply
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = None
+        self.target = ""
+        self._sent = _Sent()
