@@ -43,7 +43,8 @@ class Activity:
     @contextmanager
     def track(self, model: str) -> Iterator[None]:
         now = self._clock()
-        if self._on_first is not None and now - self._last.get(model, float("-inf")) >= self._quiet:
+        quiet = not self._in_flight.get(model) and now - self._last.get(model, float("-inf")) >= self._quiet
+        if self._on_first is not None and quiet:
             self._on_first()  # the first request after a quiet spell: report it now, not at the next interval
         self._last[model] = now
         self._in_flight[model] = self._in_flight.get(model, 0) + 1
