@@ -694,14 +694,15 @@ class Daemon:
             rows = [_instance_pb(i) for i in instances]
             address = self.raft.leader_address
             channel = self.channels.get(address)
+            activity = [pb.ModelActivity(deployment=d, idle_seconds=idle, in_flight=n)
+                        for d, (idle, n) in self.activity.snapshot().items()]
             try:
                 if self.report_stream.unary(address):  # an agentd 0.1.0 leader: one Report call per report
                     req = pb.ReportRequest(node=self.node, address=self.s.advertise_address,
                                            inventory_json=inventory_json, instances=rows,
                                            agent_version=me.version, state_format=me.state_format,
                                            wire_version=me.wire_version, upgrade_required=me.upgrade_required,
-                                   activity=[pb.ModelActivity(deployment=d, idle_seconds=idle, in_flight=n)
-                                             for d, (idle, n) in self.activity.snapshot().items()])
+                                           activity=activity)
                     call = pb_grpc.AgentStub(channel).Report(req, timeout=2.0,
                                                              metadata=self.cluster_clock.report_metadata())
                     reply = await unless_leader_moves(call, lambda: self.raft.leader_id)
@@ -710,7 +711,7 @@ class Daemon:
                     reply = await unless_leader_moves(self.report_stream.send(
                         channel, address, inventory_json=inventory_json, instances=rows,
                         version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
-                        wall_time=time.time()), lambda: self.raft.leader_id)
+                        wall_time=time.time(), activity=activity), lambda: self.raft.leader_id)
                     if reply.cluster_time:
                         self.cluster_clock.on_reply(((CLUSTER_TIME_METADATA, repr(reply.cluster_time)),))
             except StreamEnded:

@@ -792,6 +792,9 @@ class AgentService(pb_grpc.AgentServicer):
                 instances = [instance_from_pb(i) for i in m.instances]
                 changed = True
             assert inventory is not None  # the first message carries it
+            # The proxy's idle clocks (issue 21) move on every report: each message carries them whole.
+            self.coordinator.on_activity(node, {a.deployment: (max(0.0, a.idle_seconds), a.in_flight)
+                                                for a in m.activity[:10000]})
             if changed or not self.coordinator.renew(node):
                 restarts = self.accept_report(inventory, instances, agent)
             else:
