@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import time
@@ -18,10 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import pytest
 
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
+from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
 
 pytestmark = pytest.mark.slow
 
@@ -149,5 +152,94 @@ def test_a_0_1_0_host_reports_with_the_unary_call_and_a_new_host_falls_back_to_i
         time.sleep(2 * GRACE)
         assert node_states(c, lead) == {"old": "up", "new": "up", "old2": "up"}
         assert streams_opened(c, lead, "old2") == 0, "agentd 0.1.0 has no report stream: it used Agent/Report"
+    finally:
+        c.stop(drain=False)
+
+
+# ---------------------------------------------------------------------- the protocol, against a real leader
+
+
+def inventory(name: str, rack: str = "a") -> str:
+    return json.dumps(simulated_host(name, gpus=1, labels={"rack": rack}))
+
+
+def first(name: str, rack: str = "a") -> pb.ReportUpdate:
+    return pb.ReportUpdate(node=name, inventory_json=inventory(name, rack), agent_version=AGENT_VERSION,
+                           state_format=STATE_FORMAT, wire_version=WIRE_VERSION, instances_changed=True)
+
+
+def node_of(c: LocalCluster, name: str) -> pb.Node | None:
+    with c.agents["a"].client(timeout=5) as client:
+        return next((n for n in client.call("ListNodes", pb.ListNodesRequest()).nodes if n.name == name), None)
+
+
+class Sender:
+    """One Agent/ReportStream call from this test, a message at a time (a queue feeds the request iterator)."""
+
+    def __init__(self, ch: grpc.Channel):
+        self.q: queue.Queue = queue.Queue()
+        self.replies = ch.stream_stream("/agentd.v1.Agent/ReportStream",
+                                        request_serializer=lambda m: m if isinstance(m, bytes)
+                                        else m.SerializeToString(),
+                                        response_deserializer=pb.ReportReply.FromString)(iter(self.q.get, None),
+                                                                                          timeout=120)
+
+    def send(self, m: pb.ReportUpdate | bytes) -> pb.ReportReply:
+        self.q.put(m)
+        return next(self.replies)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.replies.cancel()
+
+
+def refused(m1: pb.ReportUpdate | bytes, *more: pb.ReportUpdate, ch: grpc.Channel) -> tuple[grpc.StatusCode, str]:
+    s = Sender(ch)
+    try:
+        for m in (m1, *more):
+            s.send(m)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    finally:
+        s.close()
+    return grpc.StatusCode.OK, ""
+
+
+def test_the_leader_keeps_a_lease_on_bare_renewals_takes_changes_and_lets_a_silent_lease_expire(tmp_path):
+    c = LocalCluster(tmp_path / "c", hosts=[simulated_host("a", gpus=1)], node_down_grace=f"{GRACE:g}s")
+    try:
+        c.start()
+        with grpc.insecure_channel(c.agents["a"].listen) as ch:
+            s = Sender(ch)
+            reply = s.send(first("ghost"))
+            assert (reply.leader_id, reply.agent_version, reply.state_format) == ("a", AGENT_VERSION, STATE_FORMAT)
+            assert reply.cluster_time == 0.0  # the message said no wall time
+            wait_for(lambda: node_of(c, "ghost") and node_of(c, "ghost").state == "up", 15, "ghost up")
+            for _ in range(int(3 * GRACE)):  # three leases of bare renewals
+                time.sleep(1.0)
+                s.send(pb.ReportUpdate(wall_time=time.time()))
+            node = node_of(c, "ghost")
+            assert node.state == "up" and json.loads(node.inventory_json)["labels"] == {"rack": "a"}
+            s.send(pb.ReportUpdate(inventory_json=inventory("ghost", rack="b")))  # a change, on the same stream
+            assert json.loads(node_of(c, "ghost").inventory_json)["labels"] == {"rack": "b"}
+            t0 = time.monotonic()  # the stream stays open but says nothing: the lease runs out
+            wait_for(lambda: node_of(c, "ghost").state == "down", 3 * GRACE + 10, "ghost marked down")
+            assert time.monotonic() - t0 >= GRACE - 1.5
+            s.send(pb.ReportUpdate())  # renewed on the same stream: up again
+            wait_for(lambda: node_of(c, "ghost").state == "up", 15, "ghost up again")
+            s.close()
+
+            bad = grpc.StatusCode.INVALID_ARGUMENT
+            code, why = refused(pb.ReportUpdate(node="ghost"), ch=ch)
+            assert code == bad and "first message" in why, why
+            code, why = refused(first("ghost"), pb.ReportUpdate(node="other"), ch=ch)
+            assert code == bad and "speaks for 'ghost', not 'other'" in why, why
+            code, why = refused(first("ghost"), b"\xff\xff\xff", ch=ch)
+            assert code == bad and "not a valid agentd.v1.ReportUpdate" in why, why
+            code, why = refused(first("ghost"), pb.ReportUpdate(inventory_json=inventory("other")), ch=ch)
+            assert code == bad and "carries the inventory of 'other'" in why, why
+            code, why = refused(first("ghost"), pb.ReportUpdate(inventory_json="{}"), ch=ch)
+            assert code == bad and "not a host inventory" in why, why
+            assert node_of(c, "ghost").state == "up"  # garbage changed nothing
     finally:
         c.stop(drain=False)
