@@ -346,6 +346,7 @@ class Fetcher:
                         if ahead > 0:
                             await asyncio.sleep(ahead)
         finally:
+            call.cancel()  # a write that failed (disk full) must not leave the holder streaming
             await loop.run_in_executor(self._pool, out.close)
         if offset != entry.size or h.hexdigest() != entry.sha256:
             await loop.run_in_executor(self._pool, _unlink, partial)
