@@ -33,6 +33,7 @@ from agentd.v1 import control_pb2_grpc as pb_grpc
 from agentd.v1 import raft_pb2 as rpb
 from agentd.v1 import security_pb2 as spb
 from agentd.v1 import security_pb2_grpc as spb_grpc
+from agentd.version import AGENT_VERSION
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -173,6 +174,23 @@ def test_a_host_cannot_readdress_another_member(cluster):
     with cluster.any_client() as cl:
         nodes = {n.name: n.state for n in cl.call("ListNodes", pb.ListNodesRequest()).nodes}
     assert nodes[victim] == "up"
+
+
+def test_a_host_reports_on_its_report_stream_for_itself_only(cluster):
+    lead, follower = leader_and_follower(cluster)
+    victim = next(n for n in cluster.agents if n not in (lead, follower))
+    inv = json.dumps(simulated_host(victim, gpus=1))
+    claim = pb.ReportUpdate(node=victim, inventory_json=inv, agent_version=AGENT_VERSION, instances_changed=True)
+    with channel(cluster.agents[lead].listen, as_node(cluster, follower)) as ch:
+        stream = ch.stream_stream("/agentd.v1.Agent/ReportStream", request_serializer=pb.ReportUpdate.SerializeToString,
+                                  response_deserializer=pb.ReportReply.FromString)
+        code, details = status(lambda: list(stream(iter([claim]), timeout=10)))
+        assert code == DENIED and f"of {follower!r} may not speak for {victim!r}" in details, details
+        # Its own name first, then another host's: the stream speaks for one host.
+        own = pb.ReportUpdate(node=follower, inventory_json=json.dumps(simulated_host(follower, gpus=1)),
+                              agent_version=AGENT_VERSION, instances_changed=True)
+        code, details = status(lambda: list(stream(iter([own, pb.ReportUpdate(node=victim)]), timeout=10)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"not {victim!r}" in details, details
 
 
 def test_the_leader_judges_the_original_caller_of_a_forwarded_call(cluster):
