@@ -425,6 +425,11 @@ class Coordinator:
         if not spec.model.startswith("/"):  # a catalog name: the facts its holders reported, no file opened
             _, info = catalog.resolve(spec.model, self.catalog_hosts())
             return info
+        # An absolute path (deployments of earlier releases): a host whose model directories hold that path
+        # reports its facts, so a leader without the file still plans (after a failover, say).
+        reported = next((m.info for h in self.catalog_hosts() if (m := held_copy(h.models, spec.model))), None)
+        if reported is not None:
+            return reported
         try:
             return await self._inspect(spec.model)
         except InvalidInput as exc:  # the message names the file; say which field it came from
@@ -510,7 +515,8 @@ class Coordinator:
         Freshness: a request is known here once its proxy's host reports (at once on the first request after a
         quiet second, else within the report interval). So nothing is unloaded while a live host's last report
         is older than `idle_report_max_age`, nor while any proxy forwards a request for it, nor before the
-        deployment's current replicas have existed for the idle time under this leader.
+        deployment's current replicas have all been RUNNING for the idle time under this leader (a load
+        slower than the idle time does not unload what was just woken).
         """
         now = self.clock()
         decisions: list[str] = []
@@ -521,12 +527,16 @@ class Coordinator:
         live = {h.name for h in self.live_hosts()}
         stale = sorted(h for h in live if now - self._activity.get(h, (float("-inf"), {}))[0]
                        > self.idle_report_max_age)
+        running = {(i.instance_id, i.part) for i in self.instances() if i.state == "RUNNING"}
         async with self._lock:
             for record in candidates:
                 name, after = record.spec.name, record.spec.idle_unload
-                ids = frozenset(a.instance_id for a in self.state.incarnations_for(name))
+                incarnations = self.state.incarnations_for(name)
+                ids = frozenset(a.instance_id for a in incarnations)
                 seen = self._awake_since.get(name)
-                if seen is None or seen[0] != ids:
+                if seen is None or seen[0] != ids or not all(running.issuperset(
+                        (a.instance_id, k) for k in range(len(a.plan.parts))) for a in incarnations):
+                    # New replicas, or some still loading: the idle time counts from when all of them serve.
                     self._awake_since[name] = seen = (ids, now)
                 last, busy = seen[1], 0
                 for host, (at, acts) in self._activity.items():

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from agentd.api.http import HttpOptions, ModelCard, make_http_app
 from agentd.api.ondemand import Activity, WakeError, Waker
 from agentd.cluster.state import ClusterState, delete_command, deploy_command, idle_command, wake_command
+from agentd.coordinator import InstanceReport
 from agentd.errors import Unplaceable
 from agentd.types import DeploymentSpec
 from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401  (fixtures)
@@ -64,7 +65,13 @@ def test_unloaded_after_its_idle_time_only_when_every_proxy_reported_fresh(place
     _deployed(w, "keep", model=models["tiny"], idle_unload=0)
 
     def tick() -> list[str]:
-        w.report()
+        running: dict[str, list[InstanceReport]] = {}
+        for a in w.state.incarnations():
+            for k, p in enumerate(a.plan.parts):
+                running.setdefault(p.host, []).append(InstanceReport(
+                    instance_id=a.instance_id, deployment=a.deployment, replica=a.replica, generation=a.generation,
+                    part=k, host=p.host, role=p.role, state="RUNNING"))
+        w.report(instances=running)
         return [d for d in asyncio.run(w.coord.tick()) if d.startswith("deployment")]
 
     w.coord.on_activity("a", {})

@@ -7,7 +7,8 @@ the daemon marks an instance ready after its health check passes, and
 removes it when it stops or its host goes down.
 
 Retry rule: a failure to connect (refused, reset, timed out connecting, or
-the server closing before it answered) moves on to the next replica; the
+the server closing before it answered) moves on to the next replica (the same
+one again, after a short pause, when there are fewer replicas than attempts); the
 request has not produced an answer, so trying elsewhere is safe for
 inference. An HTTP answer from the model server, error or not, is passed
 through unchanged: the model has spoken, and retrying a 400 elsewhere would
@@ -117,7 +118,11 @@ class OpenAIProxy:
                       endpoints: Sequence[Endpoint]) -> web.StreamResponse:
         """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`."""
         endpoint_name = request.path.removeprefix("/v1/")
-        candidates = self.balancer.order(model, endpoints)[: self.max_attempts]
+        ordered = self.balancer.order(model, endpoints)
+        # Fewer ready replicas than attempts: the same ones again. A burst of connections to one model server
+        # (the requests held while it woke) can overflow its listen backlog, and such a failure is as safe to
+        # retry as any other before an answer.
+        candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)] if ordered else []
         if not candidates:
             return self._count(model, endpoint_name, openai_error(
                 503, f"model {model!r} has no ready replica right now; retry shortly",
@@ -129,6 +134,8 @@ class OpenAIProxy:
                 return await self._attempt(request, ep, model, endpoint_name, body, payload, started)
             except RETRYABLE as exc:
                 failures.append(f"{ep.instance_id}: {_short(exc)}")
+                if attempt + 1 >= len(ordered):  # a replica tried already: give it a moment
+                    await asyncio.sleep(0.05 * (attempt + 1))
                 log.warning("replica unreachable; trying the next one",
                             extra=fields(model=model, instance=ep.instance_id, attempt=attempt + 1,
                                          error=_short(exc)))
