@@ -154,3 +154,18 @@ def test_model_rm_refuses_a_model_in_use_and_deletes_unused_copies(cluster):
             "results"][0]["bytes"]}]
     assert not (cluster.root / "c" / "models" / "tiny.gguf").exists()
     wait_for(lambda: [m["holders"] for m in catalog(cluster)["models"]] == [["a"]], 30, "only a's copy listed")
+
+
+def test_an_absolute_path_only_a_host_has_is_planned_from_its_report(cluster):
+    """Migration: a deployment by absolute path (as 0.1.0 made them) is placed on the host that reports the file
+    in its model directories; a path no host has is refused as before. (A leader that cannot read the path at
+    all: tests/test_model_fetch_e2e.py.)"""
+    path = str(cluster.root / "a" / "models" / "tiny.gguf")
+    s = pb.DeploymentSpec(name="bypath", model=path, runtime="llamabox", replicas=1)
+    stub(cluster).Deploy(pb.DeployRequest(spec=s), timeout=30)
+    (a,) = json.loads(stub(cluster).Get(pb.GetRequest(name="bypath"), timeout=5).assignments_json)
+    assert a["model"] == path and [p["host"] for p in a["plan"]["parts"]] == ["a"]  # the holder first
+    stub(cluster).Delete(pb.DeleteRequest(name="bypath"), timeout=15)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(cluster).Deploy(pb.DeployRequest(spec=spec("/nowhere/m.gguf", name="nowhere")), timeout=15)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "/nowhere/m.gguf" in err.value.details()

@@ -163,6 +163,17 @@ def test_c_fetches_from_a_and_serves(cluster):
         assert json.loads(r.read())["choices"]
 
 
+@pytest.mark.skipif(not _llama_server(), reason="needs the first test's copy on c")
+def test_an_absolute_path_the_leader_cannot_read_is_planned_from_the_holders_report(cluster):
+    """Migration: c's copy lies in c's own tmpfs, which the leader (b) cannot see; a deployment by that absolute
+    path (as earlier releases made them) is planned from c's report and runs on c."""
+    path = str(cluster.agents["c"].data_dir / "models" / "tiny.gguf")
+    assert not Path(path).exists()  # not from here, nor from b: only inside c's mount namespace
+    deploy(cluster, path, "bypath")
+    wait_for(lambda: (x := part(cluster, "bypath")) and x.state == "RUNNING", 90, "bypath RUNNING on c")
+    stub(cluster).Delete(pb.DeleteRequest(name="bypath"), timeout=15)
+
+
 def test_disk_full_during_a_fetch_is_fatal_and_leaves_nothing(cluster):
     cdir = cluster.agents["c"].data_dir / "models"
     filler = in_c(cluster, cdir / "filler")
