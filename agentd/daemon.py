@@ -1080,7 +1080,12 @@ class _Provider:
         return cards
 
     async def has_ready(self, model: str) -> bool:
-        """A replica of `model` reported RUNNING in every part (what the held requests of a wake wait for)."""
+        """A replica of `model` reported RUNNING in every part (what the held requests of a wake wait for).
+
+        Asked of the leader afresh, not from the proxy's one-second cache: held requests go out as soon as the
+        leader has heard the replica is ready (one call per poll while requests are held)."""
+        if not self.d.raft.is_leader:
+            self.d._routes_cache = (0.0, self.d._routes_cache[1])
         return any(c.id == model and c.ready_replicas for c in await self.models())
 
     async def wake(self, model: str) -> None:
