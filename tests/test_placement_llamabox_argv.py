@@ -252,25 +252,22 @@ def test_what_the_estimate_assumes_is_pinned_in_the_argv(tmp_path):
     assert _flag(box, "--parallel") == str(memory.N_SEQ)
 
 
-def test_extra_args_that_change_the_batching_or_context_are_what_gets_booked():
-    """A deployment's extra args come last on llama-server's command line and win there: the estimate
-    follows them, so booking and argv cannot drift apart."""
-    from agentd_llamabox import memory
-
+def test_the_context_and_batching_booked_are_the_ones_pinned_and_no_extra_arg_can_change_them():
+    """What the estimate assumes is pinned in the argv, and a deployment cannot move it with extra args:
+    those flags are refused at deploy (issue 14), so booking and argv cannot drift apart."""
+    from agentd.errors import InvalidInput
+    from agentd.plugins import PluginManager
     from agentd.types import RuntimeOptions
 
     m = gguf_model(layers=4, layer_bytes=GiB, vocab=32000, kv_heads=8, head_dim=128)
-    base = estimate(m, spec("llamabox", ctx=4096))
-    s = spec("llamabox", ctx=4096)
-    more = s.model_copy(update={"options": RuntimeOptions(ctx_size=4096, extra_args=(
-        "-np", "8", "--ubatch-size=1024", "-c", "16384"))})
-    d = estimate(m, more)
-    assert d.breakdown["ctx_size"] == 16384 and d.breakdown["kv_per_layer"] == 4 * base.breakdown["kv_per_layer"]
-    assert d.breakdown["logits"] == 2 * base.breakdown["logits"]  # 1024 outputs per micro-batch
-    assert memory.batching(("-np", "8", "--ubatch-size=1024")) == memory.Batching(n_ubatch=1024, n_seq=8)
-    assert memory.batching(("-b", "256")) == memory.Batching(n_batch=256, n_ubatch=256)  # capped at the batch
-    assert memory.batching(("-np", "-1")) == memory.Batching()  # auto: llama-server's 4 slots
+    s = spec("llamabox", ctx=16384)
+    d = estimate(m, s)
+    assert d.breakdown["ctx_size"] == 16384
     c = cluster(host("a", gpus=[gpu(0, 80, host="a")]))
-    args = place(c, m, more, plugins=PLUGINS).replicas[0].args
+    args = place(c, m, s, plugins=PLUGINS).replicas[0].args
     got = (_flag(args, "--parallel"), _flag(args, "--ubatch-size"), _flag(args, "--ctx-size"))
-    assert got == ("8", "1024", "16384")
+    assert got == ("4", "512", "16384")
+    for extra in (("-np", "8"), ("--ubatch-size=1024",), ("-c", "32768"), ("--ctx_size", "32768")):
+        bad = s.model_copy(update={"options": RuntimeOptions(ctx_size=16384, extra_args=extra)})
+        with pytest.raises(InvalidInput, match="is set by agentd"):
+            PluginManager.load().check_launch_options(bad)

@@ -63,35 +63,6 @@ class Batching:
     n_seq: int = N_SEQ
 
 
-_FLAGS = {"-b": "n_batch", "--batch-size": "n_batch", "-ub": "n_ubatch", "--ubatch-size": "n_ubatch",
-          "-np": "n_seq", "--parallel": "n_seq"}
-
-
-def flag_value(args: tuple[str, ...] | list[str], flags: tuple[str, ...]) -> str | None:
-    """The last value given to any of `flags` ("--flag v" or "--flag=v"), as llama.cpp's parser keeps it."""
-    found = None
-    for i, x in enumerate(args):
-        name, eq, inline = x.partition("=")
-        if name in flags:
-            if eq:
-                found = inline
-            elif i + 1 < len(args):
-                found = args[i + 1]
-    return found
-
-
-def batching(extra_args: tuple[str, ...] | list[str] = ()) -> Batching:
-    """The defaults, or what a deployment's extra args set instead (they come last on the command line and
-    win there, so the estimate follows them); llama.cpp caps the micro-batch at the batch."""
-    values = {"n_batch": N_BATCH, "n_ubatch": N_UBATCH, "n_seq": N_SEQ}
-    for field_name in set(_FLAGS.values()):
-        raw = flag_value(extra_args, tuple(f for f, n in _FLAGS.items() if n == field_name))
-        if raw is not None and raw.lstrip("-").isdigit() and int(raw) > 0:  # -np -1 is "auto": 4 slots
-            values[field_name] = int(raw)
-    values["n_ubatch"] = min(values["n_ubatch"], values["n_batch"])
-    return Batching(**values)
-
-
 def pinned_args(b: Batching = Batching()) -> tuple[str, ...]:
     """The flags the estimate assumes, for the main server's command line."""
     return ("--flash-attn", "on", "--batch-size", str(b.n_batch), "--ubatch-size", str(b.n_ubatch),

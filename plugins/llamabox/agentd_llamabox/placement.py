@@ -43,11 +43,8 @@ CUDA_CONTEXT = 256 * MiB  # per process and device: CUDA context and cuBLAS work
 
 
 def ctx_size(model: ModelInfo, spec: DeploymentSpec) -> int:
-    """--ctx-size: the deployment's extra args win (they come last on the command line), then its
-    ctx_size, then min(the model's own, 8192)."""
-    raw = memory.flag_value(spec.options.extra_args, ("-c", "--ctx-size"))
-    if raw is not None and raw.isdigit() and int(raw) > 0:
-        return int(raw)
+    """--ctx-size: the deployment's ctx_size, else min(the model's own, 8192). Extra args cannot change it,
+    nor the batching: those flags are agentd's alone (process.RESERVED), so the booking is what runs."""
     return spec.options.ctx_size or min(model.context_length, DEFAULT_CTX)
 
 
@@ -61,7 +58,7 @@ def _layer_weights(model: ModelInfo) -> tuple[int, ...]:
 def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> LayerDemand:
     """The layer-split demand for a full or partial offload (agentd_llamabox.memory has the terms)."""
     ctx = ctx_size(model, spec)
-    mem = memory.llama_cpp_memory(model, ctx, memory.batching(spec.options.extra_args))
+    mem = memory.llama_cpp_memory(model, ctx, memory.Batching())
     layers = tuple(w + kv for w, kv in zip(_layer_weights(model), mem.kv_per_layer, strict=True))
     nr = model.non_repeating_bytes
     norm = nr.get("output_norm", 0)
@@ -140,6 +137,6 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
         args += ["--tensor-split", ",".join(map(str, split))]
     # What the estimate assumes (batch sizes, slots, flash attention); extra args that change them are
     # followed by the estimate and repeated here the same.
-    args += memory.pinned_args(memory.batching(spec.options.extra_args))
+    args += memory.pinned_args(memory.Batching())
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
     return LaunchParams(args=tuple(args), env=env)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_llamabox.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
-from agentd_llamabox.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
 from agentd_llamabox.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
