@@ -239,3 +239,42 @@ def test_the_copy_the_snapshot_rpc_serialises_off_the_loop_is_not_changed_by_lat
     state.apply(index + 2, 2, node_command("host-1", "down"))
     assert "model-0" not in state.deployments and state.nodes["host-1"].state == "down"
     assert frozen.snapshot() == expected
+
+
+async def test_a_restored_node_leads_with_the_state_and_refuses_members_of_the_old_cluster(tmp_path):
+    """The restored agent's Raft node starts on the seeded directory as the one voter, with the backup's
+    state, and a message stamped with the old cluster's id (an old member still running) is refused."""
+    import grpc
+
+    from agentd.cluster.raft import RaftNode, RaftOptions
+    from agentd.cluster.raft.codec import encode
+    from agentd.cluster.raft.types import VoteRequest
+    from agentd.testing.localcluster import free_port
+
+    state = _state(4)
+    path = _file(tmp_path, state)
+    addr = f"127.0.0.1:{free_port()}"
+    out = backup.seed_data_dir(path, tmp_path / "d", node_id="n1", address=addr)
+    restored = ClusterState()
+    node = RaftNode("n1", addr, tmp_path / "d", restored, options=RaftOptions(election_timeout_min=0.3,
+                                                                             election_timeout_max=0.6,
+                                                                             heartbeat_interval=0.05))
+    await node.start()
+    try:
+        await node.wait_for_leader(timeout=10)
+        assert node.is_leader and node.cluster_id == out["cluster_id"]
+        assert sorted(restored.deployments) == sorted(state.deployments)
+        assert restored.api_keys == state.api_keys and restored.cluster_secret == state.cluster_secret
+        assert node.term > state.last_term  # a new term: nothing of the old cluster's terms can win a vote here
+        await node.read_barrier(timeout=5)
+        term = node.term
+        (vote,) = encode(VoteRequest(term=node.term + 5, sender="old-b", to="n1", last_index=10**6,
+                                     last_term=node.term + 4), "old-cluster")
+        async with grpc.aio.insecure_channel(addr) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await ch.stream_unary("/agentd.v1.Raft/Send")(iter([vote.SerializeToString()]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "message from cluster old-cluster" in refused.value.details()
+        assert node.is_leader and node.term == term  # the old member's vote, with a higher term, moved nothing
+    finally:
+        await node.stop()
