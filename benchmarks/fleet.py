@@ -7,7 +7,12 @@ pinned to CPU 0 with taskset; a simulator process pinned to CPU 1 runs HOSTS
 simulated hosts in one asyncio loop, each with the real code a watcher host
 runs: a Raft Join that makes it a watcher, agentd.cluster.raft.watch.Watcher
 following a voter's Watch stream into its own ClusterState, and a Report to
-the leader every --report-every seconds with an 8-GPU simulated inventory.
+the leader every --report-every seconds with an 8-GPU simulated inventory:
+on one Agent/ReportStream per host with the daemon's client
+(agentd/api/report_stream.py; a bare lease renewal once the first message
+carried the inventory), or with --report unary one Agent/Report call per report
+(how agentd 0.1.0 and this release before the stream reported); --report both
+runs each at every size.
 
 For each size: the leader's CPU (% of one core, psutil over --measure seconds
 of steady state), and how many simulated hosts the leader counts as up. With
@@ -36,14 +41,16 @@ from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 
 SIMULATOR = r'''
-import asyncio, json, os, sys
+import asyncio, json, os, sys, time
 import grpc
+from agentd.api.report_stream import ReportStream, StreamEnded
 from agentd.cluster.state import ClusterState
 from agentd.cluster.raft.watch import Watcher
 from agentd.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc, raft_pb2 as rpb, raft_pb2_grpc as rpb_grpc
 from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
 
 seeds, n, every, out = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+mode = sys.argv[5] if len(sys.argv) > 5 else "stream"
 
 def inventory(name):
     g = 80 * 2**30
@@ -73,17 +80,22 @@ async def _host(i, channels, stats):
     stats["watchers"].append(w)
     asyncio.get_running_loop().create_task(w.run())
     inv = inventory(name)
+    rs = ReportStream(name, f"127.0.0.2:{20000 + i}", timeout=5.0)  # the daemon's report client
     await asyncio.sleep(every * (i / n))  # spread the reports over the period
     while True:
         if w.leader_address:
             ch = channels[seeds.index(w.leader_address) % len(channels)] if w.leader_address in seeds else None
             if ch is not None:
                 try:
-                    await pb_grpc.AgentStub(ch).Report(pb.ReportRequest(node=name, address=f"127.0.0.2:{20000 + i}",
-                        inventory_json=inv, agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
-                        wire_version=WIRE_VERSION), timeout=5)
+                    if mode == "unary":  # agentd 0.1.0's report: one call per report, the whole inventory each time
+                        await pb_grpc.AgentStub(ch).Report(pb.ReportRequest(node=name,
+                            address=f"127.0.0.2:{20000 + i}", inventory_json=inv, agent_version=AGENT_VERSION,
+                            state_format=STATE_FORMAT, wire_version=WIRE_VERSION), timeout=5)
+                    else:
+                        await rs.send(ch, w.leader_address, inventory_json=inv, instances=[],
+                                      version=(AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, ""), wall_time=time.time())
                     stats["reports"] += 1
-                except grpc.aio.AioRpcError:
+                except (grpc.aio.AioRpcError, StreamEnded, TimeoutError):
                     stats["failed"] += 1
         await asyncio.sleep(every)
 
@@ -127,7 +139,7 @@ def read(path: Path) -> dict:
         return {}
 
 
-def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: bool) -> dict:
+def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: bool, report: str = "stream") -> dict:
     taskset = shutil.which("taskset")
     c = LocalCluster(root, hosts=[simulated_host(n, gpus=8, gpu_gib=80) for n in ("v1", "v2", "v3")],
                      max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning"})
@@ -140,7 +152,7 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         out = root / "sim.json"
         seeds = [a.listen for a in c.agents.values()]
         if hosts:
-            argv = [sys.executable, "-c", SIMULATOR, json.dumps(seeds), str(hosts), str(every), str(out)]
+            argv = [sys.executable, "-c", SIMULATOR, json.dumps(seeds), str(hosts), str(every), str(out), report]
             if taskset:
                 argv = [taskset, "-c", "1", *argv]
             sim = subprocess.Popen(argv, stderr=open(root / "sim.log", "wb"), env={**os.environ})  # noqa: SIM115
@@ -154,7 +166,7 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         cpu = cpu_percent(c.agents[leader].proc.pid, measure)
         with c.agents[leader].client(timeout=30) as client:
             nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
-        row = {"hosts": hosts, "leader_cpu_percent": round(cpu, 1),
+        row = {"hosts": hosts, "report": report, "leader_cpu_percent": round(cpu, 1),
                "hosts_up": sum(1 for n in nodes if n.state == "up" and n.name.startswith("sim-")),
                "report_failures": read(out).get("failed", 0) if hosts else 0}
         if kill_leader and hosts:
@@ -185,12 +197,18 @@ def main() -> None:
     ap.add_argument("--report-every", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=30.0)
     ap.add_argument("--kill-leader", action="store_true")
+    ap.add_argument("--report", default="stream",
+                    help="stream (Agent/ReportStream, this release), unary (Agent/Report, as agentd 0.1.0), "
+                         "or both, one after the other at each size")
     args = ap.parse_args()
     rows = []
+    modes = ["unary", "stream"] if args.report == "both" else [args.report]
     with tempfile.TemporaryDirectory() as d:
         for n in (int(x) for x in args.hosts.split(",")):
-            rows.append(one_size(Path(d) / f"n{n}", n, args.report_every, args.measure, args.kill_leader))
-            print(json.dumps(rows[-1]), flush=True)
+            for mode in modes:
+                rows.append(one_size(Path(d) / f"n{n}-{mode}", n, args.report_every, args.measure,
+                                     args.kill_leader, mode))
+                print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"rows": rows}, indent=2))
 
 
