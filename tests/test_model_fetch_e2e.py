@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -77,7 +78,8 @@ def cluster(tmp_path_factory):
     base = 23000 + (os.getpid() % 90) * 100
     c = LocalCluster(root, hosts=[simulated_host("b", gpus=1, gpu_gib=24),
                                   simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
-                                  simulated_host("c", gpus=1, gpu_gib=24, used_gib=4)],  # binpack: c before b
+                                  simulated_host("c", gpus=1, gpu_gib=24, used_gib=4),  # binpack: c before b
+                                  simulated_host("d", gpus=1, gpu_gib=24, used_gib=23.9)],  # a second holder
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"},
                      agent_env={"a": {"AGENTD_MODEL_DIRS": f"{root / 'a' / 'models'},{root / 'a' / 'hub'}"},
                                 "c": {"AGENTD_MODEL_FETCH_RATE": str(16 * MiB),
@@ -88,6 +90,9 @@ def cluster(tmp_path_factory):
     write_tiny_llama_gguf(models_a / "odd.gguf", seed=3)
     padded(models_a / "fill.gguf", 40 * MiB, seed=4)
     padded(models_a / "big.gguf", 48 * MiB, seed=5)
+    padded(models_a / "big2.gguf", 48 * MiB, seed=6)
+    (root / "d" / "models").mkdir(parents=True)
+    shutil.copy(models_a / "big2.gguf", root / "d" / "models" / "big2.gguf")
     hf_cache_model(root / "a" / "hub", "org/tiny-hf", {"config.json": HF_CONFIG, "tokenizer.json": b"{}"})
     (root / "a" / "models" / "wide").mkdir()  # 20 GiB by its config (no weights on disk): two GPUs at 55%
     (root / "a" / "models" / "wide" / "config.json").write_bytes(WIDE_CONFIG)
@@ -98,7 +103,7 @@ def cluster(tmp_path_factory):
     try:
         c.start()
         c.wait_for_inventories()
-        wait_for(lambda: len(usable_on(c, "a")) == 6, 60, "a's six models hashed")
+        wait_for(lambda: len(usable_on(c, "a")) == 7 and usable_on(c, "d"), 60, "a's and d's models hashed")
         yield c
     finally:
         c.stop()
@@ -246,6 +251,7 @@ def test_kill_9_of_the_only_holder_during_a_fetch(cluster):
     cdir = in_c(cluster, cluster.agents["c"].data_dir / "models")
     assert not (cdir / "big.gguf").exists()
     assert not [p for p in cdir.iterdir() if p.name.startswith(".fetch-")]
+    stub(cluster).Delete(pb.DeleteRequest(name="big"), timeout=15)  # its 48 MiB are no longer promised on c
 
 
 @pytest.mark.skipif(not _llama_server(), reason="llama-server is not installed (scripts/bootstrap)")
@@ -276,3 +282,20 @@ def test_in_a_secure_cluster_the_copy_goes_over_mtls_with_node_certificates(tmp_
         assert (c.agents["c"].data_dir / "models" / "tiny.gguf").read_bytes() == model.read_bytes()
     finally:
         c.stop()
+
+
+@pytest.mark.skipif(not _llama_server(), reason="llama-server is not installed (scripts/bootstrap)")
+def test_kill_9_of_one_holder_during_a_fetch_resumes_from_the_other(cluster):
+    """big2 is on a and d. a (restarted after the test above) serves the first attempt; killed mid-file, the
+    fetch resumes from d at the offset it reached, verifies the whole file and the part runs."""
+    cluster.start_agent("a")
+    wait_for(lambda: "big2" in usable_on(cluster, "a"), 60, "a back, reporting big2")
+    wait_for(lambda: reported_free(cluster, "c") > 50 * MiB, 30, "c reporting its room")
+    deploy(cluster, "big2", "big2")
+    wait_for(lambda: (x := part(cluster, "big2")) and x.state == "FETCHING" and "%" in x.reason
+             and not x.reason.startswith("0%"), 60, "big2 FETCHING with progress")
+    cluster.kill("a")
+    wait_for(lambda: (x := part(cluster, "big2")) and x.state == "RUNNING", 90, "big2 RUNNING on c")
+    copy = in_c(cluster, cluster.agents["c"].data_dir / "models" / "big2.gguf")
+    assert copy.read_bytes() == (cluster.root / "d" / "models" / "big2.gguf").read_bytes()
+    assert "resuming" in cluster.agents["c"].log_file.read_text()
