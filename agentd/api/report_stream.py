@@ -12,12 +12,15 @@ across streams, so a new leader, a restarted agent or a broken connection
 cannot leave the leader with half a report.
 
 A leader that answers UNIMPLEMENTED (agentd 0.1.0) gets the unary Report: the
-caller asks `unary(address)` and falls back.
+caller asks `unary(address)` and falls back, for `UNARY_RETRY` seconds; then the
+stream is tried again, so a leader upgraded in place at the same address gets
+streams again without restarting its hosts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,8 @@ import grpc
 
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+
+UNARY_RETRY = 60.0  # seconds a leader that answered UNIMPLEMENTED gets unary reports before the stream is tried again
 
 
 class StreamEnded(Exception):
@@ -49,12 +54,16 @@ class ReportStream:
     target: str = ""  # the leader address the open stream goes to
     _call: Any = None
     _sent: _Sent = field(default_factory=_Sent)
-    _unary: set[str] = field(default_factory=set)  # leader addresses that answered UNIMPLEMENTED
+    _unary: dict[str, float] = field(default_factory=dict)  # leader address -> until when it gets unary reports
     opened: int = 0  # streams opened, for tests and benchmarks
 
     def unary(self, target: str) -> bool:
         """Whether the leader at `target` lacks ReportStream (agentd 0.1.0): report with the unary call."""
-        return target in self._unary
+        until = self._unary.get(target)
+        if until is not None and time.monotonic() >= until:
+            del self._unary[target]
+            return False
+        return until is not None
 
     async def send(self, channel: grpc.aio.Channel, target: str, *, inventory_json: str,
                    instances: Sequence[pb.Instance], version: tuple[str, int, int, str], wall_time: float = 0.0,
@@ -81,12 +90,15 @@ class ReportStream:
         call = self._call
         try:
             async with asyncio.timeout(self.timeout):
-                await call.write(m)
+                try:
+                    await call.write(m)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    pass  # the call had ended (grpc says INTERNAL here): its status, read below, says how
                 reply = await call.read()
         except grpc.aio.AioRpcError as exc:
             self.close()
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._unary.add(target)
+                self._unary[target] = time.monotonic() + UNARY_RETRY
             raise
         except BaseException:
             self.close()
@@ -96,7 +108,7 @@ class ReportStream:
             details = await call.details()
             self.close()
             if code == grpc.StatusCode.UNIMPLEMENTED:
-                self._unary.add(target)
+                self._unary[target] = time.monotonic() + UNARY_RETRY
             if code != grpc.StatusCode.OK:
                 raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
             raise StreamEnded(f"the leader at {target} ended the report stream")

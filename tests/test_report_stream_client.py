@@ -1,0 +1,126 @@
+"""The host's side of Agent/ReportStream (agentd/api/report_stream.py) against real gRPC servers on loopback.
+
+What a message carries (everything first, then only changes, else a bare renewal; everything again on a new
+stream), a new stream when the leader's address changes or the stream broke, and the fallback to the unary
+Report for a leader without the method (agentd 0.1.0), tried again after UNARY_RETRY.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from agentd.api import report_stream
+from agentd.api.report_stream import ReportStream, StreamEnded
+from agentd.v1 import control_pb2 as pb
+
+VERSION = ("0.2.0", 2, 2, "")
+
+
+class Leader:
+    """A gRPC server whose ReportStream records every message and answers each; `end_after` ends streams."""
+
+    def __init__(self, *, streams: bool = True, end_after: int = 0):
+        self.messages: list[list[pb.ReportUpdate]] = []  # per stream
+        self.end_after = end_after
+        self.server = grpc.aio.server()
+        handlers = {}
+        if streams:
+            handlers["ReportStream"] = grpc.stream_stream_rpc_method_handler(
+                self._stream, request_deserializer=pb.ReportUpdate.FromString,
+                response_serializer=pb.ReportReply.SerializeToString)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("agentd.v1.Agent", handlers),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    async def _stream(self, requests, context):
+        mine: list[pb.ReportUpdate] = []
+        self.messages.append(mine)
+        async for m in requests:
+            mine.append(m)
+            yield pb.ReportReply(leader_id="L", agent_version="0.2.0", state_format=2, cluster_time=123.5)
+            if self.end_after and len(mine) >= self.end_after:
+                return
+
+
+def inv(rack: str) -> str:
+    return json.dumps({"name": "h", "labels": {"rack": rack}})
+
+
+async def send(rs: ReportStream, ch: grpc.aio.Channel, target: str, rack: str = "a",
+               instances: list[pb.Instance] | None = None) -> pb.ReportReply:
+    return await rs.send(ch, target, inventory_json=inv(rack), instances=instances or [], version=VERSION,
+                         wall_time=1.0)
+
+
+async def test_everything_first_then_only_changes_and_everything_again_on_a_new_stream():
+    leader, other = Leader(), Leader()
+    await leader.server.start()
+    await other.server.start()
+    rs = ReportStream("h", "127.0.0.1:1")
+    try:
+        async with grpc.aio.insecure_channel(leader.address) as ch, grpc.aio.insecure_channel(other.address) as ch2:
+            reply = await send(rs, ch, leader.address)
+            assert (reply.leader_id, reply.cluster_time) == ("L", 123.5)
+            await send(rs, ch, leader.address)  # nothing changed: a bare renewal
+            await send(rs, ch, leader.address, rack="b")  # the inventory changed
+            part = pb.Instance(instance_id="d-r0", state="RUNNING")
+            await send(rs, ch, leader.address, rack="b", instances=[part])
+            await send(rs, ch, leader.address, rack="b", instances=[])  # none now: not the same as unchanged
+            assert len(leader.messages) == 1 and rs.opened == 1
+            first, bare, changed_inv, changed_inst, emptied = leader.messages[0]
+            assert first.node == "h" and first.inventory_json == inv("a") and first.instances_changed
+            assert (first.agent_version, first.state_format, first.wire_version) == ("0.2.0", 2, 2)
+            assert first.wall_time == 1.0
+            assert bare == pb.ReportUpdate(node="h", address="127.0.0.1:1", wall_time=1.0)
+            assert changed_inv.inventory_json == inv("b") and not changed_inv.instances_changed
+            assert not changed_inv.agent_version
+            assert changed_inst.instances_changed and list(changed_inst.instances) == [part]
+            assert not changed_inst.inventory_json
+            assert emptied.instances_changed and not emptied.instances
+
+            await send(rs, ch2, other.address, rack="b")  # the leader moved: a new stream, everything on it
+            assert rs.opened == 2 and len(other.messages) == 1
+            (m,) = other.messages[0]
+            assert m.inventory_json == inv("b") and m.instances_changed and m.agent_version == "0.2.0"
+    finally:
+        await leader.server.stop(None)
+        await other.server.stop(None)
+
+
+async def test_a_stream_the_leader_ended_is_replaced_by_a_new_one_that_says_everything():
+    leader = Leader(end_after=2)
+    await leader.server.start()
+    rs = ReportStream("h", "127.0.0.1:1")
+    try:
+        async with grpc.aio.insecure_channel(leader.address) as ch:
+            await send(rs, ch, leader.address)
+            await send(rs, ch, leader.address)
+            # grpc reports a write to a call its server ended as INTERNAL, or the read finds the end
+            with pytest.raises((StreamEnded, grpc.aio.AioRpcError)):
+                await send(rs, ch, leader.address)
+            await send(rs, ch, leader.address)
+            assert [len(s) for s in leader.messages] == [2, 1]
+            assert leader.messages[1][0].inventory_json == inv("a"), "a new stream starts with everything"
+    finally:
+        await leader.server.stop(None)
+
+
+async def test_a_leader_without_the_stream_gets_unary_reports_until_the_retry(monkeypatch):
+    leader = Leader(streams=False)
+    await leader.server.start()
+    rs = ReportStream("h", "127.0.0.1:1")
+    clock = [1000.0]
+    monkeypatch.setattr(report_stream.time, "monotonic", lambda: clock[0])
+    try:
+        async with grpc.aio.insecure_channel(leader.address) as ch:
+            assert not rs.unary(leader.address)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await send(rs, ch, leader.address)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert rs.unary(leader.address) and not rs.unary("127.0.0.1:2")
+            clock[0] += report_stream.UNARY_RETRY + 1  # upgraded in place, maybe: try the stream again
+            assert not rs.unary(leader.address)
+    finally:
+        await leader.server.stop(None)
