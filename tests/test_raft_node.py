@@ -348,3 +348,37 @@ async def test_node_restarted_on_a_new_address_is_readdressed(cluster):
     await cluster.until(lambda: leader.members["n3"].address == cluster.addr["n3"], what="new address recorded")
     await leader.propose(b"y")
     await cluster.until(lambda: moved.sm.items == [b"x", b"y"], what="replication to the new address")
+
+
+async def test_a_state_machine_that_snapshots_later_is_compacted_off_the_loop_and_restarts_from_it(tmp_path):
+    """ClusterState serialises its snapshot in a worker thread (10,000 deployments take seconds): the log is
+    compacted once that finishes, at the index taken, and a restart reads the state back from it."""
+    from agentd.cluster.state import ClusterState, node_command
+
+    opts = RaftOptions(**{**FAST.__dict__, "snapshot_threshold": 20})
+    addr = f"127.0.0.1:{free_port()}"
+    st = ClusterState()
+    node = RaftNode("n1", addr, tmp_path, st, options=opts)
+    await node.start()
+    try:
+        await node.wait_for_leader(10)
+        for i in range(45):
+            await node.propose(node_command(f"h{i}", "up"))
+        for _ in range(100):
+            if node.core.log.snap_index >= 20:
+                break
+            await asyncio.sleep(0.05)
+        assert node.core.log.snap_index >= 20 and not node._compacting
+    finally:
+        await node.stop(graceful=False)
+    again = ClusterState()
+    node = RaftNode("n1", addr, tmp_path, again, options=opts)
+    await node.start()
+    try:
+        for _ in range(100):
+            if len(again.nodes) == 45:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(again.nodes) == sorted(st.nodes)
+    finally:
+        await node.stop(graceful=False)

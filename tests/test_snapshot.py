@@ -228,17 +228,18 @@ def test_save_destroy_every_data_dir_restore_and_everything_is_there(tmp_path):
 
 
 def test_the_copy_the_snapshot_rpc_serialises_off_the_loop_is_not_changed_by_later_applies():
-    from agentd.api.control import _state_copy
     from agentd.cluster.state import delete_command, node_command
 
     state = _state(5)
     expected = state.snapshot()
-    frozen = _state_copy(state)
+    frozen = state.frozen_copy()
+    serialise_later = state.snapshot_later()  # what Raft compaction serialises in a worker thread
     index = state.last_index
     state.apply(index + 1, 2, delete_command("model-0"))
     state.apply(index + 2, 2, node_command("host-1", "down"))
     assert "model-0" not in state.deployments and state.nodes["host-1"].state == "down"
     assert frozen.snapshot() == expected
+    assert serialise_later() == expected
 
 
 async def test_a_restored_node_leads_with_the_state_and_refuses_members_of_the_old_cluster(tmp_path):

@@ -96,6 +96,24 @@ def test_a_new_field_in_use_needs_its_format_and_an_older_reader_gets_it_left_ou
     assert "parallelism" not in formats.dump(s, 1)
 
 
+def test_every_field_added_after_0_1_0_is_left_out_at_its_default_by_pydantic_too():
+    """formats.dump hands a value to pydantic's own dump when the reader knows every field: that is only right
+    if each versioned field drops its default itself (exclude_if), as 0.1.0's readers need."""
+    import inspect
+
+    from agentd import types
+
+    models = [m for _, m in inspect.getmembers(types, inspect.isclass)
+              if issubclass(m, types.BaseModel) and m.__module__ == types.__name__]
+    versioned = [(m.__name__, n) for m in models for n, f in m.model_fields.items()
+                 if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("since_format", 1) > 1]
+    assert ("DeploymentSpec", "parallelism") in versioned
+    for model_name, field_name in versioned:
+        f = getattr(types, model_name).model_fields[field_name]
+        assert f.exclude_if is not None and f.exclude_if(f.get_default(call_default_factory=True)), \
+            f"{model_name}.{field_name} is since_format > 1 but is written at its default"
+
+
 def test_an_inventory_from_a_newer_agent_loses_only_the_fields_this_one_does_not_know():
     inv = {"name": "a", "gpus": [{"index": 0, "uuid": "GPU-0", "memory_total": 10, "memory_used": 1,
                                   "from_the_future": {"x": 1}}], "also_new": [1, 2]}

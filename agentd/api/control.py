@@ -10,8 +10,6 @@ UNAVAILABLE, which clients retry).
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import json
 import logging
 import time
@@ -492,7 +490,7 @@ class ControlService(pb_grpc.ControlServicer):
                 async with asyncio.timeout(SNAPSHOT_CATCH_UP):
                     while self.raft.last_applied < index:
                         await asyncio.sleep(0.01)
-            frozen = _state_copy(self.state)  # one step of the loop: no entry is applied while it is taken
+            frozen = self.state.frozen_copy()  # one step of the loop: no entry is applied while it is taken
             index, term = frozen.last_index, frozen.last_term
             # Serialising 10,000 deployments takes seconds (benchmarks/snapshot.py): off the loop, so the
             # leader's heartbeats go on meanwhile.
@@ -577,30 +575,6 @@ class ControlService(pb_grpc.ControlServicer):
             return member.address
         rec = self.state.nodes.get(host)
         return rec.address if rec else ""
-
-
-def _state_copy(state: ClusterState) -> ClusterState:
-    """A copy of `state` that later applies do not change, cheap enough to take on the event loop.
-
-    Containers are copied one level deep and mutable records (dataclasses that apply updates in place) are
-    copied; values inside them are immutable (pydantic values, frozen records) and shared.
-    """
-    clone = copy.copy(state)
-    for name, value in vars(state).items():
-        if isinstance(value, dict):
-            setattr(clone, name, {k: _record_copy(v) for k, v in value.items()})
-        elif isinstance(value, (list, set)):
-            setattr(clone, name, type(value)(_record_copy(v) for v in value))
-    clone._listeners = []
-    return clone
-
-
-def _record_copy(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not value.__dataclass_params__.frozen:
-        return copy.copy(value)
-    if isinstance(value, (dict, list, set)):
-        return copy.copy(value)
-    return value
 
 
 def add_services(server: grpc.aio.Server, control: ControlService, agent: AgentService) -> None:

@@ -22,6 +22,8 @@ the leader with a `cluster.format` entry; nothing newer is proposed before that
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -491,6 +493,24 @@ class ClusterState(MaintenanceState):
 
     # ------------------------------------------------------------------ snapshots
 
+    def frozen_copy(self) -> ClusterState:
+        """A copy that later applies do not change, cheap enough to take on the event loop: containers are
+        copied one level deep and mutable records (dataclasses updated in place) are copied; the values inside
+        them are immutable (pydantic values, frozen records) and shared. Serialise it in a worker thread."""
+        clone = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, dict):
+                setattr(clone, name, {k: _record_copy(v) for k, v in value.items()})
+            elif isinstance(value, (list, set)):
+                setattr(clone, name, type(value)(_record_copy(v) for v in value))
+        clone._listeners = []
+        return clone
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        """`snapshot` of this moment, to call later (in a worker thread): 10,000 deployments take a second or
+        more to serialise, which on the event loop would stall heartbeats (Raft compaction uses this)."""
+        return self.frozen_copy().snapshot
+
     def snapshot(self) -> bytes:
         return json.dumps({
             # The format a reader needs: the state may hold anything the cluster's format allows.
@@ -551,6 +571,14 @@ class ClusterState(MaintenanceState):
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self._maintenance_restore(raw)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
+
+
+def _record_copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not value.__dataclass_params__.frozen:
+        return copy.copy(value)
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    return value
 
 
 # ---------------------------------------------------------------------- command builders

@@ -196,6 +196,7 @@ class RaftNode:
         # Why this node stopped applying (an entry or snapshot of a newer state format): it keeps voting and
         # storing the log, so a quorum holds, and applies again once restarted on a newer agentd.
         self.upgrade_required = ""
+        self._compacting = False  # a snapshot of the state machine is being serialised in a worker thread
         # Why this node stopped for good (its storage failed, or the loop crashed): it must say nothing more,
         # and the daemon exits so the service manager restarts it (docs/cluster.md, "A member that cannot persist").
         self.fatal = ""
@@ -681,13 +682,31 @@ class RaftNode:
 
     def _maybe_snapshot(self) -> None:
         core = self.core
-        if self._last_applied - core.log.snap_index < self.options.snapshot_threshold:
+        if self._compacting or self._last_applied - core.log.snap_index < self.options.snapshot_threshold:
             return
         if self._last_applied > core.log.applied:
             return
-        data = self.sm.snapshot()
-        core.compact(self._last_applied, data)
-        log.info("compacted the raft log", extra=fields(node=self.id, index=self._last_applied, bytes=len(data)))
+        index = self._last_applied
+        later = getattr(self.sm, "snapshot_later", None)
+        if later is None:
+            self._compact(index, self.sm.snapshot())
+            return
+        serialise = later()  # this moment's state, taken now; serialised off the loop (heartbeats go on)
+        self._compacting = True
+
+        async def compact() -> None:
+            try:
+                data = await asyncio.to_thread(serialise)
+                if self.core is core and core.log.snap_index < index <= core.log.applied:
+                    self._compact(index, data)
+            finally:
+                self._compacting = False
+
+        self._tasks.append(asyncio.get_running_loop().create_task(compact(), name=f"raft-compact-{self.id}"))
+
+    def _compact(self, index: int, data: bytes) -> None:
+        self.core.compact(index, data)
+        log.info("compacted the raft log", extra=fields(node=self.id, index=index, bytes=len(data)))
         self._kick()
 
     def _on_soft_state(self, rd: Ready) -> None:
