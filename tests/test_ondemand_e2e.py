@@ -173,3 +173,32 @@ def test_idle_unload_then_wake_on_request_anywhere(tmp_path):
         assert any("could not wake an idle deployment" in text and "cordoned" in text for _, text in c.logs())
     finally:
         c.stop()
+
+
+def test_in_a_secure_cluster_a_follower_wakes_it_with_its_node_certificate(tmp_path):
+    """With TLS and authentication on, the follower's proxy calls Control/Wake on the leader as a node."""
+    from agentd.v1 import security_pb2 as spb
+
+    model = write_tiny_llama_gguf(tmp_path / "small.gguf")
+    base = 24000 + (os.getpid() % 80) * 100 + 50
+    c = LocalCluster(tmp_path / "s", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in HOSTS], secure=True,
+                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    try:
+        c.start()
+        c.wait_for_inventories()
+        leader = c.wait_for_leader()[0]
+        via = next(h for h in HOSTS if h != leader)
+        with c.agents[leader].client() as cl:
+            key = cl.call("CreateApiKey", spb.CreateApiKeyRequest(tenant="default")).key
+            cl.call("Deploy", pb.DeployRequest(spec=pb.DeploymentSpec(
+                name="m", model=str(model), runtime="llamabox", replicas=1, idle_unload=2.0,
+                options=pb.RuntimeOptions(ctx_size=256))))
+            wait_for(lambda: cl.call("Get", pb.GetRequest(name="m")).idle, 60, "m unloaded")
+        body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4}).encode()
+        req = urllib.request.Request(f"http://{c.agents[via].http_listen}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200 and isinstance(json.loads(r.read())["choices"][0]["text"], str)
+        assert woken_lines(c, "m") == 1
+    finally:
+        c.stop()
