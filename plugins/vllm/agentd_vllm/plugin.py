@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_vllm.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
-from agentd_vllm.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
 from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
