@@ -906,7 +906,7 @@ class Daemon:
                               header_timeout=self.s.http_header_timeout)
         provider = _Provider(self)
         waker = Waker(wake=provider.wake, ready=provider.has_ready, timeout=self.s.wake_timeout,
-                      queue=self.s.wake_queue)
+                      queue=self.s.wake_queue, metrics=self.metrics)
         app = make_http_app(provider, metrics=self.metrics, options=options, waker=waker, activity=self.activity)
         self._http = http_runner(app, options, access_log=None)
         await self._http.setup()

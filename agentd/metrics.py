@@ -84,6 +84,14 @@ class Metrics:
         self.proxy_retries = Counter("agentd_proxy_retries", "Replicas skipped after a connection failure.",
                                      ["model"], registry=r)
         self.proxy_in_flight = Gauge("agentd_proxy_in_flight", "Requests being proxied now.", ["model"], registry=r)
+        # Serving on demand (docs/on-demand.md)
+        self.requests_held = Gauge("agentd_requests_held", "/v1/ requests held while their model wakes.", ["model"],
+                                   registry=r)
+        self.wake_seconds = Histogram("agentd_wake_hold_seconds",
+                                      "How long a /v1/ request was held for its model to wake and load.",
+                                      ["model"], buckets=PROXY_BUCKETS, registry=r)
+        self.wakes = Counter("agentd_wakes", "Wake calls this agent's proxy made, by result (woken | failed).",
+                             ["model", "result"], registry=r)
 
     # ------------------------------------------------------------ Raft
 

@@ -219,3 +219,26 @@ def test_the_http_app_holds_a_request_for_an_idle_model_and_answers_503_in_opena
 async def _false() -> bool:
     return False
 
+
+
+def test_held_requests_and_wakes_are_metrics():
+    from agentd.metrics import Metrics
+
+    metrics = Metrics("n")
+
+    async def scenario() -> None:
+        async def wake(model: str) -> None:
+            await asyncio.sleep(0.02)
+
+        w = Waker(wake=wake, ready=lambda m: _true(), timeout=5, metrics=metrics)
+        await asyncio.gather(*(w.hold("m", idle=True) for _ in range(3)))
+
+    asyncio.run(scenario())
+    text = metrics.render().decode()
+    assert 'agentd_requests_held{model="m"} 0.0' in text
+    assert 'agentd_wake_hold_seconds_count{model="m"} 3.0' in text
+    assert 'agentd_wakes_total{model="m",result="woken"} 1.0' in text
+
+
+async def _true() -> bool:
+    return True

@@ -44,6 +44,9 @@ def populated() -> Metrics:
     m.proxy_seconds.labels(model="llama").observe(0.1)
     m.proxy_retries.labels(model="llama").inc()
     m.proxy_in_flight.labels(model="llama").set(0)
+    m.requests_held.labels(model="llama").set(0)
+    m.wake_seconds.labels(model="llama").observe(0.5)
+    m.wakes.labels(model="llama", result="woken").inc()
     return m
 
 

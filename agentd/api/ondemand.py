@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from agentd.logs import fields
+from agentd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class Waker:
 
     def __init__(self, *, wake: Callable[[str], Awaitable[object]], ready: Callable[[str], Awaitable[bool]],
                  timeout: float = 300.0, queue: int = 256, poll: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None):
+        self.metrics = metrics
         self._wake_fn = wake
         self._ready = ready
         self.timeout = timeout
@@ -92,7 +94,10 @@ class Waker:
             raise WakeError(503, "too many requests are waiting for models to load; retry shortly",
                             "wake_queue_full")
         self.held += 1
-        deadline = self._clock() + self.timeout
+        started = self._clock()
+        deadline = started + self.timeout
+        if self.metrics is not None:
+            self.metrics.requests_held.labels(model=model).inc()
         try:
             if idle:
                 task = self._wakes.get(model)
@@ -108,8 +113,12 @@ class Waker:
                 if self._clock() >= deadline:
                     raise self._timed_out(model)
                 await asyncio.sleep(self._poll)
+            if self.metrics is not None:
+                self.metrics.wake_seconds.labels(model=model).observe(max(0.0, self._clock() - started))
         finally:
             self.held -= 1
+            if self.metrics is not None:
+                self.metrics.requests_held.labels(model=model).dec()
 
     def _done(self, model: str, task: asyncio.Task[None]) -> None:
         if self._wakes.get(model) is task:
@@ -124,10 +133,14 @@ class Waker:
             await self._wake_fn(model)
         except Exception as exc:
             # The diagnosis names hosts and their free memory: the operator's, not the tenant's.
+            if self.metrics is not None:
+                self.metrics.wakes.labels(model=model, result="failed").inc()
             log.warning("could not wake an idle deployment; held requests get 503",
                         extra=fields(deployment=model, error=str(exc)[:2000]))
             raise WakeError(503, f"the model {model!r} is not loaded and there is no capacity to load it right "
                                  "now; retry later", "model_unavailable") from None
+        if self.metrics is not None:
+            self.metrics.wakes.labels(model=model, result="woken").inc()
         log.info("woke an idle deployment", extra=fields(deployment=model,
                                                           seconds=round(self._clock() - started, 3)))
 
