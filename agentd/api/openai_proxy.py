@@ -119,9 +119,10 @@ class OpenAIProxy:
         """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`."""
         endpoint_name = request.path.removeprefix("/v1/")
         ordered = self.balancer.order(model, endpoints)
-        # Fewer ready replicas than attempts: the same ones again. A burst of connections to one model server
-        # (the requests held while it woke) can overflow its listen backlog, and such a failure is as safe to
-        # retry as any other before an answer.
+        # Fewer ready replicas than attempts: the same ones again. A burst of connections to a model server that
+        # has just started (the requests held while it woke) saw one fail with "Can not write request body" in
+        # 20 (cause not pinned down; llama-server's HTTP library listens with a backlog of 5), and such a
+        # failure is as safe to retry as any other before an answer.
         candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)] if ordered else []
         if not candidates:
             return self._count(model, endpoint_name, openai_error(
