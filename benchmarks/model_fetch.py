@@ -9,8 +9,8 @@ In one run, on loopback, with the same TLS (TLS 1.3, one self-signed P-256 certi
 * agentd: a Models.Fetch server in a process of its own (as a holder agent serves it) and agentd's Fetcher
   in this process (as the fetching agent runs it: gRPC stream, sha256 verified while written, the file
   renamed into place); throughput, CPU seconds per GiB of each side, and the loop's worst lag;
-* curl: the same file over HTTPS from a plain static file server (aiohttp's, in a process of its own),
-  written to disk by `curl -o`; throughput.
+* curl: the same file over HTTPS from two plain static file servers, each in a process of its own
+  (aiohttp's, and openssl's `s_server -WWW`), written to disk by `curl -o`; throughput.
 
 The ratio agentd/curl is printed per run.
 """
@@ -99,11 +99,10 @@ def serve(path: Path, sha: str, port: int, cert: Path, key: Path) -> None:
     import grpc
 
     from agentd.api.fetch import ModelsService
-    from agentd.types import HeldModel, ModelFile
-    from agentd.v1 import models_pb2_grpc as mpb_grpc
-
     from agentd.modelinfo import inspect_model
     from agentd.testing.gguf import write_tiny_llama_gguf
+    from agentd.types import HeldModel, ModelFile
+    from agentd.v1 import models_pb2_grpc as mpb_grpc
 
     # Facts are irrelevant to a copy, but a holder serves only models it could run: any ModelInfo will do.
     info = inspect_model(write_tiny_llama_gguf(Path(tempfile.mkdtemp()) / "facts.gguf"))
@@ -211,6 +210,22 @@ def curl_copy(name: str, size: int, port: int, cert: Path, out: Path) -> float:
     return size / GiB / took
 
 
+
+def start_openssl(root: Path, port: int, cert: Path, key: Path) -> subprocess.Popen:
+    """openssl's own HTTPS file server (`s_server -WWW`, C): a second, faster reference than aiohttp's."""
+    import socket
+
+    p = subprocess.Popen(["openssl", "s_server", "-WWW", "-quiet", "-accept", str(port), "-cert", str(cert),
+                          "-key", str(key)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return p
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("openssl s_server did not start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=2.0)
@@ -237,6 +252,8 @@ def main() -> None:
         gport, hport = free_port(), free_port()
         server = start(["--serve", str(src), sha, str(gport), str(cert), str(key)])
         static = start(["--static", str(src.parent), str(hport), str(cert), str(key)])
+        oport = free_port()
+        openssl = start_openssl(src.parent, oport, cert, key)
         os.environ["BENCH_SERVER_PID"] = str(server.pid)
         try:
             for _ in range(args.runs):
@@ -247,13 +264,19 @@ def main() -> None:
                 shutil.rmtree(dest)
                 theirs = curl_copy(src.name, size, hport, cert, d / "curl.out")
                 (d / "curl.out").unlink()
+                fast = curl_copy(src.name, size, oport, cert, d / "curl.out")
+                (d / "curl.out").unlink()
                 ours = {k: round(v, 3) for k, v in ours.items()}
-                result["runs"].append({"agentd": ours, "curl_gib_per_s": round(theirs, 3),
-                                       "ratio": round(ours["gib_per_s"] / theirs, 2)})
+                result["runs"].append({"agentd": ours, "curl_aiohttp_gib_per_s": round(theirs, 3),
+                                       "ratio_aiohttp": round(ours["gib_per_s"] / theirs, 2),
+                                       "curl_openssl_gib_per_s": round(fast, 3),
+                                       "ratio_openssl": round(ours["gib_per_s"] / fast, 2)})
                 print(json.dumps(result["runs"][-1]), flush=True)
         finally:
             server.terminate()
             static.terminate()
+            openssl.terminate()
+            openssl.wait()
             server.wait()
             static.wait()
     print(json.dumps(result, indent=2))

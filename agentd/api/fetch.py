@@ -40,7 +40,7 @@ from agentd.v1 import models_pb2_grpc as mpb_grpc
 
 log = logging.getLogger("agentd.fetch")
 
-CHUNK = 1024 * 1024
+CHUNK = 4 * 1024 * 1024  # gRPC messages; the channels allow 8 MiB
 ATTEMPTS = 6  # per fetch: a dead holder, a corrupt copy; then the fetch fails with the last reason
 RETRY_DELAY = 0.5
 
@@ -87,11 +87,14 @@ class ModelsService(mpb_grpc.ModelsServicer):
             f = await loop.run_in_executor(self._pool, _open_at, path, request.offset)
         except OSError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read {entry.name}: {exc.strerror or exc}")
+        ahead = loop.run_in_executor(self._pool, f.read, self.chunk)
         try:
             offset = request.offset
             first = True
             while True:
-                data = await loop.run_in_executor(self._pool, f.read, self.chunk)
+                data = await ahead
+                if data:  # read the next chunk while this one is sent
+                    ahead = loop.run_in_executor(self._pool, f.read, self.chunk)
                 if not data:
                     if first:
                         yield mpb.FileChunk(offset=offset, size=entry.size, sha256=entry.sha256)
@@ -103,6 +106,8 @@ class ModelsService(mpb_grpc.ModelsServicer):
                     yield mpb.FileChunk(data=data, offset=offset)
                 offset += len(data)
         finally:
+            with contextlib.suppress(Exception):  # a read ahead still running when the caller went away
+                await ahead
             await loop.run_in_executor(self._pool, f.close)
 
 
@@ -231,7 +236,7 @@ class Fetcher:
         self.rate = rate  # bytes per second, 0 = unlimited
         self.clock = clock
         self.fetches: dict[str, Fetch] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(2, concurrency), thread_name_prefix="agentd-fetch")
+        self._pool = ThreadPoolExecutor(max_workers=2 * concurrency + 2, thread_name_prefix="agentd-fetch")
 
     def ensure(self, name: str, digest: str) -> Fetch:
         """The fetch of `digest`, started if it is not running (a FATAL one is not retried: call forget)."""
@@ -331,12 +336,18 @@ class Fetcher:
         call = stub.Fetch(mpb.FetchRequest(digest=model.digest, file=entry.name, offset=offset))
         out = await loop.run_in_executor(self._pool, _open_append, partial)
         started, sent = self.clock(), 0
+        writing: asyncio.Future | None = None  # the previous chunk's write and hash, overlapping this receive
         try:
             async for chunk in call:
                 if chunk.offset != offset:
                     raise _Corrupt(f"{entry.name} from {host}: chunk at {chunk.offset}, expected {offset}")
                 if chunk.data:
-                    await loop.run_in_executor(self._pool, _write, out, h, chunk.data)
+                    if writing is not None:
+                        await writing
+                    # Written and hashed in two threads at once (both release the GIL), while the next
+                    # chunk is received; each waits for the previous chunk's, so the order holds.
+                    writing = asyncio.gather(loop.run_in_executor(self._pool, _write, out, chunk.data),
+                                             loop.run_in_executor(self._pool, h.update, chunk.data))
                     offset += len(chunk.data)
                     f.done += len(chunk.data)
                     f.progress(self.clock())
@@ -345,8 +356,14 @@ class Fetcher:
                         ahead = sent / self.rate - (self.clock() - started)
                         if ahead > 0:
                             await asyncio.sleep(ahead)
+            if writing is not None:
+                await writing
+                writing = None
         finally:
             call.cancel()  # a write that failed (disk full) must not leave the holder streaming
+            if writing is not None:
+                with contextlib.suppress(Exception):
+                    await writing
             await loop.run_in_executor(self._pool, out.close)
         if offset != entry.size or h.hexdigest() != entry.sha256:
             await loop.run_in_executor(self._pool, _unlink, partial)
@@ -380,12 +397,11 @@ def _open_append(p: Path):
     return open(p, "ab", buffering=0)
 
 
-def _write(out, h, data: bytes) -> None:
+def _write(out, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = out.write(view)
         view = view[n:]
-    h.update(data)
 
 
 def _unlink(p: Path) -> None:
