@@ -191,7 +191,7 @@ def test_the_http_app_holds_a_request_for_an_idle_model_and_answers_503_in_opena
             return []
 
         def models(self) -> list[ModelCard]:
-            return [ModelCard(id="m", on_demand=True, idle=self.idle)]
+            return [ModelCard(id="m", replicas=1, on_demand=True, idle=self.idle)]
 
         def verify_api_key(self, key: str):
             return None

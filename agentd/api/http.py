@@ -246,7 +246,8 @@ class _Handlers:
                      extra=fields(key=principal.key_id, tenant=principal.tenant))
             return self._count(UNKNOWN_MODEL_LABEL, endpoint_name, card)
         with self.activity.track(model):  # held requests count: a deployment being woken is not idle
-            if self.waker is not None and (card.idle or (card.on_demand and not card.ready_replicas)):
+            # Held: an idle model, or one being woken (on demand, none ready yet); not one scaled to 0.
+            if self.waker is not None and card.replicas and (card.idle or (card.on_demand and not card.ready_replicas)):
                 try:
                     await self.waker.hold(model, idle=card.idle)
                 except WakeError as exc:
