@@ -270,6 +270,13 @@ class Coordinator:
     def take_peer_restarts(self, host: str) -> list[tuple[str, int, str]]:
         return self._peer_restarts.pop(host, [])
 
+    def is_live(self, name: str, now: float | None = None) -> bool:
+        """One host of `live_hosts`, without going through all of them (the leader asks per report)."""
+        rep = self.reports.get(name)
+        node = self.state.nodes.get(name)
+        return (rep is not None and (node is None or node.state == NODE_UP) and name not in self.state.held_hosts
+                and (self.clock() if now is None else now) - rep.last_seen <= self.node_down_grace)
+
     def live_hosts(self) -> list[HostInventory]:
         """Hosts that reported within the grace period and are not marked down."""
         now = self.clock()
