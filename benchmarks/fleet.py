@@ -37,6 +37,7 @@ from pathlib import Path
 
 import psutil
 
+from agentd.errors import AgentdError
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 
@@ -164,8 +165,15 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         time.sleep(max(2 * every, 5))  # steady state: every host reported at least twice
         leader = leader_of(c)
         cpu = cpu_percent(c.agents[leader].proc.pid, measure)
-        with c.agents[leader].client(timeout=30) as client:
-            nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
+        for attempt in range(5):  # a loaded leader may have lost an election meanwhile: ask the one there is
+            try:
+                with c.agents[leader_of(c)].client(timeout=30) as client:
+                    nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
+                break
+            except AgentdError:
+                if attempt == 4:
+                    raise
+                time.sleep(2)
         row = {"hosts": hosts, "report": report, "leader_cpu_percent": round(cpu, 1),
                "hosts_up": sum(1 for n in nodes if n.state == "up" and n.name.startswith("sim-")),
                "report_failures": read(out).get("failed", 0) if hosts else 0}
