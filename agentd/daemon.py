@@ -54,6 +54,7 @@ from agentd.api.control import AgentService, ChannelPool, ControlService, add_se
 from agentd.api.drain import clear_drain_request, drain_decision
 from agentd.api.fetch import Fetch, Fetcher, ModelsService
 from agentd.api.http import HttpOptions, ModelCard, http_runner, make_http_app
+from agentd.api.load import LoadBoard
 from agentd.api.ondemand import Activity, Waker
 from agentd.api.openai_proxy import Endpoint as ProxyEndpoint
 from agentd.api.report_stream import ReportStream, StreamEnded
@@ -909,7 +910,12 @@ class Daemon:
         provider = _Provider(self)
         waker = Waker(wake=provider.wake, ready=provider.has_ready, timeout=self.s.wake_timeout,
                       queue=self.s.wake_queue, metrics=self.metrics)
-        app = make_http_app(provider, metrics=self.metrics, options=options, waker=waker, activity=self.activity)
+        hook = self.plugins.pm.hook
+        board = LoadBoard(path=lambda runtime: hook.agentd_load_path(runtime=runtime),
+                          read=lambda runtime, status, body: hook.agentd_read_load(runtime=runtime, status=status,
+                                                                                   body=body))
+        app = make_http_app(provider, metrics=self.metrics, options=options, waker=waker, activity=self.activity,
+                            board=board)
         self._http = http_runner(app, options, access_log=None)
         await self._http.setup()
         host, _, port = self.s.http_listen.rpartition(":")
@@ -1059,7 +1065,7 @@ class _Provider:
             ready = len(parts) == len(a.plan.parts) and all(p.state == "RUNNING" for p in parts)
             out.append(ProxyEndpoint(url=f"http://{_url_host(ep.address)}:{ep.port}",
                                      api_key=self.d.keyed(a).api_key or None, ready=ready,
-                                     instance_id=a.instance_id))
+                                     instance_id=a.instance_id, runtime=a.runtime))
             if not parts and all(getattr(self.d.state.nodes.get(p.host), "state", "up") == "up" for p in a.plan.parts):
                 unheard.append(out[-1])
         if unheard and not any(e.ready for e in out):

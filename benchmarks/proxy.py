@@ -48,10 +48,15 @@ async def upstream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def slots(request: web.Request) -> web.Response:
+    return web.json_response([{"id": 0, "is_processing": False}, {"id": 1, "is_processing": True}])
+
+
 class Provider:
-    def __init__(self, url: str, metrics: Metrics, keys: dict):
+    def __init__(self, url: str, metrics: Metrics, keys: dict, runtime: str = ""):
         self.metrics_registry = metrics.registry
-        self._eps = [Endpoint(url=url, api_key="k", ready=True, instance_id=f"r{i}") for i in range(2)]
+        self._eps = [Endpoint(url=url, api_key="k", ready=True, instance_id=f"r{i}", runtime=runtime)
+                     for i in range(2)]
         self._keys = keys
 
     def alive(self):
@@ -108,19 +113,32 @@ def pct(xs: list[float], p: float) -> float:
 async def http_bench(n: int, conc: int) -> None:
     up_app = web.Application()
     up_app.router.add_post("/v1/completions", upstream)
+    up_app.router.add_get("/slots", slots)
     up_runner, up_url = await start(up_app)
     secret, rec = K.new_api_key(tenant="t", now=time.time(), random_bytes=random.Random(1).randbytes)
     metrics = Metrics("bench")
     px_runner, px_url = await start(make_http_app(Provider(up_url, metrics, K.add_key({}, rec)), metrics=metrics))
+    # The same with load-aware routing (issue 21 item 3): the board polls /slots twice a second in the background.
+    from agentd_llamabox.load import agentd_read_load
+
+    from agentd.api.load import LoadBoard
+
+    board = LoadBoard(path=lambda rt: "/slots", read=lambda rt, st, b: agentd_read_load("llamabox", st, b))
+    lb_runner, lb_url = await start(make_http_app(Provider(up_url, metrics, K.add_key({}, rec), runtime="llamabox"),
+                                                  metrics=metrics, board=board))
     auth = {"Authorization": f"Bearer {secret}"}
     rows = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         await load(client, px_url + "/v1/completions", auth, {"model": "m"}, 200, conc)  # warm up
+        await load(client, lb_url + "/v1/completions", auth, {"model": "m"}, 200, conc)
+        await asyncio.sleep(1.0)  # the board has read both replicas' load
         for label, url, hdr, c, stream in [
             ("direct, sequential", up_url, {}, 1, False),
             ("proxied, sequential", px_url, auth, 1, False),
             (f"direct, {conc} concurrent", up_url, {}, conc, False),
+            ("load-routed, sequential", lb_url, auth, 1, False),
             (f"proxied, {conc} concurrent", px_url, auth, conc, False),
+            (f"load-routed, {conc} concurrent", lb_url, auth, conc, False),
             ("direct, stream TTFB", up_url, {}, 1, True),
             ("proxied, stream TTFB", px_url, auth, 1, True),
         ]:
@@ -128,6 +146,7 @@ async def http_bench(n: int, conc: int) -> None:
             lat, wall = await load(client, url + "/v1/completions", hdr, body, n, c, stream)
             rows.append((label, statistics.median(lat) * 1000, pct(lat, 0.99), n / wall))
     await px_runner.cleanup()
+    await lb_runner.cleanup()
     await up_runner.cleanup()
     print(f"{'case':<28} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
     for label, p50, p99, rps in rows:

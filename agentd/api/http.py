@@ -14,6 +14,8 @@ load balancers and Prometheus; bind `http_listen` accordingly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -25,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agentd.api.load import LoadBoard
 from agentd.api.ondemand import Activity, WakeError, Waker
 from agentd.api.openai_proxy import Endpoint, OpenAIProxy, openai_error
 from agentd.logs import fields
@@ -102,7 +105,7 @@ async def _call(value: Any) -> Any:
 
 def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
                   options: HttpOptions | None = None, waker: Waker | None = None,
-                  activity: Activity | None = None) -> web.Application:
+                  activity: Activity | None = None, board: LoadBoard | None = None) -> web.Application:
     """The aiohttp application; run it with aiohttp's AppRunner/TCPSite on `http_listen`.
 
     `activity` counts requests per deployment (idle unload); `waker` holds requests for a deployment being
@@ -116,8 +119,16 @@ def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app[PROXY] = OpenAIProxy(session, metrics=metrics, connect_timeout=options.connect_timeout,
-                                     read_timeout=options.read_timeout, max_attempts=options.max_attempts)
-            yield
+                                     read_timeout=options.read_timeout, max_attempts=options.max_attempts,
+                                     board=board)
+            poller = asyncio.ensure_future(board.run(session)) if board is not None else None
+            try:
+                yield
+            finally:
+                if poller is not None:
+                    poller.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await poller
 
     app.cleanup_ctx.append(client_session)
     handlers = _Handlers(provider, metrics, options, waker, activity or Activity())

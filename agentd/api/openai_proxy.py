@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agentd.api.load import LoadBoard
 from agentd.logs import fields
 from agentd.metrics import Metrics
 
@@ -58,6 +59,7 @@ class Endpoint:
     ready: bool
     instance_id: str
     served_model: str | None = None  # the name the server answers to, when it differs from the deployment
+    runtime: str = ""  # the runtime plugin, for its load hooks (agentd.api.load)
 
 
 class Balancer:
@@ -68,7 +70,11 @@ class Balancer:
         self._outstanding: dict[str, int] = {}
         self._turn: dict[str, int] = {}
 
-    def order(self, model: str, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+    def order(self, model: str, endpoints: Sequence[Endpoint],
+              load: Callable[[str], tuple[int, int] | None] | None = None) -> list[Endpoint]:
+        """Ready endpoints, least busy first. With `load` (what each model server reports, agentd.api.load),
+        busy is the larger of this proxy's outstanding count and the server's own, and a server with no free
+        slot goes last."""
         ready = [e for e in endpoints if e.ready]
         if not ready:
             return []
@@ -76,7 +82,16 @@ class Balancer:
         self._turn[model] = turn + 1
         start = turn % len(ready)
         rotated = ready[start:] + ready[:start]
-        return sorted(rotated, key=lambda e: self._outstanding.get(e.instance_id, 0))  # stable: ties keep the turn
+
+        def key(e: Endpoint) -> tuple[bool, int]:
+            mine = self._outstanding.get(e.instance_id, 0)
+            reported = load(e.instance_id) if load is not None else None
+            if reported is None:
+                return False, mine
+            busy, capacity = reported
+            return bool(capacity) and busy >= capacity, max(mine, busy)
+
+        return sorted(rotated, key=key)  # stable: ties keep the turn
 
     def outstanding(self, instance_id: str) -> int:
         return self._outstanding.get(instance_id, 0)
@@ -106,8 +121,10 @@ class OpenAIProxy:
 
     def __init__(self, session: aiohttp.ClientSession, *, balancer: Balancer | None = None,
                  metrics: Metrics | None = None, connect_timeout: float = 5.0, read_timeout: float = 600.0,
-                 max_attempts: int = 3, clock: Callable[[], float] = time.monotonic):
+                 max_attempts: int = 3, clock: Callable[[], float] = time.monotonic,
+                 board: LoadBoard | None = None):
         self.session = session
+        self.board = board
         self.balancer = balancer or Balancer()
         self.metrics = metrics
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
@@ -118,7 +135,9 @@ class OpenAIProxy:
                       endpoints: Sequence[Endpoint]) -> web.StreamResponse:
         """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`."""
         endpoint_name = request.path.removeprefix("/v1/")
-        ordered = self.balancer.order(model, endpoints)
+        if self.board is not None:
+            self.board.seen(endpoints)
+        ordered = self.balancer.order(model, endpoints, self.board.load if self.board is not None else None)
         # Fewer ready replicas than attempts: the same ones again. A burst of connections to a model server that
         # has just started (the requests held while it woke) saw one fail with "Can not write request body" in
         # 20 (cause not pinned down; llama-server's HTTP library listens with a backlog of 5), and such a

@@ -229,6 +229,26 @@ def agentd_health(assignment: Assignment, part_index: int, process: ProcessSpec,
     """
 
 
+@hookspec(firstresult=True)
+def agentd_load_path(runtime: str) -> str | None:
+    """The path on a replica's main server that says how busy it is (llamabox: `/slots`), or None.
+
+    The /v1/ proxy GETs it about twice a second from each replica it sent a
+    request to recently (with the server's own key), and hands the answer to
+    `agentd_read_load`. None: the proxy routes by its own counters only.
+    """
+
+
+@hookspec(firstresult=True)
+def agentd_read_load(runtime: str, status: int, body: bytes) -> tuple[int, int] | None:
+    """Read one answer from `agentd_load_path`: `(busy, capacity)`, the requests the model server works on
+    now and how many it can work on at once (llamabox: slots processing, slots), or None when unreadable.
+
+    The proxy prefers the least busy replica and skips one with busy >= capacity
+    while another has room. Called for every poll: keep it cheap and free of I/O.
+    """
+
+
 @hookspec
 def agentd_stop(assignment: Assignment, part_index: int, ctx: LaunchContext) -> None:
     """Clean up after part `part_index` of `assignment` was stopped for good on this host.
