@@ -138,10 +138,10 @@ class WatchFeed:
                         members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
                                  for m in voter.members.values()]))
                     sent_leader, last_sent = leader, clock()
-                try:
-                    await asyncio.wait_for(changed.wait(), LEADER_EVERY)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: no task per wait (thousands of streams wake on every entry)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LEADER_EVERY):
+                        await changed.wait()
         finally:
             self.streams -= 1
 
@@ -173,17 +173,18 @@ class Watcher:
         self.members: dict[str, Member] = {}
         self.upgrade_required = ""
         self.source = ""  # the voter it streams from now
+        self.busy_voter = ""  # the leader as the join named it, until the stream names one
         self.applied_event = asyncio.Event()
 
     def candidates(self) -> list[str]:
         """Voters first, each watcher starting at a different one (by its name) so they spread, the leader last
         (it has the most to do); then learners, then seeds."""
-        voters = sorted(m.address for m in self.members.values()
-                        if m.voter and m.address and m.id != self.leader_id)
+        leader_id = self.leader_id or self.busy_voter
+        voters = sorted(m.address for m in self.members.values() if m.voter and m.address and m.id != leader_id)
         if voters:
             k = zlib.crc32(self.node_id.encode()) % len(voters)
             voters = voters[k:] + voters[:k]
-        leader = self.members.get(self.leader_id or "")
+        leader = self.members.get(leader_id or "")
         if leader is not None and leader.address:
             voters.append(leader.address)
         others = sorted(m.address for m in self.members.values() if not m.voter and m.address)
