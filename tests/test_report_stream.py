@@ -222,6 +222,12 @@ def test_the_leader_keeps_a_lease_on_bare_renewals_takes_changes_and_lets_a_sile
             assert node.state == "up" and json.loads(node.inventory_json)["labels"] == {"rack": "a"}
             s.send(pb.ReportUpdate(inventory_json=inventory("ghost", rack="b")))  # a change, on the same stream
             assert json.loads(node_of(c, "ghost").inventory_json)["labels"] == {"rack": "b"}
+            other = Sender(ch)  # another stream for the same host records its report...
+            other.send(first("ghost", rack="c"))
+            assert json.loads(node_of(c, "ghost").inventory_json)["labels"] == {"rack": "c"}
+            other.close()
+            s.send(pb.ReportUpdate())  # ...and a bare renewal on the first writes what that one knows again
+            assert json.loads(node_of(c, "ghost").inventory_json)["labels"] == {"rack": "b"}
             t0 = time.monotonic()  # the stream stays open but says nothing: the lease runs out
             wait_for(lambda: node_of(c, "ghost").state == "down", 3 * GRACE + 10, "ghost marked down")
             assert time.monotonic() - t0 >= GRACE - 1.5

@@ -728,6 +728,7 @@ class AgentService(pb_grpc.AgentServicer):
         inventory: HostInventory | None = None
         instances: list[InstanceReport] = []
         agent = PeerVersion()
+        recorded = None  # the coordinator's NodeReport this stream last wrote
         async for m in requests:
             if not self.raft.is_leader:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -769,8 +770,11 @@ class AgentService(pb_grpc.AgentServicer):
             # The proxy's idle clocks (issue 21) move on every report: each message carries them whole.
             self.coordinator.on_activity(node, {a.deployment: (max(0.0, a.idle_seconds), a.in_flight)
                                                 for a in m.activity[:10000]})
-            if changed or not self.coordinator.renew(node):
+            # A bare renewal keeps the report this stream recorded; one recorded since by anything else (another
+            # stream or a unary Report of the same host) is replaced by what this stream knows.
+            if changed or self.coordinator.reports.get(node) is not recorded or not self.coordinator.renew(node):
                 restarts = self.accept_report(inventory, instances, agent)
+                recorded = self.coordinator.reports.get(node)
             else:
                 restarts = self.coordinator.take_peer_restarts(node)
             cluster_time = 0.0
