@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from agentd import formats
 from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
 from agentd.cluster.clock import CLOCK_METADATA, CLUSTER_TIME_METADATA
+from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.state import ClusterState, StateEvent, cert_revoke_command
 from agentd.coordinator import Coordinator, InstanceReport, removed_message
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
@@ -36,16 +37,9 @@ from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, PeerVersio
 log = logging.getLogger(__name__)
 FORWARDED = "x-agentd-forwarded"
 FORWARD_TIMEOUT = 30.0
-LEADER_CHECK_PERIOD = 0.05  # while a call is forwarded, how often to look whether the leader changed
 SNAPSHOT_CHUNK = 1 << 20  # bytes per SnapshotChunk: well under gRPC's message limit
 SNAPSHOT_CATCH_UP = 10.0  # seconds a follower may take to apply up to the leader's read index
 READS = frozenset({"Get", "List", "ListInstances", "ListNodes", "Plan"})  # safe to send again to a new leader
-
-
-class _LeaderMoved(Exception):
-    def __init__(self, old: str, new: str):
-        super().__init__(f"{old} -> {new}")
-        self.old, self.new = old, new
 
 
 class RaftView(Protocol):
@@ -177,7 +171,7 @@ class ControlService(pb_grpc.ControlServicer):
                     await redirect(context, r)
                 try:
                     return await self._forward(method, request, metadata)
-                except _LeaderMoved as moved:
+                except LeaderMoved as moved:
                     if method not in READS:  # the old leader may still run it: the caller decides
                         raise NotAvailable(f"the leader changed from {moved.old} to {moved.new} while the call "
                                            "was forwarded; retry") from None
@@ -193,28 +187,11 @@ class ControlService(pb_grpc.ControlServicer):
                                                           f"{type(exc).__name__}: {exc} (the agent's log has details)")
 
     async def _forward(self, method: str, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
-        """Call the leader; give up as soon as another leader is known.
-
-        A leader that hangs (SIGSTOP, a stalled machine) keeps its sockets
-        open, so a forwarded call would wait for its whole deadline although
-        the cluster elected a new leader a second or two later.
-        """
-        leader = self.raft.leader_id
+        """Call the leader; give up as soon as another leader is known (a hung leader keeps its sockets open,
+        so the call would wait for its whole deadline although the cluster elected another)."""
         stub = pb_grpc.ControlStub(self.channels.get(self.raft.leader_address))
         call = getattr(stub, method)(request, timeout=FORWARD_TIMEOUT, metadata=metadata)
-        task = asyncio.ensure_future(call)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=LEADER_CHECK_PERIOD)
-                if done:
-                    return task.result()
-                now = self.raft.leader_id
-                if now is not None and now != leader:
-                    raise _LeaderMoved(leader or "?", now)
-        finally:
-            if not task.done():
-                call.cancel()
-                task.cancel()
+        return await unless_leader_moves(call, lambda: self.raft.leader_id)
 
     def _deployment_pb(self, name: str) -> pb.Deployment:
         record = self.state.deployment(name)
