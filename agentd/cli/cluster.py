@@ -14,15 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from agentd.api.client import CannotPlace, ControlClient
-from agentd.cli.common import EXIT_UNAVAILABLE, emit, key_values
+from agentd.cli.common import EXIT_UNAVAILABLE, client_options, emit, key_values
 from agentd.errors import InvalidInput
 from agentd.v1 import control_pb2 as pb
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
-    cparents = [*parents, client]
+    cparents = [*parents, client_options()]
 
     p = sub.add_parser("serve", parents=parents, help="run this host's agent",
                        description="Run the agent: join (or bootstrap) the cluster, report this host's GPUs, "

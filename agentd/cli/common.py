@@ -30,6 +30,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def client_options() -> argparse.ArgumentParser:
+    """`--server`, for the commands that talk to an agent."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
+    return p
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options every subcommand accepts, before or after its name.
 

@@ -13,16 +13,14 @@ import argparse
 import sys
 import time
 
-from agentd.cli.common import EXIT_UNAVAILABLE, emit
+from agentd.cli.common import EXIT_UNAVAILABLE, client_options, emit
 from agentd.errors import InvalidInput
 
 TARGET_HELP = "a host name, HOST:INDEX for one GPU, or a GPU UUID"
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
-    cparents = [*parents, client]
+    cparents = [*parents, client_options()]
 
     p = sub.add_parser("cordon", parents=cparents, help="give a host or GPU no new parts",
                        description="Mark a host, or one GPU, so placement gives it no new parts (deploys, scale-ups, "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from agentd.api.client import ControlClient
-from agentd.cli.main import emit
+from agentd.cli.common import client_options, emit
 from agentd.config import load_settings, parse_duration
 from agentd.errors import AgentdError, InvalidInput
 from agentd.security.ca import (
@@ -28,12 +28,6 @@ from agentd.security.ca import (
     save_identity,
 )
 from agentd.v1 import security_pb2 as sec_pb
-
-
-def _server_parent() -> argparse.ArgumentParser:
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
-    return client
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -62,7 +56,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s.add_argument("--ca-dir", type=Path, help="directory holding ca.crt and ca.key (default: tls_dir)")
     s.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     s.set_defaults(func=cmd_certs_issue)
-    s = csub.add_parser("revoke", parents=[*parents, _server_parent()],
+    s = csub.add_parser("revoke", parents=[*parents, client_options()],
                         help="revoke a host's or an admin's certificates",
                         description="Revoke every certificate issued so far for NAME (a host or an admin). Each "
                         "agent refuses it on every call and closes its open streams; a host of that name is "
@@ -71,9 +65,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     s.add_argument("name", help="the certificate name: a node name, or an admin's name")
     s.set_defaults(func=cmd_certs_revoke)
 
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", metavar="ADDR", help="agent to talk to (default: this host's agent)")
-    cparents = [*parents, client]
+    cparents = [*parents, client_options()]
 
     p = sub.add_parser("token", parents=parents, help="create and manage one-time join tokens",
                        description="Join tokens let a new host get its node certificate with "
