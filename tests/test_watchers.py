@@ -129,7 +129,7 @@ def test_two_dead_voters_of_five_are_replaced_by_watchers_without_an_operator(tm
             live_voters = [m for m, voter in members.items() if voter and m not in dead]
             return members if len(live_voters) == 5 else None
 
-        members = wait_for(seats, 90, "five live voters again")
+        members = wait_for(seats, 150, "five live voters again")
         assert not any(members.get(v) for v in dead)  # demoted, not expelled from the state
         assert sum(1 for w in watchers if members.get(w)) == 2  # two watchers took the seats
         lead = c.wait_for_leader(30)[0]
