@@ -273,7 +273,9 @@ class Daemon:
         self._reconcile_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._http: web.AppRunner | None = None
-        self._routes_cache: tuple[float, list[InstanceReport]] = (0.0, [])
+        # (when, the state's last index then, instances): a follower's proxy asks the leader at most once a second,
+        # and again as soon as the replicated state moved on (a drain promoted a successor, a wake placed one).
+        self._routes_cache: tuple[float, int, list[InstanceReport]] = (0.0, 0, [])
         self._model_paths: dict[str, str] = {}  # instance id -> this host's copy of its catalog model (localized)
         self._last_known: dict[tuple[str, int], InstanceReport] = {}  # see _fill_gaps
         self._health = health.aio.HealthServicer()
@@ -933,8 +935,8 @@ class Daemon:
         with the gaps filled (`_fill_gaps`)."""
         if self.raft.is_leader:
             return self._fill_gaps(self.coordinator.instances())
-        at, cached = self._routes_cache
-        if time.monotonic() - at < 1.0:
+        at, index, cached = self._routes_cache
+        if time.monotonic() - at < 1.0 and index == self.state.last_index:
             return cached
         if not self.raft.leader_address:
             return cached
@@ -944,7 +946,7 @@ class Daemon:
         except grpc.aio.AioRpcError:
             return cached
         out = self._fill_gaps([instance_from_pb(i) for i in reply.instances])
-        self._routes_cache = (time.monotonic(), out)
+        self._routes_cache = (time.monotonic(), self.state.last_index, out)
         return out
 
     def _fill_gaps(self, reported: list[InstanceReport]) -> list[InstanceReport]:
@@ -1093,7 +1095,7 @@ class _Provider:
         Asked of the leader afresh, not from the proxy's one-second cache: held requests go out as soon as the
         leader has heard the replica is ready (one call per poll while requests are held)."""
         if not self.d.raft.is_leader:
-            self.d._routes_cache = (0.0, self.d._routes_cache[1])
+            self.d._routes_cache = (0.0, 0, self.d._routes_cache[2])
         return any(c.id == model and c.ready_replicas for c in await self.models())
 
     async def wake(self, model: str) -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 
 
@@ -47,7 +47,7 @@ def ready(c: LocalCluster, name: str) -> int:
 
 
 def one_run(root: Path, model: Path, replicas: int) -> tuple[float, int]:
-    base = 24000 + (os.getpid() % 50) * 100
+    base = free_port_block()
     c = LocalCluster(root, hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:

@@ -62,7 +62,7 @@ import grpc
 import psutil
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -78,7 +78,7 @@ class Bench:
     """A LocalCluster plus one cached channel per agent."""
 
     def __init__(self, root: Path, election_timeout: str = ""):
-        base = 32000 + (os.getpid() % 50) * 100
+        base = free_port_block()
         self.c = LocalCluster(root, hosts=[simulated_host(n, gpus=2, gpu_gib=24) for n in NAMES],
                               election_timeout=election_timeout,
                               extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"})

@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         root = Path(tmp)
-        base = 25000 + (os.getpid() % 90) * 100
+        base = free_port_block()
         c = LocalCluster(root, hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                          extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]",
                                     "AGENTD_RUNTIME_STOP_GRACE": "1s"})

@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -62,7 +62,7 @@ class Cluster(LocalCluster):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    base = 30000 + (os.getpid() % 90) * 100  # model-server ports, apart from concurrent test runs
+    base = free_port_block()
     c = Cluster(root, hosts=[simulated_host(n, gpus=2, gpu_gib=24) for n in NAMES], election_timeout="500ms",
                 faults=True, extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]"})
     try:

@@ -42,7 +42,7 @@ from agentd.api.client import ControlClient
 from agentd.errors import AgentdError
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
@@ -74,7 +74,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Any:
     root = tmp_path_factory.mktemp("cluster")
-    base = 20000 + (os.getpid() % 90) * 100  # below the ephemeral range; apart from concurrent test runs
+    base = free_port_block()
     c = LocalCluster(
         root,
         hosts=[simulated_host("a", gpus=1, gpu_gib=0.272, labels={"pool": "split"}),

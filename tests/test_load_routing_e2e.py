@@ -10,7 +10,6 @@ the other replica. Round-robin alone would have sent every second one there.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import urllib.request
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from tests.test_upgrade import _binaries_present, wait_for
 
@@ -43,7 +42,7 @@ def slots_busy(endpoint: str) -> bool:
 def test_a_replica_busy_with_a_long_generation_gets_no_new_requests(tmp_path):
     # Slow enough to stay busy for seconds: 8 layers of 256, and room for thousands of tokens.
     model = write_tiny_llama_gguf(tmp_path / "slow.gguf", n_layers=8, hidden=256, ffn=512, ctx=16384)
-    base = 26000 + (os.getpid() % 80) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in ("a", "b", "c")],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:

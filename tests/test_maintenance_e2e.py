@@ -24,7 +24,7 @@ import pytest
 
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from tests.test_upgrade import wait_for
 
@@ -91,7 +91,7 @@ class Client(threading.Thread):
 
 def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = 23000 + (os.getpid() % 80) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:
@@ -155,7 +155,7 @@ def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
 
 def test_nodes_rm_re_places_leaves_raft_and_keeps_the_host_out(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = 23000 + (os.getpid() % 80) * 100 + 50
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:

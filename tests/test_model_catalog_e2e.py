@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -50,7 +50,7 @@ def wait_for(fn, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("catalog")
-    base = 22000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(root, hosts=[simulated_host("a", gpus=1, gpu_gib=24),
                                   simulated_host("b", gpus=1, gpu_gib=24, used_gib=12),
                                   simulated_host("c", gpus=1, gpu_gib=24, used_gib=12)],

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 from tests.test_model_catalog import HF_CONFIG, hf_cache_model
@@ -75,7 +75,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("fetch")
     if not _can_mount_tmpfs(root):
         pytest.skip("needs unshare -m and tmpfs mounts (root or user namespaces)")
-    base = 23000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(root, hosts=[simulated_host("b", gpus=1, gpu_gib=24),
                                   simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
                                   simulated_host("c", gpus=1, gpu_gib=24, used_gib=4),  # binpack: c before b
@@ -257,7 +257,7 @@ def test_kill_9_of_the_only_holder_during_a_fetch(cluster):
 @pytest.mark.skipif(not _llama_server(), reason="llama-server is not installed (scripts/bootstrap)")
 def test_in_a_secure_cluster_the_copy_goes_over_mtls_with_node_certificates(tmp_path):
     """The same copy with TLS and authentication on: Locate and Fetch are node-role calls between agents."""
-    base = 25000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "s", hosts=[simulated_host("b", gpus=1, gpu_gib=24),
                                             simulated_host("a", gpus=1, gpu_gib=24, used_gib=23.9),
                                             simulated_host("c", gpus=1, gpu_gib=24, used_gib=4)],

@@ -31,7 +31,7 @@ import psutil
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from tests.test_upgrade import _binaries_present, wait_for
 
@@ -94,7 +94,7 @@ def idle(c: LocalCluster, name: str) -> bool:
 
 def test_idle_unload_then_wake_on_request_anywhere(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "small.gguf")  # one copy fits a 0.272 GiB GPU, two do not
-    base = 24000 + (os.getpid() % 80) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=0.272) for n in HOSTS],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:
@@ -180,7 +180,7 @@ def test_in_a_secure_cluster_a_follower_wakes_it_with_its_node_certificate(tmp_p
     from agentd.v1 import security_pb2 as spb
 
     model = write_tiny_llama_gguf(tmp_path / "small.gguf")
-    base = 24000 + (os.getpid() % 80) * 100 + 50
+    base = free_port_block()
     c = LocalCluster(tmp_path / "s", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in HOSTS], secure=True,
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
     try:

@@ -118,12 +118,12 @@ def test_real_agents_skip_a_foreign_listener_and_move_a_part_whose_port_was_take
     import signal
 
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
     from agentd.v1 import control_pb2 as pb
     from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = 22000 + (os.getpid() % 90) * 100 + 50
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 5}]", "AGENTD_RUNTIME_STOP_GRACE": "1s",
                                 "AGENTD_INVENTORY_REFRESH": "1s"})

@@ -28,12 +28,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 @pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_a_member_rebuilt_on_an_empty_data_dir_adopts_the_model_server_of_its_previous_life(tmp_path):
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
     from agentd.v1 import control_pb2 as pb
     from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = 25000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 20}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
 

@@ -12,7 +12,6 @@ upgraded host by host onto this release.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from tests.test_upgrade import code_env, release_0_1_0, running, status, wait_for  # noqa: F401 - a fixture
 
@@ -127,7 +126,7 @@ def _restart_cluster_host_by_host(c: LocalCluster, model: Path, tmp_path: Path, 
 
 
 def _cluster(root: Path, agent_env: dict[str, dict[str, str]] | None = None) -> LocalCluster:
-    base = 24000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     return LocalCluster(root, hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
                         extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"},
                         agent_env=agent_env or {})

@@ -29,7 +29,7 @@ from agentd.security import ca as C
 from agentd.security.tunnel import client_context
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import security_pb2 as spb
 
@@ -88,7 +88,7 @@ def complete(c: LocalCluster, key: str) -> int:
 
 def test_the_rpc_server_sits_behind_a_tunnel_only_its_main_host_passes(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", n_layers=8, hidden=256, ffn=512)
-    base = 21000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=0.272, labels={"pool": "split"})
                                             for n in ("a", "b")],
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]"}, secure=True)

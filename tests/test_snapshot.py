@@ -130,13 +130,13 @@ def test_save_destroy_every_data_dir_restore_and_everything_is_there(tmp_path):
     import psutil
 
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
     from agentd.v1 import control_pb2 as pb
     from agentd.v1 import security_pb2 as spb
     from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = 20000 + (os.getpid() % 90) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "ab"], secure=True,
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
 

@@ -39,7 +39,7 @@ from agentd.errors import AgentdError
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.binaries import llama_cpp_present as _binaries_present  # noqa: F401 (test_ondemand_e2e)
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import security_pb2 as sec_pb
 from agentd.version import AGENT_VERSION, STATE_FORMAT
@@ -194,7 +194,7 @@ def models(tmp_path) -> dict[str, Path]:
 
 
 def cluster(root: Path, names: str, **kw: Any) -> LocalCluster:
-    base = 21000 + (os.getpid() % 80) * 100
+    base = free_port_block()
     return LocalCluster(root, hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in names],
                         extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"},
                         **kw)

@@ -9,14 +9,13 @@ watcher that was down while the state changed catches up from a snapshot.
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from tests.test_upgrade import wait_for
 
@@ -47,7 +46,7 @@ def deploy(c: LocalCluster, via: str, name: str, model: str, host: str) -> None:
 
 def test_watchers_follow_any_voter_and_resume_without_losing_or_repeating(tmp_path):
     model = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
-    base = 25000 + (os.getpid() % 80) * 100
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in (*VOTERS, *WATCHERS)],
                      max_voters=3, standby_learners=0,
                      extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s",
@@ -106,7 +105,7 @@ def test_watchers_follow_any_voter_and_resume_without_losing_or_repeating(tmp_pa
 
 def test_two_dead_voters_of_five_are_replaced_by_watchers_without_an_operator(tmp_path):
     model = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
-    base = 25000 + (os.getpid() % 80) * 100 + 50
+    base = free_port_block()
     c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in
                                             ("v1", "v2", "v3", "v4", "v5", "w1", "w2", "w3")],
                      max_voters=5, standby_learners=0, node_down_grace="3s",

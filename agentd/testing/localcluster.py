@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,6 +38,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(size: int = 100, rng: random.Random | None = None) -> int:
+    """The first of `size` consecutive ports that are free now, from a random start (20000-32000, below the
+    ephemeral range): model-server port ranges for tests and benchmarks. A block derived from the pid was the
+    same for every test of one pytest process, so one test's lingering server or TIME_WAIT hit the next."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - size)
+        for port in range(base, base + size):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    break
+        else:
+            return base
+    raise NotAvailable(f"no {size} consecutive free ports between 20000 and 32000")
 
 
 def simulated_host(name: str, gpus: int = 2, gpu_gib: float = 24.0, used_gib: float = 0.0,
