@@ -73,6 +73,12 @@ def test_a_replica_busy_with_a_long_generation_gets_no_new_requests(tmp_path):
         long.start()
         wait_for(lambda: slots_busy(busy.endpoint), 10, "the long generation holding a slot")
         time.sleep(1.5)  # three poll periods: the proxy has read the busy slot
+
+        def routed_to_idle() -> bool:  # a slow machine may take a poll or two more: wait until it shows
+            _, headers = post(url, {"model": "r", "prompt": "Hello", "max_tokens": 2})
+            return headers["X-Agentd-Instance"] == idle.instance_id
+
+        wait_for(routed_to_idle, 10, "the proxy to route around the busy replica")
         chosen = []
         for _ in range(6):
             assert slots_busy(busy.endpoint), "the long generation ended too soon for this test"

@@ -422,7 +422,12 @@ def test_a_host_renews_its_certificate_through_the_cluster_before_it_expires(clu
 def test_the_cluster_secret_rotates_without_stopping_anything(cluster, tmp_path):
     lead, follower = leader_and_follower(cluster)
     env = {"AGENTD_TLS_DIR": str(cluster.admin_dir), "HOME": str(tmp_path)}
-    r = run_cli("keys", "rotate-secret", "--server", cluster.agents[follower].listen, "--json", env=env)
+    deadline = time.monotonic() + 20
+    while True:  # the previous test restarted a follower: it may take a moment to follow the leader again
+        r = run_cli("keys", "rotate-secret", "--server", cluster.agents[follower].listen, "--json", env=env)
+        if r.returncode != 3 or "no leader" not in r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "cluster secret rotated" in out["message"] and out["lagging"] == [], out

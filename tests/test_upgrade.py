@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from agentd.errors import AgentdError
+from agentd.errors import AgentdError, NotAvailable
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.binaries import llama_cpp_present as _binaries_present  # noqa: F401 (test_ondemand_e2e)
 from agentd.testing.gguf import write_tiny_llama_gguf
@@ -135,8 +135,16 @@ def spec(name: str, model: Path, **kw: Any) -> pb.DeploymentSpec:
 
 
 def deploy(c: LocalCluster, via: str, s: pb.DeploymentSpec) -> pb.DeployReply:
-    with c.agents[via].client(timeout=60) as client:
-        return client.deploy(s)
+    """Deploy through `via`, retrying while the cluster elects a leader (a restart just moved leadership)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with c.agents[via].client(timeout=60) as client:
+                return client.deploy(s)
+        except NotAvailable as exc:
+            if "no leader" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
 
 
 def running(c: LocalCluster, via: str, name: str) -> list[pb.Instance]:
