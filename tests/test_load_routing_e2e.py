@@ -81,6 +81,9 @@ def test_a_replica_busy_with_a_long_generation_gets_no_new_requests(tmp_path):
         wait_for(routed_to_idle, 10, "the proxy to route around the busy replica")
         chosen = []
         for _ in range(6):
+            # One poll period apart: a poll that caught the idle replica's slot busy with the previous (short)
+            # request would otherwise tie the two replicas for the next one.
+            time.sleep(0.6)
             assert slots_busy(busy.endpoint), "the long generation ended too soon for this test"
             body, headers = post(url, {"model": "r", "prompt": "Hello", "max_tokens": 2})
             assert isinstance(body["choices"][0]["text"], str)
