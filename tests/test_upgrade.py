@@ -37,7 +37,6 @@ import pytest
 
 from agentd.errors import AgentdError, NotAvailable
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
-from agentd.testing.binaries import llama_cpp_present as _binaries_present  # noqa: F401 (test_ondemand_e2e)
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
