@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agentd import catalog
+from agentd import autoscale, catalog
 from agentd.cluster.maintenance import Cordon
 from agentd.cluster.state import (
     NODE_DOWN,
@@ -30,12 +30,15 @@ from agentd.cluster.state import (
     ApplyResult,
     ClusterState,
     assign_command,
+    bounds_command,
     cluster_format_command,
     delete_command,
     deploy_command,
     idle_command,
     node_command,
     node_remove_command,
+    replica_leave_command,
+    replica_remove_command,
     wake_command,
 )
 from agentd.drains import Drains
@@ -124,6 +127,7 @@ class NodeReport:
     instances: list[InstanceReport] = field(default_factory=list)
     last_seen: float = 0.0
     agent: PeerVersion = field(default_factory=PeerVersion)
+    via: str = ""  # the voter that relayed the latest report or renewal (agentd/reports.py); "": the host itself
 
 
 def removed_message(name: str) -> str:
@@ -165,6 +169,10 @@ class Coordinator:
         inspect_timeout: float = INSPECT_TIMEOUT,
         validate_spec: Callable[[DeploymentSpec], None] | None = None,
         idle_report_max_age: float = 5.0,
+        autoscale_up_after: float = 15.0,
+        autoscale_down_after: float = 120.0,
+        autoscale_cooldown: float = 60.0,
+        scale_down_timeout: float = 300.0,
     ):
         self.state = state
         self.consensus = consensus
@@ -194,6 +202,14 @@ class Coordinator:
         self.idle_report_max_age = idle_report_max_age
         self._activity: dict[str, tuple[float, dict[str, tuple[float, int]]]] = {}
         self._awake_since: dict[str, tuple[frozenset[str], float]] = {}  # deployment -> (its instances, since)
+        # Replicas by load (agentd/autoscale.py): the windows, and per deployment what the scaler remembers.
+        self.autoscale_windows = (autoscale_up_after, autoscale_down_after, autoscale_cooldown)
+        self.scale_down_timeout = scale_down_timeout
+        self._scaler: dict[str, autoscale.Memory] = {}
+        self._leaving_since: dict[tuple[str, int], float] = {}  # when this leader saw each replica leaving
+        self._loads: dict[str, dict[str, autoscale.DeploymentActivity]] = {}  # host -> deployment -> activity
+        self.on_scale: Callable[[str, str, str], None] | None = None  # metrics hook: deployment, direction, reason
+        self.last_decisions: dict[str, str] = {}  # deployment -> the scaler's last sentence (agentd ps)
 
     # ------------------------------------------------------------------ soft state
 
@@ -206,6 +222,9 @@ class Coordinator:
         self._reported_since_leading.clear()
         self._activity.clear()  # idle times count afresh under this leader (_unload_idle)
         self._awake_since.clear()
+        self._loads.clear()
+        self._scaler.clear()  # scaling windows count afresh too
+        self._leaving_since.clear()
         self._leading.set()
 
     def lost_leadership(self) -> None:
@@ -233,10 +252,21 @@ class Coordinator:
         self._report_arrived.set()
         return True
 
-    def on_activity(self, host: str, activity: dict[str, tuple[float, int]]) -> None:
+    def on_activity(self, host: str,
+                    activity: dict[str, tuple[float, int]] | dict[str, autoscale.DeploymentActivity]) -> None:
         """A host's proxy counters (ModelActivity in its report): seconds since its last request per deployment,
-        and the requests it forwards now."""
-        self._activity[host] = (self.clock(), activity)
+        and the requests it forwards now; with the per-replica queues when given as DeploymentActivity."""
+        plain: dict[str, tuple[float, int]] = {}
+        loads: dict[str, autoscale.DeploymentActivity] = {}
+        for name, act in activity.items():
+            if isinstance(act, autoscale.DeploymentActivity):
+                plain[name] = (act.idle_seconds, act.in_flight)
+                loads[name] = act
+            else:
+                plain[name] = act
+                loads[name] = autoscale.DeploymentActivity(idle_seconds=act[0], in_flight=act[1])
+        self._activity[host] = (self.clock(), plain)
+        self._loads[host] = loads
 
     def _note_restarts(self, before: list[InstanceReport], after: list[InstanceReport]) -> None:
         """A part that now runs under a new pid was restarted: the other hosts of its instance must know.
@@ -456,6 +486,9 @@ class Coordinator:
         async with self._lock:
             if spec.name in self.state.deployments and not replace:
                 raise InvalidInput(f"deployment {spec.name!r} already exists (use replace to change it)")
+            if spec.autoscaled:  # it starts inside its bounds (at least one replica: zero is the idle unload's)
+                start = min(max(spec.replicas, spec.min_replicas, 1), spec.max_replicas)
+                spec = spec.model_copy(update={"replicas": start})
             spec = await self.resolve(spec)
             plan, _ = await self.plan_when_ready(spec, exclude_deployment=spec.name if replace else "")
             if not plan.placed:
@@ -477,6 +510,11 @@ class Coordinator:
             record = self.state.deployment(name)
             if record is None:
                 raise InvalidInput(f"no deployment named {name!r}")
+            if record.spec.autoscaled:
+                raise InvalidInput(
+                    f"deployment {name} is scaled by load ({record.spec.min_replicas}-{record.spec.max_replicas} "
+                    f"replicas, now {record.spec.replicas}): change its bounds with `agentd scale {name} "
+                    "--min-replicas N --max-replicas M`")
             current = {a.replica for a in self.state.assignments_for(name)}
             missing = [r for r in range(replicas) if r not in current]
             if name in self.state.idle:  # the next wake places this many; nothing starts now
@@ -492,6 +530,30 @@ class Coordinator:
                     whys.extend(rp.why for rp in plan.replicas)
             return await self._commit(assign_command(name, new, replicas))
 
+    async def set_bounds(self, name: str, min_replicas: int | None,
+                         max_replicas: int | None) -> tuple[ApplyResult, int]:
+        """New bounds for a deployment scaled by load (`agentd scale NAME --min-replicas/--max-replicas`); the
+        replica count follows at the next tick, with no window (docs/on-demand.md)."""
+        await self._require_leader()
+        record = self.state.deployment(name)
+        if record is None:
+            raise InvalidInput(f"no deployment named {name!r}")
+        if not record.spec.autoscaled:
+            raise InvalidInput(f"deployment {name} has a fixed number of replicas: `agentd scale {name} N` sets "
+                               "it; bounds need a deployment made with --max-replicas")
+        if min_replicas is None and max_replicas is None:
+            raise InvalidInput("give --min-replicas, --max-replicas or both")
+        update = {k: v for k, v in (("min_replicas", min_replicas), ("max_replicas", max_replicas)) if v is not None}
+        if update.get("max_replicas", 1) < 1:
+            raise InvalidInput("max_replicas must be >= 1 (a deployment scaled by load keeps max_replicas > 0)")
+        try:
+            DeploymentSpec.model_validate({**record.spec.model_dump(mode="json"), **update})
+        except ValueError as exc:
+            raise InvalidInput(str(exc).splitlines()[-1].strip(), where="bounds") from None
+        async with self._lock:
+            self._scaler.pop(name, None)
+            return await self._commit(bounds_command(name, min_replicas, max_replicas))
+
     async def wake(self, name: str) -> tuple[ApplyResult | None, int]:
         """Place an IDLE deployment again, on whatever fits now. Returns (None, 0) when it is not idle (another
         wake placed it already): under the lock, concurrent wakes from every agent make one placement."""
@@ -503,6 +565,8 @@ class Coordinator:
             if name not in self.state.idle:
                 return None, 0
             spec = record.spec
+            if spec.autoscaled:  # from zero to its lower bound; load adds the rest
+                spec = spec.model_copy(update={"replicas": max(spec.min_replicas, 1)})
             plan, _ = await self.plan_when_ready(spec, exclude_deployment=name)
             if not plan.placed:
                 raise Unplaceable(plan.diagnosis)
@@ -561,6 +625,133 @@ class Coordinator:
                 decisions.append(f"deployment {name}: no request for {now - last:.1f}s "
                                  f"(idle_unload {after:g}s): unloaded, IDLE until the next request")
         return decisions
+
+    def _fresh_loads(self, now: float) -> tuple[dict[str, dict[str, autoscale.DeploymentActivity]], list[str]]:
+        """Every live host's last proxy report within the freshness bound, and the live hosts whose report is
+        older (or missing): a partitioned proxy, or one that has not reported to this leader yet."""
+        fresh, stale = {}, []
+        for h in self.live_hosts():
+            at = self._activity.get(h.name, (float("-inf"), {}))[0]
+            if now - at > self.idle_report_max_age:
+                stale.append(h.name)
+            else:
+                fresh[h.name] = self._loads.get(h.name, {})
+        return fresh, stale
+
+    def replica_queues(self, name: str, loads: dict[str, dict[str, autoscale.DeploymentActivity]]) -> dict[str, int]:
+        """Instance id -> requests waiting on it, across the proxies in `loads`."""
+        per: dict[str, list[autoscale.ReplicaReading]] = {}
+        for acts in loads.values():
+            act = acts.get(name)
+            for iid, reading in (act.replicas.items() if act else ()):
+                per.setdefault(iid, []).append(reading)
+        return {iid: autoscale.replica_queue(rs) for iid, rs in per.items()}
+
+    async def _autoscale(self) -> list[str]:
+        """Replicas by load: one `autoscale.decide` per deployment with max_replicas, then act on it (add
+        replicas, or mark the least-loaded one leaving); and remove leaving replicas once their requests are
+        answered or `scale_down_timeout` passed (docs/on-demand.md, "Replicas by load")."""
+        names = [n for n, r in sorted(self.state.deployments.items())
+                 if r.spec.autoscaled and n not in self.state.idle and self.state.assignments_for(n)]
+        if not names and not self.state.leaving:
+            return []
+        if not self.heard_from_known_hosts():
+            return []
+        now = self.clock()
+        loads, stale = self._fresh_loads(now)
+        decisions: list[str] = []
+        up_after, down_after, cooldown = self.autoscale_windows
+        async with self._lock:
+            decisions += await self._finish_leaving(loads, stale, now)
+            for name in names:
+                record = self.state.deployment(name)
+                if record is None or name in self.state.idle:
+                    continue
+                spec = record.spec
+                current = self.state.assignments_for(name)
+                active = [a for a in current if not self.state.is_leaving(a)]
+                if not active:
+                    continue
+                ids = {a.instance_id for a in self.state.incarnations_for(name)}
+                acts = [acts[name] for acts in loads.values() if name in acts]
+                queue = autoscale.deployment_queue(acts, ids)
+                policy = autoscale.Policy(spec.min_replicas, spec.max_replicas, spec.target_queue,
+                                          up_after=up_after, down_after=down_after, cooldown=cooldown)
+                obs = autoscale.Observation(replicas=len(active), queue=queue, fresh=not stale,
+                                            stale_hosts=tuple(stale))
+                d = autoscale.decide(policy, obs, self._scaler.get(name, autoscale.Memory()), now, name)
+                self._scaler[name] = d.memory
+                self.last_decisions[name] = d.sentence
+                if d.direction == autoscale.UP:
+                    decisions.append(await self._scale_up(record.spec, current, d))
+                elif d.direction == autoscale.DOWN:
+                    decisions.append(await self._scale_down(active, loads, d))
+        return decisions
+
+    async def _scale_up(self, spec: DeploymentSpec, current: list[Assignment], d: autoscale.Decision) -> str:
+        active = sum(1 for a in current if not self.state.is_leaving(a))
+        add = d.desired - active
+        taken = {a.replica for a in current}
+        free = [r for r in range(len(current) + add + 1) if r not in taken][:add]
+        try:
+            plan, _ = await self.plan(spec.model_copy(update={"replicas": add}))
+        except AgentdError as exc:
+            plan, why = None, str(exc)
+        if plan is not None and not plan.placed:
+            why = plan.diagnosis.message if plan.diagnosis else "unplaceable"
+            # Fewer than asked may fit: place what does (one at a time is still a step towards the load).
+            if add > 1:
+                try:
+                    plan, _ = await self.plan(spec.model_copy(update={"replicas": 1}))
+                except AgentdError:
+                    plan = None
+                free = free[:1]
+        if plan is None or not plan.placed:
+            self.last_decisions[spec.name] = f"{d.sentence}; cannot place: {why}"
+            if self.on_scale:
+                self.on_scale(spec.name, autoscale.UP, "unplaceable")
+            return f"{d.sentence}; cannot place a new replica: {why}"
+        new = self._assignments(spec, plan, free, {})
+        await self._commit(assign_command(spec.name, new, len(current) + len(new)))
+        if self.on_scale:
+            self.on_scale(spec.name, autoscale.UP, d.reason)
+        hosts = sorted({p.host for a in new for p in a.plan.parts})
+        return f"{d.sentence}: added {', '.join(a.instance_id for a in new)} on {', '.join(hosts)}"
+
+    async def _scale_down(self, active: list[Assignment], loads: dict[str, dict[str, autoscale.DeploymentActivity]],
+                          d: autoscale.Decision) -> str:
+        name = active[0].deployment
+        queues = self.replica_queues(name, loads)
+        victim_index = autoscale.least_loaded({a.replica: queues.get(a.instance_id, 0) for a in active})
+        victim = next(a for a in active if a.replica == victim_index)
+        await self._commit(replica_leave_command(victim))
+        self._leaving_since[(name, victim.replica)] = self.clock()
+        if self.on_scale:
+            self.on_scale(name, autoscale.DOWN, d.reason)
+        return (f"{d.sentence}: {victim.instance_id} ({queues.get(victim.instance_id, 0)} waiting) takes no new "
+                "requests and stops once they are answered")
+
+    async def _finish_leaving(self, loads: dict[str, dict[str, autoscale.DeploymentActivity]], stale: list[str],
+                              now: float) -> list[str]:
+        """Remove each leaving replica once no proxy has a request on it (every live host's report fresh and
+        sent after the leave was committed here), or `scale_down_timeout` after it started leaving."""
+        out = []
+        for (name, replica) in sorted(self.state.leaving):
+            a = self.state.assignments.get((name, replica))
+            if a is None:
+                continue
+            since = self._leaving_since.setdefault((name, replica), now)  # a new leader: from now
+            queue = self.replica_queues(name, loads).get(a.instance_id, 0)
+            heard_since = not stale and all(self._activity.get(h, (float("-inf"),))[0] > since for h in loads)
+            timed_out = now - since >= self.scale_down_timeout
+            if not (timed_out or (heard_since and queue == 0)):
+                continue
+            await self._commit(replica_remove_command(a))
+            self._leaving_since.pop((name, replica), None)
+            why = (f"still {queue} request(s) on it after {self.scale_down_timeout:g}s" if queue and timed_out
+                   else "its requests answered")
+            out.append(f"deployment {name}: {a.instance_id} removed ({why})")
+        return out
 
     async def delete(self, name: str) -> tuple[ApplyResult, int]:
         await self._require_leader()
@@ -756,6 +947,7 @@ class Coordinator:
         decisions += await self.drains.step()
         decisions += await self._repair_port_clashes()
         decisions += await self._unload_idle()
+        decisions += await self._autoscale()
         for d in decisions:
             log.info(d)
         return decisions

@@ -8,6 +8,8 @@ one clear sentence, never as a traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AgentdError(Exception):
     """Base of every error agentd raises on purpose."""
@@ -72,3 +74,14 @@ class RuntimeFailure(AgentdError):
 
 class BinaryNotUsable(RuntimeFailure):
     """The program of a spec is missing or cannot be executed."""
+
+
+def validation_message(exc: Any, root: str = "value") -> str:
+    """One line naming each bad field of a pydantic ValidationError ("replicas: Input should be ...");
+    `root` names a whole-value error. Here, below every layer that validates input, so all of them say it
+    the same way."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or root
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

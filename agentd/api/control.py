@@ -18,21 +18,23 @@ from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
-from pydantic import ValidationError
 
 from agentd import formats
-from agentd.api.convert import spec_from_pb, spec_to_pb, validation_message
+from agentd.api.activity import activity_from_pb
+from agentd.api.convert import spec_from_pb, spec_to_pb
+from agentd.autoscale import DeploymentActivity
 from agentd.cluster.clock import CLOCK_METADATA, CLUSTER_TIME_METADATA
 from agentd.cluster.leadercall import LeaderMoved, unless_leader_moves
 from agentd.cluster.state import ClusterState, StateEvent, cert_revoke_command
 from agentd.coordinator import Coordinator, InstanceReport, removed_message
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
 from agentd.logs import fields
+from agentd.reports import ReportDesk
 from agentd.security.auth import REDIRECT_KEY, Redirect, current_caller, forward_metadata
 from agentd.types import HostInventory
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
-from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, PeerVersion, incompatibility
+from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, PeerVersion
 
 log = logging.getLogger(__name__)
 FORWARDED = "x-agentd-forwarded"
@@ -297,6 +299,12 @@ class ControlService(pb_grpc.ControlServicer):
     async def Scale(self, request, context):
         async def local():
             whys: list[str] = []
+            if request.HasField("min_replicas") or request.HasField("max_replicas"):  # replicas by load
+                result, index = await self.coordinator.set_bounds(
+                    request.name, request.min_replicas if request.HasField("min_replicas") else None,
+                    request.max_replicas if request.HasField("max_replicas") else None)
+                return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message,
+                                      index=index)
             result, index = await self.coordinator.scale(request.name, request.replicas, whys=whys)
             return pb.DeployReply(deployment=self._deployment_pb(request.name), message=result.message, index=index,
                                   why=whys)
@@ -638,78 +646,60 @@ def _parsed_stream(behavior: Callable[..., AsyncIterator[Any]], request_cls: Any
 
 
 class AgentService(pb_grpc.AgentServicer):
-    """Agent-to-agent calls: heartbeat reports to the coordinator, host-local logs."""
+    """Agent-to-agent calls: heartbeat reports to the coordinator (agentd/reports.py holds what they do; this
+    translates), a voter's relayed reports, host-local logs."""
 
     clock: Any = None  # agentd.cluster.clock.ClusterClock; the daemon sets it (reports carry the reporter's clock)
+    # agentd.cluster.relay.ReportRelay on an agent that relays its watchers' reports while it does not lead
+    relay: Any = None
 
     def __init__(self, *, raft: RaftView, coordinator: Coordinator, control: ControlService):
         self.raft = raft
         self.coordinator = coordinator
         self.control = control
-        # Whether the reporting host should join Raft as a standby learner (the daemon decides, see `_invite`).
-        self.invite: Callable[[str], bool] = lambda node: False
-        # node -> (inventory JSON, parsed): a host's heartbeats mostly repeat its inventory, and at hundreds of
-        # hosts validating it again was the coordinator's largest cost per report.
-        self._inventories: dict[str, tuple[str, HostInventory]] = {}
+        self.desk = ReportDesk(coordinator, on_instance_state=control.publish_instance_event)
+
+    @property
+    def invite(self) -> Callable[[str], bool]:
+        """Whether the reporting host should join Raft as a standby learner (the daemon decides)."""
+        return self.desk.invite
+
+    @invite.setter
+    def invite(self, decide: Callable[[str], bool]) -> None:
+        self.desk.invite = decide
 
     async def Report(self, request, context):
         if not self.raft.is_leader:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
-        if self.coordinator.state.removed(request.node):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, removed_message(request.node))
-        agent = PeerVersion.reported(request.agent_version, request.state_format, request.wire_version,
-                                     request.upgrade_required[:1000])
-        if why := incompatibility(AGENT_VERSION, agent.version):
-            log.warning("report from an incompatible agent refused", extra=fields(node=request.node, reason=why))
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"report from {request.node!r} refused: {why}")
-        inventory = await self._inventory(request.node, request.inventory_json, context)
-        self.coordinator.on_activity(request.node, {a.deployment: (max(0.0, a.idle_seconds), a.in_flight)
-                                                    for a in request.activity[:10000]})
+        try:
+            self.desk.admit(request.node)
+            agent = self.desk.agent(request.node, request.agent_version, request.state_format,
+                                    request.wire_version, request.upgrade_required)
+            inventory = self.desk.inventory(request.node, request.inventory_json)
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+        self.desk.activity(request.node, _activity(request.activity))
         restarts = self.accept_report(inventory, [instance_from_pb(i) for i in request.instances], agent)
         if self.clock is not None:  # the reporter's wall clock, for the cluster's median (agentd/cluster/clock.py)
             context.set_trailing_metadata(self.clock.on_report(request.node, context.invocation_metadata()))
         return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
-                              peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
-                              agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
-                              join_raft=self.invite(request.node))
-
-    async def _inventory(self, node: str, inventory_json: str, context: grpc.aio.ServicerContext) -> HostInventory:
-        cached = self._inventories.get(node)
-        if cached is not None and cached[0] == inventory_json:
-            return cached[1]
-        try:
-            # A newer agent may report fields this one does not know: safe to leave out of an inventory.
-            inventory = formats.validate_lenient(HostInventory, inventory_json)
-        except ValidationError as exc:
-            why = validation_message(exc, root="inventory_json")
-            log.warning("garbage report refused", extra=fields(node=node, error=why[:200]))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"report from {node!r}: not a host inventory: {why}")
-        if inventory.name != node:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"report from {node!r} carries the inventory of {inventory.name!r}")
-        self._inventories[node] = (inventory_json, inventory)
-        return inventory
+                              peer_restarts=_restarts_pb(restarts), agent_version=AGENT_VERSION,
+                              state_format=STATE_FORMAT, join_raft=self.invite(request.node))
 
     async def ReportStream(self, requests: AsyncIterator[pb.ReportUpdate], context: grpc.aio.ServicerContext):
         """A host's reports on one long-lived stream (docs/cluster.md, "Liveness by lease").
 
-        The stream remembers what its host last said: a message carries only what changed, and one that
-        changed nothing renews the host's lease (Coordinator.renew) without touching its report. The
-        stream speaks for one host, the one its first message names, and that must be the caller's
-        certificate name (docs/security.md); any message while this agent is not the leader ends it
-        (FAILED_PRECONDITION), and the host opens a new one to the leader it then knows.
+        The stream speaks for one host, the one its first message names, and that must be the caller's
+        certificate name (docs/security.md). The leader records what it says (agentd/reports.py); a voter
+        that does not lead relays it (agentd/cluster/relay.py, "Reports through a voter"). A message that
+        reaches an agent that can do neither ends the stream (FAILED_PRECONDITION), and the host opens a new
+        one to the leader it then knows; so does a leader change under a stream (UNAVAILABLE).
         """
         node = ""
-        inventory: HostInventory | None = None
-        instances: list[InstanceReport] = []
-        agent = PeerVersion()
-        recorded = None  # the coordinator's NodeReport this stream last wrote
+        session = None
+        relayed = False
         async for m in requests:
-            if not self.raft.is_leader:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
             if not node:
                 node = m.node
                 caller = current_caller()
@@ -723,56 +713,131 @@ class AgentService(pb_grpc.AgentServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         "a report stream's first message names its node and carries its "
                                         "inventory and agent version")
-                log.info("report stream opened", extra=fields(node=node, peer=context.peer()))
+                relayed = not self.raft.is_leader and self.relay is not None and self.relay.serving()
+                log.info("report stream opened", extra=fields(node=node, peer=context.peer(), relayed=relayed))
             elif m.node and m.node != node:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"this report stream speaks for {node!r}, not {m.node!r}: one stream per host")
-            if self.coordinator.state.removed(node):
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, removed_message(node))
-            changed = False
-            if m.agent_version:
-                agent = PeerVersion.reported(m.agent_version, m.state_format, m.wire_version,
-                                             m.upgrade_required[:1000])
-                if why := incompatibility(AGENT_VERSION, agent.version):
-                    log.warning("report from an incompatible agent refused", extra=fields(node=node, reason=why))
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"report from {node!r} refused: {why}")
-                changed = True
-            if m.inventory_json:
-                inventory = await self._inventory(node, m.inventory_json, context)
-                changed = True
-            if m.instances_changed:
-                instances = [instance_from_pb(i) for i in m.instances]
-                changed = True
-            assert inventory is not None  # the first message carries it
-            # The proxy's idle clocks (issue 21) move on every report: each message carries them whole.
-            self.coordinator.on_activity(node, {a.deployment: (max(0.0, a.idle_seconds), a.in_flight)
-                                                for a in m.activity[:10000]})
-            # A bare renewal keeps the report this stream recorded; one recorded since by anything else (another
-            # stream or a unary Report of the same host) is replaced by what this stream knows.
-            if changed or self.coordinator.reports.get(node) is not recorded or not self.coordinator.renew(node):
-                restarts = self.accept_report(inventory, instances, agent)
-                recorded = self.coordinator.reports.get(node)
+            if relayed:
+                reply = await self._relay_one(node, m, context)
             else:
-                restarts = self.coordinator.take_peer_restarts(node)
-            cluster_time = 0.0
+                if not self.raft.is_leader:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+                if session is None:
+                    session = self.desk.session(node)
+                reply = await self._record_one(session, m, context)
+            yield reply
+
+    async def _record_one(self, session: Any, m: pb.ReportUpdate, context: grpc.aio.ServicerContext) -> pb.ReportReply:
+        """On the leader: one message of a host's own stream."""
+        node = session.node
+        try:
+            restarts = session.apply(
+                inventory_json=m.inventory_json,
+                instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
+                agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
+                if m.agent_version else None,
+                activity=_activity(m.activity))  # the proxy's idle clocks (issue 21) ride on every message
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+        cluster_time = 0.0
+        if self.clock is not None and m.wall_time:
+            told = dict(self.clock.on_report(node, ((CLOCK_METADATA, repr(m.wall_time)),)))
+            cluster_time = float(told.get(CLUSTER_TIME_METADATA, 0.0))
+        return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
+                              peer_restarts=_restarts_pb(restarts), agent_version=AGENT_VERSION,
+                              state_format=STATE_FORMAT, join_raft=self.invite(node), cluster_time=cluster_time)
+
+    async def _relay_one(self, node: str, m: pb.ReportUpdate, context: grpc.aio.ServicerContext) -> pb.ReportReply:
+        """On a voter that does not lead: hold the message for the leader; the reply is the relay's."""
+        if self.raft.is_leader:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "this agent leads now: open a new report stream to it")
+        if self.coordinator.state.removed(node):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, removed_message(node))
+        try:
+            return self.relay.on_update(node, m)
+        except AgentdError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    async def RelayReports(self, requests: AsyncIterator[pb.RelayBatch], context: grpc.aio.ServicerContext):
+        """On the leader: a voter's batches of its hosts' reports (docs/cluster.md, "Reports through a voter").
+
+        Only a current voter may relay, and with mTLS only under its own certificate's name: a watcher (or
+        a learner) that claims to forward another host's reports is refused (PERMISSION_DENIED). The hosts'
+        own identities were checked by the voter against their certificates when their streams opened.
+        """
+        relay = ""
+        sessions: dict[str, Any] = {}
+        async for batch in requests:
+            if not self.raft.is_leader:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"not the leader; leader is {self.raft.leader_id or 'unknown'}")
+            if not relay:
+                relay = batch.relay
+                caller = current_caller()
+                if caller is not None and caller.kind == "cert" and caller.name != relay:
+                    log.warning("refused a relay stream claiming another node",
+                                extra=fields(caller=caller.name, claimed=relay))
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"the certificate of {caller.name!r} may not relay as {relay!r} "
+                                        "(/agentd.v1.Agent/RelayReports)")
+                log.info("relay stream opened", extra=fields(relay=relay, peer=context.peer()))
+            elif batch.relay and batch.relay != relay:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"this relay stream speaks for {relay!r}, not {batch.relay!r}")
+            member = self.raft.members.get(relay)
+            if member is None or not getattr(member, "voter", False) or relay == self.raft.leader_id:
+                log.warning("refused relayed reports from a host that is not a voter", extra=fields(relay=relay))
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{relay!r} is not a voter: only voters relay other hosts' reports")
+            yield self._relayed(relay, batch, sessions)
+
+    def _relayed(self, relay: str, batch: pb.RelayBatch, sessions: dict[str, Any]) -> pb.RelayReply:
+        replies = []
+        heard: dict[str, Any] = {}  # node -> restarts, in the order heard
+        for m in batch.updates[:100000]:
+            node = m.node
+            session = sessions.get(node)
+            if session is None or m.agent_version:  # a host new on this stream (or its new stream) starts over
+                session = sessions[node] = self.desk.session(node, via=relay)
+            try:
+                heard[node] = session.apply(
+                    inventory_json=m.inventory_json,
+                    instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
+                    agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
+                    if m.agent_version else None,
+                    activity=_activity(m.activity) if m.activity else None)
+            except AgentdError as exc:
+                sessions.pop(node, None)
+                heard.pop(node, None)
+                replies.append(pb.RelayHostReply(node=node, refused_code=status_for(exc).value[0],
+                                                 refused=str(exc)))
+                continue
             if self.clock is not None and m.wall_time:
-                told = dict(self.clock.on_report(node, ((CLOCK_METADATA, repr(m.wall_time)),)))
-                cluster_time = float(told.get(CLUSTER_TIME_METADATA, 0.0))
-            yield pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
-                                 peer_restarts=[pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts],
-                                 agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
-                                 join_raft=self.invite(node), cluster_time=cluster_time)
+                self.clock.observe(node, m.wall_time)
+        for node in batch.live[:100000]:
+            session = sessions.get(node)
+            if session is not None and node not in heard:
+                try:
+                    heard[node] = session.renew()
+                except AgentdError as exc:
+                    sessions.pop(node, None)
+                    replies.append(pb.RelayHostReply(node=node, refused_code=status_for(exc).value[0],
+                                                     refused=str(exc)))
+        for node, restarts in heard.items():
+            join = self.invite(node)
+            if restarts or join:
+                replies.append(pb.RelayHostReply(node=node, peer_restarts=_restarts_pb(restarts), join_raft=join))
+        return pb.RelayReply(term=self.raft.term, leader_id=self.raft.leader_id or "", agent_version=AGENT_VERSION,
+                             state_format=STATE_FORMAT, hosts=replies,
+                             cluster_time=self.clock.now() if self.clock is not None else 0.0)
 
     def accept_report(self, inventory: HostInventory, instances: list[InstanceReport],
                       agent: PeerVersion = PeerVersion()) -> list[tuple[str, int, str]]:
         """Record a host's report (also the leader's own); returns the peer restarts that host must act on."""
-        previous = self.coordinator.reports.get(inventory.name)
-        before = {(i.instance_id, i.part): i.state for i in previous.instances} if previous else {}
-        self.coordinator.on_report(inventory, instances, agent)
-        for i in instances:
-            if before.get((i.instance_id, i.part)) != i.state:
-                self.control.publish_instance_event(i)
-        return self.coordinator.take_peer_restarts(inventory.name)
+        return self.desk.accept(inventory, instances, agent)
 
     async def Logs(self, request, context):
         caller = current_caller()
@@ -789,3 +854,11 @@ class AgentService(pb_grpc.AgentServicer):
                                     f"host {caller.name!r} may read only the logs of its own instances")
         async for chunk in self.control._stream_local(request, context):
             yield chunk
+
+
+def _activity(rows: Any) -> dict[str, DeploymentActivity]:
+    return activity_from_pb(rows)  # idle clocks and per-replica queues (issue 21; agentd/api/activity.py)
+
+
+def _restarts_pb(restarts: list[tuple[str, int, str]]) -> list[pb.PeerRestart]:
+    return [pb.PeerRestart(address=a, port=p, reason=r) for a, p, r in restarts]

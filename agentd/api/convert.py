@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from agentd.errors import InvalidInput
+from agentd.errors import InvalidInput, validation_message
 from agentd.types import DeploymentSpec
 from agentd.v1 import control_pb2 as pb
 
@@ -30,6 +30,9 @@ def spec_from_pb(msg: pb.DeploymentSpec) -> DeploymentSpec:
             "tenant": msg.tenant or "default",
             "parallelism": msg.parallelism or "auto",
             "idle_unload": msg.idle_unload,
+            "min_replicas": msg.min_replicas if msg.HasField("min_replicas") else 1,
+            "max_replicas": msg.max_replicas,
+            "target_queue": msg.target_queue,
             "options": {
                 "gpu_memory_utilization": (
                     opts.gpu_memory_utilization if opts.HasField("gpu_memory_utilization") else None
@@ -56,14 +59,9 @@ def spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
         selector=spec.selector, pin=[pb.GpuPin(host=p.host, gpus=list(p.gpus)) for p in spec.pin],
         exclude_gpus=list(spec.exclude_gpus), options=options, tenant=spec.tenant,
         parallelism="" if spec.parallelism == "auto" else spec.parallelism,  # empty on the wire means auto
-        idle_unload=spec.idle_unload,
+        idle_unload=spec.idle_unload, max_replicas=spec.max_replicas, target_queue=spec.target_queue,
+        **({"min_replicas": spec.min_replicas} if spec.min_replicas != 1 else {}),
     )
 
 
-def validation_message(exc: ValidationError, root: str = "value") -> str:
-    """One line naming each bad field ("replicas: Input should be ..."); `root` names a whole-value error."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or root
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+__all__ = ["spec_from_pb", "spec_to_pb", "validation_message"]

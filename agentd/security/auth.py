@@ -120,6 +120,8 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
     rule("/agentd.v1.Raft/Leave", ROLE_NODE),
     rule("/agentd.v1.Raft/", ROLE_NODE),  # any later Raft method: host-to-host only
     rule("/agentd.v1.Agent/Report", ROLE_NODE),  # its own host only
+    # A voter relaying its hosts' reports to the leader: the leader also checks the caller is a current voter.
+    rule("/agentd.v1.Agent/RelayReports", ROLE_NODE),
     rule("/agentd.v1.Agent/Logs", ROLE_NODE, ROLE_ADMIN),  # node: instances with a part on its host
     rule("/agentd.v1.Models/Remove", ROLE_ADMIN),  # agentd model rm
     rule("/agentd.v1.Models/", ROLE_NODE),  # copies of model files between hosts, by digest (docs/models.md)

@@ -36,7 +36,7 @@ class RuntimeOptions(_message.Message):
     def __init__(self, gpu_memory_utilization: _Optional[float] = ..., ctx_size: _Optional[int] = ..., allow_cpu_offload: _Optional[bool] = ..., extra_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant", "parallelism", "idle_unload")
+    __slots__ = ("name", "model", "runtime", "replicas", "strategy", "selector", "pin", "exclude_gpus", "options", "tenant", "parallelism", "idle_unload", "min_replicas", "max_replicas", "target_queue")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,9 @@ class DeploymentSpec(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     IDLE_UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_QUEUE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     runtime: str
@@ -68,7 +71,10 @@ class DeploymentSpec(_message.Message):
     tenant: str
     parallelism: str
     idle_unload: float
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ..., idle_unload: _Optional[float] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    target_queue: float
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., runtime: _Optional[str] = ..., replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., pin: _Optional[_Iterable[_Union[GpuPin, _Mapping]]] = ..., exclude_gpus: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[RuntimeOptions, _Mapping]] = ..., tenant: _Optional[str] = ..., parallelism: _Optional[str] = ..., idle_unload: _Optional[float] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "deployment", "replica", "generation", "part", "host", "gpus", "role", "state", "reason", "restarts", "endpoint", "term", "pid", "port_in_use")
@@ -173,12 +179,16 @@ class DeleteReply(_message.Message):
     def __init__(self, message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("name", "replicas")
+    __slots__ = ("name", "replicas", "min_replicas", "max_replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("name",)
@@ -461,14 +471,32 @@ class ReportRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ...) -> None: ...
 
 class ModelActivity(_message.Message):
-    __slots__ = ("deployment", "idle_seconds", "in_flight")
+    __slots__ = ("deployment", "idle_seconds", "in_flight", "replicas", "held")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     idle_seconds: float
     in_flight: int
-    def __init__(self, deployment: _Optional[str] = ..., idle_seconds: _Optional[float] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaLoad]
+    held: int
+    def __init__(self, deployment: _Optional[str] = ..., idle_seconds: _Optional[float] = ..., in_flight: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaLoad, _Mapping]]] = ..., held: _Optional[int] = ...) -> None: ...
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("instance_id", "outstanding", "running", "waiting", "capacity")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    outstanding: int
+    running: int
+    waiting: int
+    capacity: int
+    def __init__(self, instance_id: _Optional[str] = ..., outstanding: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format", "join_raft", "cluster_time")
@@ -523,3 +551,43 @@ class PeerRestart(_message.Message):
     port: int
     reason: str
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RelayBatch(_message.Message):
+    __slots__ = ("relay", "updates", "live")
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    relay: str
+    updates: _containers.RepeatedCompositeFieldContainer[ReportUpdate]
+    live: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, relay: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[ReportUpdate, _Mapping]]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RelayHostReply(_message.Message):
+    __slots__ = ("node", "peer_restarts", "join_raft", "refused_code", "refused")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    JOIN_RAFT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_CODE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
+    join_raft: bool
+    refused_code: int
+    refused: str
+    def __init__(self, node: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., join_raft: _Optional[bool] = ..., refused_code: _Optional[int] = ..., refused: _Optional[str] = ...) -> None: ...
+
+class RelayReply(_message.Message):
+    __slots__ = ("term", "leader_id", "agent_version", "state_format", "cluster_time", "hosts")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_TIME_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    leader_id: str
+    agent_version: str
+    state_format: int
+    cluster_time: float
+    hosts: _containers.RepeatedCompositeFieldContainer[RelayHostReply]
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_time: _Optional[float] = ..., hosts: _Optional[_Iterable[_Union[RelayHostReply, _Mapping]]] = ...) -> None: ...

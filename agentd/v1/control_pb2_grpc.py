@@ -813,6 +813,11 @@ class AgentStub:
                 request_serializer=agentd_dot_v1_dot_control__pb2.ReportUpdate.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
                 _registered_method=True)
+        self.RelayReports = channel.stream_stream(
+                '/agentd.v1.Agent/RelayReports',
+                request_serializer=agentd_dot_v1_dot_control__pb2.RelayBatch.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_control__pb2.RelayReply.FromString,
+                _registered_method=True)
         self.Logs = channel.unary_stream(
                 '/agentd.v1.Agent/Logs',
                 request_serializer=agentd_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
@@ -837,6 +842,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayReports(self, request_iterator, context):
+        """A voter forwarding the report streams of the hosts that report to it, one batch at a time; the
+        leader answers each batch. Only the node certificates of current voters may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Logs(self, request, context):
         """The host-local half of Control.Logs: served by the host that runs the instance.
         """
@@ -856,6 +869,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReportStream,
                     request_deserializer=agentd_dot_v1_dot_control__pb2.ReportUpdate.FromString,
                     response_serializer=agentd_dot_v1_dot_control__pb2.ReportReply.SerializeToString,
+            ),
+            'RelayReports': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayReports,
+                    request_deserializer=agentd_dot_v1_dot_control__pb2.RelayBatch.FromString,
+                    response_serializer=agentd_dot_v1_dot_control__pb2.RelayReply.SerializeToString,
             ),
             'Logs': grpc.unary_stream_rpc_method_handler(
                     servicer.Logs,
@@ -917,6 +935,33 @@ class Agent:
             '/agentd.v1.Agent/ReportStream',
             agentd_dot_v1_dot_control__pb2.ReportUpdate.SerializeToString,
             agentd_dot_v1_dot_control__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayReports(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentd.v1.Agent/RelayReports',
+            agentd_dot_v1_dot_control__pb2.RelayBatch.SerializeToString,
+            agentd_dot_v1_dot_control__pb2.RelayReply.FromString,
             options,
             channel_credentials,
             insecure,
