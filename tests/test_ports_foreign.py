@@ -56,6 +56,43 @@ def test_listeners_in_the_ranges_are_reported_unless_agentd_owns_them():
             s.close()
 
 
+def test_owners_are_looked_up_again_only_when_the_listeners_change(monkeypatch):
+    """The owners' scan (every process's fd links) runs once per set of listeners in the ranges: a voter of
+    a large fleet holds thousands of sockets (issue 16). A new or closed listener is still seen at once."""
+    from agentd.inventory import ports
+
+    scans = []
+    real = ports.psutil.net_connections
+
+    def counted(kind: str):
+        scans.append(kind)
+        return real(kind=kind)
+
+    a = _listener()
+    try:
+        pa = a.getsockname()[1]
+        assert (pa, os.fstat(a.fileno()).st_ino) in ports.listening_sockets([(pa, pa)])
+        # Only the default `connections` (psutil's) is cached: count its scans by replacing it everywhere.
+        monkeypatch.setattr(ports, "_last", None)
+        monkeypatch.setattr(ports.psutil, "net_connections", counted)
+        monkeypatch.setattr(ports.foreign_listeners, "__defaults__", (counted,))
+        assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == (pa,)
+        assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == (pa,)
+        assert ports.foreign_listeners([(pa, pa)], lambda pid: pid == os.getpid()) == ()  # owners kept, not ownership
+        assert len(scans) == 1
+        b = _listener()
+        try:
+            pb = b.getsockname()[1]
+            assert ports.foreign_listeners([(pa, pa), (pb, pb)], lambda pid: False) == tuple(sorted((pa, pb)))
+            assert len(scans) == 2
+        finally:
+            b.close()
+    finally:
+        a.close()
+    assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == ()  # closed: nothing listens, no scan
+    assert len(scans) == 2
+
+
 def test_an_unreadable_socket_table_reports_nothing_instead_of_failing():
     def broken(kind: str):
         raise PermissionError("no /proc")
