@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from agentd import autoscale, catalog
 from agentd.cluster.maintenance import Cordon
 from agentd.cluster.state import (
@@ -209,6 +211,7 @@ class Coordinator:
         self._leaving_since: dict[tuple[str, int], float] = {}  # when this leader saw each replica leaving
         self._loads: dict[str, dict[str, autoscale.DeploymentActivity]] = {}  # host -> deployment -> activity
         self.on_scale: Callable[[str, str, str], None] | None = None  # metrics hook: deployment, direction, reason
+        self.on_replicas: Callable[[str, int, int], None] | None = None  # metrics hook: deployment, desired, actual
         self.last_decisions: dict[str, str] = {}  # deployment -> the scaler's last sentence (agentd ps)
 
     # ------------------------------------------------------------------ soft state
@@ -548,8 +551,9 @@ class Coordinator:
             raise InvalidInput("max_replicas must be >= 1 (a deployment scaled by load keeps max_replicas > 0)")
         try:
             DeploymentSpec.model_validate({**record.spec.model_dump(mode="json"), **update})
-        except ValueError as exc:
-            raise InvalidInput(str(exc).splitlines()[-1].strip(), where="bounds") from None
+        except ValidationError as exc:
+            raise InvalidInput("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()),
+                               where="bounds") from None
         async with self._lock:
             self._scaler.pop(name, None)
             return await self._commit(bounds_command(name, min_replicas, max_replicas))
@@ -682,6 +686,8 @@ class Coordinator:
                 d = autoscale.decide(policy, obs, self._scaler.get(name, autoscale.Memory()), now, name)
                 self._scaler[name] = d.memory
                 self.last_decisions[name] = d.sentence
+                if self.on_replicas:
+                    self.on_replicas(name, d.desired, len(active))
                 if d.direction == autoscale.UP:
                     decisions.append(await self._scale_up(record.spec, current, d))
                 elif d.direction == autoscale.DOWN:

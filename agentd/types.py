@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GiB = 1024**3
 MiB = 1024**2
@@ -362,6 +362,37 @@ class DeploymentSpec(Value):
     # IDLE for the next request to place it again (docs/on-demand.md); 0: never.
     idle_unload: float = Field(default=0.0, ge=0.0, le=366 * 86400.0, allow_inf_nan=False,
                                exclude_if=lambda v: v == 0, json_schema_extra=_SINCE_2)
+    # Replicas by load (docs/on-demand.md, "Replicas by load"): with max_replicas > 0 the coordinator keeps
+    # between min_replicas and max_replicas replicas, adding one while the average queue per replica (requests
+    # outstanding at the proxies or queued in the model server) stays above target_queue. min_replicas 0 is
+    # the idle unload: it needs idle_unload (how long without a request before the last replica goes).
+    min_replicas: int = Field(default=1, ge=0, le=10_000, exclude_if=lambda v: v == 1, json_schema_extra=_SINCE_2)
+    max_replicas: int = Field(default=0, ge=0, le=10_000, exclude_if=lambda v: v == 0, json_schema_extra=_SINCE_2)
+    target_queue: float = Field(default=0.0, ge=0.0, le=1e6, allow_inf_nan=False,
+                                exclude_if=lambda v: v == 0, json_schema_extra=_SINCE_2)
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas > 0
+
+    @model_validator(mode="after")
+    def _autoscale_bounds(self) -> DeploymentSpec:
+        if not self.autoscaled:
+            if self.min_replicas != 1 or self.target_queue:
+                raise ValueError("min_replicas and target_queue need max_replicas (replicas by load: "
+                                 "--min-replicas N --max-replicas M --target-queue Q)")
+            return self
+        if self.target_queue <= 0:
+            raise ValueError("max_replicas needs target_queue > 0 (requests queued per replica to aim for)")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if self.min_replicas == 0 and self.idle_unload <= 0:
+            raise ValueError("min_replicas 0 needs idle_unload (how long without a request before the last "
+                             "replica stops), e.g. --idle-unload 15m")
+        if self.idle_unload > 0 and self.min_replicas != 0:
+            raise ValueError("idle_unload stops the last replica, so it means min_replicas 0: "
+                             "pass --min-replicas 0 with it, or drop --idle-unload")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
+from agentd.autoscale import DeploymentActivity, ReplicaReading
 from agentd.logs import fields
 from agentd.metrics import Metrics
 
@@ -40,6 +41,12 @@ class Activity:
         self._quiet = quiet
         self._last: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
+        self._loads: Callable[[], tuple[dict[str, dict[str, ReplicaReading]], dict[str, int]]] | None = None
+
+    def loads_from(self, fn: Callable[[], tuple[dict[str, dict[str, ReplicaReading]], dict[str, int]]]) -> None:
+        """Where `report` reads the per-replica queues: () -> (deployment -> instance id -> reading,
+        deployment -> requests held). `proxy_loads` over the /v1/ proxy, wired by make_http_app."""
+        self._loads = fn
 
     @contextmanager
     def track(self, model: str) -> Iterator[None]:
@@ -55,10 +62,40 @@ class Activity:
             self._in_flight[model] -= 1
             self._last[model] = self._clock()
 
+    def report(self) -> dict[str, DeploymentActivity]:
+        """What this agent's report says of each deployment: `snapshot` plus, for replicas by load, the queue
+        of every replica this proxy sends to (agentd/autoscale.py)."""
+        replicas, held = self._loads() if self._loads is not None else ({}, {})
+        out = {m: DeploymentActivity(idle_seconds=idle, in_flight=n, held=held.get(m, 0),
+                                     replicas=replicas.get(m, {}))
+               for m, (idle, n) in self.snapshot().items()}
+        for m, rs in replicas.items():  # polled, though no request of this agent's is known (cannot happen)
+            if m not in out:
+                out[m] = DeploymentActivity(idle_seconds=float("inf"), replicas=rs, held=held.get(m, 0))
+        return out
+
     def snapshot(self) -> dict[str, tuple[float, int]]:
         """deployment -> (seconds since its last request started or ended here, requests in flight here)."""
         now = self._clock()
         return {m: (max(0.0, now - t), self._in_flight.get(m, 0)) for m, t in sorted(self._last.items())}
+
+
+def proxy_loads(proxy: object) -> tuple[dict[str, dict[str, ReplicaReading]], dict[str, int]]:
+    """The /v1/ proxy's view of each replica it polls (agentd/api/openai_proxy.py, agentd/api/load.py): its own
+    outstanding requests there and the model server's latest reading; and the requests it holds per model."""
+    board = getattr(proxy, "board", None)
+    balancer = getattr(proxy, "balancer", None)
+    if board is None or balancer is None:
+        return {}, {}
+    replicas: dict[str, dict[str, ReplicaReading]] = {}
+    for iid, model in board.polled().items():
+        model = model or iid.rsplit("-r", 1)[0]
+        reading = board.load(iid)
+        replicas.setdefault(model, {})[iid] = ReplicaReading(
+            outstanding=balancer.outstanding(iid), running=reading.busy if reading else 0,
+            waiting=reading.waiting if reading else 0, capacity=reading.capacity if reading else 0)
+    held = {m: n for m in replicas if (n := proxy.held(m))} if hasattr(proxy, "held") else {}
+    return replicas, held
 
 
 class WakeError(Exception):

@@ -83,9 +83,13 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("scale", parents=cparents, help="change a deployment's replica count",
-                       description="Scale a deployment; new replicas are placed, surplus ones stopped.")
+                       description="Scale a deployment; new replicas are placed, surplus ones stopped. A "
+                       "deployment scaled by load (deploy --max-replicas) takes new bounds instead: "
+                       "--min-replicas/--max-replicas (a plain count is refused, as the load would undo it).")
     p.add_argument("name")
-    p.add_argument("replicas", type=int)
+    p.add_argument("replicas", type=int, nargs="?")
+    p.add_argument("--min-replicas", type=int, metavar="N", help="replicas by load: the new lower bound")
+    p.add_argument("--max-replicas", type=int, metavar="M", help="replicas by load: the new upper bound")
     p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("nodes", parents=cparents, help="list the cluster's hosts",
@@ -132,6 +136,14 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-unload", default="0", metavar="AFTER",
                    help="stop the replicas after this long without a request (e.g. 15m; the deployment stays, "
                    "IDLE, and the next /v1/ request loads it again); default: never")
+    p.add_argument("--min-replicas", type=int, metavar="N",
+                   help="replicas by load: never fewer (default 1; 0 needs --idle-unload, which then says when "
+                   "the last replica stops)")
+    p.add_argument("--max-replicas", type=int, default=0, metavar="M",
+                   help="replicas by load: never more; setting it turns scaling by load on (docs/on-demand.md)")
+    p.add_argument("--target-queue", type=float, default=0.0, metavar="Q",
+                   help="replicas by load: requests waiting per replica to aim for (add one above it, remove one "
+                   "well below it)")
     p.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="host label selector")
     p.add_argument("--pin", action="append", default=[], metavar="HOST[:GPU,GPU]", help="pin to a host / GPUs")
     p.add_argument("--exclude-gpu", action="append", default=[], metavar="UUID", help="never use this GPU")
@@ -172,8 +184,13 @@ def spec_from_args(args: argparse.Namespace) -> pb.DeploymentSpec:
         idle_unload = parse_duration(getattr(args, "idle_unload", "0") or "0")
     except ValueError as exc:
         raise InvalidInput(f"--idle-unload: {exc}") from None
+    autoscale: dict = {"max_replicas": getattr(args, "max_replicas", 0) or 0,
+                       "target_queue": getattr(args, "target_queue", 0.0) or 0.0}
+    min_replicas = getattr(args, "min_replicas", None)
+    if min_replicas is not None and not (min_replicas == 0 and idle_unload > 0 and not autoscale["max_replicas"]):
+        autoscale["min_replicas"] = min_replicas  # `--min-replicas 0 --idle-unload T` alone is the idle unload
     return pb.DeploymentSpec(name=args.name, model=model, runtime=args.runtime, replicas=args.replicas,
-                             tenant=getattr(args, "tenant", ""), idle_unload=idle_unload,
+                             tenant=getattr(args, "tenant", ""), idle_unload=idle_unload, **autoscale,
                              strategy=args.strategy, selector=key_values(args.selector, "--selector"), pin=pins,
                              exclude_gpus=args.exclude_gpu, options=options,
                              parallelism=getattr(args, "parallelism", "auto"))
@@ -349,7 +366,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     with _client(args) as c:
         try:
-            reply = c.call("Scale", pb.ScaleRequest(name=args.name, replicas=args.replicas))
+            bounds = {k: v for k, v in (("min_replicas", args.min_replicas), ("max_replicas", args.max_replicas))
+                      if v is not None}
+            if (args.replicas is None) == (not bounds):
+                print("agentd: give a replica count, or --min-replicas/--max-replicas for a deployment scaled "
+                      "by load (not both)", file=sys.stderr)
+                return 2
+            reply = c.call("Scale", pb.ScaleRequest(name=args.name, replicas=args.replicas or 0, **bounds))
         except CannotPlace as exc:
             print(f"agentd: {exc}", file=sys.stderr)
             return EXIT_UNAVAILABLE

@@ -67,6 +67,11 @@ OP_SINCE.update({"node.hold": 2, "node.approve": 2, "secret.rotate": 2})
 
 # Serving on demand (issue 21, docs/on-demand.md): a deployment unloaded after its idle time, placed again on wake.
 OP_SINCE.update({"deployment.idle": 2, "deployment.wake": 2})
+# Replicas by load (issue 21 item 4): a replica chosen for removal stops taking requests, then goes; new bounds.
+OP_SINCE.update({"replica.leave": 2, "replica.remove": 2, "deployment.bounds": 2})
+
+# The highest replica index + 1 of an autoscaled deployment (DeploymentSpec.max_replicas' bound).
+REPLICA_INDEX_LIMIT = 10_000
 
 # Labels only the operator sets (`agentd nodes approve NAME --tenant T`): a host's own report cannot claim them.
 TENANT_LABEL_PREFIX = "tenant.agentd.io/"
@@ -109,6 +114,9 @@ class ClusterState(MaintenanceState):
         self.host_tenants: dict[str, tuple[str, ...]] = {}
         # Deployments unloaded after their idle_unload time: no assignments until a request wakes them.
         self.idle: set[str] = set()
+        # Replicas of autoscaled deployments being scaled down: (deployment, replica) -> the generation chosen.
+        # The proxies send them no new requests; the coordinator removes them once their requests are answered.
+        self.leaving: dict[tuple[str, int], int] = {}
         self.cluster_format = BASELINE_STATE_FORMAT
         self._init_maintenance()
         self.last_index = 0
@@ -122,6 +130,15 @@ class ClusterState(MaintenanceState):
 
     def assignments_for(self, deployment: str) -> list[Assignment]:
         return sorted((a for (d, _), a in self.assignments.items() if d == deployment), key=lambda a: a.replica)
+
+    def replica_limit(self, spec: DeploymentSpec, replicas: int) -> int:
+        """Replica indices run below this. An autoscaled deployment removes its least-loaded replica, whichever
+        index it has, so its indices may have gaps (a new replica takes the lowest free one): any index up to
+        the field's bound; its count is `spec.replicas`, which its own ops keep."""
+        return max(replicas, REPLICA_INDEX_LIMIT) if spec.autoscaled else replicas
+
+    def is_leaving(self, a: Assignment) -> bool:
+        return self.leaving.get((a.deployment, a.replica)) == a.generation
 
     def assignments_on(self, host: str) -> list[Assignment]:
         """Incarnations (assignments and surges) with at least one part on `host`, in a stable order."""
@@ -220,7 +237,7 @@ class ClusterState(MaintenanceState):
         """Create or replace a deployment and its assignments atomically."""
         spec = DeploymentSpec.model_validate(cmd["spec"])
         assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
-        why = self._check_assignments(spec.name, assignments, replicas=spec.replicas)
+        why = self._check_assignments(spec.name, assignments, replicas=self.replica_limit(spec, spec.replicas))
         if why:
             return ApplyResult(False, why)
         existing = self.deployments.get(spec.name)
@@ -229,6 +246,7 @@ class ClusterState(MaintenanceState):
         created = existing.created_index if existing else index
         self.deployments[spec.name] = DeploymentRecord(spec, created, index)
         self.idle.discard(spec.name)  # a (re)deploy places it now
+        self._forget_leaving(spec.name)
         kind = "deployment.updated" if existing else "deployment.created"
         events.append(StateEvent(kind, spec.name, index, term, {"spec": spec.model_dump(mode="json")}))
         self._replace_assignments(spec.name, assignments, index, term, events)
@@ -241,6 +259,7 @@ class ClusterState(MaintenanceState):
             return ApplyResult(False, f"no deployment named {name!r}")
         del self.deployments[name]
         self.idle.discard(name)
+        self._forget_leaving(name)
         self._replace_assignments(name, [], index, term, events)
         events.append(StateEvent("deployment.deleted", name, index, term))
         return ApplyResult(True, f"deployment {name} deleted")
@@ -253,7 +272,8 @@ class ClusterState(MaintenanceState):
             return ApplyResult(False, f"no deployment named {name!r}")
         assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
         replicas = int(cmd.get("replicas", record.spec.replicas))
-        why = self._check_assignments(name, assignments, replicas=replicas)
+        limit = self.replica_limit(record.spec, replicas)
+        why = self._check_assignments(name, assignments, replicas=limit)
         if why:
             return ApplyResult(False, why)
         for a in assignments:
@@ -266,7 +286,7 @@ class ClusterState(MaintenanceState):
             events.append(StateEvent("deployment.updated", name, index, term,
                                      {"spec": record.spec.model_dump(mode="json")}))
         record.updated_index = index
-        keep = {a.replica: a for a in self.assignments_for(name) if a.replica < replicas}
+        keep = {a.replica: a for a in self.assignments_for(name) if a.replica < limit}
         keep.update({a.replica: a for a in assignments})
         self._replace_assignments(name, list(keep.values()), index, term, events)
         return ApplyResult(True, f"deployment {name}: {len(assignments)} assignment(s) set, {replicas} replica(s)")
@@ -280,6 +300,7 @@ class ClusterState(MaintenanceState):
         if name in self.idle:
             return ApplyResult(False, f"deployment {name} is idle already")
         self.idle.add(name)
+        self._forget_leaving(name)
         record.updated_index = index
         self._replace_assignments(name, [], index, term, events)
         events.append(StateEvent("deployment.idle", name, index, term))
@@ -294,14 +315,72 @@ class ClusterState(MaintenanceState):
         if name not in self.idle:
             return ApplyResult(False, f"deployment {name} is not idle")
         assignments = [Assignment.model_validate(a) for a in cmd.get("assignments", [])]
-        why = self._check_assignments(name, assignments, replicas=record.spec.replicas)
+        why = self._check_assignments(name, assignments, replicas=self.replica_limit(record.spec,
+                                                                                     record.spec.replicas))
         if why:
             return ApplyResult(False, why)
         self.idle.discard(name)
+        if record.spec.autoscaled and len(assignments) != record.spec.replicas:  # woken at its lower bound
+            record.spec = record.spec.model_copy(update={"replicas": len(assignments)})
         record.updated_index = index
         self._replace_assignments(name, assignments, index, term, events)
         events.append(StateEvent("deployment.woken", name, index, term, {"replicas": len(assignments)}))
         return ApplyResult(True, f"deployment {name} woken: {len(assignments)} replica(s) placed")
+
+    def _op_replica_leave(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Scale-down, first step: the replica takes no new requests (the proxies skip it) but keeps running."""
+        key = (str(cmd["deployment"]), int(cmd["replica"]))
+        a = self.assignments.get(key)
+        if a is None or a.generation != int(cmd["generation"]):
+            return ApplyResult(False, f"no assignment generation {cmd['generation']} for {key[0]} replica {key[1]}")
+        record = self.deployments[key[0]]
+        if not record.spec.autoscaled:
+            return ApplyResult(False, f"deployment {key[0]} is not scaled by load")
+        if key in self.leaving:
+            return ApplyResult(False, f"{a.instance_id} is leaving already")
+        self.leaving[key] = a.generation
+        events.append(StateEvent("replica.leaving", key[0], index, term,
+                                 {"replica": a.replica, "instance_id": a.instance_id}))
+        return ApplyResult(True, f"{a.instance_id} takes no new requests: it stops once its requests are answered")
+
+    def _op_replica_remove(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """Scale-down, second step: the replica (leaving, or above max_replicas) stops; one replica fewer."""
+        key = (str(cmd["deployment"]), int(cmd["replica"]))
+        a = self.assignments.get(key)
+        if a is None or a.generation != int(cmd["generation"]):
+            return ApplyResult(False, f"no assignment generation {cmd['generation']} for {key[0]} replica {key[1]}")
+        record = self.deployments[key[0]]
+        if not record.spec.autoscaled:
+            return ApplyResult(False, f"deployment {key[0]} is not scaled by load")
+        self.leaving.pop(key, None)
+        keep = [x for x in self.assignments_for(key[0]) if x.replica != key[1]]
+        record.spec = record.spec.model_copy(update={"replicas": len(keep)})
+        record.updated_index = index
+        events.append(StateEvent("deployment.updated", key[0], index, term,
+                                 {"spec": record.spec.model_dump(mode="json")}))
+        self._replace_assignments(key[0], keep, index, term, events)
+        return ApplyResult(True, f"{a.instance_id} removed: {len(keep)} replica(s)")
+
+    def _op_deployment_bounds(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
+        """`agentd scale NAME --min-replicas N --max-replicas M` on an autoscaled deployment: new bounds; the
+        coordinator brings the replica count inside them at its next tick."""
+        name = str(cmd["name"])
+        record = self.deployments.get(name)
+        if record is None:
+            return ApplyResult(False, f"no deployment named {name!r}")
+        if not record.spec.autoscaled:
+            return ApplyResult(False, f"deployment {name} is not scaled by load")
+        update = {"min_replicas": int(cmd.get("min_replicas", record.spec.min_replicas)),
+                  "max_replicas": int(cmd.get("max_replicas", record.spec.max_replicas))}
+        spec = DeploymentSpec.model_validate({**record.spec.model_dump(mode="json"), **update})
+        record.spec = spec
+        record.updated_index = index
+        events.append(StateEvent("deployment.updated", name, index, term, {"spec": spec.model_dump(mode="json")}))
+        return ApplyResult(True, f"deployment {name}: replicas between {spec.min_replicas} and {spec.max_replicas}")
+
+    def _forget_leaving(self, name: str) -> None:
+        for key in [k for k in self.leaving if k[0] == name]:
+            del self.leaving[key]
 
     def _op_node(self, cmd: dict, index: int, term: int, events: list[StateEvent]) -> ApplyResult:
         name, state = cmd["name"], cmd["state"]
@@ -536,6 +615,7 @@ class ClusterState(MaintenanceState):
             **({"host_tenants": {k: list(v) for k, v in sorted(self.host_tenants.items())}}
                if self.host_tenants else {}),
             **({"idle": sorted(self.idle)} if self.idle else {}),
+            **({"leaving": [[d, r, g] for (d, r), g in sorted(self.leaving.items())]} if self.leaving else {}),
             **self._maintenance_snapshot(),
         }, sort_keys=True).encode()
 
@@ -568,6 +648,7 @@ class ClusterState(MaintenanceState):
         self.legacy_instances = frozenset(raw.get("legacy_instances", []))
         self.host_tenants = {str(k): tuple(v) for k, v in raw.get("host_tenants", {}).items()}
         self.idle = {str(n) for n in raw.get("idle", [])}
+        self.leaving = {(str(d), int(r)): int(g) for d, r, g in raw.get("leaving", [])}
         self.cluster_format = raw.get("cluster_format", BASELINE_STATE_FORMAT)
         self._maintenance_restore(raw)
         self.last_index, self.last_term = raw["last_index"], raw["last_term"]
@@ -625,6 +706,22 @@ def wake_command(name: str, assignments: Iterable[Assignment]) -> bytes:
     assignments = list(assignments)
     return _encode({"op": "deployment.wake", "name": name, "assignments": [_dump(a) for a in assignments]},
                    assignments)
+
+
+def replica_leave_command(a: Assignment) -> bytes:
+    return _encode({"op": "replica.leave", "deployment": a.deployment, "replica": a.replica,
+                    "generation": a.generation})
+
+
+def replica_remove_command(a: Assignment) -> bytes:
+    return _encode({"op": "replica.remove", "deployment": a.deployment, "replica": a.replica,
+                    "generation": a.generation})
+
+
+def bounds_command(name: str, min_replicas: int | None, max_replicas: int | None) -> bytes:
+    return _encode({"op": "deployment.bounds", "name": name,
+                    **({"min_replicas": min_replicas} if min_replicas is not None else {}),
+                    **({"max_replicas": max_replicas} if max_replicas is not None else {})})
 
 
 def node_command(name: str, state: str, address: str = "") -> bytes:
