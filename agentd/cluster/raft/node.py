@@ -53,7 +53,14 @@ from agentd.cluster.raft.types import (
     Ready,
     Role,
 )
-from agentd.cluster.raft.watch import WATCHER_MARKER, Watcher, WatchFeed, read_watcher_marker, write_watcher_marker
+from agentd.cluster.raft.watch import (
+    WATCHER_MARKER,
+    Watcher,
+    WatchFeed,
+    encode_event,
+    read_watcher_marker,
+    write_watcher_marker,
+)
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
@@ -189,7 +196,7 @@ class RaftNode:
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
             "Watch": grpc.unary_stream_rpc_method_handler(
                 self._on_watch, request_deserializer=pb.RaftWatchRequest.FromString,
-                response_serializer=pb.RaftWatchEvent.SerializeToString)})])
+                response_serializer=encode_event)})])  # entries go out as bytes encoded once per feed
         self.core: RaftCore | None = None
         self.cluster_id = ""
         self._last_applied = 0

@@ -9,7 +9,11 @@ with AppendEntries to every host.
   (a bounded window), and a stream per watcher: a snapshot of the state machine
   when the watcher is new or asks for an index the window no longer holds, then
   every committed entry in order, and the leader's identity when it changes
-  (a new leader's first entry wakes the stream) and every 10 s.
+  (a new leader's first entry wakes the stream) and every 10 s. Each entry is
+  serialised once, when the first stream sends it, and every stream sends those
+  same bytes (`encode_event` is the method's serializer); the 10 s keepalive is
+  one timer for the whole feed that wakes every stream, not a timer per stream
+  per wait (at 2,048 watchers both were most of a voter's work).
 - The watcher's side is `Watcher`: it applies what the stream carries to its
   state machine, exactly once and in order (an entry at or below what it applied
   is skipped, a gap makes it reconnect and ask again), and when its voter goes
@@ -76,26 +80,37 @@ class VoterView(Protocol):
     def members(self) -> dict[str, Member]: ...
 
 
+def encode_event(ev: pb.RaftWatchEvent | bytes) -> bytes:
+    """The Watch method's response serializer: a feed sends an entry's event as the bytes it encoded once."""
+    return ev if isinstance(ev, bytes) else ev.SerializeToString()
+
+
 class WatchFeed:
     """A voter's recently applied entries, and the streams of the watchers that follow it."""
 
-    def __init__(self, keep: int = FEED_KEEP):
+    def __init__(self, keep: int = FEED_KEEP, beat: float = LEADER_EVERY):
         self.keep = keep
+        self.beat = beat
         self._entries: list[Entry] = []
+        self._encoded: list[bytes | None] = []  # each entry's RaftWatchEvent, serialised when first sent
         self._changed = asyncio.Event()
+        self._beat_task: asyncio.Task | None = None
+        self.beats = 0  # keepalive rounds: a stream sends the leader event when this moved since its last
         self.streams = 0
 
     def applied(self, entry: Entry) -> None:
         if self._entries and entry.index != self._entries[-1].index + 1:
-            self._entries = []  # not contiguous (a snapshot came in between): start the window afresh
+            self._entries, self._encoded = [], []  # not contiguous (a snapshot came in between): start afresh
         self._entries.append(entry)
+        self._encoded.append(None)
         if len(self._entries) > 2 * self.keep:
             del self._entries[: len(self._entries) - self.keep]
+            del self._encoded[: len(self._encoded) - self.keep]
         self._notify()
 
     def reset(self) -> None:
         """A snapshot replaced the state: the window no longer continues it."""
-        self._entries = []
+        self._entries, self._encoded = [], []
         self._notify()
 
     def _notify(self) -> None:
@@ -107,9 +122,34 @@ class WatchFeed:
             return None
         return self._entries[index - self._entries[0].index]
 
+    def _event(self, index: int) -> bytes | None:
+        """The serialised event of the entry at `index`, the same bytes for every stream; None outside the window."""
+        e = self._entry(index)
+        if e is None:
+            return None
+        k = index - self._entries[0].index
+        data = self._encoded[k]
+        if data is None:
+            data = self._encoded[k] = pb.RaftWatchEvent(
+                entry=pb.RaftEntry(index=e.index, term=e.term, kind=int(e.kind), data=e.data)).SerializeToString()
+        return data
+
+    def _start_beat(self) -> None:
+        if self._beat_task is None or self._beat_task.done():
+            self._beat_task = asyncio.get_running_loop().create_task(self._beating())
+
+    async def _beating(self) -> None:
+        """One timer for every stream: each `beat` seconds, wake them all to send their keepalive."""
+        while self.streams:
+            await asyncio.sleep(self.beat)
+            self.beats += 1
+            self._notify()
+        self._beat_task = None
+
     async def serve(self, req: pb.RaftWatchRequest, voter: VoterView, sm: Applier,
                     clock: Callable[[], float] = time.monotonic) -> AsyncIterator[pb.RaftWatchEvent]:
         self.streams += 1
+        self._start_beat()
         try:
             next_index = req.from_index
             if next_index == 0 or (next_index <= voter.last_applied and self._entry(next_index) is None):
@@ -117,33 +157,43 @@ class WatchFeed:
                 yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=voter.last_applied,
                                                                       term=sm.last_term, data=sm.snapshot()))
             sent_leader = None
-            last_sent = 0.0
+            sent_beat = -1
             while True:
                 changed = self._changed
                 while next_index <= voter.last_applied:
-                    e = self._entry(next_index)
-                    if e is None:  # fell out of the window while this watcher was slow: start it over
+                    data = self._event(next_index)
+                    if data is None:  # fell out of the window while this watcher was slow: start it over
                         next_index = self._snapshot_point(voter)
                         yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(
                             index=voter.last_applied, term=sm.last_term, data=sm.snapshot()))
                         continue
-                    yield pb.RaftWatchEvent(entry=pb.RaftEntry(index=e.index, term=e.term, kind=int(e.kind),
-                                                               data=e.data))
+                    yield data
                     next_index += 1
                 leader = (voter.leader_id, voter.term)
-                if leader != sent_leader or clock() - last_sent >= LEADER_EVERY:
-                    yield pb.RaftWatchEvent(leader=pb.RaftWatchLeader(
-                        leader_id=voter.leader_id or "", leader_address=voter.leader_address or "",
-                        term=voter.term, commit_index=voter.commit_index,
-                        members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
-                                 for m in voter.members.values()]))
-                    sent_leader, last_sent = leader, clock()
-                # asyncio.timeout, not wait_for: no task per wait (thousands of streams wake on every entry)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LEADER_EVERY):
-                        await changed.wait()
+                if leader != sent_leader or self.beats != sent_beat:
+                    yield self._leader_event(voter)
+                    sent_leader, sent_beat = leader, self.beats
+                # No timeout per wait: the feed's beat wakes every stream for its keepalive.
+                await changed.wait()
         finally:
             self.streams -= 1
+
+    def _leader_event(self, voter: VoterView) -> bytes:
+        """The leader event as it stands, serialised once for every stream that sends it now."""
+        key = (voter.leader_id, voter.leader_address, voter.term, voter.commit_index,
+               tuple(voter.members.values()))
+        cached = self._leader_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = pb.RaftWatchEvent(leader=pb.RaftWatchLeader(
+            leader_id=voter.leader_id or "", leader_address=voter.leader_address or "", term=voter.term,
+            commit_index=voter.commit_index,
+            members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter) for m in voter.members.values()]
+        )).SerializeToString()
+        self._leader_cache = (key, data)
+        return data
+
+    _leader_cache: tuple[tuple, bytes] | None = None
 
     @staticmethod
     def _snapshot_point(voter: VoterView) -> int:
