@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from agentd.errors import AgentdError
+from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 
@@ -52,6 +53,40 @@ from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
 
 seeds, n, every, out = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 mode = sys.argv[5] if len(sys.argv) > 5 else "stream"
+tls_dir = sys.argv[6] if len(sys.argv) > 6 else ""  # the CA's directory: every host gets its own certificate
+targets_file = out + ".targets"  # the benchmark names hosts here; their watchers time the assignments they see
+targets, seen = set(), {}  # host -> {deployment: monotonic time its watcher applied the assignment}
+
+class TimedState(ClusterState):
+    """The host's replicated state; for a target host, when an assignment to it was applied (the moment a
+    daemon's supervisor would spawn it: this simulator has none)."""
+    name = ""
+    def apply(self, index, term, command):
+        r = super().apply(index, term, command)
+        if self.name in targets:
+            mine = seen.setdefault(self.name, {})
+            for a in self.assignments_on(self.name):
+                if a.deployment not in mine:
+                    mine[a.deployment] = time.monotonic()
+        return r
+
+def credentials(name):
+    if not tls_dir:
+        return None
+    from pathlib import Path
+    from agentd.security.ca import ROLE_NODE, issue_identity, load_ca
+    from agentd.security.tls import TlsIdentity, channel_credentials
+    global _ca
+    if "_ca" not in globals():
+        _ca = load_ca(Path(tls_dir), need_key=True)
+    ident = issue_identity(_ca, name, role=ROLE_NODE, addresses=["127.0.0.2"])
+    return channel_credentials(TlsIdentity(ident.ca_pem, ident.cert_pem, ident.key_pem, name, ROLE_NODE))
+
+def open_channel(creds, address):
+    if creds is None:
+        return grpc.aio.insecure_channel(address)
+    from agentd.security.tls import channel_options
+    return grpc.aio.secure_channel(address, creds, options=channel_options())
 
 def inventory(name):
     g = 80 * 2**30
@@ -65,8 +100,11 @@ async def host(i, channels, stats):
     except Exception as exc:
         stats["errors"].append(f"sim-{i:05d}: {exc!r}"[:300])
 
-async def _host(i, channels, stats):
+async def _host(i, shared, stats):
     name = f"sim-{i:05d}"
+    creds = credentials(name)
+    # With mTLS each host has its own connections, as real hosts do; insecure ones share the simulator's.
+    channels = shared if creds is None else [open_channel(creds, a) for a in seeds]
     req = rpb.RaftJoinRequest(node_id=name, address=f"127.0.0.2:{20000 + i}", agent_version=AGENT_VERSION,
                               state_format=STATE_FORMAT, can_watch=True)
     for attempt in range(60):  # as RaftNode._join: a follower names the leader, ask each in turn
@@ -76,7 +114,8 @@ async def _host(i, channels, stats):
         except grpc.aio.AioRpcError:
             await asyncio.sleep(0.2)
     assert reply.watcher, reply
-    state = ClusterState()
+    state = TimedState()
+    state.name = name
     w = Watcher(name, reply.cluster_id, state, list(seeds), lambda a: channels[seeds.index(a) % len(channels)])
     stats["watchers"].append(w)
     asyncio.get_running_loop().create_task(w.run())
@@ -101,7 +140,7 @@ async def _host(i, channels, stats):
         await asyncio.sleep(every)
 
 async def main():
-    channels = [grpc.aio.insecure_channel(a) for a in seeds]
+    channels = [open_channel(None, a) for a in seeds]
     stats = {"reports": 0, "failed": 0, "watchers": [], "errors": []}
     tasks = []
     for i in range(n):
@@ -110,11 +149,16 @@ async def main():
             await asyncio.sleep(0.5)  # joins in waves: each is a committed entry
     while True:
         ws = stats["watchers"]
+        try:
+            with open(targets_file) as f:
+                targets.update(json.load(f))
+        except (OSError, ValueError):
+            pass
         with open(out + ".tmp", "w") as f:
             json.dump({"joined": len(ws), "reports": stats["reports"], "failed": stats["failed"],
                        "errors": stats["errors"][:5],
                        "applied": sorted(w.last_applied for w in ws),
-                       "leaders": sorted({w.leader_id or "" for w in ws})}, f)
+                       "leaders": sorted({w.leader_id or "" for w in ws}), "seen": seen}, f)
         os.replace(out + ".tmp", out)
         await asyncio.sleep(0.25)
 
@@ -133,6 +177,117 @@ def cpu_percent(pid: int, seconds: float) -> float:
     return 100.0 * (sum(p.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
 
 
+class _CpuSampler:
+    """The peak CPU (% of one core over 0.5 s windows) of each process, from a thread, until stop()."""
+
+    def __init__(self, procs: list[psutil.Process], peak: dict[str, float]):
+        import threading
+        self.procs, self.peak, self._stop = procs, peak, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = {p.pid: (time.monotonic(), sum(p.cpu_times()[:2])) for p in self.procs}
+        while True:
+            stopping = self._stop.wait(0.25)  # a last window up to the stop: a quick failover has one
+            for p in self.procs:
+                try:
+                    t, c = time.monotonic(), sum(p.cpu_times()[:2])
+                except psutil.Error:
+                    continue
+                t0, c0 = last[p.pid]
+                last[p.pid] = (t, c)
+                key = str(p.pid)
+                self.peak[key] = max(self.peak.get(key, 0.0), round(100.0 * (c - c0) / (t - t0), 1))
+            if stopping:
+                return
+
+
+def profile_leader(pid: int, seconds: float, out: Path) -> list[str]:
+    """py-spy's top functions (own time) in the leader over `seconds`, pinned to the simulators' core.
+    Run after the CPU window: sampling stops the process briefly and would count in its CPU."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return ["py-spy is not installed: .venv/bin/pip install py-spy"]
+    argv = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw", "-o", str(out),
+            "--nonblocking"]
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", "1", *argv]
+    subprocess.run(argv, capture_output=True, timeout=seconds + 60)
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    busy = 0
+    try:
+        lines = out.read_text().splitlines()
+    except OSError:
+        return ["py-spy wrote nothing"]
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if "select (selectors.py" in frames[-1] or frames[-1].startswith(("wait (threading.py", "_wait_for_tstate")):
+            continue  # idle: the event loop waiting for I/O, a worker thread waiting for work
+        busy += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + int(count)
+    def top(d: dict[str, int], n: int, mark: str) -> list[str]:
+        return [f"{mark} {100 * v / max(busy, 1):5.1f}% {k}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+    # Percentages are of the leader's busy samples; `own` is time in the function itself, `incl` with callees.
+    return [f"busy samples: {busy}", *top(own, 15, "own"), *top(incl, 40, "incl")]
+
+
+def commit_to_watcher(c: LocalCluster, out: Path, hosts: int, spawns: int, model: Path) -> dict:
+    """Deploy `spawns` one-replica deployments one at a time, each pinned to a different simulated host, and
+    time from Deploy's reply (the entry committed and applied on the leader) to that host's watcher applying
+    the assignment that targets it; also from the Deploy call's start (which adds placement and the commit)."""
+    import random
+    rng = random.Random(hosts)
+    names = [f"sim-{i:05d}" for i in rng.sample(range(hosts), spawns)]
+    Path(str(out) + ".targets").write_text(json.dumps(names))
+    time.sleep(1.0)  # the simulator reads the targets every 0.25 s
+    sent: dict[str, tuple[str, float, float]] = {}
+    for k, host in enumerate(names):
+        name = f"spawn{k}"
+        spec = pb.DeploymentSpec(name=name, model=str(model), runtime="llamabox", replicas=1,
+                                 pin=[pb.GpuPin(host=host, gpus=[0])])
+        t0 = time.monotonic()
+        with c.agents[leader_of(c)].client(timeout=30) as client:
+            client.call("Deploy", pb.DeployRequest(spec=spec))
+        sent[name] = (host, t0, time.monotonic())
+        time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        seen = read(out).get("seen", {})
+        if all(d in seen.get(h, {}) for d, (h, _, _) in sent.items()):
+            break
+        time.sleep(0.25)
+    seen = read(out).get("seen", {})
+    from_reply, from_call, missing = [], [], []
+    for d, (h, t0, t1) in sent.items():
+        t = seen.get(h, {}).get(d)
+        if t is None:
+            missing.append(d)
+            continue
+        from_reply.append(1000 * (t - t1))
+        from_call.append(1000 * (t - t0))
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
+    return {"spawn_n": len(from_reply), "spawn_missing": missing,
+            "reply_to_watcher_ms_p50": pct(from_reply, 0.5), "reply_to_watcher_ms_p99": pct(from_reply, 0.99),
+            "reply_to_watcher_ms_max": pct(from_reply, 1.0),
+            "call_to_watcher_ms_p50": pct(from_call, 0.5), "call_to_watcher_ms_p99": pct(from_call, 0.99),
+            "call_to_watcher_ms_max": pct(from_call, 1.0)}
+
+
 def read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -140,10 +295,12 @@ def read(path: Path) -> dict:
         return {}
 
 
-def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: bool, report: str = "stream") -> dict:
+def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: bool, report: str = "stream", *,
+             secure: bool = False, repeats: int = 1, spawns: int = 0, model: Path | None = None,
+             profile: float = 0.0) -> dict:
     taskset = shutil.which("taskset")
     c = LocalCluster(root, hosts=[simulated_host(n, gpus=8, gpu_gib=80) for n in ("v1", "v2", "v3")],
-                     max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning"})
+                     max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning"}, secure=secure)
     sim = None
     try:
         c.start()
@@ -153,7 +310,8 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         out = root / "sim.json"
         seeds = [a.listen for a in c.agents.values()]
         if hosts:
-            argv = [sys.executable, "-c", SIMULATOR, json.dumps(seeds), str(hosts), str(every), str(out), report]
+            tls = str(c.agents["v1"].tls_dir) if secure else ""
+            argv = [sys.executable, "-c", SIMULATOR, json.dumps(seeds), str(hosts), str(every), str(out), report, tls]
             if taskset:
                 argv = [taskset, "-c", "1", *argv]
             sim = subprocess.Popen(argv, stderr=open(root / "sim.log", "wb"), env={**os.environ})  # noqa: SIM115
@@ -164,7 +322,8 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
                 time.sleep(1)
         time.sleep(max(2 * every, 5))  # steady state: every host reported at least twice
         leader = leader_of(c)
-        cpu = cpu_percent(c.agents[leader].proc.pid, measure)
+        cpus = [cpu_percent(c.agents[leader].proc.pid, measure) for _ in range(repeats)]
+        cpu = sorted(cpus)[len(cpus) // 2]
         for attempt in range(5):  # a loaded leader may have lost an election meanwhile: ask the one there is
             try:
                 with c.agents[leader_of(c)].client(timeout=30) as client:
@@ -174,12 +333,24 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
                 if attempt == 4:
                     raise
                 time.sleep(2)
-        row = {"hosts": hosts, "report": report, "leader_cpu_percent": round(cpu, 1),
+        row = {"hosts": hosts, "report": report, "secure": secure, "leader_cpu_percent": round(cpu, 1),
+               "leader_cpu_runs": [round(x, 1) for x in cpus],
+               "voter_cpu_percent": {n: round(cpu_percent(a.proc.pid, 5), 1) for n, a in c.agents.items()},
+               "loadavg": [round(x, 2) for x in os.getloadavg()],
                "hosts_up": sum(1 for n in nodes if n.state == "up" and n.name.startswith("sim-")),
                "report_failures": read(out).get("failed", 0) if hosts else 0}
+        if profile and hosts:
+            row["profile"] = profile_leader(c.agents[leader_of(c)].proc.pid, profile, root / "leader-profile.txt")
+        if spawns and hosts and model is not None:
+            row.update(commit_to_watcher(c, out, hosts, spawns, model))
         if kill_leader and hosts:
+            leader = leader_of(c)
+            survivors = [psutil.Process(a.proc.pid) for n, a in c.agents.items() if n != leader]
+            peak: dict[str, float] = {}
             t0 = time.monotonic()
             c.kill(leader, signal.SIGKILL)
+            sampler = _CpuSampler(survivors, peak)
+            sampler.start()
             new = c.wait_for_leader(30, not_=leader)[0]
             with c.agents[new].client(timeout=10) as client:
                 commit = client.status().commit_index
@@ -190,7 +361,10 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
                 if time.monotonic() - t0 > 120:
                     break
                 time.sleep(0.1)
+            sampler.stop()
             row["all_watchers_follow_new_leader_s"] = round(time.monotonic() - t0, 2)
+            names = {str(a.proc.pid): n for n, a in c.agents.items()}
+            row["voters_peak_cpu_percent_during_failover"] = {names.get(k, k): v for k, v in peak.items()}
         return row
     finally:
         if sim is not None:
@@ -205,17 +379,26 @@ def main() -> None:
     ap.add_argument("--report-every", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=30.0)
     ap.add_argument("--kill-leader", action="store_true")
+    ap.add_argument("--secure", action="store_true", help="mutual TLS: every simulated host has its own "
+                    "certificate from the cluster CA and its own connections (the issue's figures are secure)")
+    ap.add_argument("--repeats", type=int, default=3, help="CPU windows of --measure seconds; the median is the row's")
+    ap.add_argument("--spawns", type=int, default=0, help="deployments pinned to random simulated hosts, timed "
+                    "from the commit to the target host's watcher applying its assignment")
+    ap.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the leader after the CPU "
+                    "windows; the top entries go in the row")
     ap.add_argument("--report", default="stream",
                     help="stream (Agent/ReportStream, this release), unary (Agent/Report, as agentd 0.1.0), "
                          "or both, one after the other at each size")
     args = ap.parse_args()
     rows = []
     modes = ["unary", "stream"] if args.report == "both" else [args.report]
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(prefix="agentd-fleet-") as d:
+        model = write_tiny_llama_gguf(Path(d) / "tiny.gguf") if args.spawns else None
         for n in (int(x) for x in args.hosts.split(",")):
             for mode in modes:
                 rows.append(one_size(Path(d) / f"n{n}-{mode}", n, args.report_every, args.measure,
-                                     args.kill_leader, mode))
+                                     args.kill_leader, mode, secure=args.secure, repeats=args.repeats,
+                                     spawns=args.spawns, model=model, profile=args.profile))
                 print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"rows": rows}, indent=2))
 
