@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     model_fetch_concurrency: int = Field(default=2, ge=1, le=64)  # models fetched from peers at once
     model_fetch_rate: float = Field(default=0.0, ge=0.0)  # bytes per second per fetch; 0 = unlimited
+    model_transfer_port: int = Field(default=0, ge=0, le=65535)  # copies' byte stream, on listen's host; 0 = any
 
     heartbeat_interval: float = 0.1
     # A hung leader is replaced after about min + (max - min) / 3 (the first of two followers); see docs/raft.md.
@@ -122,6 +123,19 @@ class Settings(BaseSettings):
     idle_report_max_age: float = 3.0
     wake_timeout: float = 300.0  # /v1/: how long a request for an IDLE model is held while it loads
     wake_queue: int = Field(default=256, ge=1)  # /v1/: requests held per agent for models being woken; then 503
+    # Replicas by load (docs/on-demand.md, agentd/autoscale.py): how long the average queue per replica must stay
+    # above target_queue before a replica is added, below half of it before one is removed, the pause after any
+    # change, and how long a replica being removed may take to answer its requests before it is stopped anyway.
+    autoscale_up_after: float = 15.0
+    autoscale_down_after: float = 120.0
+    autoscale_cooldown: float = 60.0
+    scale_down_timeout: float = 300.0
+    # Routing by load (docs/on-demand.md). A replica is full when one more request would wait there beyond this many
+    # (llama-server: beyond its slots; vLLM, SGLang: in their own queue); full replicas are skipped.
+    proxy_replica_max_queue: int = Field(default=8, ge=0)
+    proxy_saturation_queue: int = Field(default=128, ge=0)  # per model and agent, waiting while all are full; then 429
+    proxy_saturation_wait: float = 30.0  # longest such wait; then 429 with Retry-After
+    proxy_prefix_affinity: bool = True  # requests sharing a long prompt prefix go to the same replica
     http_tls_cert: Path | None = None  # PEM chain; with http_tls_key, the HTTP side serves HTTPS
     http_tls_key: Path | None = None
 
@@ -141,6 +155,11 @@ class Settings(BaseSettings):
         "http_header_timeout",
         "idle_report_max_age",
         "wake_timeout",
+        "autoscale_up_after",
+        "autoscale_down_after",
+        "autoscale_cooldown",
+        "scale_down_timeout",
+        "proxy_saturation_wait",
         mode="before",
     )
     @classmethod
@@ -282,6 +301,12 @@ class Settings(BaseSettings):
                              "interval (1s): hosts report that often")
         if not self.wake_timeout > 0:
             raise ValueError("wake_timeout must be positive")
+        if min(self.autoscale_up_after, self.autoscale_down_after, self.autoscale_cooldown) < 0:
+            raise ValueError("autoscale_up_after, autoscale_down_after and autoscale_cooldown must not be negative")
+        if not self.scale_down_timeout > 0:
+            raise ValueError("scale_down_timeout must be positive")
+        if self.proxy_saturation_wait < 0:
+            raise ValueError("proxy_saturation_wait must not be negative")
         if not self.http_header_timeout > 0:
             raise ValueError("http_header_timeout must be positive")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):

@@ -84,6 +84,17 @@ class Metrics:
         self.proxy_retries = Counter("agentd_proxy_retries", "Replicas skipped after a connection failure.",
                                      ["model"], registry=r)
         self.proxy_in_flight = Gauge("agentd_proxy_in_flight", "Requests being proxied now.", ["model"], registry=r)
+        # Saturation (docs/on-demand.md, "Routing by load"): every replica full -> wait in line, or 429.
+        self.proxy_queued = Gauge("agentd_proxy_queued", "/v1/ requests waiting because every replica is full.",
+                                  ["model"], registry=r)
+        self.proxy_queue_seconds = Histogram("agentd_proxy_queue_wait_seconds",
+                                             "How long a /v1/ request waited for a replica with room.", ["model"],
+                                             buckets=PROXY_BUCKETS, registry=r)
+        self.proxy_rejected = Counter("agentd_proxy_rejected", "/v1/ requests answered 429, every replica being "
+                                      "full, by reason (queue_full | timeout).", ["model", "reason"], registry=r)
+        self.replica_queue_depth = Gauge("agentd_replica_queue_depth", "Requests waiting at a replica beyond what it "
+                                         "runs, as this agent's proxy sees it (polled replicas only).",
+                                         ["model", "instance"], registry=r)
         # Serving on demand (docs/on-demand.md)
         self.requests_held = Gauge("agentd_requests_held", "/v1/ requests held while their model wakes.", ["model"],
                                    registry=r)
@@ -92,6 +103,14 @@ class Metrics:
                                       ["model"], buckets=PROXY_BUCKETS, registry=r)
         self.wakes = Counter("agentd_wakes", "Wake calls this agent's proxy made, by result (woken | failed).",
                              ["model", "result"], registry=r)
+        # Replicas by load (docs/on-demand.md), on the leader: its decisions, and the count it aims for vs has.
+        self.scale_events = Counter("agentd_scale_events", "Replica count changes by load, by direction (up | "
+                                    "down) and reason (queue | bounds | unplaceable).",
+                                    ["model", "direction", "reason"], registry=r)
+        self.replicas_desired = Gauge("agentd_replicas_desired", "Replicas the autoscaler wants (leader only).",
+                                      ["model"], registry=r)
+        self.replicas_actual = Gauge("agentd_replicas_actual", "Replicas an autoscaled deployment has, those being "
+                                     "removed not counted (leader only).", ["model"], registry=r)
 
     # ------------------------------------------------------------ Raft
 

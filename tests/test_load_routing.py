@@ -57,7 +57,7 @@ def test_the_board_polls_what_the_proxy_routes_to_and_forgets_stale_readings():
             url = str(server.make_url("/")).rstrip("/")
             board.seen([ep("busy", url), ep("dead", "http://127.0.0.1:9"), ep("other", url, runtime="vllm")])
             await board.poll_once(session)
-            assert board.load("busy") == (2, 2) and board.load("dead") is None and board.load("other") is None
+            assert board.load("busy") == (2, 2, 0) and board.load("dead") is None and board.load("other") is None
             assert seen_keys == ["Bearer k"]
             now[0] += 2.0  # older than three poll periods: not used
             assert board.load("busy") is None

@@ -27,8 +27,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agentd.api.affinity import PrefixTable
 from agentd.api.load import LoadBoard
-from agentd.api.ondemand import Activity, WakeError, Waker
+from agentd.api.ondemand import Activity, WakeError, Waker, proxy_loads
 from agentd.api.openai_proxy import Endpoint, OpenAIProxy, openai_error
 from agentd.logs import fields
 from agentd.metrics import CONTENT_TYPE, Metrics
@@ -97,6 +98,21 @@ class HttpOptions:
     # A connection that has not sent a whole request this long after it opened (or after its last
     # response) is closed: slow-header (slowloris) connections would otherwise be held forever.
     header_timeout: float = 30.0
+    # Routing by load (agentd.api.openai_proxy): a replica is full when one more request would wait there beyond
+    # `replica_max_queue`; with every replica full, up to `saturation_queue` requests per model wait up to
+    # `saturation_wait` seconds, the rest get 429. `prefix_affinity`: agentd.api.affinity.
+    replica_max_queue: int | None = 8
+    saturation_queue: int = 128
+    saturation_wait: float = 30.0
+    prefix_affinity: bool = True
+
+    @classmethod
+    def from_settings(cls, s: Any) -> HttpOptions:
+        """From an agent's Settings (agentd.config)."""
+        return cls(require_api_key=not s.insecure, connect_timeout=s.proxy_connect_timeout,
+                   read_timeout=s.proxy_read_timeout, max_body=s.http_max_body, header_timeout=s.http_header_timeout,
+                   replica_max_queue=s.proxy_replica_max_queue, saturation_queue=s.proxy_saturation_queue,
+                   saturation_wait=s.proxy_saturation_wait, prefix_affinity=s.proxy_prefix_affinity)
 
 
 async def _call(value: Any) -> Any:
@@ -120,7 +136,11 @@ def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app[PROXY] = OpenAIProxy(session, metrics=metrics, connect_timeout=options.connect_timeout,
                                      read_timeout=options.read_timeout, max_attempts=options.max_attempts,
-                                     board=board)
+                                     board=board, max_queue=options.replica_max_queue,
+                                     queue=options.saturation_queue, wait=options.saturation_wait,
+                                     affinity=PrefixTable() if options.prefix_affinity else None)
+            if activity is not None:  # the per-replica queues its reports carry (replicas by load)
+                activity.loads_from(lambda: proxy_loads(app[PROXY]))
             poller = asyncio.ensure_future(board.run(session)) if board is not None else None
             try:
                 yield

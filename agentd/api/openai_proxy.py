@@ -1,8 +1,13 @@
 """Forward one OpenAI-style request to a ready replica, streaming the answer back as it comes.
 
-Choice of replica: least outstanding requests first (a replica busy with a
-long generation gets fewer new requests), round-robin among equals so idle
-replicas share the load. Only endpoints marked ready are ever candidates:
+Choice of replica: least busy first (this proxy's outstanding requests, or
+what the model server reports of itself when it says more: agentd.api.load),
+round-robin among equals so idle replicas share the load; a replica that is
+full (one more request would wait there beyond `proxy_replica_max_queue`) is
+skipped, and when all are, the request waits its turn here
+(agentd.api.saturation) or gets 429. Prefix affinity (agentd.api.affinity)
+may put first the replica that served the same prompt prefix last, while it
+is not overloaded. Only endpoints marked ready are ever candidates:
 the daemon marks an instance ready after its health check passes, and
 removes it when it stops or its host goes down.
 
@@ -34,7 +39,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agentd.api.load import LoadBoard
+from agentd.api.affinity import PrefixTable
+from agentd.api.load import LoadBoard, as_reading
+from agentd.api.saturation import Admission, Saturated
 from agentd.logs import fields
 from agentd.metrics import Metrics
 
@@ -62,19 +69,48 @@ class Endpoint:
     runtime: str = ""  # the runtime plugin, for its load hooks (agentd.api.load)
 
 
-class Balancer:
-    """Least outstanding requests, round-robin among ties. State is per process, by design:
-    each agent balances what passes through it."""
+@dataclass(frozen=True)
+class Pressure:
+    """How busy one replica is, as this proxy knows it now (`Balancer.pressure`)."""
 
-    def __init__(self) -> None:
+    busy: int  # requests it holds: the larger of this proxy's outstanding count and what it reports (runs + waits)
+    queue: int  # of them, waiting at the replica beyond what it runs (the autoscaler's queue depth)
+    free_slot: bool  # it could start one more now (capacity known), or reports nothing waiting
+    full: bool  # one more would wait there beyond `max_queue`: skipped while another has room
+    reported: bool  # the model server's own reading was used (else only this proxy's counters)
+
+
+class Balancer:
+    """Least busy first, round-robin among ties. State is per process, by design: each agent balances what
+    passes through it, plus what the model servers report (agentd.api.load)."""
+
+    def __init__(self, max_queue: int | None = None) -> None:
+        # Requests a replica may hold waiting beyond what it runs before it is full (None: never full).
+        self.max_queue = max_queue
         self._outstanding: dict[str, int] = {}
         self._turn: dict[str, int] = {}
 
+    def pressure(self, e: Endpoint, load: Callable[[str], Sequence[int] | None] | None = None) -> Pressure:
+        """Full is judged only from a model server's own reading: without one, nothing says how many it can take.
+        With its capacity known (llama-server's slots), what it holds beyond capacity waits; without (vLLM), what
+        it says waits."""
+        mine = self._outstanding.get(e.instance_id, 0)
+        reading = as_reading(load(e.instance_id)) if load is not None else None
+        if reading is None:
+            return Pressure(mine, 0, not mine, False, False)
+        busy = max(mine, reading.busy + reading.waiting)
+        # What waits there now; a free slot only while nothing waits (a server that queues with batch slots free
+        # is short of KV cache: one more would wait too).
+        queue = max(reading.waiting, busy - reading.capacity) if reading.capacity else reading.waiting
+        free_slot = not queue and (not reading.capacity or busy < reading.capacity)
+        full = self.max_queue is not None and not free_slot and queue >= self.max_queue
+        return Pressure(busy, queue, free_slot, full, True)
+
     def order(self, model: str, endpoints: Sequence[Endpoint],
-              load: Callable[[str], tuple[int, int] | None] | None = None) -> list[Endpoint]:
-        """Ready endpoints, least busy first. With `load` (what each model server reports, agentd.api.load),
-        busy is the larger of this proxy's outstanding count and the server's own, and a server with no free
-        slot goes last."""
+              load: Callable[[str], Sequence[int] | None] | None = None) -> list[Endpoint]:
+        """Ready endpoints, least busy first, full ones last. With `load` (what each model server reports,
+        agentd.api.load), busy is the larger of this proxy's outstanding count and the server's own, and a
+        server with no free slot goes after those with one."""
         ready = [e for e in endpoints if e.ready]
         if not ready:
             return []
@@ -83,30 +119,35 @@ class Balancer:
         start = turn % len(ready)
         rotated = ready[start:] + ready[:start]
 
-        def key(e: Endpoint) -> tuple[bool, int]:
-            mine = self._outstanding.get(e.instance_id, 0)
-            reported = load(e.instance_id) if load is not None else None
-            if reported is None:
-                return False, mine
-            busy, capacity = reported
-            return bool(capacity) and busy >= capacity, max(mine, busy)
+        def key(e: Endpoint) -> tuple[bool, bool, int]:
+            p = self.pressure(e, load)
+            return p.full, not p.free_slot, p.busy
 
         return sorted(rotated, key=key)  # stable: ties keep the turn
 
     def outstanding(self, instance_id: str) -> int:
         return self._outstanding.get(instance_id, 0)
 
-    @contextmanager
-    def track(self, instance_id: str) -> Iterator[None]:
+    def reserve(self, instance_id: str) -> None:
+        """Count a request as outstanding before it is sent (a waiter given room), so the next pick sees it."""
         self._outstanding[instance_id] = self._outstanding.get(instance_id, 0) + 1
+
+    def release(self, instance_id: str) -> None:
+        left = self._outstanding.get(instance_id, 0) - 1
+        if left > 0:
+            self._outstanding[instance_id] = left
+        else:
+            self._outstanding.pop(instance_id, None)
+
+    @contextmanager
+    def track(self, instance_id: str, *, reserved: bool = False) -> Iterator[None]:
+        """Outstanding while the block runs; `reserved`: counted already by `reserve`."""
+        if not reserved:
+            self.reserve(instance_id)
         try:
             yield
         finally:
-            left = self._outstanding[instance_id] - 1
-            if left:
-                self._outstanding[instance_id] = left
-            else:
-                del self._outstanding[instance_id]
+            self.release(instance_id)
 
 
 def openai_error(status: int, message: str, *, type_: str, code: str | None = None,
@@ -117,41 +158,155 @@ def openai_error(status: int, message: str, *, type_: str, code: str | None = No
 
 
 class OpenAIProxy:
-    """Sends requests to model servers over one pooled client session."""
+    """Sends requests to model servers over one pooled client session.
+
+    With a load board, replicas are ordered by what they report as well as by this proxy's counters; with
+    `max_queue` a replica is full once one more request would wait there beyond `max_queue`, and a request for a
+    model whose every replica is full waits in `admission` (at most `queue` per model, `wait` seconds each; then
+    429). With `affinity`, requests sharing a long prompt prefix go to the replica that had it last, unless it is
+    overloaded (agentd.api.affinity)."""
 
     def __init__(self, session: aiohttp.ClientSession, *, balancer: Balancer | None = None,
                  metrics: Metrics | None = None, connect_timeout: float = 5.0, read_timeout: float = 600.0,
                  max_attempts: int = 3, clock: Callable[[], float] = time.monotonic,
-                 board: LoadBoard | None = None):
+                 board: LoadBoard | None = None, max_queue: int | None = None, queue: int = 128,
+                 wait: float = 30.0, affinity: PrefixTable | None = None):
         self.session = session
         self.board = board
-        self.balancer = balancer or Balancer()
+        self.balancer = balancer or Balancer(max_queue)
         self.metrics = metrics
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self.max_attempts = max(1, max_attempts)
         self._clock = clock
+        self.affinity = affinity
+        self.admission: Admission[Endpoint] = Admission(
+            queue=queue, wait=wait, release=lambda e: self.balancer.release(e.instance_id), clock=clock)
+        if board is not None:
+            board.on_poll = self._polled
+
+    def _load(self) -> Callable[[str], Sequence[int] | None] | None:
+        return self.board.load if self.board is not None else None
+
+    def held(self, model: str) -> int:
+        """Requests this agent holds for `model` because every replica is full."""
+        return self.admission.held(model)
+
+    def replica_queues(self) -> dict[str, tuple[str, int]]:
+        """instance id -> (deployment, requests waiting at that replica beyond what it runs), for every replica
+        this agent polls (sent a request to in the last 30 s); the autoscaler's input."""
+        if self.board is None:
+            return {}
+        load = self.board.load
+        out = {}
+        for iid, model in self.board.polled().items():
+            p = self.balancer.pressure(Endpoint(url="", api_key=None, ready=True, instance_id=iid), load)
+            out[iid] = (model, p.queue)
+        return out
+
+    def _polled(self) -> None:
+        """After each load poll: set the queue gauges, and give room to waiters if some freed up."""
+        if self.metrics is not None:
+            self.metrics.replica_queue_depth.clear()
+            for iid, (model, queue) in self.replica_queues().items():
+                self.metrics.replica_queue_depth.labels(model=model or "-", instance=iid).set(queue)
+        self.admission.kick()
+
+    def _prefer(self, model: str, keys: Sequence[bytes], ordered: list[Endpoint]) -> list[Endpoint]:
+        """`ordered` with the replica that served this prompt prefix last put first, while it is not overloaded:
+        not full, and with a free slot unless no other replica has one either."""
+        if not keys or self.affinity is None or len(ordered) < 2:
+            return ordered
+        want = self.affinity.lookup(model, keys)
+        i = next((k for k, e in enumerate(ordered) if e.instance_id == want), None)
+        if not i:  # unknown, gone, or first already
+            return ordered
+        load = self._load()
+        p = self.balancer.pressure(ordered[i], load)
+        if p.full or (not p.free_slot and any(self.balancer.pressure(e, load).free_slot
+                                              for k, e in enumerate(ordered) if k != i)):
+            return ordered
+        return [ordered[i], *ordered[:i], *ordered[i + 1:]]
+
+    def _ordered(self, model: str, endpoints: Sequence[Endpoint], keys: Sequence[bytes]) -> list[Endpoint]:
+        return self._prefer(model, keys, self.balancer.order(model, endpoints, self._load()))
+
+    def _pick(self, model: str, endpoints: Sequence[Endpoint], keys: Sequence[bytes]) -> Endpoint | None:
+        """For a waiter: the best replica if it has room, reserved for it; None while every one is full."""
+        ordered = self._ordered(model, endpoints, keys)
+        if not ordered or self.balancer.pressure(ordered[0], self._load()).full:
+            return None
+        self.balancer.reserve(ordered[0].instance_id)
+        return ordered[0]
 
     async def forward(self, request: web.Request, *, model: str, body: bytes, payload: dict[str, Any],
                       endpoints: Sequence[Endpoint]) -> web.StreamResponse:
         """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`."""
         endpoint_name = request.path.removeprefix("/v1/")
         if self.board is not None:
-            self.board.seen(endpoints)
-        ordered = self.balancer.order(model, endpoints, self.board.load if self.board is not None else None)
+            self.board.seen(endpoints, model)
+        keys = self.affinity.keys(payload) if self.affinity is not None and endpoint_name != "embeddings" else []
+        ordered = self._ordered(model, endpoints, keys)
+        if not ordered:
+            return self._count(model, endpoint_name, openai_error(
+                503, f"model {model!r} has no ready replica right now; retry shortly",
+                type_="service_unavailable", code="no_ready_replica", headers={"Retry-After": "2"}))
+        reserved: Endpoint | None = None
+        if self.admission.held(model) or self.balancer.pressure(ordered[0], self._load()).full:
+            # Every replica is full (or others wait already: no overtaking them). Wait in line for room.
+            got = await self._wait_for_room(model, endpoint_name, endpoints, keys)
+            if isinstance(got, web.Response):
+                return got
+            reserved = got
+            ordered = [got, *(e for e in ordered if e.instance_id != got.instance_id)]
+        try:
+            return await self._send(request, model, endpoint_name, body, payload, ordered, keys, reserved)
+        finally:
+            self.admission.kick(model)  # this request's replica has room again
+
+    async def _wait_for_room(self, model: str, endpoint_name: str, endpoints: Sequence[Endpoint],
+                             keys: Sequence[bytes]) -> Endpoint | web.Response:
+        started = self._clock()
+        queued = self.metrics.proxy_queued.labels(model=model) if self.metrics is not None else None
+        if queued is not None:
+            queued.inc()
+        try:
+            got = await self.admission.admit(model, lambda: self._pick(model, endpoints, keys))
+        except Saturated as exc:
+            if self.metrics is not None:
+                self.metrics.proxy_rejected.labels(model=model, reason=exc.reason).inc()
+            log.info("every replica is full; answering 429",
+                     extra=fields(model=model, reason=exc.reason, waiting=self.admission.held(model)))
+            if exc.reason == "queue_full":
+                message = (f"model {model!r} is at capacity: every replica is busy and {self.admission.queue} "
+                           "requests are waiting already; retry shortly")
+            else:
+                message = (f"model {model!r} is at capacity: no replica had room within "
+                           f"{self.admission.wait:g}s; retry shortly")
+            return self._count(model, endpoint_name, openai_error(
+                429, message, type_="rate_limit_error", code="model_at_capacity", headers={"Retry-After": "1"}))
+        finally:
+            if queued is not None:
+                queued.dec()
+        if self.metrics is not None:
+            self.metrics.proxy_queue_seconds.labels(model=model).observe(max(0.0, self._clock() - started))
+        return got
+
+    async def _send(self, request: web.Request, model: str, endpoint_name: str, body: bytes,
+                    payload: dict[str, Any], ordered: list[Endpoint], keys: Sequence[bytes],
+                    reserved: Endpoint | None) -> web.StreamResponse:
         # Fewer ready replicas than attempts: the same ones again. A burst of connections to a model server that
         # has just started (the requests held while it woke) saw one fail with "Can not write request body" in
         # 20 (cause not pinned down; llama-server's HTTP library listens with a backlog of 5), and such a
         # failure is as safe to retry as any other before an answer.
-        candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)] if ordered else []
-        if not candidates:
-            return self._count(model, endpoint_name, openai_error(
-                503, f"model {model!r} has no ready replica right now; retry shortly",
-                type_="service_unavailable", code="no_ready_replica", headers={"Retry-After": "2"}))
+        candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)]
         failures: list[str] = []
         started = self._clock()
         for attempt, ep in enumerate(candidates):
+            if keys and self.affinity is not None:
+                self.affinity.record(model, keys, ep.instance_id)
             try:
-                return await self._attempt(request, ep, model, endpoint_name, body, payload, started)
+                with self.balancer.track(ep.instance_id, reserved=reserved is not None and attempt == 0):
+                    return await self._attempt(request, ep, model, endpoint_name, body, payload, started)
             except RETRYABLE as exc:
                 failures.append(f"{ep.instance_id}: {_short(exc)}")
                 if attempt + 1 >= len(ordered):  # a replica tried already: give it a moment
@@ -181,18 +336,17 @@ class OpenAIProxy:
             headers["X-Forwarded-For"] = request.remote
         url = ep.url.rstrip("/") + request.path
         in_flight = self.metrics.proxy_in_flight.labels(model=model) if self.metrics is not None else None
-        with self.balancer.track(ep.instance_id):
+        if in_flight is not None:
+            in_flight.inc()
+        try:
+            async with self.session.post(url, data=body, headers=headers, timeout=self.timeout,
+                                         allow_redirects=False) as upstream:
+                if self.metrics is not None:
+                    self.metrics.proxy_seconds.labels(model=model).observe(max(0.0, self._clock() - started))
+                return await self._relay(request, upstream, ep, model, endpoint_name)
+        finally:
             if in_flight is not None:
-                in_flight.inc()
-            try:
-                async with self.session.post(url, data=body, headers=headers, timeout=self.timeout,
-                                             allow_redirects=False) as upstream:
-                    if self.metrics is not None:
-                        self.metrics.proxy_seconds.labels(model=model).observe(max(0.0, self._clock() - started))
-                    return await self._relay(request, upstream, ep, model, endpoint_name)
-            finally:
-                if in_flight is not None:
-                    in_flight.dec()
+                in_flight.dec()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, ep: Endpoint, model: str,
                      endpoint_name: str) -> web.StreamResponse:
