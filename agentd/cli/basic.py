@@ -47,8 +47,14 @@ def installed_plugins() -> list[dict[str, str]]:
     """Each `agentd.plugins` entry point with its distribution's name and version, sorted by name.
 
     Read from the package metadata only: importing a plugin costs time (and may fail), and
-    `agentd version` must answer at once, whatever is installed.
+    `agentd version` must answer at once, whatever is installed. The `*.dist-info` directories on
+    sys.path are read directly (`_scan_plugins`): importlib.metadata parses each METADATA file with the
+    email package, whose import alone was a third of `agentd version` (issue 16). importlib.metadata
+    answers when the scan cannot (metadata of another shape, say in a zip).
     """
+    found = _scan_plugins(PLUGIN_GROUP)
+    if found is not None:
+        return found
     from importlib.metadata import entry_points
 
     out = []
@@ -59,12 +65,84 @@ def installed_plugins() -> list[dict[str, str]]:
     return out
 
 
+def _scan_plugins(group: str) -> list[dict[str, str]] | None:
+    """The entry points of `group` from the `*.dist-info` directories on sys.path, the first distribution of
+    a name winning (as importlib.metadata does); None when a path entry is not a plain directory."""
+    import os
+    import re
+    import sys
+
+    seen: set[str] = set()
+    out: dict[str, dict[str, str]] = {}
+    for entry in sys.path:
+        path = entry or "."
+        if not os.path.isdir(path):
+            if os.path.isfile(path):
+                return None  # a zip on the path: importlib.metadata reads those
+            continue
+        try:
+            names = sorted(n for n in os.listdir(path) if n.endswith(".dist-info"))
+        except OSError:
+            continue
+        for name in names:
+            d = os.path.join(path, name)
+            try:
+                with open(os.path.join(d, "entry_points.txt"), encoding="utf-8") as f:
+                    eps = _entry_points(f.read(), group)
+            except OSError:
+                eps = []
+            headers = _headers(d) if eps else {}
+            dist = headers.get("name", [name.partition("-")[0]])[0]
+            key = re.sub(r"[-_.]+", "-", dist).lower()
+            if key in seen:
+                continue
+            seen.add(key)
+            api = _plugin_api(headers.get("keywords", []))
+            version = headers.get("version", [""])[0]
+            for ep in eps:
+                out.setdefault(ep, {"name": ep, "distribution": dist, "version": version, "api": api})
+    return [out[k] for k in sorted(out)]
+
+
+def _entry_points(text: str, group: str) -> list[str]:
+    names, inside = [], False
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            inside = line == f"[{group}]"
+        elif inside and "=" in line and not line.startswith(("#", ";")):
+            names.append(line.partition("=")[0].strip())
+    return names
+
+
+def _headers(dist_info: str) -> dict[str, list[str]]:
+    """Name, Version and Keywords from a METADATA file's header block (lower-case keys)."""
+    import os
+
+    out: dict[str, list[str]] = {}
+    try:
+        with open(os.path.join(dist_info, "METADATA"), encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the body (the long description) follows
+                key, sep, value = line.partition(":")
+                if sep and key.lower() in ("name", "version", "keywords"):
+                    out.setdefault(key.lower(), []).append(value.strip())
+    except OSError:
+        pass
+    return out
+
+
 def declared_plugin_api(dist: Any) -> str:
     """The plugin API version a distribution declares in its metadata: the keyword `agentd-plugin-api=1.0`
     (docs/plugins.md, "Versioning"); "" when it declares none."""
     if dist is None:
         return ""
-    for line in dist.metadata.get_all("Keywords") or ():
+    return _plugin_api(dist.metadata.get_all("Keywords") or ())
+
+
+def _plugin_api(keywords: Any) -> str:
+    for line in keywords:
         for word in line.replace(",", " ").split():
             if word.startswith("agentd-plugin-api="):
                 return word.partition("=")[2]
