@@ -10,12 +10,13 @@ PLUGINS = PKG.parent / "plugins"
 
 FORBIDDEN = {
     "placement": {"asyncio", "grpc", "pynvml", "psutil", "subprocess", "socket", "aiohttp", "gc",
-                  "agentd.cluster", "agentd.runtime", "agentd.api", "agentd.inventory", "agentd.daemon"},
+                  "agentd.cluster", "agentd.runtime", "agentd.api", "agentd.inventory", "agentd.daemon",
+                  "agentd.agent"},
     "modelinfo": {"asyncio", "grpc", "aiohttp", "agentd.cluster", "agentd.runtime", "agentd.api",
                   "agentd.placement"},
     "inventory": {"agentd.placement", "agentd.cluster", "agentd.runtime", "agentd.api"},
-    "cluster": {"agentd.runtime", "agentd.api", "agentd.daemon"},
-    "runtime": {"agentd.cluster", "agentd.api", "agentd.daemon"},
+    "cluster": {"agentd.runtime", "agentd.api", "agentd.daemon", "agentd.agent"},
+    "runtime": {"agentd.cluster", "agentd.api", "agentd.daemon", "agentd.agent"},
 }
 
 

@@ -11,7 +11,7 @@ carries, so a host can renew itself and nobody else. The new files replace
 `node.crt` and `node.key`; the agent's servers present the new certificate
 from the next handshake on, and new outgoing channels use it.
 
-The pure parts are here; the daemon does the calls (`Daemon._renew_certificate`).
+The pure parts are here; the daemon does the calls (`agentd.agent.renewer.CertificateRenewer`).
 """
 
 from __future__ import annotations
