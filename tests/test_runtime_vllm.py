@@ -158,6 +158,12 @@ def test_real_vllm_serve_through_the_supervisor(tmp_path):
         assert _post(port, completion, key="agd_someone-else")[0] == 401
         code, body = _post(port, completion, key=key)
         assert code == 200 and body["model"] == "tiny" and body["usage"]["completion_tokens"] == 5
+        # The proxy's load hook reads this server's own /metrics (issue 21 item 3): idle again, nothing waits.
+        from agentd_vllm.load import agentd_load_path, agentd_read_load
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{agentd_load_path('vllm')}",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert agentd_read_load("vllm", r.status, r.read()) == (0, 0, 0)
         tree = [pid, *[int(x) for x in _children(pid)]]  # API server, EngineCore, workers
         assert len(tree) >= 2
         out = await sup.apply([])

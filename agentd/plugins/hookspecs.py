@@ -231,7 +231,8 @@ def agentd_health(assignment: Assignment, part_index: int, process: ProcessSpec,
 
 @hookspec(firstresult=True)
 def agentd_load_path(runtime: str) -> str | None:
-    """The path on a replica's main server that says how busy it is (llamabox: `/slots`), or None.
+    """The path on a replica's main server that says how busy it is (llamabox: `/slots`; vllm: `/metrics`;
+    sglang: `/v1/loads?include=core`), or None.
 
     The /v1/ proxy GETs it about twice a second from each replica it sent a
     request to recently (with the server's own key), and hands the answer to
@@ -240,12 +241,16 @@ def agentd_load_path(runtime: str) -> str | None:
 
 
 @hookspec(firstresult=True)
-def agentd_read_load(runtime: str, status: int, body: bytes) -> tuple[int, int] | None:
-    """Read one answer from `agentd_load_path`: `(busy, capacity)`, the requests the model server works on
-    now and how many it can work on at once (llamabox: slots processing, slots), or None when unreadable.
+def agentd_read_load(runtime: str, status: int, body: bytes) -> tuple[int, ...] | None:
+    """Read one answer from `agentd_load_path`: `(busy, capacity)` or `(busy, capacity, waiting)`: the requests
+    the model server works on now, how many it can work on at once (0: it does not say), and how many wait in
+    its own queue (llamabox: slots processing, slots; vllm: running, 0, waiting; sglang: running, its batch
+    limit, waiting), or None when unreadable.
 
-    The proxy prefers the least busy replica and skips one with busy >= capacity
-    while another has room. Called for every poll: keep it cheap and free of I/O.
+    The proxy prefers the least busy replica and skips a full one (no free slot and
+    `proxy_replica_max_queue` waiting already) while another has room; when every
+    replica is full, requests wait in a bounded line or get 429 (docs/on-demand.md).
+    Called for every poll: keep it cheap and free of I/O.
     """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_sglang.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
+from agentd_sglang.load import agentd_load_path, agentd_read_load  # noqa: F401 (proxy routing hooks)
 from agentd_sglang.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,

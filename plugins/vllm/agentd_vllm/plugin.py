@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agentd.plugins.api import RuntimeInfo, hookimpl
 from agentd_vllm.installed import agentd_installed  # noqa: F401 (describe hook, re-exported for pluggy)
+from agentd_vllm.load import agentd_load_path, agentd_read_load  # noqa: F401 (proxy routing hooks)
 from agentd_vllm.placement import (  # noqa: F401 (placement hooks, re-exported for pluggy)
     agentd_constraints,
     agentd_estimate,
