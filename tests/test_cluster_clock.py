@@ -128,3 +128,26 @@ def test_a_leader_a_day_ahead_gives_keys_their_intended_lifetime_everywhere(tmp_
         assert {n: get(u, reply.key) for n, u in urls.items()} == dict.fromkeys(urls, 401)
     finally:
         c.stop()
+
+
+def test_the_leader_reuses_its_median_for_a_second_unless_a_reporter_or_the_members_change():
+    """Every report asks for the median: at 2,048 reporters taking it each time was 0.24 ms a report."""
+    from agentd.cluster import clock as clock_module
+
+    clocks = Clocks()
+    leader = ClusterClock(wall=clocks.wall(), monotonic=lambda: clocks.mono)
+    leader.leading, leader.members = True, 3
+    for n in ("b", "c"):
+        leader.on_report(n, [(CLOCK_METADATA, repr(clocks.real + 10.0))])
+    assert abs(leader.correction() - 10.0) < 1e-6
+    for n in ("b", "c"):  # both clocks moved: the same reporters within the second keep the median taken
+        leader.on_report(n, [(CLOCK_METADATA, repr(clocks.real + 20.0))])
+    assert abs(leader.correction() - 10.0) < 1e-6
+    leader.on_report("d", [(CLOCK_METADATA, repr(clocks.real + 20.0))])  # a new reporter: taken at once
+    assert abs(leader.correction() - 20.0) < 1e-6
+    leader.on_report("b", [(CLOCK_METADATA, repr(clocks.real - 30.0))])
+    leader.on_report("c", [(CLOCK_METADATA, repr(clocks.real - 30.0))])
+    leader.on_report("d", [(CLOCK_METADATA, repr(clocks.real - 30.0))])
+    assert abs(leader.correction() - 20.0) < 1e-6
+    clocks.mono += clock_module.MEDIAN_EVERY  # a second later: the median of what they said last
+    assert abs(leader.correction() - -30.0) < 1e-6

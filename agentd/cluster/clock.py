@@ -35,6 +35,9 @@ CLUSTER_TIME_METADATA = "x-agentd-cluster-time"  # the leader's answer: the memb
 FRESH = 10.0  # seconds a reported offset counts for the median
 STALE = 60.0  # seconds an agent keeps using the last correction it was told
 MAX_ERROR = 1.0  # a report's network delay bounds the error of one observation; documented as 1 s
+# Seconds the leader reuses the median it took: every report asks for it, and at 2,048 reporters taking it
+# cost 0.24 ms a report (issue 16). A new reporter, or a change of members, takes it again at once.
+MEDIAN_EVERY = 1.0
 
 
 class ClusterClock:
@@ -45,6 +48,7 @@ class ClusterClock:
         self._correction: tuple[float, float] | None = None  # (seconds to add, when told: monotonic)
         self.leading = False
         self.members = 3  # Raft members, this one included (the daemon keeps it current)
+        self._median: tuple[tuple, float, float | None] | None = None  # (what it depends on, when, the value)
 
     # ------------------------------------------------------------ reading
 
@@ -62,7 +66,18 @@ class ClusterClock:
     def _leader_correction(self) -> float | None:
         """The median of the members' fresh clocks, once the leader has heard enough of them (all the others,
         or two). Until then (just elected, reports on their way) the correction it was told as a follower, so
-        a newly elected leader with a wrong clock does not stamp with it; None when it knows neither."""
+        a newly elected leader with a wrong clock does not stamp with it; None when it knows neither.
+        Taken again after MEDIAN_EVERY seconds, or at once when a reporter or the members changed."""
+        now = self._mono()
+        key = (len(self._offsets), self.members, self._correction)
+        cached = self._median
+        if cached is not None and cached[0] == key and 0.0 <= now - cached[1] < MEDIAN_EVERY:
+            return cached[2]
+        value = self._take_median()
+        self._median = (key, now, value)
+        return value
+
+    def _take_median(self) -> float | None:
         fresh = self._fresh()
         if len(fresh) >= min(2, max(self.members - 1, 0)):
             return statistics.median([0.0, *fresh])
