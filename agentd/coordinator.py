@@ -148,6 +148,18 @@ def with_cordons(host: HostInventory, cordons: Sequence[Cordon]) -> HostInventor
         "gpus": tuple(g.model_copy(update={"cordoned": True}) if g.index in gpus else g for g in host.gpus)})
 
 
+def diagnosis_text(diagnosis: Any) -> str:
+    """An unplaceable plan's diagnosis as one paragraph: the headline, each counted reason, the nearest miss."""
+    if diagnosis is None:
+        return "unplaceable"
+    lines = [diagnosis.message]
+    lines += [f"{r.count} x {r.reason}" if r.count > 1 else r.reason for r in diagnosis.reasons
+              if r.reason not in diagnosis.message]
+    if diagnosis.near_miss:
+        lines.append(f"closest: {diagnosis.near_miss}")
+    return "; ".join(lines)
+
+
 def host_of(address: str) -> str:
     """'10.0.0.3:7070' -> '10.0.0.3'; '[::1]:7070' -> '::1'."""
     host = address.rpartition(":")[0] if ":" in address else address
@@ -213,6 +225,8 @@ class Coordinator:
         self.on_scale: Callable[[str, str, str], None] | None = None  # metrics hook: deployment, direction, reason
         self.on_replicas: Callable[[str, int, int], None] | None = None  # metrics hook: deployment, desired, actual
         self.last_decisions: dict[str, str] = {}  # deployment -> the scaler's last sentence (agentd ps)
+        # deployment -> (when, the full diagnosis) of its last wake that could not be placed (agentd ps and ls)
+        self.wake_failures: dict[str, tuple[float, str]] = {}
 
     # ------------------------------------------------------------------ soft state
 
@@ -502,6 +516,8 @@ class Coordinator:
                 whys.extend(rp.why for rp in plan.replicas)
             log.info("placed deployment", extra=fields(deployment=spec.name, replicas=len(assignments),
                                                         term=self.consensus.term))
+            self.wake_failures.pop(spec.name, None)
+            self.last_decisions.pop(spec.name, None)
             return await self._commit(deploy_command(spec, assignments, replace=replace))
 
     async def scale(self, name: str, replicas: int, whys: list[str] | None = None) -> tuple[ApplyResult, int]:
@@ -573,7 +589,9 @@ class Coordinator:
                 spec = spec.model_copy(update={"replicas": max(spec.min_replicas, 1)})
             plan, _ = await self.plan_when_ready(spec, exclude_deployment=name)
             if not plan.placed:
+                self.wake_failures[name] = (self.clock(), diagnosis_text(plan.diagnosis))
                 raise Unplaceable(plan.diagnosis)
+            self.wake_failures.pop(name, None)
             # A new generation (the index of the entry that made it idle, so never one used before): the woken
             # replicas' instance ids differ from the unloaded ones', whose last reports may still be around.
             assignments = [a.model_copy(update={"generation": record.updated_index + 1})
@@ -763,6 +781,9 @@ class Coordinator:
         await self._require_leader()
         if name not in self.state.deployments:
             raise InvalidInput(f"no deployment named {name!r}")
+        self.wake_failures.pop(name, None)
+        self.last_decisions.pop(name, None)
+        self._scaler.pop(name, None)
         return await self._commit(delete_command(name))
 
     async def _commit(self, command: bytes) -> tuple[ApplyResult, int]:

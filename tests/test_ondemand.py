@@ -242,3 +242,49 @@ def test_held_requests_and_wakes_are_metrics():
 
 async def _true() -> bool:
     return True
+
+
+# ---------------------------------------------------------------------- wake: holders first, failures recorded
+
+
+async def test_wake_prefers_a_host_that_holds_the_model_files_and_records_a_failed_wake(placer, models,  # noqa: F811
+                                                                                           tmp_path):
+    """Issue 19's placement scoring applies on wake as on deploy: the holder, not the first host with room;
+    with the holder full, any host that fits (it will fetch). An unplaceable wake leaves its diagnosis with
+    the leader for `agentd ps`/`ls`."""
+    from tests.test_model_coordinator import DIGEST, holding, with_free
+
+    room = 64 << 20
+    w = World(placer, [with_free(host("a", gpu_gib=24), room), with_free(host("b", gpu_gib=24), room),
+                       holding(host("c", gpu_gib=24), models["tiny"])]).start()
+    w.coord.idle_report_max_age = 3.0
+    import shutil
+
+    other = shutil.copy(models["tiny"], tmp_path / "other.gguf")
+    await w.coord.deploy(spec("path", str(other)))  # a file no host reports holding: no holder to prefer
+    assert [p.host for p in w.state.assignments_for("path")[0].plan.parts] != ["c"]
+    await w.coord.deploy(spec("m", "m", idle_unload=2.0))
+    assert w.state.assignments_for("m")[0].model == f"m@{DIGEST}"
+    await w.raft.propose(idle_command("m"))
+    result, _ = await w.coord.wake("m")
+    assert result is not None and [p.host for p in w.state.assignments_for("m")[0].plan.parts] == ["c"]
+    # The holder full (cordoned): the wake goes to a host that fits now, and would fetch the files there.
+    await w.raft.propose(idle_command("m"))
+    from agentd.cluster.maintenance import Cordon
+    from agentd.cluster.state import cordon_command
+
+    await w.raft.propose(cordon_command(Cordon(host="c")))
+    await w.coord.wake("m")
+    assert [p.host for p in w.state.assignments_for("m")[0].plan.parts] in (["a"], ["b"])
+    # Nowhere: Unplaceable, and the full diagnosis stays with the leader until a wake or deploy succeeds.
+    await w.raft.propose(idle_command("m"))
+    for h in ("a", "b"):
+        await w.raft.propose(cordon_command(Cordon(host=h)))
+    with pytest.raises(Unplaceable):
+        await w.coord.wake("m")
+    assert "cordoned" in w.coord.wake_failures["m"][1]
+    from agentd.cluster.state import uncordon_command
+
+    await w.raft.propose(uncordon_command("c", None))
+    await w.coord.wake("m")
+    assert "m" not in w.coord.wake_failures

@@ -171,6 +171,13 @@ def test_idle_unload_then_wake_on_request_anywhere(tmp_path):
         assert idle(c, "m") and not json.loads(deployment(c, "m").assignments_json)
         assert len(servers_of(c.root)) == 1
         assert any("could not wake an idle deployment" in text and "cordoned" in text for _, text in c.logs())
+        # ... and to the operator in `agentd ps` and `agentd ls`: the leader's note, hosts and reasons included.
+        ps = cli(c, "ps")
+        assert ps.returncode == 0 and "m: last wake failed" in ps.stdout and "cordoned" in ps.stdout, ps.stdout
+        ls = cli(c, "ls")
+        assert "m: last wake failed" in ls.stdout, ls.stdout
+        listed = {d["name"]: d for d in json.loads(cli(c, "ls", "--json").stdout)["deployments"]}
+        assert "cordoned" in listed["m"]["wake_error"] and "wake_error" not in listed["n"]
     finally:
         c.stop()
 

@@ -206,7 +206,20 @@ class ControlService(pb_grpc.ControlServicer):
             assignments_json=json.dumps([a.model_dump(mode="json") for a in assignments]),
             updated_index=record.updated_index,
             idle=name in self.state.idle,
+            **self._leader_notes(name),
         )
+
+    def _leader_notes(self, name: str) -> dict[str, str]:
+        """What only the leader knows of a deployment (soft state): its last failed wake, the autoscaler's view."""
+        if not self.raft.is_leader:
+            return {}
+        out = {}
+        failed = self.coordinator.wake_failures.get(name)
+        if failed is not None:
+            out["wake_error"] = f"{self.coordinator.clock() - failed[0]:.0f}s ago: {failed[1]}"
+        if scaling := self.coordinator.last_decisions.get(name):
+            out["scaling"] = scaling
+        return out
 
     async def _read(self, method: str, request: Any, context: grpc.aio.ServicerContext,
                     answer: Callable[[], Any]) -> Any:
@@ -377,7 +390,8 @@ class ControlService(pb_grpc.ControlServicer):
                     cordoned=[c.key for c in self.state.cordons_of(name)],
                     draining=left, drain_blocked=blocked,
                     role=("leader" if name == self.raft.leader_id else "voter" if getattr(member, "voter", False)
-                          else "learner" if member is not None else "watcher")))
+                          else "learner" if member is not None else "watcher"),
+                    reports_via=rep.via if rep else ""))
             return pb.ListNodesReply(nodes=nodes)
         return await self._on_leader("ListNodes", request, context, local)
 

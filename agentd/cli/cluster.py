@@ -337,22 +337,37 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for d in reply.deployments:
         running = len({i.replica for i in d.instances if i.state == "RUNNING" and i.role == "main"})
         ready = f"IDLE (0/{d.spec.replicas})" if d.idle else f"{running}/{d.spec.replicas}"
+        if d.spec.max_replicas:  # scaled by load: its bounds
+            ready += f" [{d.spec.min_replicas if d.spec.HasField('min_replicas') else 1}-{d.spec.max_replicas}]"
         rows.append([d.spec.name, d.spec.runtime, ready, d.spec.model])
         data.append({"name": d.spec.name, "runtime": d.spec.runtime, "replicas": d.spec.replicas,
-                     "ready": running, "model": d.spec.model, "spec": d.spec, **({"idle": True} if d.idle else {})})
+                     "ready": running, "model": d.spec.model, "spec": d.spec, **({"idle": True} if d.idle else {}),
+                     **({"wake_error": d.wake_error} if d.wake_error else {}),
+                     **({"scaling": d.scaling} if d.scaling else {})})
     emit(args, lambda: {"deployments": [{**d, "spec": _dict(d["spec"])} for d in data]},
-         lambda: _table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]))
+         lambda: "\n".join([_table(rows, ["NAME", "RUNTIME", "READY", "MODEL"]), *_notes(reply.deployments)]))
     return 0
+
+
+def _notes(deployments) -> list[str]:
+    """The leader's notes under the table: why a wake could not be placed (the operator's full diagnosis)."""
+    return [f"{d.spec.name}: last wake failed {d.wake_error}" for d in deployments if d.wake_error]
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     with _client(args) as c:
         reply = c.call("ListInstances", pb.ListInstancesRequest(deployment=args.deployment, local=args.local))
+        # The leader's notes (a failed wake's diagnosis, the autoscaler's view): not from a local-only answer.
+        deployments = [] if args.local else [d for d in c.call("List", pb.ListRequest()).deployments
+                                             if not args.deployment or d.spec.name == args.deployment]
     rows = [[i.instance_id, str(i.part), i.role, i.host, ",".join(map(str, i.gpus)) or "-", i.state,
              str(i.restarts), i.endpoint, i.reason] for i in reply.instances]
-    emit(args, lambda: {"instances": [_dict(i) for i in reply.instances]},
-         lambda: _table(rows, ["INSTANCE", "PART", "ROLE", "HOST", "GPUS", "STATE", "RESTARTS", "ENDPOINT",
-                               "REASON"]))
+    notes = {d.spec.name: {k: v for k, v in (("wake_error", d.wake_error), ("scaling", d.scaling)) if v}
+             for d in deployments if d.wake_error or d.scaling}
+    lines = [*_notes(deployments), *(d.scaling for d in deployments if d.scaling)]
+    emit(args, lambda: {"instances": [_dict(i) for i in reply.instances], **({"deployments": notes} if notes else {})},
+         lambda: "\n".join([_table(rows, ["INSTANCE", "PART", "ROLE", "HOST", "GPUS", "STATE", "RESTARTS",
+                                          "ENDPOINT", "REASON"]), *lines]))
     return 0
 
 

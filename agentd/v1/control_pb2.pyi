@@ -111,18 +111,22 @@ class Instance(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., replica: _Optional[int] = ..., generation: _Optional[int] = ..., part: _Optional[int] = ..., host: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., restarts: _Optional[int] = ..., endpoint: _Optional[str] = ..., term: _Optional[int] = ..., pid: _Optional[int] = ..., port_in_use: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("spec", "instances", "assignments_json", "updated_index", "idle")
+    __slots__ = ("spec", "instances", "assignments_json", "updated_index", "idle", "wake_error", "scaling")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     UPDATED_INDEX_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
+    WAKE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     assignments_json: str
     updated_index: int
     idle: bool
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., assignments_json: _Optional[str] = ..., updated_index: _Optional[int] = ..., idle: _Optional[bool] = ...) -> None: ...
+    wake_error: str
+    scaling: str
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., assignments_json: _Optional[str] = ..., updated_index: _Optional[int] = ..., idle: _Optional[bool] = ..., wake_error: _Optional[str] = ..., scaling: _Optional[str] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
     __slots__ = ("spec", "replace")
@@ -221,7 +225,7 @@ class PlanReply(_message.Message):
     def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked", "role")
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked", "role", "reports_via")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +240,7 @@ class Node(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DRAIN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_VIA_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: str
@@ -250,7 +255,8 @@ class Node(_message.Message):
     draining: int
     drain_blocked: str
     role: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    reports_via: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ..., role: _Optional[str] = ..., reports_via: _Optional[str] = ...) -> None: ...
 
 class CordonRequest(_message.Message):
     __slots__ = ("target", "reason", "drain", "force")
