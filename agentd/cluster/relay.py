@@ -1,0 +1,310 @@
+"""A voter that does not lead relays the report streams of the hosts that report to it (docs/cluster.md,
+"Reports through a voter").
+
+A watcher host sends its report stream to the voter it watches from. That voter answers every message
+itself and keeps the lease renewals to itself: the leader hears, on one `Agent/RelayReports` stream per
+voter, one batch at a time, only what changed (a host's inventory, its instance states, its agent version,
+the proxy's activity) and a compact lease summary, the hosts the voter heard from within `LIVE` seconds.
+The leader renews the lease of every host a voter vouches for, and answers each batch with what it has to
+say to particular hosts (peer restarts, an invitation to stand by in Raft, a refusal), which the voter
+hands on in its next reply to that host.
+
+The voter serves hosts only while its own exchange with the leader is fresh (`HEALTHY`): a voter cut off
+from the leader, or one whose leader does not relay (agentd 0.1.0 and the releases before relaying answer
+`UNIMPLEMENTED`), ends its hosts' streams (UNAVAILABLE) and they report to the leader directly. A host's
+identity was checked when its stream opened (its certificate against the node it names); the leader
+accepts relayed reports only from current voters.
+
+Consensus layer: it moves messages and holds no domain logic (the leader's `agentd/reports.py` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agentd.errors import InvalidInput, NotAvailable, PeerError
+from agentd.logs import fields
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+COALESCE = 0.05  # seconds a change waits for others to share its batch
+RENEW = 1.0  # seconds between batches when nothing changed: the lease summary (and the relay's own liveness)
+LIVE = 3.0  # a host heard within this many seconds is vouched for (hosts send a message every second)
+FORGET = 60.0  # a host silent this long is forgotten
+HEALTHY = 3.0  # hosts are served while the last batch the leader answered is at most this old
+REPLY_TIMEOUT = 2.0  # for the leader's answer to one batch
+UNSUPPORTED_RETRY = 60.0  # a leader that cannot take relayed reports is asked again after this long
+
+
+@dataclass
+class _Host:
+    """The latest of everything one host said, and what of it the leader has not heard on the current stream."""
+
+    node: str
+    address: str = ""
+    inventory_json: str = ""
+    instances: list[pb.Instance] = field(default_factory=list)
+    version: tuple[str, int, int, str] | None = None
+    activity: list[pb.ModelActivity] = field(default_factory=list)
+    wall: tuple[float, float] | None = None  # (its wall clock, our monotonic clock when heard)
+    heard: float = 0.0
+    fresh: bool = True  # new on the leader's stream: send everything
+    inventory_dirty: bool = False
+    instances_dirty: bool = False
+    version_dirty: bool = False
+    activity_sent: tuple[float, tuple[tuple[str, int], ...]] = (0.0, ())
+    restarts: list[pb.PeerRestart] = field(default_factory=list)
+    join_raft: bool = False
+    refused: tuple[int, str] | None = None
+
+
+class ReportRelay:
+    def __init__(self, node: str, raft: Any, channel: Callable[[str], grpc.aio.Channel], *,
+                 mono: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.node = node
+        self.raft = raft
+        self._channel = channel
+        self._mono = mono
+        self._wall = wall
+        self.hosts: dict[str, _Host] = {}
+        self._call: Any = None
+        self._target = ""  # leader address of the open stream
+        self._leader = ""  # leader id of the open stream
+        self._unsupported: dict[str, float] = {}  # leader address -> until when it is not asked
+        self._wake = asyncio.Event()
+        self._last_ok = float("-inf")  # when the leader last answered a batch
+        self._last_batch = float("-inf")
+        self.reply = pb.RelayReply()  # the leader's last answer: its term, version, format, time
+        self.batches = 0  # answered batches, for tests and benchmarks
+
+    # ------------------------------------------------------------------ host side (AgentService.ReportStream)
+
+    def voter(self) -> bool:
+        member = self.raft.members.get(self.node)
+        return member is not None and bool(getattr(member, "voter", False))
+
+    def serving(self) -> bool:
+        """Whether this agent takes report streams to relay now."""
+        return (self.voter() and not self.raft.is_leader and self._call is not None
+                and self._leader == (self.raft.leader_id or "") and self._mono() - self._last_ok <= HEALTHY)
+
+    def on_update(self, node: str, m: pb.ReportUpdate) -> pb.ReportReply:
+        """One message of a host's stream: note it, answer it. Raises NotAvailable when this agent stopped
+        relaying (the host reports to the leader itself), or the leader's refusal of that host."""
+        if not self.serving():
+            raise NotAvailable(f"{self.node} no longer relays reports to the leader: report to the leader")
+        now = self._mono()
+        h = self.hosts.get(node)
+        if h is None or m.agent_version:  # the first message of a (new) stream carries everything
+            h = self.hosts[node] = _Host(node, restarts=h.restarts if h else [])
+            self._wake.set()
+        if h.refused is not None:
+            code, why = h.refused
+            del self.hosts[node]
+            raise (InvalidInput if code == grpc.StatusCode.INVALID_ARGUMENT.value[0] else PeerError)(why)
+        h.address = m.address or h.address
+        if m.inventory_json:
+            h.inventory_json = m.inventory_json
+            h.inventory_dirty = True
+        if m.instances_changed:
+            h.instances = list(m.instances)
+            h.instances_dirty = True
+        if m.agent_version:
+            h.version = (m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
+            h.version_dirty = True
+        if h.inventory_dirty or h.instances_dirty or h.version_dirty:
+            self._wake.set()
+        h.activity = list(m.activity)
+        if m.wall_time:
+            h.wall = (m.wall_time, now)
+        h.heard = now
+        reply = self.reply
+        restarts, h.restarts = h.restarts, []
+        join, h.join_raft = h.join_raft, False
+        return pb.ReportReply(term=reply.term, leader_id=reply.leader_id, peer_restarts=restarts,
+                              agent_version=reply.agent_version, state_format=reply.state_format,
+                              join_raft=join, cluster_time=self.cluster_time())
+
+    def cluster_time(self) -> float:
+        """The leader's cluster time as of its last answer, moved on by our clock since (0: not known)."""
+        if not self.reply.cluster_time:
+            return 0.0
+        return self.reply.cluster_time + (self._mono() - self._last_ok)
+
+    def vouched(self) -> list[str]:
+        now = self._mono()
+        return sorted(n for n, h in self.hosts.items() if now - h.heard <= LIVE and h.refused is None)
+
+    # ------------------------------------------------------------------ leader side (RelayReports)
+
+    async def run(self) -> None:
+        """Forever: a batch to the leader when something changed (coalesced), else every RENEW seconds."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RENEW):
+                    await self._wake.wait()
+                await asyncio.sleep(COALESCE)
+            self._wake.clear()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            except Exception:
+                log.exception("relaying reports failed", extra=fields(node=self.node))
+                self.close()
+
+    async def step(self) -> None:
+        raft = self.raft
+        address = raft.leader_address or ""
+        if not self.voter() or raft.is_leader or not address or not raft.leader_id or self._skip(address):
+            if self._call is not None:
+                self.close()
+            return
+        now = self._mono()
+        for node in [n for n, h in self.hosts.items() if now - h.heard > FORGET]:
+            del self.hosts[node]
+        if self._call is None or self._target != address or self._leader != raft.leader_id or self._call.done():
+            self.close()
+            self._call = pb_grpc.AgentStub(self._channel(address)).RelayReports()
+            self._target, self._leader = address, raft.leader_id
+            for h in self.hosts.values():
+                h.fresh = True
+        batch = self._batch(now)
+        call = self._call
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await call.write(batch)  # an ended call: its status, read below, says why
+                reply = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            self._failed(address, exc.code(), exc.details() or "")
+            return
+        except TimeoutError:
+            log.info("the leader did not answer relayed reports in time", extra=fields(node=self.node,
+                                                                                       leader=address))
+            self.close()
+            return
+        if reply is grpc.aio.EOF:
+            self._failed(address, await call.code(), await call.details() or "")
+            return
+        self._answered(reply)
+
+    def _skip(self, address: str) -> bool:
+        until = self._unsupported.get(address)
+        if until is None:
+            return False
+        if self._mono() >= until:
+            del self._unsupported[address]
+            return False
+        return True
+
+    def _batch(self, now: float) -> pb.RelayBatch:
+        self._last_batch = now
+        batch = pb.RelayBatch(relay=self.node, live=self.vouched())
+        for h in self.hosts.values():
+            if h.version is None or not h.inventory_json:
+                continue
+            u = pb.ReportUpdate(node=h.node, address=h.address)
+            send = False
+            if h.fresh or h.inventory_dirty:
+                u.inventory_json = h.inventory_json
+                send = True
+            if h.fresh or h.instances_dirty:
+                u.instances_changed = True
+                u.instances.extend(h.instances)
+                send = True
+            if h.fresh or h.version_dirty:
+                u.agent_version, u.state_format, u.wire_version, u.upgrade_required = h.version
+                send = True
+            active = tuple(sorted((a.deployment, a.in_flight) for a in h.activity))
+            if h.activity and (send or active != h.activity_sent[1] or now - h.activity_sent[0] >= RENEW):
+                u.activity.extend(h.activity)
+                h.activity_sent = (now, active)
+                send = True
+            if not send:
+                continue
+            if h.wall is not None:  # its clock as of now, not as of when it spoke
+                u.wall_time = h.wall[0] + (now - h.wall[1])
+            h.fresh = h.inventory_dirty = h.instances_dirty = h.version_dirty = False
+            batch.updates.append(u)
+        return batch
+
+    def _answered(self, reply: pb.RelayReply) -> None:
+        if not self.batches:
+            log.info("relaying reports to the leader", extra=fields(node=self.node, leader=self._leader))
+        self.batches += 1
+        self._last_ok = self._mono()
+        self.reply = pb.RelayReply(term=reply.term, leader_id=reply.leader_id, agent_version=reply.agent_version,
+                                   state_format=reply.state_format, cluster_time=reply.cluster_time)
+        for r in reply.hosts:
+            h = self.hosts.get(r.node)
+            if h is None:
+                continue
+            h.restarts.extend(r.peer_restarts)
+            h.join_raft = h.join_raft or r.join_raft
+            if r.refused:
+                h.refused = (r.refused_code, r.refused)
+
+    def _failed(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        self.close()
+        if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+            # agentd before relaying, or a leader that does not count this agent a voter (yet): hosts report
+            # to the leader directly meanwhile
+            self._unsupported[address] = self._mono() + (UNSUPPORTED_RETRY if code == grpc.StatusCode.UNIMPLEMENTED
+                                                          else RENEW * 5)
+        log.info("relay stream to the leader ended", extra=fields(node=self.node, leader=address, code=code.name,
+                                                                  error=details[:200]))
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = None
+        self._target = self._leader = ""
+        self._last_ok = float("-inf")
+
+
+@dataclass
+class RelayChoice:
+    """On a watcher host: which voter its report stream goes to. The voter it watches from, while that is a
+    voter that does not lead, else another voter that does not lead (each host its own, by a hash of its
+    name, so they spread); none (the leader itself) when every voter leads or is avoided. A voter that failed
+    a report (killed, cut off from the leader, a release before relaying) is avoided for `AVOID` seconds."""
+
+    node: str
+    mono: Callable[[], float] = time.monotonic
+    _avoid: dict[str, float] = field(default_factory=dict)  # voter address -> until when
+
+    AVOID = 10.0
+
+    def target(self, raft: Any) -> str:
+        """The voter's address, or "" to report to the leader directly."""
+        watcher = getattr(raft, "watcher", None)
+        if watcher is None:
+            return ""  # members report to the leader themselves
+        now = self.mono()
+        for address, until in list(self._avoid.items()):
+            if now >= until:
+                del self._avoid[address]
+        voters = sorted(m.address for m in raft.members.values()
+                        if m.voter and m.address and m.address != raft.leader_address and m.address not in self._avoid)
+        if not voters:
+            return ""
+        source = getattr(watcher, "source", "")
+        if source in voters:
+            return source
+        return voters[zlib.crc32(self.node.encode()) % len(voters)]
+
+    def failed(self, address: str) -> None:
+        self._avoid[address] = self.mono() + self.AVOID
