@@ -1,0 +1,240 @@
+"""Reports through a voter (docs/cluster.md, issue 16 item 1), in one process on real grpc.aio servers.
+
+A leader and a voter that does not lead, each a Control + Agent service on its own loopback server with a
+Raft view the test sets, and a real coordinator. A host's ReportStream to the voter reaches the leader on
+the voter's one RelayReports stream: the report is recorded under the host's name (ListNodes says through
+which voter), bare renewals stay on the voter and renew the lease through its summary, a change arrives in
+the next batch, and the leader's word for a host (a peer restart) comes back on the host's stream. The
+leader takes relayed reports only from a current voter; a voter cut off from the leader sends its hosts
+away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from agentd.api.control import AgentService, ChannelPool, ControlService, add_services
+from agentd.cluster.relay import ReportRelay
+from agentd.cluster.state import ClusterState
+from agentd.coordinator import Coordinator
+from agentd.errors import InvalidInput
+from agentd.modelinfo import inspect_model
+from agentd.placement import Placer
+from agentd.plugins import PluginManager
+from agentd.testing.localcluster import simulated_host
+from agentd.v1 import control_pb2 as pb
+from agentd.v1 import control_pb2_grpc as pb_grpc
+from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
+
+
+@dataclass
+class Member:
+    id: str
+    address: str
+    voter: bool = True
+
+
+@dataclass
+class View:
+    node: str
+    is_leader: bool = False
+    leader_id: str | None = None
+    leader_address: str | None = None
+    term: int = 3
+    commit_index: int = 0
+    last_applied: int = 0
+    members: dict[str, Any] = field(default_factory=dict)
+
+
+class Consensus:
+    def __init__(self, view: View, state: ClusterState):
+        self.view, self.state, self.index = view, state, 0
+
+    @property
+    def term(self) -> int:
+        return self.view.term
+
+    @property
+    def is_leader(self) -> bool:
+        return self.view.is_leader
+
+    @property
+    def members(self) -> dict:
+        return self.view.members
+
+    async def propose(self, command: bytes, timeout: float | None = None):
+        self.index += 1
+        return self.state.apply(self.index, self.view.term, command)
+
+
+class Node:
+    def __init__(self, name: str, members: dict[str, Any]):
+        self.name = name
+        self.state = ClusterState()
+        self.raft = View(name, members=members)
+        self.coordinator = Coordinator(state=self.state, consensus=Consensus(self.raft, self.state),
+                                       place=Placer(PluginManager.load()), inspect=inspect_model,
+                                       validate_runtime=PluginManager.load().runtime, port_range=(40000, 40099),
+                                       node_down_grace=30)
+        self.channels = ChannelPool()
+        self.control = ControlService(node_id=name, raft=self.raft, state=self.state, coordinator=self.coordinator,
+                                      channels=self.channels, local_logs=self._no_logs)
+        self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        self.relay = ReportRelay(name, self.raft, self.channels.get)
+        self.agent.relay = self.relay
+        self.server = grpc.aio.server()
+        add_services(self.server, self.control, self.agent)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        members[name] = Member(name, self.address)
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = pb_grpc.AgentStub(self.channel)
+
+    async def _no_logs(self, request: pb.LogsRequest) -> AsyncIterator[bytes]:
+        raise InvalidInput("no logs here")
+        yield b""
+
+    async def close(self) -> None:
+        self.relay.close()
+        await self.channel.close()
+        await self.channels.close()
+        await self.server.stop(0)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node]]:
+    """`lead` leads, `v` is a voter that follows it and relays."""
+    members: dict[str, Any] = {}
+    lead, v = Node("lead", members), Node("v", members)
+    for n in (lead, v):
+        await n.server.start()
+        n.raft.leader_id, n.raft.leader_address = lead.name, lead.address
+    lead.raft.is_leader = True
+    lead.coordinator.became_leader()
+    yield lead, v
+    for n in (lead, v):
+        await n.close()
+
+
+def update(node: str, *, first: bool = False, instances: list[pb.Instance] | None = None) -> pb.ReportUpdate:
+    m = pb.ReportUpdate(node=node, address=f"{node}:7070", wall_time=1.0)
+    if first:
+        m.inventory_json = __import__("json").dumps(simulated_host(node, gpus=1))
+        m.agent_version, m.state_format, m.wire_version = AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
+    if instances is not None:
+        m.instances_changed = True
+        m.instances.extend(instances)
+    return m
+
+
+class HostStream:
+    """A host's ReportStream: send one message, read the reply."""
+
+    def __init__(self, stub: pb_grpc.AgentStub):
+        self.call = stub.ReportStream()
+
+    async def send(self, m: pb.ReportUpdate) -> pb.ReportReply:
+        await self.call.write(m)
+        reply = await self.call.read()
+        if reply is grpc.aio.EOF:
+            raise grpc.aio.AioRpcError(await self.call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       await self.call.details())
+        return reply
+
+
+async def until(fn, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not fn():
+            await asyncio.sleep(0.02)
+
+
+async def test_a_host_report_reaches_the_leader_through_a_voter_and_its_lease_stays_on_the_voter(pair):
+    lead, v = pair
+    await v.relay.step()  # the relay stream opens with an empty batch; the voter then takes hosts
+    assert v.relay.serving()
+    host = HostStream(v.stub)
+    reply = await host.send(update("w1", first=True))
+    assert (reply.leader_id, reply.state_format, reply.agent_version) == ("lead", STATE_FORMAT, AGENT_VERSION)
+    assert "w1" not in lead.coordinator.reports  # held by the voter until its next batch
+    await v.relay.step()
+    rep = lead.coordinator.reports["w1"]
+    assert (rep.inventory.name, rep.via, rep.agent.version) == ("w1", "v", AGENT_VERSION)
+    nodes = {n.name: n for n in (await pb_grpc.ControlStub(lead.channel).ListNodes(pb.ListNodesRequest())).nodes}
+    assert nodes["w1"].reports_via == "v"
+
+    # Bare renewals stay on the voter; its lease summary renews the host on the leader, the report untouched.
+    seen = rep.last_seen
+    await asyncio.sleep(0.05)
+    await host.send(update("w1"))
+    batch = v.relay._batch(v.relay._mono())
+    assert (list(batch.updates), list(batch.live)) == ([], ["w1"])
+    for h in v.relay.hosts.values():
+        h.fresh = False
+    await v.relay.step()
+    assert lead.coordinator.reports["w1"] is rep and rep.last_seen > seen
+
+    # A change arrives in the next batch; the leader's word for the host (a peer restart) comes back.
+    running = pb.Instance(instance_id="chat-r0-g1", deployment="chat", replica=0, part=0, host="w1",
+                          state="RUNNING", pid=42)
+    await host.send(update("w1", instances=[running]))
+    lead.coordinator._peer_restarts["w1"] = [("10.0.0.9", 50052, "rpc-server restarted")]
+    await v.relay.step()
+    assert [i.state for i in lead.coordinator.reports["w1"].instances] == ["RUNNING"]
+    reply = await host.send(update("w1"))
+    assert [(r.address, r.port) for r in reply.peer_restarts] == [("10.0.0.9", 50052)]
+    host.call.cancel()
+
+
+async def test_only_a_current_voter_may_relay(pair):
+    lead, _ = pair
+    lead.raft.members["w9"] = Member("w9", "127.0.0.1:1", voter=False)  # a learner
+    for relay in ("w9", "nobody", "lead"):
+        call = lead.stub.RelayReports()
+        await call.write(pb.RelayBatch(relay=relay, updates=[update("w1", first=True)], live=["w1"]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, relay
+        assert "only voters relay" in err.value.details()
+    assert "w1" not in lead.coordinator.reports
+
+
+async def test_the_leader_refuses_one_relayed_host_and_the_voter_ends_only_its_stream(pair):
+    lead, v = pair
+    await v.relay.step()
+    bad = HostStream(v.stub)
+    m = update("w2", first=True)
+    m.inventory_json = '{"name": "w2", "gpus": "many"}'
+    await bad.send(m)  # the voter answers at once; the leader's refusal arrives with the next batch
+    good = HostStream(v.stub)
+    await good.send(update("w3", first=True))
+    await v.relay.step()
+    assert "w3" in lead.coordinator.reports and "w2" not in lead.coordinator.reports
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await bad.send(update("w2"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a host inventory" in err.value.details()
+    await good.send(update("w3"))
+    good.call.cancel()
+
+
+async def test_a_voter_cut_off_from_the_leader_sends_its_hosts_to_the_leader(pair):
+    lead, v = pair
+    assert not v.relay.serving()  # no batch answered yet: the host goes to the leader itself
+    host = HostStream(v.stub)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await host.send(update("w1", first=True))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await v.relay.step()
+    host = HostStream(v.stub)
+    await host.send(update("w1", first=True))
+    await lead.server.stop(0)  # the leader is gone: the voter's next batch fails, and it stops serving
+    await v.relay.step()
+    assert not v.relay.serving()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await host.send(update("w1"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
