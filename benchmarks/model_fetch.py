@@ -6,11 +6,13 @@ In one run, on loopback, with the same TLS (TLS 1.3, one self-signed P-256 certi
 
 * digest: sha256 of a GIB file in agentd's hashing thread, seconds per GiB, and the event loop's worst
   lag meanwhile (a 10 ms ticker on the loop);
-* agentd: a Models.Fetch server in a process of its own (as a holder agent serves it) and agentd's Fetcher
-  in this process (as the fetching agent runs it: gRPC stream, sha256 verified while written, the file
-  renamed into place); throughput, CPU seconds per GiB of each side, and the loop's worst lag;
-* curl: the same file over HTTPS from two plain static file servers, each in a process of its own
-  (aiohttp's, and openssl's `s_server -WWW`), written to disk by `curl -o`; throughput.
+* agentd: the Models service with its transfer listener in a process of its own (as a holder agent serves
+  it) and agentd's Fetcher in this process (as the fetching agent runs it: Models.Open, then the raw TLS
+  byte stream, sha256 verified while written, the file renamed into place); throughput, CPU seconds per
+  GiB of each side, and each side's worst event-loop lag (a 10 ms ticker on each loop); then the same
+  copy over the Models.Fetch gRPC stream (what a holder without Open serves);
+* curl: the same file over HTTPS from openssl's `s_server -WWW` (a C static file server) in a process of
+  its own, written to disk by `curl -o`; throughput; `--aiohttp` adds aiohttp's static server (slow).
 
 The ratio agentd/curl is printed per run.
 """
@@ -99,6 +101,7 @@ def serve(path: Path, sha: str, port: int, cert: Path, key: Path) -> None:
     import grpc
 
     from agentd.api.fetch import ModelsService
+    from agentd.api.transfer import TransferServer
     from agentd.modelinfo import inspect_model
     from agentd.testing.gguf import write_tiny_llama_gguf
     from agentd.types import HeldModel, ModelFile
@@ -117,12 +120,33 @@ def serve(path: Path, sha: str, port: int, cert: Path, key: Path) -> None:
         async def locate(digest, caller):
             return held, []
 
-        mpb_grpc.add_ModelsServicer_to_server(ModelsService(models=lambda: [held], locate=locate), server)
+        def tls() -> ssl.SSLContext:  # the same TLS as curl's servers get (agentd adds a client certificate)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.load_cert_chain(cert, key)
+            return ctx
+
+        transfer = TransferServer("127.0.0.1", 0, context=tls)
+        mpb_grpc.add_ModelsServicer_to_server(ModelsService(models=lambda: [held], locate=locate, transfer=transfer),
+                                              server)
         creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
         server.add_secure_port(f"127.0.0.1:{port}", creds)
         await server.start()
+        lag_log = open(os.environ["BENCH_HOLDER_LAG"], "a", buffering=1)  # noqa: SIM115
+
+        async def lag() -> None:  # the holder's loop: the worst lag of each 0.2 s window, with its time
+            while True:
+                worst, t_end = 0.0, time.perf_counter() + 0.2
+                while time.perf_counter() < t_end:
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.01)
+                    worst = max(worst, time.perf_counter() - t - 0.01)
+                lag_log.write(f"{time.time()} {worst}\n")
+
+        probe = asyncio.get_running_loop().create_task(lag())
         print("ready", flush=True)
         await server.wait_for_termination()
+        probe.cancel()
 
     asyncio.run(main())
 
@@ -169,7 +193,17 @@ async def digest(path: Path, size: int) -> tuple[float, float]:
     return took / (size / GiB), lag.worst
 
 
-async def agentd_copy(src: Path, sha: str, size: int, port: int, cert: Path, dest: Path) -> dict:
+def holder_lag(since: float, until: float) -> float:
+    worst = 0.0
+    with open(os.environ["BENCH_HOLDER_LAG"]) as f:
+        for line in f:
+            t, lag = map(float, line.split())
+            if since <= t <= until + 0.2:
+                worst = max(worst, lag)
+    return worst
+
+
+async def agentd_copy(src: Path, sha: str, size: int, port: int, cert: Path, dest: Path, stream: bool) -> dict:
     import grpc
 
     from agentd.api.fetch import Fetcher
@@ -185,11 +219,18 @@ async def agentd_copy(src: Path, sha: str, size: int, port: int, cert: Path, des
         return held, [("holder", f"127.0.0.1:{port}")]
 
     done = asyncio.Event()
+    def tls() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(cert)
+        return ctx
+
     fetcher = Fetcher(node="bench", model_dir=dest, channel=lambda a: channel, locate=locate,
-                      on_change=done.set)
+                      on_change=done.set, transfer_context=tls if stream else None)
+    fetcher.transfer_hostname = "localhost"
     server_pid = int(os.environ["BENCH_SERVER_PID"])
     with LagMeter() as lag:
-        c0, s0, t0 = cpu(), proc_cpu(server_pid), time.perf_counter()
+        c0, s0, t0, w0 = cpu(), proc_cpu(server_pid), time.perf_counter(), time.time()
         f = fetcher.ensure("big", held.digest)
         await done.wait()
         took = time.perf_counter() - t0
@@ -198,7 +239,8 @@ async def agentd_copy(src: Path, sha: str, size: int, port: int, cert: Path, des
     await fetcher.close()
     await channel.close()
     return {"seconds": took, "gib_per_s": size / GiB / took, "client_cpu_per_gib": (c1 - c0) / (size / GiB),
-            "server_cpu_per_gib": (s1 - s0) / (size / GiB), "loop_worst_lag_ms": lag.worst * 1000}
+            "server_cpu_per_gib": (s1 - s0) / (size / GiB), "loop_worst_lag_ms": lag.worst * 1000,
+            "holder_loop_worst_lag_ms": holder_lag(w0, time.time()) * 1000}
 
 
 def curl_copy(name: str, size: int, port: int, cert: Path, out: Path) -> float:
@@ -230,6 +272,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--aiohttp", action="store_true", help="also curl from aiohttp's static server (slow)")
     ap.add_argument("--serve", nargs=5, metavar=("PATH", "SHA", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     ap.add_argument("--static", nargs=4, metavar=("ROOT", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -250,6 +293,7 @@ def main() -> None:
         result: dict = {"size_gib": args.gib, "digest_s_per_gib": round(per_gib, 3),
                         "digest_loop_worst_lag_ms": round(lag * 1000, 1), "runs": []}
         gport, hport = free_port(), free_port()
+        os.environ["BENCH_HOLDER_LAG"] = str(d / "holder-lag.log")
         server = start(["--serve", str(src), sha, str(gport), str(cert), str(key)])
         static = start(["--static", str(src.parent), str(hport), str(cert), str(key)])
         oport = free_port()
@@ -260,17 +304,26 @@ def main() -> None:
                 dest = d / "dest"
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir()
-                ours = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest))
-                shutil.rmtree(dest)
-                theirs = curl_copy(src.name, size, hport, cert, d / "curl.out")
-                (d / "curl.out").unlink()
+                load = os.getloadavg()[0]
                 fast = curl_copy(src.name, size, oport, cert, d / "curl.out")
                 (d / "curl.out").unlink()
+                ours = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=True))
+                shutil.rmtree(dest)
+                dest.mkdir()
+                grpc_only = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=False))
+                shutil.rmtree(dest)
+                theirs = curl_copy(src.name, size, hport, cert, d / "curl.out") if args.aiohttp else 0.0
+                (d / "curl.out").unlink(missing_ok=True)
                 ours = {k: round(v, 3) for k, v in ours.items()}
-                result["runs"].append({"agentd": ours, "curl_aiohttp_gib_per_s": round(theirs, 3),
-                                       "ratio_aiohttp": round(ours["gib_per_s"] / theirs, 2),
-                                       "curl_openssl_gib_per_s": round(fast, 3),
-                                       "ratio_openssl": round(ours["gib_per_s"] / fast, 2)})
+                grpc_only = {k: round(v, 3) for k, v in grpc_only.items()}
+                run = {"load_avg_1m": round(load, 1), "agentd": ours, "agentd_over_fetch": grpc_only,
+                       "curl_openssl_gib_per_s": round(fast, 3),
+                       "ratio_openssl": round(ours["gib_per_s"] / fast, 2),
+                       "ratio_openssl_over_fetch": round(grpc_only["gib_per_s"] / fast, 2)}
+                if args.aiohttp:
+                    run |= {"curl_aiohttp_gib_per_s": round(theirs, 3),
+                            "ratio_aiohttp": round(ours["gib_per_s"] / theirs, 2)}
+                result["runs"].append(run)
                 print(json.dumps(result["runs"][-1]), flush=True)
         finally:
             server.terminate()

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,9 @@ from pathlib import Path
 
 import grpc
 
+from agentd.api.transfer import Receive, TransferBroken, TransferRefused, TransferServer
 from agentd.logs import fields
+from agentd.security.ca import NODE_SAN
 from agentd.types import GiB, HeldModel, ModelFile, held_copy
 from agentd.v1 import models_pb2 as mpb
 from agentd.v1 import models_pb2_grpc as mpb_grpc
@@ -55,8 +58,9 @@ class ModelsService(mpb_grpc.ModelsServicer):
                  locate: Callable[[str, str], Awaitable[tuple[HeldModel | None, list[tuple[str, str]]]]],
                  users: Callable[[HeldModel], list[str]] = lambda m: [],
                  removed: Callable[[], None] = lambda: None,
-                 threads: int = 4, chunk: int = CHUNK):
+                 threads: int = 4, chunk: int = CHUNK, transfer: TransferServer | None = None):
         self._models = models
+        self.transfer = transfer  # the raw byte stream's listener (Open); None: Fetch only
         self._locate = locate
         self._users = users
         self._removed = removed
@@ -64,6 +68,8 @@ class ModelsService(mpb_grpc.ModelsServicer):
         self.chunk = chunk
 
     def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def Locate(self, request, context):
@@ -74,14 +80,25 @@ class ModelsService(mpb_grpc.ModelsServicer):
         return mpb.LocateReply(model_json=model.model_dump_json(),
                                holders=[mpb.Holder(host=h, address=a) for h, a in holders])
 
-    async def Fetch(self, request, context):
+    async def _file(self, request, context) -> tuple[ModelFile, Path]:
         copy = held_copy(self._models(), f"@{request.digest}") if request.digest else None
         if copy is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this host holds no complete copy of {request.digest}")
         entry = next((f for f in copy.files if f.name == request.file), None)
         if entry is None:  # only names from our own manifest: never a path the caller chose
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.file!r} is not a file of {request.digest}")
-        path = model_base(copy) / entry.name
+        return entry, model_base(copy) / entry.name
+
+    async def Open(self, request, context):
+        """A ticket for the file as a raw byte stream (agentd/api/transfer.py): the same checks as Fetch."""
+        if self.transfer is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent serves copies over Fetch only")
+        entry, path = await self._file(request, context)
+        ticket = self.transfer.issue(_caller_name(context), path, request.offset)
+        return mpb.OpenReply(ticket=ticket, port=self.transfer.port, size=entry.size, sha256=entry.sha256)
+
+    async def Fetch(self, request, context):
+        entry, path = await self._file(request, context)
         loop = asyncio.get_running_loop()
         try:
             f = await loop.run_in_executor(self._pool, _open_at, path, request.offset)
@@ -225,7 +242,8 @@ class Fetcher:
                  locate: Callable[[str], Awaitable[tuple[HeldModel, list[tuple[str, str]]]]],
                  on_file: Callable[[Path, str], None] = lambda p, sha: None,
                  on_change: Callable[[], None] = lambda: None,
-                 concurrency: int = 2, rate: float = 0.0, clock: Callable[[], float] = time.monotonic):
+                 concurrency: int = 2, rate: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 transfer_context: Callable[[], ssl.SSLContext | None] | None = None):
         self.node = node
         self.model_dir = model_dir
         self._channel = channel
@@ -236,7 +254,12 @@ class Fetcher:
         self.rate = rate  # bytes per second, 0 = unlimited
         self.clock = clock
         self.fetches: dict[str, Fetch] = {}
-        self._pool = ThreadPoolExecutor(max_workers=2 * concurrency + 2, thread_name_prefix="agentd-fetch")
+        # Per fetch at most three at once (receive, write, hash), plus one for the others' small steps.
+        self._pool = ThreadPoolExecutor(max_workers=3 * concurrency + 2, thread_name_prefix="agentd-fetch")
+        # The raw byte stream (agentd/api/transfer.py): the TLS client context (None: plain TCP, an insecure
+        # cluster); the attribute itself None: always Models.Fetch.
+        self.transfer_context = transfer_context
+        self.transfer_hostname = NODE_SAN  # the name a holder's certificate is checked for
 
     def ensure(self, name: str, digest: str) -> Fetch:
         """The fetch of `digest`, started if it is not running (a FATAL one is not retried: call forget)."""
@@ -309,6 +332,12 @@ class Fetcher:
             except grpc.aio.AioRpcError as exc:
                 last = f"copy from {host} broke off: {exc.details() or exc.code().name}"
                 log.info(f"{f.name}: {last}; resuming", extra=fields(node=self.node, attempt=attempt + 1))
+            except TransferRefused as exc:
+                last = f"{host} refused the copy: {exc}"
+                log.info(f"{f.name}: {last}", extra=fields(node=self.node, attempt=attempt + 1))
+            except TransferBroken as exc:
+                last = f"copy from {host} broke off: {exc}"
+                log.info(f"{f.name}: {last}; resuming", extra=fields(node=self.node, attempt=attempt + 1))
             except _Corrupt as exc:
                 last = str(exc)
                 log.warning(f"{f.name}: {last}; fetching it again", extra=fields(node=self.node))
@@ -333,6 +362,69 @@ class Fetcher:
         h, offset = await loop.run_in_executor(self._pool, _hash_prefix, partial)
         f.done = done_before + offset
         stub = mpb_grpc.ModelsStub(self._channel(address))
+        raw = await self._open(stub, model, entry, offset, host) if self.transfer_context is not None else None
+        if raw is not None:
+            offset = await self._receive(f, raw, address, partial, h, offset, entry)
+        else:
+            offset = await self._stream(f, stub, model, entry, partial, h, offset, host)
+        if offset != entry.size or h.hexdigest() != entry.sha256:
+            await loop.run_in_executor(self._pool, _unlink, partial)
+            f.done -= offset
+            got = "size " + str(offset) if offset != entry.size else "sha256 " + h.hexdigest()[:16]
+            raise _Corrupt(f"{entry.name} from {host} does not match the model's digest ({got}, expected "
+                           f"{entry.size} bytes, sha256 {entry.sha256[:16]}): discarded")
+        await loop.run_in_executor(self._pool, os.replace, partial, final)
+
+    async def _open(self, stub, model: HeldModel, entry: ModelFile, offset: int, host: str) -> mpb.OpenReply | None:
+        """A ticket for the raw byte stream, or None when the holder serves Fetch only (an older agent)."""
+        try:
+            return await stub.Open(mpb.FetchRequest(digest=model.digest, file=entry.name, offset=offset),
+                                   timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
+
+    async def _receive(self, f: Fetch, reply: mpb.OpenReply, address: str, partial: Path, h, offset: int,
+                       entry: ModelFile) -> int:
+        """The file's remaining bytes over the holder's transfer port, in threads; the offset reached."""
+        loop = asyncio.get_running_loop()
+        assert self.transfer_context is not None
+        host = address.rpartition(":")[0].strip("[]")
+        started, base = self.clock(), offset
+        shown = [0.0]
+
+        def on_bytes(n: int) -> None:  # in the receiving thread
+            f.done += n
+            now = self.clock()
+            if now - shown[0] >= 0.25:
+                shown[0] = now
+                loop.call_soon_threadsafe(f.progress, now)
+            if self.rate > 0:
+                ahead = (f.done - base) / self.rate - (now - started)
+                if ahead > 0:
+                    receive.pause(ahead)
+
+        ctx = await loop.run_in_executor(self._pool, self.transfer_context)
+        out = await loop.run_in_executor(self._pool, _open_append, partial)
+        receive = Receive((host, reply.port), reply.ticket, ctx, self.transfer_hostname, out, h, self._pool, on_bytes)
+        before = f.done
+        try:
+            await asyncio.shield(job := loop.run_in_executor(self._pool, receive.run, entry.size - offset))
+        except asyncio.CancelledError:
+            receive.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+            raise
+        finally:
+            await loop.run_in_executor(self._pool, out.close)
+            f.progress(self.clock())
+        return offset + (f.done - before)
+
+    async def _stream(self, f: Fetch, stub, model: HeldModel, entry: ModelFile, partial: Path, h, offset: int,
+                      host: str) -> int:
+        """The file's remaining bytes over Models.Fetch (a holder without Open); the offset reached."""
+        loop = asyncio.get_running_loop()
         call = stub.Fetch(mpb.FetchRequest(digest=model.digest, file=entry.name, offset=offset))
         out = await loop.run_in_executor(self._pool, _open_append, partial)
         started, sent = self.clock(), 0
@@ -365,13 +457,7 @@ class Fetcher:
                 with contextlib.suppress(Exception):
                     await writing
             await loop.run_in_executor(self._pool, out.close)
-        if offset != entry.size or h.hexdigest() != entry.sha256:
-            await loop.run_in_executor(self._pool, _unlink, partial)
-            f.done -= offset
-            got = "size " + str(offset) if offset != entry.size else "sha256 " + h.hexdigest()[:16]
-            raise _Corrupt(f"{entry.name} from {host} does not match the model's digest ({got}, expected "
-                           f"{entry.size} bytes, sha256 {entry.sha256[:16]}): discarded")
-        await loop.run_in_executor(self._pool, os.replace, partial, final)
+        return offset
 
 
 class _Corrupt(Exception):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/models.proto\x12\tagentd.v1\"\x1f\n\rLocateRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\'\n\x06Holder\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0bLocateReply\x12\x12\n\nmodel_json\x18\x01 \x01(\t\x12\"\n\x07holders\x18\x02 \x03(\x0b\x32\x11.agentd.v1.Holder\"<\n\x0c\x46\x65tchRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"G\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x1f\n\rRemoveRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"*\n\x0bRemoveReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xba\x01\n\x06Models\x12:\n\x06Locate\x12\x18.agentd.v1.LocateRequest\x1a\x16.agentd.v1.LocateReply\x12\x38\n\x05\x46\x65tch\x12\x17.agentd.v1.FetchRequest\x1a\x14.agentd.v1.FileChunk0\x01\x12:\n\x06Remove\x12\x18.agentd.v1.RemoveRequest\x1a\x16.agentd.v1.RemoveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/models.proto\x12\tagentd.v1\"\x1f\n\rLocateRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\'\n\x06Holder\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0bLocateReply\x12\x12\n\nmodel_json\x18\x01 \x01(\t\x12\"\n\x07holders\x18\x02 \x03(\x0b\x32\x11.agentd.v1.Holder\"<\n\x0c\x46\x65tchRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"G\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"G\n\tOpenReply\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x1f\n\rRemoveRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"*\n\x0bRemoveReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf1\x01\n\x06Models\x12:\n\x06Locate\x12\x18.agentd.v1.LocateRequest\x1a\x16.agentd.v1.LocateReply\x12\x38\n\x05\x46\x65tch\x12\x17.agentd.v1.FetchRequest\x1a\x14.agentd.v1.FileChunk0\x01\x12\x35\n\x04Open\x12\x17.agentd.v1.FetchRequest\x1a\x14.agentd.v1.OpenReply\x12:\n\x06Remove\x12\x18.agentd.v1.RemoveRequest\x1a\x16.agentd.v1.RemoveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHREQUEST']._serialized_end=242
   _globals['_FILECHUNK']._serialized_start=244
   _globals['_FILECHUNK']._serialized_end=315
-  _globals['_REMOVEREQUEST']._serialized_start=317
-  _globals['_REMOVEREQUEST']._serialized_end=348
-  _globals['_REMOVEREPLY']._serialized_start=350
-  _globals['_REMOVEREPLY']._serialized_end=392
-  _globals['_MODELS']._serialized_start=395
-  _globals['_MODELS']._serialized_end=581
+  _globals['_OPENREPLY']._serialized_start=317
+  _globals['_OPENREPLY']._serialized_end=388
+  _globals['_REMOVEREQUEST']._serialized_start=390
+  _globals['_REMOVEREQUEST']._serialized_end=421
+  _globals['_REMOVEREPLY']._serialized_start=423
+  _globals['_REMOVEREPLY']._serialized_end=465
+  _globals['_MODELS']._serialized_start=468
+  _globals['_MODELS']._serialized_end=709
 # @@protoc_insertion_point(module_scope)

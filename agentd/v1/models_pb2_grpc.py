@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ModelsStub:
-    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
+    """Locate, Fetch and Open: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     def __init__(self, channel):
@@ -45,6 +45,11 @@ class ModelsStub:
                 request_serializer=agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_models__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.Open = channel.unary_unary(
+                '/agentd.v1.Models/Open',
+                request_serializer=agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_models__pb2.OpenReply.FromString,
+                _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/agentd.v1.Models/Remove',
                 request_serializer=agentd_dot_v1_dot_models__pb2.RemoveRequest.SerializeToString,
@@ -53,7 +58,7 @@ class ModelsStub:
 
 
 class ModelsServicer:
-    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
+    """Locate, Fetch and Open: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     def Locate(self, request, context):
@@ -65,6 +70,13 @@ class ModelsServicer:
 
     def Fetch(self, request, context):
         """One file of a model this agent holds, from `offset` to its end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Open(self, request, context):
+        """The same file as a raw (mutual TLS) byte stream on the holder's transfer port: a ticket for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +102,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     request_deserializer=agentd_dot_v1_dot_models__pb2.FetchRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_models__pb2.FileChunk.SerializeToString,
             ),
+            'Open': grpc.unary_unary_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=agentd_dot_v1_dot_models__pb2.FetchRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_models__pb2.OpenReply.SerializeToString,
+            ),
             'Remove': grpc.unary_unary_rpc_method_handler(
                     servicer.Remove,
                     request_deserializer=agentd_dot_v1_dot_models__pb2.RemoveRequest.FromString,
@@ -104,7 +121,7 @@ def add_ModelsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Models:
-    """Locate and Fetch: host to host (node certificates); Remove: admin (docs/security.md).
+    """Locate, Fetch and Open: host to host (node certificates); Remove: admin (docs/security.md).
     """
 
     @staticmethod
@@ -151,6 +168,33 @@ class Models:
             '/agentd.v1.Models/Fetch',
             agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
             agentd_dot_v1_dot_models__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Open(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Models/Open',
+            agentd_dot_v1_dot_models__pb2.FetchRequest.SerializeToString,
+            agentd_dot_v1_dot_models__pb2.OpenReply.FromString,
             options,
             channel_credentials,
             insecure,
