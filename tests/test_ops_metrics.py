@@ -47,6 +47,9 @@ def populated() -> Metrics:
     m.requests_held.labels(model="llama").set(0)
     m.wake_seconds.labels(model="llama").observe(0.5)
     m.wakes.labels(model="llama", result="woken").inc()
+    m.scale_events.labels(model="llama", direction="up", reason="queue").inc()
+    m.replicas_desired.labels(model="llama").set(2)
+    m.replicas_actual.labels(model="llama").set(1)
     return m
 
 
