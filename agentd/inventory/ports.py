@@ -52,6 +52,10 @@ def listening_sockets(ranges: Sequence[tuple[int, int]], paths: Sequence[str] = 
             with open(path) as f:
                 next(f, None)  # the header
                 for line in f:
+                    # " 0A " can only be the st column (the others are longer hex or decimal): skip the
+                    # thousands of connected sockets without splitting them
+                    if " 0A " not in line:
+                        continue
                     cols = line.split()
                     if len(cols) < 10 or cols[3] != _LISTEN:
                         continue
