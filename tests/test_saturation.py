@@ -130,13 +130,20 @@ def test_turns_of_one_chat_share_keys_and_other_chats_do_not():
     assert t.keys({"prompt": "hi"}) == [] and t.keys({"prompt": [1, 2, 3] * 100}) == []
     assert t.keys({"input": "x" * 1000}) == []
     assert prompt_text({"prompt": "x" * 100}, limit=10) == "x" * 10
-    assert prefix_keys("é" * 130, block=64) == prefix_keys("é" * 128 + "ab", block=64)
+    assert prefix_keys(["é" * 130], block=64)[:2] == prefix_keys(["é" * 128 + "ab"], block=64)[:2]
+    # Keys at every message end: the next turn finds this one's whole conversation, even mid-block.
+    a, b = {"messages": [system, {"role": "user", "content": "hi"}]}, {"messages": [system, {"role": "user",
+                                                                                         "content": "yo"}]}
+    t.record("m", t.keys(a), "ra")
+    t.record("m", t.keys(b), "rb")
+    assert t.lookup("m", t.keys({"messages": [*a["messages"], {"role": "user", "content": "more"}]})) == "ra"
+    assert t.lookup("m", t.keys({"messages": [system, {"role": "user", "content": "new"}]})) == "rb"  # shared
 
 
 def test_the_table_is_bounded():
     t = PrefixTable(entries=10, block=4, limit=400)
     for i in range(50):
-        t.record("m", prefix_keys(f"{i:04d}" * 10, 4), f"r{i}")
+        t.record("m", prefix_keys([f"{i:04d}" * 10], 4), f"r{i}")
     assert len(t) == 10
     with pytest.raises(ValueError):
         PrefixTable(entries=0)
@@ -313,5 +320,38 @@ def test_prefix_affinity_keeps_a_chat_on_its_replica_until_it_is_overloaded():
                 home.release.set()
                 other.release.set()
                 (await blocker).release()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_closed_before_the_answer_is_retried_on_the_same_replica_first():
+    """A pooled connection the model server had just timed out fails as 'server disconnected'; trying the same
+    replica again on a new connection keeps the request where its prompt cache is."""
+    async def scenario() -> None:
+        hits = {"a": 0, "b": 0}
+
+        def server(name: str) -> TestServer:
+            async def complete(request: web.Request) -> web.StreamResponse:
+                hits[name] += 1
+                if name == "a" and hits["a"] == 1:
+                    assert request.transport is not None
+                    request.transport.close()  # closed without an answer
+                    return web.Response()
+                return web.json_response({"choices": [{"text": name}]})
+
+            app = web.Application()
+            app.router.add_post("/v1/completions", complete)
+            return TestServer(app)
+
+        a, b = server("a"), server("b")
+        metrics = Metrics("n")
+        async with a, b:
+            endpoints = [ep("a", str(a.make_url("/")).rstrip("/")), ep("b", str(b.make_url("/")).rstrip("/"))]
+            app = make_http_app(_Provider(metrics, endpoints), metrics=metrics,
+                                options=HttpOptions(require_api_key=False))
+            async with TestClient(TestServer(app)) as client:
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+                assert r.status == 200 and r.headers["X-Agentd-Instance"] == "a"
+                assert hits == {"a": 2, "b": 0}
 
     asyncio.run(scenario())

@@ -132,7 +132,10 @@ def make_http_app(provider: HttpProvider, *, metrics: Metrics | None = None,
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         # No connection limit: the proxy is as concurrent as its callers; model servers queue themselves.
-        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        # Idle connections are dropped after 4 s, before the model servers drop them (llama-server's HTTP library
+        # and uvicorn, under vLLM and SGLang, close after 5 s): a request sent on a connection the server has
+        # just closed fails and would be retried elsewhere, losing prefix affinity's cache hit.
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, keepalive_timeout=4.0)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app[PROXY] = OpenAIProxy(session, metrics=metrics, connect_timeout=options.connect_timeout,
                                      read_timeout=options.read_timeout, max_attempts=options.max_attempts,

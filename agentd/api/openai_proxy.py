@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agentd.api.affinity import SLACK as AFFINITY_SLACK
 from agentd.api.affinity import PrefixTable
 from agentd.api.load import LoadBoard, as_reading
 from agentd.api.saturation import Admission, Saturated
@@ -55,6 +56,7 @@ FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "accept-encoding", "user-
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
 RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
              _CONNECT_TIMEOUT)
+STALE = (aiohttp.ServerDisconnectedError,)  # connected, then closed before any answer
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ class OpenAIProxy:
 
     def _prefer(self, model: str, keys: Sequence[bytes], ordered: list[Endpoint]) -> list[Endpoint]:
         """`ordered` with the replica that served this prompt prefix last put first, while it is not overloaded:
-        not full, and with a free slot unless no other replica has one either."""
+        not full, with a free slot unless no other replica has one either, and at most `SLACK` requests busier
+        than the least busy."""
         if not keys or self.affinity is None or len(ordered) < 2:
             return ordered
         want = self.affinity.lookup(model, keys)
@@ -222,8 +225,9 @@ class OpenAIProxy:
             return ordered
         load = self._load()
         p = self.balancer.pressure(ordered[i], load)
-        if p.full or (not p.free_slot and any(self.balancer.pressure(e, load).free_slot
-                                              for k, e in enumerate(ordered) if k != i)):
+        others = [self.balancer.pressure(e, load) for k, e in enumerate(ordered) if k != i]
+        if (p.full or (not p.free_slot and any(o.free_slot for o in others))
+                or p.busy > min(o.busy for o in others) + AFFINITY_SLACK):
             return ordered
         return [ordered[i], *ordered[:i], *ordered[i + 1:]]
 
@@ -301,7 +305,10 @@ class OpenAIProxy:
         candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)]
         failures: list[str] = []
         started = self._clock()
-        for attempt, ep in enumerate(candidates):
+        attempt = -1
+        while attempt + 1 < len(candidates):
+            attempt += 1
+            ep = candidates[attempt]
             if keys and self.affinity is not None:
                 self.affinity.record(model, keys, ep.instance_id)
             try:
@@ -309,7 +316,11 @@ class OpenAIProxy:
                     return await self._attempt(request, ep, model, endpoint_name, body, payload, started)
             except RETRYABLE as exc:
                 failures.append(f"{ep.instance_id}: {_short(exc)}")
-                if attempt + 1 >= len(ordered):  # a replica tried already: give it a moment
+                if attempt == 0 and isinstance(exc, STALE) and len(candidates) > 1:
+                    # Closed under us (most often a pooled connection the server had just timed out): the same
+                    # replica at once, on a new connection, keeps its prompt cache; a dead one refuses quickly.
+                    candidates[1:] = [ep, *candidates[1:-1]]
+                elif attempt + 1 >= len(ordered):  # a replica tried already: give it a moment
                     await asyncio.sleep(0.05 * (attempt + 1))
                 log.warning("replica unreachable; trying the next one",
                             extra=fields(model=model, instance=ep.instance_id, attempt=attempt + 1,
