@@ -652,12 +652,14 @@ class Coordinator:
         """Every live host's last proxy report within the freshness bound, and the live hosts whose report is
         older (or missing): a partitioned proxy, or one that has not reported to this leader yet."""
         fresh, stale = {}, []
-        for h in self.live_hosts():
-            at = self._activity.get(h.name, (float("-inf"), {}))[0]
+        for name in sorted(self.reports):
+            if not self.is_live(name, now):
+                continue
+            at = self._activity.get(name, (float("-inf"), {}))[0]
             if now - at > self.idle_report_max_age:
-                stale.append(h.name)
+                stale.append(name)
             else:
-                fresh[h.name] = self._loads.get(h.name, {})
+                fresh[name] = self._loads.get(name, {})
         return fresh, stale
 
     def replica_queues(self, name: str, loads: dict[str, dict[str, autoscale.DeploymentActivity]]) -> dict[str, int]:
@@ -673,8 +675,7 @@ class Coordinator:
         """Replicas by load: one `autoscale.decide` per deployment with max_replicas, then act on it (add
         replicas, or mark the least-loaded one leaving); and remove leaving replicas once their requests are
         answered or `scale_down_timeout` passed (docs/on-demand.md, "Replicas by load")."""
-        names = [n for n, r in sorted(self.state.deployments.items())
-                 if r.spec.autoscaled and n not in self.state.idle and self.state.assignments_for(n)]
+        names = {n for n, r in self.state.deployments.items() if r.spec.autoscaled and n not in self.state.idle}
         if not names and not self.state.leaving:
             return []
         if not self.heard_from_known_hosts():
@@ -685,18 +686,31 @@ class Coordinator:
         up_after, down_after, cooldown = self.autoscale_windows
         async with self._lock:
             decisions += await self._finish_leaving(loads, stale, now)
-            for name in names:
+            # One pass over the assignments and one over the reports, grouped by deployment: a pass per
+            # deployment over every host's report was seconds per tick at 1,000 deployments x 2,048 hosts.
+            current_of: dict[str, list[Assignment]] = {}
+            for (dep, _), a in sorted(self.state.assignments.items()):
+                if dep in names:
+                    current_of.setdefault(dep, []).append(a)
+            ids_of: dict[str, set[str]] = {}
+            for (dep, _), a in [*self.state.assignments.items(), *self.state.surges.items()]:
+                if dep in current_of:
+                    ids_of.setdefault(dep, set()).add(a.instance_id)
+            acts_of: dict[str, list[autoscale.DeploymentActivity]] = {}
+            for acts in loads.values():
+                for dep, act in acts.items():
+                    if dep in current_of:
+                        acts_of.setdefault(dep, []).append(act)
+            for name in sorted(current_of):
                 record = self.state.deployment(name)
                 if record is None or name in self.state.idle:
                     continue
                 spec = record.spec
-                current = self.state.assignments_for(name)
+                current = self.state.assignments_for(name) if decisions else current_of[name]  # moved: re-read
                 active = [a for a in current if not self.state.is_leaving(a)]
                 if not active:
                     continue
-                ids = {a.instance_id for a in self.state.incarnations_for(name)}
-                acts = [acts[name] for acts in loads.values() if name in acts]
-                queue = autoscale.deployment_queue(acts, ids)
+                queue = autoscale.deployment_queue(acts_of.get(name, []), ids_of.get(name, set()))
                 policy = autoscale.Policy(spec.min_replicas, spec.max_replicas, spec.target_queue,
                                           up_after=up_after, down_after=down_after, cooldown=cooldown)
                 obs = autoscale.Observation(replicas=len(active), queue=queue, fresh=not stale,
