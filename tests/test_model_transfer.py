@@ -84,6 +84,7 @@ def test_mtls_stream_for_the_ticket_s_caller(tmp_path, dirs, blob):
     finally:
         srv.close()
     assert (got, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert out == data
 
 
 def test_a_ticket_is_used_once_and_only_by_its_caller(tmp_path, dirs, blob):
@@ -208,6 +209,7 @@ def test_fetcher_resumes_a_partial_file_over_the_stream(tmp_path, blob):
     srv = server(None)
     state, opens = asyncio.run(fetch_once(tmp_path, model, transfer=srv, client=True))
     assert state.startswith("DONE"), state
+    assert opens == 1  # from the partial's end: one stream, no restart from zero
     assert (tmp_path / "dest" / path.name).read_bytes() == data
 
 
@@ -220,3 +222,92 @@ def test_a_corrupt_stream_is_discarded_not_installed(tmp_path, blob):
     state, _ = asyncio.run(fetch_once(tmp_path, model, transfer=server(None), client=True))
     assert state.startswith("FATAL") and "does not match the model's digest" in state, state
     assert not (tmp_path / "dest" / path.name).exists()
+
+
+# --------------------------------------------------------------------------- a FATAL fetch is tried again
+
+
+class Holder:
+    """A holder agent's Models service and transfer listener on loopback, counting the Opens it answers."""
+
+    def __init__(self, model: HeldModel):
+        self.model = model
+        self.opens = 0
+        self.transfer = server(None)
+        issue = self.transfer.issue
+
+        def counted(*a):
+            self.opens += 1
+            return issue(*a)
+
+        self.transfer.issue = counted
+
+    async def start(self) -> str:
+        async def locate(digest, caller):
+            return self.model, []
+
+        self.grpc = grpc.aio.server()
+        self.service = ModelsService(models=lambda: [self.model], locate=locate, transfer=self.transfer)
+        mpb_grpc.add_ModelsServicer_to_server(self.service, self.grpc)
+        port = self.grpc.add_insecure_port("127.0.0.1:0")
+        await self.grpc.start()
+        return f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.grpc.stop(None)
+        self.service.close()
+
+
+async def fetch_with_retries(tmp: Path, blob, *, good_holder_after_first_failure: bool):
+    path, data = blob
+    model = held(path, data)
+    bad_path = tmp / "bad" / path.name
+    bad_path.parent.mkdir()
+    bad_path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    bad, good = Holder(model.model_copy(update={"path": str(bad_path)})), Holder(model)
+    addresses = {"bad": await bad.start(), "good": await good.start()}
+    channels = {a: grpc.aio.insecure_channel(a) for a in addresses.values()}
+    holders = [("bad", addresses["bad"])]
+
+    async def where(digest):
+        return model, list(holders)
+
+    fetcher = Fetcher(node="me", model_dir=tmp / "dest", channel=channels.__getitem__, locate=where,
+                      transfer_context=lambda: None, retry_rounds=3, retry_base=0.2, retry_cap=0.4)
+    reasons = []
+    try:
+        async with asyncio.timeout(90):
+            while True:  # as the reconciler does: ensure() on every pass
+                f = fetcher.ensure("big", model.digest)
+                if f.state == "FATAL" and (not reasons or reasons[-1] != f.reason):
+                    reasons.append(f.reason)
+                    if good_holder_after_first_failure:
+                        holders.append(("good", addresses["good"]))
+                if f.state == "DONE" or (f.state == "FATAL" and f.retry_at is None):
+                    break
+                await asyncio.sleep(0.05)
+        return f, reasons, bad.opens, good.opens
+    finally:
+        await fetcher.close()
+        for c in channels.values():
+            await c.close()
+        await bad.stop()
+        await good.stop()
+
+
+def test_a_failed_fetch_is_retried_from_a_new_holder_not_the_corrupt_one(tmp_path, blob):
+    f, reasons, bad_opens, good_opens = asyncio.run(
+        fetch_with_retries(tmp_path, blob, good_holder_after_first_failure=True))
+    assert f.state == "DONE", f.reason
+    assert "does not match the model's digest" in reasons[0] and "retry 1 of 3 in" in reasons[0], reasons
+    assert (bad_opens, good_opens) == (1, 1)  # the corrupt copy was read once, never again
+    assert (tmp_path / "dest" / Path(f.path).name).read_bytes() == blob[1]
+
+
+def test_a_corrupt_only_holder_is_not_retried_forever(tmp_path, blob):
+    f, reasons, bad_opens, _ = asyncio.run(fetch_with_retries(tmp_path, blob, good_holder_after_first_failure=False))
+    assert f.state == "FATAL" and f.retry_at is None
+    assert [r.split("; retry ")[-1][:4] for r in reasons[:3]] == ["1 of", "2 of", "3 of"], reasons
+    assert "gave up after 3 retries" in f.reason and "no other host holds a copy to try" in f.reason, f.reason
+    assert bad_opens == 1  # each retry saw that the only holder's copy had failed verification
+    assert not (tmp_path / "dest" / "big.gguf").exists()

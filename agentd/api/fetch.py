@@ -46,6 +46,11 @@ log = logging.getLogger("agentd.fetch")
 CHUNK = 1024 * 1024  # gRPC messages: 4 MiB ones let the event loop lag past 50 ms under load
 ATTEMPTS = 6  # per fetch: a dead holder, a corrupt copy; then the fetch fails with the last reason
 RETRY_DELAY = 0.5
+# A failed fetch (FATAL) is tried again while its assignment stands, this many times, after a backoff that
+# doubles from RETRY_BASE up to RETRY_CAP seconds (a full disk freed, a holder back, a new holder reported).
+RETRY_ROUNDS = 8
+RETRY_BASE = 10.0
+RETRY_CAP = 300.0
 
 
 # --------------------------------------------------------------------------- the holder's side
@@ -203,6 +208,9 @@ class Fetch:
     reason: str = "waiting for a fetch slot"
     started: float = field(default_factory=time.monotonic)
     path: str = ""  # where the copy is, once DONE
+    failures: int = 0  # fetches of this digest that ended FATAL
+    retry_at: float | None = None  # when a FATAL fetch is tried again (None: not again)
+    corrupt_from: set[str] = field(default_factory=set)  # holders whose copy failed verification: not asked again
     _rate: float = 0.0
     _last: tuple[float, int] = (0.0, 0)
     task: asyncio.Task | None = None
@@ -243,7 +251,8 @@ class Fetcher:
                  on_file: Callable[[Path, str], None] = lambda p, sha: None,
                  on_change: Callable[[], None] = lambda: None,
                  concurrency: int = 2, rate: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 transfer_context: Callable[[], ssl.SSLContext | None] | None = None):
+                 transfer_context: Callable[[], ssl.SSLContext | None] | None = None,
+                 retry_rounds: int = RETRY_ROUNDS, retry_base: float = RETRY_BASE, retry_cap: float = RETRY_CAP):
         self.node = node
         self.model_dir = model_dir
         self._channel = channel
@@ -260,12 +269,20 @@ class Fetcher:
         # cluster); the attribute itself None: always Models.Fetch.
         self.transfer_context = transfer_context
         self.transfer_hostname = NODE_SAN  # the name a holder's certificate is checked for
+        self.retry_rounds, self.retry_base, self.retry_cap = retry_rounds, retry_base, retry_cap
 
     def ensure(self, name: str, digest: str) -> Fetch:
-        """The fetch of `digest`, started if it is not running (a FATAL one is not retried: call forget)."""
+        """The fetch of `digest`, started if it is not running, or started again once a FATAL one's backoff has
+        passed (a bounded number of times; `forget` ends it)."""
         f = self.fetches.get(digest)
         if f is None or (f.state == "DONE" and not f.path):
             f = self.fetches[digest] = Fetch(digest=digest, name=name)
+            f.task = asyncio.ensure_future(self._run(f))
+        elif f.state == "FATAL" and f.retry_at is not None and self.clock() >= f.retry_at:
+            log.info(f"{f.name}@{f.digest[:19]}: fetching again ({f.failures} of {self.retry_rounds}) after: "
+                     f"{f.reason}", extra=fields(node=self.node))
+            f.state, f.reason, f.retry_at = "FETCHING", "waiting for a fetch slot", None
+            f.started, f.done, f._rate, f._last = self.clock(), 0, 0.0, (0.0, 0)
             f.task = asyncio.ensure_future(self._run(f))
         return f
 
@@ -291,13 +308,24 @@ class Fetcher:
         except asyncio.CancelledError:
             raise
         except FetchFailed as exc:
-            f.state, f.reason = "FATAL", str(exc)
-            log.warning(f"{f.name}@{f.digest[:19]}: fetch failed: {exc}", extra=fields(node=self.node))
+            f.state, f.reason = "FATAL", self._failed(f, str(exc))
+            log.warning(f"{f.name}@{f.digest[:19]}: fetch failed: {f.reason}", extra=fields(node=self.node))
         except Exception as exc:  # a bug: the part must still say why it does not start
-            f.state, f.reason = "FATAL", f"fetch failed: {type(exc).__name__}: {exc}"
+            f.state, f.reason = "FATAL", self._failed(f, f"fetch failed: {type(exc).__name__}: {exc}")
             log.exception("model fetch failed", extra=fields(node=self.node, digest=f.digest))
         finally:
             self._on_change()
+
+    def _failed(self, f: Fetch, reason: str) -> str:
+        """Count a FATAL end and set when it is tried again; the part's reason says which."""
+        f.failures += 1
+        if f.failures > self.retry_rounds:
+            f.retry_at = None
+            return f"{reason} (gave up after {self.retry_rounds} retries: delete or re-deploy to fetch again)"
+        delay = min(self.retry_cap, self.retry_base * 2 ** (f.failures - 1))
+        f.retry_at = self.clock() + delay
+        asyncio.get_running_loop().call_later(delay, self._on_change)  # the reconciler calls ensure again
+        return f"{reason}; retry {f.failures} of {self.retry_rounds} in {_duration(delay)}"
 
     async def _fetch(self, f: Fetch) -> str:
         loop = asyncio.get_running_loop()
@@ -317,6 +345,13 @@ class Fetcher:
                 continue
             f.total = model.size
             holders = [h for h in holders if h[0] != self.node]
+            good = [h for h in holders if h[0] not in f.corrupt_from]
+            if holders and not good:  # asking a bad copy again would only fail the same way
+                await loop.run_in_executor(self._pool, shutil.rmtree, tmp, True)
+                raise FetchFailed(f"{last if attempt else 'the copies on ' + ', '.join(sorted(f.corrupt_from))}"
+                                  f"{'' if attempt else ' failed verification before'}: no other host holds "
+                                  "a copy to try")
+            holders = good
             if not holders:
                 last = "no other host holds a complete copy"
                 continue
@@ -340,6 +375,7 @@ class Fetcher:
                 log.info(f"{f.name}: {last}; resuming", extra=fields(node=self.node, attempt=attempt + 1))
             except _Corrupt as exc:
                 last = str(exc)
+                f.corrupt_from.add(host)
                 log.warning(f"{f.name}: {last}; fetching it again", extra=fields(node=self.node))
             except OSError as exc:
                 await loop.run_in_executor(self._pool, shutil.rmtree, tmp, True)
