@@ -103,6 +103,17 @@ def resolve(model: str, hosts: Sequence[HostInventory]) -> tuple[str, ModelInfo]
     name = ref.name
     matches = [e for e in entries if (name in e.names or (ref.digest and e.digest == ref.digest))
                and (not ref.digest or e.digest == ref.digest)]
+    if ref.kind == "hf" and (ref.pattern or not matches):
+        # A GGUF repository: its files are catalog names ORG/NAME/<file without .gguf>, chosen by the pattern
+        # (or the repository's only GGUF model when none is given).
+        matches = [e for e in entries if e.format == "gguf" and _gguf_in_repo(e, name, ref.pattern)]
+        names = sorted({n for e in matches for n in e.names if n.startswith(name + "/")})
+        if len({e.digest for e in matches}) > 1:
+            raise InvalidInput(f"{ref.text} matches {len(names)} GGUF models of {name} ({', '.join(names)}): "
+                               f"name one with a file pattern, hf:{name}:PATTERN (a quantization such as "
+                               "Q4_K_M, or a glob)", where="model")
+        if names:
+            name = names[0]
     if ref.revision:  # hf:ORG/NAME@REV: a ref (main, a tag) or a commit, as the hub cache names them
         matches = [e for e in matches if ref.revision in e.revisions
                    or (len(ref.revision) >= 7 and any(r.startswith(ref.revision) for r in e.revisions))]
@@ -116,6 +127,20 @@ def resolve(model: str, hosts: Sequence[HostInventory]) -> tuple[str, ModelInfo]
     e = usable[0]
     assert e.info is not None
     return f"{name}@{e.digest}", e.info
+
+
+def _gguf_in_repo(e: CatalogEntry, repo: str, pattern: str) -> bool:
+    """Whether `e` is a GGUF model of the Hugging Face repository `repo` whose file matches `pattern`."""
+    import fnmatch
+
+    for n in e.names:
+        if not n.startswith(repo + "/"):
+            continue
+        stem = n[len(repo) + 1:].lower()
+        p = pattern.lower()
+        if not p or fnmatch.fnmatchcase(stem, p) or (not any(c in p for c in "*?") and p in stem):
+            return True
+    return False
 
 
 def _not_found(ref: ModelRef, hosts: Sequence[HostInventory], broken: list[Broken],

@@ -279,7 +279,8 @@ class ModelInfo(Value):
 
 CATALOG_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._/+-]{0,199})(@(?P<digest>sha256:[0-9a-f]{64}))?$")
 HF_REF_RE = re.compile(
-    r"^hf:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
+    r"^hf:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?"
+    r"(:(?P<pattern>[A-Za-z0-9._*?/-]+))?$")
 
 
 class ModelRef(Value):
@@ -290,11 +291,15 @@ class ModelRef(Value):
     name: str  # the path, ORG/NAME, or the catalog name
     digest: str = ""  # "sha256:<hex>" when the catalog name pins one
     revision: str = ""  # hf: only
+    # hf: only, for a GGUF repository: which of its GGUF files (a glob, or a part of the name such as a
+    # quantization, "Q4_K_M"), matched case-insensitively against the file's name without ".gguf".
+    pattern: str = Field(default="", exclude_if=_empty, json_schema_extra=_SINCE_2)
 
     @property
     def text(self) -> str:
         if self.kind == "hf":
-            return f"hf:{self.name}" + (f"@{self.revision}" if self.revision else "")
+            return (f"hf:{self.name}" + (f"@{self.revision}" if self.revision else "")
+                    + (f":{self.pattern}" if self.pattern else ""))
         return self.name + (f"@{self.digest}" if self.digest else "")
 
 
@@ -310,8 +315,8 @@ def parse_model_ref(model: str) -> ModelRef:
     if text.startswith("hf:"):
         m = HF_REF_RE.fullmatch(text)
         if m is None:
-            raise ValueError(f"{model!r} is not hf:ORG/NAME[@REVISION]")
-        return ModelRef(kind="hf", name=m["name"], revision=m["rev"] or "")
+            raise ValueError(f"{model!r} is not hf:ORG/NAME[@REVISION][:GGUF-FILE-PATTERN]")
+        return ModelRef(kind="hf", name=m["name"], revision=m["rev"] or "", pattern=m["pattern"] or "")
     m = CATALOG_NAME_RE.fullmatch(text)
     relative = text.startswith((".", "~")) or text.lower().endswith((".gguf", ".json", ".safetensors"))
     if m is None or relative or "//" in text or "/../" in f"/{text}/" or "/./" in f"/{text}/":

@@ -222,6 +222,49 @@ def test_a_hugging_face_cache_is_read_with_huggingface_hub(tmp_path):
         cat.resolve("hf:org/tiny-hf@v2", [host])
 
 
+def test_a_gguf_repository_in_a_hugging_face_cache_gives_each_file_as_a_model(tmp_path):
+    """Issue 19 item 5: `hf:ORG/NAME[@REV]:PATTERN` picks one GGUF file of a -GGUF repository in a hub cache."""
+    from agentd import catalog as cat
+    from agentd.types import HostInventory as Inv
+
+    q4 = write_tiny_llama_gguf(tmp_path / "q4.gguf", seed=1).read_bytes()
+    q8 = write_tiny_llama_gguf(tmp_path / "q8.gguf", seed=2).read_bytes()
+    one = write_tiny_llama_gguf(tmp_path / "one.gguf", seed=3).read_bytes()
+    cache = tmp_path / "hub"
+    snap = hf_cache_model(cache, "org/tiny-GGUF", {"tiny.Q4_K_M.gguf": q4, "tiny.Q8_0.gguf": q8,
+                                                    "README.md": b"quantized"})
+    hf_cache_model(cache, "org/one-GGUF", {"one.Q4_0.gguf": one}, commit="c" * 40, refs=("main", "v1"))
+    catalog = ModelCatalog([cache])
+    try:
+        held = {m.name: m for m in wait_for_digests(catalog)}
+    finally:
+        catalog.close()
+    assert sorted(held) == ["org/one-GGUF/one.Q4_0", "org/tiny-GGUF/tiny.Q4_K_M", "org/tiny-GGUF/tiny.Q8_0"]
+    m4 = held["org/tiny-GGUF/tiny.Q4_K_M"]
+    assert (m4.format, m4.path, m4.revision, m4.refs) == ("gguf", str(snap / "tiny.Q4_K_M.gguf"), "a" * 40, ("main",))
+    assert m4.usable and [f.name for f in m4.files] == ["tiny.Q4_K_M.gguf"]
+    assert m4.files[0].sha256 == hashlib.sha256(q4).hexdigest()
+    host = Inv(name="a", models=tuple(held.values()))
+    for ref in ("hf:org/tiny-GGUF:Q4_K_M", "hf:org/tiny-GGUF:q4_k_m", "hf:org/tiny-GGUF@main:Q4_K_M",
+                "hf:org/tiny-GGUF@aaaaaaa:*.Q4_*"):
+        assert cat.resolve(ref, [host])[0] == f"org/tiny-GGUF/tiny.Q4_K_M@{m4.digest}", ref
+    q8_digest = held["org/tiny-GGUF/tiny.Q8_0"].digest
+    assert cat.resolve("hf:org/tiny-GGUF:Q8_0", [host])[0] == f"org/tiny-GGUF/tiny.Q8_0@{q8_digest}"
+    # The repository's only GGUF model needs no pattern; a revision narrows as for any hf: name.
+    one_digest = held["org/one-GGUF/one.Q4_0"].digest
+    assert cat.resolve("hf:org/one-GGUF@v1", [host])[0] == f"org/one-GGUF/one.Q4_0@{one_digest}"
+    with pytest.raises(InvalidInput, match=r"matches 2 GGUF models of org/tiny-GGUF .*tiny.Q4_K_M, "
+                                           r"org/tiny-GGUF/tiny.Q8_0.*hf:org/tiny-GGUF:PATTERN"):
+        cat.resolve("hf:org/tiny-GGUF", [host])
+    with pytest.raises(InvalidInput, match="no host holds a model hf:org/tiny-GGUF:Q2_K"):
+        cat.resolve("hf:org/tiny-GGUF:Q2_K", [host])
+    with pytest.raises(InvalidInput, match="no host holds a model hf:org/tiny-GGUF@v9:Q4_K_M"):
+        cat.resolve("hf:org/tiny-GGUF@v9:Q4_K_M", [host])
+    assert parse_model_ref("hf:org/tiny-GGUF@main:Q4_K_M").text == "hf:org/tiny-GGUF@main:Q4_K_M"
+    with pytest.raises(ValueError, match="GGUF-FILE-PATTERN"):
+        parse_model_ref("hf:org/tiny-GGUF:Q4 K")
+
+
 def test_deploy_wait_draws_the_fetch_progress_on_one_terminal_line():
     import io
     from types import SimpleNamespace

@@ -94,6 +94,9 @@ def cluster(tmp_path_factory):
     (root / "d" / "models").mkdir(parents=True)
     shutil.copy(models_a / "big2.gguf", root / "d" / "models" / "big2.gguf")
     hf_cache_model(root / "a" / "hub", "org/tiny-hf", {"config.json": HF_CONFIG, "tokenizer.json": b"{}"})
+    quants = {f"tiny.{q}.gguf": write_tiny_llama_gguf(root / f"{q}.gguf", seed=seed).read_bytes()
+              for q, seed in (("Q4_K_M", 7), ("Q8_0", 8))}
+    hf_cache_model(root / "a" / "hub", "org/tiny-GGUF", quants, commit="e" * 40)  # a GGUF repository
     (root / "a" / "models" / "wide").mkdir()  # 20 GiB by its config (no weights on disk): two GPUs at 55%
     (root / "a" / "models" / "wide" / "config.json").write_bytes(WIDE_CONFIG)
     cdir = c.agents["c"].data_dir / "models"
@@ -103,7 +106,7 @@ def cluster(tmp_path_factory):
     try:
         c.start()
         c.wait_for_inventories()
-        wait_for(lambda: len(usable_on(c, "a")) == 7 and usable_on(c, "d"), 60, "a's and d's models hashed")
+        wait_for(lambda: len(usable_on(c, "a")) == 9 and usable_on(c, "d"), 60, "a's and d's models hashed")
         yield c
     finally:
         c.stop()
@@ -224,6 +227,27 @@ def test_a_hugging_face_cache_model_is_found_reported_and_copied(cluster):
     copy = in_c(cluster, copy) if host == "c" else copy
     assert (copy / "config.json").read_bytes() == HF_CONFIG and not (copy / "config.json").is_symlink()
     stub(cluster).Delete(pb.DeleteRequest(name="hf"), timeout=15)
+
+
+def test_a_gguf_file_of_a_hugging_face_cache_repository_is_found_reported_and_copied(cluster):
+    """hf:ORG/NAME:PATTERN names one GGUF file of a -GGUF repository in a's hub cache; c copies that file only."""
+    held = usable_on(cluster, "a")["org/tiny-GGUF/tiny.Q4_K_M"]
+    assert held["revision"] == "e" * 40 and held["refs"] == ["main"]
+    s = pb.DeploymentSpec(name="quant", model="hf:org/tiny-GGUF@main:Q4_K_M", runtime="llamabox", replicas=1)
+    stub(cluster).Deploy(pb.DeployRequest(spec=s), timeout=30)
+    (a,) = json.loads(stub(cluster).Get(pb.GetRequest(name="quant"), timeout=5).assignments_json)
+    assert a["model"] == f"org/tiny-GGUF/tiny.Q4_K_M@{held['digest']}"
+    (host,) = {p["host"] for p in a["plan"]["parts"] if p["role"] == "main"}
+    assert host in ("b", "c")
+    wait_for(lambda: usable_on(cluster, host).get("org/tiny-GGUF/tiny.Q4_K_M", {}).get("digest") == held["digest"],
+             60, f"{host} reporting its copy of org/tiny-GGUF/tiny.Q4_K_M")
+    base = cluster.agents[host].data_dir / "models" / "org" / "tiny-GGUF"
+    base = in_c(cluster, base) if host == "c" else base
+    assert sorted(p.name for p in base.iterdir()) == ["tiny.Q4_K_M.gguf"]  # not the other quantization
+    copy = base / "tiny.Q4_K_M.gguf"
+    assert not copy.is_symlink()
+    assert copy.read_bytes() == (cluster.root / "Q4_K_M.gguf").read_bytes()
+    stub(cluster).Delete(pb.DeleteRequest(name="quant"), timeout=15)
 
 
 def test_every_host_of_a_multi_host_vllm_replica_fetches(cluster):

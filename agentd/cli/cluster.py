@@ -53,8 +53,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                        "placed, nothing is committed and the diagnosis is printed (exit 3).")
     p.add_argument("name", help="deployment name (a DNS label)")
     p.add_argument("--model", required=True, metavar="MODEL",
-                   help="a catalog name NAME[@sha256:DIGEST] (`agentd model ls`), hf:ORG/NAME[@REVISION], or the "
-                   "absolute path of a GGUF file or HF model directory on the hosts (relative paths are refused)")
+                   help="a catalog name NAME[@sha256:DIGEST] (`agentd model ls`), "
+                   "hf:ORG/NAME[@REVISION][:GGUF-FILE-PATTERN], or the absolute path of a GGUF file or HF model "
+                   "directory on the hosts (relative paths are refused)")
     p.add_argument("--runtime", required=True, help="runtime plugin: vllm, llamabox, ...")
     _spec_options(p)
     p.add_argument("--replace", action="store_true", help="replace an existing deployment of this name")

@@ -192,8 +192,8 @@ class ModelCatalog:
             if not root.is_dir():
                 continue
             if is_hf_cache(root):
-                for name, path, files, revision, refs in _hf_cache(root):
-                    held = self._held("hf", name, path, files)
+                for kind, name, path, files, revision, refs in _hf_cache(root):
+                    held = self._held(kind, name, path, files)
                     out.append(held.model_copy(update={"revision": revision, "refs": refs}))
                 continue
             for kind, name, path, files in _find(root):
@@ -289,9 +289,15 @@ def is_hf_cache(d: Path) -> bool:
         return False
 
 
-def _hf_cache(root: Path) -> Iterable[tuple[str, Path, list[Path], str, tuple[str, ...]]]:
-    """(ORG/NAME, snapshot dir, files, commit, refs) for each model revision with a config.json in a hub cache,
-    read with huggingface_hub's own cache scanner (its layout is the library's to know, not ours)."""
+def _hf_cache(root: Path) -> Iterable[tuple[str, str, Path, list[Path], str, tuple[str, ...]]]:
+    """(kind, name, path, files, commit, refs) for each model of each revision in a hub cache, read with
+    huggingface_hub's own cache scanner (its layout is the library's to know, not ours):
+
+    - a revision with a config.json is one "hf" model named ORG/NAME, its path the snapshot directory;
+    - a revision without one (a GGUF repository) gives each GGUF file or split set in it as a model named
+      ORG/NAME/<its path in the repository without .gguf> (`hf:ORG/NAME:PATTERN` picks one), as `_find`
+      would name it in a model directory holding ORG/NAME/ - which is where a fetched copy goes.
+    """
     from huggingface_hub import scan_cache_dir
 
     try:
@@ -304,11 +310,25 @@ def _hf_cache(root: Path) -> Iterable[tuple[str, Path, list[Path], str, tuple[st
             continue
         for rev in repo.revisions:
             names = {f.file_name for f in rev.files}
-            if "config.json" not in names:
-                continue
             snapshot = Path(rev.snapshot_path)
-            files = sorted(Path(f.file_path) for f in rev.files)
-            yield repo.repo_id, snapshot, files, rev.commit_hash, tuple(sorted(rev.refs))
+            refs = tuple(sorted(rev.refs))
+            if "config.json" in names:
+                files = sorted(Path(f.file_path) for f in rev.files)
+                yield "hf", repo.repo_id, snapshot, files, rev.commit_hash, refs
+                continue
+            ggufs = [Path(f.file_path) for f in rev.files if f.file_name.lower().endswith(".gguf")
+                     and not f.file_name.lower().startswith("mmproj")]
+            splits: dict[str, list[Path]] = {}
+            for p in sorted(ggufs):
+                rel = p.relative_to(snapshot)
+                m = SPLIT_RE.match(p.name)
+                if m:
+                    splits.setdefault((rel.parent / m["prefix"]).as_posix(), []).append(p)
+                else:
+                    yield "gguf", f"{repo.repo_id}/{(rel.parent / p.name[:-5]).as_posix()}", p, [p], \
+                        rev.commit_hash, refs
+            for prefix, shards in splits.items():
+                yield "split", f"{repo.repo_id}/{prefix}", shards[0], shards, rev.commit_hash, refs
 
 
 def _files_below(d: Path) -> Iterable[Path]:
