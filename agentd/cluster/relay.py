@@ -96,8 +96,9 @@ class ReportRelay:
 
     def serving(self) -> bool:
         """Whether this agent takes report streams to relay now."""
-        return (self.voter() and not self.raft.is_leader and self._call is not None
-                and self._leader == (self.raft.leader_id or "") and self._mono() - self._last_ok <= HEALTHY)
+        # Across a leader change too: the hosts' messages wait here (at most HEALTHY seconds) and go to the
+        # new leader, in full, on the new stream; sending every host to the new leader at once would not.
+        return self.voter() and not self.raft.is_leader and self._mono() - self._last_ok <= HEALTHY
 
     def on_update(self, node: str, m: pb.ReportUpdate) -> pb.ReportReply:
         """One message of a host's stream: note it, answer it. Raises NotAvailable when this agent stopped
@@ -168,15 +169,18 @@ class ReportRelay:
     async def step(self) -> None:
         raft = self.raft
         address = raft.leader_address or ""
-        if not self.voter() or raft.is_leader or not address or not raft.leader_id or self._skip(address):
+        if not self.voter() or raft.is_leader or (address and self._skip(address)):
+            self.close()
+            return
+        if not address or not raft.leader_id:  # an election: hosts wait here up to HEALTHY for its winner
             if self._call is not None:
-                self.close()
+                self.close(keep_serving=True)
             return
         now = self._mono()
         for node in [n for n, h in self.hosts.items() if now - h.heard > FORGET]:
             del self.hosts[node]
         if self._call is None or self._target != address or self._leader != raft.leader_id or self._call.done():
-            self.close()
+            self.close(keep_serving=True)
             self._call = pb_grpc.AgentStub(self._channel(address)).RelayReports()
             self._target, self._leader = address, raft.leader_id
             for h in self.hosts.values():
@@ -267,12 +271,15 @@ class ReportRelay:
         log.info("relay stream to the leader ended", extra=fields(node=self.node, leader=address, code=code.name,
                                                                   error=details[:200]))
 
-    def close(self) -> None:
+    def close(self, keep_serving: bool = False) -> None:
+        """End the stream to the leader; unless `keep_serving` (a new stream follows at once), stop taking
+        hosts' reports until a leader answers a batch again."""
         if self._call is not None:
             self._call.cancel()
         self._call = None
         self._target = self._leader = ""
-        self._last_ok = float("-inf")
+        if not keep_serving:
+            self._last_ok = float("-inf")
 
 
 @dataclass
