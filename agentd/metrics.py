@@ -94,7 +94,7 @@ class Metrics:
                                       "full, by reason (queue_full | timeout).", ["model", "reason"], registry=r)
         self.replica_queue_depth = Gauge("agentd_replica_queue_depth", "Requests waiting at a replica beyond what it "
                                          "runs, as this agent's proxy sees it (polled replicas only).",
-                                         ["model", "instance"], registry=r)
+                                         ["model", "replica"], registry=r)
         # Serving on demand (docs/on-demand.md)
         self.requests_held = Gauge("agentd_requests_held", "/v1/ requests held while their model wakes.", ["model"],
                                    registry=r)

@@ -50,6 +50,10 @@ def populated() -> Metrics:
     m.scale_events.labels(model="llama", direction="up", reason="queue").inc()
     m.replicas_desired.labels(model="llama").set(2)
     m.replicas_actual.labels(model="llama").set(1)
+    m.proxy_queued.labels(model="llama").set(0)
+    m.proxy_queue_seconds.labels(model="llama").observe(0.2)
+    m.proxy_rejected.labels(model="llama", reason="queue_full").inc()
+    m.replica_queue_depth.labels(model="llama", replica="llama-r0-g1").set(1)
     return m
 
 

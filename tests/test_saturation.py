@@ -243,7 +243,7 @@ def test_every_replica_full_some_wait_and_succeed_the_rest_get_429_with_retry_af
                 text = (await (await client.get("/metrics")).read()).decode()
                 assert 'agentd_proxy_queued{model="m"} 2.0' in text
                 assert 'agentd_proxy_rejected_total{model="m",reason="queue_full"} 3.0' in text
-                assert 'agentd_replica_queue_depth{instance="r",model="m"}' in text
+                assert 'agentd_replica_queue_depth{model="m",replica="r"}' in text
                 replica.release.set()
                 answers = [await t for t in [long, *pending]]
                 assert [a.status for a in answers] == [200, 200, 200]

@@ -210,7 +210,7 @@ class OpenAIProxy:
         if self.metrics is not None:
             self.metrics.replica_queue_depth.clear()
             for iid, (model, queue) in self.replica_queues().items():
-                self.metrics.replica_queue_depth.labels(model=model or "-", instance=iid).set(queue)
+                self.metrics.replica_queue_depth.labels(model=model or "-", replica=iid).set(queue)
         self.admission.kick()
 
     def _prefer(self, model: str, keys: Sequence[bytes], ordered: list[Endpoint]) -> list[Endpoint]:
