@@ -39,7 +39,7 @@ import psutil
 
 from agentd.errors import AgentdError
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 
 SIMULATOR = r'''
@@ -157,7 +157,8 @@ async def main():
         with open(out + ".tmp", "w") as f:
             json.dump({"joined": len(ws), "reports": stats["reports"], "failed": stats["failed"],
                        "errors": stats["errors"][:5],
-                       "applied": sorted(w.last_applied for w in ws),
+                       "applied": [w.last_applied for w in ws],
+                       "by_leader": [w.leader_id or "" for w in ws],
                        "leaders": sorted({w.leader_id or "" for w in ws}), "seen": seen}, f)
         os.replace(out + ".tmp", out)
         await asyncio.sleep(0.25)
@@ -166,8 +167,94 @@ asyncio.run(main())
 '''
 
 
+# The v0.1.0 design: every host is a Raft learner. Run with the v0.1.0 code on PYTHONPATH (a worktree of the
+# tag): each simulated host is v0.1.0's own RaftNode (its own gRPC server on loopback, its log on disk, v0.1.0's
+# ClusterState), joined through the voters as agentd 0.1.0 joins, plus its unary Report every `every` seconds.
+SIMULATOR_010 = r'''
+import asyncio, json, os, sys, time
+import grpc
+from agentd.cluster.raft.node import RaftNode, RaftOptions
+from agentd.cluster.state import ClusterState
+from agentd.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
+
+seeds, n, every, out = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+base_port, data = int(sys.argv[5]), sys.argv[6]
+
+def inventory(name):
+    g = 80 * 2**30
+    return json.dumps({"name": name, "cpu_count": 64, "memory_total": 2**40, "memory_available": 2**39,
+        "gpus": [{"index": i, "uuid": f"GPU-{name}-{i}", "name": "NVIDIA H100 80GB HBM3 (simulated)",
+                  "memory_total": g, "memory_used": 0, "compute_capability": "9.0"} for i in range(8)]})
+
+async def host(i, nodes, stats):
+    name, address = f"sim-{i:05d}", f"127.0.0.1:{base_port + i}"
+    try:
+        node = RaftNode(name, address, os.path.join(data, name), ClusterState(),
+                        options=RaftOptions(max_voters=3), join=seeds)
+        await node.start()
+    except Exception as exc:
+        stats["errors"].append(f"{name}: {exc!r}"[:300])
+        return
+    nodes.append(node)
+    inv, channels = inventory(name), {}
+    await asyncio.sleep(every * (i / n))
+    while True:
+        target = node.leader_address
+        if target:
+            ch = channels.get(target) or channels.setdefault(target, grpc.aio.insecure_channel(target))
+            try:
+                await pb_grpc.AgentStub(ch).Report(pb.ReportRequest(node=name, address=address,
+                                                                    inventory_json=inv), timeout=5)
+                stats["reports"] += 1
+            except grpc.aio.AioRpcError:
+                stats["failed"] += 1
+        await asyncio.sleep(every)
+
+async def main():
+    nodes, stats = [], {"reports": 0, "failed": 0, "errors": []}
+    for i in range(n):
+        asyncio.get_running_loop().create_task(host(i, nodes, stats))
+        if i % 32 == 31:
+            await asyncio.sleep(1.0)  # joins in waves: each is a membership change
+    while True:
+        with open(out + ".tmp", "w") as f:
+            json.dump({"joined": len(nodes), "reports": stats["reports"], "failed": stats["failed"],
+                       "errors": stats["errors"][:5], "applied": [x.last_applied for x in nodes],
+                       "by_leader": [x.leader_id or "" for x in nodes],
+                       "leaders": sorted({x.leader_id or "" for x in nodes})}, f)
+        os.replace(out + ".tmp", out)
+        await asyncio.sleep(0.5)
+
+asyncio.run(main())
+'''
+
+
 def leader_of(c: LocalCluster) -> str:
     return c.wait_for_leader(60)[0]
+
+
+def code_env(code: Path | None) -> dict[str, str]:
+    """PYTHONPATH for another release's code (as tests/test_upgrade.py runs v0.1.0); {} for this tree's."""
+    if code is None:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(str(p) for p in (code, code / "plugins" / "llamabox",
+                                                           code / "plugins" / "vllm"))}
+
+
+def release_worktree(ref: str, where: Path) -> Path:
+    """A git worktree of `ref` (a tag) under `where`; removed by the caller with remove_worktree."""
+    repo = Path(__file__).resolve().parent.parent
+    path = where / ref
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(path), ref], check=True,
+                   capture_output=True, timeout=120)
+    return path
+
+
+def remove_worktree(path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(path)], capture_output=True,
+                   timeout=120)
+    subprocess.run(["git", "-C", str(repo), "worktree", "prune"], capture_output=True, timeout=120)
 
 
 def cpu_percent(pid: int, seconds: float) -> float:
@@ -244,24 +331,31 @@ def profile_leader(pid: int, seconds: float, out: Path) -> list[str]:
     return [f"busy samples: {busy}", *top(own, 15, "own"), *top(incl, 40, "incl")]
 
 
-def commit_to_watcher(c: LocalCluster, out: Path, hosts: int, spawns: int, model: Path) -> dict:
+def commit_to_watcher(c: LocalCluster, out: Path, up: list[str], spawns: int, model: Path) -> dict:
     """Deploy `spawns` one-replica deployments one at a time, each pinned to a different simulated host, and
     time from Deploy's reply (the entry committed and applied on the leader) to that host's watcher applying
     the assignment that targets it; also from the Deploy call's start (which adds placement and the commit)."""
     import random
-    rng = random.Random(hosts)
-    names = [f"sim-{i:05d}" for i in rng.sample(range(hosts), spawns)]
+    rng = random.Random(len(up))
+    names = rng.sample(sorted(up), min(spawns, len(up)))  # hosts the leader counts as up: it places on those
     Path(str(out) + ".targets").write_text(json.dumps(names))
     time.sleep(1.0)  # the simulator reads the targets every 0.25 s
     sent: dict[str, tuple[str, float, float]] = {}
+    failed: list[str] = []
     for k, host in enumerate(names):
         name = f"spawn{k}"
         spec = pb.DeploymentSpec(name=name, model=str(model), runtime="llamabox", replicas=1,
                                  pin=[pb.GpuPin(host=host, gpus=[0])])
-        t0 = time.monotonic()
-        with c.agents[leader_of(c)].client(timeout=30) as client:
-            client.call("Deploy", pb.DeployRequest(spec=spec))
-        sent[name] = (host, t0, time.monotonic())
+        try:
+            with c.agents[leader_of(c)].client(timeout=30) as client:
+                client.status()  # the channel is up (TLS handshake done) before the clock starts
+                t0 = time.monotonic()
+                client.call("Deploy", pb.DeployRequest(spec=spec))
+                t1 = time.monotonic()
+        except AgentdError as exc:  # the host went down meanwhile, say: counted as not placed
+            failed.append(f"{name}: {exc}"[:200])
+            continue
+        sent[name] = (host, t0, t1)
         time.sleep(0.5)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -281,7 +375,7 @@ def commit_to_watcher(c: LocalCluster, out: Path, hosts: int, spawns: int, model
 
     def pct(xs: list[float], q: float) -> float | None:
         return round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
-    return {"spawn_n": len(from_reply), "spawn_missing": missing,
+    return {"spawn_n": len(from_reply), "spawn_missing": missing, "spawn_not_placed": failed,
             "reply_to_watcher_ms_p50": pct(from_reply, 0.5), "reply_to_watcher_ms_p99": pct(from_reply, 0.99),
             "reply_to_watcher_ms_max": pct(from_reply, 1.0),
             "call_to_watcher_ms_p50": pct(from_call, 0.5), "call_to_watcher_ms_p99": pct(from_call, 0.99),
@@ -297,10 +391,11 @@ def read(path: Path) -> dict:
 
 def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: bool, report: str = "stream", *,
              secure: bool = False, repeats: int = 1, spawns: int = 0, model: Path | None = None,
-             profile: float = 0.0) -> dict:
+             profile: float = 0.0, code: Path | None = None) -> dict:
     taskset = shutil.which("taskset")
     c = LocalCluster(root, hosts=[simulated_host(n, gpus=8, gpu_gib=80) for n in ("v1", "v2", "v3")],
-                     max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning"}, secure=secure)
+                     max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning", **code_env(code)},
+                     secure=secure)
     sim = None
     try:
         c.start()
@@ -312,9 +407,14 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         if hosts:
             tls = str(c.agents["v1"].tls_dir) if secure else ""
             argv = [sys.executable, "-c", SIMULATOR, json.dumps(seeds), str(hosts), str(every), str(out), report, tls]
+            if code is not None:  # the v0.1.0 design: learners
+                (root / "learners").mkdir()
+                argv = [sys.executable, "-c", SIMULATOR_010, json.dumps(seeds), str(hosts), str(every), str(out),
+                        str(free_port_block(hosts)), str(root / "learners")]
             if taskset:
                 argv = [taskset, "-c", "1", *argv]
-            sim = subprocess.Popen(argv, stderr=open(root / "sim.log", "wb"), env={**os.environ})  # noqa: SIM115
+            sim = subprocess.Popen(argv, stderr=open(root / "sim.log", "wb"),  # noqa: SIM115
+                                   env={**os.environ, **code_env(code)}, cwd=root)
             deadline = time.monotonic() + 600
             while read(out).get("joined", 0) < hosts:
                 if sim.poll() is not None or time.monotonic() > deadline:
@@ -333,7 +433,8 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
                 if attempt == 4:
                     raise
                 time.sleep(2)
-        row = {"hosts": hosts, "report": report, "secure": secure, "leader_cpu_percent": round(cpu, 1),
+        row = {"hosts": hosts, "design": "v0.1.0 (learners)" if code else "voters + watchers",
+               "report": "unary" if code else report, "secure": secure, "leader_cpu_percent": round(cpu, 1),
                "leader_cpu_runs": [round(x, 1) for x in cpus],
                "voter_cpu_percent": {n: round(cpu_percent(a.proc.pid, 5), 1) for n, a in c.agents.items()},
                "loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -342,7 +443,9 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         if profile and hosts:
             row["profile"] = profile_leader(c.agents[leader_of(c)].proc.pid, profile, root / "leader-profile.txt")
         if spawns and hosts and model is not None:
-            row.update(commit_to_watcher(c, out, hosts, spawns, model))
+            print(json.dumps(row), flush=True)  # what is measured so far, should a later step fail
+            up = [n.name for n in nodes if n.state == "up" and n.name.startswith("sim-")]
+            row.update(commit_to_watcher(c, out, up, spawns, model))
         if kill_leader and hosts:
             leader = leader_of(c)
             survivors = [psutil.Process(a.proc.pid) for n, a in c.agents.items() if n != leader]
@@ -356,13 +459,18 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
                 commit = client.status().commit_index
             while True:
                 s = read(out)
-                if s.get("applied") and min(s["applied"]) >= commit and s.get("leaders") == [new]:
+                if s.get("applied") and min(s["applied"]) >= commit and s.get("leaders") == [new] \
+                        and len(s["applied"]) == hosts:
                     break
                 if time.monotonic() - t0 > 120:
                     break
                 time.sleep(0.1)
             sampler.stop()
             row["all_watchers_follow_new_leader_s"] = round(time.monotonic() - t0, 2)
+            s = read(out)
+            pairs = zip(s.get("applied", []), s.get("by_leader", []), strict=False)
+            row["watchers_following_new_leader"] = sum(1 for a, ld in pairs if a >= commit and ld == new)
+            row["watchers_leaders_at_end"] = s.get("leaders")
             names = {str(a.proc.pid): n for n, a in c.agents.items()}
             row["voters_peak_cpu_percent_during_failover"] = {names.get(k, k): v for k, v in peak.items()}
         return row
@@ -384,6 +492,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CPU windows of --measure seconds; the median is the row's")
     ap.add_argument("--spawns", type=int, default=0, help="deployments pinned to random simulated hosts, timed "
                     "from the commit to the target host's watcher applying its assignment")
+    ap.add_argument("--v010-hosts", default="", help="also run the v0.1.0 design (every host a Raft learner, "
+                    "from a git worktree of the v0.1.0 tag, insecure, unary reports) at these sizes, e.g. 256,512; "
+                    "compare with the same sizes of this design run insecure")
     ap.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the leader after the CPU "
                     "windows; the top entries go in the row")
     ap.add_argument("--report", default="stream",
@@ -394,7 +505,19 @@ def main() -> None:
     modes = ["unary", "stream"] if args.report == "both" else [args.report]
     with tempfile.TemporaryDirectory(prefix="agentd-fleet-") as d:
         model = write_tiny_llama_gguf(Path(d) / "tiny.gguf") if args.spawns else None
-        for n in (int(x) for x in args.hosts.split(",")):
+        if args.v010_hosts:
+            code = release_worktree("v0.1.0", Path(d))
+            try:
+                for n in (int(x) for x in args.v010_hosts.split(",")):
+                    try:
+                        rows.append(one_size(Path(d) / f"n{n}-v010", n, args.report_every, args.measure, False,
+                                             repeats=args.repeats, code=code))
+                    except (SystemExit, AgentdError) as exc:  # did not survive this size
+                        rows.append({"hosts": n, "design": "v0.1.0 (learners)", "failed": str(exc)[-500:]})
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                remove_worktree(code)
+        for n in (int(x) for x in args.hosts.split(",") if x):
             for mode in modes:
                 rows.append(one_size(Path(d) / f"n{n}-{mode}", n, args.report_every, args.measure,
                                      args.kill_leader, mode, secure=args.secure, repeats=args.repeats,
