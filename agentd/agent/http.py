@@ -31,9 +31,7 @@ async def start_http(d: Daemon) -> web.AppRunner:
     """Serve HTTP on `http_listen`; the runner is the caller's to clean up. A port in use is a NotAvailable
     that names it (nothing is left set up)."""
     s = d.s
-    options = HttpOptions(require_api_key=not s.insecure, connect_timeout=s.proxy_connect_timeout,
-                          read_timeout=s.proxy_read_timeout, max_body=s.http_max_body,
-                          header_timeout=s.http_header_timeout)
+    options = HttpOptions.from_settings(s)  # issue21 proxy: with the saturation and affinity settings
     provider = Provider(d)
     waker = Waker(wake=provider.wake, ready=provider.has_ready, timeout=s.wake_timeout,
                   queue=s.wake_queue, metrics=d.metrics)
