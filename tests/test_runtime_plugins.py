@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -201,15 +203,73 @@ def test_vllm_multi_host_runs_ray_with_explicit_ports_outside_the_ephemeral_rang
         # but a configured range keeps Ray off whatever this host uses; and none collides with the head
         assert head_port not in ports and len(set(ports)) == len(ports)
         assert int(flags["--max-worker-port"]) - int(flags["--min-worker-port"]) == vl.RAY_WORKER_PORTS - 1
-        assert flags["--temp-dir"] == str(vl.ray_temp_dir(a.instance_id))
+        temp = Path(flags["--temp-dir"])
+        assert temp.is_dir() and temp.stat().st_mode & 0o777 == 0o700
+        assert len(str(temp)) <= vl.RAY_TEMP_DIR_MAX
+    # An insecure cluster (no instance key): no Ray token.
+    assert "RAY_AUTH_MODE" not in head_spec.env and "RAY_AUTH_MODE" not in serve.env
+    vl.remove_ray_temp_dir(tmp_path / "work")
+    vl.remove_ray_temp_dir(tmp_path / "b" / "work")
 
 
 def test_vllm_stop_hook_removes_the_ray_session_dir(tmp_path):
     a = vllm_assignment(["a", "b"])
-    d = vl.ray_temp_dir(a.instance_id)
+    c = ctx(tmp_path)
+    d = vl.ray_temp_dir(c.work_dir)
     (d / "session_x").mkdir(parents=True)
-    vl.agentd_stop(a, 0, ctx(tmp_path))
-    assert not d.exists()
+    vl.agentd_stop(a, 0, c)
+    assert not d.exists() and not (c.work_dir / "ray").exists()
+
+
+def test_vllm_ray_temp_dir_is_private_and_never_a_predictable_tmp_path(tmp_path):
+    """Issue 14 item 2: Ray's sockets and logs live in the instance's own 0700 dir. A short work dir holds it;
+    a long one (Ray's AF_UNIX socket paths would pass 107 bytes) links to a mkdtemp dir, found again on restart."""
+    short = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))
+    try:
+        d = vl.ray_temp_dir(short / "i")
+        assert d == short / "i" / "ray" and d.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(short)
+    work = tmp_path / ("x" * 60) / "inst"
+    d = vl.ray_temp_dir(work)
+    assert (work / "ray").is_symlink() and d.stat().st_mode & 0o777 == 0o700 and len(str(d)) <= vl.RAY_TEMP_DIR_MAX
+    assert d.name.startswith("agentd-ray-") and d.name != "agentd-ray-"
+    assert vl.ray_temp_dir(work) == d  # the same dir for the next process of the instance
+    # A link to a dir someone else could enter is not used: a new private one replaces it.
+    (work / "ray").unlink()
+    shutil.rmtree(d)
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    (work / "ray").symlink_to(loose)
+    d2 = vl.ray_temp_dir(work)
+    assert d2 != loose and d2.stat().st_mode & 0o777 == 0o700
+    vl.remove_ray_temp_dir(work)
+    assert not d2.exists() and not (work / "ray").exists() and loose.exists()
+
+
+def test_vllm_secure_multi_host_closes_the_ray_cluster_with_a_per_instance_token(tmp_path):
+    """Issue 14 item 2: head, workers and vllm serve (the Ray driver) get RAY_AUTH_MODE=token and a 0600 token file
+    derived from the instance key; another instance gets another token; a user cannot override it."""
+    a = vllm_assignment(["a", "b"], tp=2, pp=2).model_copy(update={"api_key": "agdsrv_k1"})
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ray").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "ray").chmod(0o755)
+    settings = {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (41000, 41999)}
+    head, serve = vl.agentd_launch(a, 0, ctx(tmp_path, **settings))
+    [worker] = vl.agentd_launch(a, 1, ctx(tmp_path / "b", node="b", **settings))
+    token = vl.ray_auth_token("agdsrv_k1")
+    assert token != vl.ray_auth_token("agdsrv_k2") and "agdsrv_k1" not in token
+    for spec in (head, serve, worker):
+        assert spec.env["RAY_AUTH_MODE"] == "token"
+        path = Path(spec.env["RAY_AUTH_TOKEN_PATH"])
+        assert path.read_text() == token and path.stat().st_mode & 0o777 == 0o600
+        assert token not in " ".join(spec.argv)
+    reserved = vl.agentd_reserved_launch("vllm")
+    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} <= set(reserved.env)
+    vl.agentd_stop(a, 0, ctx(tmp_path, **settings))
+    assert not Path(head.env["RAY_AUTH_TOKEN_PATH"]).exists()
+    vl.remove_ray_temp_dir(tmp_path / "b" / "work")
 
 
 def test_the_hooks_are_registered_through_the_entry_points():

@@ -13,6 +13,20 @@ connections. The head's GCS port must be known on every host without a
 round-trip, so it is derived from the instance id within `ray_port_range`
 (the same on every host with the same range) and checked free like any port.
 
+In a secure cluster (`Assignment.api_key` set) the Ray cluster of an instance is
+closed to everything but that instance's own parts (issue 14 item 2): Ray's
+token authentication (`RAY_AUTH_MODE=token`, Ray >= 2.5x) with a token derived
+from the instance's key (HMAC-SHA256(api_key, "agentd-ray-auth")), which only
+the agents of the cluster can derive, written 0600 in the instance's work dir
+and named by `RAY_AUTH_TOKEN_PATH` for the head, the workers and `vllm serve`
+(the Ray driver). A process without it gets nothing from the GCS: `ray start
+--address HEAD` never joins, `ray status` fails. Ray's session dir (sockets,
+logs, spilled objects) is private too: `<work dir>/ray`, 0700, or, when that
+path is too long for the AF_UNIX sockets Ray puts 62 characters below it, a
+0700 directory with an unguessable name from `mkdtemp`, found again through the
+`<work dir>/ray` symlink (never a predictable /tmp path another user could
+create first).
+
 The API server gets the assignment's own key (`Assignment.api_key`, set in
 secure mode) through VLLM_API_KEY, which vLLM reads when `--api-key` is not
 given: the key stays out of the command line (`ps` shows argv to every local
@@ -24,7 +38,11 @@ vllm test tier (tests/test_runtime_vllm.py), so a renamed flag fails a test.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import shutil
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -51,9 +69,71 @@ def ray_head_port(instance_id: str, port_range: tuple[int, int]) -> int:
     return lo + zlib.crc32(instance_id.encode()) % (hi - lo + 1)
 
 
-def ray_temp_dir(instance_id: str) -> Path:
-    """Short on purpose: Ray puts AF_UNIX sockets under it (108-byte path limit)."""
-    return Path(tempfile.gettempdir()) / f"agentd-ray-{zlib.crc32(instance_id.encode()):08x}"
+# Ray puts AF_UNIX sockets about 62 characters below its temp dir
+# ("/session_2026-12-03_12-50-34_247505_1675/sockets/plasma_store"); sun_path holds 107.
+RAY_TEMP_DIR_MAX = 44
+RAY_TOKEN_FILE = "ray-auth-token"
+
+
+def _private_dir(path: Path) -> bool:
+    """A directory this user owns that nobody else can enter (never follows a symlink)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077 == 0
+
+
+def ray_temp_dir(work_dir: Path) -> Path:
+    """The instance's private Ray session dir on this host, made 0700 if it is not there yet.
+
+    `<work dir>/ray` when that is short enough for Ray's sockets, else a `mkdtemp` directory
+    (0700, random name) that `<work dir>/ray` links to, so that a restart and agentd_stop find it."""
+    link = work_dir / "ray"
+    if len(str(link)) <= RAY_TEMP_DIR_MAX:
+        link.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(link, 0o700)
+        if not _private_dir(link):
+            raise InvalidInput(f"{link} is not a private directory of this user; refusing it as Ray's temp dir")
+        return link
+    if link.is_symlink():
+        target = Path(os.readlink(link))
+        if _private_dir(target):
+            return target
+        link.unlink()
+    work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="agentd-ray-"))
+    os.symlink(target, link)
+    return target
+
+
+def remove_ray_temp_dir(work_dir: Path) -> None:
+    link = work_dir / "ray"
+    if link.is_symlink():
+        target = Path(os.readlink(link))
+        if _private_dir(target):
+            shutil.rmtree(target, ignore_errors=True)
+        link.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(link, ignore_errors=True)
+
+
+def ray_auth_token(api_key: str) -> str:
+    """The instance's Ray token: only agents that hold the cluster secret can derive it."""
+    return hmac.new(api_key.encode(), b"agentd-ray-auth", hashlib.sha256).hexdigest()
+
+
+def ray_auth_env(a: Assignment, work_dir: Path) -> dict[str, str]:
+    """Ray token authentication for every Ray process and driver of a secure instance ({} when insecure)."""
+    if not getattr(a, "api_key", ""):
+        return {}
+    work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = work_dir / RAY_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(ray_auth_token(a.api_key))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
@@ -107,7 +187,8 @@ RESERVED = ReservedLaunch(
         "--gpu-memory-utilization", "--kv-cache-memory-bytes", "--max-model-len", "--cpu-offload-gb",
         "--swap-space", "--kv-cache-dtype", "--speculative-config",
     ),
-    env=("VLLM_API_KEY", "VLLM_HOST_IP", "VLLM_PORT", "RAY_ADDRESS", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"),
+    env=("VLLM_API_KEY", "VLLM_HOST_IP", "VLLM_PORT", "RAY_ADDRESS", "VLLM_ALLOW_LONG_MAX_MODEL_LEN",
+         "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"),
     abbreviations=True,  # argparse: --max-model means --max-model-len
     hints={"--max-model-len": CTX_HINT, "--gpu-memory-utilization": MEM_HINT, "--host": ADDRESS_HINT,
            "--port": ADDRESS_HINT, "--api-key": "agentd gives each server its own key (VLLM_API_KEY)",
@@ -158,7 +239,7 @@ def ray_argv(ctx: LaunchContext, a: Assignment, part: Part, address: str, head: 
              is_head: bool) -> tuple[list[str], tuple[Endpoint, ...]]:
     ports = _ray_node_ports(ctx, head.port)
     argv = [ray_binary(ctx), "start", "--block", "--disable-usage-stats", "--node-ip-address", address,
-            "--num-gpus", str(len(part.gpus)), "--temp-dir", str(ray_temp_dir(a.instance_id))]
+            "--num-gpus", str(len(part.gpus)), "--temp-dir", str(ray_temp_dir(ctx.work_dir))]
     if is_head:
         argv += ["--head", "--port", str(head.port), "--include-dashboard=false",
                  "--ray-client-server-port", str(ports["ray-client-server"])]
@@ -196,7 +277,7 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
             listen=Endpoint(host=ep.address, port=ep.port), ports=(Endpoint(host=ep.address, port=ep.port),),
             ready=HttpProbe(host=ep.address, port=ep.port, path="/health"), gpus=gpus)]
     head = Endpoint(host=main_ep.address, port=ray_head_port(a.instance_id, ctx.settings.ray_port_range))
-    ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0")
+    ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env(a, ctx.work_dir))
     if part.role == "worker":
         argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=False)
         return [ProcessSpec(name=f"ray-worker-{part_index}", argv=tuple(argv), env=ray_env, part_index=part_index,
@@ -205,7 +286,7 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     head_spec = ProcessSpec(name="ray-head", argv=tuple(argv), env=ray_env, part_index=part_index, role="main",
                             cwd=str(ctx.work_dir), listen=head, ports=bound,
                             ready=TcpProbe(host=head.host, port=head.port), gpus=gpus)
-    serve_env = dict(env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address, **serve_key)
+    serve_env = dict(ray_env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address, **serve_key)
     serve = ProcessSpec(
         name="main", argv=tuple(serve_argv(a, vllm_binary(ctx), ep.address, ep.port)), env=serve_env,
         part_index=part_index, role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
@@ -226,4 +307,5 @@ def agentd_stop(assignment, part_index, ctx):
     """Ray leaves its session dir (logs, sockets, spilled objects) behind; remove it with the instance."""
     if assignment.runtime != NAME or not _multi_host(assignment):
         return
-    shutil.rmtree(ray_temp_dir(assignment.instance_id), ignore_errors=True)
+    remove_ray_temp_dir(ctx.work_dir)
+    (ctx.work_dir / RAY_TOKEN_FILE).unlink(missing_ok=True)
