@@ -145,5 +145,12 @@ def test_scales_up_under_load_and_back_down_to_min_after_it(tmp_path):
         assert down and int(float(down.group(1))) >= 2
         assert re.search(r'agentd_replicas_desired\{model="m"\} 1\.0', metrics)
         assert re.search(r'agentd_replicas_actual\{model="m"\} 1\.0', metrics)
+
+        # New bounds through `agentd scale`: a higher floor applies at once, with no load and no window.
+        r = cli(c, "scale", "m", "--min-replicas", "2")
+        assert r.returncode == 0 and "replicas between 2 and 3" in r.stdout, r.stdout + r.stderr
+        wait_until(lambda: replicas(c) == (2, 2), 60, "min_replicas 2 applied")
+        ls = cli(c, "ls")
+        assert "[2-3]" in ls.stdout, ls.stdout
     finally:
         c.stop()
