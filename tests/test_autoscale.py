@@ -326,3 +326,19 @@ def test_leave_and_remove_are_replicated_and_survive_a_snapshot(placer, models):
     asyncio.run(w.coord.deploy(spec("fixed", models["tiny"])))
     fixed = w.state.assignments_for("fixed")[0]
     assert not asyncio.run(w.raft.propose(replica_remove_command(fixed))).ok
+
+
+def test_min_zero_is_the_idle_unload_and_a_wake_places_one_replica(placer, models):  # noqa: F811
+    from agentd.cluster.state import idle_command
+
+    w = World(placer, [host("a"), host("b"), host("c")]).start()
+    w.coord.autoscale_windows = (0.0, 100.0, 0.0)
+    _autoscaled(w, models, min_replicas=0, idle_unload=2.0, replicas=3)
+    assert len(w.state.assignments_for("m")) == 3
+    assert asyncio.run(w.raft.propose(idle_command("m"))).ok  # as _unload_idle commits it
+    result, _ = asyncio.run(w.coord.wake("m"))
+    assert result is not None
+    assert len(w.state.assignments_for("m")) == 1 and w.state.deployment("m").spec.replicas == 1, \
+        "from zero to max(min_replicas, 1); load adds the rest"
+    _load(w, {"a": {a.replica: 5 for a in w.state.assignments_for("m")}})
+    assert any("scale 1 -> 3" in d for d in _tick(w))
