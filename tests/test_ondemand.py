@@ -252,7 +252,22 @@ async def test_wake_prefers_a_host_that_holds_the_model_files_and_records_a_fail
     """Issue 19's placement scoring applies on wake as on deploy: the holder, not the first host with room;
     with the holder full, any host that fits (it will fetch). An unplaceable wake leaves its diagnosis with
     the leader for `agentd ps`/`ls`."""
-    from tests.test_model_coordinator import DIGEST, holding, with_free
+    import os
+
+    from agentd.modelinfo import inspect_model
+    from agentd.types import HeldModel, ModelFile
+
+    digest = "sha256:" + "e" * 64
+
+    def holding(h: dict, path: str) -> dict:  # a host whose model directory holds catalog model "m"
+        size = os.path.getsize(path)
+        copy = HeldModel(name="m", digest=digest, path=path, size=size, info=inspect_model(path),
+                         files=(ModelFile(name=os.path.basename(path), size=size, sha256="e" * 64),))
+        return {**h, "models": [copy.model_dump(mode="json")], "model_dirs": [os.path.dirname(path)],
+                "model_disk_free": 10 * size}
+
+    def with_free(h: dict, free: int) -> dict:
+        return {**h, "model_disk_free": free, "model_dirs": ["/var/lib/agentd/models"]}
 
     room = 64 << 20
     w = World(placer, [with_free(host("a", gpu_gib=24), room), with_free(host("b", gpu_gib=24), room),
@@ -264,7 +279,7 @@ async def test_wake_prefers_a_host_that_holds_the_model_files_and_records_a_fail
     await w.coord.deploy(spec("path", str(other)))  # a file no host reports holding: no holder to prefer
     assert [p.host for p in w.state.assignments_for("path")[0].plan.parts] != ["c"]
     await w.coord.deploy(spec("m", "m", idle_unload=2.0))
-    assert w.state.assignments_for("m")[0].model == f"m@{DIGEST}"
+    assert w.state.assignments_for("m")[0].model == f"m@{digest}"
     await w.raft.propose(idle_command("m"))
     result, _ = await w.coord.wake("m")
     assert result is not None and [p.host for p in w.state.assignments_for("m")[0].plan.parts] == ["c"]
