@@ -8,8 +8,8 @@ from agentd.agent.identity import NODE_CLAIMS, check_secure_addresses, tls_ident
 from agentd.agent.main import join_with_token, run_daemon
 from agentd.agent.reconciler import RECONCILE_PERIOD
 from agentd.agent.reporter import REPORT_INTERVAL, STATE_ORDER, part_reports
-from agentd.agent.wiring import CLOCK_SKEW_ENV, EXIT_RAFT_FAILED, FAULT_FILE_ENV, Daemon
+from agentd.agent.wiring import EXIT_RAFT_FAILED, Daemon
 
-__all__ = ["CLOCK_SKEW_ENV", "EXIT_RAFT_FAILED", "FAULT_FILE_ENV", "NODE_CLAIMS", "RECONCILE_PERIOD",
+__all__ = ["EXIT_RAFT_FAILED", "NODE_CLAIMS", "RECONCILE_PERIOD",
            "REPORT_INTERVAL", "STATE_ORDER", "Daemon", "_Provider", "check_secure_addresses", "join_with_token",
            "part_reports", "run_daemon", "tls_identity"]

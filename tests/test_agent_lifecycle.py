@@ -13,11 +13,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agentd.agent.wiring import Daemon
+from agentd.cli.common import EXIT_UNAVAILABLE
 from agentd.config import load_settings
 from agentd.errors import NotAvailable
 from agentd.testing.localcluster import LocalCluster, free_port, simulated_host
@@ -79,7 +82,7 @@ def test_a_taken_http_port_stops_the_agent_with_a_clear_error(tmp_path):
         finally:
             cluster.stop(timeout=5)
     log = agent.log_file.read_text()
-    assert rc != 0
+    assert rc == EXIT_UNAVAILABLE
     assert f"cannot listen on 127.0.0.1:{held} for HTTP" in log
     assert "agent could not start; stopped what had started" in log
     assert can_bind(grpc_port)
@@ -126,3 +129,24 @@ def test_a_failure_after_raft_started_releases_its_lock_and_ports(tmp_path, monk
         assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
     asyncio.run(main())
+
+
+def test_test_hooks_load_only_from_agentd_testing(monkeypatch):
+    from agentd.agent.wiring import TEST_HOOKS_ENV, load_test_hooks
+    from agentd.errors import ConfigError
+
+    monkeypatch.delenv(TEST_HOOKS_ENV, raising=False)
+    assert load_test_hooks() is None
+    monkeypatch.setenv(TEST_HOOKS_ENV, "os")
+    with pytest.raises(ConfigError, match=r"agentd\.testing only"):
+        load_test_hooks()
+    monkeypatch.setenv(TEST_HOOKS_ENV, "agentd.testing.agent_hooks")
+    assert load_test_hooks().install
+
+
+def test_a_production_agent_imports_no_test_code():
+    code = ("import sys, agentd.agent.wiring, agentd.cli.main; "
+            "print(sorted(m for m in sys.modules if m.startswith('agentd.testing')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")})
+    assert out.stdout.strip() == "[]"

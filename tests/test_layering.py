@@ -89,3 +89,19 @@ def test_the_check_itself_catches_a_violation(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("import subprocess\nfrom grpc import aio\n")
     assert imported_modules(f) == {"subprocess", "grpc"}
+
+
+# agentd.demo runs a LocalCluster on purpose (`scripts/demo`); nothing else in production imports test code. The
+# agent loads test hooks only through its one seam (agentd.agent.wiring.load_test_hooks, by module name).
+USES_TEST_CODE = {"agentd/demo.py"}
+
+
+def test_production_modules_do_not_import_the_testing_package():
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG.parent).as_posix()
+        if rel.startswith("agentd/testing/") or rel in USES_TEST_CODE:
+            continue
+        bad += [f"{rel} imports {m}" for m in imported_modules(f) if m == "agentd.testing" or
+                m.startswith("agentd.testing.")]
+    assert bad == []

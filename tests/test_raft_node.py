@@ -19,6 +19,7 @@ from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.storage import FileStorage
 from agentd.cluster.raft.types import AppendResponse, Role, VoteResponse
 from agentd.errors import InvalidInput, NotAvailable
+from agentd.testing.partition import cut
 from agentd.v1 import raft_pb2 as pb
 
 FAST = RaftOptions(heartbeat_interval=0.05, election_timeout_min=0.4, election_timeout_max=0.8,
@@ -182,9 +183,9 @@ async def test_minority_leader_cannot_commit_and_steps_down(cluster):
     leader = await cluster.three()
     await leader.propose(b"before")
     others = [n for n in cluster.nodes.values() if n is not leader]
-    leader.set_partition([n.id for n in others])
+    cut(leader, [n.id for n in others])
     for n in others:
-        n.set_partition([leader.id])
+        cut(n, [leader.id])
     with pytest.raises(NotAvailable):
         await leader.propose(b"lost", timeout=0.5)
     await cluster.until(lambda: any(n.is_leader and n.core.committed_in_term() for n in others), timeout=5,
@@ -192,9 +193,9 @@ async def test_minority_leader_cannot_commit_and_steps_down(cluster):
     new = next(n for n in others if n.is_leader)
     await new.propose(b"majority")
     await cluster.until(lambda: not leader.is_leader, timeout=5, what="check-quorum step-down")
-    leader.set_partition([])
+    cut(leader, [])
     for n in others:
-        n.set_partition([])
+        cut(n, [])
     await cluster.until(lambda: leader.sm.items == [b"before", b"majority"], what="healed")
     assert all(b"lost" not in n.sm.items for n in cluster.nodes.values())
 

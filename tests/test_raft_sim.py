@@ -1,4 +1,4 @@
-"""Raft safety under a seeded, hostile, in-process network (agentd.cluster.raft.simulation).
+"""Raft safety under a seeded, hostile, in-process network (agentd.testing.raft_simulation).
 
 Every seed runs thousands of steps with drops, duplicates, delays and
 reordering, partitions, crashes (also between persisting and sending),
@@ -19,11 +19,11 @@ import os
 
 import pytest
 
-from agentd.cluster.raft import simulation as sim_module
 from agentd.cluster.raft.core import RaftCore
 from agentd.cluster.raft.log import RaftLog
-from agentd.cluster.raft.simulation import Faults, SafetyViolation, Simulation
 from agentd.cluster.raft.types import RaftConfig
+from agentd.testing import raft_simulation as sim_module
+from agentd.testing.raft_simulation import Faults, SafetyViolation, Simulation
 
 SEEDS = int(os.environ.get("RAFT_SIM_SEEDS", "6"))
 STEPS = 2000

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
+import importlib
 import logging
 import os
 import secrets
@@ -57,7 +57,7 @@ from agentd.cluster.relay import RelayChoice, ReportRelay  # issue16 relay
 from agentd.cluster.state import ClusterState, secret_init_command
 from agentd.config import Settings
 from agentd.coordinator import Coordinator, run_periodically
-from agentd.errors import AgentdError, NotAvailable
+from agentd.errors import AgentdError, ConfigError, NotAvailable
 from agentd.inventory import Collector, InventoryRefresher
 from agentd.logs import fields
 from agentd.metrics import Metrics
@@ -86,8 +86,19 @@ from agentd.version import AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, PeerVersio
 log = logging.getLogger(__name__)
 EXIT_RAFT_FAILED = 74  # EX_IOERR: Raft storage failed (or the Raft loop did); Restart=on-failure restarts
 
-FAULT_FILE_ENV = "AGENTD_TEST_FAULT_FILE"  # tests only: JSON {"partition": [peer ids]} cuts Raft traffic
-CLOCK_SKEW_ENV = "AGENTD_TEST_CLOCK_SKEW"  # tests only: seconds this agent's wall clock reads off (issue 14)
+# The one seam for test-only code (docs/cluster.md, "Fault injection"): a module of agentd.testing whose
+# `install(daemon, stack)` runs first in start-up. Unset in production, and nothing outside agentd.testing loads.
+TEST_HOOKS_ENV = "AGENTD_TEST_HOOKS"
+
+
+def load_test_hooks() -> Any:
+    """The test hooks module `AGENTD_TEST_HOOKS` names, or None (always, in production)."""
+    name = os.environ.get(TEST_HOOKS_ENV, "")
+    if not name:
+        return None
+    if not name.startswith("agentd.testing."):
+        raise ConfigError(f"{TEST_HOOKS_ENV}={name!r}: test hooks come from agentd.testing only")
+    return importlib.import_module(name)
 
 
 class Daemon:
@@ -149,8 +160,8 @@ class Daemon:
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
         self.agent.invite = self.membership.invite
         # Key and token expiry read the members' median clock, so one host's wrong clock moves no lifetime.
-        skew = float(os.environ.get(CLOCK_SKEW_ENV) or 0)  # tests only: this agent's clock reads that far off
-        self.cluster_clock = ClusterClock(wall=(lambda: time.time() + skew) if skew else time.time)
+        self.wall = time.time  # this host's wall clock (a test hook may set it wrong)
+        self.cluster_clock = ClusterClock(wall=lambda: self.wall())
         self.agent.clock = self.cluster_clock
         # issue16 relay: a voter relays its watchers' reports to the leader; a watcher reports through its voter
         self.relay = ReportRelay(self.node, self.raft, self.channels.get)
@@ -183,6 +194,7 @@ class Daemon:
         self.report_stream = ReportStream(self.node, settings.advertise_address)  # to the leader (reporter.py)
         self._tasks: list[asyncio.Task] = []
         self._health = health.aio.HealthServicer()
+        self._test_hooks = load_test_hooks()
 
     @property
     def synced(self) -> bool:
@@ -215,6 +227,8 @@ class Daemon:
         stack.callback(self.systemd.notifier.close)
         stack.callback(self.collector.close)
         stack.push_async_callback(self.channels.close)
+        if self._test_hooks is not None:
+            await self._test_hooks.install(self, stack)
         self._private_files()
         if self.s.drain_on_stop:
             log.warning("drain_on_stop is deprecated: it is now called stop_models_on_exit (AGENTD_STOP_MODELS_ON_EXIT,"
@@ -252,8 +266,6 @@ class Daemon:
         self.spawn(self.systemd.run(), "systemd")
         if self.identity is not None:
             self.spawn(self.renewer.run(), "cert-renewal")
-        if os.environ.get(FAULT_FILE_ENV):
-            self.spawn(self._faults(Path(os.environ[FAULT_FILE_ENV])), "faults")
         stack.push_async_callback(self._stopping)
 
     def _private_files(self) -> list[str]:
@@ -406,25 +418,3 @@ class Daemon:
     def agent_version(self) -> PeerVersion:
         """What this agent says of itself in reports and Status (docs/versioning.md)."""
         return PeerVersion(AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, self.raft.upgrade_required)
-
-    async def _faults(self, path: Path) -> None:
-        """Fault injection for cluster tests: follow `path` and cut Raft traffic to the peers it names.
-
-        Only with AGENTD_TEST_FAULT_FILE set (never in a unit file). The cut is
-        in this process's Raft transport, both directions, so a test can make
-        a minority side without root or network namespaces.
-        """
-        log.warning("fault injection enabled", extra=fields(node=self.node, file=str(path)))
-        current: tuple[str, ...] = ()
-        while True:
-            try:
-                data = json.loads(path.read_text()) if path.exists() else {}
-                peers = tuple(sorted(str(p) for p in data.get("partition", [])))
-            except (OSError, ValueError, AttributeError, TypeError) as exc:
-                log.warning("unreadable fault file", extra=fields(file=str(path), error=str(exc)))
-                peers = current
-            if peers != current:
-                log.warning("fault injection: partition", extra=fields(node=self.node, peers=list(peers)))
-                self.raft.set_partition(peers)
-                current = peers
-            await asyncio.sleep(0.1)

@@ -183,6 +183,7 @@ class LocalCluster:
             env["AGENTD_STANDBY_LEARNERS"] = str(self.standby_learners)
         (self.root / "none.toml").touch()
         env.update(self.extra_env)
+        env["AGENTD_TEST_HOOKS"] = "agentd.testing.agent_hooks"  # the faults and clocks below (a test's own too)
         if self.faults:
             env["AGENTD_TEST_FAULT_FILE"] = str(self.fault_file(name))
         env.update(self.agent_env.get(name, {}))

@@ -167,7 +167,6 @@ class GrpcTransport:
         self._peers: dict[str, _Peer] = {}
         self._members: dict[str, str] = {}  # id -> address from the membership (authoritative)
         self._learned: dict[str, str] = {}  # id -> address peers told us (joining nodes, candidates)
-        self._blocked: frozenset[str] = frozenset()
         self.ready = False  # inbound messages are refused until the node has started
         self._credentials: grpc.ChannelCredentials | None = None  # None: plaintext (--insecure)
         self._channel_options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
@@ -217,15 +216,11 @@ class GrpcTransport:
     def address_of(self, peer_id: str) -> str | None:
         return self._members.get(peer_id) or self._learned.get(peer_id)
 
-    def set_blocked(self, peers: Iterable[str]) -> None:
-        """Fault injection for partition tests: drop all traffic to and from these peers."""
-        self._blocked = frozenset(peers)
-
     # ------------------------------------------------------------ outbound
 
     def send(self, msgs: Iterable[Message]) -> None:
         for m in msgs:
-            if m.to in self._blocked or self.closed:
+            if self.closed:
                 continue
             address = self.address_of(m.to)
             if address is None:
@@ -280,7 +275,7 @@ class GrpcTransport:
                 received += 1
                 if m.sender_address:
                     self.learn(m.sender, m.sender_address)
-                if msg is not None and sender not in self._blocked:
+                if msg is not None:
                     self.events.message(msg)
         finally:
             if sender is not None and not self.closed:
