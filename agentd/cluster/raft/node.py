@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,14 +30,12 @@ from typing import Any, Protocol
 import grpc
 
 from agentd.cluster.raft.core import NotLeader, RaftCore
-from agentd.cluster.raft.progress import ProgressState
+from agentd.cluster.raft.membership import MembershipKeeper
 from agentd.cluster.raft.storage import FileStorage, PersistedState, Storage
 from agentd.cluster.raft.transport import (
     CHANNEL_OPTIONS,
     FORWARDED,
-    LEADER_HINT,
     SERVICE,
-    AskTheLeader,
     GrpcTransport,
     TransportEvents,
 )
@@ -64,14 +62,6 @@ from agentd.cluster.raft.watch import (
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, UpgradeRequired
 from agentd.logs import fields
 from agentd.v1 import raft_pb2 as pb
-from agentd.version import (
-    AGENT_VERSION,
-    BASELINE_STATE_FORMAT,
-    BASELINE_VERSION,
-    STATE_FORMAT,
-    UPGRADE_PHRASE,
-    incompatibility,
-)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +210,7 @@ class RaftNode:
         self._read_waiting: list[tuple[int, asyncio.Future]] = []  # (index, future) until applied
         self._ctx = itertools.count(1)
         self._subscribers: list[Callable[[LeaderChange], None]] = []
-        self._config_lock = asyncio.Lock()
+        self.membership = MembershipKeeper(self)  # joins, leaves and the leader's seat decisions
         self._leader_event = asyncio.Event()
         self._applied_event = asyncio.Event()
         self._stopping = False
@@ -327,14 +317,14 @@ class RaftNode:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
                        loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
-                       loop.create_task(self._reconcile_voters(), name=f"raft-voters-{self.id}")]
+                       loop.create_task(self.membership.reconcile_voters(), name=f"raft-voters-{self.id}")]
         if self.core.membership.voters == (self.id,):
             self.core.campaign()  # a single voter need not wait for an election timeout
         self._kick()
         me = self.core.membership.get(self.id)
         if not joining and me is not None and me.address != self.address and self.join_addresses + [
                 m.address for m in self.core.membership.members if m.id != self.id]:
-            self._tasks.append(loop.create_task(self._readdress(), name=f"raft-readdress-{self.id}"))
+            self._tasks.append(loop.create_task(self.membership.readdress(), name=f"raft-readdress-{self.id}"))
         log.info("raft node started", extra=fields(node=self.id, address=self.address, term=self.core.term,
                                                   last_index=self.core.log.last_index(), joining=joining))
         if joining:
@@ -486,28 +476,11 @@ class RaftNode:
     async def add_member(self, member_id: str, address: str, voter: bool = True,
                          timeout: float | None = None) -> dict[str, Member]:
         """Add (or update the address of) a member. A voter joins as a learner and is promoted once caught up."""
-        if not member_id or not address:
-            raise InvalidInput("a member needs an id and an address")
-        async with asyncio.timeout(timeout or self.options.catch_up_timeout + self.options.propose_timeout):
-            async with self._config_lock:
-                cur = self._leader_core().membership.get(member_id)
-                if cur is None:
-                    await self._change(ConfigChange("add_learner", member_id, address))
-                elif cur.address != address:
-                    await self._change(ConfigChange("set_address", member_id, address))
-                if voter and not self._leader_core().membership.is_voter(member_id):
-                    await self._wait_caught_up(member_id)
-                    await self._change(ConfigChange("promote", member_id))
-        return self.members
+        return await self.membership.add_member(member_id, address, voter, timeout)
 
     async def remove_member(self, member_id: str, timeout: float | None = None) -> dict[str, Member]:
         """Remove a member (a leader removing itself steps down once that commits)."""
-        async with asyncio.timeout(timeout or self.options.propose_timeout):
-            async with self._config_lock:
-                if self._leader_core().membership.get(member_id) is None:
-                    raise InvalidInput(f"{member_id} is not a member")
-                await self._change(ConfigChange("remove", member_id))
-        return self.members
+        return await self.membership.remove_member(member_id, timeout)
 
     async def transfer_leadership(self, target: str | None = None, timeout: float | None = None) -> str:
         """Hand leadership to `target` (default: the most caught-up voter); returns the new leader."""
@@ -758,58 +731,13 @@ class RaftNode:
             self.core.report_snapshot(peer, ok)
             self._kick()
 
-    # ------------------------------------------------------------ membership
+    # ------------------------------------------------------------ membership (agentd/cluster/raft/membership.py)
 
     async def _handle_join(self, req: pb.RaftJoinRequest, forwarded: bool) -> pb.RaftJoinReply:
-        if not req.node_id or not req.address or len(req.node_id) > 253 or any(c.isspace() for c in req.node_id):
-            raise InvalidInput("join needs a node id without spaces and an address")
-        if why := incompatibility(AGENT_VERSION, req.agent_version or BASELINE_VERSION) or self.admit_joiner(
-                req.node_id, req.state_format or BASELINE_STATE_FORMAT):
-            raise UpgradeRequired(f"{req.node_id} cannot join: {why}")
-        if not self.is_leader:
-            if forwarded:
-                raise NotAvailable("leadership changed while the join was forwarded; retry")
-            raise AskTheLeader(f"{self.id} is not the leader; ask the leader ({self.leader_id or 'unknown'}) at "
-                               f"{self.leader_address or '?'}", self.leader_address or "")
-        core = self._leader_core()
-        existing = core.membership.get(req.node_id)
-        if existing is None and req.can_watch and not self._wants_member(req.node_id):
-            log.info("a host joined as a watcher", extra=fields(node=self.id, watcher=req.node_id))
-            await self.on_watcher_joined(req.node_id, req.address)
-            return pb.RaftJoinReply(cluster_id=self.cluster_id, leader_id=self.id, watcher=True,
-                                    members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
-                                             for m in self.members.values()])
-        async with asyncio.timeout(self.options.catch_up_timeout + self.options.propose_timeout):
-            if existing is None:
-                await self.add_member(req.node_id, req.address, voter=False)
-            elif req.has_log:
-                if existing.address != req.address:  # restarted elsewhere with its disk: just re-address
-                    async with self._config_lock:
-                        await self._change(ConfigChange("set_address", req.node_id, req.address))
-            else:
-                # Same name, empty disk: what its old incarnation acknowledged is
-                # gone. Let it catch up before it may vote again.
-                log.warning("a member rejoined with an empty disk", extra=fields(node=req.node_id))
-                async with self._config_lock:
-                    if existing.address != req.address:
-                        await self._change(ConfigChange("set_address", req.node_id, req.address))
-                    self._leader_core().forget_progress(req.node_id)
-                    self._kick()
-                    await self._wait_caught_up(req.node_id)
-        members = self.members
-        return pb.RaftJoinReply(cluster_id=self.cluster_id, leader_id=self.id, voter=self._should_vote(req.node_id),
-                                members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
-                                         for m in members.values()])
+        return await self.membership.handle_join(req, forwarded)
 
     async def _handle_leave(self, req: pb.RaftLeaveRequest, forwarded: bool) -> pb.RaftLeaveReply:
-        if not self.is_leader:
-            if forwarded:
-                raise NotAvailable("leadership changed while the request was forwarded; retry")
-            raise AskTheLeader(f"{self.id} is not the leader; ask the leader ({self.leader_id or 'unknown'}) at "
-                               f"{self.leader_address or '?'}", self.leader_address or "")
-        members = await self.remove_member(req.node_id)
-        return pb.RaftLeaveReply(members=[pb.RaftMember(id=m.id, address=m.address, voter=m.voter)
-                                          for m in members.values()])
+        return await self.membership.handle_leave(req, forwarded)
 
     async def _forward(self, method: str, req: Any, timeout: float) -> Any:
         address = self.leader_address
@@ -827,152 +755,41 @@ class RaftNode:
             ch = self._channels[address] = self.transport.open_channel(address)
         return ch
 
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._channel(address)
+
+    def leader_core(self) -> RaftCore:
+        return self._leader_core()
+
+    def kick(self) -> None:
+        self._kick()
+
+    def clock(self) -> float:
+        return self._clock()
+
     async def _join(self) -> None:
-        deadline = self._clock() + self.options.join_timeout
-        delay, last_error = 0.1, "no join address answered"
-        hinted: list[str] = []  # a follower's answer says where the leader is: ask there next
-        addresses = itertools.cycle(self.join_addresses)
-        while True:
-            address = hinted.pop() if hinted else next(addresses)
-            if self._clock() > deadline:
-                break
-            stub = GrpcTransport.stub(self._channel(address))
-            try:
-                reply = await stub.Join(pb.RaftJoinRequest(node_id=self.id, address=self.address,
-                                                           agent_version=AGENT_VERSION, state_format=STATE_FORMAT,
-                                                           can_watch=self.options.can_watch),
-                                        timeout=self.options.catch_up_timeout + self.options.propose_timeout)
-            except grpc.aio.AioRpcError as exc:
-                last_error = f"{address}: {exc.code().name}: {exc.details()}"
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and UPGRADE_PHRASE in (exc.details() or ""):
-                    raise UpgradeRequired(f"could not join a cluster via {address}: {exc.details()}") from None
-                leader = next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == LEADER_HINT), "")
-                if leader and leader != address:
-                    hinted.append(leader)
-                    continue
-                log.info("join attempt failed; retrying", extra=fields(node=self.id, via=address, error=last_error))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            for m in reply.members:
-                self.transport.learn(m.id, m.address)
-            if reply.watcher:
-                seeds = [m.address for m in reply.members]
-                await asyncio.to_thread(write_watcher_marker, self._watcher_marker, reply.cluster_id, seeds)
-                for t in self._tasks:  # no log to keep: the Raft loop has nothing to do here
-                    t.cancel()
-                self._tasks = []
-                self._become_watcher(reply.cluster_id, seeds)
-                self.watcher.members = {m.id: Member(m.id, m.address, m.voter) for m in reply.members}
-                self.watcher.busy_voter = reply.leader_id  # streams first from a voter that does not lead
-                log.info("joined the cluster as a watcher", extra=fields(node=self.id, cluster=reply.cluster_id,
-                                                                        leader=reply.leader_id))
-                return
-            await asyncio.to_thread(self._storage.set_cluster_id, reply.cluster_id)
-            self.cluster_id = reply.cluster_id
-            self.transport.cluster_id = reply.cluster_id
-            self.core.set_can_vote(True)
-            log.info("joined the cluster", extra=fields(node=self.id, cluster=reply.cluster_id,
-                                                       leader=reply.leader_id, voter=reply.voter))
+        """Join through the join addresses; the reply makes this node a member (learner or voter) or a watcher."""
+        reply = await self.membership.join(self.options.can_watch)
+        for m in reply.members:
+            self.transport.learn(m.id, m.address)
+        if reply.watcher:
+            seeds = [m.address for m in reply.members]
+            await asyncio.to_thread(write_watcher_marker, self._watcher_marker, reply.cluster_id, seeds)
+            for t in self._tasks:  # no log to keep: the Raft loop has nothing to do here
+                t.cancel()
+            self._tasks = []
+            self._become_watcher(reply.cluster_id, seeds)
+            self.watcher.members = {m.id: Member(m.id, m.address, m.voter) for m in reply.members}
+            self.watcher.busy_voter = reply.leader_id  # streams first from a voter that does not lead
+            log.info("joined the cluster as a watcher", extra=fields(node=self.id, cluster=reply.cluster_id,
+                                                                    leader=reply.leader_id))
             return
-        raise PeerError(f"could not join a cluster via {', '.join(self.join_addresses)}: {last_error}")
-
-    async def _readdress(self) -> None:
-        """We restarted on a new address: ask the leader to record it (peers cannot reach us until then)."""
-        req = pb.RaftJoinRequest(node_id=self.id, address=self.address, has_log=True, agent_version=AGENT_VERSION,
-                                 state_format=STATE_FORMAT)
-        delay = 0.2
-        while True:
-            me = self.core.membership.get(self.id)
-            if me is None or me.address == self.address:
-                return
-            targets = [self.leader_address] if self.leader_address and not self.is_leader else []
-            targets += self.join_addresses + [m.address for m in self.core.membership.members if m.id != self.id]
-            for address in targets:
-                try:
-                    await GrpcTransport.stub(self._channel(address)).Join(req, timeout=self.options.propose_timeout)
-                    log.info("recorded our new address", extra=fields(node=self.id, address=self.address))
-                    return
-                except grpc.aio.AioRpcError:
-                    continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _wants_member(self, member_id: str) -> bool:
-        """Whether a new host joins Raft (to vote, or as a standby learner) rather than watching."""
-        m = self.core.membership
-        if self.options.voters:
-            return member_id in self.options.voters or (
-                len([x for x in m.members if x.id not in self.options.voters]) < self.options.standby_learners)
-        # Seats are taken in join order: learners waiting for promotion hold theirs.
-        return len(m.members) < self.options.max_voters + self.options.standby_learners
-
-    def _should_vote(self, member_id: str) -> bool:
-        if self.options.voters:
-            return member_id in self.options.voters
-        m = self.core.membership
-        return m.is_voter(member_id) or len(m.voters) < self.options.max_voters
-
-    async def _reconcile_voters(self) -> None:
-        """The leader promotes caught-up learners while there are fewer voters than wanted, and demotes a
-        voter gone for longer than the grace once a learner can take its seat."""
-        last_heard: dict[str, float] = {}
-        while True:
-            await asyncio.sleep(max(self.options.heartbeat_interval * 5, 0.1))
-            core = self.core
-            if self.watcher is not None or core is None:
-                return
-            if not self.is_leader or not core.committed_in_term() or self._config_lock.locked():
-                last_heard.clear()
-                continue
-            m = core.membership
-            now = self._clock()
-            for v in m.voters:
-                pr = core.progress.get(v)
-                if v == self.id or (pr is not None and pr.recent_active) or v not in last_heard:
-                    last_heard[v] = now
-            if await self._replace_a_dead_voter(m, {v: now - t for v, t in last_heard.items()}):
-                continue
-            learners = [x.id for x in m.members if not x.voter]
-            if self.options.voters:
-                wanted = [i for i in learners if i in self.options.voters]
-            elif len(m.voters) < self.options.max_voters:
-                wanted = learners
-            else:
-                wanted = []
-            ready = [i for i in wanted if i in core.progress and core.progress[i].recent_active
-                     and core.progress[i].state == ProgressState.REPLICATE
-                     and core.progress[i].match >= core.committed]
-            if not ready:
-                await self._learners_to_watchers(m, wanted)
-                continue
-            target = sorted(ready)[0]
-            try:
-                async with self._config_lock:
-                    await self._change(ConfigChange("promote", target))
-                log.info("promoted a learner to voter", extra=fields(node=self.id, member=target))
-            except AgentdError as exc:
-                log.info("could not promote a learner yet", extra=fields(member=target, reason=str(exc)))
-
-    async def _replace_a_dead_voter(self, m: Membership, silent: dict[str, float]) -> bool:
-        """Demote one voter silent past the grace. Safe with or without a successor ready: a dead voter
-        counts toward the quorum's size but never toward a majority, so dropping it never costs one; a
-        caught-up learner (a standby, or a watcher the leader invites) is then promoted to the free seat."""
-        core = self.core
-        dead = sorted(v for v in m.voters if v != self.id and silent.get(v, 0.0) > self.options.voter_down_grace)
-        if not dead or self.options.voters or len(m.voters) <= 1:
-            return False
-        try:
-            async with self._config_lock:
-                await self._change(ConfigChange("demote", dead[0]))
-            ready = sorted(x.id for x in m.members if not x.voter and x.id in core.progress
-                           and core.progress[x.id].recent_active)
-            log.warning("demoted a voter that is down; its seat goes to a caught-up learner", extra=fields(
-                node=self.id, voter=dead[0], silent=round(silent[dead[0]], 1), learners=ready))
-            return True
-        except AgentdError as exc:
-            log.info("could not demote a voter yet", extra=fields(voter=dead[0], reason=str(exc)))
-            return False
+        await asyncio.to_thread(self._storage.set_cluster_id, reply.cluster_id)
+        self.cluster_id = reply.cluster_id
+        self.transport.cluster_id = reply.cluster_id
+        self.core.set_can_vote(True)
+        log.info("joined the cluster", extra=fields(node=self.id, cluster=reply.cluster_id,
+                                                   leader=reply.leader_id, voter=reply.voter))
 
     async def become_member(self) -> None:
         """A watcher the leader asked to stand by: join Raft as a learner (its state stays; the log comes by
@@ -993,7 +810,7 @@ class RaftNode:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
                        loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
-                       loop.create_task(self._reconcile_voters(), name=f"raft-voters-{self.id}")]
+                       loop.create_task(self.membership.reconcile_voters(), name=f"raft-voters-{self.id}")]
         log.info("a watcher joins Raft as a standby learner", extra=fields(node=self.id))
         wanted, self.options = self.options, dataclasses.replace(self.options, can_watch=False)
         try:
@@ -1009,22 +826,9 @@ class RaftNode:
             self.options = wanted
         await asyncio.to_thread(self._watcher_marker.unlink, missing_ok=True)
 
-    async def _learners_to_watchers(self, m: Membership, wanted: list[str]) -> None:
-        """Learners beyond the standby ones, of a release that can watch, leave Raft and watch instead (a
-        cluster of agentd 0.1.0 made every host a learner: this converts it during a rolling upgrade)."""
-        spare = [x.id for x in m.members if not x.voter and x.id not in wanted and self.can_watch(x.id)]
-        extra = len(m.members) - len(m.voters) - self.options.standby_learners
-        for member_id in sorted(spare)[:max(0, min(extra, 1))]:  # one change at a time
-            try:
-                async with self._config_lock:
-                    await self._change(ConfigChange("remove", member_id))
-                log.info("a learner leaves Raft to watch instead", extra=fields(node=self.id, member=member_id))
-            except AgentdError as exc:
-                log.info("could not turn a learner into a watcher yet", extra=fields(member=member_id,
-                                                                                     reason=str(exc)))
-
-    async def _change(self, change: ConfigChange) -> None:
-        """Propose one membership change and wait until it is applied; retries while another is in flight."""
+    async def apply_config(self, change: ConfigChange) -> None:
+        """Propose one membership change and wait until it is applied; retries while another is in flight.
+        The caller holds `membership.lock` (agentd/cluster/raft/membership.py decides what changes)."""
         while True:
             core = self._leader_core()
             try:
@@ -1040,17 +844,6 @@ class RaftNode:
         await self._await(fut, self.options.propose_timeout, "membership change not committed within {t}s")
         log.info("membership changed", extra=fields(node=self.id, op=change.op, member=change.member_id,
                                                    index=index))
-
-    async def _wait_caught_up(self, member_id: str) -> None:
-        core = self._leader_core()
-        target = core.committed
-        async with asyncio.timeout(self.options.catch_up_timeout):
-            while True:
-                core = self._leader_core()
-                pr = core.progress.get(member_id)
-                if pr is not None and pr.match >= target:
-                    return
-                await asyncio.sleep(self.options.heartbeat_interval / 2)
 
     # ------------------------------------------------------------ helpers
 
@@ -1086,6 +879,10 @@ class RaftNode:
         for _, fut in self._read_waiting:
             _fail(fut, exc)
         self._proposals, self._reads, self._read_waiting = {}, {}, []
+
+    def set_partition(self, peers: Iterable[str]) -> None:
+        """Fault injection: drop all Raft traffic to and from `peers` (empty heals)."""
+        self.transport.set_blocked(peers)
 
 
 async def _nothing(*args: Any) -> None:
