@@ -75,6 +75,25 @@ async def test_every_stream_sends_the_same_bytes_for_an_entry():
         pb.RaftWatchEvent(leader=pb.RaftWatchLeader(term=2)).SerializeToString()
 
 
+async def test_new_watchers_at_one_index_share_one_snapshot():
+    """Watchers join in waves: one snapshot per index, not one per watcher."""
+    feed, voter, sm = WatchFeed(), FakeVoter(), Log()
+    calls = []
+    snapshot = sm.snapshot
+    sm.snapshot = lambda: calls.append(1) or snapshot()  # type: ignore[method-assign]
+    commit(feed, voter, sm, b"a")
+    new = pb.RaftWatchRequest(node_id="w", from_index=0)
+    a, b = feed.serve(new, voter, sm), feed.serve(new, voter, sm)
+    first, second = await a.__anext__(), await b.__anext__()
+    assert first is second and len(calls) == 1
+    assert pb.RaftWatchEvent.FromString(first).snapshot.index == 1
+    commit(feed, voter, sm, b"b")
+    c = feed.serve(new, voter, sm)
+    assert pb.RaftWatchEvent.FromString(await c.__anext__()).snapshot.data == b"a|b" and len(calls) == 2
+    for s in (a, b, c):
+        await s.aclose()
+
+
 async def test_one_beat_wakes_every_idle_stream_for_its_keepalive():
     feed, voter, sm = WatchFeed(beat=0.05), FakeVoter(), Log()
     commit(feed, voter, sm, b"a")

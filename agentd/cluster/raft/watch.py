@@ -111,6 +111,7 @@ class WatchFeed:
     def reset(self) -> None:
         """A snapshot replaced the state: the window no longer continues it."""
         self._entries, self._encoded = [], []
+        self._snapshot_cache = None
         self._notify()
 
     def _notify(self) -> None:
@@ -154,8 +155,7 @@ class WatchFeed:
             next_index = req.from_index
             if next_index == 0 or (next_index <= voter.last_applied and self._entry(next_index) is None):
                 next_index = self._snapshot_point(voter)
-                yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=voter.last_applied,
-                                                                      term=sm.last_term, data=sm.snapshot()))
+                yield self._snapshot_event(voter, sm)
             sent_leader = None
             sent_beat = -1
             while True:
@@ -164,8 +164,7 @@ class WatchFeed:
                     data = self._event(next_index)
                     if data is None:  # fell out of the window while this watcher was slow: start it over
                         next_index = self._snapshot_point(voter)
-                        yield pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(
-                            index=voter.last_applied, term=sm.last_term, data=sm.snapshot()))
+                        yield self._snapshot_event(voter, sm)
                         continue
                     yield data
                     next_index += 1
@@ -194,6 +193,19 @@ class WatchFeed:
         return data
 
     _leader_cache: tuple[tuple, bytes] | None = None
+    _snapshot_cache: tuple[tuple[int, int], bytes] | None = None
+
+    def _snapshot_event(self, voter: VoterView, sm: Applier) -> bytes:
+        """A snapshot of the state machine at the voter's last applied index, serialised once for every stream
+        that starts from it (watchers join in waves: a snapshot each was quadratic in the fleet's size)."""
+        key = (voter.last_applied, sm.last_term)
+        cached = self._snapshot_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=voter.last_applied, term=sm.last_term,
+                                                               data=sm.snapshot())).SerializeToString()
+        self._snapshot_cache = (key, data)
+        return data
 
     @staticmethod
     def _snapshot_point(voter: VoterView) -> int:
