@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from agentd.api.http import ModelCard, make_http_app  # noqa: E402
+from agentd.api.http import HttpOptions, ModelCard, make_http_app  # noqa: E402
 from agentd.api.openai_proxy import Endpoint  # noqa: E402
 from agentd.metrics import Metrics  # noqa: E402
 from agentd.security import apikeys as K  # noqa: E402
@@ -113,6 +114,7 @@ def pct(xs: list[float], p: float) -> float:
 async def http_bench(n: int, conc: int) -> None:
     up_app = web.Application()
     up_app.router.add_post("/v1/completions", upstream)
+    up_app.router.add_post("/v1/chat/completions", upstream)
     up_app.router.add_get("/slots", slots)
     up_runner, up_url = await start(up_app)
     secret, rec = K.new_api_key(tenant="t", now=time.time(), random_bytes=random.Random(1).randbytes)
@@ -126,11 +128,17 @@ async def http_bench(n: int, conc: int) -> None:
     board = LoadBoard(path=lambda rt: "/slots", read=lambda rt, st, b: agentd_read_load("llamabox", st, b))
     lb_runner, lb_url = await start(make_http_app(Provider(up_url, metrics, K.add_key({}, rec), runtime="llamabox"),
                                                   metrics=metrics, board=board))
+    # Load-aware routing without prefix affinity, for the chat cases (issue 21 item 3): the cost of the keys.
+    board2 = LoadBoard(path=lambda rt: "/slots", read=lambda rt, st, b: agentd_read_load("llamabox", st, b))
+    na_runner, na_url = await start(make_http_app(Provider(up_url, metrics, K.add_key({}, rec), runtime="llamabox"),
+                                                  metrics=metrics, board=board2,
+                                                  options=HttpOptions(prefix_affinity=False)))
     auth = {"Authorization": f"Bearer {secret}"}
     rows = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         await load(client, px_url + "/v1/completions", auth, {"model": "m"}, 200, conc)  # warm up
         await load(client, lb_url + "/v1/completions", auth, {"model": "m"}, 200, conc)
+        await load(client, na_url + "/v1/completions", auth, {"model": "m"}, 200, conc)
         await asyncio.sleep(1.0)  # the board has read both replicas' load
         for label, url, hdr, c, stream in [
             ("direct, sequential", up_url, {}, 1, False),
@@ -143,14 +151,30 @@ async def http_bench(n: int, conc: int) -> None:
             ("proxied, stream TTFB", px_url, auth, 1, True),
         ]:
             body = {"model": "m", "stream": stream}
+            cpu = time.process_time()
             lat, wall = await load(client, url + "/v1/completions", hdr, body, n, c, stream)
-            rows.append((label, statistics.median(lat) * 1000, pct(lat, 0.99), n / wall))
+            cpu = (time.process_time() - cpu) / n * 1e6
+            rows.append((label, statistics.median(lat) * 1000, pct(lat, 0.99), n / wall, cpu))
+        # A 6-turn chat with a 1,300-character system prompt (about 4 KB of messages): the prefix keys are hashed
+        # per request (16 block and message-end keys) and looked up; same fake server, which ignores the text.
+        chat = {"model": "m", "messages": [{"role": "system", "content": "You are a careful assistant. " * 45},
+                                           *({"role": r, "content": f"turn {i}: " + "words " * 50}
+                                             for i in range(6) for r in ("user", "assistant"))]}
+        for label, url in [("load-routed, 4 KB chat", na_url), ("  + prefix affinity", lb_url)]:
+            cpu = time.process_time()
+            lat, wall = await load(client, url + "/v1/chat/completions", auth, chat, n, 1)
+            cpu = (time.process_time() - cpu) / n * 1e6
+            rows.append((label + ", sequential", statistics.median(lat) * 1000, pct(lat, 0.99), n / wall, cpu))
     await px_runner.cleanup()
     await lb_runner.cleanup()
+    await na_runner.cleanup()
     await up_runner.cleanup()
-    print(f"{'case':<28} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
-    for label, p50, p99, rps in rows:
-        print(f"{label:<28} {p50:8.3f} {p99:8.3f} {rps:8.0f}")
+    # CPU: this process's CPU time per request; client, proxy and fake server all run here, so proxied minus
+    # direct is the proxy's own work, and it does not grow with the machine's load as wall-clock latency does.
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'case':<40} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'CPU µs/req':>11}")
+    for label, p50, p99, rps, cpu in rows:
+        print(f"{label:<40} {p50:8.3f} {p99:8.3f} {rps:8.0f} {cpu:11.0f}")
 
 
 def micro() -> None:
@@ -183,6 +207,44 @@ def micro() -> None:
     print(f"{'  same, cached (as AuthInterceptor does)':<40} {cached_us:8.2f}")
 
 
+def routing_micro() -> None:
+    """CPU per request of the routing decisions alone (issue 21 item 3), in process: no sockets, so the machine's
+    load does not enter; process CPU time, best and worst of 5 rounds."""
+    from agentd.api.affinity import PrefixTable
+    from agentd.api.openai_proxy import Balancer
+
+    eps = [Endpoint(url="", api_key=None, ready=True, instance_id=f"r{i}", runtime="llamabox") for i in range(2)]
+    readings = {"r0": (2, 4, 0), "r1": (3, 4, 0)}
+    chat = {"model": "m", "messages": [{"role": "system", "content": "You are a careful assistant. " * 45},
+                                       *({"role": r, "content": f"turn {i}: " + "words " * 50}
+                                         for i in range(6) for r in ("user", "assistant"))]}
+    table = PrefixTable()
+    table.record("m", table.keys(chat)[:8], "r1")
+
+    def least_outstanding(b: Balancer) -> None:
+        b.order("m", eps)
+
+    def load_aware(b: Balancer) -> None:
+        ordered = b.order("m", eps, readings.get)
+        b.pressure(ordered[0], readings.get)
+
+    def affinity(b: Balancer) -> None:
+        table.lookup("m", table.keys(chat))
+
+    print(f"{'routing step (in process)':<40} {'µs/request CPU, best-worst of 5':>32}")
+    for label, fn in [("least outstanding (order)", least_outstanding),
+                      ("load-aware (order + full check)", load_aware),
+                      ("prefix keys + lookup, 4 KB chat", affinity)]:
+        b = Balancer(max_queue=8)
+        rounds = []
+        for _ in range(5):
+            t = time.process_time()
+            for _ in range(20_000):
+                fn(b)
+            rounds.append((time.process_time() - t) / 20_000 * 1e6)
+        print(f"{label:<40} {min(rounds):15.2f} - {max(rounds):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000)
@@ -191,6 +253,8 @@ def main() -> None:
     asyncio.run(http_bench(args.requests, args.concurrency))
     print()
     micro()
+    print()
+    routing_micro()
 
 
 if __name__ == "__main__":
