@@ -204,8 +204,7 @@ def test_vllm_multi_host_runs_ray_with_explicit_ports_outside_the_ephemeral_rang
         assert head_port not in ports and len(set(ports)) == len(ports)
         assert int(flags["--max-worker-port"]) - int(flags["--min-worker-port"]) == vl.RAY_WORKER_PORTS - 1
         temp = Path(flags["--temp-dir"])
-        assert temp.is_dir() and temp.stat().st_mode & 0o777 == 0o700
-        assert len(str(temp)) <= vl.RAY_TEMP_DIR_MAX
+        assert temp.parent.stat().st_mode & 0o777 == 0o700 and len(str(temp)) <= vl.RAY_TEMP_DIR_MAX
     # An insecure cluster (no instance key): no Ray token.
     assert "RAY_AUTH_MODE" not in head_spec.env and "RAY_AUTH_MODE" not in serve.env
     vl.remove_ray_temp_dir(tmp_path / "work")
@@ -218,34 +217,38 @@ def test_vllm_stop_hook_removes_the_ray_session_dir(tmp_path):
     d = vl.ray_temp_dir(c.work_dir)
     (d / "session_x").mkdir(parents=True)
     vl.agentd_stop(a, 0, c)
-    assert not d.exists() and not (c.work_dir / "ray").exists()
+    assert not d.exists() and not d.parent.exists() and not (c.work_dir / "ray-tmp").exists()
 
 
 def test_vllm_ray_temp_dir_is_private_and_never_a_predictable_tmp_path(tmp_path):
-    """Issue 14 item 2: Ray's sockets and logs live in the instance's own 0700 dir. A short work dir holds it;
-    a long one (Ray's AF_UNIX socket paths would pass 107 bytes) links to a mkdtemp dir, found again on restart."""
+    """Issue 14 item 2: Ray chmods its temp dir 0777 itself, so it sits in a 0700 dir of ours: the work dir when
+    short, else (Ray's AF_UNIX socket paths would pass 107 bytes) a mkdtemp dir linked from the work dir, found again
+    on restart."""
     short = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))
     try:
         d = vl.ray_temp_dir(short / "i")
-        assert d == short / "i" / "ray" and d.stat().st_mode & 0o777 == 0o700
+        assert d == short / "i" / "ray" and d.parent.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(short)
     work = tmp_path / ("x" * 60) / "inst"
     d = vl.ray_temp_dir(work)
-    assert (work / "ray").is_symlink() and d.stat().st_mode & 0o777 == 0o700 and len(str(d)) <= vl.RAY_TEMP_DIR_MAX
-    assert d.name.startswith("agentd-ray-") and d.name != "agentd-ray-"
+    parent = d.parent
+    assert (work / "ray-tmp").is_symlink() and parent.stat().st_mode & 0o777 == 0o700
+    assert len(str(d)) <= vl.RAY_TEMP_DIR_MAX and parent.name.startswith("agentd-ray-") and parent.name != "agentd-ray-"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)  # what Ray does to it
     assert vl.ray_temp_dir(work) == d  # the same dir for the next process of the instance
     # A link to a dir someone else could enter is not used: a new private one replaces it.
-    (work / "ray").unlink()
-    shutil.rmtree(d)
+    (work / "ray-tmp").unlink()
+    shutil.rmtree(parent)
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
-    (work / "ray").symlink_to(loose)
+    (work / "ray-tmp").symlink_to(loose)
     d2 = vl.ray_temp_dir(work)
-    assert d2 != loose and d2.stat().st_mode & 0o777 == 0o700
+    assert d2.parent != loose and d2.parent.stat().st_mode & 0o777 == 0o700
     vl.remove_ray_temp_dir(work)
-    assert not d2.exists() and not (work / "ray").exists() and loose.exists()
+    assert not d2.parent.exists() and not (work / "ray-tmp").exists() and loose.exists()
 
 
 def test_vllm_secure_multi_host_closes_the_ray_cluster_with_a_per_instance_token(tmp_path):

@@ -85,37 +85,38 @@ def _private_dir(path: Path) -> bool:
 
 
 def ray_temp_dir(work_dir: Path) -> Path:
-    """The instance's private Ray session dir on this host, made 0700 if it is not there yet.
+    """The instance's Ray temp dir on this host, inside a directory only this user can enter.
 
-    `<work dir>/ray` when that is short enough for Ray's sockets, else a `mkdtemp` directory
-    (0700, random name) that `<work dir>/ray` links to, so that a restart and agentd_stop find it."""
-    link = work_dir / "ray"
-    if len(str(link)) <= RAY_TEMP_DIR_MAX:
-        link.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(link, 0o700)
-        if not _private_dir(link):
-            raise InvalidInput(f"{link} is not a private directory of this user; refusing it as Ray's temp dir")
-        return link
+    Ray makes its temp dir and session dirs world-writable (0777) itself, so what keeps other local
+    users out is the parent: the instance's work dir (made 0700) when `<work dir>/ray` is short enough
+    for Ray's sockets, else a `mkdtemp` directory (0700, random name) that `<work dir>/ray-tmp` links to,
+    so that a restart and agentd_stop find it again."""
+    if len(str(work_dir / "ray")) <= RAY_TEMP_DIR_MAX:
+        work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(work_dir, 0o700)
+        if not _private_dir(work_dir):
+            raise InvalidInput(f"{work_dir} is not a private directory of this user; refusing it for Ray")
+        return work_dir / "ray"
+    link = work_dir / "ray-tmp"
     if link.is_symlink():
-        target = Path(os.readlink(link))
-        if _private_dir(target):
-            return target
+        parent = Path(os.readlink(link))
+        if _private_dir(parent):
+            return parent / "ray"
         link.unlink()
     work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix="agentd-ray-"))
-    os.symlink(target, link)
-    return target
+    parent = Path(tempfile.mkdtemp(prefix="agentd-ray-"))
+    os.symlink(parent, link)
+    return parent / "ray"
 
 
 def remove_ray_temp_dir(work_dir: Path) -> None:
-    link = work_dir / "ray"
+    link = work_dir / "ray-tmp"
     if link.is_symlink():
-        target = Path(os.readlink(link))
-        if _private_dir(target):
-            shutil.rmtree(target, ignore_errors=True)
+        parent = Path(os.readlink(link))
+        if _private_dir(parent):
+            shutil.rmtree(parent, ignore_errors=True)
         link.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(link, ignore_errors=True)
+    shutil.rmtree(work_dir / "ray", ignore_errors=True)
 
 
 def ray_auth_token(api_key: str) -> str:
