@@ -21,17 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
-DEFAULT_LISTEN = "127.0.0.1:7070"
-DEFAULT_DATA_DIR = Path("/var/lib/agentd")
+from agentd.defaults import DEFAULT_CONFIG_PATH, DEFAULT_DATA_DIR, DEFAULT_LISTEN, token_listen_default
+
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})  # pydantic's spellings of a bool
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
-
-
-def token_listen_default(listen: str) -> str:
-    """The token port when `token_listen` is unset: the `listen` host on the next port."""
-    host, _, port = listen.rpartition(":")
-    return f"{host}:{int(port) + 1 if int(port) else 0}"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agentd.clientconfig import DEFAULT_CONFIG_PATH, token_listen_default
+from agentd.defaults import DEFAULT_CONFIG_PATH, token_listen_default
 from agentd.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")

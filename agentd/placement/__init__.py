@@ -15,8 +15,8 @@ from agentd.placement.constraints import (
     TensorParallelDivisibility,
 )
 from agentd.placement.demand import LayerDemand, ShardDemand
-from agentd.placement.engine import Placer, decision, place
 from agentd.placement.layout import LaunchParams, Layout, PartLayout
+from agentd.placement.planner import Placer, decision, place
 from agentd.placement.render import plan_json
 from agentd.placement.shapes import LayerSplit, ShapeLimits, Sharded
 from agentd.placement.snapshot import GpuView, HostView, Snapshot
