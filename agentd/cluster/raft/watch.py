@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,7 @@ FEED_KEEP = 4096  # committed entries a voter keeps for watchers that resume
 # Seconds between leader events on an idle stream: a keepalive (a change of leader or term is sent at once).
 # At 2,048 watchers a one-second beat was most of the voters' work.
 LEADER_EVERY = 10.0
+RETRY_MAX = 3.0  # seconds at most between rounds of a watcher that no voter would serve
 
 
 class Applier(Protocol):
@@ -237,6 +239,7 @@ class Watcher:
         self.source = ""  # the voter it streams from now
         self.busy_voter = ""  # the leader as the join named it, until the stream names one
         self.applied_event = asyncio.Event()
+        self._delivered = False  # the current round's stream delivered an event
 
     def candidates(self) -> list[str]:
         """Voters first, each watcher starting at a different one (by its name) so they spread, the leader last
@@ -257,7 +260,9 @@ class Watcher:
         return out
 
     async def run(self) -> None:
+        delay = self._retry
         while not self.upgrade_required:
+            self._delivered = False
             for address in self.candidates():
                 try:
                     await self._follow(address)
@@ -271,7 +276,11 @@ class Watcher:
                 if self.upgrade_required:
                     return
             self.source = ""
-            await asyncio.sleep(self._retry)
+            # Every voter refused or failed: wait, longer each round up to RETRY_MAX (a voter that has not
+            # applied this watcher's join yet refuses it; a thousand watchers asking five times a second kept
+            # the voters from catching up). A stream that delivered anything starts the wait over.
+            delay = self._retry if self._delivered else min(delay * 2, RETRY_MAX)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _follow(self, address: str) -> None:
         ch = self._channels.get(address)
@@ -283,6 +292,7 @@ class Watcher:
         call = stub.Watch(req)
         self.source = address
         async for ev in call:
+            self._delivered = True
             body = ev.WhichOneof("body")
             if body == "snapshot":
                 self._restore(ev.snapshot)
