@@ -135,7 +135,8 @@ def test_memory_per_gpu_follows_the_documented_formula():
     m = _model("Llama-3.1-70B-Instruct")
     d = estimate(m, spec(), Sharded(4, 1))
     weights = math.ceil((sum(m.layer_bytes) + sum(m.non_repeating_bytes.values())) / 4)
-    kv = math.ceil((1024 + 1024) * 2 * (2 / 8) * 80 * 131072)  # 2 of 8 KV heads per rank, bf16, full context
+    # 2 of 8 KV heads per rank, bf16, full context in 16-token blocks, plus vLLM's null block
+    kv = math.ceil((1024 + 1024) * 2 * (2 / 8) * 80 * 16 * (131072 // 16 + 1))
     activation = 2048 * (4 * 8192 + 2 * 28672 // 4) * 2 + 256 * 128256 * 4
     overhead = (1024 + 256) * 1024**2
     assert dict(d.breakdown) == {"weights": weights, "kv_cache": kv, "activation": activation, "overhead": overhead}
@@ -153,7 +154,7 @@ def test_pipeline_stages_split_like_vllm_and_the_largest_stage_sizes_the_gpu():
 def test_mla_kv_cache_is_replicated_on_every_tp_rank():
     m = _model("DeepSeek-R1")
     one, eight = estimate(m, spec(), Sharded(1)), estimate(m, spec(), Sharded(8))
-    assert one.breakdown["kv_cache"] == eight.breakdown["kv_cache"] == 576 * 2 * 61 * 163840
+    assert one.breakdown["kv_cache"] == eight.breakdown["kv_cache"] == 576 * 2 * 61 * 16 * (163840 // 16 + 1)
 
 
 def test_gpus_below_the_utilization_are_excluded_counting_only_foreign_memory(plugins):

@@ -51,6 +51,10 @@ MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                 "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                 "tie_word_embeddings": False},
+    # Gemma 3's published text_config names neither its vocabulary nor its context (Gemma3TextConfig's).
+    "gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072, "hidden_size": 2304,
+                    "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                    "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True},
     "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
               "tie_word_embeddings": False},
@@ -222,7 +226,8 @@ def _context(t: _Cfg) -> int:
                 "model_max_length")
     assert ctx is not None
     rs = t.data.get("rope_scaling")
-    if isinstance(rs, dict):
+    if isinstance(rs, dict) and "gemma3" not in str(t.data.get("model_type", "")):
+        # vLLM: "Gemma3's max_model_len (128K) is already scaled by RoPE scaling" (ModelConfig)
         kind = rs.get("rope_type") or rs.get("type")
         factor = rs.get("factor")
         if kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) \
@@ -279,6 +284,22 @@ def _quantization(top: _Cfg, t: _Cfg) -> tuple[Quantization | None, dict[str, An
         group = q.int("group_size", required=False)
     small = {k: v for k, v in qc.items() if isinstance(v, (int, float, str, bool)) or k == "weight_block_size"}
     return Quantization(method=method, bits=bits, group_size=group), small
+
+
+def _kv_cache_dtype(qc: dict[str, Any] | None) -> str | None:
+    """"fp8" when the checkpoint declares an FP8 KV cache that vLLM honours by default: compressed-tensors'
+    `kv_cache_scheme` (any: vLLM's Attention then uses fp8) or ModelOpt's FP8 `kv_cache_quant_algo`."""
+    if not qc:
+        return None
+    method = str(qc.get("quant_method") or "").lower()
+    if method == "compressed-tensors" and isinstance(qc.get("kv_cache_scheme"), dict):
+        return "fp8"
+    if method.startswith("modelopt"):
+        inner = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc
+        algo = inner.get("kv_cache_quant_algo") or qc.get("kv_cache_quant_algo")
+        if isinstance(algo, str) and algo.lower().startswith("fp8"):
+            return "fp8"
+    return None
 
 
 def _storage(dtype: str, quant: Quantization | None, qc: dict[str, Any] | None) -> Storage:
@@ -464,10 +485,18 @@ def model_from_hf(path: str | os.PathLike[str]) -> ModelInfo:
     if isinstance(mpe, int) and mpe != ctx:
         extra["max_position_embeddings"] = mpe
     for key in ("rope_theta", "sliding_window", "use_sliding_window", "first_k_dense_replace", "moe_intermediate_size",
-                "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers"):
+                "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers",
+                "sliding_window_pattern", "max_window_layers"):
         v = t.data.get(key)
         if isinstance(v, (int, float, str, bool)):
             extra[key] = v
+    layer_types = t.data.get("layer_types")
+    if isinstance(layer_types, list) and "sliding_attention" in layer_types \
+            and all(isinstance(x, str) for x in layer_types):
+        extra["layer_types"] = layer_types  # which layers slide (vLLM sizes their KV cache by the window)
+    kv_dtype = _kv_cache_dtype(top.dict("quantization_config") or t.dict("quantization_config"))
+    if kv_dtype:
+        extra["kv_cache_dtype"] = kv_dtype
     rs = t.data.get("rope_scaling")
     if isinstance(rs, dict):
         extra["rope_scaling"] = {k: v for k, v in rs.items() if isinstance(v, (int, float, str, bool))}

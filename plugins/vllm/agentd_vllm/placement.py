@@ -16,6 +16,7 @@ Memory per GPU (docs/placement.md has the derivation):
 
     per_gpu = weights_of_largest_stage / TP
             + KV cache of one max_model_len sequence for that stage's layers, per GPU
+              (kvcache.py: vLLM's own arithmetic, checked against vLLM by tests/test_vllm_oracle.py)
             + activation peak (profiling batch) + sampler logits
             + fixed overhead (CUDA context, cuBLAS/NCCL workspaces, CUDA graphs)
 
@@ -45,6 +46,7 @@ from agentd.plugins.api import (
     hookimpl,
 )
 from agentd.types import DeploymentSpec, MiB, ModelInfo
+from agentd_vllm import kvcache
 
 NAME = "vllm"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -253,19 +255,9 @@ def layer_bytes(model: ModelInfo) -> tuple[int, ...]:
 
 
 def kv_bytes_per_token_layer(model: ModelInfo, tp: int) -> float:
-    """KV cache bytes per token per layer on one GPU of a TP group.
-
-    GQA/MHA: each rank holds max(1, kv_heads / TP) heads (replicas when TP >
-    kv_heads). MLA (DeepSeek): the latent cache is replicated on every rank.
-    Element size follows the model dtype (vLLM's kv_cache_dtype "auto").
-    """
-    elem = 4 if model.dtype.lower() in ("float32", "fp32") else 2
-    per = (model.kv_cache.k_elements + model.kv_cache.v_elements) * elem
-    if model.kv_cache.kind == "mla":
-        return per
-    kv = model.num_key_value_heads
-    heads_per_rank = kv // tp if kv >= tp else 1
-    return per * heads_per_rank / kv
+    """KV cache bytes per token per full-attention layer on one GPU of a TP group (kvcache.py has the rules:
+    max(1, kv_heads / TP) heads per rank, MLA's latent on every rank, 16-bit or FP8 elements)."""
+    return kvcache.page_bytes(model, tp) / kvcache.BLOCK_SIZE
 
 
 def _heaviest_stage(model: ModelInfo, stages: tuple[int, ...], embed: int, head: int) -> int:
@@ -298,7 +290,7 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, shape: Sharded) -> ShardDem
     head = nr.get("output", 0) or (embed if pp > 1 else 0)  # tied embeddings: the last stage holds a copy
     head += nr.get("output_norm", 0)
     weights = math.ceil(_heaviest_stage(model, stages, embed, head) / tp)
-    kv = math.ceil(kv_bytes_per_token_layer(model, tp) * max(stages) * max_model_len(model, spec))
+    kv = kvcache.kv_bytes(model, tp, stages, max_model_len(model, spec))
     inter = model.intermediate_size or 4 * model.hidden_size
     activation = PROFILE_TOKENS * (4 * model.hidden_size + 2 * inter // tp) * 2 + MAX_NUM_SEQS * model.vocab_size * 4
     overhead = FIXED_OVERHEAD + (NCCL_OVERHEAD if tp * pp > 1 else 0)
@@ -331,6 +323,8 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
         "--gpu-memory-utilization", f"{utilization(spec):g}",
         "--max-model-len", str(max_model_len(model, spec)),
     ]
+    if kvcache.has_sliding_window(model):  # the sliding-window layers' KV cache grows with the batch in flight
+        args += ["--max-num-batched-tokens", str(kvcache.MAX_NUM_BATCHED_TOKENS)]
     if shape.hosts > 1:
         args += ["--distributed-executor-backend", "ray"]
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
