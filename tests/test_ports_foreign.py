@@ -93,6 +93,30 @@ def test_owners_are_looked_up_again_only_when_the_listeners_change(monkeypatch):
     assert len(scans) == 2
 
 
+def test_the_kernel_names_the_same_listeners_over_netlink_as_in_proc():
+    """sock_diag lists only listeners (cheap with thousands of connected sockets); /proc is the fallback."""
+    from agentd.inventory import ports
+
+    a, b = _listener(), socket.socket(socket.AF_INET6)
+    try:
+        b.bind(("::1", 0))
+        b.listen()
+        want = {(s.getsockname()[1], os.fstat(s.fileno()).st_ino) for s in (a, b)}
+        full = [(1, 65535)]
+        netlink = ports.netlink_listeners()
+        assert netlink is not None and want <= netlink  # IPv4 and IPv6
+        assert want <= ports.proc_listeners(full)
+        assert want <= ports.listening_sockets(full)
+        connected = socket.create_connection(a.getsockname())
+        try:  # a connected socket is no listener
+            assert (connected.getsockname()[1], os.fstat(connected.fileno()).st_ino) not in ports.netlink_listeners()
+        finally:
+            connected.close()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_unreadable_socket_table_reports_nothing_instead_of_failing():
     def broken(kind: str):
         raise PermissionError("no /proc")

@@ -75,22 +75,31 @@ async def test_every_stream_sends_the_same_bytes_for_an_entry():
         pb.RaftWatchEvent(leader=pb.RaftWatchLeader(term=2)).SerializeToString()
 
 
-async def test_new_watchers_at_one_index_share_one_snapshot():
-    """Watchers join in waves: one snapshot per index, not one per watcher."""
+async def test_new_watchers_share_one_snapshot_and_get_the_entries_after_it():
+    """Watchers join in waves, each join an entry: one snapshot serves every watcher that starts within
+    SNAPSHOT_REUSE seconds (each then gets the entries after it), not one snapshot per watcher."""
+    from agentd.cluster.raft.watch import SNAPSHOT_REUSE
+
     feed, voter, sm = WatchFeed(), FakeVoter(), Log()
     calls = []
     snapshot = sm.snapshot
     sm.snapshot = lambda: calls.append(1) or snapshot()  # type: ignore[method-assign]
+    now = [100.0]
     commit(feed, voter, sm, b"a")
     new = pb.RaftWatchRequest(node_id="w", from_index=0)
-    a, b = feed.serve(new, voter, sm), feed.serve(new, voter, sm)
+    a, b = feed.serve(new, voter, sm, lambda: now[0]), feed.serve(new, voter, sm, lambda: now[0])
     first, second = await a.__anext__(), await b.__anext__()
     assert first is second and len(calls) == 1
     assert pb.RaftWatchEvent.FromString(first).snapshot.index == 1
     commit(feed, voter, sm, b"b")
-    c = feed.serve(new, voter, sm)
-    assert pb.RaftWatchEvent.FromString(await c.__anext__()).snapshot.data == b"a|b" and len(calls) == 2
-    for s in (a, b, c):
+    c = feed.serve(new, voter, sm, lambda: now[0])
+    assert await c.__anext__() is first  # the same snapshot, then the entry after it
+    assert pb.RaftWatchEvent.FromString(await c.__anext__()).entry.data == b"b"
+    now[0] += SNAPSHOT_REUSE  # later: a fresh one
+    d = feed.serve(new, voter, sm, lambda: now[0])
+    ev = pb.RaftWatchEvent.FromString(await d.__anext__())
+    assert (ev.snapshot.index, ev.snapshot.data, len(calls)) == (2, b"a|b", 2)
+    for s in (a, b, c, d):
         await s.aclose()
 
 

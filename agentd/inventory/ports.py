@@ -43,8 +43,64 @@ def _in(port: int, ranges: Sequence[tuple[int, int]]) -> bool:
 
 def listening_sockets(ranges: Sequence[tuple[int, int]], paths: Sequence[str] = PROC_NET_TCP
                       ) -> frozenset[tuple[int, int]] | None:
-    """(port, socket inode) of every TCP listener in `ranges`, from the kernel's socket table; None when
-    it cannot be read (not Linux)."""
+    """(port, socket inode) of every TCP listener in `ranges`: asked of the kernel over netlink (sock_diag,
+    listeners only), else read from /proc/net/tcp{,6}, which lists every socket (a voter of a large fleet
+    holds thousands: generating the table was a third of the leader's CPU at 1,024 hosts); None when
+    neither can be read (not Linux)."""
+    found = netlink_listeners()
+    if found is not None:
+        return frozenset((port, inode) for port, inode in found if _in(port, ranges))
+    return proc_listeners(ranges, paths)
+
+
+def netlink_listeners() -> set[tuple[int, int]] | None:
+    """(port, inode) of the TCP listeners of this network namespace from NETLINK_SOCK_DIAG, IPv4 and IPv6;
+    None when netlink is not there or answers garbage."""
+    import socket
+    import struct
+
+    netlink_sock_diag, sock_diag_by_family, tcp_listen = 4, 20, 10
+    nlm_f_request, nlm_f_dump, nlmsg_done, nlmsg_error = 1, 0x300, 3, 2
+    out: set[tuple[int, int]] = set()
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_sock_diag) as s:
+            s.settimeout(2.0)
+            for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+                # inet_diag_req_v2: family, protocol, ext, pad, states; then an empty inet_diag_sockid
+                req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << tcp_listen) + bytes(48)
+                s.send(struct.pack("=IHHII", 16 + len(req), sock_diag_by_family, nlm_f_request | nlm_f_dump,
+                                   seq, 0) + req)
+                done = False
+                while not done:
+                    buf = s.recv(1 << 16)
+                    if not buf:
+                        return None
+                    off = 0
+                    while off + 16 <= len(buf):
+                        length, kind = struct.unpack_from("=IH", buf, off)
+                        if length < 16:
+                            return None
+                        if kind == nlmsg_done:
+                            done = True
+                            break
+                        if kind == nlmsg_error:
+                            return None
+                        # inet_diag_msg: family, state, timer, retrans, sockid (sport big-endian first, 48
+                        # bytes), expires, rqueue, wqueue, uid, inode
+                        body = off + 16
+                        if length >= 16 + 72 and buf[body + 1] == tcp_listen:
+                            port = struct.unpack_from(">H", buf, body + 4)[0]
+                            inode = struct.unpack_from("=I", buf, body + 68)[0]
+                            out.add((port, inode))
+                        off += (length + 3) & ~3
+    except (OSError, struct.error, ValueError):
+        return None
+    return out
+
+
+def proc_listeners(ranges: Sequence[tuple[int, int]], paths: Sequence[str] = PROC_NET_TCP
+                   ) -> frozenset[tuple[int, int]] | None:
+    """The same from /proc/net/tcp{,6}: every socket of the namespace, one line each."""
     found = set()
     read_any = False
     for path in paths:

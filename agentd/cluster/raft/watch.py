@@ -53,6 +53,7 @@ FEED_KEEP = 4096  # committed entries a voter keeps for watchers that resume
 # Seconds between leader events on an idle stream: a keepalive (a change of leader or term is sent at once).
 # At 2,048 watchers a one-second beat was most of the voters' work.
 LEADER_EVERY = 10.0
+SNAPSHOT_REUSE = 2.0  # seconds a voter serves new watchers one snapshot (and the entries after it)
 RETRY_MAX = 3.0  # seconds at most between rounds of a watcher that no voter would serve
 
 
@@ -156,8 +157,9 @@ class WatchFeed:
         try:
             next_index = req.from_index
             if next_index == 0 or (next_index <= voter.last_applied and self._entry(next_index) is None):
-                next_index = self._snapshot_point(voter)
-                yield self._snapshot_event(voter, sm)
+                data, at = self._snapshot_event(voter, sm, clock)
+                next_index = at + 1
+                yield data
             sent_leader = None
             sent_beat = -1
             while True:
@@ -165,8 +167,9 @@ class WatchFeed:
                 while next_index <= voter.last_applied:
                     data = self._event(next_index)
                     if data is None:  # fell out of the window while this watcher was slow: start it over
-                        next_index = self._snapshot_point(voter)
-                        yield self._snapshot_event(voter, sm)
+                        data, at = self._snapshot_event(voter, sm, clock)
+                        next_index = at + 1
+                        yield data
                         continue
                     yield data
                     next_index += 1
@@ -195,23 +198,23 @@ class WatchFeed:
         return data
 
     _leader_cache: tuple[tuple, bytes] | None = None
-    _snapshot_cache: tuple[tuple[int, int], bytes] | None = None
+    _snapshot_cache: tuple[int, float, bytes] | None = None  # (index, when taken, the serialised event)
 
-    def _snapshot_event(self, voter: VoterView, sm: Applier) -> bytes:
-        """A snapshot of the state machine at the voter's last applied index, serialised once for every stream
-        that starts from it (watchers join in waves: a snapshot each was quadratic in the fleet's size)."""
-        key = (voter.last_applied, sm.last_term)
+    def _snapshot_event(self, voter: VoterView, sm: Applier, clock: Callable[[], float]) -> tuple[bytes, int]:
+        """A snapshot event and its index, shared by every stream that starts within SNAPSHOT_REUSE seconds
+        while the window still holds the entries after it (each stream then sends those entries): watchers
+        join in waves, each join an entry, and a snapshot per watcher (the whole state, each time larger) was
+        quadratic in the fleet's size - the voters stalled at 1,024 joining watchers."""
         cached = self._snapshot_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        data = pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=voter.last_applied, term=sm.last_term,
+        now = clock()
+        if cached is not None and (cached[0] == voter.last_applied or (
+                0.0 <= now - cached[1] < SNAPSHOT_REUSE and self._entry(cached[0] + 1) is not None)):
+            return cached[2], cached[0]
+        index = voter.last_applied
+        data = pb.RaftWatchEvent(snapshot=pb.RaftWatchSnapshot(index=index, term=sm.last_term,
                                                                data=sm.snapshot())).SerializeToString()
-        self._snapshot_cache = (key, data)
-        return data
-
-    @staticmethod
-    def _snapshot_point(voter: VoterView) -> int:
-        return voter.last_applied + 1
+        self._snapshot_cache = (index, now, data)
+        return data, index
 
 
 class Watcher:
