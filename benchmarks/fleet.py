@@ -446,6 +446,7 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             print(json.dumps(row), flush=True)  # what is measured so far, should a later step fail
             up = [n.name for n in nodes if n.state == "up" and n.name.startswith("sim-")]
             row.update(commit_to_watcher(c, out, up, spawns, model))
+            print(json.dumps(row), flush=True)
         if kill_leader and hosts:
             leader = leader_of(c)
             survivors = [psutil.Process(a.proc.pid) for n, a in c.agents.items() if n != leader]
@@ -454,7 +455,12 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             c.kill(leader, signal.SIGKILL)
             sampler = _CpuSampler(survivors, peak)
             sampler.start()
-            new = c.wait_for_leader(30, not_=leader)[0]
+            try:
+                new = c.wait_for_leader(60, not_=leader)[0]
+            except AgentdError as exc:
+                sampler.stop()
+                row["failover"] = f"no new leader: {exc}"
+                return row
             with c.agents[new].client(timeout=10) as client:
                 commit = client.status().commit_index
             while True:
