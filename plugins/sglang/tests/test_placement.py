@@ -30,7 +30,7 @@ from agentd.types import (
 )
 from tests.scenarios.build import GiB, MiB, booked, cluster, host, model, spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 HF = ROOT / "tests" / "fixtures" / "hf"
 MODELS = ROOT / "tests" / "scenarios" / "models"
 SEED = ROOT / "examples" / "clusters" / "a100-one-busy-gpu.json"

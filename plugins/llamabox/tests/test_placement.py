@@ -29,7 +29,7 @@ from tests.scenarios.build import (
     spec,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SEED = ROOT / "examples" / "clusters" / "gpustack-deepseek-r1.json"
 
 

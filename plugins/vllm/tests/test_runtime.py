@@ -29,7 +29,7 @@ from agentd.runtime.standalone import kill_recorded
 from agentd.testing.localcluster import free_port
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 VENV = ROOT / ".venv-vllm"
 VLLM = VENV / "bin" / "vllm"
 

@@ -24,7 +24,7 @@ from agentd.plugins.api import LaunchContext
 from agentd.types import Assignment, PartEndpoint
 from tests.scenarios.build import cluster, host, spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 PYTHON = ROOT / ".venv-sglang" / "bin" / "python"
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
