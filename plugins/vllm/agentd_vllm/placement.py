@@ -16,7 +16,7 @@ Memory per GPU (docs/placement.md has the derivation):
 
     per_gpu = weights_of_largest_stage / TP
             + KV cache of one max_model_len sequence for that stage's layers, per GPU
-              (kvcache.py: vLLM's own arithmetic, checked against vLLM by tests/test_vllm_oracle.py)
+              (kvcache.py: vLLM's own arithmetic, checked against vLLM by plugins/vllm/tests/test_vllm_oracle.py)
             + activation peak (profiling batch) + sampler logits
             + fixed overhead (CUDA context, cuBLAS/NCCL workspaces, CUDA graphs)
 

@@ -15,7 +15,7 @@ The default run checks agentd against the committed figures
 (tests/fixtures/vllm_kv_oracle.json, keyed by the vLLM version); the vllm tier
 recomputes them with the installed vLLM and requires the same figures (skips
 without `.venv-vllm`, fails with CI=true). Regenerate after a vLLM upgrade:
-`AGENTD_VLLM_ORACLE_WRITE=1 .venv/bin/pytest -m vllm tests/test_vllm_oracle.py`.
+`AGENTD_VLLM_ORACLE_WRITE=1 .venv/bin/pytest -m vllm plugins/vllm/tests/test_vllm_oracle.py`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from agentd.modelinfo import inspect_model
 from agentd.plugins.api import Layout, Sharded, TensorParallelDivisibility
 from agentd.types import DeploymentSpec, RuntimeOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 HF = ROOT / "tests" / "fixtures" / "hf"
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm_kv_oracle.json"
 PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

@@ -19,7 +19,7 @@ from agentd.placement import Sharded, place
 from agentd.types import ClusterInventory, GpuPin
 from tests.scenarios.build import GiB, assert_vllm_rules, builtin_plugins, cluster, gpu, host, model, spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 HF = ROOT / "tests" / "fixtures" / "hf"
 MODELS = ROOT / "tests" / "scenarios" / "models"
 SEED = ROOT / "examples" / "clusters" / "a100-one-busy-gpu.json"
