@@ -14,6 +14,7 @@ from agentd_vllm import process as vl
 from agentd.config import load_settings
 from agentd.errors import InvalidInput
 from agentd.plugins import PluginManager
+from agentd.plugins.api import Endpoint
 from agentd.runtime import HttpProbe, LaunchContext, ProbeResult, TcpProbe
 from agentd.runtime.ports import PortAllocator
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
@@ -191,12 +192,16 @@ def test_vllm_multi_host_runs_ray_with_explicit_ports_outside_the_ephemeral_rang
     assert ("--head" in head_spec.argv and "--port" in head_spec.argv
             and head_spec.argv[head_spec.argv.index("--port") + 1] == str(head_port))
     assert worker.argv[worker.argv.index("--address") + 1] == f"10.1.0.1:{head_port}"
-    assert worker.wait_for == (head_spec.listen,) and serve.wait_for == (head_spec.listen,)
+    # vllm serve waits for the head and for every worker's raylet, which listens on the worker part's endpoint.
+    assert worker.wait_for == (head_spec.listen,) and worker.listen == Endpoint(host="10.1.0.2", port=40101)
+    assert serve.wait_for == (head_spec.listen, worker.listen)
+    assert worker.argv[worker.argv.index("--node-manager-port") + 1] == "40101" and worker.listen in worker.ports
     assert serve.argv[-2:] == ("--distributed-executor-backend", "ray")
     assert serve.env["RAY_ADDRESS"] == f"10.1.0.1:{head_port}" and serve.env["VLLM_HOST_IP"] == "10.1.0.1"
     for spec in (head_spec, worker):
         flags = dict(itertools.pairwise(spec.argv))
-        ports = [int(flags[f]) for f in ("--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+        own = ("--node-manager-port",) if spec is head_spec else ()  # a worker's is its part's endpoint (above)
+        ports = [int(flags[f]) for f in (*own, "--object-manager-port", "--runtime-env-agent-port",
                                          "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port",
                                          "--metrics-export-port", "--min-worker-port", "--max-worker-port")]
         assert all(41000 <= p <= 41999 for p in ports)  # the kernel's ephemeral range starts at 32768 by default,

@@ -4,9 +4,11 @@ Single host: one `vllm serve MODEL` with the plan's tensor/pipeline sizes,
 CUDA_VISIBLE_DEVICES from the plan, listening on the main endpoint.
 
 Several hosts: a Ray head (`ray start --head --block`) on the main host, a
-Ray worker (`ray start --address HEAD --block`) on every other host, then
-`vllm serve ... --distributed-executor-backend ray` on the main host once its
-head accepts connections. Every port Ray opens is given explicitly from
+Ray worker (`ray start --address HEAD --block`) on every other host, its
+raylet listening on the part's own endpoint, then `vllm serve ...
+--distributed-executor-backend ray` on the main host once the head and every
+worker's raylet accept connections (started earlier, vLLM competes with the
+workers' start for the CPU and finds an incomplete cluster). Every port Ray opens is given explicitly from
 `ray_port_range`, because Ray's defaults (and its random worker ports) land
 in or near the kernel's ephemeral range and collide with outgoing
 connections. The head's GCS port must be known on every host without a
@@ -237,8 +239,12 @@ def _ray_node_ports(ctx: LaunchContext, head_port: int) -> dict[str, int]:
 
 
 def ray_argv(ctx: LaunchContext, a: Assignment, part: Part, address: str, head: Endpoint,
-             is_head: bool) -> tuple[list[str], tuple[Endpoint, ...]]:
+             is_head: bool, worker_port: int = 0) -> tuple[list[str], tuple[Endpoint, ...]]:
     ports = _ray_node_ports(ctx, head.port)
+    if not is_head:
+        # A worker's raylet listens on the part's own endpoint, which every host knows from the assignment, so
+        # that `vllm serve` on the main host starts only once every worker node is up (not while they start).
+        ports["node-manager"] = worker_port
     argv = [ray_binary(ctx), "start", "--block", "--disable-usage-stats", "--node-ip-address", address,
             "--num-gpus", str(len(part.gpus)), "--temp-dir", str(ray_temp_dir(ctx.work_dir))]
     if is_head:
@@ -280,19 +286,23 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     head = Endpoint(host=main_ep.address, port=ray_head_port(a.instance_id, ctx.settings.ray_port_range))
     ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env(a, ctx.work_dir))
     if part.role == "worker":
-        argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=False)
+        argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=False, worker_port=ep.port)
+        node = Endpoint(host=ep.address, port=ep.port)
         return [ProcessSpec(name=f"ray-worker-{part_index}", argv=tuple(argv), env=ray_env, part_index=part_index,
-                            role="worker", cwd=str(ctx.work_dir), ports=bound, wait_for=(head,), gpus=gpus)]
+                            role="worker", cwd=str(ctx.work_dir), listen=node, ports=bound,
+                            ready=TcpProbe(host=node.host, port=node.port), wait_for=(head,), gpus=gpus)]
     argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=True)
     head_spec = ProcessSpec(name="ray-head", argv=tuple(argv), env=ray_env, part_index=part_index, role="main",
                             cwd=str(ctx.work_dir), listen=head, ports=bound,
                             ready=TcpProbe(host=head.host, port=head.port), gpus=gpus)
     serve_env = dict(ray_env, RAY_ADDRESS=str(head), VLLM_HOST_IP=ep.address, **serve_key)
+    workers = tuple(Endpoint(host=e.address, port=e.port) for i, e in enumerate(a.endpoints)
+                    if a.plan.parts[i].role == "worker" and a.plan.parts[i].host != part.host)
     serve = ProcessSpec(
         name="main", argv=tuple(serve_argv(a, vllm_binary(ctx), ep.address, ep.port)), env=serve_env,
         part_index=part_index, role="main", cwd=str(ctx.work_dir), listen=Endpoint(host=ep.address, port=ep.port),
         ports=(Endpoint(host=ep.address, port=ep.port),), ready=HttpProbe(host=ep.address, port=ep.port),
-        wait_for=(head,), gpus=gpus)
+        wait_for=(head, *workers), gpus=gpus)
     return [head_spec, serve]
 
 
