@@ -56,41 +56,40 @@ def test_listeners_in_the_ranges_are_reported_unless_agentd_owns_them():
             s.close()
 
 
-def test_owners_are_looked_up_again_only_when_the_listeners_change(monkeypatch):
-    """The owners' scan (every process's fd links) runs once per set of listeners in the ranges: a voter of
-    a large fleet holds thousands of sockets (issue 16). A new or closed listener is still seen at once."""
+def test_owners_are_looked_up_only_for_new_listeners(monkeypatch):
+    """Finding a socket's process reads fd links: a voter of a large fleet holds thousands of sockets (issue 16).
+    Only a listener not seen at the last call has its owner looked up; a closed one is gone at once."""
     from agentd.inventory import ports
 
-    scans = []
-    real = ports.psutil.net_connections
+    looked_up: list[set[int]] = []
+    real = ports.socket_owners
 
-    def counted(kind: str):
-        scans.append(kind)
-        return real(kind=kind)
+    def counted(inodes: set[int], proc: str = "/proc") -> dict[int, int]:
+        looked_up.append(set(inodes))
+        return real(inodes, proc)
 
+    monkeypatch.setattr(ports, "_last", None)
+    monkeypatch.setattr(ports, "socket_owners", counted)
     a = _listener()
     try:
-        pa = a.getsockname()[1]
-        assert (pa, os.fstat(a.fileno()).st_ino) in ports.listening_sockets([(pa, pa)])
-        # Only the default `connections` (psutil's) is cached: count its scans by replacing it everywhere.
-        monkeypatch.setattr(ports, "_last", None)
-        monkeypatch.setattr(ports.psutil, "net_connections", counted)
-        monkeypatch.setattr(ports.foreign_listeners, "__defaults__", (counted,))
+        pa, ia = a.getsockname()[1], os.fstat(a.fileno()).st_ino
+        assert (pa, ia) in ports.listening_sockets([(pa, pa)])
         assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == (pa,)
-        assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == (pa,)
-        assert ports.foreign_listeners([(pa, pa)], lambda pid: pid == os.getpid()) == ()  # owners kept, not ownership
-        assert len(scans) == 1
+        assert ports.foreign_listeners([(pa, pa)], lambda pid: pid == os.getpid()) == ()  # ours: owner known
+        assert looked_up == [{ia}]
         b = _listener()
         try:
-            pb = b.getsockname()[1]
+            pb, ib = b.getsockname()[1], os.fstat(b.fileno()).st_ino
             assert ports.foreign_listeners([(pa, pa), (pb, pb)], lambda pid: False) == tuple(sorted((pa, pb)))
-            assert len(scans) == 2
+            assert ports.foreign_listeners([(pa, pa), (pb, pb)], lambda pid: pid == os.getpid()) == ()
+            assert looked_up == [{ia}, {ib}]  # only the new one
         finally:
             b.close()
     finally:
         a.close()
-    assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == ()  # closed: nothing listens, no scan
-    assert len(scans) == 2
+    assert ports.foreign_listeners([(pa, pa)], lambda pid: False) == ()  # closed: nothing listens
+    assert len(looked_up) == 2
+    assert real({ia}) == {}  # a closed socket has no owner
 
 
 def test_the_kernel_names_the_same_listeners_over_netlink_as_in_proc():

@@ -9,14 +9,15 @@ only at spawn time is repaired by the coordinator with new ports (docs/runtime.m
 Finding the process behind a socket means reading the fd links of every
 process (psutil.net_connections): a voter of a fleet of 2,048 hosts holds
 thousands of sockets, and that scan was half its CPU (issue 16). The listeners
-in the ranges are read first from /proc/net/tcp{,6} (port and socket inode,
-cheap); the owners are looked up again only when that set changed since the
-last refresh.
+in the ranges come from the kernel (netlink sock_diag, listeners only; else
+/proc/net/tcp{,6}) as (port, socket inode), and only a listener not seen at
+the last refresh has its owner looked up, newest process first.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -31,9 +32,9 @@ log = logging.getLogger("agentd.inventory")
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
 
-# The listeners of the last scan of the socket owners: (the (port, inode) set they were read for,
-# the (port, pid) pairs found). One refresher thread calls this; the lock is for tests that call it too.
-_last: tuple[frozenset[tuple[int, int]], tuple[tuple[int, int | None], ...]] | None = None
+# The listeners of the last call and their owners: ((port, inode) set, (((port, inode), pid or None), ...)).
+# One refresher thread calls this; the lock is for tests that call it too.
+_last: tuple[frozenset[tuple[int, int]], tuple[tuple[tuple[int, int], int | None], ...]] | None = None
 _lock = threading.Lock()
 
 
@@ -124,18 +125,48 @@ def proc_listeners(ranges: Sequence[tuple[int, int]], paths: Sequence[str] = PRO
     return frozenset(found) if read_any else None
 
 
+def socket_owners(inodes: set[int], proc: str = "/proc") -> dict[int, int]:
+    """inode -> pid of the processes holding these sockets, newest process first (a new listener is mostly a
+    new process's), stopping once every one is found; an inode of a process we may not read is left out."""
+    want = {f"socket:[{i}]": i for i in inodes}
+    found: dict[int, int] = {}
+    try:
+        pids = sorted((int(n) for n in os.listdir(proc) if n.isdigit()), reverse=True)
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            try:
+                inode = want.get(os.readlink(f"{proc}/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if inode is not None and inode not in found:
+                found[inode] = pid
+                if len(found) == len(want):
+                    return found
+    return found
+
+
 def foreign_listeners(ranges: Sequence[tuple[int, int]], is_owned: Callable[[int], bool],
                       connections: Callable[..., Iterable[Any]] = psutil.net_connections) -> tuple[int, ...]:
     """Sorted TCP ports in `ranges` with a listener that is not agentd's (`is_owned(pid)` false, or no pid:
     a process of another user, whose pid the OS does not tell us). With the default `connections`, the
-    owners are looked up only when the listeners in the ranges changed since the last call."""
+    listeners come from the kernel's socket table and only a new listener's owner is looked up
+    (`socket_owners`); psutil's scan of every connection is the fallback."""
     global _last
     with _lock:
         rows = listening_sockets(ranges) if connections is psutil.net_connections else None
-        if rows is not None and not rows:
-            return ()  # nothing listens in the ranges: no owner to look up
-        if rows is not None and _last is not None and _last[0] == rows:
-            listeners = _last[1]
+        if rows is not None:
+            known = dict(_last[1]) if _last is not None else {}
+            new = {key[1] for key in rows if key not in known}
+            owners = socket_owners(new) if new else {}
+            current = {key: known[key] if key in known else owners.get(key[1]) for key in rows}
+            _last = (rows, tuple(current.items()))
+            listeners = tuple((port, pid) for (port, _), pid in current.items())
         else:
             try:
                 conns = list(connections(kind="tcp"))
@@ -145,6 +176,4 @@ def foreign_listeners(ranges: Sequence[tuple[int, int]], is_owned: Callable[[int
                 return ()
             listeners = tuple((c.laddr.port, c.pid) for c in conns
                               if c.status == psutil.CONN_LISTEN and c.laddr and _in(c.laddr.port, ranges))
-            if rows is not None:
-                _last = (rows, listeners)
     return tuple(sorted({port for port, pid in listeners if not (pid and is_owned(pid))}))
