@@ -47,22 +47,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _window(model: ModelInfo) -> int | None:
-    w = model.extra.get("sliding_window")
-    if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
-        w = None
-    return w or DEFAULT_WINDOW.get(str(model.extra.get("model_type", "")))
-
-
 def _model_window(model: ModelInfo) -> int | None:
-    """The model's sliding window, or None when no layer slides."""
+    """The model's sliding window, or None when no layer slides (the common case returns after two lookups:
+    placement estimates hundreds of shapes)."""
+    extra = model.extra
+    mt = extra.get("model_type")
+    w = extra.get("sliding_window")
+    if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+        w = DEFAULT_WINDOW.get(mt) if isinstance(mt, str) else None
+        if w is None:
+            return None
     if model.kv_cache.kind == "mla":
         return None
-    mt = str(model.extra.get("model_type", ""))
-    if model.extra.get("use_sliding_window") is False or (mt in _QWEN_TYPES and not model.extra.get(
-            "use_sliding_window")):
+    use = extra.get("use_sliding_window")
+    if use is False or (mt in _QWEN_TYPES and not use):
         return None
-    return _window(model)
+    return w
 
 
 def sliding_layers(model: ModelInfo) -> tuple[int | None, ...]:
