@@ -48,3 +48,5 @@ def test_spare_learners_of_a_release_that_can_watch_leave_one_at_a_time():
     assert seats.spare_learners(m, [], lambda n: False) == []  # agentd 0.1.0 learners cannot watch: they stay
     assert seats.spare_learners(ms("a b c", "d"), [], lambda n: True) == []  # the standby seat is kept
     assert seats.spare_learners(ms("a b", "d e"), ["d", "e"], lambda n: True) == []  # wanted as voters
+    # A learner the leader does not hear from goes before a newcomer (an invited watcher is not sent back).
+    assert seats.spare_learners(ms("a b c", "d z"), [], lambda n: True, active=lambda n: n != "z") == ["z"]

@@ -86,12 +86,15 @@ class Seats:
             return []
         return sorted(v for v in m.voters if v != me and silent.get(v, 0.0) > grace)
 
-    def spare_learners(self, m: Membership, wanted: Iterable[str], can_watch: Callable[[str], bool]) -> list[str]:
-        """Learners beyond the standby seats, of a release that can watch: at most one (one change at a time)."""
+    def spare_learners(self, m: Membership, wanted: Iterable[str], can_watch: Callable[[str], bool],
+                       active: Callable[[str], bool] = lambda member_id: True) -> list[str]:
+        """Learners beyond the standby seats, of a release that can watch: at most one (one change at a time),
+        one the leader does not hear from first (a watcher invited to stand by replaces a learner that went
+        quiet: removing the newcomer instead would invite it again, and so on)."""
         wanted = set(wanted)
         spare = [x.id for x in m.members if not x.voter and x.id not in wanted and can_watch(x.id)]
         extra = len(m.members) - len(m.voters) - self.standby_learners
-        return sorted(spare)[:max(0, min(extra, 1))]
+        return sorted(spare, key=lambda i: (active(i), i))[:max(0, min(extra, 1))]
 
 
 class RaftHost(Protocol):
@@ -297,6 +300,58 @@ class MembershipKeeper:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def keep_seat(self, lost: Callable[[pb.RaftJoinReply], Awaitable[None]]) -> None:
+        """On a learner: hearing no leader for three election timeouts, ask whether it still has a seat.
+
+        A leader that removes a learner to make it a watcher (`_learners_to_watchers`) stops replicating to
+        it once the removal commits, so the learner may never apply the entry that removes it: it would sit
+        in Raft's log of a membership it is no longer in, following no leader, forever (a 0.1.0 cluster of
+        nine hosts upgraded host by host did exactly that). Asked again with its log (`has_log`) and
+        `can_watch`, the leader answers "watch" to a host it holds no seat for, and `lost` turns this node into
+        a watcher with the state it has; a member is answered as before and nothing changes."""
+        node = self.node
+        lonely_since: float | None = None
+        while True:
+            await asyncio.sleep(max(node.options.heartbeat_interval * 5, 0.1))
+            core = node.core
+            if node.watcher is not None or core is None:
+                return
+            me = core.membership.get(node.id)  # None too while a new learner waits for its first snapshot
+            if (me is not None and me.voter) or node.leader_id or not node.options.can_watch or not node.cluster_id:
+                lonely_since = None
+                continue
+            now = node.clock()
+            if lonely_since is None:
+                lonely_since = now
+            if now - lonely_since < node.options.election_timeout_max * 3:
+                continue
+            lonely_since = now
+            reply = await self._ask_for_seat()
+            if reply is not None and reply.watcher:
+                log.info("no seat in Raft any more (the leader removed this learner to make room): watching",
+                         extra=fields(node=node.id, leader=reply.leader_id))
+                await lost(reply)
+                return
+
+    async def _ask_for_seat(self) -> pb.RaftJoinReply | None:
+        node = self.node
+        req = pb.RaftJoinRequest(node_id=node.id, address=node.address, has_log=True, can_watch=True,
+                                 agent_version=AGENT_VERSION, state_format=STATE_FORMAT)
+        targets = [m.address for m in node.core.membership.members if m.id != node.id] + node.join_addresses
+        asked: set[str] = set()
+        while targets:
+            address = targets.pop(0)
+            if not address or address in asked:
+                continue
+            asked.add(address)
+            try:
+                return await GrpcTransport.stub(node.channel(address)).Join(req, timeout=node.options.propose_timeout)
+            except grpc.aio.AioRpcError as exc:
+                leader = next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == LEADER_HINT), "")
+                if leader:
+                    targets.insert(0, leader)
+        return None
+
     # ------------------------------------------------------------ the leader's seat decisions
 
     async def reconcile_voters(self) -> None:
@@ -357,7 +412,9 @@ class MembershipKeeper:
     async def _learners_to_watchers(self, m: Membership, wanted: list[str]) -> None:
         """Learners beyond the standby ones, of a release that can watch, leave Raft and watch instead (a
         cluster of agentd 0.1.0 made every host a learner: this converts it during a rolling upgrade)."""
-        for member_id in self.seats.spare_learners(m, wanted, self.node.can_watch):
+        progress = self.node.core.progress
+        active = lambda i: i in progress and progress[i].recent_active  # noqa: E731
+        for member_id in self.seats.spare_learners(m, wanted, self.node.can_watch, active):
             try:
                 await self.change(ConfigChange("remove", member_id))
                 log.info("a learner leaves Raft to watch instead", extra=fields(node=self.node.id, member=member_id))

@@ -318,6 +318,7 @@ class RaftNode:
         self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
                        loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
                        loop.create_task(self.membership.reconcile_voters(), name=f"raft-voters-{self.id}")]
+        self._tasks.append(loop.create_task(self.membership.keep_seat(self._seat_lost), name=f"raft-seat-{self.id}"))
         if self.core.membership.voters == (self.id,):
             self.core.campaign()  # a single voter need not wait for an election timeout
         self._kick()
@@ -373,6 +374,11 @@ class RaftNode:
         change = LeaderChange(False, leader, term)
         for cb in list(self._subscribers):
             cb(change)
+
+    async def _seat_lost(self, reply: pb.RaftJoinReply) -> None:
+        """The leader says this learner holds no seat (its removal never reached it): watch, as on removal."""
+        if self.watcher is None and self.on_removed():
+            await self._convert_to_watcher()
 
     async def _convert_to_watcher(self) -> None:
         """A learner the leader removed to make room (only voters hold the log): keep the state, watch on."""
@@ -810,7 +816,8 @@ class RaftNode:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name=f"raft-loop-{self.id}"),
                        loop.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
-                       loop.create_task(self.membership.reconcile_voters(), name=f"raft-voters-{self.id}")]
+                       loop.create_task(self.membership.reconcile_voters(), name=f"raft-voters-{self.id}"),
+                       loop.create_task(self.membership.keep_seat(self._seat_lost), name=f"raft-seat-{self.id}")]
         log.info("a watcher joins Raft as a standby learner", extra=fields(node=self.id))
         wanted, self.options = self.options, dataclasses.replace(self.options, can_watch=False)
         try:
