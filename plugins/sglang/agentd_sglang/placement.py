@@ -13,6 +13,10 @@ proposes a layout SGLang would refuse:
   expert parallelism, `--attn-dp-size TP`, SGLang's recommended setup for them: each rank runs
   attention on its own requests (attention TP = TP / attn_dp_size = 1, so the heads rule is
   met by construction) and holds the attention weights whole;
+* for a MoE model whose weights are block-quantized (`quantization_config.weight_block_size`, e.g.
+  DeepSeek-V3/R1 FP8 with 128 x 128 blocks): the experts' intermediate size divides over the MoE TP
+  group (TP / EP), and each rank's slice is a multiple of the block's N, weight_block_size[0]
+  (check_quantized_moe_compatibility in srt/model_executor/model_runner_components/moe_ep_setup.py);
 * context length no longer than the model's.
 
 Memory (how SGLang books it, srt/arg_groups/memory_hook.py and mem_cache/kv_cache_configurator.py):
@@ -181,6 +185,50 @@ class WholeGpu(Constraint):
         return None
 
 
+def moe_block_alignment(model: ModelInfo) -> MoeBlockAlignment | None:
+    """The block-alignment rule for this model, or None where SGLang does not check it: a model without a
+    `moe_intermediate_size` in its config, or whose quantization config has no `weight_block_size`."""
+    size = model.extra.get("moe_intermediate_size")
+    qc = model.extra.get("quantization_config") or {}
+    block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+    if not isinstance(size, int) or size <= 0 or not block or not isinstance(block[0], int) or block[0] <= 0:
+        return None
+    return MoeBlockAlignment(model, size, block[0], str(qc.get("quant_method") or "block-quantized"))
+
+
+@dataclass(frozen=True)
+class MoeBlockAlignment(Constraint):
+    """SGLang's check_quantized_moe_compatibility (0.5.23): with block-quantized MoE weights it refuses to start
+    unless moe_intermediate_size % moe_tp == 0 and (moe_intermediate_size / moe_tp) % weight_block_size[0] == 0,
+    where moe_tp = TP / EP / moe_dp ("please make sure (moe_intermediate_size / moe_tp_size) %
+    weight_block_size_n == 0"). agentd passes --ep-size TP where the experts divide (moe_tp 1) and no EP
+    otherwise (moe_tp TP), and never --moe-dp-size (1). SGLang skips the check under SGLANG_SHARED_EXPERT_TP1
+    and on ROCm with aiter; agentd does not rely on either."""
+
+    model: ModelInfo
+    moe_intermediate_size: int
+    block_n: int
+    method: str = "fp8"
+    name = "MoeBlockAlignment"
+
+    def check_shape(self, shape) -> Rejection | None:
+        if not isinstance(shape, Sharded):
+            return None
+        ep = expert_parallel(self.model, shape.tp)
+        moe_tp = shape.tp // ep
+        size = self.moe_intermediate_size
+        if size % moe_tp == 0 and (size // moe_tp) % self.block_n == 0:
+            return None
+        per_rank = f"{size} / {moe_tp} = {size / moe_tp:g}"
+        experts = self.model.moe.num_experts if self.model.moe is not None else 0
+        return Rejection(
+            "layout", "rejected: the MoE experts' quantization blocks do not divide over the tensor parallel ranks",
+            f"moe_intermediate_size / MoE TP ({per_rank}) is not a multiple of the {self.method.upper()} block "
+            f"{self.block_n}; EP={ep} ({experts} experts{' do not' if ep == 1 else ''} divide over TP={shape.tp})",
+            {"shape": shape.label, "moe_intermediate_size": size, "moe_tp": moe_tp, "ep": ep,
+             "block_n": self.block_n}, where=shape.label, list_where=True)
+
+
 @dataclass(frozen=True)
 class AttentionHeads(Constraint):
     """SGLang's QKVParallelLinear over the attention TP group: heads % attention TP == 0, and KV heads % TP == 0
@@ -209,6 +257,7 @@ def agentd_constraints(runtime, model: ModelInfo, spec: DeploymentSpec):
         AttentionHeads(model),
         PipelineStages(model.num_hidden_layers, supported=model.architecture in PP_ARCHITECTURES,
                        why_unsupported=f"SGLang has no pipeline parallel for {model.architecture}"),
+        *filter(None, [moe_block_alignment(model)]),
     ]
 
 

@@ -69,8 +69,22 @@ def sglang_accepts(m, tp: int, pp: int) -> bool:
     heads, kv = m.num_attention_heads, m.num_key_value_heads
     if heads % tp or ((kv % tp) if tp <= kv else (tp % kv)):
         return False
+    if not sglang_moe_check_passes(m, tp):
+        return False
     return pp == 1 or (pp <= m.num_hidden_layers and m.architecture in (
         "LlamaForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM"))
+
+
+def sglang_moe_check_passes(m, tp: int) -> bool:
+    """check_quantized_moe_compatibility (srt/model_executor/model_runner_components/moe_ep_setup.py, 0.5.23),
+    with the --ep-size agentd passes (TP where the experts divide, else none) and no --moe-dp-size."""
+    block = (m.extra.get("quantization_config") or {}).get("weight_block_size")
+    size = m.extra.get("moe_intermediate_size")
+    if block is None or size is None:
+        return True
+    ep = tp if m.moe is not None and m.moe.num_experts % tp == 0 else 1
+    moe_tp = tp // ep // 1
+    return size % moe_tp == 0 and (size // moe_tp) % block[0] == 0
 
 
 def _accepted(m, tp: int, pp: int = 1) -> bool:
@@ -199,6 +213,53 @@ def test_moe_gets_expert_parallel_where_the_experts_divide(plugins):
     assert "--ep-size" in rp.args and rp.args[rp.args.index("--ep-size") + 1] == str(rp.tensor_parallel)
     assert sg.expert_parallel(m, 8) == 8 and sg.expert_parallel(m, 3) == 1
     assert sg.expert_parallel(_model("Llama-3.1-8B-Instruct"), 4) == 1  # dense: no EP
+
+
+def fp8_block_moe(arch: str = "Qwen2MoeForCausalLM", moe_intermediate_size: int = 1408, experts: int = 60,
+                  block: int = 128, **kw):
+    """Qwen1.5-MoE-A2.7B's shape (16 heads, 60 experts of intermediate size 1408) with DeepSeek-V3's FP8 blocks."""
+    from agentd.types import MoE, Quantization
+
+    kw.setdefault("layers", 24)
+    return model(heads=16, kv_heads=16, hidden=2048, arch=arch, quant=Quantization(method="fp8", bits=8),
+                 **kw).model_copy(update={
+        "moe": MoE(num_experts=experts, experts_per_token=4),
+        "extra": {"moe_intermediate_size": moe_intermediate_size,
+                  "quantization_config": {"quant_method": "fp8", "weight_block_size": [block, block]}}})
+
+
+def test_block_quantized_moe_experts_must_split_into_whole_blocks_like_sglang():
+    m = fp8_block_moe()
+    for tp in (1, 2, 3, 4, 6, 8, 16):
+        assert _accepted(m, tp) == sglang_accepts(m, tp, 1), tp
+    # TP=4: 60 experts divide, EP=4, each rank holds whole experts. TP=8: they do not, so every expert is split
+    # over 8 ranks: 1408 / 8 = 176 is not a multiple of 128, and SGLang refuses to start.
+    assert _accepted(m, 4) and not _accepted(m, 8)
+    r = sg.moe_block_alignment(m).check_shape(Sharded(8))
+    assert r.reason == "rejected: the MoE experts' quantization blocks do not divide over the tensor parallel ranks"
+    assert r.detail == ("moe_intermediate_size / MoE TP (1408 / 8 = 176) is not a multiple of the FP8 block 128; "
+                        "EP=1 (60 experts do not divide over TP=8)")
+    # Not block-quantized, or dense: SGLang does not check, and neither does agentd.
+    assert sg.moe_block_alignment(m.model_copy(update={"extra": {"moe_intermediate_size": 1408}})) is None
+    assert sg.moe_block_alignment(_model("Llama-3.1-8B-Instruct")) is None
+    assert sg.moe_block_alignment(_model("Mixtral-8x7B-Instruct-v0.1")) is None  # no moe_intermediate_size
+    assert sg.moe_block_alignment(_model("DeepSeek-R1")).block_n == 128
+
+
+def test_an_fp8_moe_that_needs_eight_gpus_is_explained_not_launched(plugins):
+    # No pipeline parallel for this architecture, and more than 4 x 24 GiB needed: TP=8 is the only shape, and SGLang
+    # would refuse it.
+    m = fp8_block_moe(arch="Qwen2MoeForCausalLMNoPP", layer_bytes=int(1.7 * GiB))
+    plan = place(cluster(host("h", 8, total_gib=24)), m, sgl(name="moe", ctx=4096), plugins=plugins)
+    assert not plan.placed
+    assert ("1 layout rejected: the MoE experts' quantization blocks do not divide over the tensor parallel ranks "
+            "(moe_intermediate_size / MoE TP (1408 / 8 = 176) is not a multiple of the FP8 block 128; EP=1 "
+            "(60 experts do not divide over TP=8): TP=8)") in plan.diagnosis.message
+    # With pipeline parallel it runs in stages whose ranks hold whole experts instead (EP=TP=2, three stages).
+    pp = fp8_block_moe(layer_bytes=int(1.7 * GiB))
+    rp = place(cluster(host("h", 8, total_gib=24)), pp, sgl(name="moe", ctx=4096), plugins=plugins).replicas[0]
+    assert (rp.tensor_parallel, rp.pipeline_parallel) == (2, 3) and rp.args[4:6] == ("--ep-size", "2")
+    assert sglang_accepts(pp, rp.tensor_parallel, 1)
 
 
 # --------------------------------------------------------------------------- multi-node
