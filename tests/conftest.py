@@ -33,13 +33,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     )
 
 
+# Groups that run only when asked: marker -> the variable scripts/test sets to include them.
+OPT_IN_GROUPS = {"oracle": "AGENTD_ORACLE", "vllm_multihost": "AGENTD_VLLM_MULTIHOST"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The `oracle` group (tests/test_llamacpp_oracle.py: the whole llama.cpp projection grid, live) runs
-    only when asked: `-m oracle` (or any marker expression naming it), or AGENTD_ORACLE=1 as scripts/test
-    sets it."""
-    if os.environ.get("AGENTD_ORACLE") == "1" or "oracle" in (config.getoption("markexpr") or ""):
-        return
-    dropped = [i for i in items if i.get_closest_marker("oracle")]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = [i for i in items if not i.get_closest_marker("oracle")]
+    """The `oracle` group (tests/test_llamacpp_oracle.py: the whole llama.cpp projection grid, live) and the
+    `vllm_multihost` group (tests/test_vllm_multihost.py: Ray and vLLM across two addresses, GBs and minutes) run
+    only when asked: `-m oracle` (or any marker expression naming the group), or AGENTD_ORACLE=1 /
+    AGENTD_VLLM_MULTIHOST=1 as scripts/test sets them."""
+    markexpr = config.getoption("markexpr") or ""
+    for marker, var in OPT_IN_GROUPS.items():
+        if os.environ.get(var) == "1" or marker in markexpr:
+            continue
+        dropped = [i for i in items if i.get_closest_marker(marker)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if not i.get_closest_marker(marker)]
