@@ -432,6 +432,9 @@ class Part(Value):
     env: dict[str, str] = Field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
     # Model layers held by each of `gpus`, same order (llamabox: the --tensor-split counts of this part).
     layer_split: tuple[int, ...] = ()
+    # Bytes of the host's RAM this part holds (a llama.cpp main on a host without GPUs, an rpc-server
+    # serving such a host's RAM): placement subtracts them from the host's RAM for later deployments.
+    ram: int = Field(default=0, ge=0, exclude_if=_empty, json_schema_extra=_SINCE_2)
 
 
 class ReplicaPlan(Value):

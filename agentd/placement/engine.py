@@ -339,7 +339,7 @@ def place_one(req: Request, snap: Snapshot, strategy: Strategy | None = None,
             if not isinstance(demand, LayerDemand):
                 raise PluginError(f"agentd_estimate returned {type(demand).__name__} for {shape.label}, "
                                   "expected LayerDemand")
-            split = split or LayerSplitSearch(cands, strategy, limits.exact, pinned)
+            split = split or LayerSplitSearch(cands, strategy, limits.exact, pinned, ram=req.cpu_hosts)
             got = split.find(shape, demand, req.validate, score)
             if isinstance(got, Layout):
                 if whys is not None:
@@ -603,7 +603,7 @@ def replica_plan(req: Request, layout: Layout, why: str = "") -> ReplicaPlan:
     for i, p in enumerate(layout.parts):
         env = dict(params.env[i]) if i < len(params.env) else {}
         parts.append(Part(host=p.host, gpus=p.gpus, role=p.role, layers=p.layers, cpu_layers=p.cpu_layers,
-                          memory=p.memory, env=env, layer_split=p.layer_split))
+                          memory=p.memory, env=env, layer_split=p.layer_split, ram=p.ram))
     shape = layout.shape
     tp, pp = (shape.tp, shape.pp) if isinstance(shape, Sharded) else (1, 1)
     return ReplicaPlan(tensor_parallel=tp, pipeline_parallel=pp, parts=tuple(parts), args=tuple(params.args),

@@ -22,6 +22,14 @@ rpc fill did not touch reuses it as is. That keeps a candidate at O(GPUs
 per host) in the common case, and the whole search at about n log n in GPUs.
 Greedy largest-first minimises the rpc-server count when layers are of
 equal size; with uneven layers it is a good heuristic, not an optimum.
+
+Hosts without GPUs (candidates only when the runtime declares
+RuntimeInfo.host_memory and the deployment allows CPU offload: `ram`) offer
+their RAM as one rpc device each, after every GPU, in partial offload only
+(where the main server's own RAM is tried before them): a remote CPU is the
+last resort for layers, and a GPU-only fill never looks at them. Such a device
+books its bytes in the host's RAM (`PartLayout.ram`), as does a main server
+on a host without GPUs, so another deployment does not get the same RAM.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from agentd.placement.sharded import Candidates
 from agentd.placement.snapshot import GpuView, HostView
 from agentd.placement.strategy import Strategy
 from agentd.placement.units import gib
+from agentd.plugins.api import RAM_INDEX
 
 Validate = Callable[[Layout], Rejection | None]
 Score = Callable[[Layout], float]
@@ -61,8 +70,10 @@ class _MainFill:
 
 class LayerSplitSearch:
     def __init__(self, candidates: Candidates, strategy: Strategy, exact: tuple[tuple[str, int], ...] | None = None,
-                 pinned: dict[str, tuple[int, ...]] | None = None):
+                 pinned: dict[str, tuple[int, ...]] | None = None, ram: bool = False):
         self.candidates = candidates
+        self.ram = ram
+        self._ram_pool: list[GpuView] | None = None
         self.strategy = strategy
         self.exact = exact
         self.pinned = pinned or {}
@@ -98,6 +109,17 @@ class LayerSplitSearch:
             by_rank = sorted(range(len(self.candidates.hosts)), key=lambda i: rank[self.candidates.hosts[i][0].name])
             self._pool = _Pool([(r, self.orders[i]) for r, i in enumerate(by_rank)])
         return self._pool
+
+    @property
+    def ram_pool(self) -> list[GpuView]:
+        """One RAM device per candidate host without GPUs (`ram`), most RAM left first, then strategy order."""
+        if self._ram_pool is None:
+            rank = self._host_rank
+            views = [_ram_device(hv) for hv, gpus in self.candidates.hosts
+                     if self.ram and not hv.gpus and (hv.ram_available or 0) > 0]
+            views.sort(key=lambda g: (-g.free, rank[g.host]))
+            self._ram_pool = views
+        return self._ram_pool
 
     @property
     def _by_host(self) -> list[tuple[str, list[GpuView]]]:
@@ -248,7 +270,12 @@ class LayerSplitSearch:
         if done(hi):
             return (), hi, frozenset()
         seen: set[str] = set()
-        greedy, left = _walk(ctx, (g for g in self.pool if g.host != main_host), hi, done, seen, sorted_=True)
+        partial: list[Block] = []
+        greedy, left = _walk(ctx, (g for g in self.pool if g.host != main_host), hi, done, seen, sorted_=True,
+                             blocks=partial)
+        if greedy is None and not ctx.full and self.ram_pool:  # what no GPU holds: hosts' RAM (host_memory)
+            greedy, left = _walk(ctx, (g for g in self.ram_pool if g.host != main_host), left, done, seen,
+                                 sorted_=True, blocks=partial)
         if greedy is None:
             return None, left, frozenset(seen)
         grouped, _ = _walk(ctx, self._grouped(main_host), hi, done, seen, limit=len(greedy))
@@ -324,17 +351,16 @@ class LayerSplitSearch:
         else:
             mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if k == last else 0)
                         for k, (g, lo, hi) in enumerate(dev))
+        ram_needed = ctx.demand.ram_for(cpu_layers, pipeline=pipeline)
         main_part = PartLayout(
             hv.name, "main", tuple(g.index for g, _, _ in dev), mem,
             layers=sum(hi - lo for _, lo, hi in dev), layer_split=tuple(hi - lo for _, lo, hi in dev),
-            cpu_layers=cpu_layers)
-        rpc_parts = tuple(
-            PartLayout(g.host, "rpc", (g.index,), (ctx.prefix[hi] - ctx.prefix[lo] + ctx.d,), layers=hi - lo,
-                       layer_split=(hi - lo,))
-            for g, lo, hi in reversed(rpc))
+            cpu_layers=cpu_layers,
+            ram=0 if hv.gpus else ram_needed)  # without GPUs its layers are in RAM: booked like a device's
+        rpc_parts = tuple(_rpc_part(g, ctx.prefix[hi] - ctx.prefix[lo] + ctx.d, hi - lo) for g, lo, hi in reversed(rpc))
         facts = {**(facts or self._facts(ctx, [g for g, _, _ in main.blocks])),
                  "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0), "main_gpus": len(hv.gpus),
-                 "ram_needed": ctx.demand.ram_for(cpu_layers, pipeline=pipeline)}
+                 "ram_needed": ram_needed}
         return Layout(shape, (main_part, *rpc_parts), ctx.demand, facts)
 
 
@@ -367,6 +393,24 @@ class _Ctx:
         if hi <= self.floor or room < self.prefix[hi] - self.prefix[hi - 1]:
             return hi
         return bisect.bisect_left(self.prefix, self.prefix[hi] - room, self.floor, hi)
+
+
+def _ram_device(hv: HostView) -> GpuView:
+    """A host's RAM as one rpc device: a GpuView with index RAM_INDEX whose free memory is the RAM left."""
+    v = object.__new__(GpuView)
+    v.info = None  # type: ignore[assignment]
+    v.host = hv.name
+    v.index = RAM_INDEX
+    v.total = hv.info.memory_total
+    v.foreign = v.assigned = 0
+    v.free = hv.ram_available or 0
+    return v
+
+
+def _rpc_part(g: GpuView, mem: int, layers: int) -> PartLayout:
+    if g.index == RAM_INDEX:  # an rpc-server on the host's CPU backend: no GPUs, its bytes booked in RAM
+        return PartLayout(g.host, "rpc", (), (), layers=layers, layer_split=(layers,), ram=mem)
+    return PartLayout(g.host, "rpc", (g.index,), (mem,), layers=layers, layer_split=(layers,))
 
 
 def _ram_ok(ctx: _Ctx, hv: HostView, cpu_layers: int) -> bool:
@@ -473,9 +517,12 @@ def _fill_order(ctx: _Ctx, frees: tuple[int, ...], order: Iterable[int], out: in
 
 
 def _walk(ctx: _Ctx, gpus: Iterable[GpuView], hi: int, done: Callable[[int], bool], seen: set[str],
-          sorted_: bool = False, limit: int | None = None) -> tuple[list[Block] | None, int]:
-    """Give each GPU in turn the most remaining layers it holds; `seen` collects the hosts looked at."""
-    blocks: list[Block] = []
+          sorted_: bool = False, limit: int | None = None,
+          blocks: list[Block] | None = None) -> tuple[list[Block] | None, int]:
+    """Give each GPU in turn the most remaining layers it holds; `seen` collects the hosts looked at.
+    `blocks`, when given, is extended in place (a failed walk leaves what it placed there)."""
+    if blocks is None:
+        blocks = []
     skip_host = None
     for g in gpus:
         if g.host == skip_host:

@@ -13,6 +13,17 @@ and llama.cpp refuse to start when that memory is missing. So:
 Memory of a process agentd owns but no assignment names (an instance being
 stopped) is treated as released. A part that lists a GPU without planned
 memory (`Part.memory` empty) is taken to hold the whole GPU: unknown is full.
+
+Host RAM is booked the same way where a part serves from it (`Part.ram`: a
+llama.cpp main or rpc-server on a host without GPUs). The inventory does not
+say how much RAM agentd's own processes hold, so a host's RAM left is
+
+    ram_available = min(memory_available, memory_total - booked)
+
+which counts a booked part once whether it has started yet or not (other
+jobs' RAM is then only seen while nothing booked is missing from
+memory_available: an estimate on the generous side, documented in
+docs/placement.md).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agentd.placement.units import gib
+from agentd.plugins.api import RAM_INDEX
 from agentd.types import Assignment, ClusterInventory, GpuInfo, GpuProcess, HostInventory, ReplicaPlan
 
 
@@ -78,12 +90,13 @@ class GpuView:
 class HostView:
     """One host and its GPUs (by index). Immutable by convention."""
 
-    __slots__ = ("gpus", "info", "name", "used_fraction")
+    __slots__ = ("gpus", "info", "name", "ram_booked", "used_fraction")
 
-    def __init__(self, name: str, info: HostInventory, gpus: tuple[GpuView, ...]):
+    def __init__(self, name: str, info: HostInventory, gpus: tuple[GpuView, ...], ram_booked: int = 0):
         self.name = name
         self.info = info
         self.gpus = gpus
+        self.ram_booked = ram_booked
         total = free = 0
         for g in gpus:
             total += g.total
@@ -97,8 +110,14 @@ class HostView:
 
     @property
     def ram_available(self) -> int | None:
-        """Host RAM free for a llama.cpp main process, or None when the inventory does not report RAM."""
-        return self.info.memory_available if self.info.memory_total > 0 else None
+        """Host RAM free for a llama.cpp main process or a RAM rpc-server (less what parts already book),
+        or None when the inventory does not report RAM."""
+        info = self.info
+        if info.memory_total <= 0:
+            return None
+        if not self.ram_booked:
+            return info.memory_available
+        return max(0, min(info.memory_available, info.memory_total - self.ram_booked))
 
     def __repr__(self) -> str:
         return f"HostView({self.name}, {len(self.gpus)} GPUs)"
@@ -113,6 +132,7 @@ class _FreedHostView(HostView):
     def __init__(self, source: HostView):  # not HostView.__init__: that works the GPUs out now
         self.name = source.name
         self.info = source.info
+        self.ram_booked = source.ram_booked
         self._source = source
         self._freed: tuple[tuple[GpuView, ...], float] | None = None
 
@@ -161,7 +181,8 @@ class Snapshot:
             gpus = tuple(
                 GpuView(g.info, hv.name, g.assigned + reservations.get((hv.name, g.index), 0)) for g in hv.gpus
             )
-            hosts.append(HostView(hv.name, hv.info, gpus))
+            ram = hv.ram_booked + reservations.get((hv.name, RAM_INDEX), 0)
+            hosts.append(HostView(hv.name, hv.info, gpus, ram))
         return Snapshot(tuple(hosts))
 
 
@@ -208,6 +229,7 @@ def _host_view(h: HostInventory, assigned: Mapping[int, int] | None) -> HostView
     hv.name = name
     hv.info = h
     hv.gpus = tuple(views)
+    hv.ram_booked = assigned.get(RAM_INDEX, 0) if assigned else 0
     hv.used_fraction = 1.0 - free_sum / total_sum if total_sum else 1.0
     return hv
 
@@ -263,6 +285,9 @@ def _assigned_memory(
             host = hosts.get(part.host)
             if host is None:  # a host that left the cluster holds nothing here
                 continue
+            ram = part.ram
+            if ram:
+                out[(part.host, RAM_INDEX)] = out.get((part.host, RAM_INDEX), 0) + ram
             for i, index in enumerate(part.gpus):
                 gpu = next((g for g in host.gpus if g.index == index), None)
                 if gpu is None:

@@ -283,6 +283,8 @@ Demand = ShardDemand | LayerDemand
 
 
 Role = Literal["main", "worker", "rpc"]
+# The "GPU index" under which Layout.reservations and Snapshot.reserve carry a host's booked RAM.
+RAM_INDEX = -1
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,9 @@ class PartLayout:
     layers: int = 0
     layer_split: tuple[int, ...] = ()  # layers on each of `gpus`
     cpu_layers: int | None = None
+    # Bytes booked in the host's RAM: a main server's layers on a host without GPUs, or an rpc-server
+    # serving that RAM as its device (RuntimeInfo.host_memory). 0 elsewhere (RAM is not booked there).
+    ram: int = 0
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,8 @@ class Layout:
         for p in self.parts:
             for index, mem in zip(p.gpus, p.memory, strict=True):
                 out[(p.host, index)] = out.get((p.host, index), 0) + mem
+            if p.ram:
+                out[(p.host, RAM_INDEX)] = out.get((p.host, RAM_INDEX), 0) + p.ram
         return out
 
 

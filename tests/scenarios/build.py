@@ -107,6 +107,15 @@ def assert_no_overcommit(plan: Plan, c: ClusterInventory, existing=()) -> None:
     for key, mem in booked(plan).items():
         assert key in free, f"plan uses unknown GPU {key}"
         assert mem <= free[key], f"GPU {key} over-committed: {mem} > {free[key]}"
+    # Host RAM booked by parts that serve from it (Part.ram): never more than the host has left.
+    ram_left = {hv.name: hv.ram_available for hv in Snapshot.build(c, existing).hosts}
+    ram: dict[str, int] = defaultdict(int)
+    for rp in plan.replicas:
+        for p in rp.parts:
+            ram[p.host] += p.ram
+    for name, need in ram.items():
+        if need:
+            assert ram_left[name] is not None and need <= ram_left[name], f"RAM of {name} over-committed"
 
 
 def assert_vllm_rules(plan: Plan, m: ModelInfo, s: DeploymentSpec, c: ClusterInventory, existing=()) -> None:
@@ -146,7 +155,10 @@ def assert_llamabox_rules(plan: Plan, m: ModelInfo, s: DeploymentSpec, c: Cluste
             assert main.layers >= 1 and main.gpus, "the main server must hold a layer on its own GPUs"
         else:  # a host without GPUs, allowed for a CPU deployment: its RAM is its device
             assert s.options.allow_cpu_offload and not main.gpus and main.cpu_layers >= 1
-        assert all(len(p.gpus) == 1 and p.layers >= 1 for p in rp.parts[1:])
+        # an rpc-server serves one GPU, or the RAM of a host without GPUs (booked in Part.ram)
+        assert all((len(p.gpus) == 1 or (not p.gpus and p.ram > 0 and not hosts[p.host].gpus
+                                          and s.options.allow_cpu_offload)) and p.layers >= 1
+                   for p in rp.parts[1:])
         assert sum(p.layers for p in rp.parts) + (main.cpu_layers or 0) == L
         assert all(sum(p.layer_split) == p.layers for p in rp.parts)
         if not s.options.allow_cpu_offload:
