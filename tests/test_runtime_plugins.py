@@ -106,6 +106,24 @@ def test_simulated_gpus_keep_the_main_share_in_ram(tmp_path, model, bins):
     assert spec.argv[spec.argv.index("-ngl") + 1] == "0" and "--tensor-split" not in spec.argv
 
 
+def test_an_rpc_server_without_gpus_runs_the_cpu_backend_on_its_hosts_ram(tmp_path, model, bins):
+    """Issue 17 item 4: a CPU-only main and an rpc part serving another CPU-only host's RAM (Part.ram)."""
+    parts = [Part(host="a", role="main", gpus=(), layers=0, cpu_layers=5, ram=3 << 30,
+                  env={"CUDA_VISIBLE_DEVICES": ""}),
+             Part(host="b", role="rpc", gpus=(), layers=3, layer_split=(3,), ram=2 << 30,
+                  env={"CUDA_VISIBLE_DEVICES": ""})]
+    a = llama(model, parts, [1, 2], args=("--n-gpu-layers", "3"))
+    [main] = lb.agentd_launch(a, 0, ctx(tmp_path, **bins))
+    argv = main.argv
+    # One device (the rpc-server) holds 3 layers and the output slot; the output weight stays in RAM.
+    assert argv[argv.index("-ngl") + 1] == "4" and "--tensor-split" not in argv
+    assert argv[argv.index("--override-tensor") + 1] == r"^(output|token_embd)\.weight$=CPU"
+    [rpc] = lb.agentd_launch(a, 1, ctx(tmp_path, node="b", **bins))
+    assert rpc.argv[:5] == ("/opt/llama/ggml-rpc-server", "-H", "10.0.0.2", "-p", "2")
+    assert rpc.argv[5:7] == ("-d", "CPU") and rpc.argv[7] == "-t" and int(rpc.argv[8]) >= 1
+    assert rpc.env == {"CUDA_VISIBLE_DEVICES": ""} and rpc.gpus == ()  # no GPU list: ggml's CPU backend only
+
+
 def test_llama_box_binaries_get_their_own_flags_and_counting(tmp_path, model):
     s = {"llama_server_binary": "/opt/llama-box", "rpc_server_binary": "/opt/llama-box-rpc"}
     parts = [Part(host="a", role="main", gpus=(0,), layers=10, cpu_layers=20, layer_split=(10,)),

@@ -38,6 +38,11 @@ How a plan becomes a command line, and why:
   mode), given through `--api-key-file` in the instance's work directory
   (0600) rather than `--api-key`, which any local user could read in `ps`.
   `/health` stays public, so readiness probes need no key.
+* **rpc-servers without GPUs.** An rpc part with no GPUs serves the RAM of a
+  host without GPUs (placement booked it in `Part.ram`): ggml-rpc-server
+  runs its CPU backend (`-d CPU`, every core with `-t`) and the main's
+  `--tensor-split` counts it as one device. llama-box's rpc-server is
+  started as before.
 * RPC servers must accept connections before the main server starts (it
   aborts with "Failed to connect" otherwise), and the main server is
   restarted after any of them restarts: the supervisor does both from the
@@ -356,6 +361,9 @@ def rpc_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> list[Proces
                 "--rpc-server-main-gpu", "0"]
     else:
         argv = [binary, "-H", serve.host, "-p", str(serve.port)]
+        if not part.gpus:  # the host's RAM is the device (placement booked Part.ram): ggml's CPU backend,
+            # with every core (ggml-rpc-server's default is one thread)
+            argv += ["-d", "CPU", "-t", str(os.cpu_count() or 1)]
     server = ProcessSpec(
         name=f"rpc-{part_index}", argv=tuple(argv), env=_cuda_env(part), part_index=part_index, role="rpc",
         cwd=str(ctx.work_dir), listen=serve, ports=(serve,), ready=TcpProbe(host=serve.host, port=serve.port),
