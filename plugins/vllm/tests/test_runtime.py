@@ -125,6 +125,7 @@ def test_ray_flags_exist_in_the_installed_ray(tmp_path):
         for spec in vl.agentd_launch(a, i, _ctx(tmp_path)):
             if spec.name.startswith("ray"):
                 assert sorted(set(flags_of(spec.argv)) - known) == []
+    vl.remove_ray_temp_dir(tmp_path)  # the private dir launch made for Ray's --temp-dir
 
 
 def test_real_vllm_serve_through_the_supervisor(tmp_path):
