@@ -131,7 +131,9 @@ def test_without_cpu_offload_nothing_lands_on_ram(plugins):
     plan = place(c, m, spec("llamabox"), plugins=plugins)
     assert plan.diagnosis is not None and not plan.replicas
     assert "2 hosts without GPUs" in plan.diagnosis.message
-    # Full offload never uses RAM devices either (partial offload, with the main's own RAM first, does).
+    # Full offload (tried first) never takes a RAM device: g's GPU cannot hold every layer, so the model
+    # goes to partial offload, where b serves it from its own RAM rather than g + b's RAM over RPC.
+    c = cluster(host("g", 1, 12, ram_gib=1), _cpu_host("b", 64))
     ok = place(c, m, spec("llamabox", offload=True), plugins=plugins)
     assert ok.diagnosis is None
-    assert all(p.ram == 0 or p.role == "main" or not p.gpus for rp in ok.replicas for p in rp.parts)
+    assert [(p.host, p.role, p.cpu_layers) for p in ok.replicas[0].parts] == [("b", "main", 8)]
