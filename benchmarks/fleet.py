@@ -393,9 +393,15 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
              secure: bool = False, repeats: int = 1, spawns: int = 0, model: Path | None = None,
              profile: float = 0.0, code: Path | None = None) -> dict:
     taskset = shutil.which("taskset")
+    env = {"AGENTD_LOG_LEVEL": "warning", **code_env(code)}
+    seats: dict = {"max_voters": 3, "standby_learners": 0}
+    if code is not None:  # agentd 0.1.0 reads max_voters only from its TOML file (its env parsing refuses "3")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "v010.toml").write_text("max_voters = 3\n")
+        env["AGENTD_CONFIG"] = str(root / "v010.toml")
+        seats = {}
     c = LocalCluster(root, hosts=[simulated_host(n, gpus=8, gpu_gib=80) for n in ("v1", "v2", "v3")],
-                     max_voters=3, standby_learners=0, extra_env={"AGENTD_LOG_LEVEL": "warning", **code_env(code)},
-                     secure=secure)
+                     extra_env=env, secure=secure, **seats)
     sim = None
     try:
         c.start()
