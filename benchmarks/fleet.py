@@ -15,11 +15,20 @@ carried the inventory), or with --report unary one Agent/Report call per report
 runs each at every size.
 
 For each size: the leader's CPU (% of one core, psutil over --measure seconds
-of steady state), and how many simulated hosts the leader counts as up. With
---kill-leader it then kills -9 the leader and reports the time until every
-simulated watcher follows the new leader's state (its commit index applied).
-The v0.1.0 design (every host a Raft learner) is not run here: it is the
-design the issue measured at 0.16-0.33 % of a core per host.
+of steady state, --repeats windows, the median and all of them), every voter's
+CPU, the load average, and how many simulated hosts the leader counts as up.
+--secure gives every simulated host its own certificate from the cluster CA
+and its own TLS connections (the issue's figures are with mTLS). --spawns N
+deploys N one-replica deployments pinned to random up hosts and times from
+Deploy's reply (the entry committed and applied on the leader) to the target
+host's watcher applying its assignment (the simulator has no supervisor: that
+is the moment a daemon would spawn). --profile S samples the leader with
+py-spy after the CPU windows. With --kill-leader it then kills -9 the leader
+and reports the time until every simulated watcher follows the new leader's
+state (its commit index applied) and the survivors' peak CPU.
+--v010-hosts runs the v0.1.0 design first (every host a Raft learner: v0.1.0's
+own RaftNode per simulated host, from a git worktree of the tag, insecure,
+unary reports). Everything started is stopped on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
