@@ -150,3 +150,29 @@ def test_a_production_agent_imports_no_test_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")})
     assert out.stdout.strip() == "[]"
+
+
+def test_a_loop_that_loses_its_cancellation_does_not_hang_the_stop(tmp_path, monkeypatch, caplog):
+    """Python 3.11's wait_for and timeout() can lose a cancellation that arrives as what they wait for completes;
+    a loop that went on after it used to keep the agent from ever exiting (SIGTERM right after start-up)."""
+    settings = settings_for(tmp_path, monkeypatch, free_port())
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # what a lost cancellation looks like from outside: the task runs on
+        await asyncio.Event().wait()
+
+    async def main() -> int:
+        d = Daemon(settings)
+        run = asyncio.create_task(d.run())
+        while not d._tasks and not run.done():
+            await asyncio.sleep(0.01)
+        d.spawn(stubborn(), "stubborn")
+        d.stop()
+        return await asyncio.wait_for(run, 60)  # a hang guard, not a timing assertion
+
+    with caplog.at_level("WARNING", logger="agentd.agent.wiring"):
+        assert asyncio.run(main()) == 0
+    assert "cancelling again what ignored a cancellation" in caplog.text

@@ -310,10 +310,18 @@ class Daemon:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _stop_loops(self) -> None:
+        """Cancel every loop, and cancel again whatever is still running a second later: Python 3.11's
+        wait_for and timeout() lose a cancellation that arrives just as what they wait for completes (a
+        reconciler stopped while its catch-up barrier returned ran on, and the agent never exited)."""
         self.refresher.stop()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            if pending:
+                log.warning("cancelling again what ignored a cancellation", extra=fields(
+                    node=self.node, tasks=sorted(t.get_name() for t in pending)))
 
     async def _stop_work(self) -> None:
         """Stop supervising (and stop the model servers if the stop drains) and copying models."""
