@@ -10,7 +10,8 @@ In one run, on loopback, with the same TLS (TLS 1.3, one self-signed P-256 certi
   it) and agentd's Fetcher in this process (as the fetching agent runs it: Models.Open, then the raw TLS
   byte stream, sha256 verified while written, the file renamed into place); throughput, CPU seconds per
   GiB of each side, and each side's worst event-loop lag (a 10 ms ticker on each loop); then the same
-  copy over the Models.Fetch gRPC stream (what a holder without Open serves);
+  copy over the Models.Fetch gRPC stream (what a holder without Open serves); and, before each run, the
+  worst lag of an idle loop in this process for 10 s (the machine's share of any lag);
 * curl: the same file over HTTPS from openssl's `s_server -WWW` (a C static file server) in a process of
   its own, written to disk by `curl -o`; throughput; `--aiohttp` adds aiohttp's static server (slow).
 
@@ -193,6 +194,13 @@ async def digest(path: Path, size: int) -> tuple[float, float]:
     return took / (size / GiB), lag.worst
 
 
+async def idle_loop_lag(seconds: float) -> float:
+    """The worst lag of a loop with nothing else to do: what the machine's load alone costs a loop here."""
+    with LagMeter() as lag:
+        await asyncio.sleep(seconds)
+    return lag.worst
+
+
 def holder_lag(since: float, until: float) -> float:
     worst = 0.0
     with open(os.environ["BENCH_HOLDER_LAG"]) as f:
@@ -305,6 +313,7 @@ def main() -> None:
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir()
                 load = os.getloadavg()[0]
+                idle_lag = asyncio.run(idle_loop_lag(10.0))
                 fast = curl_copy(src.name, size, oport, cert, d / "curl.out")
                 (d / "curl.out").unlink()
                 ours = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=True))
@@ -316,7 +325,8 @@ def main() -> None:
                 (d / "curl.out").unlink(missing_ok=True)
                 ours = {k: round(v, 3) for k, v in ours.items()}
                 grpc_only = {k: round(v, 3) for k, v in grpc_only.items()}
-                run = {"load_avg_1m": round(load, 1), "agentd": ours, "agentd_over_fetch": grpc_only,
+                run = {"load_avg_1m": round(load, 1), "idle_loop_worst_lag_ms": round(idle_lag * 1000, 1),
+                       "agentd": ours, "agentd_over_fetch": grpc_only,
                        "curl_openssl_gib_per_s": round(fast, 3),
                        "ratio_openssl": round(ours["gib_per_s"] / fast, 2),
                        "ratio_openssl_over_fetch": round(grpc_only["gib_per_s"] / fast, 2)}
