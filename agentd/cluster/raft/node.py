@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -886,10 +886,6 @@ class RaftNode:
         for _, fut in self._read_waiting:
             _fail(fut, exc)
         self._proposals, self._reads, self._read_waiting = {}, {}, []
-
-    def set_partition(self, peers: Iterable[str]) -> None:
-        """Fault injection: drop all Raft traffic to and from `peers` (empty heals)."""
-        self.transport.set_blocked(peers)
 
 
 async def _nothing(*args: Any) -> None:
