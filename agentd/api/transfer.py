@@ -202,7 +202,6 @@ class Receive:
             try:
                 if self._cancelled.is_set():
                     raise TransferBroken("cancelled")
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
                 stream = (self.context.wrap_socket(raw, server_hostname=self.server_hostname)
                           if self.context is not None else raw)
                 stack.enter_context(stream)
