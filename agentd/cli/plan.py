@@ -159,8 +159,11 @@ def render(spec: DeploymentSpec, plan: Plan) -> str:
                      f"part{'s' if len(rp.parts) != 1 else ''} on {hosts} host{'s' if hosts != 1 else ''}")
         rows: list[list[Any]] = [["ROLE", "HOST", "GPUS", "LAYERS", "CPU LAYERS", "GIB PER GPU"]]
         for p in rp.parts:
-            rows.append([p.role, p.host, ",".join(map(str, p.gpus)), str(p.layers),
-                         "-" if p.cpu_layers is None else str(p.cpu_layers), " ".join(_gib(m) for m in p.memory)])
+            # A part on a host's RAM (no GPUs, Part.ram booked): "RAM" and the GiB booked there.
+            ram = not p.gpus and p.ram
+            rows.append([p.role, p.host, "RAM" if ram else ",".join(map(str, p.gpus)), str(p.layers),
+                         "-" if p.cpu_layers is None else str(p.cpu_layers),
+                         _gib(p.ram) if ram else " ".join(_gib(m) for m in p.memory)])
         widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
         lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.append("  args: " + " ".join(rp.args))

@@ -51,6 +51,11 @@ def test_a_cpu_only_host_takes_an_rpc_server_part_with_its_ram_booked(plugins):
     assert plan.replicas[0].args[plan.replicas[0].args.index("--n-gpu-layers") + 1] == str(rpc.layers)
     assert rpc.env.get("CUDA_VISIBLE_DEVICES", "") == ""  # no GPU list: ggml's CPU backend
     assert_llamabox_rules(plan, m, s, c)
+    # `agentd plan` shows both parts on RAM with the GiB booked there.
+    from agentd.cli.plan import render
+
+    table = render(s, plan)
+    assert f"  rpc   b     RAM   {rpc.layers}       -           {rpc.ram / GiB:.1f}" in table, table
     # The field is in the JSON only when set (versioning: since_format 2).
     assert "ram" in rpc.model_dump(mode="json") and "ram" not in host("g", 1).model_dump(mode="json")
 
