@@ -66,7 +66,8 @@ def test_llamabox_main_with_two_gpus_and_two_rpc_servers(tmp_path, model, bins):
     assert spec.argv == (
         "/opt/llama/llama-server", "-m", model, "--host", "10.0.0.1", "--port", "40000", "--alias", "chat",
         "--rpc", "10.0.0.2:40001,10.0.0.3:40002", "-ngl", "81", "--tensor-split", "25,25,10,21",
-        "--ctx-size", "8192", "--fit", "off", "--split-mode", "layer", "--parallel", "4")
+        "--ctx-size", "8192", "--fit", "off", "--threads-http", "64", "--split-mode", "layer",
+            "--parallel", "4")
     assert spec.env == {"CUDA_VISIBLE_DEVICES": "1,0"}
     assert spec.wait_for == tuple(e for e in spec.wait_for)  # rpc endpoints, in --rpc order
     assert [str(e) for e in spec.wait_for] == ["10.0.0.2:40001", "10.0.0.3:40002"]

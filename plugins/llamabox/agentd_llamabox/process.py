@@ -27,6 +27,12 @@ How a plan becomes a command line, and why:
   plan does not book; with it off they run where their weights are.
   (`--op-offload` in a deployment's extra args is refused with the other
   flags that change the booking: `RESERVED` below.)
+* **`--threads-http 64`.** llama-server's default HTTP pool is
+  max(slots + 2, cores - 1) threads, and each request holds one until it is
+  answered. Every agent's proxy may queue requests at a replica beyond its
+  slots, so a burst (20 requests held during a wake, released at once through
+  three agents) took every thread, `/health` went unanswered for 6 s, and
+  the supervisor killed a healthy server. Idle threads cost only their stacks.
 * **`--fit off`.** llama-server's default re-fits unset arguments to the free
   memory it sees; the plan already decided, and must not be second-guessed
   differently on each host.
@@ -85,6 +91,7 @@ CTX_HINT = "use the ctx_size option (agentd deploy --ctx-size), which placement 
 SPLIT_HINT = "placement decides the devices and the layer split; use --pin, --exclude-gpu or --allow-cpu-offload"
 BOOKED_HINT = "it changes the memory llama-server allocates, which placement books with llama-server's defaults"
 ADDRESS_HINT = "agentd binds each server to the host's internal address and a port from port_range"
+HTTP_THREADS = 64  # llama-server's HTTP pool: room for queued requests and /health beyond the slots
 KEY_HINT = "agentd gives each server its own key; clients use keys from 'agentd keys create'"
 
 # What only agentd may put on llama-server's command line (issue 14): see agentd/plugins/reserved.py.
@@ -316,6 +323,8 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext,
         argv += ["--ctx-size", str(a.options.ctx_size)]
     if not box and not _has(extra, ("--fit", "-fit")):
         argv += ["--fit", "off"]
+    if not box and not _has(extra, ("--threads-http",)):
+        argv += ["--threads-http", str(HTTP_THREADS)]
     if getattr(a, "api_key", ""):
         argv += ["--api-key-file", str(write_key_file(ctx.work_dir, a.api_key).absolute())]
     argv += list(extra)
