@@ -34,10 +34,27 @@ DEFAULT_STANDBY_LEARNERS = 2  # Settings.standby_learners' default: then every o
 _PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range (10000-20000; free_port_block takes 20000-32000).
+    A port the kernel picks for bind(0) is an ephemeral one, which the agents' own outgoing connections may
+    take before the agent that was given it binds: an 8-agent test lost a watcher that way ("address
+    already in use" for its HTTP port)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, 20000)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise NotAvailable("no free port between 10000 and 20000")
 
 
 def free_port_block(size: int = 100, rng: random.Random | None = None) -> int:
