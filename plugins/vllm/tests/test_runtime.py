@@ -27,6 +27,7 @@ from agentd.runtime import LaunchContext, Supervisor, SupervisorConfig
 from agentd.runtime.process import group_members
 from agentd.runtime.standalone import kill_recorded
 from agentd.testing.localcluster import free_port
+from agentd.testing.tiny_hf import SERVE_ENV, write_tiny_llama
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -37,26 +38,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 if not VLLM.exists():
     pytest.skip(f"{VLLM} is absent: the vllm tier needs `scripts/bootstrap --vllm`", allow_module_level=True)
 
-# The recipe of RUNTIMES.md: the CPU attention backend wants head_dim in {32, 64, 80, ...}.
-TINY_MODEL = r"""
-import sys
-from pathlib import Path
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-out = Path(sys.argv[1])
-words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
-tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
-PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(out)
-cfg = LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2)
-torch.manual_seed(0)
-LlamaForCausalLM(cfg).save_pretrained(out)
-"""
-
-SERVE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 @pytest.fixture(autouse=True)
 def _reap(tmp_path):
@@ -129,10 +110,7 @@ def test_ray_flags_exist_in_the_installed_ray(tmp_path):
 
 
 def test_real_vllm_serve_through_the_supervisor(tmp_path):
-    model = tmp_path / "tiny-llama"
-    gen = subprocess.run([str(VENV / "bin" / "python"), "-c", TINY_MODEL, str(model)], capture_output=True,
-                         text=True, timeout=300)
-    assert gen.returncode == 0, gen.stderr[-2000:]
+    model = write_tiny_llama(VENV / "bin" / "python", tmp_path / "tiny-llama")
     port = free_port()
     key = "agdsrv_vllm-test-key"  # as the daemon derives one per instance in a secure cluster
     a = Assignment(deployment="tiny", replica=0, term=1, model=str(model), runtime="vllm", api_key=key,
