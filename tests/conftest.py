@@ -33,6 +33,92 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     )
 
 
+# ---------------------------------------------------------------------- fixtures shared by several test modules
+# (no test module imports another: tests/test_no_cross_test_imports.py). Their helpers live in agentd/testing/;
+# a module that defines a fixture of the same name uses its own. Imports are inside the fixtures, so that a run of
+# one pure test does not load gRPC.
+
+
+@pytest.fixture(scope="module")
+def placer():
+    """The real placement with the installed runtime plugins."""
+    from agentd.placement import Placer
+    from agentd.plugins import PluginManager
+
+    return Placer(PluginManager.load())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """For agentd.testing.coordinator_world: a 4-layer tiny GGUF (one fits a 0.272 GiB GPU) and an 8-layer,
+    hidden-256 one that does not and is split main + rpc."""
+    from agentd.testing.gguf import write_tiny_llama_gguf
+
+    d = tmp_path_factory.mktemp("models")
+    return {"tiny": str(write_tiny_llama_gguf(d / "tiny.gguf")),
+            "split": str(write_tiny_llama_gguf(d / "split.gguf", n_layers=8, hidden=256, ffn=512))}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """For agentd.testing.control_world: the 4-layer tiny GGUF."""
+    from agentd.testing.gguf import write_tiny_llama_gguf
+
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture
+async def agents(placer):
+    """agentd.testing.control_world's agents on real gRPC servers: a leads, b follows; a knows both hosts'
+    inventories (one 0.272 GiB GPU each)."""
+    from agentd.testing.control_world import Agent
+    from agentd.testing.localcluster import simulated_host
+    from agentd.types import HostInventory
+
+    a, b = Agent("a", placer), Agent("b", placer)
+    for x in (a, b):
+        await x.server.start()
+    a.lead()
+    b.follow(a)
+    for name in ("a", "b"):
+        a.coordinator.on_report(HostInventory.model_validate(simulated_host(name, gpus=1, gpu_gib=0.272)), [])
+    yield a, b
+    for x in (a, b):
+        await x.close()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """agentd.testing.toy_runtime's plugin, writing under tmp_path."""
+    from agentd.testing.toy_runtime import Toy
+
+    return Toy(tmp_path)
+
+
+@pytest.fixture
+def plugins(toy):
+    """A plugin manager holding only the toy runtime."""
+    from agentd.plugins import PluginManager
+
+    pm = PluginManager()
+    pm.register(toy, name="toy")
+    return pm
+
+
+@pytest.fixture(scope="module")
+def release_0_1_0(tmp_path_factory):
+    """A worktree of v0.1.0 (agentd.testing.releases): its agentd and its plugins, run with this venv's packages.
+    Run it with LocalCluster.agent_env[name] = code_env(path)."""
+    from agentd.testing.releases import have_history, release_worktree
+
+    if not have_history():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the upgrade tests need the git history (the v0.1.0 tag)")
+        pytest.skip("not a git checkout: the v0.1.0 code is not at hand")
+    with release_worktree(tmp_path_factory.mktemp("release") / "v0.1.0") as path:
+        yield path
+
+
 # Groups that run only when asked: marker -> the variable scripts/test sets to include them.
 OPT_IN_GROUPS = {"oracle": "AGENTD_ORACLE", "vllm_multihost": "AGENTD_VLLM_MULTIHOST"}
 

@@ -33,8 +33,8 @@ from agentd.cluster.state import (
 )
 from agentd.coordinator import InstanceReport
 from agentd.errors import InvalidInput
+from agentd.testing.coordinator_world import World, host, spec
 from agentd.types import DeploymentSpec
-from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401  (fixtures)
 
 P = Policy(min_replicas=1, max_replicas=4, target_queue=2.0, up_after=10, down_after=30, cooldown=20)
 
@@ -205,14 +205,14 @@ def _tick(w: World) -> list[str]:
     return [d for d in asyncio.run(w.coord.tick()) if d.startswith("deployment")]
 
 
-def _autoscaled(w: World, models: dict, **kw) -> None:  # noqa: F811
+def _autoscaled(w: World, models: dict, **kw) -> None:
     kw.setdefault("min_replicas", 1)
     kw.setdefault("max_replicas", 3)
     kw.setdefault("target_queue", 1.0)
     asyncio.run(w.coord.deploy(spec("m", models["tiny"], **kw)))
 
 
-def test_coordinator_scales_up_then_drains_the_least_loaded_replica_down(placer, models):  # noqa: F811
+def test_coordinator_scales_up_then_drains_the_least_loaded_replica_down(placer, models):
     w = World(placer, [host("a"), host("b"), host("c")]).start()
     w.coord.autoscale_windows = (2.0, 4.0, 3.0)  # up_after, down_after, cooldown
     w.coord.scale_down_timeout = 30.0
@@ -256,7 +256,7 @@ def test_coordinator_scales_up_then_drains_the_least_loaded_replica_down(placer,
     assert gap in {a.replica for a in w.state.assignments_for("m")}
 
 
-def test_a_leaving_replica_with_requests_stops_after_the_timeout(placer, models):  # noqa: F811
+def test_a_leaving_replica_with_requests_stops_after_the_timeout(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     w.coord.autoscale_windows = (0.0, 0.0, 0.0)
     w.coord.scale_down_timeout = 5.0
@@ -277,7 +277,7 @@ def test_a_leaving_replica_with_requests_stops_after_the_timeout(placer, models)
     assert len(w.state.assignments_for("m")) == 1
 
 
-def test_a_partitioned_proxy_blocks_scale_down(placer, models):  # noqa: F811
+def test_a_partitioned_proxy_blocks_scale_down(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     w.coord.autoscale_windows = (0.0, 1.0, 0.0)
     _autoscaled(w, models, replicas=2)
@@ -290,7 +290,7 @@ def test_a_partitioned_proxy_blocks_scale_down(placer, models):  # noqa: F811
     assert not w.state.leaving
 
 
-def test_scale_refuses_a_count_and_takes_bounds(placer, models):  # noqa: F811
+def test_scale_refuses_a_count_and_takes_bounds(placer, models):
     w = World(placer, [host("a"), host("b"), host("c")]).start()
     w.coord.autoscale_windows = (100.0, 100.0, 100.0)
     _autoscaled(w, models)
@@ -308,7 +308,7 @@ def test_scale_refuses_a_count_and_takes_bounds(placer, models):  # noqa: F811
         asyncio.run(w.coord.set_bounds("fixed", 1, 2))
 
 
-def test_leave_and_remove_are_replicated_and_survive_a_snapshot(placer, models):  # noqa: F811
+def test_leave_and_remove_are_replicated_and_survive_a_snapshot(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     _autoscaled(w, models, replicas=2)
     a = w.state.assignments_for("m")[0]
@@ -328,7 +328,7 @@ def test_leave_and_remove_are_replicated_and_survive_a_snapshot(placer, models):
     assert not asyncio.run(w.raft.propose(replica_remove_command(fixed))).ok
 
 
-def test_min_zero_is_the_idle_unload_and_a_wake_places_one_replica(placer, models):  # noqa: F811
+def test_min_zero_is_the_idle_unload_and_a_wake_places_one_replica(placer, models):
     from agentd.cluster.state import idle_command
 
     w = World(placer, [host("a"), host("b"), host("c")]).start()

@@ -9,18 +9,7 @@ from agentd.cluster.state import (
     deploy_command,
     node_command,
 )
-from agentd.types import Assignment, DeploymentSpec, Part, PartEndpoint, ReplicaPlan
-
-
-def spec(name="m", replicas=1):
-    return DeploymentSpec(name=name, model="/models/m.gguf", runtime="llamabox", replicas=replicas)
-
-
-def assignment(name="m", replica=0, term=1, host="a", generation=1):
-    plan = ReplicaPlan(parts=(Part(host=host, gpus=(0,), role="main", layers=4),))
-    return Assignment(deployment=name, replica=replica, generation=generation, term=term, model="/models/m.gguf",
-                      runtime="llamabox", plan=plan,
-                      endpoints=(PartEndpoint(host=host, address="127.0.0.1", port=40000 + replica),))
+from agentd.testing.statefill import assignment, spec
 
 
 def test_deploy_then_delete_emits_events_in_order():

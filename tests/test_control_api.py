@@ -11,164 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from agentd.api.client import CannotPlace, error_from_rpc
-from agentd.api.control import AgentService, ChannelPool, ControlService, add_services, instance_to_pb, status_for
+from agentd.api.control import instance_to_pb, status_for
 from agentd.api.convert import spec_from_pb, spec_to_pb
-from agentd.cluster.state import NODE_DOWN, ClusterState, node_command
-from agentd.coordinator import Coordinator
+from agentd.cluster.state import NODE_DOWN, node_command
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable
-from agentd.modelinfo import inspect_model
-from agentd.placement import Placer
-from agentd.plugins import PluginManager
+from agentd.testing.control_world import Agent, Member, rpc_error, spec, watchers
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import simulated_host
-from agentd.types import Diagnosis, HostInventory
+from agentd.types import Diagnosis
 from agentd.v1 import control_pb2 as pb
-from agentd.v1 import control_pb2_grpc as pb_grpc
-
-
-@dataclass
-class Member:
-    id: str
-    address: str
-    voter: bool = True
-
-
-@dataclass
-class RaftView:
-    """What the services read from the Raft node; tests move leadership by hand."""
-
-    node: str
-    is_leader: bool = False
-    leader_id: str | None = None
-    leader_address: str | None = None
-    term: int = 2
-    commit_index: int = 0
-    last_applied: int = 0
-    members: dict[str, Any] = field(default_factory=dict)
-    quorum: bool = True  # False: a leader cut off from the other voters cannot confirm that it still leads
-    barriers: int = 0
-
-    async def read_barrier(self, timeout: float | None = None) -> int:
-        if not (self.is_leader and self.quorum):
-            raise NotAvailable("leadership not confirmed within 2s")
-        self.barriers += 1
-        return self.commit_index
-
-
-class Consensus:
-    def __init__(self, view: RaftView, state: ClusterState):
-        self.view, self.state, self.index = view, state, 0
-
-    @property
-    def term(self) -> int:
-        return self.view.term
-
-    @property
-    def is_leader(self) -> bool:
-        return self.view.is_leader
-
-    async def propose(self, command: bytes, timeout: float | None = None):
-        self.index += 1
-        self.view.commit_index = self.view.last_applied = self.index
-        return self.state.apply(self.index, self.view.term, command)
-
-    @property
-    def members(self) -> dict:
-        return self.view.members
-
-
-class Agent:
-    """One agent's API side on a real gRPC server."""
-
-    def __init__(self, name: str, place: Any):
-        self.name = name
-        self.state = ClusterState()
-        self.raft = RaftView(name)
-        self.coordinator = Coordinator(state=self.state, consensus=Consensus(self.raft, self.state), place=place,
-                                       inspect=inspect_model, validate_runtime=PluginManager.load().runtime,
-                                       port_range=(40000, 40099), node_down_grace=30)
-        self.channels = ChannelPool()
-        self.control = ControlService(node_id=name, raft=self.raft, state=self.state, coordinator=self.coordinator,
-                                      channels=self.channels, local_logs=self._no_logs)
-        self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
-        self.server = grpc.aio.server()
-        add_services(self.server, self.control, self.agent)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.raft.members[name] = Member(name, self.address)
-        self.client_channel = grpc.aio.insecure_channel(self.address)
-        self.stub = pb_grpc.ControlStub(self.client_channel)
-        self.agent_stub = pb_grpc.AgentStub(self.client_channel)
-
-    async def _no_logs(self, request: pb.LogsRequest) -> AsyncIterator[bytes]:
-        raise InvalidInput("no logs here")
-        yield b""
-
-    def lead(self) -> None:
-        self.raft.is_leader, self.raft.leader_id, self.raft.leader_address = True, self.name, self.address
-        self.coordinator.became_leader()
-
-    def follow(self, leader: Agent | None) -> None:
-        self.raft.is_leader = False
-        self.raft.leader_id = leader.name if leader else None
-        self.raft.leader_address = leader.address if leader else None
-
-    async def close(self) -> None:
-        await self.client_channel.close()
-        await self.channels.close()
-        await self.server.stop(0)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def placer() -> Placer:
-    return Placer(PluginManager.load())
-
-
-@pytest.fixture
-async def agents(placer) -> AsyncIterator[tuple[Agent, Agent]]:
-    """Agent a leads, b follows; a knows both hosts' inventories (one 0.272 GiB GPU each)."""
-    a, b = Agent("a", placer), Agent("b", placer)
-    for x in (a, b):
-        await x.server.start()
-    a.lead()
-    b.follow(a)
-    for name in ("a", "b"):
-        a.coordinator.on_report(HostInventory.model_validate(simulated_host(name, gpus=1, gpu_gib=0.272)), [])
-    yield a, b
-    for x in (a, b):
-        await x.close()
-
-
-def spec(model: Path, name: str = "chat", replicas: int = 1) -> pb.DeploymentSpec:
-    return pb.DeploymentSpec(name=name, model=str(model), runtime="llamabox", replicas=replicas,
-                             options=pb.RuntimeOptions(ctx_size=256))
-
-
-async def watchers(agent: Agent, n: int) -> None:
-    """Until `n` Watch streams are registered with the agent (a stream starts when its first read is sent)."""
-    async with asyncio.timeout(5):
-        while len(agent.control._watchers) < n:
-            await asyncio.sleep(0.01)
-
-
-async def rpc_error(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return err.value
-
 
 # ---------------------------------------------------------------------- forwarding
 

@@ -57,8 +57,8 @@ async def test_deploy_returns_the_why_and_commits_assignments_without_it():
 
 
 async def test_the_deploy_reply_carries_the_why_through_a_forwarding_follower():
+    from agentd.testing.control_world import Agent
     from agentd.v1 import control_pb2 as pb
-    from tests.test_control_api import Agent
 
     placer = Placer(PluginManager.load())
     a, b = Agent("a", placer), Agent("b", placer)

@@ -24,8 +24,8 @@ from agentd.cluster.state import (
 )
 from agentd.coordinator import InstanceReport
 from agentd.errors import InvalidInput, PeerError, Unplaceable
+from agentd.testing.coordinator_world import World, host, spec
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan
-from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401 - fixtures
 
 # ---------------------------------------------------------------------- the records
 

@@ -21,6 +21,7 @@ from agentd.inventory.collect import Collector
 from agentd.inventory.models import DigestCache, ModelCatalog, model_digest
 from agentd.modelinfo import inspect_model
 from agentd.testing.gguf import llama_spec, write_header_only_gguf, write_tiny_llama_gguf
+from agentd.testing.hf_cache import HF_CONFIG, hf_cache_model
 from agentd.testing.localcluster import simulated_host
 from agentd.types import HeldModel, HostInventory, ModelFile, parse_model_ref
 
@@ -174,30 +175,6 @@ def test_held_copy_by_digest_or_by_path(tmp_path):
     assert held_copy([m], "tiny@sha256:" + "c" * 64) is None
     assert held_copy([m], "/m/tiny.gguf") is m
     assert held_copy([m.model_copy(update={"broken": "x"})], f"tiny@{m.digest}") is None
-
-
-def hf_cache_model(cache: Path, repo: str, files: dict[str, bytes], commit: str = "a" * 40,
-                   refs: tuple[str, ...] = ("main",)) -> Path:
-    """A model in a Hugging Face hub cache, laid out as huggingface_hub writes it: content-addressed blobs,
-    a snapshot per commit whose files are relative symlinks to them, and refs naming the commit."""
-    base = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = base / "snapshots" / commit
-    (base / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
-    (base / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (base / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-HF_CONFIG = json.dumps({
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 256,
-    "vocab_size": 300, "max_position_embeddings": 512, "torch_dtype": "float32"}).encode()
 
 
 def test_a_hugging_face_cache_is_read_with_huggingface_hub(tmp_path):

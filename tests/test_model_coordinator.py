@@ -9,8 +9,8 @@ import pytest
 
 from agentd.errors import InvalidInput, Unplaceable
 from agentd.modelinfo import inspect_model
+from agentd.testing.coordinator_world import World, host, hosts_of, spec
 from agentd.types import HeldModel, HostInventory, ModelFile
-from tests.test_coordinator import World, host, hosts_of, models, placer, spec  # noqa: F401 - fixtures
 
 DIGEST = "sha256:" + "e" * 64
 
@@ -27,7 +27,7 @@ def with_free(h: dict, free: int, dirs: tuple[str, ...] = ("/var/lib/agentd/mode
     return {**h, "model_disk_free": free, "model_dirs": list(dirs)}
 
 
-async def test_two_deploys_never_count_on_the_same_free_disk(placer, models):  # noqa: F811
+async def test_two_deploys_never_count_on_the_same_free_disk(placer, models):
     size = os.path.getsize(models["tiny"])
     room = size + size // 2  # room for one copy, not two
     w = World(placer, [holding(host("a", gpu_gib=24, used_gib=23.99), models["tiny"]),
@@ -48,7 +48,7 @@ async def test_two_deploys_never_count_on_the_same_free_disk(placer, models):  #
     assert hosts_of(w.state.assignments_for("three")[0]) == ["b"]
 
 
-async def test_a_name_no_host_holds_says_where_it_looked(placer, models):  # noqa: F811
+async def test_a_name_no_host_holds_says_where_it_looked(placer, models):
     w = World(placer, [with_free(host("a"), 1 << 30, ("/srv/models", "/data/hub"))]).start()
     with pytest.raises(InvalidInput, match=r"no host holds a model nope \(looked in a: /srv/models, /data/hub\)"):
         await w.coord.deploy(spec("x", "nope"))

@@ -24,10 +24,10 @@ import grpc
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
+from agentd.testing.hf_cache import HF_CONFIG, hf_cache_model
 from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
-from tests.test_model_catalog import HF_CONFIG, hf_cache_model
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024

@@ -22,10 +22,10 @@ import pytest
 from agentd.errors import InvalidInput, NotAvailable
 from agentd.inspection import BoundedInspector
 from agentd.modelinfo import inspect_model
+from agentd.testing.control_world import rpc_error, spec
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
-from tests.test_control_api import agents, model, placer, rpc_error, spec  # noqa: F401 - fixtures
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

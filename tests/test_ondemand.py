@@ -14,8 +14,8 @@ from agentd.api.ondemand import Activity, WakeError, Waker
 from agentd.cluster.state import ClusterState, delete_command, deploy_command, idle_command, wake_command
 from agentd.coordinator import InstanceReport
 from agentd.errors import Unplaceable
+from agentd.testing.coordinator_world import World, host, spec
 from agentd.types import DeploymentSpec
-from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401  (fixtures)
 
 # ---------------------------------------------------------------------- the records
 
@@ -28,7 +28,7 @@ def _deployed(world: World, name: str = "m", idle_unload: float = 2.0, **kw) -> 
     asyncio.run(world.coord.deploy(spec(name, kw.pop("model"), idle_unload=idle_unload, **kw)))
 
 
-def test_idle_and_wake_are_format_2_and_round_trip_through_a_snapshot(placer, models):  # noqa: F811
+def test_idle_and_wake_are_format_2_and_round_trip_through_a_snapshot(placer, models):
     w = World(placer, [host("a")]).start()
     _deployed(w, model=models["tiny"])
     assert json.loads(idle_command("m"))["v"] == 2
@@ -58,7 +58,7 @@ def test_a_spec_without_idle_unload_is_written_as_before():
 # ---------------------------------------------------------------------- the coordinator
 
 
-def test_unloaded_after_its_idle_time_only_when_every_proxy_reported_fresh(placer, models):  # noqa: F811
+def test_unloaded_after_its_idle_time_only_when_every_proxy_reported_fresh(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     w.coord.idle_report_max_age = 3.0
     _deployed(w, model=models["tiny"])
@@ -95,7 +95,7 @@ def test_unloaded_after_its_idle_time_only_when_every_proxy_reported_fresh(place
     assert w.state.idle == {"m"} and not w.state.assignments_for("m")
 
 
-def test_wake_places_once_on_what_fits_now_or_says_why_not(placer, models):  # noqa: F811
+def test_wake_places_once_on_what_fits_now_or_says_why_not(placer, models):
     w = World(placer, [host("a"), host("b")]).start()
     _deployed(w, model=models["tiny"])
     assert asyncio.run(w.coord.wake("m")) == (None, 0), "not idle: nothing to do"
@@ -247,7 +247,7 @@ async def _true() -> bool:
 # ---------------------------------------------------------------------- wake: holders first, failures recorded
 
 
-async def test_wake_prefers_a_host_that_holds_the_model_files_and_records_a_failed_wake(placer, models,  # noqa: F811
+async def test_wake_prefers_a_host_that_holds_the_model_files_and_records_a_failed_wake(placer, models,
                                                                                            tmp_path):
     """Issue 19's placement scoring applies on wake as on deploy: the holder, not the first host with room;
     with the holder full, any host that fits (it will fetch). An unplaceable wake leaves its diagnosis with

@@ -21,8 +21,8 @@ from agentd.errors import NotAvailable
 from agentd.inventory.change import material_changes
 from agentd.inventory.ports import foreign_listeners
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
+from agentd.testing.coordinator_world import World, host, spec
 from agentd.types import HostInventory
-from tests.test_coordinator import World, host, models, placer, spec  # noqa: F401 - fixtures
 
 
 def _listener(port: int = 0) -> socket.socket:
@@ -130,7 +130,7 @@ def test_a_change_of_foreign_ports_is_material_and_absent_when_empty():
     assert HostInventory.model_validate_json(new.model_dump_json()).foreign_ports == (40001,)
 
 
-async def test_the_coordinator_skips_ports_a_host_reports_taken(placer, models):  # noqa: F811
+async def test_the_coordinator_skips_ports_a_host_reports_taken(placer, models):
     w = World(placer, [host("a", gpus=2)], port_range=(40000, 40003))
     w.hosts["a"] = w.hosts["a"].model_copy(update={"foreign_ports": (40000, 40002)})
     w.start()
@@ -145,7 +145,7 @@ async def test_the_coordinator_skips_ports_a_host_reports_taken(placer, models):
         await w.coord.deploy(spec("three", models["tiny"]))
 
 
-async def test_a_clash_at_spawn_gets_new_ports_from_the_coordinator_in_a_new_generation(placer, models):  # noqa: F811
+async def test_a_clash_at_spawn_gets_new_ports_from_the_coordinator_in_a_new_generation(placer, models):
     w = World(placer, [host("a")]).start()
     await w.coord.deploy(spec("chat", models["tiny"]))
     (a,) = w.state.assignments_for("chat")
@@ -178,9 +178,8 @@ def test_real_agents_skip_a_foreign_listener_and_move_a_part_whose_port_was_take
     import signal
 
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, wait_for
     from agentd.v1 import control_pb2 as pb
-    from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     base = free_port_block()

@@ -28,9 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 @pytest.mark.skipif(not llama_cpp_present(), reason=NO_LLAMA_CPP)
 def test_a_member_rebuilt_on_an_empty_data_dir_adopts_the_model_server_of_its_previous_life(tmp_path):
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, wait_for
     from agentd.v1 import control_pb2 as pb
-    from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     base = free_port_block()

@@ -16,12 +16,12 @@ import pytest
 from agentd.errors import InvalidInput
 from agentd.plugins import PluginManager, ReservedLaunch, hookimpl
 from agentd.plugins.reserved import check_launch_options
+from agentd.testing.control_world import rpc_error, spec
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.types import DeploymentSpec, RuntimeOptions
 from agentd.v1 import control_pb2 as pb
 from tests.conftest import run_cli
-from tests.test_control_api import agents, model, placer, rpc_error, spec  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_check_launch_options_is_pure_and_names_the_first_offender():
     check_launch_options("rt", ["-", "--", "value-x", "-y"], {}, r)
 
 
-async def test_the_control_api_answers_invalid_argument(agents, model, plugins):  # noqa: F811
+async def test_the_control_api_answers_invalid_argument(agents, model, plugins):
     a, b = agents
     a.coordinator._validate_spec = plugins.check_launch_options
     bad = spec(model)

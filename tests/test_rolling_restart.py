@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, status, wait_for
+from agentd.testing.releases import code_env
 from agentd.v1 import control_pb2 as pb
-from tests.test_upgrade import code_env, release_0_1_0, running, status, wait_for  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -159,7 +159,7 @@ def test_a_rolling_restart_of_every_agent_fails_no_request(tmp_path, model):
         c.stop()
 
 
-def test_a_0_1_0_cluster_upgraded_host_by_host_fails_no_request(tmp_path, model, release_0_1_0):  # noqa: F811
+def test_a_0_1_0_cluster_upgraded_host_by_host_fails_no_request(tmp_path, model, release_0_1_0):
     old = code_env(release_0_1_0)
     c = _cluster(tmp_path / "c", agent_env={n: dict(old) for n in "abc"})
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from agentd.plugins import PluginManager, hookimpl
 from agentd.runtime.offloop import call_off_loop, on_loop
-from tests.test_runtime_supervisor import FAST, Toy, make, toy_assignment
+from agentd.testing.toy_runtime import FAST, Toy, make, toy_assignment
 
 
 class Hung(Toy):

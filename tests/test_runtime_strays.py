@@ -16,7 +16,7 @@ import signal
 
 from agentd.runtime.process import group_members
 from agentd.runtime.strays import OWNER_DATA_DIR, find_strays
-from tests.test_runtime_supervisor import make, plugins, toy, toy_assignment  # noqa: F401 - fixtures
+from agentd.testing.toy_runtime import make, toy_assignment
 
 
 def _lose_the_disk(tmp_path) -> None:
@@ -29,7 +29,7 @@ def _kill(*pids: int) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-async def test_after_the_records_are_lost_what_still_matches_is_adopted_and_the_rest_stopped(tmp_path, plugins):  # noqa: F811
+async def test_after_the_records_are_lost_what_still_matches_is_adopted_and_the_rest_stopped(tmp_path, plugins):
     sup = make(tmp_path, plugins)
     keep, drop, moved = toy_assignment(name="keep"), toy_assignment(parts=1, name="drop"), toy_assignment(
         parts=1, name="moved")

@@ -24,7 +24,7 @@ from agentd.cluster.state import (
 from agentd.security import auth
 from agentd.security import ca as C
 from agentd.security.apikeys import model_server_key
-from tests.test_cluster_state import assignment, spec
+from agentd.testing.statefill import assignment, spec
 
 
 def test_cert_revoke_is_a_format_2_op_the_leader_writes_only_once_every_member_runs_it():

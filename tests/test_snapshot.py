@@ -130,10 +130,9 @@ def test_save_destroy_every_data_dir_restore_and_everything_is_there(tmp_path):
     import psutil
 
     from agentd.testing.gguf import write_tiny_llama_gguf
-    from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+    from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, wait_for
     from agentd.v1 import control_pb2 as pb
     from agentd.v1 import security_pb2 as spb
-    from tests.test_upgrade import running, wait_for
 
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     base = free_port_block()

@@ -28,9 +28,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -38,7 +37,8 @@ import pytest
 from agentd.errors import AgentdError, NotAvailable
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, status, wait_for
+from agentd.testing.releases import code_env
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import security_pb2 as sec_pb
 from agentd.version import AGENT_VERSION, STATE_FORMAT
@@ -46,11 +46,6 @@ from agentd.version import AGENT_VERSION, STATE_FORMAT
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE_TAG = "v0.1.0"
-BASELINE_COMMIT = "b6539ee"  # what v0.1.0 tags, for a clone that came without tags
-T = TypeVar("T")
-
-
 
 
 if not llama_cpp_present():
@@ -58,29 +53,6 @@ if not llama_cpp_present():
 
 
 # ---------------------------------------------------------------------- code of other releases
-
-
-def _git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def release_0_1_0(tmp_path_factory) -> Iterator[Path]:
-    """A worktree of v0.1.0: its agentd and its plugins, run with this venv's packages."""
-    if not (REPO / ".git").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the upgrade tests need the git history (the v0.1.0 tag)")
-        pytest.skip("not a git checkout: the v0.1.0 code is not at hand")
-    ref = BASELINE_TAG if _git("rev-parse", "-q", "--verify", f"refs/tags/{BASELINE_TAG}").returncode == 0 \
-        else BASELINE_COMMIT
-    path = tmp_path_factory.mktemp("release") / "v0.1.0"
-    added = _git("worktree", "add", "--detach", str(path), ref)
-    assert added.returncode == 0, added.stderr
-    try:
-        yield path
-    finally:
-        _git("worktree", "remove", "--force", str(path))
-        _git("worktree", "prune")
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +78,7 @@ def release_future(tmp_path_factory) -> Path:
     return root
 
 
-def code_env(root: Path) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(str(p) for p in (root, root / "plugins" / "llamabox",
-                                                           root / "plugins" / "vllm"))}
-
-
 # ---------------------------------------------------------------------- helpers
-
-
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-        except AgentdError as exc:
-            value, last = None, exc
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last})")
 
 
 def spec(name: str, model: Path, **kw: Any) -> pb.DeploymentSpec:
@@ -146,21 +99,10 @@ def deploy(c: LocalCluster, via: str, s: pb.DeploymentSpec) -> pb.DeployReply:
             time.sleep(0.3)
 
 
-def running(c: LocalCluster, via: str, name: str) -> list[pb.Instance]:
-    with c.agents[via].client(timeout=5) as client:
-        rows = list(client.call("ListInstances", pb.ListInstancesRequest(deployment=name)).instances)
-    return rows if rows and all(i.state == "RUNNING" for i in rows) else []
-
-
 def local_names(c: LocalCluster, via: str) -> set[str]:
     """Deployment names in `via`'s own copy of the state (a serializable read: no leader needed)."""
     with c.agents[via].client(timeout=5) as client:
         return {d.spec.name for d in client.call("List", pb.ListRequest(serializable=True)).deployments}
-
-
-def status(c: LocalCluster, via: str) -> pb.StatusReply:
-    with c.agents[via].client(timeout=5) as client:
-        return client.status()
 
 
 def leader(c: LocalCluster) -> str:

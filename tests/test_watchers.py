@@ -15,9 +15,8 @@ import pytest
 
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
-from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host, wait_for
 from agentd.v1 import control_pb2 as pb
-from tests.test_upgrade import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 

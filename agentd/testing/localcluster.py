@@ -16,10 +16,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agentd.api.client import ClientAuth, ControlClient
 from agentd.api.drain import request_drain
@@ -437,3 +437,36 @@ class LocalCluster:
         for agent in self.agents.values():
             if agent.log_file.exists():
                 yield agent.name, agent.log_file.read_text(errors="replace")
+
+
+# ---------------------------------------------------------------------- waiting on a cluster, for tests
+
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
+    """`fn()`'s first truthy value, polled every 0.2 s; an agentd error counts as not yet. AssertionError naming
+    `what` and the last error after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+        except AgentdError as exc:
+            value, last = None, exc
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last})")
+
+
+def running(c: LocalCluster, via: str, name: str) -> list[pb.Instance]:
+    """Deployment `name`'s instances as `via` sees them, once every one is RUNNING; [] before."""
+    with c.agents[via].client(timeout=5) as client:
+        rows = list(client.call("ListInstances", pb.ListInstancesRequest(deployment=name)).instances)
+    return rows if rows and all(i.state == "RUNNING" for i in rows) else []
+
+
+def status(c: LocalCluster, via: str) -> pb.StatusReply:
+    with c.agents[via].client(timeout=5) as client:
+        return client.status()

@@ -41,3 +41,17 @@ def fill_state(state: ClusterState, deployments: int, *, hosts: int = 16, keys: 
                                                           port=40000 + d % 1000),))
         apply(deploy_command(spec, [a]))
     return state
+
+
+# One deployment "m" of one part, for tests of the state machine: a spec and an assignment of it.
+
+
+def spec(name: str = "m", replicas: int = 1) -> DeploymentSpec:
+    return DeploymentSpec(name=name, model="/models/m.gguf", runtime="llamabox", replicas=replicas)
+
+
+def assignment(name: str = "m", replica: int = 0, term: int = 1, host: str = "a", generation: int = 1) -> Assignment:
+    plan = ReplicaPlan(parts=(Part(host=host, gpus=(0,), role="main", layers=4),))
+    return Assignment(deployment=name, replica=replica, generation=generation, term=term, model="/models/m.gguf",
+                      runtime="llamabox", plan=plan,
+                      endpoints=(PartEndpoint(host=host, address="127.0.0.1", port=40000 + replica),))
