@@ -225,7 +225,7 @@ class PlanReply(_message.Message):
     def __init__(self, placed: _Optional[bool] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked", "role", "reports_via")
+    __slots__ = ("name", "address", "state", "voter", "leader", "inventory_json", "last_seen_seconds", "agent_version", "state_format", "upgrade_required", "cordoned", "draining", "drain_blocked", "role", "reports_via", "watches_from")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class Node(_message.Message):
     DRAIN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REPORTS_VIA_FIELD_NUMBER: _ClassVar[int]
+    WATCHES_FROM_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: str
@@ -256,7 +257,8 @@ class Node(_message.Message):
     drain_blocked: str
     role: str
     reports_via: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ..., role: _Optional[str] = ..., reports_via: _Optional[str] = ...) -> None: ...
+    watches_from: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., voter: _Optional[bool] = ..., leader: _Optional[bool] = ..., inventory_json: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., cordoned: _Optional[_Iterable[str]] = ..., draining: _Optional[int] = ..., drain_blocked: _Optional[str] = ..., role: _Optional[str] = ..., reports_via: _Optional[str] = ..., watches_from: _Optional[str] = ...) -> None: ...
 
 class CordonRequest(_message.Message):
     __slots__ = ("target", "reason", "drain", "force")
@@ -523,7 +525,7 @@ class ReportReply(_message.Message):
     def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ..., cluster_time: _Optional[float] = ...) -> None: ...
 
 class ReportUpdate(_message.Message):
-    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time", "activity")
+    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time", "activity", "watches_from")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -535,6 +537,7 @@ class ReportUpdate(_message.Message):
     UPGRADE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    WATCHES_FROM_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     inventory_json: str
@@ -546,7 +549,8 @@ class ReportUpdate(_message.Message):
     upgrade_required: str
     wall_time: float
     activity: _containers.RepeatedCompositeFieldContainer[ModelActivity]
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ...) -> None: ...
+    watches_from: str
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ..., watches_from: _Optional[str] = ...) -> None: ...
 
 class PeerRestart(_message.Message):
     __slots__ = ("address", "port", "reason")
