@@ -22,12 +22,22 @@ An agent that is not the leader does not forward a certificate caller's
 write (the leader must see the caller's own certificate): it answers with
 the leader's address in trailing metadata, and the client calls there
 (`REDIRECT_KEY`, at most `MAX_REDIRECTS` times per call).
+
+Start-up time (issue 16: operators run `agentd ps` in loops): the admin
+certificate's files go to gRPC as bytes, unparsed. Checking them first
+(`agentd.security.tls.load_identity`: chain, validity, role, key) loads the
+`cryptography` package, which cost more than the call itself; gRPC's own
+handshake checks the same things. The check runs only when a call fails, so a
+bad certificate, key or CA is still reported in the words of `load_identity`,
+naming its file, rather than as the handshake's failure. Stubs are built per
+method on first use, from the service descriptors, not for every method of
+both services.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +46,10 @@ import grpc
 
 from agentd.errors import AgentdError, InvalidInput, NotAvailable
 from agentd.v1 import control_pb2 as pb
-from agentd.v1 import control_pb2_grpc as pb_grpc
-from agentd.v1 import security_pb2_grpc as sec_grpc
 
 DEFAULT_TIMEOUT = 60.0
 REDIRECT_KEY = "x-agentd-redirect"  # agentd.security.auth.REDIRECT_KEY (not imported: CLI start-up time)
+NODE_SAN = "node.agentd.invalid"  # agentd.security.ca.NODE_SAN (not imported: it loads cryptography)
 MAX_REDIRECTS = 3
 USER_TLS_DIR = Path("~/.config/agentd/tls")
 TLS_HINT = ("if the cluster runs with TLS, give this client credentials: an admin certificate in "
@@ -55,6 +64,8 @@ class ClientAuth:
     options: tuple[tuple[str, Any], ...] = ()
     describe: str = "plaintext (--insecure clusters only)"
     token_port: bool = False  # bearer-token callers talk to the agent's token port
+    # Raises the precise error for credentials that were handed to gRPC unchecked; run when a call fails.
+    check: Callable[[], None] | None = None
 
 
 def user_tls_dirs(settings: Any, environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -75,25 +86,88 @@ def cli_auth(settings: Any, environ: Mapping[str, str] | None = None) -> ClientA
     """The credentials the CLI uses against the cluster (see the module docstring for the order)."""
     env = os.environ if environ is None else environ
     if settings.insecure:
-        return ClientAuth()  # before importing the TLS code: it loads cryptography (~35 ms)
-    from agentd.security.tls import channel_credentials, channel_options, load_identity
-
+        return ClientAuth()
+    # The credentials are built here from the files' bytes, as agentd.security.tls.channel_credentials and
+    # channel_options would: that module loads cryptography (~90 ms of a ~300 ms command; issue 16).
+    options = (("grpc.ssl_target_name_override", NODE_SAN),)
     dirs = user_tls_dirs(settings, env)
     node_dir = Path(settings.tls_directory)
     token = env.get("AGENTD_TOKEN", "").strip()
     if token:
         for d in [*dirs, node_dir]:
             if _readable(d / "ca.crt"):
-                creds = channel_credentials(ca_pem=(d / "ca.crt").read_bytes(), bearer_token=token)
-                return ClientAuth(creds, tuple(channel_options()), f"bearer token (CA from {d})", token_port=True)
+                creds = grpc.composite_channel_credentials(
+                    grpc.ssl_channel_credentials(root_certificates=(d / "ca.crt").read_bytes()),
+                    grpc.access_token_call_credentials(token))
+                return ClientAuth(creds, options, f"bearer token (CA from {d})", token_port=True)
         raise InvalidInput("AGENTD_TOKEN is set but no cluster CA certificate was found: copy the cluster's "
                            f"ca.crt into {dirs[-1] if dirs else USER_TLS_DIR} or point AGENTD_TLS_DIR at it")
     for d in dirs:
         if _readable(d / "admin.crt", d / "admin.key", d / "ca.crt"):
-            identity = load_identity(d, "admin")
-            return ClientAuth(channel_credentials(identity), tuple(channel_options()),
-                              f"admin certificate {identity.name!r} from {d}")
+            _usable_by_grpc(d)
+            creds = grpc.ssl_channel_credentials(root_certificates=(d / "ca.crt").read_bytes(),
+                                                 private_key=(d / "admin.key").read_bytes(),
+                                                 certificate_chain=(d / "admin.crt").read_bytes())
+            return ClientAuth(creds, options, f"admin certificate from {d}", check=_identity_check(d))
     return ClientAuth()
+
+
+def _usable_by_grpc(directory: Path) -> None:
+    """Refuse, in load_identity's words, PEM files that gRPC cannot even load.
+
+    gRPC takes any bytes, then fails each connection with lines of its own on stderr ("Invalid private
+    key"). OpenSSL, through the stdlib `ssl` module that gRPC has loaded already, reads the files in about
+    2 ms: the CA certificate, the certificate, and the key, which must be unencrypted and match the
+    certificate. Whatever else is wrong (signature, validity, role) fails the handshake or the call, and
+    `ClientAuth.check` words that.
+    """
+    import ssl
+
+    def no_password() -> bytes:
+        raise ValueError("the key is encrypted")  # never OpenSSL's interactive prompt
+
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(directory / "ca.crt"))
+        ctx.load_cert_chain(str(directory / "admin.crt"), str(directory / "admin.key"), password=no_password)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        _identity_check(directory)()  # raises the precise error
+        raise InvalidInput(f"cannot use the admin certificate: {exc}", where=str(directory)) from None
+
+
+def _identity_check(directory: Path) -> Callable[[], None]:
+    """`load_identity(directory, "admin")`, the full check of an admin certificate directory, for later."""
+
+    def check() -> None:
+        from agentd.security.tls import load_identity
+
+        load_identity(directory, "admin")
+
+    return check
+
+
+def _multicallable(channel: grpc.Channel, method: str) -> Any:
+    """What the generated `ControlStub` / `SecurityStub` holds for `method`, built from the service descriptor.
+
+    The generated stubs build a callable for every method of the service (and `security_pb2_grpc` imports
+    `security_pb2`); a CLI command calls one or two.
+    """
+    service = pb.DESCRIPTOR.services_by_name["Control"]
+    m = service.methods_by_name.get(method)
+    if m is None:
+        from agentd.v1 import security_pb2
+
+        service = security_pb2.DESCRIPTOR.services_by_name["Security"]
+        m = service.methods_by_name.get(method)
+        if m is None:
+            raise AttributeError(f"no method {method!r} in the Control or Security service")
+    from google.protobuf.message_factory import GetMessageClass
+
+    kind = f"{'stream' if m.client_streaming else 'unary'}_{'stream' if m.server_streaming else 'unary'}"
+    return getattr(channel, kind)(f"/{service.full_name}/{method}",
+                                  request_serializer=GetMessageClass(m.input_type).SerializeToString,
+                                  response_deserializer=GetMessageClass(m.output_type).FromString,
+                                  _registered_method=True)
 
 
 class CannotPlace(NotAvailable):
@@ -130,8 +204,7 @@ class ControlClient:
         options = list(self.auth.options)
         self._channel = (grpc.secure_channel(address, self.auth.credentials, options=options)
                          if self.auth.credentials else grpc.insecure_channel(address, options=options))
-        self.stub = pb_grpc.ControlStub(self._channel)
-        self.security = sec_grpc.SecurityStub(self._channel)
+        self._methods: dict[str, Any] = {}
 
     def _redirected(self, exc: grpc.RpcError) -> bool:
         """Follow an agent's "call the leader (or host) at ADDRESS" answer: reconnect there; False if none."""
@@ -170,7 +243,16 @@ class ControlClient:
         self.close()
 
     def _method(self, method: str) -> Any:
-        return getattr(self.stub, method, None) or getattr(self.security, method)
+        """The callable for `method` of the Control service, else of the Security service; built on first use."""
+        if method not in self._methods:
+            self._methods[method] = _multicallable(self._channel, method)
+        return self._methods[method]
+
+    def _error(self, exc: grpc.RpcError) -> AgentdError:
+        """The error to raise for a failed call: the credentials' own problem first, if they have one."""
+        if self.auth.check is not None:
+            self.auth.check()  # raises what a bad certificate, key or CA deserves (load_identity's words)
+        return error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None)
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         for attempt in range(MAX_REDIRECTS + 1):
@@ -179,7 +261,7 @@ class ControlClient:
             except grpc.RpcError as exc:
                 if attempt < MAX_REDIRECTS and self._redirected(exc):
                     continue
-                raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
+                raise self._error(exc) from None
         raise AssertionError("unreachable")
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
@@ -195,7 +277,7 @@ class ControlClient:
                     return
                 if not started and attempt < MAX_REDIRECTS and self._redirected(exc):
                     continue
-                raise error_from_rpc(exc, self.address, plaintext=self.auth.credentials is None) from None
+                raise self._error(exc) from None
 
     # Convenience wrappers used by the CLI and tests.
     def deploy(self, spec: pb.DeploymentSpec, replace: bool = False) -> pb.DeployReply:
