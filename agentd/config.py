@@ -24,6 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agentd.cluster.report_timing import RelayTimings
 from agentd.defaults import DEFAULT_CONFIG_PATH, token_listen_default
 from agentd.errors import ConfigError
 
@@ -292,6 +293,9 @@ class Settings(BaseSettings):
                 f"election_timeout_max ({self.election_timeout_max:g}s) must be below "
                 f"node_down_grace ({self.node_down_grace:g}s)"
             )
+        # A host whose relaying voter stalls must reach the leader directly before its lease runs out; the
+        # relay's timeouts derive from the grace (agentd/cluster/report_timing.py states the rule).
+        RelayTimings.for_grace(self.node_down_grace).check()
         if self.inventory_refresh <= 0:
             raise ValueError("inventory_refresh must be positive")
         if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:

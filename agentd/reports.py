@@ -45,6 +45,9 @@ class ReportDesk:
     # node -> (inventory JSON, parsed): a host's heartbeats mostly repeat its inventory, and at hundreds of
     # hosts validating it again was the coordinator's largest cost per report.
     _inventories: dict[str, tuple[str, HostInventory]] = field(default_factory=dict)
+    # node -> the address of the voter a watcher last said it watches from (agentd nodes: WATCHES); soft
+    # state, as the reports themselves: a new leader learns it from each watcher's next stream.
+    watching: dict[str, str] = field(default_factory=dict)
 
     def admit(self, node: str) -> None:
         """Refuse a host `agentd nodes rm` removed."""
@@ -112,10 +115,12 @@ class HostSession:
 
     def apply(self, *, inventory_json: str = "", instances: list[InstanceReport] | None = None,
               agent: tuple[str, int, int, str] | None = None,
-              activity: dict[str, tuple[float, int]] | None = None) -> Restarts:
+              activity: dict[str, tuple[float, int]] | None = None, watches: str = "") -> Restarts:
         """One update: empty/None arguments are unchanged. Returns the peer restarts the host must act on."""
         desk = self.desk
         desk.admit(self.node)
+        if watches:
+            desk.watching[self.node] = watches[:300]
         changed = False
         if agent is not None:
             self.agent = desk.agent(self.node, *agent)

@@ -12,6 +12,12 @@ away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +26,8 @@ import grpc
 import pytest
 
 from agentd.api.control import AgentService, ChannelPool, ControlService, add_services
-from agentd.cluster.relay import ReportRelay
+from agentd.cluster.relay import BATCH_FULL, ReportRelay
+from agentd.cluster.report_timing import DEFAULT, GAP_SHARE, HOST_INTERVAL, RelayTimings
 from agentd.cluster.state import ClusterState
 from agentd.coordinator import Coordinator
 from agentd.errors import InvalidInput
@@ -74,7 +81,7 @@ class Consensus:
 
 
 class Node:
-    def __init__(self, name: str, members: dict[str, Any]):
+    def __init__(self, name: str, members: dict[str, Any], agent_cls: type[AgentService] = AgentService):
         self.name = name
         self.state = ClusterState()
         self.raft = View(name, members=members)
@@ -85,7 +92,7 @@ class Node:
         self.channels = ChannelPool()
         self.control = ControlService(node_id=name, raft=self.raft, state=self.state, coordinator=self.coordinator,
                                       channels=self.channels, local_logs=self._no_logs)
-        self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
+        self.agent = agent_cls(raft=self.raft, coordinator=self.coordinator, control=self.control)
         self.relay = ReportRelay(name, self.raft, self.channels.get)
         self.agent.relay = self.relay
         self.server = grpc.aio.server()
@@ -106,11 +113,24 @@ class Node:
         await self.server.stop(0)
 
 
+class SlowLeader(AgentService):
+    """A leader whose answers to relayed batches wait `delays.pop(0)` seconds while there are delays."""
+
+    delays: list[float]
+
+    async def RelayReports(self, requests, context):
+        async for reply in super().RelayReports(requests, context):
+            if self.delays:
+                await asyncio.sleep(self.delays.pop(0))
+            yield reply
+
+
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[Node, Node]]:
     """`lead` leads, `v` is a voter that follows it and relays."""
     members: dict[str, Any] = {}
-    lead, v = Node("lead", members), Node("v", members)
+    lead, v = Node("lead", members, agent_cls=SlowLeader), Node("v", members)
+    lead.agent.delays = []
     for n in (lead, v):
         await n.server.start()
         n.raft.leader_id, n.raft.leader_address = lead.name, lead.address
@@ -121,8 +141,9 @@ async def pair() -> AsyncIterator[tuple[Node, Node]]:
         await n.close()
 
 
-def update(node: str, *, first: bool = False, instances: list[pb.Instance] | None = None) -> pb.ReportUpdate:
-    m = pb.ReportUpdate(node=node, address=f"{node}:7070", wall_time=1.0)
+def update(node: str, *, first: bool = False, instances: list[pb.Instance] | None = None,
+           watches_from: str = "") -> pb.ReportUpdate:
+    m = pb.ReportUpdate(node=node, address=f"{node}:7070", wall_time=1.0, watches_from=watches_from)
     if first:
         m.inventory_json = __import__("json").dumps(simulated_host(node, gpus=1))
         m.agent_version, m.state_format, m.wire_version = AGENT_VERSION, STATE_FORMAT, WIRE_VERSION
@@ -238,3 +259,117 @@ async def test_a_voter_cut_off_from_the_leader_sends_its_hosts_to_the_leader(pai
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await host.send(update("w1"))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def list_nodes(lead: Node) -> dict[str, pb.Node]:
+    return {n.name: n for n in (await pb_grpc.ControlStub(lead.channel).ListNodes(pb.ListNodesRequest())).nodes}
+
+
+async def test_hundreds_of_first_reports_go_to_the_leader_in_bounded_batches_and_every_host_is_up(pair):
+    """The first batch of a relay with 1,024 hosts once held 1,024 full reports; now each batch holds at
+    most BATCH_FULL of them and the next follows as soon as the leader answers (issue 16)."""
+    lead, v = pair
+    sizes: list[int] = []
+    relayed = lead.agent._relayed
+
+    def counting(relay, batch, sessions):
+        sizes.append(len(batch.updates))
+        return relayed(relay, batch, sessions)
+
+    lead.agent._relayed = counting
+    await v.relay.step()
+    n = 300
+    names = [f"w{i:03d}" for i in range(n)]
+    hosts = [HostStream(v.stub) for _ in names]
+    await asyncio.gather(*(h.send(update(name, first=True)) for h, name in zip(hosts, names, strict=True)))
+    assert not any(name in lead.coordinator.reports for name in names)
+    task = asyncio.create_task(v.relay.run())
+    try:
+        await until(lambda: all(name in lead.coordinator.reports for name in names), timeout=60)
+        nodes = await list_nodes(lead)
+        assert {(nodes[name].state, nodes[name].reports_via) for name in names} == {("up", "v")}
+        full = [s for s in sizes if s]
+        assert n > BATCH_FULL and max(full) <= BATCH_FULL and len(full) >= -(-n // BATCH_FULL), sizes
+        # Every host is still served by the voter, and its renewals reach the leader through the summary.
+        seen = {name: lead.coordinator.reports[name].last_seen for name in names}
+        await asyncio.gather(*(h.send(update(name)) for h, name in zip(hosts, names, strict=True)))
+        await until(lambda: all(lead.coordinator.reports[name].last_seen > seen[name] for name in names),
+                    timeout=30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for h in hosts:
+            h.call.cancel()
+
+
+async def test_a_late_answer_ends_the_relay_stream_not_its_hosts_service(pair):
+    """A batch the leader answers after `reply_timeout` ends the voter's stream, but the voter keeps serving
+    its hosts while its last answer is at most `healthy` old; the next stream carries everything again."""
+    lead, v = pair
+    v.relay.timings = RelayTimings(grace=30.0, renew=1.0, reply_timeout=0.3, live=3.0, host_timeout=2.0)
+    await v.relay.step()
+    host = HostStream(v.stub)
+    await host.send(update("w1", first=True))
+    lead.agent.delays = [1.0]
+    await v.relay.step()  # gives up on the answer after 0.3 s
+    assert v.relay._call is None and v.relay.serving()
+    assert "w1" not in lead.coordinator.reports or lead.coordinator.reports["w1"].via == "v"
+    await host.send(update("w1"))  # still served: the host does not leave for the leader
+    await v.relay.step()  # a new stream, with everything
+    assert lead.coordinator.reports["w1"].via == "v" and v.relay.serving()
+    host.call.cancel()
+
+
+async def test_nodes_show_the_voter_a_watcher_watches_from_and_direct_reports_when_its_relay_goes(pair):
+    lead, v = pair
+    await v.relay.step()
+    host = HostStream(v.stub)
+    await host.send(update("w1", first=True, watches_from=v.address))
+    await v.relay.step()
+    nodes = await list_nodes(lead)
+    assert (nodes["w1"].role, nodes["w1"].reports_via, nodes["w1"].watches_from) == ("watcher", "v", "v")
+    assert (nodes["v"].reports_via, nodes["v"].watches_from) == ("", "")  # a voter watches nothing
+
+    # Its relay goes away: its next message is refused, and it reports to the leader itself.
+    v.relay.close()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await host.send(update("w1"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    direct = HostStream(lead.stub)
+    await direct.send(update("w1", first=True, watches_from=v.address))
+    nodes = await list_nodes(lead)
+    assert (nodes["w1"].state, nodes["w1"].reports_via, nodes["w1"].watches_from) == ("up", "", "v")
+    direct.call.cancel()
+
+    # `agentd nodes`: a VIA and a WATCHES column, and both fields in --json.
+    env = {k: val for k, val in os.environ.items() if not k.startswith("AGENTD_")}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, env=env)
+    table = await asyncio.to_thread(run, [sys.executable, "-m", "agentd", "nodes", "--server", lead.address])
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:6] == ["NAME", "ADDRESS", "STATE", "ROLE", "VIA", "WATCHES"], header
+    at = [header.index(c) for c in ("VIA", "WATCHES", "GPUS")]
+    got = {r.split()[0]: [r[at[0]:at[1]].strip(), r[at[1]:at[2]].strip()] for r in rows}
+    assert got["w1"] == ["direct", "v"] and got["lead"] == ["-", "-"], table.stdout
+    js = await asyncio.to_thread(run, [sys.executable, "-m", "agentd", "nodes", "--json", "--server", lead.address])
+    assert js.returncode == 0, js.stderr
+    w1 = next(n for n in json.loads(js.stdout)["nodes"] if n["name"] == "w1")
+    assert (w1["reports_via"], w1["watches_from"], w1["role"]) == ("", "v", "watcher")
+
+
+def test_relay_timings_derive_from_the_grace_and_keep_a_stalled_relays_hosts_up():
+    from agentd.agent.reporter import REPORT_INTERVAL
+
+    assert HOST_INTERVAL == REPORT_INTERVAL
+    d = DEFAULT
+    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 3.75, 3.0, 2.0)
+    assert round(d.healthy, 3) == 4.8 and round(d.gap, 3) == 7.9
+    for grace in (3.0, 3.5, 4.0, 6.0, 10.0, 30.0, 300.0, 3600.0):
+        t = RelayTimings.for_grace(grace)
+        t.check()
+        assert t.gap <= GAP_SHARE * grace and t.healthy > t.renew + t.reply_timeout and t.live > HOST_INTERVAL
+    with pytest.raises(ValueError, match="too short for reports through a voter"):
+        RelayTimings.for_grace(2.5).check()
+    relay = ReportRelay("v", View("v"), lambda address: None, timings=RelayTimings.for_grace(3.0))
+    assert relay.timings.reply_timeout == 0.375

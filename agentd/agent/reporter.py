@@ -114,6 +114,7 @@ class Reporter:
             address = d.raft.leader_address
             channel = d.channels.get(address)
             activity = activity_to_pb(d.activity.report())  # idle clocks and replica queues (issue 21)
+            watches = getattr(d.raft.watcher, "source", "") or ""  # a watcher's voter (agentd nodes: WATCHES)
             try:
                 if d.report_stream.unary(address):  # an agentd 0.1.0 leader: one Report call per report
                     req = pb.ReportRequest(node=d.node, address=d.s.advertise_address,
@@ -130,7 +131,7 @@ class Reporter:
                         reply = await d.report_stream.send(
                             d.channels.get(relay), relay, inventory_json=inventory_json, instances=rows,
                             version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
-                            wall_time=time.time(), activity=activity)
+                            wall_time=time.time(), activity=activity, watches_from=watches)
                     except (grpc.aio.AioRpcError, StreamEnded, TimeoutError) as exc:
                         d.relay_choice.failed(relay)  # issue16 relay: to the leader directly, at once
                         log.info("the voter stopped relaying this host's reports: reporting to the leader",
@@ -143,7 +144,7 @@ class Reporter:
                     reply = await unless_leader_moves(d.report_stream.send(
                         channel, address, inventory_json=inventory_json, instances=rows,
                         version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
-                        wall_time=time.time(), activity=activity), lambda: d.raft.leader_id)
+                        wall_time=time.time(), activity=activity, watches_from=watches), lambda: d.raft.leader_id)
                     if reply.cluster_time:
                         d.cluster_clock.on_reply(((CLUSTER_TIME_METADATA, repr(reply.cluster_time)),))
             except StreamEnded:

@@ -54,6 +54,7 @@ from agentd.cluster.raft import RaftNode, RaftOptions
 from agentd.cluster.raft.transport import CHANNEL_OPTIONS
 from agentd.cluster.raft.types import Role
 from agentd.cluster.relay import RelayChoice, ReportRelay  # issue16 relay
+from agentd.cluster.report_timing import RelayTimings
 from agentd.cluster.state import ClusterState, secret_init_command
 from agentd.config import Settings
 from agentd.coordinator import Coordinator, run_periodically
@@ -164,7 +165,8 @@ class Daemon:
         self.cluster_clock = ClusterClock(wall=lambda: self.wall())
         self.agent.clock = self.cluster_clock
         # issue16 relay: a voter relays its watchers' reports to the leader; a watcher reports through its voter
-        self.relay = ReportRelay(self.node, self.raft, self.channels.get)
+        self.report_timings = RelayTimings.for_grace(settings.node_down_grace)  # issue16: timeouts from the grace
+        self.relay = ReportRelay(self.node, self.raft, self.channels.get, timings=self.report_timings)
         self.agent.relay = self.relay
         self.relay_choice = RelayChoice(self.node)
         self.security: SecurityService | None = None
@@ -191,7 +193,8 @@ class Daemon:
         self.restarting = False
         self._drain = False  # stop this host's model servers on the way out (decided when the stop begins)
         self.activity = Activity(on_first=self.reporter.now.set)  # the /v1/ proxy's requests, for idle unload
-        self.report_stream = ReportStream(self.node, settings.advertise_address)  # to the leader (reporter.py)
+        self.report_stream = ReportStream(self.node, settings.advertise_address,  # to the leader (reporter.py)
+                                          timeout=self.report_timings.host_timeout)
         self._tasks: list[asyncio.Task] = []
         self._health = health.aio.HealthServicer()
         self._test_hooks = load_test_hooks()

@@ -144,6 +144,9 @@ class ControlService(pb_grpc.ControlServicer):
         self.coordinator = coordinator
         self.channels = channels
         self.local_logs = local_logs
+        # On the leader: node -> the address of the voter each watcher says it watches from (written by
+        # AgentService's ReportDesk, shown by ListNodes as Node.watches_from).
+        self.watching: dict[str, str] = {}
         # The leader's state format, as its last ReportReply said (the daemon sets it): a request this agent
         # forwards must not carry what an older leader would silently drop.
         self.leader_format: Callable[[], int] = lambda: STATE_FORMAT
@@ -371,6 +374,7 @@ class ControlService(pb_grpc.ControlServicer):
             now = self.coordinator.clock()
             members = self.raft.members
             names = sorted(set(members) | set(self.state.nodes) | set(self.coordinator.reports))
+            named = {getattr(m, "address", ""): n for n, m in members.items()}  # a watcher's voter, by name
             nodes = []
             for name in names:
                 rep = self.coordinator.reports.get(name)
@@ -379,6 +383,9 @@ class ControlService(pb_grpc.ControlServicer):
                 address = (getattr(member, "address", "") or (rec.address if rec else "")
                            or (rep.inventory.address if rep else ""))
                 left, blocked = self.coordinator.drains.remaining(name)
+                role = ("leader" if name == self.raft.leader_id else "voter" if getattr(member, "voter", False)
+                        else "learner" if member is not None else "watcher")
+                watches = self.watching.get(name, "") if role == "watcher" else ""
                 nodes.append(pb.Node(
                     name=name, address=address, state=rec.state if rec else ("up" if rep else "unknown"),
                     voter=bool(getattr(member, "voter", False)), leader=name == self.raft.leader_id,
@@ -389,9 +396,7 @@ class ControlService(pb_grpc.ControlServicer):
                     upgrade_required=rep.agent.upgrade_required if rep else "",
                     cordoned=[c.key for c in self.state.cordons_of(name)],
                     draining=left, drain_blocked=blocked,
-                    role=("leader" if name == self.raft.leader_id else "voter" if getattr(member, "voter", False)
-                          else "learner" if member is not None else "watcher"),
-                    reports_via=rep.via if rep else ""))
+                    role=role, reports_via=rep.via if rep else "", watches_from=named.get(watches, watches)))
             return pb.ListNodesReply(nodes=nodes)
         return await self._on_leader("ListNodes", request, context, local)
 
@@ -671,7 +676,8 @@ class AgentService(pb_grpc.AgentServicer):
         self.raft = raft
         self.coordinator = coordinator
         self.control = control
-        self.desk = ReportDesk(coordinator, on_instance_state=control.publish_instance_event)
+        self.desk = ReportDesk(coordinator, on_instance_state=control.publish_instance_event,
+                               watching=control.watching)
 
     @property
     def invite(self) -> Callable[[str], bool]:
@@ -752,7 +758,8 @@ class AgentService(pb_grpc.AgentServicer):
                 instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
                 agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
                 if m.agent_version else None,
-                activity=_activity(m.activity))  # the proxy's idle clocks (issue 21) ride on every message
+                activity=_activity(m.activity),  # the proxy's idle clocks (issue 21) ride on every message
+                watches=m.watches_from)
         except AgentdError as exc:
             await context.abort(status_for(exc), str(exc))
         cluster_time = 0.0
@@ -822,7 +829,7 @@ class AgentService(pb_grpc.AgentServicer):
                     instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
                     agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
                     if m.agent_version else None,
-                    activity=_activity(m.activity) if m.activity else None)
+                    activity=_activity(m.activity) if m.activity else None, watches=m.watches_from)
             except AgentdError as exc:
                 sessions.pop(node, None)
                 heard.pop(node, None)

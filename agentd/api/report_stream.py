@@ -4,8 +4,9 @@ With one unary Report a second per host, the leader paid a call's setup,
 an inventory comparison and a full report's bookkeeping for each host each
 second. Here a host keeps one stream open to the leader it knows and sends
 on it only what changed since its previous message on that stream: the
-inventory when it changed, the instance states when they changed, else a bare
-renewal of its lease. The leader answers each message with what ReportReply
+inventory when it changed, the instance states when they changed (and, on a
+watcher, the voter it watches from when that changed), else a bare renewal of
+its lease. The leader answers each message with what ReportReply
 always carried (peer restarts, its version and format, join_raft, the cluster
 time). A new stream starts over with everything: the leader remembers nothing
 across streams, so a new leader, a restarted agent or a broken connection
@@ -27,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from agentd.cluster.report_timing import DEFAULT
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -44,13 +46,16 @@ class _Sent:
     inventory_json: str = ""
     instances: tuple[bytes, ...] | None = None
     version: tuple[str, int, int, str] | None = None
+    watches_from: str = ""
 
 
 @dataclass
 class ReportStream:
     node: str
     address: str
-    timeout: float = 2.0  # for one message's reply; the stream itself has no deadline
+    # For one message's reply; the stream itself has no deadline. The daemon derives it from node_down_grace
+    # (RelayTimings.host_timeout: a host whose voter hangs leaves it well before its lease runs out).
+    timeout: float = DEFAULT.host_timeout
     target: str = ""  # the leader address the open stream goes to
     _call: Any = None
     _sent: _Sent = field(default_factory=_Sent)
@@ -67,7 +72,7 @@ class ReportStream:
 
     async def send(self, channel: grpc.aio.Channel, target: str, *, inventory_json: str,
                    instances: Sequence[pb.Instance], version: tuple[str, int, int, str], wall_time: float = 0.0,
-                   activity: Sequence[Any] = ()) -> pb.ReportReply:
+                   activity: Sequence[Any] = (), watches_from: str = "") -> pb.ReportReply:
         """Send what changed since the leader's last acknowledgement on the stream to `target` (opening one
         when there is none to it) and return the leader's reply. Any failure closes the stream, so the next
         report starts a new one with everything; an UNIMPLEMENTED leader is remembered (`unary`)."""
@@ -86,6 +91,8 @@ class ReportStream:
             m.instances.extend(instances)
         if version != sent.version:
             m.agent_version, m.state_format, m.wire_version, m.upgrade_required = version
+        if watches_from and watches_from != sent.watches_from:  # a watcher's voter (agentd nodes: WATCHES)
+            m.watches_from = watches_from
         m.activity.extend(activity)  # the proxy's idle clocks move on every report: not a change to diff
         call = self._call
         try:
@@ -112,7 +119,7 @@ class ReportStream:
             if code != grpc.StatusCode.OK:
                 raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
             raise StreamEnded(f"the leader at {target} ended the report stream")
-        self._sent = _Sent(inventory_json, rows, version)
+        self._sent = _Sent(inventory_json, rows, version, watches_from or sent.watches_from)
         return reply
 
     def close(self) -> None:

@@ -416,18 +416,23 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         state = "needs-upgrade" if n.upgrade_required else n.state
         if n.cordoned:
             host_too = n.name in n.cordoned
-            gpus = [k.split(":", 1)[1] for k in n.cordoned if ":" in k]
-            state += ",cordoned" if host_too else f",cordoned:gpu{','.join(gpus)}"
+            held = [k.split(":", 1)[1] for k in n.cordoned if ":" in k]
+            state += ",cordoned" if host_too else f",cordoned:gpu{','.join(held)}"
         if n.draining:
             state += f",draining:{n.draining}"
-        rows.append([n.name, n.address, state, role, str(len(gpus)), f"{free:.1f}",
+        # How it reports: to the leader itself ("direct"), or through the voter named; "-" for the leader
+        # and for a host the leader holds no report of. A watcher also shows the voter it watches from.
+        via = "-" if role == "leader" or not n.inventory_json else (n.reports_via or "direct")
+        watches = (n.watches_from or "?") if role == "watcher" else "-"
+        rows.append([n.name, n.address, state, role, via, watches, str(len(gpus)), f"{free:.1f}",
                      "yes" if inv.get("simulated") else "no", n.agent_version or "-"])
         entry = _dict(n)
         entry["inventory"] = inv
         entry.pop("inventory_json", None)
         data.append(entry)
     emit(args, {"nodes": data},
-         lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "GPUS", "FREE_GIB", "SIMULATED", "VERSION"]))
+         lambda: _table(rows, ["NAME", "ADDRESS", "STATE", "ROLE", "VIA", "WATCHES", "GPUS", "FREE_GIB",
+                               "SIMULATED", "VERSION"]))
     return 0
 
 

@@ -1,0 +1,71 @@
+"""The report path's timeouts, derived from `node_down_grace` (docs/cluster.md, "Reports through a voter",
+"Timing").
+
+A relayed host's lease is renewed on the leader only by its voter's batches. When that voter stalls (its
+leader does not answer, or the voter itself hangs), the host must notice and reach the leader directly
+before the leader marks it down. The longest a relayed host's lease can go unrenewed because of its voter
+(`RelayTimings.gap`) is, in the worst case:
+
+- the voter's last answered batch renewed the lease; its next batch waits up to `renew` (+ `COALESCE`) and
+  its answer up to `reply_timeout`, so after `healthy` = renew + COALESCE + reply_timeout without an
+  answer the voter stops serving hosts;
+- the host's next message comes within its report interval (`HOST_INTERVAL` + COALESCE) and is refused,
+  or, when the voter itself hangs, is given up after the host's own `host_timeout`;
+- the host then opens a stream to the leader at once (COALESCE), whose first message renews the lease.
+
+    gap = healthy + HOST_INTERVAL + 2 × COALESCE + host_timeout   must be ≤ 0.8 × node_down_grace
+
+(the last fifth of the grace covers the leader's own delays in taking that first message). With the
+default grace of 30 s: renew 1 s, reply_timeout 3.75 s, healthy 4.8 s, live 3 s, host_timeout 2 s, gap
+7.9 s ≤ 24 s. With a grace of 3 s (the smallest the rule allows, and the tests use): renew 0.25 s,
+reply_timeout 0.375 s, healthy 0.675 s, live 1.5 s, host_timeout 0.6 s, gap 2.375 s ≤ 2.4 s. The rule
+holds for every grace from 3 s up; `agentd.config` refuses a shorter one (`check`).
+
+Pure: no I/O, nothing imported, so the settings' validation can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HOST_INTERVAL = 1.0  # seconds between a host's messages (agentd.agent.reporter.REPORT_INTERVAL)
+COALESCE = 0.05  # seconds a change waits for others to share its batch (the relay) or report (the host)
+FORGET = 60.0  # a host silent this long is forgotten by its voter (memory only: no lease depends on it)
+GAP_SHARE = 0.8  # of node_down_grace: the most a relayed host's lease may go unrenewed because of its voter
+
+
+@dataclass(frozen=True)
+class RelayTimings:
+    grace: float  # node_down_grace
+    renew: float  # between a voter's batches when nothing changed: the lease summary (and its own liveness)
+    reply_timeout: float  # for the leader's answer to one batch
+    live: float  # a host heard within this long is vouched for in the lease summary
+    host_timeout: float  # a host's wait for the answer to one message of its report stream
+
+    @classmethod
+    def for_grace(cls, grace: float) -> RelayTimings:
+        if not grace > 0:
+            raise ValueError(f"node_down_grace ({grace:g}s) must be positive")
+        return cls(grace=grace, renew=min(1.0, grace / 12), reply_timeout=min(5.0, grace / 8),
+                   live=min(3.0, grace / 2), host_timeout=min(2.0, grace / 5))
+
+    @property
+    def healthy(self) -> float:
+        """A voter serves hosts while the leader answered its last batch at most this long ago."""
+        return self.renew + COALESCE + self.reply_timeout
+
+    @property
+    def gap(self) -> float:
+        """The longest a relayed host's lease goes unrenewed when its voter stalls (see the module's rule)."""
+        return self.healthy + HOST_INTERVAL + 2 * COALESCE + self.host_timeout
+
+    def check(self) -> None:
+        """Raise ValueError when this grace is too short for a host to leave a stalled voter in time."""
+        if not self.gap <= GAP_SHARE * self.grace:
+            raise ValueError(
+                f"node_down_grace ({self.grace:g}s) is too short for reports through a voter: a host whose "
+                f"voter stalls may go {self.gap:.2f}s unheard before it reaches the leader directly, which "
+                f"must be at most {GAP_SHARE:g} × node_down_grace; use at least 3s (docs/cluster.md)")
+
+
+DEFAULT = RelayTimings.for_grace(30.0)
