@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p = sub.add_parser("version", parents=parents, help="print the version of agentd and its plugins",
                        description="Print the version of agentd and of each installed plugin (from the "
                        "package metadata; the plugins are not loaded: 'agentd plugins' loads them).")
-    p.set_defaults(func=cmd_version)
+    p.set_defaults(func=cmd_version, logs=False)  # it logs nothing: logging is not even imported (start-up time)
 
     p = sub.add_parser("config", parents=parents, help="inspect the configuration",
                        description="Inspect the effective configuration.")

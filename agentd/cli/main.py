@@ -127,14 +127,15 @@ def _parse(argv: list[str]) -> tuple[Parser, object]:
 
 
 def _run(argv: list[str]) -> int:
-    from agentd.logs import setup_logging
-
     try:
         parser, args = _parse(argv)
     except UsageError as exc:
         print(f"agentd: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    setup_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "info"))
+    if getattr(args, "logs", True):  # a command that never logs (`version`) says logs=False: no `logging` import
+        from agentd.logs import setup_logging
+
+        setup_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "info"))
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_INVALID if argv else EXIT_OK
