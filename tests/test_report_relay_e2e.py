@@ -1,7 +1,8 @@
 """Reports through a voter (docs/cluster.md, issue 16 item 1), with real agents: 3 voters and 3 watchers,
 insecure and with mutual TLS.
 
-* A watcher's reports reach the leader through the follower voter it watches from (ListNodes says which).
+* A watcher's reports reach the leader through the follower voter it watches from; `agentd nodes` says
+  which (VIA, reports_via) and which voter the watcher watches from (WATCHES, watches_from).
 * kill -9 of that voter: the watcher's reports move (to another voter, or to the leader itself) with its lease
   intact - it is never marked down, while the killed voter is, after the same grace.
 * A watcher cannot forward reports: the leader refuses RelayReports from a host that is not a voter (with
@@ -10,6 +11,7 @@ insecure and with mutual TLS.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -19,6 +21,7 @@ import pytest
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +89,40 @@ def test_a_watcher_reports_through_its_voter_and_its_reports_move_when_that_vote
             assert source in (v, leader), (w, v, source)
         wait_for(lambda: {n.state for n in nodes(c, leader).values()} == {"up"}, 30, "every host up")
 
+        # `agentd nodes` shows how each host reports, and which voter a watcher watches from (as it told the
+        # leader); voters report to the leader themselves.
+        def watching() -> dict[str, str]:
+            out = {}
+            for w in WATCHERS:
+                with c.agents[w].client(timeout=5) as client:
+                    out[w] = name_of.get(client.status().watching, "")
+            return out
+
+        def shown() -> list[dict] | None:
+            env = {"HOME": str(tmp_path)}
+            if secure:
+                env["AGENTD_TLS_DIR"] = str(c.admin_dir)
+            r = run_cli("nodes", "--json", "--server", c.agents[leader].listen, env=env)
+            assert r.returncode == 0, r.stderr
+            listed = {n["name"]: n for n in json.loads(r.stdout)["nodes"]}
+            want = watching()
+            ok = all(listed[w]["watches_from"] == want[w] != "" for w in WATCHERS)
+            return [listed, r] if ok else None
+
+        listed, _ = wait_for(shown, 30, "every watcher's voter in agentd nodes --json")
+        for v in VOTERS:
+            assert (listed[v]["reports_via"], listed[v]["watches_from"]) == ("", ""), listed[v]
+        for w in WATCHERS:
+            assert listed[w]["reports_via"] in followers and listed[w]["role"] == "watcher", listed[w]
+        env = {"HOME": str(tmp_path), **({"AGENTD_TLS_DIR": str(c.admin_dir)} if secure else {})}
+        table = run_cli("nodes", "--server", c.agents[leader].listen, env=env).stdout
+        header = table.splitlines()[0]
+        assert header.split()[3:6] == ["ROLE", "VIA", "WATCHES"], table
+        for line in table.splitlines()[1:]:
+            cells = line.split()
+            if cells[0] in VOTERS:
+                assert cells[4:6] == (["-", "-"] if cells[0] == leader else ["direct", "-"]), table
+
         # A host that is not a voter may not relay (claiming itself, or a voter's name with its certificate).
         code, why = relay_refusal(c, leader, relay="w1", as_host="w1")
         assert code == grpc.StatusCode.PERMISSION_DENIED and "only voters relay" in why, why
@@ -115,6 +152,9 @@ def test_a_watcher_reports_through_its_voter_and_its_reports_move_when_that_vote
         assert final[dead].state == "down"  # the same grace marks the dead voter down
         assert {final[x].state for x in WATCHERS} == {"up"}
         assert final[w].reports_via in ("", *[v for v in VOTERS if v != dead])
+        # It watches from a live voter now, and told the leader so.
+        wait_for(lambda: nodes(c, leader)[w].watches_from in [v for v in VOTERS if v != dead], 30,
+                 f"{w} shown watching from a live voter")
         text = c.agents[leader].log_file.read_text(errors="replace")[before:]
         assert not any(f'"host {x} silent' in text for x in WATCHERS)
     finally:
