@@ -1,34 +1,49 @@
-"""The leader's cost per host, with voters and watchers: real voters, simulated watcher hosts.
+"""The leader's cost per host, with voters and watchers: real voters, simulated watcher hosts (issue 16).
 
-    .venv/bin/python benchmarks/fleet.py [--hosts 0,256,1024,2048] [--report-every 5] [--measure 30]
+The issue-16 measurement, one command (about 12-15 minutes on a quiet 2-core machine):
 
-Three real `agentd serve` voters (max_voters 3, no standby learners, insecure)
-pinned to CPU 0 with taskset; a simulator process pinned to CPU 1 runs HOSTS
-simulated hosts in one asyncio loop, each with the real code a watcher host
-runs: a Raft Join that makes it a watcher, agentd.cluster.raft.watch.Watcher
-following a voter's Watch stream into its own ClusterState, and a Report to
-the leader every --report-every seconds with an 8-GPU simulated inventory:
-on one Agent/ReportStream per host with the daemon's client
-(agentd/api/report_stream.py; a bare lease renewal once the first message
-carried the inventory), or with --report unary one Agent/Report call per report
-(how agentd 0.1.0 and this release before the stream reported); --report both
-runs each at every size.
+    .venv/bin/python benchmarks/fleet.py --hosts 2048 --secure --spawns 50 --kill-leader
 
-For each size: the leader's CPU (% of one core, psutil over --measure seconds
-of steady state, --repeats windows, the median and all of them), every voter's
-CPU, the load average, and how many simulated hosts the leader counts as up.
---secure gives every simulated host its own certificate from the cluster CA
-and its own TLS connections (the issue's figures are with mTLS). --spawns N
-deploys N one-replica deployments pinned to random up hosts and times from
-Deploy's reply (the entry committed and applied on the leader) to the target
-host's watcher applying its assignment (the simulator has no supervisor: that
-is the moment a daemon would spawn). --profile S samples the leader with
-py-spy after the CPU windows. With --kill-leader it then kills -9 the leader
-and reports the time until every simulated watcher follows the new leader's
-state (its commit index applied) and the survivors' peak CPU.
---v010-hosts runs the v0.1.0 design first (every host a Raft learner: v0.1.0's
-own RaftNode per simulated host, from a git worktree of the tag, insecure,
-unary reports). Everything started is stopped on exit, Ctrl-C included.
+Three real `agentd serve` voters (max_voters 3, no standby learners) pinned to CPU 0 with taskset; the
+simulated hosts live in --sim-procs processes (default: one per 512 hosts), all pinned to CPU 1. Hosts
+join at --join-rate per second, all processes together (each join is a committed entry that every watcher
+receives); the row says how long joining took (`join_s`), when the leader counted every host up
+(`all_up_s`), and how many were up then and after the CPU windows.
+
+What is real, per simulated host: its Raft Join (it is told to watch); its own mTLS identity (a
+certificate from the cluster CA) and its own connections to the voters; the real
+`agentd.cluster.raft.watch.Watcher` on a real Raft/Watch stream, which decodes every event, checks every
+index (a repeated entry is skipped, a gap makes it ask again: both counted, `repeats`/`gaps`), follows
+leader changes and moves to another voter when its voter dies; its reports on the daemon's default path
+(agentd/agent/reporter.py): the real `ReportStream` client to the voter it watches from, chosen by the real
+`RelayChoice` (the voter relays them to the leader on Agent/RelayReports), to the leader directly when that
+fails, as the daemon does; a report every --report-every seconds (default: the daemon's REPORT_INTERVAL)
+with an 8-GPU simulated inventory. --report direct sends the stream to the leader; unary one Agent/Report
+call per report (agentd 0.1.0).
+
+What is shared: the *apply*. A real host applies every committed entry to its own ClusterState on its own
+CPU, which costs the voters nothing; 2,048 copies in a few processes made the simulator quadratic (1.2 GB
+and 80 % of a core at 1,483 hosts), so it fell behind and its hosts' leases lapsed. Here each watcher's
+state machine is a `HostState` (its own last index and term) over one `SharedLog` per process: the first
+watcher to deliver an index applies it to the process's one ClusterState; every other delivery of that
+index is checked against it (term and CRC of the command; a mismatch is counted, `divergent`). A snapshot
+further on than the shared state is restored into it. So the spawn timing is still per host: the moment
+the target host's own watcher applied the entry that newly assigns it the deployment (the simulator has no
+supervisor: that is when a daemon would spawn). `sim CPU%/host` and `sim KB/host` are the simulators'
+own cost (CPU over the same windows as the voters', RSS after them).
+
+For each size: the leader's CPU (% of one core, /proc times via psutil over --measure seconds, --repeats
+windows: the median and all of them), every voter's CPU in the same windows, the load average, the hosts
+the leader counts up, and which voter each host's reports came through (`reports_via`). --spawns N
+deploys N one-replica deployments pinned to random up hosts, one at a time, and times from Deploy's reply
+(the entry committed and applied on the leader; this can be negative: a follower's watcher may apply it
+before the reply reaches the client) and from the call's start, to the target host's watcher applying its
+assignment. --kill-leader then kills -9 the leader and reports the time until every simulated watcher
+names the new leader and applied its commit index, and the survivors' peak CPU (0.25 s windows).
+--profile S samples the leader with py-spy after the CPU windows. --v010-hosts runs the v0.1.0 design
+first (every host a Raft learner: v0.1.0's own RaftNode per simulated host, one process, from a git
+worktree of the tag, insecure, unary reports). A table of every row is printed last. Everything started is
+stopped on exit, Ctrl-C included. FLEET_KEEP_DIR=dir keeps the agents' logs there; FLEET_LOG_LEVEL=info.
 """
 
 from __future__ import annotations
@@ -182,6 +197,7 @@ def sim_inventory(name: str) -> str:
 async def _simulate(cfg: dict) -> None:
     import asyncio
     import random
+    import re
 
     import grpc
 
@@ -278,8 +294,8 @@ async def _simulate(cfg: dict) -> None:
                 except (grpc.aio.AioRpcError, StreamEnded, TimeoutError) as exc:
                     stats["failed"] += 1
                     rpc = isinstance(exc, grpc.aio.AioRpcError)
-                    why = (f"{'relay' if relay else 'leader'}: {exc.code().name if rpc else type(exc).__name__} "
-                           f"{exc.details() if rpc else ''}")[:160]
+                    why = f"{exc.code().name} {exc.details()}" if rpc else type(exc).__name__
+                    why = re.sub(r"sim-\d+", "sim-N", f"{'relay' if relay else 'leader'}: {why}")[:120]
                     stats["report_errors"][why] = stats["report_errors"].get(why, 0) + 1
                     if relay:  # as the daemon: avoid that voter, report to the leader at once
                         choice.failed(relay)
