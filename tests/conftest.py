@@ -119,6 +119,25 @@ def release_0_1_0(tmp_path_factory):
         yield path
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A LocalCluster that the test body started and did not stop (a failure outside `with`, a forgotten
+    stop()) is stopped here, with everything its agents started: its model servers would load every later
+    test. Clusters from fixtures are their fixtures' business (they start before the body)."""
+    before = set(_started_clusters())
+    try:
+        return (yield)
+    finally:
+        started = _started_clusters()
+        for key in [k for k in started if k not in before]:
+            started[key].stop(timeout=10)
+
+
+def _started_clusters() -> dict:
+    lc = sys.modules.get("agentd.testing.localcluster")  # not imported: no cluster (and no gRPC import for it)
+    return lc.STARTED if lc is not None else {}
+
+
 # Groups that run only when asked: marker -> the variable scripts/test sets to include them.
 OPT_IN_GROUPS = {"oracle": "AGENTD_ORACLE", "vllm_multihost": "AGENTD_VLLM_MULTIHOST"}
 

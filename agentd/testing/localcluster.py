@@ -21,16 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from agentd.api.client import ClientAuth, ControlClient
 from agentd.api.drain import request_drain
 from agentd.errors import AgentdError, NotAvailable
 from agentd.runtime.standalone import kill_recorded
+from agentd.runtime.strays import OWNER_DATA_DIR
 from agentd.security.files import open_private, private_dir
 from agentd.v1 import control_pb2 as pb
 
 GiB = 1024**3
 DEFAULT_MAX_VOTERS = 5  # Settings.max_voters' default: the first five agents vote
 DEFAULT_STANDBY_LEARNERS = 2  # Settings.standby_learners' default: then every other agent is a watcher
+CLUSTER_MARK = "LOCALCLUSTER_ROOT"  # not AGENTD_*: the agent's settings own that prefix
+# Clusters that started an agent and have not been stopped (with drain) since: tests/conftest.py stops those a
+# test body started and left running, e.g. after a failure outside any `with`.
+STARTED: dict[int, LocalCluster] = {}
 _PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
@@ -201,6 +208,7 @@ class LocalCluster:
         (self.root / "none.toml").touch()
         env.update(self.extra_env)
         env["AGENTD_TEST_HOOKS"] = "agentd.testing.agent_hooks"  # the faults and clocks below (a test's own too)
+        env[CLUSTER_MARK] = self.mark  # inherited by whatever the agent starts: `reap` finds it by this
         if self.faults:
             env["AGENTD_TEST_FAULT_FILE"] = str(self.fault_file(name))
         env.update(self.agent_env.get(name, {}))
@@ -212,6 +220,7 @@ class LocalCluster:
         # PYTHONPATH, and an agent given another release's code in agent_env must import that code.
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                       start_new_session=True)
+        STARTED[id(self)] = self
         os.close(log)
         return agent
 
@@ -247,6 +256,52 @@ class LocalCluster:
                 agent.proc.wait(timeout=10)
         if drain:
             kill_recorded(self.root)
+            self.reap()
+            STARTED.pop(id(self), None)
+
+    @property
+    def mark(self) -> str:
+        """The value of CLUSTER_MARK in this cluster's agents' environment (and so in their children's)."""
+        return str(self.root.resolve())
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Every live process this cluster's agents started, directly or not, and the agents themselves: those
+        that carry CLUSTER_MARK or an owner data directory (agentd.runtime.strays) under `root`, and their
+        descendants. Model servers live in sessions of their own, so an agent killed with -9 leaves them
+        running, and a lost record no longer names them; their environment still does."""
+        mark, me = self.mark, os.getpid()
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["pid"]):
+            if p.pid == me:
+                continue
+            try:
+                env = p.environ()  # other users' processes are unreadable, and not ours anyway
+            except (psutil.Error, OSError):
+                continue
+            owner = env.get(OWNER_DATA_DIR, "")
+            if env.get(CLUSTER_MARK) == mark or owner == mark or owner.startswith(mark + os.sep):
+                found[p.pid] = p
+                with contextlib.suppress(psutil.Error):
+                    found.update((c.pid, c) for c in p.children(recursive=True) if c.pid != me)
+        return sorted(found.values(), key=lambda p: p.pid)
+
+    def reap(self, timeout: float = 10.0) -> list[int]:
+        """SIGKILL every `leftovers()` process and wait for them to be gone; the pids killed. `stop()` calls it,
+        so nothing a test started outlives its cluster, whatever the test killed or deleted on the way."""
+        killed: list[int] = []
+        for _ in range(3):  # a parent killed in the same sweep may have forked meanwhile: look again
+            procs = self.leftovers()
+            if not procs:
+                break
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+                    killed.append(p.pid)
+            psutil.wait_procs(procs, timeout=timeout)
+        for agent in self.agents.values():
+            if agent.proc is not None:
+                agent.proc.poll()  # our own children: reaped, not left as zombies
+        return sorted(set(killed))
 
     def __enter__(self) -> LocalCluster:
         return self.start()
