@@ -14,6 +14,8 @@ What is here, in the order a deployment meets it:
   (`ShardDemand`, `LayerDemand`), candidates (`Layout`, `PartLayout`),
   constraints and their rejections (`Constraint`, `Rejection`, the shared
   rules such as `TensorParallelDivisibility`), and `LaunchParams`;
+* explain (since 1.1): `explain_sharded` and `ShardedReasons`, the sentence
+  `agentd_explain` returns for a sharded layout and --parallelism;
 * act (processes, may be async): `ProcessSpec`, `Endpoint`, `HttpProbe`,
   `TcpProbe`, `ProbeResult`, `HealthVerdict`, `LaunchContext`,
   `ReservedLaunch`, `find_binary`;
@@ -45,19 +47,19 @@ from agentd.errors import AgentdError, BinaryNotUsable, InvalidInput, PluginErro
 from agentd.types import GiB
 
 __all__ = [
-    "API_VERSION", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu", "HealthVerdict",
-    "HttpProbe", "InstalledRuntime", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand", "LayerSplit",
-    "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError",
-    "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo",
-    "Scorer", "Shape", "ShapeLimits", "ShardDemand", "Sharded", "TcpProbe", "TensorParallelDivisibility",
-    "find_binary", "gib", "hookimpl", "index_list", "layout_rejection",
+    "API_VERSION", "PARALLELISM_MODES", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu",
+    "HealthVerdict", "HttpProbe", "InstalledRuntime", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand",
+    "LayerSplit", "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError",
+    "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Scorer",
+    "Shape", "ShapeLimits", "ShardDemand", "Sharded", "ShardedReasons", "TcpProbe", "TensorParallelDivisibility",
+    "explain_sharded", "find_binary", "gib", "hookimpl", "index_list", "layout_rejection",
 ]
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 """The plugin API this agentd offers, "MAJOR.MINOR".
 
 A plugin declares the version it was written for with a module-level
-`AGENTD_PLUGIN_API = "1.0"` (and the keyword `agentd-plugin-api=1.0` in its
+`AGENTD_PLUGIN_API = "1.1"` (and the keyword `agentd-plugin-api=1.1` in its
 package metadata, which `agentd version` reads without importing it). The
 loader refuses a plugin whose major differs, naming the plugin and both
 versions; a plugin for a newer minor loads with a warning (it may implement
@@ -367,6 +369,80 @@ class Scorer(Protocol):
     """
 
     def score(self, layout: Layout) -> float: ...
+
+
+# --------------------------------------------------------------------------- explain (agentd_explain)
+# For runtimes with sharded layouts (TP x PP) and --parallelism: the sentence `agentd_explain` returns.
+
+PARALLELISM_MODES = ("auto", "gpus", "latency")
+_LINK_TEXT = {"nvlink": " (NVLink)", "pcie": " (PCIe only)"}
+
+
+@dataclass(frozen=True)
+class ShardedReasons:
+    """Why a policy chose a sharded layout, in words a runtime may change where its own advice differs
+    (vLLM: "tensor parallel over NVLink, as vLLM advises inside a host")."""
+
+    tp_nvlink: str = "tensor parallel over NVLink inside a host"
+    pp_pcie: str = "pipeline stages over PCIe, for GPUs without NVLink"
+    across_hosts: str = "no single host holds it: one pipeline stage per host, TP = GPUs per host"
+
+    def reason(self, shape: Sharded, mode: str, limits: ShapeLimits) -> str:
+        """Why `shape` under --parallelism `mode`, on hardware `limits`."""
+        if limits.exact is not None:
+            return "the pinned GPUs"
+        if shape.gpus == 1:
+            return "one GPU holds it"
+        if mode == "gpus":
+            return "the fewest GPUs that fit"
+        if mode == "latency":
+            return "the largest tensor-parallel size that fits"
+        if shape.link == "nvlink":
+            if shape.pp == 1:
+                return self.tp_nvlink
+            return ("pipeline stages inside the host: no tensor-parallel-only layout on NVLink-connected GPUs "
+                    "fits or passes the heads rule")
+        if shape.link == "pcie":
+            if shape.pp == 1:
+                return "tensor parallel over PCIe: no layout with pipeline stages fits or is supported for this model"
+            return self.pp_pcie
+        if shape.hosts > 1:
+            return self.across_hosts
+        if limits.nvlink_gpus > 1 or limits.pcie_gpus > 1:
+            return "no GPUs all joined by NVLink, or all by PCIe only, hold it: the fewest GPUs that fit"
+        return "GPU interconnect unknown: the fewest GPUs that fit"
+
+
+def explain_sharded(layout: Layout, mode: str, limits: ShapeLimits,
+                    find: Callable[[Sequence[Sharded]], Layout | None],
+                    shapes_for: Callable[[str], Sequence[Sharded]],
+                    reasons: ShardedReasons = ShardedReasons()) -> str:
+    """The layout, why --parallelism `mode` chose it, and what each other --parallelism would run instead where
+    that differs: "TP=4 on n1 GPUs 1-4 (NVLink): tensor parallel over NVLink inside a host; PP=3 would use 3
+    GPUs: --parallelism gpus". `find` is agentd_explain's own argument; `shapes_for(other)` is what the runtime
+    proposes under --parallelism `other` (its agentd_shapes answer for the same model and limits)."""
+    shape = layout.shape
+    if not isinstance(shape, Sharded):
+        raise TypeError(f"explain_sharded takes a Sharded layout, not {shape!r}")
+    text = f"{layout.label}{_LINK_TEXT.get(shape.link, '')}: {reasons.reason(shape, mode, limits)}"
+    if limits.exact is not None:
+        return text
+    linked = limits.nvlink_gpus > 1 or limits.pcie_gpus > 1
+    seen = {(shape.tp, shape.pp, shape.hosts)}
+    for other in PARALLELISM_MODES:
+        if other == mode or (not linked and {mode, other} == {"auto", "gpus"}):  # the same order without links
+            continue
+        alt = find(shapes_for(other))
+        if alt is None or not isinstance(alt.shape, Sharded):
+            continue
+        key = (alt.shape.tp, alt.shape.pp, alt.shape.hosts)
+        if key in seen:
+            continue
+        seen.add(key)
+        n = alt.gpu_count
+        uses = f"{alt.shape.label} would use {n} GPU{'s' if n != 1 else ''}"
+        text += f"; {uses if alt.shape.hosts == 1 else f'{uses} on {alt.shape.hosts} hosts'}: --parallelism {other}"
+    return text if len(seen) > 1 else f"{text}; the same with any --parallelism"
 
 
 # --------------------------------------------------------------------------- constraints

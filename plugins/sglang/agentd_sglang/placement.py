@@ -52,7 +52,9 @@ from agentd.plugins.api import (
     ShapeLimits,
     ShardDemand,
     Sharded,
+    ShardedReasons,
     TensorParallelDivisibility,
+    explain_sharded,
     gib,
     hookimpl,
 )
@@ -326,32 +328,8 @@ def _divisors_desc(n: int) -> list[int]:
 
 # --------------------------------------------------------------------------- explain
 
-_LINK_TEXT = {"nvlink": " (NVLink)", "pcie": " (PCIe only)"}
-
-
-def _reason(shape: Sharded, mode: str, limits: ShapeLimits) -> str:
-    if limits.exact is not None:
-        return "the pinned GPUs"
-    if shape.gpus == 1:
-        return "one GPU holds it"
-    if mode == "gpus":
-        return "the fewest GPUs that fit"
-    if mode == "latency":
-        return "the largest tensor-parallel size that fits"
-    if shape.link == "nvlink":
-        if shape.pp == 1:
-            return "tensor parallel over NVLink inside a host"
-        return ("pipeline stages inside the host: no tensor-parallel-only layout on NVLink-connected GPUs "
-                "fits or passes the heads rule")
-    if shape.link == "pcie":
-        if shape.pp == 1:
-            return "tensor parallel over PCIe: no layout with pipeline stages fits or is supported for this model"
-        return "pipeline stages over PCIe, for GPUs without NVLink"
-    if shape.hosts > 1:
-        return "no single host holds it: one pipeline stage per node, TP = GPUs per node"
-    if limits.nvlink_gpus > 1 or limits.pcie_gpus > 1:
-        return "no GPUs all joined by NVLink, or all by PCIe only, hold it: the fewest GPUs that fit"
-    return "GPU interconnect unknown: the fewest GPUs that fit"
+# SGLang's words for hosts are nodes (--nnodes, --node-rank).
+_REASONS = ShardedReasons(across_hosts="no single host holds it: one pipeline stage per node, TP = GPUs per node")
 
 
 @hookimpl
@@ -359,23 +337,8 @@ def agentd_explain(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layo
     """The layout, why the policy chose it, and what each other --parallelism would run instead."""
     if runtime != NAME or not isinstance(layout.shape, Sharded):
         return None
-    shape = layout.shape
-    text = f"{layout.label}{_LINK_TEXT.get(shape.link, '')}: {_reason(shape, spec.parallelism, limits)}"
-    if limits.exact is not None:
-        return text
-    linked = limits.nvlink_gpus > 1 or limits.pcie_gpus > 1
-    seen = {(shape.tp, shape.pp, shape.hosts)}
-    for other in ("auto", "gpus", "latency"):
-        if other == spec.parallelism or (not linked and {spec.parallelism, other} == {"auto", "gpus"}):
-            continue
-        alt = find(_shapes(model, limits, other))
-        if alt is None or (alt.shape.tp, alt.shape.pp, alt.shape.hosts) in seen:
-            continue
-        seen.add((alt.shape.tp, alt.shape.pp, alt.shape.hosts))
-        n = alt.gpu_count
-        uses = f"{alt.shape.label} would use {n} GPU{'s' if n != 1 else ''}"
-        text += f"; {uses if alt.shape.hosts == 1 else f'{uses} on {alt.shape.hosts} hosts'}: --parallelism {other}"
-    return text if len(seen) > 1 else f"{text}; the same with any --parallelism"
+    return explain_sharded(layout, spec.parallelism, limits, find, lambda other: _shapes(model, limits, other),
+                           _REASONS)
 
 
 # --------------------------------------------------------------------------- estimate

@@ -42,7 +42,9 @@ from agentd.plugins.api import (
     ShapeLimits,
     ShardDemand,
     Sharded,
+    ShardedReasons,
     TensorParallelDivisibility,
+    explain_sharded,
     hookimpl,
 )
 from agentd.types import DeploymentSpec, MiB, ModelInfo
@@ -333,39 +335,9 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
 
 # --------------------------------------------------------------------------- explain
 
-_LINK_TEXT = {"nvlink": " (NVLink)", "pcie": " (PCIe only)"}
-_MODES = ("auto", "gpus", "latency")
-
-
-def _reason(shape: Sharded, mode: str, limits: ShapeLimits) -> str:
-    if limits.exact is not None:
-        return "the pinned GPUs"
-    if shape.gpus == 1:
-        return "one GPU holds it"
-    if mode == "gpus":
-        return "the fewest GPUs that fit"
-    if mode == "latency":
-        return "the largest tensor-parallel size that fits"
-    if shape.link == "nvlink":
-        if shape.pp == 1:
-            return "tensor parallel over NVLink, as vLLM advises inside a host"
-        return ("pipeline stages inside the host: no tensor-parallel-only layout on NVLink-connected GPUs "
-                "fits or passes the heads rule")
-    if shape.link == "pcie":
-        if shape.pp == 1:
-            return "tensor parallel over PCIe: no layout with pipeline stages fits or is supported for this model"
-        return "pipeline stages over PCIe, as vLLM advises for GPUs without NVLink"
-    if shape.hosts > 1:
-        return "no single host holds it: one pipeline stage per host, TP = GPUs per host"
-    if limits.nvlink_gpus > 1 or limits.pcie_gpus > 1:
-        return "no GPUs all joined by NVLink, or all by PCIe only, hold it: the fewest GPUs that fit"
-    return "GPU interconnect unknown: the fewest GPUs that fit"
-
-
-def _uses(layout: Layout) -> str:
-    n = layout.gpu_count
-    text = f"{layout.shape.label} would use {n} GPU{'s' if n != 1 else ''}"
-    return text if layout.shape.hosts == 1 else f"{text} on {layout.shape.hosts} hosts"
+# Where vLLM's advice is the reason: TP inside an NVLink host, PP over PCIe.
+_REASONS = ShardedReasons(tp_nvlink="tensor parallel over NVLink, as vLLM advises inside a host",
+                          pp_pcie="pipeline stages over PCIe, as vLLM advises for GPUs without NVLink")
 
 
 @hookimpl
@@ -375,22 +347,6 @@ def agentd_explain(runtime, model: ModelInfo, spec: DeploymentSpec, layout: Layo
     inside a host; PP=3 would use 3 GPUs: --parallelism gpus"."""
     if runtime != NAME or not isinstance(layout.shape, Sharded):
         return None
-    shape = layout.shape
-    mode = spec.parallelism
-    text = f"{layout.label}{_LINK_TEXT.get(shape.link, '')}: {_reason(shape, mode, limits)}"
-    if limits.exact is not None:
-        return text
-    linked = limits.nvlink_gpus > 1 or limits.pcie_gpus > 1
-    chosen = (shape.tp, shape.pp, shape.hosts)
-    seen = {chosen}
-    for other in _MODES:
-        if other == mode or (not linked and {mode, other} == {"auto", "gpus"}):  # the same order without links
-            continue
-        alt = find(_shapes(model, spec.model_copy(update={"parallelism": other}), limits))
-        if alt is None:
-            continue
-        key = (alt.shape.tp, alt.shape.pp, alt.shape.hosts)
-        if key not in seen:
-            seen.add(key)
-            text += f"; {_uses(alt)}: --parallelism {other}"
-    return text if len(seen) > 1 else f"{text}; the same with any --parallelism"
+    return explain_sharded(layout, spec.parallelism, limits, find,
+                           lambda other: _shapes(model, spec.model_copy(update={"parallelism": other}), limits),
+                           _REASONS)
