@@ -18,7 +18,8 @@ What is here, in the order a deployment meets it:
   `agentd_explain` returns for a sharded layout and --parallelism;
 * act (processes, may be async): `ProcessSpec`, `Endpoint`, `HttpProbe`,
   `TcpProbe`, `ProbeResult`, `HealthVerdict`, `LaunchContext`,
-  `ReservedLaunch`, `find_binary`;
+  `ReservedLaunch`, `find_binary`, and (since 1.1) `has_flag`, `cuda_env`,
+  `spans_hosts`, `main_part_index`;
 * errors: `InvalidInput` (a request you cannot run), `BinaryNotUsable`.
 
 The hook specifications themselves (names, arguments, types, call order) are
@@ -44,7 +45,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agentd.errors import AgentdError, BinaryNotUsable, InvalidInput, PluginError
-from agentd.types import GiB
+from agentd.types import Assignment, GiB, Part
 
 __all__ = [
     "API_VERSION", "PARALLELISM_MODES", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu",
@@ -52,7 +53,8 @@ __all__ = [
     "LayerSplit", "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError",
     "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Scorer",
     "Shape", "ShapeLimits", "ShardDemand", "Sharded", "ShardedReasons", "TcpProbe", "TensorParallelDivisibility",
-    "explain_sharded", "find_binary", "gib", "hookimpl", "index_list", "layout_rejection",
+    "cuda_env", "explain_sharded", "find_binary", "gib", "has_flag", "hookimpl", "index_list", "layout_rejection",
+    "main_part_index", "spans_hosts",
 ]
 
 API_VERSION = "1.1"
@@ -862,6 +864,33 @@ class ReservedLaunch:
             abbrev = abbrev or p.abbreviations
         return ReservedLaunch(tuple(dict.fromkeys(flags)), tuple(dict.fromkeys(env)), tuple(dict.fromkeys(prefixes)),
                               abbrev, hints)
+
+
+def has_flag(args: Sequence[str], flags: Sequence[str]) -> bool:
+    """Whether `args` (a user's extra arguments) already give one of `flags`, as `--flag value` or `--flag=value`:
+    then the runtime leaves that flag to the user."""
+    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
+
+
+def cuda_env(part: Part) -> dict[str, str]:
+    """The part's own environment, with CUDA_VISIBLE_DEVICES naming its GPUs unless the part sets it."""
+    env = dict(part.env)
+    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
+    return env
+
+
+def spans_hosts(a: Assignment) -> bool:
+    """Whether the replica's parts run on more than one host."""
+    return len({p.host for p in a.plan.parts}) > 1
+
+
+def main_part_index(a: Assignment) -> int:
+    """The index of the replica's main part; InvalidInput when it has none."""
+    for i, p in enumerate(a.plan.parts):
+        if p.role == "main":
+            return i
+    raise InvalidInput(f"assignment {a.instance_id} has no main part")
 
 
 def find_binary(configured: str, names: Sequence[str], dirs: Iterable[Path] = (), *,

@@ -71,10 +71,12 @@ from agentd.plugins.api import (
     ProcessSpec,
     ReservedLaunch,
     TcpProbe,
+    cuda_env,
     find_binary,
+    has_flag,
     hookimpl,
 )
-from agentd.types import Assignment, Part
+from agentd.types import Assignment
 
 NAME = "llamabox"
 
@@ -194,10 +196,6 @@ def offload(a: Assignment, simulated: bool, output_slot: bool = True) -> tuple[i
     return sum(counts), counts, output_slot and not output_on_gpu
 
 
-def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
-    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
-
-
 def _strip(args: tuple[str, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
     """`args` without `flags` and their values (both "--flag v" and "--flag=v")."""
     out: list[str] = []
@@ -228,13 +226,6 @@ def _for_llama_box(args: tuple[str, ...]) -> tuple[str, ...]:
             out.append(x)
         i += 1
     return tuple(out)
-
-
-def _cuda_env(part: Part) -> dict[str, str]:
-    env = dict(part.env)
-    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
-    return env
 
 
 def tunnel_dir(ctx: LaunchContext) -> Path | None:
@@ -311,24 +302,24 @@ def main_spec(a: Assignment, part_index: int, ctx: LaunchContext,
     argv = [binary, "-m", str(model), "--host", ep.address, "--port", str(ep.port), "--alias", a.deployment]
     if rpc_eps:
         argv += ["--rpc", ",".join(f"{e.host}:{e.port}" for e in rpc_eps)]
-    if not _has(extra, _NGL):
+    if not has_flag(extra, _NGL):
         argv += ["-ngl", str(ngl)]
-    if len(split) > 1 and not _has(extra, _TS):
+    if len(split) > 1 and not has_flag(extra, _TS):
         argv += ["--tensor-split", ",".join(map(str, split))]
     if output_on_cpu:
         argv += ["--override-tensor", OUTPUT_WEIGHT_ON_CPU]
-        if not _has(extra, _OP_OFFLOAD):
+        if not has_flag(extra, _OP_OFFLOAD):
             argv += ["--no-op-offload"]
-    if a.options.ctx_size and not _has(extra, _CTX):
+    if a.options.ctx_size and not has_flag(extra, _CTX):
         argv += ["--ctx-size", str(a.options.ctx_size)]
-    if not box and not _has(extra, ("--fit", "-fit")):
+    if not box and not has_flag(extra, ("--fit", "-fit")):
         argv += ["--fit", "off"]
-    if not box and not _has(extra, ("--threads-http",)):
+    if not box and not has_flag(extra, ("--threads-http",)):
         argv += ["--threads-http", str(HTTP_THREADS)]
     if getattr(a, "api_key", ""):
         argv += ["--api-key-file", str(write_key_file(ctx.work_dir, a.api_key).absolute())]
     argv += list(extra)
-    env = _cuda_env(part)
+    env = cuda_env(part)
     env.update(a.options.env)
     return ProcessSpec(
         name="main", argv=tuple(argv), env=env, env_remove_prefixes=("LLAMA_ARG_",), part_index=part_index,
@@ -374,7 +365,7 @@ def rpc_specs(a: Assignment, part_index: int, ctx: LaunchContext) -> list[Proces
             # with every core (ggml-rpc-server's default is one thread)
             argv += ["-d", "CPU", "-t", str(os.cpu_count() or 1)]
     server = ProcessSpec(
-        name=f"rpc-{part_index}", argv=tuple(argv), env=_cuda_env(part), part_index=part_index, role="rpc",
+        name=f"rpc-{part_index}", argv=tuple(argv), env=cuda_env(part), part_index=part_index, role="rpc",
         cwd=str(ctx.work_dir), listen=serve, ports=(serve,), ready=TcpProbe(host=serve.host, port=serve.port),
         gpus=() if ctx.simulated_gpus else part.gpus,
     )

@@ -36,10 +36,13 @@ from agentd.plugins.api import (
     LaunchContext,
     ProcessSpec,
     ReservedLaunch,
+    cuda_env,
     find_binary,
     hookimpl,
+    main_part_index,
+    spans_hosts,
 )
-from agentd.types import Assignment, Part
+from agentd.types import Assignment
 
 NAME = "sglang"
 PYTHON_VARIABLE = "AGENTD_SGLANG_PYTHON"
@@ -55,28 +58,6 @@ def dist_init_port(instance_id: str, port_range: tuple[int, int]) -> int:
 
 def sglang_python(ctx: LaunchContext) -> str:
     return find_binary(os.environ.get(PYTHON_VARIABLE, ""), ("python3", "python"), setting=PYTHON_VARIABLE)
-
-
-def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
-    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
-
-
-def _multi_host(a: Assignment) -> bool:
-    return len({p.host for p in a.plan.parts}) > 1
-
-
-def _main_index(a: Assignment) -> int:
-    for i, p in enumerate(a.plan.parts):
-        if p.role == "main":
-            return i
-    raise InvalidInput(f"assignment {a.instance_id} has no main part")
-
-
-def _cuda_env(part: Part) -> dict[str, str]:
-    env = dict(part.env)
-    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
-    return env
 
 
 CTX_HINT = "use the ctx_size option (agentd deploy --ctx-size), which placement books"
@@ -133,13 +114,13 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     part, ep = a.plan.parts[part_index], a.endpoints[part_index]
     if part.role not in ("main", "worker"):
         raise InvalidInput(f"sglang has no part role {part.role!r} (main and worker only)")
-    env = _cuda_env(part)
+    env = cuda_env(part)
     env.update(a.options.env)
     gpus = () if ctx.simulated_gpus else part.gpus
     listen = Endpoint(host=ep.address, port=ep.port)
     python = sglang_python(ctx)
     nccl = ctx.port("nccl")
-    if not _multi_host(a):
+    if not spans_hosts(a):
         if "--attn-dp-size" not in a.plan.args:
             argv = server_argv(a, python, ep.address, ep.port, nccl_port=nccl)
             block: tuple[Endpoint, ...] = ()
@@ -152,7 +133,7 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
             name="main", argv=tuple(argv), env=env, part_index=part_index, role="main", cwd=str(ctx.work_dir),
             listen=listen, ports=(listen, Endpoint(host=ep.address, port=nccl), *block),
             ready=HttpProbe(host=ep.address, port=ep.port, path="/health_generate"), gpus=gpus)]
-    main_i = _main_index(a)
+    main_i = main_part_index(a)
     main_ep = a.endpoints[main_i]
     dist = Endpoint(host=main_ep.address, port=dist_init_port(a.instance_id, ctx.settings.ray_port_range))
     ranks = sorted(range(len(a.plan.parts)), key=lambda i: (i != main_i, i))  # the main part is rank 0

@@ -57,8 +57,12 @@ from agentd.plugins.api import (
     ProcessSpec,
     ReservedLaunch,
     TcpProbe,
+    cuda_env,
     find_binary,
+    has_flag,
     hookimpl,
+    main_part_index,
+    spans_hosts,
 )
 from agentd.types import Assignment, Part
 
@@ -139,28 +143,6 @@ def ray_auth_env(a: Assignment, work_dir: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
-def _has(args: tuple[str, ...], flags: tuple[str, ...]) -> bool:
-    return any(x in flags or any(x.startswith(f + "=") for f in flags) for x in args)
-
-
-def _cuda_env(part: Part) -> dict[str, str]:
-    env = dict(part.env)
-    if "CUDA_VISIBLE_DEVICES" not in env and part.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, part.gpus))
-    return env
-
-
-def _multi_host(a: Assignment) -> bool:
-    return len({p.host for p in a.plan.parts}) > 1
-
-
-def _main_index(a: Assignment) -> int:
-    for i, p in enumerate(a.plan.parts):
-        if p.role == "main":
-            return i
-    raise InvalidInput(f"assignment {a.instance_id} has no main part")
-
-
 def vllm_binary(ctx: LaunchContext) -> str:
     return find_binary(ctx.settings.vllm_binary, ("vllm",), setting="vllm_binary")
 
@@ -209,15 +191,15 @@ def serve_argv(a: Assignment, binary: str, ep_address: str, ep_port: int) -> lis
     extra = tuple(a.plan.args) + tuple(a.options.extra_args)
     argv = [binary, "serve", a.model, "--host", ep_address, "--port", str(ep_port),
             "--served-model-name", a.deployment]
-    if not _has(extra, ("--tensor-parallel-size", "-tp")):
+    if not has_flag(extra, ("--tensor-parallel-size", "-tp")):
         argv += ["--tensor-parallel-size", str(a.plan.tensor_parallel)]
-    if not _has(extra, ("--pipeline-parallel-size", "-pp")):
+    if not has_flag(extra, ("--pipeline-parallel-size", "-pp")):
         argv += ["--pipeline-parallel-size", str(a.plan.pipeline_parallel)]
-    if a.options.gpu_memory_utilization is not None and not _has(extra, ("--gpu-memory-utilization",)):
+    if a.options.gpu_memory_utilization is not None and not has_flag(extra, ("--gpu-memory-utilization",)):
         argv += ["--gpu-memory-utilization", f"{a.options.gpu_memory_utilization:g}"]
-    if a.options.ctx_size and not _has(extra, ("--max-model-len",)):
+    if a.options.ctx_size and not has_flag(extra, ("--max-model-len",)):
         argv += ["--max-model-len", str(a.options.ctx_size)]
-    if _multi_host(a) and not _has(extra, ("--distributed-executor-backend",)):
+    if spans_hosts(a) and not has_flag(extra, ("--distributed-executor-backend",)):
         argv += ["--distributed-executor-backend", "ray"]
     return argv + list(extra)
 
@@ -270,13 +252,13 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
     part, ep = a.plan.parts[part_index], a.endpoints[part_index]
     if part.role not in ("main", "worker"):
         raise InvalidInput(f"vllm has no part role {part.role!r} (main and worker only)")
-    env = _cuda_env(part)
+    env = cuda_env(part)
     env.update(a.options.env)
     gpus = () if ctx.simulated_gpus else part.gpus
-    main_i = _main_index(a)
+    main_i = main_part_index(a)
     main_ep = a.endpoints[main_i]
     serve_key = {"VLLM_API_KEY": a.api_key} if getattr(a, "api_key", "") else {}
-    if not _multi_host(a):
+    if not spans_hosts(a):
         argv = serve_argv(a, vllm_binary(ctx), ep.address, ep.port)
         return [ProcessSpec(
             name="main", argv=tuple(argv), env={**env, **serve_key}, part_index=part_index, role="main",
@@ -316,7 +298,7 @@ def agentd_launch(assignment, part_index, ctx):
 @hookimpl
 def agentd_stop(assignment, part_index, ctx):
     """Ray leaves its session dir (logs, sockets, spilled objects) behind; remove it with the instance."""
-    if assignment.runtime != NAME or not _multi_host(assignment):
+    if assignment.runtime != NAME or not spans_hosts(assignment):
         return
     remove_ray_temp_dir(ctx.work_dir)
     (ctx.work_dir / RAY_TOKEN_FILE).unlink(missing_ok=True)
