@@ -363,13 +363,13 @@ def test_relay_timings_derive_from_the_grace_and_keep_a_stalled_relays_hosts_up(
 
     assert HOST_INTERVAL == REPORT_INTERVAL
     d = DEFAULT
-    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 3.75, 3.0, 2.0)
-    assert round(d.healthy, 3) == 4.8 and round(d.gap, 3) == 7.9
-    for grace in (3.0, 3.5, 4.0, 6.0, 10.0, 30.0, 300.0, 3600.0):
+    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 10.0, 3.0, 2.0)
+    assert round(d.healthy, 3) == 11.05 and round(d.gap, 3) == 14.15
+    for grace in (2.5, 3.0, 3.5, 4.0, 6.0, 10.0, 30.0, 300.0, 3600.0):
         t = RelayTimings.for_grace(grace)
         t.check()
         assert t.gap <= GAP_SHARE * grace and t.healthy > t.renew + t.reply_timeout and t.live > HOST_INTERVAL
     with pytest.raises(ValueError, match="too short for reports through a voter"):
-        RelayTimings.for_grace(2.5).check()
+        RelayTimings.for_grace(2.2).check()
     relay = ReportRelay("v", View("v"), lambda address: None, timings=RelayTimings.for_grace(3.0))
-    assert relay.timings.reply_timeout == 0.375
+    assert round(relay.timings.reply_timeout, 3) == 0.45 and round(relay.timings.healthy, 3) == 0.75

@@ -15,11 +15,12 @@ before the leader marks it down. The longest a relayed host's lease can go unren
 
     gap = healthy + HOST_INTERVAL + 2 × COALESCE + host_timeout   must be ≤ 0.8 × node_down_grace
 
-(the last fifth of the grace covers the leader's own delays in taking that first message). With the
-default grace of 30 s: renew 1 s, reply_timeout 3.75 s, healthy 4.8 s, live 3 s, host_timeout 2 s, gap
-7.9 s ≤ 24 s. With a grace of 3 s (the smallest the rule allows, and the tests use): renew 0.25 s,
-reply_timeout 0.375 s, healthy 0.675 s, live 1.5 s, host_timeout 0.6 s, gap 2.375 s ≤ 2.4 s. The rule
-holds for every grace from 3 s up; `agentd.config` refuses a shorter one (`check`).
+(the last fifth of the grace covers the leader's own delays in taking that first message). `renew` is
+min(1 s, grace/12), `host_timeout` min(2 s, grace/6), `live` min(3 s, grace/2), and `reply_timeout` takes
+90 % of what the budget leaves, at most 10 s. With the default grace of 30 s: renew 1 s, reply_timeout
+10 s, healthy 11.05 s, live 3 s, host_timeout 2 s, gap 14.15 s ≤ 24 s. With a grace of 3 s (the smallest
+the tests use): renew 0.25 s, reply_timeout 0.45 s, healthy 0.75 s, live 1.5 s, host_timeout 0.5 s, gap
+2.35 s ≤ 2.4 s. The rule holds for every grace from 2.5 s up; `agentd.config` refuses a shorter one.
 
 Pure: no I/O, nothing imported, so the settings' validation can use it.
 """
@@ -46,8 +47,13 @@ class RelayTimings:
     def for_grace(cls, grace: float) -> RelayTimings:
         if not grace > 0:
             raise ValueError(f"node_down_grace ({grace:g}s) must be positive")
-        return cls(grace=grace, renew=min(1.0, grace / 12), reply_timeout=min(5.0, grace / 8),
-                   live=min(3.0, grace / 2), host_timeout=min(2.0, grace / 5))
+        renew, host_timeout = min(1.0, grace / 12), min(2.0, grace / 6)
+        # The leader's answer gets 90 % of what the budget leaves (at most 10 s): under CPU starvation a
+        # leader answers late, and a voter that gives up on it sends its hosts to that same leader, each with
+        # a full report.
+        spare = GAP_SHARE * grace - (HOST_INTERVAL + 3 * COALESCE) - renew - host_timeout
+        return cls(grace=grace, renew=renew, reply_timeout=max(0.1, min(10.0, 0.9 * spare)),
+                   live=min(3.0, grace / 2), host_timeout=host_timeout)
 
     @property
     def healthy(self) -> float:
@@ -65,7 +71,7 @@ class RelayTimings:
             raise ValueError(
                 f"node_down_grace ({self.grace:g}s) is too short for reports through a voter: a host whose "
                 f"voter stalls may go {self.gap:.2f}s unheard before it reaches the leader directly, which "
-                f"must be at most {GAP_SHARE:g} × node_down_grace; use at least 3s (docs/cluster.md)")
+                f"must be at most {GAP_SHARE:g} × node_down_grace; use at least 2.5s (docs/cluster.md)")
 
 
 DEFAULT = RelayTimings.for_grace(30.0)
