@@ -363,8 +363,8 @@ def test_relay_timings_derive_from_the_grace_and_keep_a_stalled_relays_hosts_up(
 
     assert HOST_INTERVAL == REPORT_INTERVAL
     d = DEFAULT
-    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 10.0, 3.0, 2.0)
-    assert round(d.healthy, 3) == 11.05 and round(d.gap, 3) == 14.15
+    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 10.0, 3.0, 5.0)
+    assert round(d.healthy, 3) == 11.05 and round(d.gap, 3) == 17.15
     for grace in (2.5, 3.0, 3.5, 4.0, 6.0, 10.0, 30.0, 300.0, 3600.0):
         t = RelayTimings.for_grace(grace)
         t.check()

@@ -16,9 +16,9 @@ before the leader marks it down. The longest a relayed host's lease can go unren
     gap = healthy + HOST_INTERVAL + 2 × COALESCE + host_timeout   must be ≤ 0.8 × node_down_grace
 
 (the last fifth of the grace covers the leader's own delays in taking that first message). `renew` is
-min(1 s, grace/12), `host_timeout` min(2 s, grace/6), `live` min(3 s, grace/2), and `reply_timeout` takes
+min(1 s, grace/12), `host_timeout` min(5 s, grace/6), `live` min(3 s, grace/2), and `reply_timeout` takes
 90 % of what the budget leaves, at most 10 s. With the default grace of 30 s: renew 1 s, reply_timeout
-10 s, healthy 11.05 s, live 3 s, host_timeout 2 s, gap 14.15 s ≤ 24 s. With a grace of 3 s (the smallest
+10 s, healthy 11.05 s, live 3 s, host_timeout 5 s, gap 17.15 s ≤ 24 s. With a grace of 3 s (the smallest
 the tests use): renew 0.25 s, reply_timeout 0.45 s, healthy 0.75 s, live 1.5 s, host_timeout 0.5 s, gap
 2.35 s ≤ 2.4 s. The rule holds for every grace from 2.5 s up; `agentd.config` refuses a shorter one.
 
@@ -47,7 +47,9 @@ class RelayTimings:
     def for_grace(cls, grace: float) -> RelayTimings:
         if not grace > 0:
             raise ValueError(f"node_down_grace ({grace:g}s) must be positive")
-        renew, host_timeout = min(1.0, grace / 12), min(2.0, grace / 6)
+        # A host's wait on its voter or leader: long enough to ride out a starved event loop (a host that
+        # gives up goes to the leader with a full report), short enough to leave a hung voter in time.
+        renew, host_timeout = min(1.0, grace / 12), min(5.0, grace / 6)
         # The leader's answer gets 90 % of what the budget leaves (at most 10 s): under CPU starvation a
         # leader answers late, and a voter that gives up on it sends its hosts to that same leader, each with
         # a full report.
