@@ -9,6 +9,10 @@ with a simulated 8-GPU inventory, then a bare renewal every INTERVAL seconds, sp
 `direct` to the leader, `relayed` to a voter that does not lead, which relays them on one RelayReports
 stream. psutil reads each voter's CPU over `--seconds` after a warm-up; the figure is % of one core,
 with the load average beside it (this machine is shared).
+
+This one isolates the report path (no joins, no watch streams, insecure). The issue-16 figures at 2,048
+hosts, relayed as watchers report by default, with mTLS, joins and watch streams, come from
+benchmarks/fleet.py (`--report relay,direct` compares the two paths there).
 """
 
 from __future__ import annotations
