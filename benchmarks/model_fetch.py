@@ -1,21 +1,24 @@
-"""Copies of model files between agents, and what hashing costs (issue 19).
+"""Copies of model files between agents against curl, and what hashing costs (issue 19).
 
-    .venv/bin/python benchmarks/model_fetch.py [--gib 2] [--runs 2]
+    .venv/bin/python benchmarks/model_fetch.py [--gib 2] [--runs 6] [--fetch] [--aiohttp]
 
-In one run, on loopback, with the same TLS (TLS 1.3, one self-signed P-256 certificate):
+On loopback, with the same TLS on both (TLS 1.3, its default suite, one self-signed P-256 certificate):
 
-* digest: sha256 of a GIB file in agentd's hashing thread, seconds per GiB, and the event loop's worst
-  lag meanwhile (a 10 ms ticker on the loop);
-* agentd: the Models service with its transfer listener in a process of its own (as a holder agent serves
-  it) and agentd's Fetcher in this process (as the fetching agent runs it: Models.Open, then the raw TLS
-  byte stream, sha256 verified while written, the file renamed into place); throughput, CPU seconds per
-  GiB of each side, and each side's worst event-loop lag (a 10 ms ticker on each loop); then the same
-  copy over the Models.Fetch gRPC stream (what a holder without Open serves); and, before each run, the
-  worst lag of an idle loop in this process for 10 s (the machine's share of any lag);
-* curl: the same file over HTTPS from openssl's `s_server -WWW` (a C static file server) in a process of
-  its own, written to disk by `curl -o`; throughput; `--aiohttp` adds aiohttp's static server (slow).
+* digest: sha256 of the file in agentd's hashing thread, seconds per GiB, and the event loop's worst lag
+  meanwhile (a 10 ms ticker on the loop); and the worst lag of an idle loop for 5 s (the machine's share);
+* each run is a pair, its order alternating (agentd then curl, curl then agentd, ...), so that a drift in
+  the machine's load hits both alike; a pause before each copy lets the last one's cleanup settle:
+  * agentd: the Models service with its transfer listener in a process of its own (as a holder agent
+    serves it) and agentd's Fetcher in this process (Models.Open, then the raw TLS byte stream, sha256
+    verified while written, the file renamed into place): throughput, CPU seconds per GiB of each side
+    (this process's rusage; the holder's from /proc), each side's worst event-loop lag;
+  * curl: the same file from openssl's `s_server -WWW` (a C static file server) written to disk by
+    `curl -o`: throughput, curl's CPU per GiB (rusage of the waited-for child) and s_server's (/proc);
+* `--fetch` adds a copy over the Models.Fetch gRPC stream (what a holder without Open serves),
+  `--aiohttp` curl from aiohttp's static server (slow).
 
-The ratio agentd/curl is printed per run.
+Each run prints a line; the end prints the median, min and max of each figure and of the ratio
+agentd/curl, and the load average (1 min) at the start, in the runs and at the end.
 """
 
 from __future__ import annotations
@@ -251,14 +254,20 @@ async def agentd_copy(src: Path, sha: str, size: int, port: int, cert: Path, des
             "holder_loop_worst_lag_ms": holder_lag(w0, time.time()) * 1000}
 
 
-def curl_copy(name: str, size: int, port: int, cert: Path, out: Path) -> float:
+def curl_copy(name: str, size: int, port: int, cert: Path, out: Path, server_pid: int) -> dict:
+    """curl fetching from openssl's s_server: throughput, curl's CPU per GiB (the kernel's accounting of the
+    waited-for child) and the server's (from /proc)."""
+    r0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), proc_cpu(server_pid)
     t = time.perf_counter()
     subprocess.run(["curl", "-sS", "--fail", "--tlsv1.3", "--cacert", str(cert), "-o", str(out),
                     f"https://127.0.0.1:{port}/{name}"], check=True)
     took = time.perf_counter() - t
+    r1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), proc_cpu(server_pid)
     assert out.stat().st_size == size
-    return size / GiB / took
-
+    gib = size / GiB
+    return {"seconds": took, "gib_per_s": gib / took,
+            "client_cpu_per_gib": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / gib,
+            "server_cpu_per_gib": (s1 - s0) / gib}
 
 
 def start_openssl(root: Path, port: int, cert: Path, key: Path) -> subprocess.Popen:
@@ -276,11 +285,20 @@ def start_openssl(root: Path, port: int, cert: Path, key: Path) -> subprocess.Po
     raise RuntimeError("openssl s_server did not start")
 
 
+def spread(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    n = len(xs)
+    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    return {"median": round(median, 3), "min": round(xs[0], 3), "max": round(xs[-1], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=2.0)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=6, help="pairs of copies (agentd and curl, alternating order)")
+    ap.add_argument("--fetch", action="store_true", help="also copy over the Models.Fetch gRPC stream (slow)")
     ap.add_argument("--aiohttp", action="store_true", help="also curl from aiohttp's static server (slow)")
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds before each copy (the last one's cleanup)")
     ap.add_argument("--serve", nargs=5, metavar=("PATH", "SHA", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     ap.add_argument("--static", nargs=4, metavar=("ROOT", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,51 +316,69 @@ def main() -> None:
         sha = make_file(src, size)
         cert, key = make_cert(d)
         per_gib, lag = asyncio.run(digest(src, size))
-        result: dict = {"size_gib": args.gib, "digest_s_per_gib": round(per_gib, 3),
-                        "digest_loop_worst_lag_ms": round(lag * 1000, 1), "runs": []}
+        idle_lag = asyncio.run(idle_loop_lag(5.0))
+        result: dict = {"size_gib": args.gib, "load_avg_1m_start": round(os.getloadavg()[0], 2),
+                        "digest_s_per_gib": round(per_gib, 3), "digest_loop_worst_lag_ms": round(lag * 1000, 1),
+                        "idle_loop_worst_lag_ms": round(idle_lag * 1000, 1), "runs": []}
+        print(json.dumps(result), flush=True)
         gport, hport = free_port(), free_port()
         os.environ["BENCH_HOLDER_LAG"] = str(d / "holder-lag.log")
         server = start(["--serve", str(src), sha, str(gport), str(cert), str(key)])
-        static = start(["--static", str(src.parent), str(hport), str(cert), str(key)])
+        static = start(["--static", str(src.parent), str(hport), str(cert), str(key)]) if args.aiohttp else None
         oport = free_port()
         openssl = start_openssl(src.parent, oport, cert, key)
         os.environ["BENCH_SERVER_PID"] = str(server.pid)
-        try:
-            for _ in range(args.runs):
-                dest = d / "dest"
+        dest = d / "dest"
+
+        def ours(stream: bool) -> dict:
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            time.sleep(args.pause)
+            try:
+                return asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=stream))
+            finally:
                 shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir()
-                load = os.getloadavg()[0]
-                idle_lag = asyncio.run(idle_loop_lag(10.0))
-                fast = curl_copy(src.name, size, oport, cert, d / "curl.out")
-                (d / "curl.out").unlink()
-                ours = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=True))
-                shutil.rmtree(dest)
-                dest.mkdir()
-                grpc_only = asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=False))
-                shutil.rmtree(dest)
-                theirs = curl_copy(src.name, size, hport, cert, d / "curl.out") if args.aiohttp else 0.0
+
+        def theirs(port: int, pid: int) -> dict:
+            time.sleep(args.pause)
+            try:
+                return curl_copy(src.name, size, port, cert, d / "curl.out", pid)
+            finally:
                 (d / "curl.out").unlink(missing_ok=True)
-                ours = {k: round(v, 3) for k, v in ours.items()}
-                grpc_only = {k: round(v, 3) for k, v in grpc_only.items()}
-                run = {"load_avg_1m": round(load, 1), "idle_loop_worst_lag_ms": round(idle_lag * 1000, 1),
-                       "agentd": ours, "agentd_over_fetch": grpc_only,
-                       "curl_openssl_gib_per_s": round(fast, 3),
-                       "ratio_openssl": round(ours["gib_per_s"] / fast, 2),
-                       "ratio_openssl_over_fetch": round(grpc_only["gib_per_s"] / fast, 2)}
-                if args.aiohttp:
-                    run |= {"curl_aiohttp_gib_per_s": round(theirs, 3),
-                            "ratio_aiohttp": round(ours["gib_per_s"] / theirs, 2)}
+
+        try:
+            for i in range(args.runs):
+                load = os.getloadavg()[0]
+                if i % 2 == 0:  # alternate which goes first: a drift in the machine's load hits both alike
+                    a, c = ours(True), theirs(oport, openssl.pid)
+                else:
+                    c, a = theirs(oport, openssl.pid), ours(True)
+                run = {"load_avg_1m": round(load, 2), "agentd": {k: round(v, 3) for k, v in a.items()},
+                       "curl_openssl": {k: round(v, 3) for k, v in c.items()},
+                       "ratio": round(a["gib_per_s"] / c["gib_per_s"], 3)}
+                if args.fetch:
+                    run["agentd_over_fetch"] = {k: round(v, 3) for k, v in ours(False).items()}
+                if static is not None:
+                    run["curl_aiohttp"] = {k: round(v, 3) for k, v in theirs(hport, static.pid).items()}
                 result["runs"].append(run)
-                print(json.dumps(result["runs"][-1]), flush=True)
+                print(json.dumps(run), flush=True)
         finally:
-            server.terminate()
-            static.terminate()
-            openssl.terminate()
-            openssl.wait()
-            server.wait()
-            static.wait()
-    print(json.dumps(result, indent=2))
+            for p in (server, static, openssl):
+                if p is not None:
+                    p.terminate()
+                    p.wait()
+    runs = result["runs"]
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    result["summary"] = {
+        "ratio": spread([r["ratio"] for r in runs]),
+        **{f"{who}_{k}": spread([r[who][k] for r in runs])
+           for who in ("agentd", "curl_openssl") for k in ("gib_per_s", "client_cpu_per_gib", "server_cpu_per_gib")},
+        "agentd_loop_worst_lag_ms": max(r["agentd"]["loop_worst_lag_ms"] for r in runs),
+        "holder_loop_worst_lag_ms": max(r["agentd"]["holder_loop_worst_lag_ms"] for r in runs),
+        "load_avg_1m": spread([r["load_avg_1m"] for r in runs]),
+        "load_avg_1m_end": result["load_avg_1m_end"],
+    }
+    print(json.dumps(result["summary"], indent=2))
 
 
 if __name__ == "__main__":
