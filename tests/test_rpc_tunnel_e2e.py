@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agentd.errors import NotAvailable
 from agentd.security import ca as C
 from agentd.security.tunnel import client_context
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
@@ -71,9 +72,15 @@ def talk(address: str, payload: bytes, context: ssl.SSLContext | None = None) ->
 
 
 def pids(c: LocalCluster) -> dict[int, int]:
-    """Part -> pid of its first process (llama-server, ggml-rpc-server), for RUNNING parts only."""
-    with c.any_client(timeout=5) as cl:
-        parts = cl.call("ListInstances", pb.ListInstancesRequest(deployment="split")).instances
+    """Part -> pid of its first process (llama-server, ggml-rpc-server), for RUNNING parts only.
+
+    {} while the cluster has no leader (an election under a loaded machine): the callers poll until a deadline.
+    """
+    try:
+        with c.any_client(timeout=5) as cl:
+            parts = cl.call("ListInstances", pb.ListInstancesRequest(deployment="split")).instances
+    except NotAvailable:
+        return {}
     return {i.part: (i.pid if i.state == "RUNNING" else 0) for i in parts}
 
 

@@ -122,3 +122,66 @@ async def test_a_tls_record_without_data_does_not_stall_the_other_direction(dirs
         w.close()
     finally:
         await close([helper, exit_, entry])
+
+
+def _tls_client_sending_data_with_its_finished(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes:
+    """A TLS client whose first application data leaves in the same send as its handshake's last flight."""
+    import socket
+
+    from agentd.security.ca import NODE_SAN
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=NODE_SAN)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        obj.write(payload)
+        sock.sendall(outgoing.read())  # Finished and the data together
+        got = b""
+        while len(got) < len(payload):
+            try:
+                got += obj.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+        return got
+
+
+async def test_data_that_arrives_with_the_handshake_is_relayed(dirs):
+    """The exit reads the client's Finished and its first request in one recv: the request is not left behind."""
+    helper, helper_port = await echo_server()
+    exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), ("gpu-1",))
+    try:
+        payload = b"first request" * 100
+        got = await asyncio.wait_for(asyncio.to_thread(
+            _tls_client_sending_data_with_its_finished, exit_.port, client_context(dirs / "gpu-1"), payload), 15)
+        assert got == payload
+    finally:
+        await close([helper, exit_])
+
+
+async def test_many_small_round_trips_in_turn_then_a_large_one(dirs):
+    """ggml RPC's pattern: many small request/response exchanges on one connection, then a tensor upload."""
+    servers, port, _ = await tunnel(dirs, "gpu-1")
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(300):
+            msg = b"%d:" % i + b"x" * (i % 97)
+            w.write(msg)
+            async with asyncio.timeout(5):
+                assert await r.readexactly(len(msg)) == msg
+        big = os.urandom(3 << 20)
+        w.write(big)
+        async with asyncio.timeout(30):
+            assert await r.readexactly(len(big)) == big
+        w.close()
+    finally:
+        await close(servers)

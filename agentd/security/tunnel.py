@@ -17,8 +17,9 @@ halves, each a small process of the same instance:
 
 Both use the host's node certificate (`tls_dir/node.crt`, `node.key`). Bytes
 are copied as they come, with TCP_NODELAY on every socket: the RPC protocol
-is many small request/response round trips per token, so each connection
-is relayed by a thread of its own with blocking sockets (see `_relay`).
+is many small request/response round trips per token (about 19 messages per
+generated token), so each connection is relayed by a thread of its own that
+polls both sockets and reads into reused buffers (see `_relay`).
 benchmarks/security.py --rpc measures the cost.
 
 Run one half: `python -m agentd.security.tunnel exit --listen 10.0.0.3:41000
@@ -89,45 +90,85 @@ def _nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _send(s: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[s.send(view):]
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-            select.select([], [s], [], 1.0)
+class _Tls:
+    """One TLS connection as an `ssl.SSLObject` over memory BIOs on a blocking socket.
 
-
-def _relay(a: socket.socket, b: socket.socket) -> None:
-    """Copy bytes both ways until either side closes, then close both.
-
-    One thread per connection, `select` for whichever side has data: each TLS object is used by this thread
-    alone (OpenSSL's rule), and a small message costs one recv and one send in C, which is what keeps a chatty
-    request/response protocol's round trips short (benchmarks/security.py --rpc). The sockets are
-    non-blocking: a TLS record that carries no application data (a session ticket, a key update) must not
-    block the thread while the other direction waits. A half-close ends the connection: request/response
-    protocols such as ggml RPC never send one.
+    Used by one thread only (OpenSSL's rule). Memory BIOs let the relay read and write the raw socket itself,
+    into one reused buffer: `SSLSocket.recv(n)` allocates an n-byte object per call, which at 256 KiB meant an
+    mmap/munmap pair and page faults per message (measured: the larger part of the relay's own CPU per round
+    trip besides the system calls).
     """
-    socks = [a, b]
-    for s in socks:
-        s.setblocking(False)
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                server_hostname=None if server_side else NODE_SAN)
+
+    def handshake(self) -> None:
+        """Complete the handshake (certificate checks included) within the socket's timeout."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                data = self.sock.recv(RECV)
+                if not data:
+                    raise ConnectionError("connection closed during the TLS handshake") from None
+                self.incoming.write(data)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+
+def _relay(tls: _Tls, plain: socket.socket) -> None:
+    """Copy bytes between the TLS connection and the plain socket until either side closes, then close both.
+
+    One thread per connection waits in `poll` on both raw sockets, so each TLS object is used by one thread
+    (OpenSSL's rule) and a TLS record that carries no application data (a key update) never blocks the other
+    direction. A message costs poll, one `recv_into` into a reused buffer, the TLS step in C and one send
+    (benchmarks/security.py --rpc). A half-close ends the connection: request/response protocols such as
+    ggml RPC never send one.
+    """
+    buf, clear = bytearray(RECV), bytearray(RECV)
+    view, clear_view = memoryview(buf), memoryview(clear)
+    sock, incoming, outgoing = tls.sock, tls.incoming, tls.outgoing
+    obj = tls.obj._sslobj  # type: ignore[attr-defined]  # read(n, buffer) into `clear`, no object per call
+    poller = select.poll()
+    tls_fd, plain_fd = sock.fileno(), plain.fileno()
+    poller.register(tls_fd, select.POLLIN)
+    poller.register(plain_fd, select.POLLIN)
     try:
         while True:
-            ready = [s for s in socks if isinstance(s, ssl.SSLSocket) and s.pending()]
-            if not ready:
-                ready, _, _ = select.select(socks, [], [])
-            for s in ready:
+            while incoming.pending or obj.pending():  # decrypt what has come (also what came with the handshake)
                 try:
-                    data = s.recv(RECV)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    continue  # a record without application data, or half a record
-                if not data:
+                    n = obj.read(RECV, clear)
+                except ssl.SSLWantReadError:
+                    break  # half a record: wait for the rest
+                if not n:
                     return
-                _send(b if s is a else a, data)
+                plain.sendall(clear_view[:n])
+            if outgoing.pending:  # TLS's own answers (a key update)
+                sock.sendall(outgoing.read())
+            for fd, _ in poller.poll():
+                if fd == plain_fd:
+                    n = plain.recv_into(buf)
+                    if not n:
+                        return
+                    obj.write(view[:n])
+                    sock.sendall(outgoing.read())
+                else:
+                    n = sock.recv_into(buf)
+                    if not n:
+                        return
+                    incoming.write(view[:n])
     except (OSError, ssl.SSLError, ValueError):
         return
     finally:
-        for s in socks:
+        for s in (sock, plain):
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -170,26 +211,27 @@ def serve_exit(listen: str, target: str, ctx: ssl.SSLContext, allow: Iterable[st
 
     def handle(conn: socket.socket) -> None:
         peer = conn.getpeername()
+        tls = _Tls(conn, ctx, server_side=True)
         try:
             conn.settimeout(CONNECT_TIMEOUT)
-            tls = ctx.wrap_socket(conn, server_side=True)
+            tls.handshake()
         except (OSError, ssl.SSLError) as exc:
             log.warning("tunnel refused a connection: %s (from %s)", exc, peer)
             conn.close()
             return
-        why = peer_refusal(tls, allowed)
+        why = peer_refusal(tls.obj, allowed)
         if why:
             log.warning("tunnel refused a connection: %s (from %s)", why, peer)
-            tls.close()
+            conn.close()
             return
         try:
             upstream = socket.create_connection((thost, tport), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             log.warning("tunnel could not reach %s: %s", target, exc)
-            tls.close()
+            conn.close()
             return
         _nodelay(upstream)
-        tls.settimeout(None)
+        conn.settimeout(None)
         upstream.settimeout(None)
         _relay(tls, upstream)
 
@@ -201,16 +243,20 @@ def serve_entry(listen: str, remote: str, ctx: ssl.SSLContext) -> Listener:
     rhost, rport = _split(remote)
 
     def handle(conn: socket.socket) -> None:
+        raw = None
         try:
             raw = socket.create_connection((rhost, rport), timeout=CONNECT_TIMEOUT)
             _nodelay(raw)
-            tls = ctx.wrap_socket(raw, server_hostname=NODE_SAN)
+            tls = _Tls(raw, ctx, server_side=False)
+            tls.handshake()
         except (OSError, ssl.SSLError) as exc:
             log.warning("tunnel could not reach its exit %s: %s", remote, exc)
             conn.close()
+            if raw is not None:
+                raw.close()
             return
-        tls.settimeout(None)
-        _relay(conn, tls)
+        raw.settimeout(None)
+        _relay(tls, conn)
 
     return Listener(listen, handle)
 
