@@ -147,5 +147,10 @@ class HostSession:
         return coordinator.take_peer_restarts(self.node)
 
     def renew(self) -> Restarts:
-        """The host's lease, vouched for by the voter that holds its stream (a relay's `live` list)."""
+        """The host's lease, vouched for by the voter that holds its stream (a relay's `live` list). A report
+        recorded since by another stream is that stream's: the host moved (to the leader, or to another
+        voter) and the voter that vouches still heard it lately; its word neither renews nor replaces it."""
+        current = self.desk.coordinator.reports.get(self.node)
+        if current is not None and self.recorded is not None and current is not self.recorded:
+            return []
         return self.apply()

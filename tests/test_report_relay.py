@@ -373,3 +373,29 @@ def test_relay_timings_derive_from_the_grace_and_keep_a_stalled_relays_hosts_up(
         RelayTimings.for_grace(2.2).check()
     relay = ReportRelay("v", View("v"), lambda address: None, timings=RelayTimings.for_grace(3.0))
     assert round(relay.timings.reply_timeout, 3) == 0.45 and round(relay.timings.healthy, 3) == 0.75
+
+
+async def test_a_voter_does_not_take_back_a_host_that_moved_to_the_leader(pair):
+    """A host that left its voter for the leader is vouched for by that voter a little longer (it heard the
+    host lately): that neither flips `reports_via` back nor replaces the host's report; and a new relay
+    stream does not resend the report of a host the voter no longer hears."""
+    lead, v = pair
+    await v.relay.step()
+    host = HostStream(v.stub)
+    await host.send(update("w1", first=True))
+    await v.relay.step()
+    assert lead.coordinator.reports["w1"].via == "v"
+    direct = HostStream(lead.stub)
+    await direct.send(update("w1", first=True))
+    mine = lead.coordinator.reports["w1"]
+    assert mine.via == ""
+    assert "w1" in v.relay.vouched()
+    await v.relay.step()  # its lease summary still names w1
+    assert lead.coordinator.reports["w1"] is mine and mine.via == ""
+    v.relay.hosts["w1"].heard -= 2 * v.relay.timings.live  # silent on the voter since
+    v.relay.close(keep_serving=True)
+    await v.relay.step()  # a new stream: everything the voter holds, but not w1's stale report
+    assert lead.coordinator.reports["w1"] is mine and mine.via == ""
+    assert (await list_nodes(lead))["w1"].reports_via == ""
+    host.call.cancel()
+    direct.call.cancel()

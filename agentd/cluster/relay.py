@@ -240,9 +240,10 @@ class ReportRelay:
         renew = self.timings.renew
         batch = pb.RelayBatch(relay=self.node, live=self.vouched())
         full = size = 0
+        live = self.timings.live
         for h in self.hosts.values():
-            if h.version is None or not h.inventory_json:
-                continue
+            if h.version is None or not h.inventory_json or now - h.heard > live:
+                continue  # a host silent here (gone, or moved elsewhere) is not spoken for: its turn when it's back
             whole = h.fresh or h.inventory_dirty
             if whole and full and (full >= BATCH_FULL or size + len(h.inventory_json) > BATCH_BYTES):
                 self._more = True  # its turn comes in the next batch; it stays dirty until then
