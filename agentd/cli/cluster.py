@@ -94,7 +94,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("nodes", parents=cparents, help="list the cluster's hosts",
-                       description="List hosts with their state, role in consensus and GPUs. 'agentd nodes "
+                       description="List hosts with their state, role in consensus, how each reports (VIA: "
+                       "'direct' to the leader, or the voter that relays its reports), the voter a watcher "
+                       "watches from (WATCHES) and GPUs. 'agentd nodes "
                        "approve NAME [--tenant T]...' lets a host held by its join token (token create "
                        "--needs-approval) get work, optionally only for deployments that select its tenants "
                        "(label tenant.agentd.io/T=true, which only this command sets). 'agentd nodes rm "
