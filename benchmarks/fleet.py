@@ -701,23 +701,27 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             row["sim_procs"] = procs
             sims = Sims(root, seeds, hosts, procs, every=every, mode=report,
                         tls=str(c.agents["v1"].tls_dir) if secure else "", join_rate=join_rate)
-            deadline = time.monotonic() + 900
+            deadline = time.monotonic() + max(300.0, 3 * hosts / join_rate)  # then measure the ones that joined
             last_print = 0.0
             while (s := sims.read())["joined"] < hosts:
                 sims.check()
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"joining stopped at {s['joined']} of {hosts}: {s['errors']}")
+                    if s["joined"] < 0.9 * hosts:
+                        raise SystemExit(f"joining stopped at {s['joined']} of {hosts}: {s['errors']}")
+                    break  # measure the ones there are: the row says how many joined
+
                 if time.monotonic() - last_print > 15:
                     last_print = time.monotonic()
                     print(f"# {hosts} hosts: {s['joined']} joined after {time.monotonic() - t_join:.0f} s, "
                           f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
                 time.sleep(1)
+            row["joined"] = s["joined"]
             row["join_s"] = round(time.monotonic() - t_join, 1)
             deadline = time.monotonic() + 180  # every host reported: the leader counts it up
-            while len(up := up_hosts(list_nodes(c))) < hosts and time.monotonic() < deadline:
+            while len(up := up_hosts(list_nodes(c))) < s["joined"] and time.monotonic() < deadline:
                 sims.check()
                 time.sleep(5)
-            row["all_up_s"] = round(time.monotonic() - t_join, 1) if len(up) >= hosts else None
+            row["all_up_s"] = round(time.monotonic() - t_join, 1) if len(up) >= s["joined"] else None
             row["hosts_up_after_join"] = len(up)
         time.sleep(max(2 * every, 5))  # steady state: every host reported at least twice
         procs_cpu = {n: psutil.Process(a.proc.pid) for n, a in c.agents.items()}
@@ -756,7 +760,7 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             row.update(commit_to_watcher(c, sims, up_hosts(nodes), spawns, model))
             print(json.dumps(row), flush=True)
         if kill_leader and sims is not None:
-            row.update(failover(c, sims, hosts))
+            row.update(failover(c, sims, sims.read()["joined"]))
         return row
     finally:
         if sim010 is not None:
@@ -789,7 +793,7 @@ def failover(c: LocalCluster, sims: Sims, hosts: int) -> dict:
     done = False
     while time.monotonic() - t0 < 120:
         s = sims.read()
-        if s["applied"] and min(s["applied"]) >= commit and s["leaders"] == [new] and len(s["applied"]) == hosts:
+        if s["applied"] and min(s["applied"]) >= commit and s["leaders"] == [new] and len(s["applied"]) >= hosts:
             done = True
             break
         time.sleep(0.1)
