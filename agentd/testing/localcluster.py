@@ -8,6 +8,7 @@ on 127.0.0.1, state on disk, inventories from `--simulate` files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -42,6 +43,24 @@ _PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
 _handed_out: set[int] = set()
+
+
+@functools.cache
+def compile_sources() -> None:
+    """Write the bytecode of agentd and the plugins beside their sources, once per process.
+
+    Where PYTHONDONTWRITEBYTECODE is set (as on the CI machines) nothing writes it, so every agent compiled
+    agentd's ~140 modules from source at each start: about 0.45 s of CPU in an import of about 1.9 s, measured
+    at load 35 on 2 cores, where it is 5-10 s of wall clock per (re)started agent. Python still reads bytecode
+    it did not write, and checks it against the source's mtime and size, so an edited file is compiled again
+    in memory, never run stale. __pycache__ is in .gitignore."""
+    import compileall
+
+    package = Path(__file__).resolve().parents[1]  # agentd/
+    dirs = [package, *sorted(package.parent.glob("plugins/*/agentd_*"))]
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            compileall.compile_dir(str(d), quiet=2, workers=1)
 
 
 def free_port() -> int:
@@ -215,6 +234,8 @@ class LocalCluster:
         if self.secure and agent.token_listen:
             env["AGENTD_TOKEN_LISTEN"] = agent.token_listen
         argv = [*self.agent_prefix.get(name, []), *argv]
+        if env.get("PYTHONDONTWRITEBYTECODE"):
+            compile_sources()
         log = open_private(agent.log_file, os.O_WRONLY | os.O_APPEND)  # the child owns it for its lifetime
         # Not the caller's directory: `python -m` puts the working directory first on sys.path, ahead of
         # PYTHONPATH, and an agent given another release's code in agent_env must import that code.
