@@ -22,12 +22,16 @@ from pathlib import Path
 
 import pytest
 
+from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, free_port_block, running, simulated_host, status, wait_for
 from agentd.testing.releases import code_env
 from agentd.v1 import control_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+
+if not llama_cpp_present():  # was inherited from importing tests/test_upgrade.py, which skips so
+    pytest.skip(NO_LLAMA_CPP, allow_module_level=True)
 
 INTERVAL = 0.1  # one request every 100 ms
 QUIET = 0.5  # after an agent is taken out of rotation, before its SIGTERM: requests already sent to it finish
