@@ -1,6 +1,6 @@
 """Whole-process start-up of the `agentd` command, against `python -c pass` in the same run.
 
-    .venv/bin/python benchmarks/cli_startup.py [--runs 20] [--no-secure] [--compare DIR]
+    .venv/bin/python benchmarks/cli_startup.py [--runs 20] [--no-secure] [--compare DIR] [--no-bytecode]
 
 Each row is the wall time of one whole process (fork, interpreter start,
 imports, the work, exit), measured from this process: the median, the fastest
@@ -20,6 +20,14 @@ shell would. `--compare DIR` adds rows for another source tree (say, a
 the same rows for this tree, so a change is measured under the same load.
 The targets (issue 16): `agentd version` under 0.15 s, `agentd status` and
 `agentd ps` under 0.35 s.
+
+Bytecode: an installed agentd has its `.pyc` files (pip compiles them), but a
+shell with PYTHONDONTWRITEBYTECODE=1 (as in this project's sessions) and an
+editable install compile every agentd module from source at each start, some
+30-50 ms of `agentd ps`. So the commands run with PYTHONPYCACHEPREFIX set to a
+folder in this run's temporary directory (the warm-up run fills it; the source
+tree is not written to) and PYTHONDONTWRITEBYTECODE unset, as an operator's
+install would. `--no-bytecode` measures the other case: compiled every time.
 """
 
 from __future__ import annotations
@@ -84,11 +92,19 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20, help="runs of each command (default 20)")
     ap.add_argument("--no-secure", action="store_true", help="skip the rows against an mTLS agent")
     ap.add_argument("--compare", metavar="DIR", help="also run version/status/ps from this source tree")
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="compile every module from source at each start (PYTHONDONTWRITEBYTECODE=1, no pyc cache)")
     args = ap.parse_args()
     base = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
     clusters: list[LocalCluster] = []
     with tempfile.TemporaryDirectory(prefix="agentd-cli-startup-") as tmp:
         root = Path(tmp)
+        base.pop("PYTHONPYCACHEPREFIX", None)
+        if args.no_bytecode:
+            base["PYTHONDONTWRITEBYTECODE"] = "1"
+        else:
+            base.pop("PYTHONDONTWRITEBYTECODE", None)
+            base["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
         (root / "empty.toml").touch()
         base["AGENTD_CONFIG"] = str(root / "empty.toml")
         model = write_tiny_llama_gguf(root / "tiny.gguf")
@@ -118,6 +134,11 @@ def main() -> int:
                 env_tls = {**base, "AGENTD_TLS_DIR": str(tls.admin_dir), "AGENTD_SERVER": tls.agents["bench"].listen}
                 rows += [("agentd status (mTLS, admin cert)", [AGENTD, "status"], env_tls, None),
                          ("agentd ps (mTLS, admin cert)", [AGENTD, "ps"], env_tls, None)]
+                if args.compare:
+                    for label, tree in (("this tree", here), ("--compare", args.compare)):
+                        for cmd in ("status", "ps"):
+                            rows.append((f"python -m agentd {cmd} mTLS ({label})",
+                                         [sys.executable, "-m", "agentd", cmd], env_tls, tree))
             times = measure(rows, args.runs)
         finally:
             for c in clusters:
@@ -131,7 +152,8 @@ def main() -> int:
         cpu = statistics.median(c for _, c in runs_)
         print(f"{name:<{width}}  {len(xs):>3}  {med * 1000:>6.0f}ms  {min(xs) * 1000:>6.0f}ms  "
               f"{max(xs) * 1000:>6.0f}ms  {(med - floor) * 1000:>6.0f}ms  {cpu * 1000:>6.0f}ms")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; bytecode: "
+          + ("compiled at every start (--no-bytecode)" if args.no_bytecode else "cached, as installed"))
     return 0
 
 

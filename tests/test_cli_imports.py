@@ -163,3 +163,33 @@ def test_bad_admin_credentials_are_refused_in_load_identitys_words(secure, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"agentd: error: {d / file}: ") and words in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1  # one line: nothing from gRPC's C core ("Invalid private key")
+
+
+# ------------------------------------------------------------------------------ the one-command parser, in-process
+
+
+def _helps(parser, path: str = "") -> dict[str, str]:
+    """Every parser under `parser`, by command path, with its help text."""
+    import argparse
+
+    out = {path: parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(_helps(sub, f"{path} {name}".strip()))
+    return out
+
+
+def test_a_command_parsed_alone_has_the_same_parsers_as_in_the_whole_parser(monkeypatch):
+    """`agentd ps` builds only the `ps` parser (build_parser's `command`): each command's parsers, nested ones
+    included, must read exactly as in the parser of every command."""
+    from agentd.cli.main import COMMANDS, build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = _helps(build_parser())
+    for module, commands in COMMANDS.items():
+        for command in commands:
+            alone = _helps(build_parser([module], command))
+            assert set(alone) - {""} == {p for p in whole if p == command or p.startswith(f"{command} ")}
+            for path in set(alone) - {""}:
+                assert alone[path] == whole[path], path

@@ -14,6 +14,7 @@ parser.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -70,8 +71,12 @@ def command_modules(names: Sequence[str] | None = None) -> list[ModuleType]:
     return [importlib.import_module(f"agentd.cli.{m}") for m in COMMANDS if names is None or m in names]
 
 
-def build_parser(modules: Sequence[str] | None = None) -> Parser:
-    """The parser of every command, or of the commands of `modules` only (same texts, fewer imports)."""
+def build_parser(modules: Sequence[str] | None = None, command: str | None = None) -> Parser:
+    """The parser of every command, or of the commands of `modules` only (same texts, fewer imports).
+
+    With `command`, only that command's parser is built (the module's others are skipped: `serve` alone has
+    some 25 options, and `agentd ps` does not need them).
+    """
     parents = [common_options()]
     parser = Parser(
         prog="agentd",
@@ -79,13 +84,34 @@ def build_parser(modules: Sequence[str] | None = None) -> Parser:
         parents=parents,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    target = sub if command is None else _OneCommand(sub, command)
     for module in command_modules(modules):
-        module.register(sub, parents)
+        module.register(target, parents)
     return parser
 
 
-def module_for(argv: Sequence[str]) -> str | None:
-    """The module that defines the command of `argv`; None when that takes more than a glance.
+class _Nowhere:
+    """Takes every call a module's `register` makes on a parser that is not built, and builds nothing."""
+
+    def __getattr__(self, name: str) -> _Nowhere:
+        return self
+
+    def __call__(self, *args: object, **kwargs: object) -> _Nowhere:
+        return self
+
+
+class _OneCommand:
+    """The subparsers action, as a module's `register` sees it, that builds the parser of one command only."""
+
+    def __init__(self, sub: argparse._SubParsersAction, command: str):
+        self._sub, self._command = sub, command
+
+    def add_parser(self, name: str, **kwargs: object) -> object:
+        return self._sub.add_parser(name, **kwargs) if name == self._command else _Nowhere()
+
+
+def command_for(argv: Sequence[str]) -> str | None:
+    """The command word of `argv` (one of COMMANDS); None when that takes more than a glance.
 
     Looks at the top-level options only as far as the command word: `--json`, `--log-level X`,
     `--log-format=X`. Anything else before the command (an abbreviation, `--help`, `--`) means None.
@@ -99,8 +125,14 @@ def module_for(argv: Sequence[str]) -> str | None:
             continue
         if arg.startswith("-"):
             return None
-        return next((m for m, commands in COMMANDS.items() if arg in commands), None)
+        return arg if any(arg in commands for commands in COMMANDS.values()) else None
     return None
+
+
+def module_for(argv: Sequence[str]) -> str | None:
+    """The module that defines the command of `argv` (see `command_for`); None when that takes more than a glance."""
+    command = command_for(argv)
+    return next((m for m, commands in COMMANDS.items() if command in commands), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +149,7 @@ def _parse(argv: list[str]) -> tuple[Parser, object]:
     """Parse with the one module the command needs; a usage error is reported by the whole parser."""
     module = module_for(argv)
     if module is not None:
-        parser = build_parser([module])
+        parser = build_parser([module], command_for(argv))
         try:
             return parser, parser.parse_args(argv)
         except UsageError:
