@@ -136,7 +136,7 @@ def _relay(tls: _Tls, plain: socket.socket) -> None:
     buf, clear = bytearray(RECV), bytearray(RECV)
     view, clear_view = memoryview(buf), memoryview(clear)
     sock, incoming, outgoing = tls.sock, tls.incoming, tls.outgoing
-    obj = tls.obj._sslobj  # type: ignore[attr-defined]  # read(n, buffer) into `clear`, no object per call
+    obj = tls.obj  # obj.read(n, clear) decrypts into `clear`: no object per call
     poller = select.poll()
     tls_fd, plain_fd = sock.fileno(), plain.fileno()
     poller.register(tls_fd, select.POLLIN)
