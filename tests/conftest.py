@@ -121,21 +121,22 @@ def release_0_1_0(tmp_path_factory):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    """A LocalCluster that the test body started and did not stop (a failure outside `with`, a forgotten
-    stop()) is stopped here, with everything its agents started: its model servers would load every later
-    test. Clusters from fixtures are their fixtures' business (they start before the body)."""
-    before = set(_started_clusters())
+    """A LocalCluster that the test body made and did not stop (a failure outside `with`, a forgotten stop()) is
+    stopped here, with everything its agents started: its model servers would load every later test. Clusters
+    made before the body (by fixtures) are their fixtures' business, even when the body restarts their agents."""
+    before = _localcluster().last_serial() if _localcluster() else 0
     try:
         return (yield)
     finally:
-        started = _started_clusters()
-        for key in [k for k in started if k not in before]:
-            started[key].stop(timeout=10)
+        lc = _localcluster()
+        for serial, cluster in sorted(lc.STARTED.items()) if lc else ():
+            if serial > before:
+                cluster.stop(timeout=10)
 
 
-def _started_clusters() -> dict:
-    lc = sys.modules.get("agentd.testing.localcluster")  # not imported: no cluster (and no gRPC import for it)
-    return lc.STARTED if lc is not None else {}
+def _localcluster():
+    """agentd.testing.localcluster where the session imported it (else no cluster exists, and gRPC stays unloaded)."""
+    return sys.modules.get("agentd.testing.localcluster")
 
 
 # Groups that run only when asked: marker -> the variable scripts/test sets to include them.

@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -87,28 +89,34 @@ def test_reap_finds_a_process_by_the_cluster_mark_and_spares_other_clusters(tmp_
 
 
 def test_the_conftest_stops_a_cluster_the_test_body_left_running():
-    """tests/conftest.py's pytest_runtest_call: a cluster started in the body and not stopped is stopped after
-    it, failed or not; one started before the body (by a fixture) is left to its fixture."""
+    """tests/conftest.py's pytest_runtest_call: a cluster made in the body and not stopped is stopped after it,
+    failed or not; one made before the body (by a fixture) is left to its fixture."""
     from agentd.testing import localcluster
     from tests.conftest import pytest_runtest_call
 
     class Cluster:
         stopped = 0
 
+        def __init__(self, serial: int) -> None:
+            self.serial = serial
+
         def stop(self, timeout: float = 30.0) -> None:
             self.stopped += 1
-            localcluster.STARTED.pop(id(self), None)
+            localcluster.STARTED.pop(self.serial, None)
 
-    fixture_made, body_made = Cluster(), Cluster()
-    localcluster.STARTED[id(fixture_made)] = fixture_made
+    fixture_made = Cluster(-1)  # made before the body (a serial no real cluster has)
+    localcluster.STARTED[fixture_made.serial] = fixture_made
+    hook = pytest_runtest_call(None)
+    next(hook)
+    body_made = LocalCluster(Path(tempfile.mkdtemp()), hosts=[])  # a real one: it takes the next serial
+    assert body_made.serial > fixture_made.serial
+    localcluster.STARTED[body_made.serial] = body_made  # as if it had started an agent
     try:
-        hook = pytest_runtest_call(None)
-        next(hook)
-        localcluster.STARTED[id(body_made)] = body_made
         with pytest.raises(AssertionError, match="the test failed"):
             hook.throw(AssertionError("the test failed"))
-        assert (body_made.stopped, fixture_made.stopped) == (1, 0)
-        assert id(body_made) not in localcluster.STARTED and id(fixture_made) in localcluster.STARTED
+        assert body_made.serial not in localcluster.STARTED and fixture_made.stopped == 0
+        assert localcluster.STARTED[fixture_made.serial] is fixture_made
     finally:
-        localcluster.STARTED.pop(id(fixture_made), None)
-        localcluster.STARTED.pop(id(body_made), None)
+        localcluster.STARTED.pop(fixture_made.serial, None)
+        localcluster.STARTED.pop(body_made.serial, None)
+        shutil.rmtree(body_made.root, ignore_errors=True)

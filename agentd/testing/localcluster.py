@@ -36,9 +36,16 @@ GiB = 1024**3
 DEFAULT_MAX_VOTERS = 5  # Settings.max_voters' default: the first five agents vote
 DEFAULT_STANDBY_LEARNERS = 2  # Settings.standby_learners' default: then every other agent is a watcher
 CLUSTER_MARK = "LOCALCLUSTER_ROOT"  # not AGENTD_*: the agent's settings own that prefix
-# Clusters that started an agent and have not been stopped (with drain) since: tests/conftest.py stops those a
-# test body started and left running, e.g. after a failure outside any `with`.
+# Clusters that started an agent and have not been stopped (with drain) since, by `serial` (1, 2, ... in order of
+# construction): tests/conftest.py stops those a test body made and left running, e.g. after a failure outside
+# any `with`.
 STARTED: dict[int, LocalCluster] = {}
+_last_serial = 0
+
+
+def last_serial() -> int:
+    """The serial of the last LocalCluster made in this process (0: none yet)."""
+    return _last_serial
 _PARTITION_LINE = '"msg":"fault injection: partition"'
 
 
@@ -162,6 +169,9 @@ class LocalCluster:
     agent_prefix: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        global _last_serial
+        _last_serial += 1
+        self.serial = _last_serial
         self.root.mkdir(parents=True, exist_ok=True)
         for host in self.hosts:
             name = host["name"]
@@ -241,7 +251,7 @@ class LocalCluster:
         # PYTHONPATH, and an agent given another release's code in agent_env must import that code.
         agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                       start_new_session=True)
-        STARTED[id(self)] = self
+        STARTED[self.serial] = self
         os.close(log)
         return agent
 
@@ -278,7 +288,7 @@ class LocalCluster:
         if drain:
             kill_recorded(self.root)
             self.reap()
-            STARTED.pop(id(self), None)
+            STARTED.pop(self.serial, None)
 
     @property
     def mark(self) -> str:
