@@ -1,5 +1,6 @@
 """Shared fixtures. Helpers that make models, hosts, clusters and deployments live in tests/scenarios/build.py;
-a cluster of real agents on loopback is agentd.testing.localcluster.LocalCluster."""
+a cluster of real agents on loopback is agentd.testing.localcluster.LocalCluster. No test module imports another
+(tests/test_no_cross_test_imports.py): what several share is a fixture here or a helper in agentd/testing/."""
 
 from __future__ import annotations
 
