@@ -333,9 +333,14 @@ def main() -> None:
         def ours(stream: bool) -> dict:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir()
+            c0 = proc_cpu(server.pid)
             time.sleep(args.pause)
+            idle = (proc_cpu(server.pid) - c0) / args.pause if args.pause else 0.0
             try:
-                return asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=stream))
+                # The holder's idle CPU per second (its gRPC server and its lag probe, 100 wakeups a second)
+                # is in its CPU per GiB too: at a slow copy (a loaded machine) it is a large part of it.
+                return asyncio.run(agentd_copy(src, sha, size, gport, cert, dest, stream=stream)) | {
+                    "server_idle_cpu_per_s": idle}
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
 
