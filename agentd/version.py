@@ -15,12 +15,14 @@ Four numbers, each for a different reader:
   one in place and refuses a newer one.
 
 This module is in the types layer: it imports nothing of agentd, so the CLI can
-print it without loading anything heavy.
+print it without loading anything heavy. Nor does it import `dataclasses`
+(which loads `inspect`, about 12 ms): `Version` and `PeerVersion` are written
+out as frozen values (`_Value`), the same as `@dataclass(frozen=True)` made them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 AGENT_VERSION = "0.2.0"
 STATE_FORMAT = 2
@@ -40,11 +42,57 @@ SKEW_PHRASE = "more than one minor version apart"
 UPGRADE_PHRASE = "cannot join: "
 
 
-@dataclass(frozen=True, order=True)
-class Version:
+class _Value:
+    """A frozen value, as `@dataclass(frozen=True)` makes one: equal (and hashed) by its fields in order,
+    `Name(field=value, ...)` as repr, and no field can be assigned after construction."""
+
+    _fields: tuple[str, ...] = ()
+
+    def _init(self, *values: Any) -> None:
+        for name, value in zip(self._fields, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if other.__class__ is self.__class__ else NotImplemented  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
+
+class Version(_Value):
+    """A release number, ordered as (major, minor, patch)."""
+
+    _fields = __match_args__ = ("major", "minor", "patch")
     major: int
     minor: int
     patch: int
+
+    def __init__(self, major: int, minor: int, patch: int) -> None:
+        self._init(major, minor, patch)
+
+    def __lt__(self, other: object) -> bool:
+        return self._key() < other._key() if other.__class__ is self.__class__ else NotImplemented  # type: ignore[attr-defined]
+
+    def __le__(self, other: object) -> bool:
+        return self._key() <= other._key() if other.__class__ is self.__class__ else NotImplemented  # type: ignore[attr-defined]
+
+    def __gt__(self, other: object) -> bool:
+        return self._key() > other._key() if other.__class__ is self.__class__ else NotImplemented  # type: ignore[attr-defined]
+
+    def __ge__(self, other: object) -> bool:
+        return self._key() >= other._key() if other.__class__ is self.__class__ else NotImplemented  # type: ignore[attr-defined]
 
     @classmethod
     def parse(cls, text: str) -> Version:
@@ -91,14 +139,18 @@ def info() -> dict[str, object]:
             "data_format": DATA_FORMAT}
 
 
-@dataclass(frozen=True)
-class PeerVersion:
+class PeerVersion(_Value):
     """What an agent says of itself in its reports. The defaults are agentd 0.1.0's, which says nothing."""
 
-    version: str = BASELINE_VERSION
-    state_format: int = BASELINE_STATE_FORMAT
-    wire_version: int = BASELINE_WIRE_VERSION
-    upgrade_required: str = ""  # why it stopped applying the replicated state
+    _fields = __match_args__ = ("version", "state_format", "wire_version", "upgrade_required")
+    version: str
+    state_format: int
+    wire_version: int
+    upgrade_required: str  # why it stopped applying the replicated state
+
+    def __init__(self, version: str = BASELINE_VERSION, state_format: int = BASELINE_STATE_FORMAT,
+                 wire_version: int = BASELINE_WIRE_VERSION, upgrade_required: str = "") -> None:
+        self._init(version, state_format, wire_version, upgrade_required)
 
     @classmethod
     def reported(cls, version: str = "", state_format: int = 0, wire_version: int = 0,
