@@ -298,7 +298,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=6, help="pairs of copies (agentd and curl, alternating order)")
     ap.add_argument("--fetch", action="store_true", help="also copy over the Models.Fetch gRPC stream (slow)")
     ap.add_argument("--aiohttp", action="store_true", help="also curl from aiohttp's static server (slow)")
-    ap.add_argument("--pause", type=float, default=2.0, help="seconds before each copy (the last one's cleanup)")
+    ap.add_argument("--pause", type=float, default=3.0,
+                    help="seconds before each copy: the freed pages of the last one are handed back to the VM host "
+                         "(virtio free page reporting, 2 s), so each copy starts alike")
     ap.add_argument("--serve", nargs=5, metavar=("PATH", "SHA", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     ap.add_argument("--static", nargs=4, metavar=("ROOT", "PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
