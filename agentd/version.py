@@ -22,7 +22,9 @@ out as frozen values (`_Value`), the same as `@dataclass(frozen=True)` made them
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms of `agentd version`)
+if TYPE_CHECKING:
+    from typing import Any
 
 AGENT_VERSION = "0.2.0"
 STATE_FORMAT = 2

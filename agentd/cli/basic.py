@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
 
 from agentd.cli.common import emit
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms of `agentd version`)
 if TYPE_CHECKING:
+    from typing import Any
+
     from agentd.plugins import PluginManager
 
 PLUGIN_GROUP = "agentd.plugins"  # agentd.plugins.manager.ENTRY_POINT_GROUP, without importing pluggy
