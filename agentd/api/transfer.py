@@ -130,17 +130,8 @@ class TransferServer:
             f.seek(ticket.offset)
             buf = bytearray(SEND_PIECE)
             view = memoryview(buf)
-            # Python's ssl writes each 16 KiB TLS record with a write of its own, and each would leave as a
-            # segment of its own; corked, TCP fills whole segments (64 KiB on loopback): on loopback a receive
-            # then found 170 KB waiting on average instead of 36 KB (strace), and the fetching side spent about
-            # 0.3 CPU s/GiB less in the kernel. Uncorked at the end, which sends the tail at once.
-            cork = getattr(socket, "TCP_CORK", None)
-            if cork is not None:
-                stream.setsockopt(socket.IPPROTO_TCP, cork, 1)
             while n := f.readinto(buf):
                 stream.sendall(view[:n])
-            if cork is not None:
-                stream.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
 
 def _refuse(stream: socket.socket, why: str) -> None:
