@@ -233,7 +233,7 @@ async def _simulate(cfg: dict) -> None:
     def open_channel(creds, address: str):
         if creds is None:
             return grpc.aio.insecure_channel(address)
-        from agentd.security.tls import channel_options
+        from agentd.security.channel import channel_options
         return grpc.aio.secure_channel(address, creds, options=channel_options())
 
     common: dict[str, grpc.aio.Channel] = {}  # insecure: the process's connections, shared by its hosts

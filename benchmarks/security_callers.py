@@ -98,7 +98,7 @@ def measure(n: int, deploys: int) -> dict[str, dict[str, float]]:
             ca = (c.admin_dir / "ca.crt").read_bytes()
             creds = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(ca),
                                                        grpc.access_token_call_credentials(key))
-            from agentd.security.tls import channel_options
+            from agentd.security.channel import channel_options
 
             with grpc.secure_channel(follower.token_listen, creds, options=channel_options()) as ch:
                 stub = pb_grpc.ControlStub(ch)

@@ -53,7 +53,8 @@ def relay_refusal(c: LocalCluster, leader: str, *, relay: str, as_host: str) -> 
     """RelayReports on the leader, claiming to be `relay`, with `as_host`'s certificate (secure clusters)."""
     address = c.agents[leader].listen
     if c.secure:
-        from agentd.security.tls import channel_options, client_credentials_from_dir
+        from agentd.security.channel import channel_options
+        from agentd.security.tls import client_credentials_from_dir
         creds = client_credentials_from_dir(c.agents[as_host].tls_dir, "node")
         channel = grpc.secure_channel(address, creds, options=channel_options())
     else:

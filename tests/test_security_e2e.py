@@ -30,7 +30,8 @@ from agentd.cluster.raft.codec import encode
 from agentd.cluster.raft.types import VoteRequest
 from agentd.errors import InvalidInput, PeerError
 from agentd.security import ca as C
-from agentd.security.tls import channel_credentials, channel_options, load_identity
+from agentd.security.channel import channel_options
+from agentd.security.tls import channel_credentials, load_identity
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, free_port, simulated_host
 from agentd.v1 import control_pb2 as pb

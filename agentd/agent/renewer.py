@@ -14,7 +14,8 @@ from agentd.errors import AgentdError, NotAvailable
 from agentd.logs import fields
 from agentd.security import renewal
 from agentd.security.ca import ROLE_NODE, IssuedIdentity, save_identity, sign_csr
-from agentd.security.tls import channel_credentials, channel_options, load_identity
+from agentd.security.channel import channel_options
+from agentd.security.tls import channel_credentials, load_identity
 from agentd.v1 import security_pb2 as sec_pb
 from agentd.v1 import security_pb2_grpc as sec_pb_grpc
 

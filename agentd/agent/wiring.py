@@ -69,12 +69,12 @@ from agentd.runtime import Supervisor
 from agentd.security import apikeys
 from agentd.security.auth import AuthInterceptor
 from agentd.security.ca import load_ca
+from agentd.security.channel import channel_options
 from agentd.security.files import private_dir, tighten_tree
 from agentd.security.tls import (
     TlsIdentity,
     add_secure_ports,
     channel_credentials,
-    channel_options,
     warn_insecure,
 )
 from agentd.types import HostInventory

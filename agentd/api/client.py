@@ -45,11 +45,11 @@ from typing import Any
 import grpc
 
 from agentd.errors import AgentdError, InvalidInput, NotAvailable
+from agentd.security.channel import channel_credentials, channel_options
 from agentd.v1 import control_pb2 as pb
 
 DEFAULT_TIMEOUT = 60.0
 REDIRECT_KEY = "x-agentd-redirect"  # agentd.security.auth.REDIRECT_KEY (not imported: CLI start-up time)
-NODE_SAN = "node.agentd.invalid"  # agentd.security.ca.NODE_SAN (not imported: it loads cryptography)
 MAX_REDIRECTS = 3
 USER_TLS_DIR = Path("~/.config/agentd/tls")
 TLS_HINT = ("if the cluster runs with TLS, give this client credentials: an admin certificate in "
@@ -87,27 +87,24 @@ def cli_auth(settings: Any, environ: Mapping[str, str] | None = None) -> ClientA
     env = os.environ if environ is None else environ
     if settings.insecure:
         return ClientAuth()
-    # The credentials are built here from the files' bytes, as agentd.security.tls.channel_credentials and
-    # channel_options would: that module loads cryptography (~90 ms of a ~300 ms command; issue 16).
-    options = (("grpc.ssl_target_name_override", NODE_SAN),)
+    # The credentials are built from the files' bytes (agentd.security.channel): agentd.security.tls would
+    # check them first, which loads cryptography (~90 ms of a ~300 ms command; issue 16).
+    options = tuple(channel_options())
     dirs = user_tls_dirs(settings, env)
     node_dir = Path(settings.tls_directory)
     token = env.get("AGENTD_TOKEN", "").strip()
     if token:
         for d in [*dirs, node_dir]:
             if _readable(d / "ca.crt"):
-                creds = grpc.composite_channel_credentials(
-                    grpc.ssl_channel_credentials(root_certificates=(d / "ca.crt").read_bytes()),
-                    grpc.access_token_call_credentials(token))
+                creds = channel_credentials((d / "ca.crt").read_bytes(), bearer_token=token)
                 return ClientAuth(creds, options, f"bearer token (CA from {d})", token_port=True)
         raise InvalidInput("AGENTD_TOKEN is set but no cluster CA certificate was found: copy the cluster's "
                            f"ca.crt into {dirs[-1] if dirs else USER_TLS_DIR} or point AGENTD_TLS_DIR at it")
     for d in dirs:
         if _readable(d / "admin.crt", d / "admin.key", d / "ca.crt"):
             _usable_by_grpc(d)
-            creds = grpc.ssl_channel_credentials(root_certificates=(d / "ca.crt").read_bytes(),
-                                                 private_key=(d / "admin.key").read_bytes(),
-                                                 certificate_chain=(d / "admin.crt").read_bytes())
+            creds = channel_credentials((d / "ca.crt").read_bytes(), key_pem=(d / "admin.key").read_bytes(),
+                                        cert_pem=(d / "admin.crt").read_bytes())
             return ClientAuth(creds, options, f"admin certificate from {d}", check=_identity_check(d))
     return ClientAuth()
 

@@ -35,8 +35,9 @@ from agentd.security.ca import (
     write_private,
     write_public,
 )
+from agentd.security.channel import channel_options
 from agentd.security.join import prepare_join
-from agentd.security.tls import channel_options, fetch_pinned_ca, load_identity
+from agentd.security.tls import fetch_pinned_ca, load_identity
 from agentd.v1 import security_pb2 as pb
 from agentd.v1 import security_pb2_grpc as pb_grpc
 

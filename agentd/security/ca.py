@@ -30,16 +30,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agentd.errors import InvalidInput, NotAvailable
+from agentd.security.channel import NODE_SAN  # in every node certificate; peers verify against it
 
 ROLE_NODE = "node"
 ROLE_ADMIN = "admin"
 ROLES = (ROLE_NODE, ROLE_ADMIN)
 ROLE_URI_PREFIX = "agentd://role/"
-# Every node certificate also carries this DNS name, and peers verify each other's certificate against it
-# (grpc.ssl_target_name_override): the chain to the cluster CA and the role are what authenticate a peer,
-# so a host reached by an address its certificate does not list (a NAT, a renumbered host) still works.
-# `.invalid` is reserved (RFC 2606): no real host can have this name.
-NODE_SAN = "node.agentd.invalid"
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"

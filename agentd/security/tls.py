@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 
 from agentd.errors import InvalidInput, NotAvailable, PeerError
 from agentd.logs import fields
-from agentd.security.ca import CA_CERT, NODE_SAN, ca_fingerprint, cert_name, cert_role, load_cert, verify_issued
+from agentd.security import channel
+from agentd.security.ca import CA_CERT, ca_fingerprint, cert_name, cert_role, load_cert, verify_issued
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +108,14 @@ def channel_credentials(identity: TlsIdentity | None = None, *, ca_pem: bytes | 
     root = identity.ca_pem if identity is not None else ca_pem
     if root is None:
         raise InvalidInput("a TLS channel needs the cluster CA certificate")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=root,
-        private_key=identity.key_pem if identity is not None else None,
-        certificate_chain=identity.cert_pem if identity is not None else None,
-    )
-    if bearer_token:
-        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(bearer_token))
-    return creds
+    return channel.channel_credentials(root, key_pem=identity.key_pem if identity is not None else None,
+                                       cert_pem=identity.cert_pem if identity is not None else None,
+                                       bearer_token=bearer_token)
 
 
 def client_credentials_from_dir(directory: Path, name: str = "admin") -> grpc.ChannelCredentials:
     """Mutual-TLS client credentials from `<directory>/<name>.crt`, `<name>.key` and `ca.crt`."""
     return channel_credentials(load_identity(directory, name))
-
-
-def channel_options(server_name: str = NODE_SAN) -> list[tuple[str, Any]]:
-    """Verify the server's certificate as `server_name` whatever address is dialled.
-
-    The default is the name every node certificate carries (ca.NODE_SAN): a
-    peer is authenticated by its chain to the cluster CA and its role, not by
-    the address it was reached at.
-    """
-    return [("grpc.ssl_target_name_override", server_name)]
 
 
 def warn_insecure(logger: logging.Logger | None = None) -> str:

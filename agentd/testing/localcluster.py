@@ -350,7 +350,8 @@ class LocalCluster:
     def init_ca(self, name: str) -> str:
         """What `agentd init-ca` does on the first host, plus an admin certificate; returns the CA pin."""
         from agentd.security.ca import ROLE_ADMIN, ROLE_NODE, init_ca, issue_identity, load_ca, save_identity
-        from agentd.security.tls import channel_options, client_credentials_from_dir
+        from agentd.security.channel import channel_options
+        from agentd.security.tls import client_credentials_from_dir
 
         agent = self.agents[name]
         if not (agent.tls_dir / "ca.key").exists():
