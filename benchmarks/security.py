@@ -23,7 +23,9 @@ With `--rpc` (issue 14, item 2): a llama.cpp model split onto a real
 ggml-rpc-server, with llama-server reaching it directly on 127.0.0.1 and
 through the mTLS tunnel (agentd/security/tunnel.py: an entry process on the
 main side, an exit process beside the rpc-server, node certificates from a
-fresh cluster CA). Per path, runs interleaved: the model's upload time
+fresh cluster CA), once with the Python relay (AGENTD_TUNNEL=python) and once
+with the C relay agentd runs where it builds (AGENTD_TUNNEL=c,
+agentd/security/relay.c). Per path, runs interleaved: the model's upload time
 (llama-server start to /health 200, which includes sending every offloaded
 tensor to the rpc-server) and generation speed (tokens/s from llama-server's
 own timings, `n_predict` tokens per request).
@@ -47,6 +49,7 @@ from pathlib import Path
 
 from agentd.security import apikeys as K
 from agentd.security import ca as C
+from agentd.security import relay
 from agentd.security.auth import identify
 from agentd.testing.localcluster import LocalCluster, simulated_host
 from agentd.v1 import control_pb2 as pb
@@ -229,16 +232,18 @@ while True:
 
 
 def _pair(kind: str, target: int, root: Path, log) -> tuple[list[subprocess.Popen], int]:
-    """Two relays in a row in front of `target`: the mTLS tunnel (exit, entry) or the same hops in the clear."""
+    """Two relays in a row in front of `target`: the mTLS tunnel (exit, entry) with the Python relay ("python")
+    or the C one ("c"), or the same hops in the clear ("plain")."""
     first, second = _free_port(), _free_port()
-    if kind == "tls":
+    if kind in ("python", "c"):
         py = [sys.executable, "-m", "agentd.security.tunnel"]
+        env = {**os.environ, relay.IMPLEMENTATION_ENV: kind}
         procs = [subprocess.Popen([*py, "exit", "--listen", f"127.0.0.1:{first}", "--to", f"127.0.0.1:{target}",
                                    "--tls-dir", str(root / "rpc-host"), "--allow", "main-host"],
-                                  stdout=log, stderr=log),
+                                  stdout=log, stderr=log, env=env),
                  subprocess.Popen([*py, "entry", "--listen", f"127.0.0.1:{second}", "--to",
                                    f"127.0.0.1:{first}", "--tls-dir", str(root / "main-host")],
-                                  stdout=log, stderr=log)]
+                                  stdout=log, stderr=log, env=env)]
     else:
         procs = [subprocess.Popen([sys.executable, "-c", _PLAIN_RELAY, str(first), str(target)],
                                   stdout=log, stderr=log),
@@ -253,7 +258,8 @@ def _spread(values: list[float], fmt: str = "{:+.1f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))} .. {fmt.format(max(values))}]"
 
 
-PATHS = ("direct", "plain relay", "mTLS tunnel")
+PATHS = ("direct", "plain relay", "Python tunnel", "C tunnel")
+TUNNELS = {"plain relay": "plain", "Python tunnel": "python", "C tunnel": "c"}  # path -> _pair's kind
 
 
 def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int, threads: int) -> None:
@@ -278,12 +284,11 @@ def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int
                                    "-t", str(threads)], stdout=log, stderr=log)]
         try:
             _wait_port(rpc_port)
-            plain, plain_port = _pair("plain", rpc_port, root, log)
-            procs += plain
-            tunnel, entry_port = _pair("tls", rpc_port, root, log)
-            procs += tunnel
-            ports = {"direct": rpc_port, "plain relay": plain_port, "mTLS tunnel": entry_port}
-            relays = {"direct": [], "plain relay": [p.pid for p in plain], "mTLS tunnel": [p.pid for p in tunnel]}
+            ports, relays = {"direct": rpc_port}, {"direct": []}
+            for path, kind in TUNNELS.items():
+                pair, ports[path] = _pair(kind, rpc_port, root, log)
+                procs += pair
+                relays[path] = [p.pid for p in pair]
 
             size = model.stat().st_size / 2**20
             print(f"llama.cpp split onto ggml-rpc-server: {layers} layers, hidden {hidden}, F16, {size:.0f} MiB "
@@ -292,7 +297,7 @@ def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int
                   f"load average {os.getloadavg()[0]:.1f} at the start")
             results: dict[str, list[tuple[float, float, float, float]]] = {p: [] for p in PATHS}
             for r in range(rounds):
-                order = PATHS[r % 3:] + PATHS[:r % 3]
+                order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
                 for path in order:
                     pids = relays[path]
                     results[path].append(_serve_once(bindir / "llama-server", model, f"127.0.0.1:{ports[path]}",
@@ -302,16 +307,15 @@ def run_rpc(rounds: int, requests: int, n_predict: int, layers: int, hidden: int
             for path in PATHS:
                 rows = results[path]
                 tps = [r[1] for r in rows]
-                line = (f"  {path:<12} upload {statistics.median(r[0] for r in rows):5.2f} s   generation "
+                line = (f"  {path:<13} upload {statistics.median(r[0] for r in rows):5.2f} s   generation "
                         f"{statistics.median(tps):6.1f} tokens/s (runs {', '.join(f'{t:.0f}' for t in tps)})")
                 if path != "direct":
                     loss = [(1 - t / d) * 100 for t, d in zip(tps, direct, strict=True)]
-                    line += (f"\n  {'':<12} loss vs direct, paired by round: {_spread(loss, '{:.1f}%')};  relay "
+                    line += (f"\n  {'':<13} loss vs direct, paired by round: {_spread(loss, '{:.1f}%')};  relay "
                              f"CPU {statistics.median(r[3] for r in rows) * 1e3:.2f} ms per token")
                 print(line)
             echo, echo_port = _echo_server()
-            pairs = {"plain relay": _pair("plain", echo_port, root, log), "mTLS tunnel": _pair("tls", echo_port,
-                                                                                             root, log)}
+            pairs = {path: _pair(kind, echo_port, root, log) for path, kind in TUNNELS.items()}
             try:
                 trips: dict[str, list[tuple[float, float]]] = {p: [] for p in PATHS}
                 for _ in range(5):

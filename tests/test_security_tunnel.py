@@ -2,7 +2,10 @@
 
 Real sockets on loopback, real certificates from a cluster CA: only a node
 certificate of that CA, for an allowed host, gets through the exit; bytes
-pass unchanged both ways; the exit's own port speaks only TLS.
+pass unchanged both ways; the exit's own port speaks only TLS. Every test runs
+against both relays: the Python one (in this process) and the C one
+(agentd/security/relay.c, run as agentd does: `python -m agentd.security.tunnel`,
+which execs it).
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ import asyncio
 import hashlib
 import os
 import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from agentd.security import ca as C
+from agentd.security import relay
 from agentd.security.tunnel import client_context, serve_entry, serve_exit, server_context
+from agentd.testing.localcluster import free_port
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +39,58 @@ def dirs(tmp_path_factory):
     C.save_identity(root / "foreign", "node", C.issue_identity(other, "gpu-1", role=C.ROLE_NODE,
                                                                addresses=["127.0.0.1"]))
     return root
+
+
+@pytest.fixture(params=["python", "c"])
+def impl(request) -> str:
+    return request.param
+
+
+class Half:
+    """One tunnel half run as agentd runs it: `python -m agentd.security.tunnel SIDE ...` in a process."""
+
+    def __init__(self, side: str, to: str, tls_dir: Path, allow=(), env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.log = tls_dir.parent / f"{side}-{self.port}.log"
+        argv = [sys.executable, "-m", "agentd.security.tunnel", side, "--listen", f"127.0.0.1:{self.port}",
+                "--to", to, "--tls-dir", str(tls_dir)]
+        for host in allow:
+            argv += ["--allow", host]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
+                                         env={**os.environ, relay.IMPLEMENTATION_ENV: "c", **(env or {})})
+        ready = f"{side} 127.0.0.1:{self.port} -> {to}"
+        deadline = time.monotonic() + 60
+        while ready not in self.logged():
+            assert self.proc.poll() is None, self.logged()
+            assert time.monotonic() < deadline, self.logged()
+            time.sleep(0.05)
+
+    def logged(self) -> str:
+        return self.log.read_text()
+
+    def program(self) -> str:
+        return Path(os.readlink(f"/proc/{self.proc.pid}/exe")).name
+
+    def close(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(10) == 0, self.logged()
+
+
+def start_exit(impl: str, dirs: Path, target_port: int, allow=("gpu-1",)):
+    if impl == "python":
+        return serve_exit("127.0.0.1:0", f"127.0.0.1:{target_port}", server_context(dirs / "rpc-host"), allow)
+    half = Half("exit", f"127.0.0.1:{target_port}", dirs / "rpc-host", allow)
+    assert half.program().startswith(relay.NAME), "AGENTD_TUNNEL=c runs the C relay"
+    return half
+
+
+def start_entry(impl: str, dirs: Path, client: str, exit_port: int):
+    if impl == "python":
+        return serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_port}", client_context(dirs / client))
+    half = Half("entry", f"127.0.0.1:{exit_port}", dirs / client)
+    assert half.program().startswith(relay.NAME), "AGENTD_TUNNEL=c runs the C relay"
+    return half
 
 
 async def echo_server() -> tuple[asyncio.Server, int]:
@@ -59,10 +120,10 @@ async def through(port: int, payload: bytes) -> bytes:
         w.close()
 
 
-async def tunnel(dirs, client: str, allow=("gpu-1",)):
+async def tunnel(impl, dirs, client: str, allow=("gpu-1",)):
     helper, helper_port = await echo_server()
-    exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), allow)
-    entry = serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_.port}", client_context(dirs / client))
+    exit_ = start_exit(impl, dirs, helper_port, allow)
+    entry = start_entry(impl, dirs, client, exit_.port)
     return [helper, exit_, entry], entry.port, exit_.port
 
 
@@ -71,8 +132,8 @@ async def close(servers) -> None:
         s.close()
 
 
-async def test_bytes_pass_unchanged_both_ways(dirs):
-    servers, port, _ = await tunnel(dirs, "gpu-1")
+async def test_bytes_pass_unchanged_both_ways(impl, dirs):
+    servers, port, _ = await tunnel(impl, dirs, "gpu-1")
     try:
         assert await through(port, b"HELLO") == b"HELLO"
         big = os.urandom(8 << 20)
@@ -83,17 +144,22 @@ async def test_bytes_pass_unchanged_both_ways(dirs):
 
 
 @pytest.mark.parametrize("client", ["gpu-2", "alice", "foreign"])
-async def test_only_the_allowed_cluster_host_gets_through(dirs, client):
+async def test_only_the_allowed_cluster_host_gets_through(impl, dirs, client, caplog):
     """gpu-2: a cluster node, not the instance's main host; alice: an admin certificate; foreign: another CA."""
-    servers, port, _ = await tunnel(dirs, client)
+    servers, port, _ = await tunnel(impl, dirs, client)
+    reasons = {"gpu-2": "host 'gpu-2' is not one this tunnel serves (gpu-1)",
+               "alice": "certificate of 'alice' has role 'admin', not 'node'"}
     try:
         assert await through(port, b"HELLO") == b""
+        if client in reasons:  # the exit says why, in the same words from either relay
+            logged = servers[1].logged() if impl == "c" else caplog.text
+            assert f"tunnel refused a connection: {reasons[client]} (from ('127.0.0.1', " in logged
     finally:
         await close(servers)
 
 
-async def test_any_node_when_no_host_is_named_and_plain_tcp_never(dirs):
-    servers, port, exit_port = await tunnel(dirs, "gpu-2", allow=())
+async def test_any_node_when_no_host_is_named_and_plain_tcp_never(impl, dirs):
+    servers, port, exit_port = await tunnel(impl, dirs, "gpu-2", allow=())
     try:
         assert await through(port, b"HELLO") == b"HELLO"
         assert await through(exit_port, b"HELLO") == b"", "the exit speaks only TLS"
@@ -101,7 +167,7 @@ async def test_any_node_when_no_host_is_named_and_plain_tcp_never(dirs):
         await close(servers)
 
 
-async def test_a_tls_record_without_data_does_not_stall_the_other_direction(dirs):
+async def test_a_tls_record_without_data_does_not_stall_the_other_direction(impl, dirs):
     """A TLS 1.3 session ticket reaches the entry before any data: it must not block the relay thread.
 
     (Found by the e2e test: the entry sat in a blocking TLS read of the ticket while llama-server's first
@@ -111,7 +177,7 @@ async def test_a_tls_record_without_data_does_not_stall_the_other_direction(dirs
     ctx = server_context(dirs / "rpc-host")
     ctx.num_tickets = 2
     exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", ctx, ("gpu-1",))
-    entry = serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_.port}", client_context(dirs / "gpu-1"))
+    entry = start_entry(impl, dirs, "gpu-1", exit_.port)
     try:
         r, w = await asyncio.open_connection("127.0.0.1", entry.port)
         await asyncio.sleep(0.5)  # the handshake and the tickets are done before the first byte is sent
@@ -155,10 +221,10 @@ def _tls_client_sending_data_with_its_finished(port: int, ctx: ssl.SSLContext, p
         return got
 
 
-async def test_data_that_arrives_with_the_handshake_is_relayed(dirs):
+async def test_data_that_arrives_with_the_handshake_is_relayed(impl, dirs):
     """The exit reads the client's Finished and its first request in one recv: the request is not left behind."""
     helper, helper_port = await echo_server()
-    exit_ = serve_exit("127.0.0.1:0", f"127.0.0.1:{helper_port}", server_context(dirs / "rpc-host"), ("gpu-1",))
+    exit_ = start_exit(impl, dirs, helper_port)
     try:
         payload = b"first request" * 100
         got = await asyncio.wait_for(asyncio.to_thread(
@@ -168,9 +234,9 @@ async def test_data_that_arrives_with_the_handshake_is_relayed(dirs):
         await close([helper, exit_])
 
 
-async def test_many_small_round_trips_in_turn_then_a_large_one(dirs):
+async def test_many_small_round_trips_in_turn_then_a_large_one(impl, dirs):
     """ggml RPC's pattern: many small request/response exchanges on one connection, then a tensor upload."""
-    servers, port, _ = await tunnel(dirs, "gpu-1")
+    servers, port, _ = await tunnel(impl, dirs, "gpu-1")
     try:
         r, w = await asyncio.open_connection("127.0.0.1", port)
         for i in range(300):
@@ -185,3 +251,84 @@ async def test_many_small_round_trips_in_turn_then_a_large_one(dirs):
         w.close()
     finally:
         await close(servers)
+
+
+async def test_a_tls_client_without_a_certificate_is_refused(impl, dirs):
+    """TLS that trusts the cluster CA but presents no certificate of its own gets nothing from the exit."""
+    helper, helper_port = await echo_server()
+    exit_ = start_exit(impl, dirs, helper_port, allow=())
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.load_verify_locations(dirs / "rpc-host" / C.CA_CERT)
+
+    def attempt() -> bytes:
+        try:
+            return _tls_client_sending_data_with_its_finished(exit_.port, anonymous, b"HELLO")
+        except (ssl.SSLError, OSError):  # TLS 1.3: the handshake completes, then the exit's alert or its close
+            return b""
+
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(attempt), 15) == b""
+    finally:
+        await close([helper, exit_])
+
+
+@pytest.fixture
+def no_compiler(tmp_path, monkeypatch) -> Path:
+    """CC is a compiler that fails (and counts its calls); relay.py builds into tmp_path/build."""
+    cc = tmp_path / "cc"
+    cc.write_text(f"#!/bin/sh\necho run >> {tmp_path / 'calls'}\necho 'cc: no compiler here' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(relay, "_build_dirs", lambda: [tmp_path / "build"])
+    return tmp_path
+
+
+def test_a_failed_build_says_why_once_and_is_not_tried_again(no_compiler):
+    for _ in range(2):
+        with pytest.raises(relay.Unavailable, match="cc: no compiler here"):
+            relay.binary()
+    assert (no_compiler / "calls").read_text() == "run\n"
+    assert not [p for p in (no_compiler / "build").iterdir() if p.name.startswith(relay.NAME) and
+                not p.name.endswith(".failed")]
+
+
+async def test_without_the_c_relay_the_python_one_serves_and_the_log_says_why(dirs, no_compiler):
+    """As agentd runs a tunnel on a host with no C compiler: the same command line, relayed in Python."""
+    helper, helper_port = await echo_server()
+    build = no_compiler / "build"
+    patch = (f"import sys; from pathlib import Path; import agentd.security.relay as r; "
+             f"r._build_dirs = lambda: [Path({str(build)!r})]; from agentd.security.tunnel import main; "
+             f"sys.exit(main(sys.argv[1:]))")
+    port = free_port()
+    log = no_compiler / "exit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", patch, "exit", "--listen", f"127.0.0.1:{port}", "--to",
+                                 f"127.0.0.1:{helper_port}", "--tls-dir", str(dirs / "rpc-host")],
+                                stdout=out, stderr=out, env={**os.environ})
+    entry = serve_entry("127.0.0.1:0", f"127.0.0.1:{port}", client_context(dirs / "gpu-1"))
+    try:
+        deadline = time.monotonic() + 60
+        while "exit 127.0.0.1" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        assert await through(entry.port, b"HELLO") == b"HELLO"
+        assert "the C relay is unavailable, relaying in Python: " in log.read_text()
+        assert "cc: no compiler here" in log.read_text()
+        assert Path(os.readlink(f"/proc/{proc.pid}/exe")).name.startswith("python")
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        await close([helper, entry])
+
+
+def test_the_relay_is_chosen_by_agentd_tunnel(dirs):
+    """AGENTD_TUNNEL=python keeps the Python relay; a value that is neither c nor python is refused (exit 2)."""
+    half = Half("entry", "127.0.0.1:9", dirs / "gpu-1", env={relay.IMPLEMENTATION_ENV: "python"})
+    try:
+        assert half.program().startswith("python")
+    finally:
+        half.close()
+    bad = subprocess.run([sys.executable, "-m", "agentd.security.tunnel", "entry", "--listen", "127.0.0.1:0",
+                          "--to", "127.0.0.1:9", "--tls-dir", str(dirs / "gpu-1")], capture_output=True, text=True,
+                         env={**os.environ, relay.IMPLEMENTATION_ENV: "rust"}, timeout=60)
+    assert bad.returncode == 2 and "AGENTD_TUNNEL='rust'" in bad.stderr

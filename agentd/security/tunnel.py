@@ -22,6 +22,11 @@ generated token), so each connection is relayed by a thread of its own that
 polls both sockets and reads into reused buffers (see `_relay`).
 benchmarks/security.py --rpc measures the cost.
 
+`main` (how agentd runs a half) execs the same relay written in C
+(agentd/security/relay.c, built by agentd/security/relay.py) where it builds:
+same arguments, checks, log lines and exit codes, without a Python wake-up
+per message. AGENTD_TUNNEL=python keeps this module's relay; =c requires C.
+
 Run one half: `python -m agentd.security.tunnel exit --listen 10.0.0.3:41000
 --to 127.0.0.1:41001 --tls-dir /var/lib/agentd/tls --allow gpu-1`, or
 `... entry --listen 127.0.0.1:41002 --to 10.0.0.3:41000 --tls-dir ...`.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import select
 import signal
 import socket
@@ -43,6 +49,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agentd.security import relay
 from agentd.security.ca import CA_CERT, NODE_SAN, ROLE_NODE, cert_name, cert_role
 
 log = logging.getLogger(__name__)
@@ -271,6 +278,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="exit: a node name whose certificate may connect (repeatable; default: any node)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tunnel %(levelname)s %(message)s")
+
+    choice = os.environ.get(relay.IMPLEMENTATION_ENV, "")
+    if choice not in ("", "c", "python"):
+        print(f"tunnel: {relay.IMPLEMENTATION_ENV}={choice!r}: use 'c', 'python' or leave it unset", file=sys.stderr)
+        return 2
+    if choice != "python":
+        try:
+            binary = relay.binary()
+        except (relay.Unavailable, OSError) as exc:
+            if choice == "c":
+                print(f"tunnel: the C relay is unavailable: {exc}", file=sys.stderr)
+                return 1
+            log.warning("the C relay is unavailable, relaying in Python: %s", exc)
+        else:
+            argv = [str(binary), args.side, "--listen", args.listen, "--to", args.to, "--tls-dir", str(args.tls_dir)]
+            for host in args.allow:
+                argv += ["--allow", host]
+            sys.stderr.flush()
+            os.execv(binary, argv)  # same pid, arguments, exit codes and log lines; never returns
 
     try:
         if args.side == "exit":
