@@ -236,8 +236,9 @@ def test_a_leader_stopped_past_the_election_timeout_steps_down_and_commits_nothi
         assert outcome.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), outcome
         assert all(absent(cluster, n, "gamma") for n in NAMES)
     else:
-        # What happens here: on SIGCONT it replays the missed ticks, check-quorum deposes it before the queued
-        # call runs, and the call is forwarded. It decided nothing itself; the new leader placed it, in its term.
+        # On SIGCONT it counts only a little of the missed time (its own stall proves nothing), and a follower's
+        # answer to its first stale heartbeat deposes it; if that came before the queued call ran, the call was
+        # forwarded. It decided nothing itself; the new leader placed it, in its term.
         assert stale == []
         (a,) = json.loads(outcome.deployment.assignments_json)
         assert a["term"] >= new_term and assignments(cluster, old, "gamma") == [a]

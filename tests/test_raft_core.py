@@ -366,13 +366,108 @@ def test_isolated_leader_steps_down_and_cannot_commit():
     index, _ = a.propose(b"lonely")
     c.flush("a")
     c.queue = []
-    for _ in range(3 * CFG.election_ticks_min):
+    ticks = 0
+    while a.role == Role.LEADER:
         c.tick("a")
         c.queue = []  # the network is cut
-    assert a.role == Role.FOLLOWER
+        ticks += 1
+        assert ticks <= 3 * CFG.election_ticks_min
+    # About one election timeout after the cut: the append above went unanswered from the start.
+    assert ticks == CFG.election_ticks_min
     assert a.committed < index
     with pytest.raises(NotLeader):
         a.propose(b"again")
+
+
+def test_a_leader_whose_own_loop_stalled_does_not_step_down():
+    """A stall of the leader's loop (SIGSTOP, a long callback) is no evidence against the followers: their
+    answers are queued unread. Catching up on the missed ticks must not make it step down before it reads them."""
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    term = a.term
+    c.tick("a", CFG.heartbeat_ticks)  # a heartbeat goes out; the answers arrive while a is stopped
+    sent, c.queue = c.queue, []
+    answers = []
+    for m in sent:
+        c.nodes[m.to].step(m)
+        answers.extend(c.nodes[m.to].ready().messages)
+    assert answers
+    a.advance(10 * CFG.election_ticks_max)  # resumed: the clock says ten election timeouts passed
+    assert a.role == Role.LEADER and a.term == term
+    for m in answers:
+        a.step(m)
+    c.flush("a")
+    c.deliver()
+    for _ in range(3):  # and it leads on as before
+        c.heartbeat("a")
+    assert a.role == Role.LEADER and a.term == term
+
+
+def test_a_leader_resumed_after_a_stall_heartbeats_at_once_and_learns_if_it_was_deposed():
+    cfg = dataclasses.replace(CFG, heartbeat_ticks=4, election_ticks_min=16, election_ticks_max=24)
+    c = Cluster(["a", "b", "c"], cfg=cfg)
+    a = c.elect("a")
+    c.tick("a")  # mid-way between two heartbeats
+    c.deliver()
+    c.elect("b", allow=only("b", "c"))  # while a was stopped
+    a.advance(10 * cfg.election_ticks_max)
+    c.flush("a")
+    assert {m.to for m in c.queue if isinstance(m, Heartbeat) and m.sender == "a"} == {"b", "c"}
+    c.deliver()
+    assert a.role == Role.FOLLOWER and a.term == c.nodes["b"].term
+
+
+def test_a_stalled_leader_that_is_also_cut_off_still_steps_down():
+    """Check-quorum keeps its purpose: after the stall, fresh heartbeats nobody answers count again."""
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    a.advance(10 * CFG.election_ticks_max)
+    c.flush("a")
+    c.queue = []
+    ticks = 0
+    while a.role == Role.LEADER:
+        a.advance(1)
+        c.flush("a")
+        c.queue = []  # the network is cut
+        ticks += 1
+        assert ticks <= 3 * CFG.election_ticks_max
+    assert ticks <= CFG.election_ticks_min + CFG.heartbeat_ticks
+
+
+def test_one_silent_follower_is_not_enough_to_step_down():
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    for _ in range(5):  # c is cut off for five election timeouts, b answers
+        for _ in range(CFG.election_ticks_min // CFG.heartbeat_ticks):
+            c.heartbeat("a", allow=lambda m: "c" not in (m.to, m.sender))
+    assert a.role == Role.LEADER
+    assert a.progress["c"].silent_ticks >= CFG.election_ticks_min and a.progress["b"].silent_ticks == 0
+
+
+def test_a_follower_whose_own_loop_stalled_does_not_campaign():
+    """A follower resumed after a stall first reads the leader's queued heartbeats instead of campaigning."""
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    b = c.nodes["b"]
+    b.advance(10 * CFG.election_ticks_max)
+    c.flush("b")
+    assert b.role == Role.FOLLOWER and b.leader == "a"
+    assert not [m for m in c.queue if isinstance(m, VoteRequest)]
+    c.heartbeat("a")
+    assert a.role == Role.LEADER and b.leader == "a"
+
+
+def test_a_follower_whose_leader_went_silent_still_campaigns_after_an_election_timeout():
+    c = Cluster(["a", "b", "c"])
+    c.elect("a")
+    c.crash("a")
+    b = c.nodes["b"]
+    ticks = 0
+    while b.role == Role.FOLLOWER:  # a driver waking every tick on time: every tick counts
+        b.advance(1)
+        ticks += 1
+        assert ticks <= CFG.election_ticks_max
+    assert b.role == Role.PRE_CANDIDATE
 
 
 def test_majority_side_elects_a_new_leader_and_the_old_one_steps_down_when_healed():
@@ -467,7 +562,7 @@ def test_partitioned_leader_cannot_serve_a_linearizable_read():
         c.tick("a")
         c.queue = []
     assert c.reads == []
-    assert a.role == Role.FOLLOWER
+    assert a.role != Role.LEADER  # stepped down (and, cut off, may be campaigning in vain since)
     assert c.dropped_reads == [1]  # the driver fails the waiting reader instead of hanging
 
 

@@ -31,9 +31,11 @@ class ListMachine:
 
     def __init__(self):
         self.items: list[bytes] = []
+        self.last_index = self.last_term = 0  # what a watcher and a voter's watch feed read
 
     def apply(self, index, term, command):
         self.items.append(command)
+        self.last_index, self.last_term = index, term
         return len(self.items)
 
     def snapshot(self):
@@ -198,6 +200,55 @@ async def test_minority_leader_cannot_commit_and_steps_down(cluster):
         cut(n, [])
     await cluster.until(lambda: leader.sm.items == [b"before", b"majority"], what="healed")
     assert all(b"lost" not in n.sm.items for n in cluster.nodes.values())
+
+
+async def test_a_stalled_loop_neither_steps_the_leader_down_nor_starts_an_election(cluster):
+    """Three voters whose loop froze for three election timeouts (one starved core; here one shared event loop):
+    on resuming, each reads what is queued before it judges anyone's silence, so the leader and term stay."""
+    leader = await cluster.three()
+    await leader.propose(b"before")
+    await cluster.until(lambda: all(n.sm.items == [b"before"] for n in cluster.nodes.values()), what="replication")
+    term = leader.term
+    time.sleep(3 * FAST.election_timeout_max)  # blocks every node's loop, sockets stay open
+    await asyncio.sleep(3 * FAST.election_timeout_max)
+    assert [(n.id, n.term, n.leader_id) for n in cluster.nodes.values()] == [
+        (n, term, leader.id) for n in ("n1", "n2", "n3")]
+    assert leader.is_leader
+    await leader.propose(b"after")
+
+
+async def test_a_watcher_keeps_its_stream_to_its_voter_when_the_leader_changes(tmp_path):
+    """A change of leader reaches a watcher as one leader event on the stream it has; only its own voter going
+    away makes it re-attach (at 2,048 hosts, every stream re-opening at once starved the new leader)."""
+    c = Cluster(tmp_path, RaftOptions(**{**FAST.__dict__, "can_watch": True, "max_voters": 3, "standby_learners": 0}))
+    try:
+        leader = await c.three()
+        w = await c.start("w", join=[c.addr["n1"]])
+        assert w.watcher is not None
+        await leader.propose(b"x")
+        await c.until(lambda: w.sm.items == [b"x"] and w.leader_id == leader.id, what="the watcher follows")
+        source = w.watcher.source
+        voter = next(n for n in c.nodes.values() if n.address == source)
+        assert voter is not leader  # a watcher streams from a voter that does not lead
+        streams: list[str] = []
+        follow = w.watcher._follow
+
+        async def counted(address: str) -> None:
+            streams.append(address)
+            await follow(address)
+
+        w.watcher._follow = counted  # any re-attach from now on goes through here
+        other = next(n for n in c.nodes.values() if n not in (leader, voter, w))
+        for target, data in ((other, b"y"), (voter, b"z")):
+            current = c.leader()
+            await current.transfer_leadership(target.id)
+            await target.propose(data)
+            await c.until(lambda t=target, d=data: w.leader_id == t.id and w.term == t.term and w.sm.items[-1:] == [d],
+                          what=f"the watcher hears of leader {target.id}")
+        assert streams == [] and w.watcher.source == source
+        assert w.sm.items == [b"x", b"y", b"z"]
+    finally:
+        await c.close()
 
 
 async def test_lagging_node_catches_up_through_a_chunked_snapshot(tmp_path):

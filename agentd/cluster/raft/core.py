@@ -169,6 +169,10 @@ class RaftCore:
 
     def _send(self, msg: Message) -> None:
         self._msgs.append(msg)
+        if self.role == Role.LEADER and isinstance(msg, AppendRequest | Heartbeat | SnapshotRequest):
+            pr = self.progress.get(msg.to)
+            if pr is not None:
+                pr.awaiting = True  # from now on its silence counts (check-quorum)
 
     # ------------------------------------------------------------ role changes
 
@@ -228,6 +232,20 @@ class RaftCore:
 
     # ------------------------------------------------------------ time
 
+    def advance(self, ticks: int) -> None:
+        """`ticks` ticks of wall clock passed since the last call (the driver's clock).
+
+        At most one heartbeat interval of them counts. More means this node's
+        own loop was stalled (SIGSTOP, a long callback): what peers sent
+        meanwhile may still be waiting unread, so the missed time proves
+        nothing about their silence and must neither make a leader step down
+        nor a follower campaign. A whole heartbeat interval does count, so a
+        resumed leader heartbeats at once: the answers tell it within a round
+        trip whether it still leads (one deposed meanwhile gets the newer term).
+        """
+        for _ in range(min(ticks, self.cfg.heartbeat_ticks)):
+            self.tick()
+
     def tick(self) -> None:
         if self.role == Role.LEADER:
             self._tick_leader()
@@ -244,16 +262,18 @@ class RaftCore:
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
         for pr in self.progress.values():
+            if pr.awaiting:
+                pr.silent_ticks += 1
             if pr.state == ProgressState.SNAPSHOT:
                 pr.snapshot_elapsed += 1
                 if pr.snapshot_elapsed >= 4 * self.cfg.election_ticks_max:
                     pr.become_probe()  # the snapshot or its answer was lost; start over
+        if self.cfg.check_quorum and not self._quorum_active():
+            log.warning("cannot hear a quorum of voters", extra=fields(node=self.id, term=self.term))
+            self._become_follower(self.term, None)
+            return
         if self._election_elapsed >= self.cfg.election_ticks_min:
             self._election_elapsed = 0
-            if self.cfg.check_quorum and not self._quorum_active():
-                log.warning("cannot hear a quorum of voters", extra=fields(node=self.id, term=self.term))
-                self._become_follower(self.term, None)
-                return
             for pr in self.progress.values():
                 pr.recent_active = False
             if self._transferee is not None:
@@ -264,8 +284,14 @@ class RaftCore:
             self._broadcast_heartbeat()
 
     def _quorum_active(self) -> bool:
+        """Check-quorum: a voter counts as gone only when it left something this leader sent unanswered for a
+        whole election timeout. A leader that sent nothing, or whose own loop stalled (see `advance`), has no
+        evidence against anyone; a leader cut off from a quorum sends heartbeats nobody answers, and steps down
+        about one election timeout after the cut."""
         voters = self.membership.voters
-        active = sum(1 for v in voters if v == self.id or (v in self.progress and self.progress[v].recent_active))
+        limit = self.cfg.election_ticks_min
+        active = sum(1 for v in voters
+                     if v == self.id or (v in self.progress and self.progress[v].silent_ticks < limit))
         return active >= self._quorum(voters)
 
     # ------------------------------------------------------------ elections
@@ -427,6 +453,8 @@ class RaftCore:
         pr = self.progress.get(m.sender)
         if pr is None:
             return  # not (or no longer) a member
+        if isinstance(m, AppendResponse | HeartbeatResponse):
+            pr.awaiting, pr.silent_ticks = False, 0
         if isinstance(m, AppendResponse):
             pr.recent_active = True
             if m.success:

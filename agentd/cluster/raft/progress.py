@@ -27,7 +27,11 @@ class Progress:
     paused: bool = False  # PROBE: an append is out, wait for its answer (or a heartbeat answer)
     pending_snapshot: int = 0
     snapshot_elapsed: int = 0
-    recent_active: bool = False  # heard from it since the last check-quorum round
+    recent_active: bool = False  # answered since the last round of election_ticks_min (the leader's seat decisions)
+    # Check-quorum judges a peer only on what the leader sent it: `awaiting` is set by a send, and
+    # `silent_ticks` counts the leader's ticks since the oldest message it has not answered yet.
+    awaiting: bool = False
+    silent_ticks: int = 0
     acked_seq: int = 0  # highest read-index round it confirmed
     inflight: deque[int] = field(default_factory=deque)  # last index of each unacknowledged append
 
