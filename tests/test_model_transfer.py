@@ -51,13 +51,11 @@ def server(dirs: Path | None) -> TransferServer:
 
 
 def receive(tmp: Path, srv: TransferServer, ticket: str, ctx, want: int) -> tuple[int, bytes, str]:
-    from concurrent.futures import ThreadPoolExecutor
-
     out_path = tmp / "out"
     sha = hashlib.sha256()
     seen = []
-    with ThreadPoolExecutor(4) as pool, open(out_path, "ab", buffering=0) as out:
-        r = Receive(("127.0.0.1", srv.port), ticket, ctx, C.NODE_SAN, out, sha, pool, seen.append)
+    with open(out_path, "ab", buffering=0) as out:
+        r = Receive(("127.0.0.1", srv.port), ticket, ctx, C.NODE_SAN, out, sha, seen.append)
         got = r.run(want)
     assert sum(seen) == got
     return got, out_path.read_bytes(), sha.hexdigest()
@@ -137,6 +135,50 @@ def test_a_closed_port_is_a_broken_transfer(tmp_path, blob):
     srv.close()
     with pytest.raises(TransferBroken, match="cannot connect"):
         receive(tmp_path, srv, "x", None, 10)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_every_byte_before_the_holder_stops_is_written_and_hashed(tmp_path, dirs, blob, secure):
+    """The file ends before `want` (as when a holder goes away): the last, partial piece is kept for a resume."""
+    from agentd.api import transfer
+
+    path, data = blob
+    assert len(data) % transfer.PIECE  # the last piece is a partial one
+    srv = server(dirs if secure else None)
+    sha, seen = hashlib.sha256(), []
+    try:
+        with open(tmp_path / "out", "ab", buffering=0) as out:
+            r = Receive(("127.0.0.1", srv.port), srv.issue("gpu-1" if secure else "", path, 0),
+                        client_context(dirs / "gpu-1") if secure else None, C.NODE_SAN, out, sha, seen.append)
+            with pytest.raises(TransferBroken, match=f"closed the stream after {len(data)} of {len(data) + 1000}"):
+                r.run(len(data) + 1000)
+    finally:
+        srv.close()
+    assert sum(seen) == len(data)
+    assert (tmp_path / "out").read_bytes() == data
+    assert sha.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_cancel_ends_the_copy_and_what_was_written_is_what_was_hashed(tmp_path, blob):
+    path, data = blob
+    srv = server(None)
+    sha, seen = hashlib.sha256(), []
+
+    def on_bytes(n: int) -> None:
+        seen.append(n)
+        r.cancel()  # from the receiving thread itself: the next receive finds the socket shut
+
+    try:
+        with open(tmp_path / "out", "ab", buffering=0) as out:
+            r = Receive(("127.0.0.1", srv.port), srv.issue("", path, 0), None, C.NODE_SAN, out, sha, on_bytes)
+            with pytest.raises(TransferBroken, match="cancelled"):
+                r.run(len(data))
+    finally:
+        srv.close()
+    written = (tmp_path / "out").read_bytes()
+    assert 0 < len(written) == sum(seen) < len(data)
+    assert written == data[:len(written)]
+    assert sha.hexdigest() == hashlib.sha256(written).hexdigest()
 
 
 # --------------------------------------------------------------------------- the Fetcher over both paths

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import grpc
 
-from agentd.api.transfer import Receive, TransferBroken, TransferRefused, TransferServer
+from agentd.api.transfer import Receive, TransferBroken, TransferRefused, TransferServer, write_all
 from agentd.logs import fields
 from agentd.security.ca import NODE_SAN
 from agentd.types import GiB, HeldModel, ModelFile, held_copy
@@ -263,8 +263,9 @@ class Fetcher:
         self.rate = rate  # bytes per second, 0 = unlimited
         self.clock = clock
         self.fetches: dict[str, Fetch] = {}
-        # Per fetch at most three at once (receive, write, hash), plus one for the others' small steps.
-        self._pool = ThreadPoolExecutor(max_workers=3 * concurrency + 2, thread_name_prefix="agentd-fetch")
+        # Per fetch at most two at once (a Models.Fetch stream's write and hash; the raw stream's receive is one),
+        # plus two for the others' small steps.
+        self._pool = ThreadPoolExecutor(max_workers=2 * concurrency + 2, thread_name_prefix="agentd-fetch")
         # The raw byte stream (agentd/api/transfer.py): the TLS client context (None: plain TCP, an insecure
         # cluster); the attribute itself None: always Models.Fetch.
         self.transfer_context = transfer_context
@@ -443,7 +444,7 @@ class Fetcher:
 
         ctx = await loop.run_in_executor(self._pool, self.transfer_context)
         out = await loop.run_in_executor(self._pool, _open_append, partial)
-        receive = Receive((host, reply.port), reply.ticket, ctx, self.transfer_hostname, out, h, self._pool, on_bytes)
+        receive = Receive((host, reply.port), reply.ticket, ctx, self.transfer_hostname, out, h, on_bytes)
         before = f.done
         try:
             await asyncio.shield(job := loop.run_in_executor(self._pool, receive.run, entry.size - offset))
@@ -474,7 +475,7 @@ class Fetcher:
                         await writing
                     # Written and hashed in two threads at once (both release the GIL), while the next
                     # chunk is received; each waits for the previous chunk's, so the order holds.
-                    writing = asyncio.gather(loop.run_in_executor(self._pool, _write, out, chunk.data),
+                    writing = asyncio.gather(loop.run_in_executor(self._pool, write_all, out, chunk.data),
                                              loop.run_in_executor(self._pool, h.update, chunk.data))
                     offset += len(chunk.data)
                     f.done += len(chunk.data)
@@ -517,13 +518,6 @@ def _hash_prefix(partial: Path) -> tuple[hashlib._Hash, int]:
 def _open_append(p: Path):
     p.parent.mkdir(parents=True, exist_ok=True)
     return open(p, "ab", buffering=0)
-
-
-def _write(out, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = out.write(view)
-        view = view[n:]
 
 
 def _unlink(p: Path) -> None:

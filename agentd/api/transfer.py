@@ -13,8 +13,9 @@ plain stream instead, negotiated over gRPC so that nothing about *what* is sent 
 3. it sends the ticket and a newline; the holder answers `OK\\n` and the file's bytes from the offset to its
    end, or `ERR <reason>\\n`.
 
-Both sides run in threads with blocking sockets (no event loop involved): the holder reads into one buffer and
-sends it, the fetching side receives into one buffer while a second thread writes and hashes the previous one.
+Both sides run in threads with blocking sockets (no event loop involved): the holder reads the file in pieces
+into one buffer and sends each; the fetching side receives pieces into one buffer and hashes and writes each in
+the same thread, so that every byte is still in the core's cache for both.
 A holder without `Open` (an older agent) is fetched from over `Models.Fetch` as before.
 """
 
@@ -30,13 +31,15 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("agentd.fetch")
 
-BUFFER = 4 * 1024 * 1024  # the fetching side's receive buffers (two: one fills while the other is written)
+# The fetching side takes 256 KiB at a time and hashes and writes each piece in the receiving thread, while the
+# piece is still in that core's cache. Two 4 MiB buffers, one filling while another thread hashed and wrote the
+# other, sent every byte through memory twice more: 3.7-4.0 CPU s/GiB against 1.6 (docs/models.md).
+PIECE = 256 * 1024
 # The holder reads the file in small pieces: each piece is still in the core's cache when it is encrypted. With
 # 4 MiB pieces the copy out of the page cache and the encryption each went to L3/memory: 1.6-1.9 CPU s/GiB
 # serving against 1.2-1.3 with 64 KiB (benchmarks/model_fetch.py; openssl s_server reads 16 KiB at a time).
@@ -163,18 +166,17 @@ class Receive:
     """One file's bytes from a holder's transfer listener, appended to `out` and hashed into `sha` as they come.
 
     `run` blocks (a worker thread's job); `cancel` may be called from any thread and ends it within a recv.
-    `on_bytes(n)` is called from the thread after each buffer is written (progress, rate limit).
+    `on_bytes(n)` is called from the thread after each piece is written (progress, rate limit).
     """
 
     def __init__(self, address: tuple[str, int], ticket: str, context: ssl.SSLContext | None, server_hostname: str,
-                 out, sha: hashlib._Hash, writer: ThreadPoolExecutor, on_bytes: Callable[[int], None]):
+                 out, sha: hashlib._Hash, on_bytes: Callable[[int], None]):
         self.address = address
         self.ticket = ticket
         self.context = context
         self.server_hostname = server_hostname
         self.out = out
         self.sha = sha
-        self.writer = writer
         self.on_bytes = on_bytes
         self._raw: socket.socket | None = None
         self._cancelled = threading.Event()
@@ -221,53 +223,37 @@ class Receive:
             return got
 
     def _pull(self, stream: socket.socket, want: int) -> int:
-        bufs = [bytearray(BUFFER), bytearray(BUFFER)]
-        pending: Future | None = None  # the previous buffer's write and hash
+        buf = bytearray(PIECE)
+        view = memoryview(buf)
         got = 0
-        i = 0
-        try:
-            while got < want and not self._cancelled.is_set():
-                view = memoryview(bufs[i])
-                room = min(BUFFER, want - got)
-                n = 0
-                try:
-                    while n < room:
-                        k = stream.recv_into(view[n:room])
-                        if not k:
-                            break
-                        n += k
-                except (OSError, ssl.SSLError) as exc:
-                    if pending is not None:
-                        self.on_bytes(pending.result())
-                        pending = None
-                    if n:  # keep what came: it is hashed and written like the rest, for a resume
-                        self.on_bytes(_write_and_hash(self.writer, self.out, self.sha, view[:n]))
-                    raise TransferBroken(f"the copy broke off: {exc}") from None
-                if pending is not None:
-                    self.on_bytes(pending.result())
-                    pending = None
-                if n == 0:
-                    break
-                pending = self.writer.submit(_write_and_hash, self.writer, self.out, self.sha, view[:n])
+        while got < want and not self._cancelled.is_set():
+            room = min(PIECE, want - got)
+            n = 0
+            broken: Exception | None = None
+            try:
+                while n < room:
+                    k = stream.recv_into(view[n:room])
+                    if not k:
+                        break
+                    n += k
+            except (OSError, ssl.SSLError) as exc:
+                broken = exc
+            if n:  # also what came before a break: it is hashed and written like the rest, for a resume
+                self.sha.update(view[:n])
+                write_all(self.out, view[:n])
                 got += n
-                i ^= 1
-                if n < room:
-                    break  # the holder closed early: what came is kept for a resume
-        finally:
-            if pending is not None:
-                self.on_bytes(pending.result())
+                self.on_bytes(n)
+            if broken is not None:
+                raise TransferBroken(f"the copy broke off: {broken}") from None
+            if n < room:
+                break  # the holder closed early: what came is kept for a resume
         if self._cancelled.is_set():
             raise TransferBroken("cancelled")
         return got
 
 
-def _write_and_hash(pool: ThreadPoolExecutor, out, sha: hashlib._Hash, view: memoryview) -> int:
-    """Hash in another thread while this one writes (both release the GIL): the two slowest steps overlap."""
-    hashed = pool.submit(sha.update, view)
-    n = len(view)
-    try:
-        while view:
-            view = view[os.write(out.fileno(), view):]
-    finally:
-        hashed.result()
-    return n
+def write_all(out, data: bytes | memoryview) -> None:
+    """All of `data` to the raw (unbuffered) file `out`: a write may take less than it was given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out.fileno(), view):]
