@@ -9,10 +9,18 @@ FAILED_PRECONDITION.
 
 One `HostSession` holds what one stream said of one host, on a host's own stream to the leader and inside
 a voter's relay stream alike, so both paths renew a lease and replace a report by the same rules.
+
+A stream's first message may name the host's inventory by its digest (`inventory_digest`) instead of carrying
+it: a host that falls back to the leader, a voter's relay stream that re-opens, a host back on a stream after a
+leader change. The leader takes it from its inventory cache when it holds that very inventory (it is soft
+state, kept across terms: a voter elected again holds what it was told when it led), and raises
+`ResendInventory` when not, so that only what it lacks crosses the wire (docs/cluster.md, "Reports through a
+voter").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +39,16 @@ log = logging.getLogger(__name__)
 Restarts = list[tuple[str, int, str]]  # (address, port, reason) of peer processes restarted
 
 
+def inventory_digest(inventory_json: str) -> bytes:
+    """What names an inventory on the report path (ReportUpdate.inventory_digest): SHA-256 of its JSON."""
+    return hashlib.sha256(inventory_json.encode()).digest()
+
+
+class ResendInventory(Exception):
+    """An update named its host's inventory by a digest this leader does not hold: nothing of it was taken,
+    and the reporter (the host, or the voter that relays it) sends it again with the inventory."""
+
+
 @dataclass
 class ReportDesk:
     """Where reports arrive on the leader: validation, the inventory cache, recording, lease renewal.
@@ -42,9 +60,10 @@ class ReportDesk:
     coordinator: Coordinator
     on_instance_state: Callable[[InstanceReport], None] = lambda report: None
     invite: Callable[[str], bool] = lambda node: False
-    # node -> (inventory JSON, parsed): a host's heartbeats mostly repeat its inventory, and at hundreds of
-    # hosts validating it again was the coordinator's largest cost per report.
-    _inventories: dict[str, tuple[str, HostInventory]] = field(default_factory=dict)
+    # node -> (inventory JSON, its digest, parsed): a host's heartbeats mostly repeat its inventory, and at
+    # hundreds of hosts validating it again was the coordinator's largest cost per report. The digest is the
+    # leader's own, so a host's word is never taken for what the leader holds.
+    _inventories: dict[str, tuple[str, bytes, HostInventory]] = field(default_factory=dict)
     # node -> the address of the voter a watcher last said it watches from (agentd nodes: WATCHES); soft
     # state, as the reports themselves: a new leader learns it from each watcher's next stream.
     watching: dict[str, str] = field(default_factory=dict)
@@ -66,7 +85,7 @@ class ReportDesk:
     def inventory(self, node: str, inventory_json: str) -> HostInventory:
         cached = self._inventories.get(node)
         if cached is not None and cached[0] == inventory_json:
-            return cached[1]
+            return cached[2]
         try:
             # A newer agent may report fields this one does not know: safe to leave out of an inventory.
             inventory = formats.validate_lenient(HostInventory, inventory_json)
@@ -76,8 +95,16 @@ class ReportDesk:
             raise InvalidInput(f"report from {node!r}: not a host inventory: {why}") from None
         if inventory.name != node:
             raise InvalidInput(f"report from {node!r} carries the inventory of {inventory.name!r}")
-        self._inventories[node] = (inventory_json, inventory)
+        self._inventories[node] = (inventory_json, inventory_digest(inventory_json), inventory)
         return inventory
+
+    def held(self, node: str, digest: bytes) -> HostInventory:
+        """The inventory of `node` this leader holds under `digest`; ResendInventory when it holds another or
+        none (a leader elected for the first time, a host whose inventory changed meanwhile)."""
+        cached = self._inventories.get(node)
+        if cached is None or cached[1] != digest:
+            raise ResendInventory(node)
+        return cached[2]
 
     def activity(self, node: str, activity: dict[str, tuple[float, int]]) -> None:
         self.coordinator.on_activity(node, activity)
@@ -115,10 +142,14 @@ class HostSession:
 
     def apply(self, *, inventory_json: str = "", instances: list[InstanceReport] | None = None,
               agent: tuple[str, int, int, str] | None = None,
-              activity: dict[str, tuple[float, int]] | None = None, watches: str = "") -> Restarts:
-        """One update: empty/None arguments are unchanged. Returns the peer restarts the host must act on."""
+              activity: dict[str, tuple[float, int]] | None = None, watches: str = "",
+              inventory_digest: bytes = b"") -> Restarts:
+        """One update: empty/None arguments are unchanged; `inventory_digest` without `inventory_json` names an
+        inventory this leader may hold (ResendInventory when it does not: then nothing of the update is
+        taken). Returns the peer restarts the host must act on."""
         desk = self.desk
         desk.admit(self.node)
+        named = desk.held(self.node, inventory_digest) if inventory_digest and not inventory_json else None
         if watches:
             desk.watching[self.node] = watches[:300]
         changed = False
@@ -127,6 +158,9 @@ class HostSession:
             changed = True
         if inventory_json:
             self.inventory = desk.inventory(self.node, inventory_json)
+            changed = True
+        elif named is not None:
+            self.inventory = named
             changed = True
         if self.inventory is None:
             raise InvalidInput(f"the first report of {self.node!r} on a stream carries its inventory and agent "

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,8 +28,9 @@ import grpc
 import pytest
 
 from agentd.api.control import AgentService, ChannelPool, ControlService, add_services
-from agentd.cluster.relay import BATCH_FULL, ReportRelay
-from agentd.cluster.report_timing import DEFAULT, GAP_SHARE, HOST_INTERVAL, RelayTimings
+from agentd.api.report_stream import ReportStream
+from agentd.cluster.relay import BATCH_FULL, RelayChoice, ReportRelay
+from agentd.cluster.report_timing import DEFAULT, GAP_SHARE, HOST_INTERVAL, JITTER_MAX, RelayTimings
 from agentd.cluster.state import ClusterState
 from agentd.coordinator import Coordinator
 from agentd.errors import InvalidInput
@@ -125,17 +128,22 @@ class SlowLeader(AgentService):
             yield reply
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[Node, Node]]:
-    """`lead` leads, `v` is a voter that follows it and relays."""
+async def started_pair(lead_name: str, lead_cls: type[SlowLeader]) -> tuple[Node, Node]:
     members: dict[str, Any] = {}
-    lead, v = Node("lead", members, agent_cls=SlowLeader), Node("v", members)
+    lead, v = Node(lead_name, members, agent_cls=lead_cls), Node("v", members)
     lead.agent.delays = []
     for n in (lead, v):
         await n.server.start()
         n.raft.leader_id, n.raft.leader_address = lead.name, lead.address
     lead.raft.is_leader = True
     lead.coordinator.became_leader()
+    return lead, v
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node]]:
+    """`lead` leads, `v` is a voter that follows it and relays."""
+    lead, v = await started_pair("lead", SlowLeader)
     yield lead, v
     for n in (lead, v):
         await n.close()
@@ -307,7 +315,8 @@ async def test_a_late_answer_ends_the_relay_stream_not_its_hosts_service(pair):
     """A batch the leader answers after `reply_timeout` ends the voter's stream, but the voter keeps serving
     its hosts while its last answer is at most `healthy` old; the next stream carries everything again."""
     lead, v = pair
-    v.relay.timings = RelayTimings(grace=30.0, renew=1.0, reply_timeout=0.3, live=3.0, host_timeout=2.0)
+    v.relay.timings = RelayTimings(grace=30.0, renew=1.0, reply_timeout=0.3, live=3.0, host_timeout=2.0,
+                                   jitter=0.0)
     await v.relay.step()
     host = HostStream(v.stub)
     await host.send(update("w1", first=True))
@@ -363,12 +372,13 @@ def test_relay_timings_derive_from_the_grace_and_keep_a_stalled_relays_hosts_up(
 
     assert HOST_INTERVAL == REPORT_INTERVAL
     d = DEFAULT
-    assert (d.renew, d.reply_timeout, d.live, d.host_timeout) == (1.0, 10.0, 3.0, 5.0)
-    assert round(d.healthy, 3) == 11.05 and round(d.gap, 3) == 17.15
+    assert (d.renew, d.reply_timeout, d.live, d.host_timeout, d.jitter) == (1.0, 10.0, 3.0, 5.0, 5.0)
+    assert round(d.healthy, 3) == 11.05 and round(d.gap, 3) == 22.15
     for grace in (2.5, 3.0, 3.5, 4.0, 6.0, 10.0, 30.0, 300.0, 3600.0):
         t = RelayTimings.for_grace(grace)
         t.check()
         assert t.gap <= GAP_SHARE * grace and t.healthy > t.renew + t.reply_timeout and t.live > HOST_INTERVAL
+        assert 0 < t.jitter <= JITTER_MAX  # a departure is always spread, never past the rule
     with pytest.raises(ValueError, match="too short for reports through a voter"):
         RelayTimings.for_grace(2.2).check()
     relay = ReportRelay("v", View("v"), lambda address: None, timings=RelayTimings.for_grace(3.0))
@@ -399,3 +409,166 @@ async def test_a_voter_does_not_take_back_a_host_that_moved_to_the_leader(pair):
     assert (await list_nodes(lead))["w1"].reports_via == ""
     host.call.cancel()
     direct.call.cancel()
+
+
+# ---------------------------------------------------------------- only what the receiver lacks (inventory digests)
+
+
+class LeaderBeforeDigests(SlowLeader):
+    """A leader from before inventory digests: its relay answers never say `takes_digests`, and a report
+    stream whose first message lacks the inventory is refused, as that release's AgentService did."""
+
+    def _relayed(self, relay, batch, sessions):
+        assert not any(m.inventory_digest and not m.inventory_json for m in batch.updates), "sent it a digest"
+        reply = super()._relayed(relay, batch, sessions)
+        reply.takes_digests = False
+        return reply
+
+    async def ReportStream(self, requests, context):
+        async def checked():
+            first = True
+            async for m in requests:
+                if first and not m.inventory_json:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a report stream's first message "
+                                        "names its node and carries its inventory and agent version")
+                first = False
+                yield m
+        async for reply in super().ReportStream(checked(), context):
+            yield reply
+
+
+def inventory_of(node: str, rack: str = "") -> str:
+    inv = simulated_host(node, gpus=1)
+    if rack:
+        inv["labels"] = {"rack": rack}
+    return json.dumps(inv)
+
+
+async def report(rs: ReportStream, target: Node, inventory_json: str) -> pb.ReportReply:
+    """The daemon's report client (agentd/api/report_stream.py), one report to `target`."""
+    return await rs.send(target.channel, target.address, inventory_json=inventory_json, instances=[],
+                         version=(AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, ""), wall_time=1.0)
+
+
+async def relay_all(v: Node) -> None:
+    """The voter's batches until it has nothing left to send (its first on a stream is the lease summary)."""
+    for _ in range(10):
+        await v.relay.step()
+        if not v.relay._more and not any(h.fresh or h.inventory_dirty for h in v.relay.hosts.values()):
+            return
+    raise AssertionError("the relay still had reports to send after 10 batches")
+
+
+async def test_a_host_that_falls_back_sends_no_inventory_the_leader_holds_and_a_changed_one_whole(pair):
+    lead, v = pair
+    await v.relay.step()
+    host = ReportStream("w1", "w1:7070")
+    try:
+        # New everywhere: named by digest, the voter asks for it; the leader asks the voter in turn.
+        await report(host, v, inventory_of("w1"))
+        assert (host.inventories_sent, host.inventories_named) == (1, 0)
+        await relay_all(v)
+        assert (v.relay.inventories_named, v.relay.inventories_sent) == (1, 1)
+        rep = lead.coordinator.reports["w1"]
+        assert rep.via == "v" and rep.inventory.name == "w1"
+
+        # Its voter fails it: to the leader directly, which holds that inventory: none crosses.
+        host.close()
+        await report(host, lead, inventory_of("w1"))
+        assert (host.inventories_sent, host.inventories_named) == (1, 1)
+        now = lead.coordinator.reports["w1"]
+        assert now.via == "" and now.inventory == rep.inventory and now.agent.version == AGENT_VERSION
+
+        # Back to its voter, which holds it too; a new relay stream (a late answer) names it to the leader.
+        host.close()
+        await report(host, v, inventory_of("w1"))
+        assert (host.inventories_sent, host.inventories_named) == (1, 2)
+        v.relay.close(keep_serving=True)
+        await relay_all(v)
+        assert (v.relay.inventories_named, v.relay.inventories_sent) == (2, 1)
+        assert lead.coordinator.reports["w1"].via == "v"
+
+        # A changed inventory is delivered whole, on a new stream to the leader as on the voter's.
+        host.close()
+        await report(host, lead, inventory_of("w1", rack="b"))
+        assert (host.inventories_sent, host.inventories_named) == (2, 2)
+        assert lead.coordinator.reports["w1"].inventory.labels == {"rack": "b"}
+        await report(host, lead, inventory_of("w1", rack="c"))  # and within a stream, as before
+        assert host.inventories_sent == 3 and lead.coordinator.reports["w1"].inventory.labels == {"rack": "c"}
+    finally:
+        host.close()
+
+
+async def test_a_new_leader_that_lacks_the_inventories_gets_them_in_the_voters_bounded_batches(pair):
+    lead, v = pair
+    v.relay.timings = dataclasses.replace(DEFAULT, live=600.0)  # every host vouched for however slow the test
+    await v.relay.step()
+    hosts = [ReportStream(f"w{i}", f"w{i}:7070") for i in range(BATCH_FULL + 20)]
+    try:
+        for i, h in enumerate(hosts):
+            await report(h, v, inventory_of(f"w{i}"))
+        await relay_all(v)
+        assert v.relay.inventories_sent == len(hosts)
+        # The same leader on a new stream: every host named, none whole.
+        v.relay.close(keep_serving=True)
+        await relay_all(v)
+        assert (v.relay.inventories_sent, v.relay.inventories_named) == (len(hosts), 2 * len(hosts))
+        # A leader that never held them (elected for the first time): it asks, and they come whole, bounded.
+        lead.agent.desk._inventories.clear()
+        lead.coordinator.reports.clear()
+        v.relay.close(keep_serving=True)
+        sizes = []
+        for _ in range(10):
+            batch_before = v.relay.inventories_sent
+            await v.relay.step()
+            sizes.append(v.relay.inventories_sent - batch_before)
+            if not v.relay._more:
+                break
+        assert max(sizes) <= BATCH_FULL and v.relay.inventories_sent == 2 * len(hosts)
+        assert all(f"w{i}" in lead.coordinator.reports for i in range(len(hosts)))
+        assert all(h.inventories_sent == 1 for h in hosts), "no host was asked again"
+    finally:
+        for h in hosts:
+            h.close()
+
+
+async def test_peers_before_digests_get_whole_inventories():
+    old, v = await started_pair("old", LeaderBeforeDigests)
+    host = ReportStream("w1", "w1:7070")
+    try:
+        await v.relay.step()
+        assert v.relay._digests is False
+        await report(host, v, inventory_of("w1"))
+        await relay_all(v)  # the leader would fail on a digest (LeaderBeforeDigests asserts)
+        v.relay.close(keep_serving=True)
+        await relay_all(v)
+        assert (v.relay.inventories_sent, v.relay.inventories_named) == (2, 0)
+        assert old.coordinator.reports["w1"].via == "v"
+        host.close()
+        reply = await report(host, old, inventory_of("w1"))  # refused by digest, then whole in the same call
+        assert reply.leader_id == "old" and old.coordinator.reports["w1"].via == ""
+        assert (host.inventories_named, host.inventories_sent, host.opened) == (0, 2, 3)
+    finally:
+        host.close()
+        for n in (old, v):
+            await n.close()
+
+
+def test_a_host_leaving_its_voter_waits_once_within_the_jitter_then_tries_another_voter_then_the_leader():
+    clock = [100.0]
+    view = View("w1", leader_id="lead", leader_address="lead:1",
+                members={n: Member(n, f"{n}:1") for n in ("lead", "a", "b")})
+    view.watcher = type("W", (), {"source": "a:1"})()
+    waits = []
+    for seed in range(50):
+        choice = RelayChoice("w1", mono=lambda: clock[0], jitter=DEFAULT.jitter, rng=random.Random(seed))
+        assert choice.target(view) == "a:1"  # the voter it watches from
+        waits.append(choice.failed("a:1"))  # a departure: one wait
+        assert choice.target(view) == "b:1"  # then another voter
+        assert choice.failed("b:1") == 0.0  # the wait of this departure is spent: on at once
+        assert choice.target(view) == ""  # the leader itself
+        choice.served()
+        clock[0] += RelayChoice.AVOID
+        assert choice.target(view) == "a:1"  # back to its voter once the avoidance is over
+        assert 0.0 < choice.failed("a:1") <= DEFAULT.jitter  # a new departure waits again
+    assert all(0.0 <= w <= DEFAULT.jitter for w in waits) and max(waits) - min(waits) > DEFAULT.jitter / 2

@@ -133,9 +133,10 @@ class Reporter:
                             version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
                             wall_time=time.time(), activity=activity, watches_from=watches)
                     except (grpc.aio.AioRpcError, StreamEnded, TimeoutError) as exc:
-                        d.relay_choice.failed(relay)  # issue16 relay: to the leader directly, at once
-                        log.info("the voter stopped relaying this host's reports: reporting to the leader",
-                                 extra=fields(voter=relay, error=str(exc)[:200]))
+                        wait = d.relay_choice.failed(relay)  # issue16 relay: another voter, else the leader
+                        log.info("the voter stopped relaying this host's reports: reporting elsewhere",
+                                 extra=fields(voter=relay, error=str(exc)[:200], wait=round(wait, 3)))
+                        await asyncio.sleep(wait)  # its other hosts leave it too: spread over the jitter
                         self.now.set()
                         return
                     if reply.cluster_time:
@@ -162,6 +163,7 @@ class Reporter:
                 log.log(level, "report not accepted", extra=fields(leader=d.raft.leader_id,
                                                                    code=exc.code().name, error=exc.details()))
                 return
+            d.relay_choice.served()
             self.leader_format = reply.state_format or BASELINE_STATE_FORMAT
             if reply.join_raft and d.raft.watcher is not None:
                 d.spawn(d.raft.become_member(), "become-member")

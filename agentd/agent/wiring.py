@@ -168,7 +168,7 @@ class Daemon:
         self.report_timings = RelayTimings.for_grace(settings.node_down_grace)  # issue16: timeouts from the grace
         self.relay = ReportRelay(self.node, self.raft, self.channels.get, timings=self.report_timings)
         self.agent.relay = self.relay
-        self.relay_choice = RelayChoice(self.node)
+        self.relay_choice = RelayChoice(self.node, jitter=self.report_timings.jitter)
         self.security: SecurityService | None = None
         self.joins: JoinService | None = None
         if self.identity is not None:

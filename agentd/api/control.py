@@ -29,7 +29,7 @@ from agentd.cluster.state import ClusterState, StateEvent, cert_revoke_command
 from agentd.coordinator import Coordinator, InstanceReport, removed_message
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable, UpgradeRequired
 from agentd.logs import fields
-from agentd.reports import ReportDesk
+from agentd.reports import ReportDesk, ResendInventory
 from agentd.security.auth import REDIRECT_KEY, Redirect, current_caller, forward_metadata
 from agentd.types import HostInventory
 from agentd.v1 import control_pb2 as pb
@@ -729,10 +729,10 @@ class AgentService(pb_grpc.AgentServicer):
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                         f"the certificate of {caller.name!r} may not speak for {node!r} "
                                         "(/agentd.v1.Agent/ReportStream)")
-                if not node or not m.inventory_json or not m.agent_version:
+                if not node or not (m.inventory_json or m.inventory_digest) or not m.agent_version:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         "a report stream's first message names its node and carries its "
-                                        "inventory and agent version")
+                                        "inventory (or its digest) and agent version")
                 relayed = not self.raft.is_leader and self.relay is not None and self.relay.serving()
                 log.info("report stream opened", extra=fields(node=node, peer=context.peer(), relayed=relayed))
             elif m.node and m.node != node:
@@ -754,12 +754,15 @@ class AgentService(pb_grpc.AgentServicer):
         node = session.node
         try:
             restarts = session.apply(
-                inventory_json=m.inventory_json,
+                inventory_json=m.inventory_json, inventory_digest=m.inventory_digest,
                 instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
                 agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
                 if m.agent_version else None,
                 activity=_activity(m.activity),  # the proxy's idle clocks (issue 21) ride on every message
                 watches=m.watches_from)
+        except ResendInventory:  # named by a digest this leader does not hold: the host sends it again, whole
+            return pb.ReportReply(term=self.raft.term, leader_id=self.raft.leader_id or "",
+                                  agent_version=AGENT_VERSION, state_format=STATE_FORMAT, resend_inventory=True)
         except AgentdError as exc:
             await context.abort(status_for(exc), str(exc))
         cluster_time = 0.0
@@ -825,11 +828,16 @@ class AgentService(pb_grpc.AgentServicer):
                 session = sessions[node] = self.desk.session(node, via=relay)
             try:
                 heard[node] = session.apply(
-                    inventory_json=m.inventory_json,
+                    inventory_json=m.inventory_json, inventory_digest=m.inventory_digest,
                     instances=[instance_from_pb(i) for i in m.instances] if m.instances_changed else None,
                     agent=(m.agent_version, m.state_format, m.wire_version, m.upgrade_required)
                     if m.agent_version else None,
                     activity=_activity(m.activity) if m.activity else None, watches=m.watches_from)
+            except ResendInventory:  # the voter sends this host's whole report in a following batch
+                sessions.pop(node, None)
+                heard.pop(node, None)
+                replies.append(pb.RelayHostReply(node=node, resend_inventory=True))
+                continue
             except AgentdError as exc:
                 sessions.pop(node, None)
                 heard.pop(node, None)
@@ -852,7 +860,7 @@ class AgentService(pb_grpc.AgentServicer):
             if restarts or join:
                 replies.append(pb.RelayHostReply(node=node, peer_restarts=_restarts_pb(restarts), join_raft=join))
         return pb.RelayReply(term=self.raft.term, leader_id=self.raft.leader_id or "", agent_version=AGENT_VERSION,
-                             state_format=STATE_FORMAT, hosts=replies,
+                             state_format=STATE_FORMAT, hosts=replies, takes_digests=True,
                              cluster_time=self.clock.now() if self.clock is not None else 0.0)
 
     def accept_report(self, inventory: HostInventory, instances: list[InstanceReport],

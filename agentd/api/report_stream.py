@@ -12,6 +12,13 @@ time). A new stream starts over with everything: the leader remembers nothing
 across streams, so a new leader, a restarted agent or a broken connection
 cannot leave the leader with half a report.
 
+A new stream's first message names the inventory by its digest instead of
+carrying it (a fallback from a voter, a leader change: the receiver most often
+holds it already); a receiver that does not hold it answers `resend_inventory`,
+and the same message follows with the inventory. A receiver from before digests
+refuses such a first message (INVALID_ARGUMENT): it gets whole inventories on
+new streams for `UNARY_RETRY` seconds, the message again at once.
+
 A leader that answers UNIMPLEMENTED (agentd 0.1.0) gets the unary Report: the
 caller asks `unary(address)` and falls back, for `UNARY_RETRY` seconds; then the
 stream is tried again, so a leader upgraded in place at the same address gets
@@ -29,6 +36,7 @@ from typing import Any
 import grpc
 
 from agentd.cluster.report_timing import DEFAULT
+from agentd.reports import inventory_digest
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -60,15 +68,14 @@ class ReportStream:
     _call: Any = None
     _sent: _Sent = field(default_factory=_Sent)
     _unary: dict[str, float] = field(default_factory=dict)  # leader address -> until when it gets unary reports
+    _whole: dict[str, float] = field(default_factory=dict)  # address -> until when its first messages carry it all
     opened: int = 0  # streams opened, for tests and benchmarks
+    inventories_sent: int = 0  # messages that carried the whole inventory, for tests and benchmarks
+    inventories_named: int = 0  # first messages whose inventory the receiver held: named by digest, not sent
 
     def unary(self, target: str) -> bool:
         """Whether the leader at `target` lacks ReportStream (agentd 0.1.0): report with the unary call."""
-        until = self._unary.get(target)
-        if until is not None and time.monotonic() >= until:
-            del self._unary[target]
-            return False
-        return until is not None
+        return self._until(self._unary, target)
 
     async def send(self, channel: grpc.aio.Channel, target: str, *, inventory_json: str,
                    instances: Sequence[pb.Instance], version: tuple[str, int, int, str], wall_time: float = 0.0,
@@ -76,15 +83,14 @@ class ReportStream:
         """Send what changed since the leader's last acknowledgement on the stream to `target` (opening one
         when there is none to it) and return the leader's reply. Any failure closes the stream, so the next
         report starts a new one with everything; an UNIMPLEMENTED leader is remembered (`unary`)."""
-        if self._call is None or self.target != target or self._call.done():
-            self.close()
-            self._call = pb_grpc.AgentStub(channel).ReportStream()
-            self.target = target
-            self.opened += 1
+        fresh = self._call is None or self.target != target or self._call.done()
+        if fresh:
+            self._open(channel, target)
         sent = self._sent
         m = pb.ReportUpdate(node=self.node, address=self.address, wall_time=wall_time)
         if inventory_json != sent.inventory_json:
             m.inventory_json = inventory_json
+            m.inventory_digest = inventory_digest(inventory_json)
         rows = tuple(i.SerializeToString(deterministic=True) for i in instances)
         if rows != sent.instances:
             m.instances_changed = True
@@ -94,32 +100,68 @@ class ReportStream:
         if watches_from and watches_from != sent.watches_from:  # a watcher's voter (agentd nodes: WATCHES)
             m.watches_from = watches_from
         m.activity.extend(activity)  # the proxy's idle clocks move on every report: not a change to diff
-        call = self._call
+        named = fresh and bool(m.inventory_json) and not self._until(self._whole, target)
+        if named:
+            m.inventory_json = ""  # the receiver may hold it: it says when it does not
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout):  # one reply's wait, however many exchanges it takes
+                reply = None
                 try:
-                    await call.write(m)
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    pass  # the call had ended (grpc says INTERNAL here): its status, read below, says how
-                reply = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            self.close()
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._unary[target] = time.monotonic() + UNARY_RETRY
-            raise
+                    reply = await self._exchange(target, m)
+                except grpc.aio.AioRpcError as exc:
+                    if not (named and exc.code() == grpc.StatusCode.INVALID_ARGUMENT):
+                        raise
+                    # A receiver from before digests: a first message carries the inventory.
+                    self._whole[target] = time.monotonic() + UNARY_RETRY
+                    self._open(channel, target)
+                if named and reply is not None and not reply.resend_inventory:
+                    self.inventories_named += 1
+                elif named:
+                    m.inventory_json = inventory_json
+                    reply = await self._exchange(target, m)
         except BaseException:
             self.close()
+            raise
+        if m.inventory_json:
+            self.inventories_sent += 1
+        self._sent = _Sent(inventory_json, rows, version, watches_from or sent.watches_from)
+        return reply
+
+    def _open(self, channel: grpc.aio.Channel, target: str) -> None:
+        self.close()
+        self._call = pb_grpc.AgentStub(channel).ReportStream()
+        self.target = target
+        self.opened += 1
+
+    @staticmethod
+    def _until(marks: dict[str, float], target: str) -> bool:
+        until = marks.get(target)
+        if until is not None and time.monotonic() >= until:
+            del marks[target]
+            return False
+        return until is not None
+
+    async def _exchange(self, target: str, m: pb.ReportUpdate) -> pb.ReportReply:
+        """One message and its reply on the open stream; an error status is raised (UNIMPLEMENTED remembered)."""
+        call = self._call
+        try:
+            try:
+                await call.write(m)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the call had ended (grpc says INTERNAL here): its status, read below, says how
+            reply = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._unary[target] = time.monotonic() + UNARY_RETRY
             raise
         if reply is grpc.aio.EOF:
             code = await call.code()
             details = await call.details()
-            self.close()
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self._unary[target] = time.monotonic() + UNARY_RETRY
             if code != grpc.StatusCode.OK:
                 raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
             raise StreamEnded(f"the leader at {target} ended the report stream")
-        self._sent = _Sent(inventory_json, rows, version, watches_from or sent.watches_from)
         return reply
 
     def close(self) -> None:

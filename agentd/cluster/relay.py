@@ -21,6 +21,14 @@ reports go in bounded batches (`BATCH_FULL`, `BATCH_BYTES`), so that a voter wit
 stream never sends the leader one batch it cannot answer within `reply_timeout`; a batch answered late
 ends the stream, not the hosts' service: they are served while the last answer is at most `healthy` old.
 
+Only what the receiver lacks crosses: a host whose stream opens names its inventory by digest, which the
+voter takes when it holds that inventory (the host was here before) and asks for otherwise
+(`resend_inventory`); a host new on the relay stream (a new stream after a leader change or a late answer)
+goes to the leader by digest too, once the leader's first answer on that stream says it takes digests
+(`takes_digests`: the stream's first batch carries only the lease summary), and whole, in the bounded
+batches, only when the leader answers that it does not hold it. A leader from before digests gets whole
+reports, as before.
+
 Consensus layer: it moves messages and holds no domain logic (the leader's `agentd/reports.py` does).
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import zlib
 from collections.abc import Callable
@@ -62,13 +71,15 @@ class _Host:
     node: str
     address: str = ""
     inventory_json: str = ""
+    inventory_digest: bytes = b""  # as the host named it; b"" from a host before digests (sent whole)
     instances: list[pb.Instance] = field(default_factory=list)
     version: tuple[str, int, int, str] | None = None
     activity: list[pb.ModelActivity] = field(default_factory=list)
     watches_from: str = ""  # the voter whose Watch stream it follows (agentd nodes: WATCHES)
     wall: tuple[float, float] | None = None  # (its wall clock, our monotonic clock when heard)
     heard: float = 0.0
-    fresh: bool = True  # new on the leader's stream: send everything
+    fresh: bool = True  # new on the leader's stream: send everything (the inventory by digest if the leader can)
+    whole: bool = False  # the leader asked for the inventory: it goes whole on the next `fresh` update
     inventory_dirty: bool = False
     instances_dirty: bool = False
     version_dirty: bool = False
@@ -99,7 +110,10 @@ class ReportRelay:
         self._last_batch = float("-inf")
         self.reply = pb.RelayReply()  # the leader's last answer: its term, version, format, time
         self.batches = 0  # answered batches, for tests and benchmarks
+        self.inventories_sent = 0  # whole inventories relayed to the leader, for tests and benchmarks
+        self.inventories_named = 0  # ... named by digest instead (the leader was asked whether it holds them)
         self._more = False  # the last batch left full reports for the next one
+        self._digests: bool | None = None  # whether the leader of the open stream takes digests; None: not known
 
     # ------------------------------------------------------------------ host side (AgentService.ReportStream)
 
@@ -121,8 +135,16 @@ class ReportRelay:
         now = self._mono()
         h = self.hosts.get(node)
         if h is None or m.agent_version:  # the first message of a (new) stream carries everything
-            h = self.hosts[node] = _Host(node, restarts=h.restarts if h else [])
+            known = ""
+            if not m.inventory_json and m.inventory_digest:  # ... but its inventory by name, if held here
+                if h is None or not h.inventory_json or h.inventory_digest != m.inventory_digest:
+                    return self._reply(pb.ReportReply(resend_inventory=True))  # nothing taken: it comes again
+                known = h.inventory_json
+            h = self.hosts[node] = _Host(node, inventory_json=known, inventory_digest=m.inventory_digest,
+                                         restarts=h.restarts if h else [])
             self._wake.set()
+        elif m.inventory_json:  # changed on the stream
+            h.inventory_dirty = True
         if h.refused is not None:
             code, why = h.refused
             del self.hosts[node]
@@ -130,7 +152,7 @@ class ReportRelay:
         h.address = m.address or h.address
         if m.inventory_json:
             h.inventory_json = m.inventory_json
-            h.inventory_dirty = True
+            h.inventory_digest = m.inventory_digest
         if m.instances_changed:
             h.instances = list(m.instances)
             h.instances_dirty = True
@@ -146,12 +168,17 @@ class ReportRelay:
         if m.wall_time:
             h.wall = (m.wall_time, now)
         h.heard = now
-        reply = self.reply
         restarts, h.restarts = h.restarts, []
         join, h.join_raft = h.join_raft, False
-        return pb.ReportReply(term=reply.term, leader_id=reply.leader_id, peer_restarts=restarts,
-                              agent_version=reply.agent_version, state_format=reply.state_format,
-                              join_raft=join, cluster_time=self.cluster_time())
+        return self._reply(pb.ReportReply(peer_restarts=restarts, join_raft=join))
+
+    def _reply(self, reply: pb.ReportReply) -> pb.ReportReply:
+        """`reply` with what the leader's last answer said of itself."""
+        leader = self.reply
+        reply.term, reply.leader_id = leader.term, leader.leader_id
+        reply.agent_version, reply.state_format = leader.agent_version, leader.state_format
+        reply.cluster_time = self.cluster_time()
+        return reply
 
     def cluster_time(self) -> float:
         """The leader's cluster time as of its last answer, moved on by our clock since (0: not known)."""
@@ -200,6 +227,7 @@ class ReportRelay:
             self.close(keep_serving=True)
             self._call = pb_grpc.AgentStub(self._channel(address)).RelayReports()
             self._target, self._leader = address, raft.leader_id
+            self._digests = None  # its first answer says; the first batch is the lease summary alone
             for h in self.hosts.values():
                 h.fresh = True
         batch = self._batch(now)
@@ -239,22 +267,31 @@ class ReportRelay:
         self._more = False
         renew = self.timings.renew
         batch = pb.RelayBatch(relay=self.node, live=self.vouched())
+        if self._digests is None:  # a new stream: whether this leader takes digests comes with its answer
+            self._more = any(h.fresh for h in self.hosts.values())
+            return batch
         full = size = 0
         live = self.timings.live
         for h in self.hosts.values():
             if h.version is None or not h.inventory_json or now - h.heard > live:
                 continue  # a host silent here (gone, or moved elsewhere) is not spoken for: its turn when it's back
-            whole = h.fresh or h.inventory_dirty
+            named = h.fresh and not h.inventory_dirty and not h.whole and self._digests and bool(h.inventory_digest)
+            whole = (h.fresh or h.inventory_dirty) and not named
             if whole and full and (full >= BATCH_FULL or size + len(h.inventory_json) > BATCH_BYTES):
                 self._more = True  # its turn comes in the next batch; it stays dirty until then
                 continue
             u = pb.ReportUpdate(node=h.node, address=h.address)
             send = False
+            if whole or named:
+                u.inventory_digest = h.inventory_digest
             if whole:
                 u.inventory_json = h.inventory_json
                 full += 1
                 size += len(h.inventory_json)
+                self.inventories_sent += 1
                 send = True
+            elif named:
+                self.inventories_named += 1
             if h.fresh or h.instances_dirty:
                 u.instances_changed = True
                 u.instances.extend(h.instances)
@@ -274,7 +311,7 @@ class ReportRelay:
                 continue
             if h.wall is not None:  # its clock as of now, not as of when it spoke
                 u.wall_time = h.wall[0] + (now - h.wall[1])
-            h.fresh = h.inventory_dirty = h.instances_dirty = h.version_dirty = h.watches_dirty = False
+            h.fresh = h.whole = h.inventory_dirty = h.instances_dirty = h.version_dirty = h.watches_dirty = False
             batch.updates.append(u)
         return batch
 
@@ -283,6 +320,7 @@ class ReportRelay:
             log.info("relaying reports to the leader", extra=fields(node=self.node, leader=self._leader))
         self.batches += 1
         self._last_ok = self._mono()
+        self._digests = reply.takes_digests
         self.reply = pb.RelayReply(term=reply.term, leader_id=reply.leader_id, agent_version=reply.agent_version,
                                    state_format=reply.state_format, cluster_time=reply.cluster_time)
         for r in reply.hosts:
@@ -291,6 +329,9 @@ class ReportRelay:
                 continue
             h.restarts.extend(r.peer_restarts)
             h.join_raft = h.join_raft or r.join_raft
+            if r.resend_inventory:  # the leader does not hold what the digest named: all of it, whole, next
+                h.fresh = h.whole = True
+                self._more = True
             if r.refused:
                 h.refused = (r.refused_code, r.refused)
 
@@ -321,11 +362,19 @@ class RelayChoice:
     """On a watcher host: which voter its report stream goes to. The voter it watches from, while that is a
     voter that does not lead, else another voter that does not lead (each host its own, by a hash of its
     name, so they spread); none (the leader itself) when every voter leads or is avoided. A voter that failed
-    a report (killed, cut off from the leader, a release before relaying) is avoided for `AVOID` seconds."""
+    a report (killed, cut off from the leader, a release before relaying) is avoided for `AVOID` seconds.
+
+    A host that leaves its voter first waits a random delay up to `jitter` (RelayTimings.jitter, derived from
+    node_down_grace so that its lease outlives the wait): when a voter stops relaying, all its hosts leave it
+    at once, and they reach the next voter or the leader spread over that time. One wait per departure: a
+    second failure before a report got through goes on at once."""
 
     node: str
     mono: Callable[[], float] = time.monotonic
+    jitter: float = DEFAULT.jitter
+    rng: random.Random = field(default_factory=random.Random)
     _avoid: dict[str, float] = field(default_factory=dict)  # voter address -> until when
+    _leaving: bool = False  # a voter failed since the last report that got through: the wait is spent
 
     AVOID = 10.0
 
@@ -347,5 +396,15 @@ class RelayChoice:
             return source
         return voters[zlib.crc32(self.node.encode()) % len(voters)]
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str) -> float:
+        """The voter at `address` failed a report: avoid it. Returns the seconds to wait before the next
+        attempt (to another voter, or the leader)."""
         self._avoid[address] = self.mono() + self.AVOID
+        if self._leaving:
+            return 0.0
+        self._leaving = True
+        return self.rng.uniform(0.0, self.jitter)
+
+    def served(self) -> None:
+        """A report got through (to a voter or the leader): the next departure waits again."""
+        self._leaving = False

@@ -507,7 +507,7 @@ class ReplicaLoad(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., outstanding: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class ReportReply(_message.Message):
-    __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format", "join_raft", "cluster_time")
+    __slots__ = ("term", "leader_id", "peer_restarts", "agent_version", "state_format", "join_raft", "cluster_time", "resend_inventory")
     TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +515,7 @@ class ReportReply(_message.Message):
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     JOIN_RAFT_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESEND_INVENTORY_FIELD_NUMBER: _ClassVar[int]
     term: int
     leader_id: str
     peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
@@ -522,10 +523,11 @@ class ReportReply(_message.Message):
     state_format: int
     join_raft: bool
     cluster_time: float
-    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ..., cluster_time: _Optional[float] = ...) -> None: ...
+    resend_inventory: bool
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., join_raft: _Optional[bool] = ..., cluster_time: _Optional[float] = ..., resend_inventory: _Optional[bool] = ...) -> None: ...
 
 class ReportUpdate(_message.Message):
-    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time", "activity", "watches_from")
+    __slots__ = ("node", "address", "inventory_json", "instances_changed", "instances", "agent_version", "state_format", "wire_version", "upgrade_required", "wall_time", "activity", "watches_from", "inventory_digest")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -538,6 +540,7 @@ class ReportUpdate(_message.Message):
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     WATCHES_FROM_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     inventory_json: str
@@ -550,7 +553,8 @@ class ReportUpdate(_message.Message):
     wall_time: float
     activity: _containers.RepeatedCompositeFieldContainer[ModelActivity]
     watches_from: str
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ..., watches_from: _Optional[str] = ...) -> None: ...
+    inventory_digest: bytes
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., inventory_json: _Optional[str] = ..., instances_changed: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., wire_version: _Optional[int] = ..., upgrade_required: _Optional[str] = ..., wall_time: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[ModelActivity, _Mapping]]] = ..., watches_from: _Optional[str] = ..., inventory_digest: _Optional[bytes] = ...) -> None: ...
 
 class PeerRestart(_message.Message):
     __slots__ = ("address", "port", "reason")
@@ -573,31 +577,35 @@ class RelayBatch(_message.Message):
     def __init__(self, relay: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[ReportUpdate, _Mapping]]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RelayHostReply(_message.Message):
-    __slots__ = ("node", "peer_restarts", "join_raft", "refused_code", "refused")
+    __slots__ = ("node", "peer_restarts", "join_raft", "refused_code", "refused", "resend_inventory")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PEER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     JOIN_RAFT_FIELD_NUMBER: _ClassVar[int]
     REFUSED_CODE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    RESEND_INVENTORY_FIELD_NUMBER: _ClassVar[int]
     node: str
     peer_restarts: _containers.RepeatedCompositeFieldContainer[PeerRestart]
     join_raft: bool
     refused_code: int
     refused: str
-    def __init__(self, node: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., join_raft: _Optional[bool] = ..., refused_code: _Optional[int] = ..., refused: _Optional[str] = ...) -> None: ...
+    resend_inventory: bool
+    def __init__(self, node: _Optional[str] = ..., peer_restarts: _Optional[_Iterable[_Union[PeerRestart, _Mapping]]] = ..., join_raft: _Optional[bool] = ..., refused_code: _Optional[int] = ..., refused: _Optional[str] = ..., resend_inventory: _Optional[bool] = ...) -> None: ...
 
 class RelayReply(_message.Message):
-    __slots__ = ("term", "leader_id", "agent_version", "state_format", "cluster_time", "hosts")
+    __slots__ = ("term", "leader_id", "agent_version", "state_format", "cluster_time", "hosts", "takes_digests")
     TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_TIME_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     term: int
     leader_id: str
     agent_version: str
     state_format: int
     cluster_time: float
     hosts: _containers.RepeatedCompositeFieldContainer[RelayHostReply]
-    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_time: _Optional[float] = ..., hosts: _Optional[_Iterable[_Union[RelayHostReply, _Mapping]]] = ...) -> None: ...
+    takes_digests: bool
+    def __init__(self, term: _Optional[int] = ..., leader_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., cluster_time: _Optional[float] = ..., hosts: _Optional[_Iterable[_Union[RelayHostReply, _Mapping]]] = ..., takes_digests: _Optional[bool] = ...) -> None: ...
