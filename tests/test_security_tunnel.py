@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -332,3 +333,18 @@ def test_the_relay_is_chosen_by_agentd_tunnel(dirs):
                           "--to", "127.0.0.1:9", "--tls-dir", str(dirs / "gpu-1")], capture_output=True, text=True,
                          env={**os.environ, relay.IMPLEMENTATION_ENV: "rust"}, timeout=60)
     assert bad.returncode == 2 and "AGENTD_TUNNEL='rust'" in bad.stderr
+
+
+@pytest.mark.parametrize("choice", ["python", "c"])
+def test_a_half_that_cannot_start_exits_1_and_says_why(dirs, tmp_path, choice):
+    """The same contract from either relay: missing certificate files, or a port already taken."""
+    env = {**os.environ, relay.IMPLEMENTATION_ENV: choice}
+    tunnel = [sys.executable, "-m", "agentd.security.tunnel"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        for tls_dir, listen in ((tmp_path / "none", f"127.0.0.1:{free_port()}"), (dirs / "gpu-1", f"127.0.0.1:{busy}")):
+            done = subprocess.run([*tunnel, "entry", "--listen", listen, "--to", "127.0.0.1:9", "--tls-dir",
+                                   str(tls_dir)], capture_output=True, text=True, env=env, timeout=60)
+            assert done.returncode == 1 and done.stderr.startswith("tunnel: "), done.stderr
+    done = subprocess.run([*tunnel, "entry", "--listen", "127.0.0.1:1"], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 2, "bad arguments: argparse's exit code, before any relay runs"

@@ -143,8 +143,8 @@ static void logmsg(const char *level, const char *fmt, ...) {
 
 static const char *tls_error(char *out, size_t size) {
     unsigned long e = ERR_get_error();
-    if (!e)
-        return strerror(errno ? errno : ECONNRESET);
+    if (!e) /* the socket's: SO_RCVTIMEO/SO_SNDTIMEO end a slow handshake with EAGAIN */
+        return errno == EAGAIN || errno == EWOULDBLOCK ? "timed out" : strerror(errno ? errno : ECONNRESET);
     ERR_error_string_n(e, out, size);
     ERR_clear_error();
     return out;
@@ -272,7 +272,7 @@ static void peer_refusal(SSL *ssl, char *why, size_t size) {
             if (!strcmp(allow[k], name))
                 return;
         char hosts[512] = "";
-        for (int k = 0; k < n_allow; k++) /* argv order; tunnel.py sorts them, the plugin passes them sorted */
+        for (int k = 0; k < n_allow; k++) /* sorted in main, as tunnel.py lists them */
             snprintf(hosts + strlen(hosts), sizeof hosts - strlen(hosts), "%s%s", k ? ", " : "", allow[k]);
         snprintf(why, size, "host '%s' is not one this tunnel serves (%s)", name, hosts);
     }
@@ -553,6 +553,8 @@ static void on_signal(int sig) {
     stopping = 1;
 }
 
+static int by_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
 static int usage(const char *why) {
     fprintf(stderr, "usage: relay {exit,entry} --listen HOST:PORT --to HOST:PORT --tls-dir DIR [--allow NODE]...\n"
                     "relay: error: %s\n", why);
@@ -583,6 +585,7 @@ int main(int argc, char **argv) {
         return usage("--listen, --to and --tls-dir are required");
     if (split(target_arg, target_host, sizeof target_host, target_port, sizeof target_port))
         return usage("--to is HOST:PORT");
+    qsort(allow, n_allow, sizeof *allow, by_name);
     if (make_context(tls_dir))
         return 1;
     int lfd = listen_on(listen_arg);
