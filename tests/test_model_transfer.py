@@ -195,7 +195,8 @@ def held(path: Path, data: bytes) -> HeldModel:
                      files=(ModelFile(name=path.name, size=len(data), sha256=sha),), info=info)
 
 
-async def fetch_once(tmp: Path, model: HeldModel, *, transfer: TransferServer | None, client: bool) -> tuple[str, int]:
+async def fetch_once(tmp: Path, model: HeldModel, *, transfer: TransferServer | None, client: bool,
+                     **fetcher_args) -> tuple[str, int]:
     """Serve `model` over a real gRPC server and fetch it into tmp/dest; (the fetch's state, Opens issued)."""
     opened = []
     if transfer is not None:
@@ -217,7 +218,7 @@ async def fetch_once(tmp: Path, model: HeldModel, *, transfer: TransferServer | 
 
     done = asyncio.Event()
     fetcher = Fetcher(node="me", model_dir=tmp / "dest", channel=lambda a: channel, locate=where,
-                      on_change=done.set, transfer_context=(lambda: None) if client else None)
+                      on_change=done.set, transfer_context=(lambda: None) if client else None, **fetcher_args)
     try:
         f = fetcher.ensure("big", model.digest)
         async with asyncio.timeout(60):
@@ -240,6 +241,23 @@ def test_fetcher_copies_and_verifies_over_the_stream_or_fetch(tmp_path, blob, ho
     assert opens == (1 if holder_has_transfer else 0)
     assert (tmp_path / "dest" / path.name).read_bytes() == data
     assert not list((tmp_path / "dest").glob(".fetch-*"))
+
+
+def test_the_rate_limit_paces_the_stream_after_every_piece(tmp_path, blob, monkeypatch):
+    """model_fetch_rate on the raw stream: after each piece the receiving thread waits until the bytes so far are
+    due at that rate. The clock stands still, so each wait asked for is (bytes so far) / rate."""
+    from agentd.api import transfer
+
+    path, data = blob
+    waits: list[float] = []
+    monkeypatch.setattr(transfer.Receive, "pause", lambda self, seconds: waits.append(seconds))
+    rate = 100 * MiB
+    state, _ = asyncio.run(fetch_once(tmp_path, held(path, data), transfer=server(None), client=True, rate=rate,
+                                      clock=lambda: 1000.0))
+    assert state.startswith("DONE"), state
+    assert len(waits) == -(-len(data) // transfer.PIECE)
+    assert waits == sorted(waits)
+    assert waits[-1] == pytest.approx(len(data) / rate)
 
 
 def test_fetcher_resumes_a_partial_file_over_the_stream(tmp_path, blob):
