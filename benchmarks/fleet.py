@@ -16,11 +16,12 @@ certificate from the cluster CA) and its own connections to the voters; the real
 index (a repeated entry is skipped, a gap makes it ask again: both counted, `repeats`/`gaps`), follows
 leader changes and moves to another voter when its voter dies; its reports on the daemon's default path
 (agentd/agent/reporter.py): the real `ReportStream` client to the voter it watches from, chosen by the real
-`RelayChoice` (the voter relays them to the leader on Agent/RelayReports), to the leader directly when that
-fails, as the daemon does; a report every --report-every seconds (default 5 s, the issue's condition; the
-daemon sends one a second, REPORT_INTERVAL, which the relaying voters absorb: the leader hears each voter
-once a second either way) with an 8-GPU simulated inventory. --report direct sends the stream to the
-leader; unary one Agent/Report call per report (agentd 0.1.0).
+`RelayChoice` (the voter relays them to the leader on Agent/RelayReports), to another voter or the leader
+directly when that fails, after the daemon's random wait (RelayTimings.jitter); a report every
+--report-every seconds (default 5 s, the issue's condition; the daemon sends one a second, REPORT_INTERVAL,
+which the relaying voters absorb: the leader hears each voter once a second either way) with an 8-GPU
+simulated inventory. --report direct sends the stream to the leader; unary one Agent/Report call per report
+(agentd 0.1.0).
 
 What is shared: the *apply*. A real host applies every committed entry to its own ClusterState on its own
 CPU, which costs the voters nothing; 2,048 copies in a few processes made the simulator quadratic (1.2 GB
@@ -35,12 +36,17 @@ own cost (CPU over the same windows as the voters', RSS after them).
 
 For each size: the leader's CPU (% of one core, /proc times via psutil over --measure seconds, --repeats
 windows: the median and all of them), every voter's CPU in the same windows, the load average, the hosts
-the leader counts up, and which voter each host's reports came through (`reports_via`). --spawns N
+the leader counts up, which voter each host's reports came through (`reports_via`), and what the hosts'
+report streams did: `fallbacks` (a voter failed a report), `inventories_sent` (messages that carried the
+whole inventory) and `inventories_named` (new streams whose receiver held the inventory: only its digest
+crossed). --spawns N
 deploys N one-replica deployments pinned to random up hosts, one at a time, and times from Deploy's reply
 (the entry committed and applied on the leader; this can be negative: a follower's watcher may apply it
 before the reply reaches the client) and from the call's start, to the target host's watcher applying its
 assignment. --kill-leader then kills -9 the leader and reports the time until every simulated watcher
-names the new leader and applied its commit index, and the survivors' peak CPU (0.25 s windows).
+names the new leader and applied its commit index, and the survivors' peak CPU (0.25 s windows); then,
+2 × RelayChoice.AVOID + --report-every seconds on, the new leader's CPU over that time and the report
+counters since the kill (`after_failover`).
 --profile S samples the leader with py-spy after the CPU windows. --v010-hosts runs the v0.1.0 design
 first (every host a Raft learner: v0.1.0's own RaftNode per simulated host, one process, from a git
 worktree of the tag, insecure, unary reports). A table of every row is printed last. Everything started is
@@ -216,6 +222,7 @@ async def _simulate(cfg: dict) -> None:
     shared, seen = SharedLog(), {}
     stats = {"reports": 0, "failed": 0, "relayed": 0, "direct": 0, "fallbacks": 0, "errors": [], "report_errors": {}}
     watchers: list = []
+    streams: list = []  # every host's ReportStream: its count of inventories sent whole and named by digest
     version = (AGENT_VERSION, STATE_FORMAT, WIRE_VERSION, "")
     ca = None
 
@@ -273,6 +280,7 @@ async def _simulate(cfg: dict) -> None:
         asyncio.get_running_loop().create_task(w.run())
         inv, view, choice = sim_inventory(name), _RaftView(w), RelayChoice(name)
         rs = ReportStream(name, address)  # the daemon's report client, its default reply timeout
+        streams.append(rs)
         await asyncio.sleep(every * random.random())  # spread the reports over the period
         while True:
             t = time.monotonic()
@@ -292,15 +300,17 @@ async def _simulate(cfg: dict) -> None:
                                       wall_time=time.time())
                     stats["reports"] += 1
                     stats["relayed" if relay else "direct"] += 1
+                    choice.served()
                 except (grpc.aio.AioRpcError, StreamEnded, TimeoutError) as exc:
                     stats["failed"] += 1
                     rpc = isinstance(exc, grpc.aio.AioRpcError)
                     why = f"{exc.code().name} {exc.details()}" if rpc else type(exc).__name__
                     why = re.sub(r"sim-\d+", "sim-N", f"{'relay' if relay else 'leader'}: {why}")[:120]
                     stats["report_errors"][why] = stats["report_errors"].get(why, 0) + 1
-                    if relay:  # as the daemon: avoid that voter, report to the leader at once
-                        choice.failed(relay)
+                    if relay:  # as the daemon: avoid that voter, another voter or the leader after the jitter
+                        wait = choice.failed(relay)
                         stats["fallbacks"] += 1
+                        await asyncio.sleep(wait)
                         continue
             await asyncio.sleep(max(0.0, every - (time.monotonic() - t)))
 
@@ -308,6 +318,8 @@ async def _simulate(cfg: dict) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({
             "joined": len(watchers), "joined_at": joined_at, **{k: v for k, v in stats.items() if k != "errors"},
+            "inventories_sent": sum(r.inventories_sent for r in streams),
+            "inventories_named": sum(r.inventories_named for r in streams),
             "errors": stats["errors"][:5], "n_errors": len(stats["errors"]),
             "repeats": sum(w.repeats for w in watchers), "gaps": sum(w.gaps for w in watchers),
             "divergent": shared.divergent, "shared_applies": shared.applies,
@@ -579,7 +591,8 @@ class Sims:
     All monotonic times are the machine's CLOCK_MONOTONIC, so the parent compares them with its own."""
 
     SUMS = ("joined", "reports", "failed", "relayed", "direct", "fallbacks", "repeats", "gaps", "divergent",
-            "shared_applies", "n_errors")
+            "shared_applies", "n_errors", "inventories_sent", "inventories_named")
+    REPORTS = ("reports", "failed", "relayed", "direct", "fallbacks", "inventories_sent", "inventories_named")
 
     def __init__(self, root: Path, seeds: list[str], hosts: int, procs: int, *, every: float, mode: str, tls: str,
                  join_rate: float):
@@ -757,8 +770,8 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             row.update({"sim_cpu_percent": round(sim_cpu, 1), "sim_cpu_percent_per_host": round(sim_cpu / hosts, 4),
                         "sim_rss_mb": rss, "sim_rss_kb_per_host": round(1024 * rss / hosts, 1),
                         "reports_via": via,
-                        **{k: s[k] for k in ("reports", "failed", "relayed", "direct", "fallbacks", "repeats", "gaps",
-                                             "divergent", "shared_applies", "n_errors")},
+                        **{k: s[k] for k in (*Sims.REPORTS, "repeats", "gaps", "divergent", "shared_applies",
+                                             "n_errors")},
                         "sim_errors": s["errors"], "report_errors": s["report_errors"]})
         if profile and hosts:
             row["profile"] = profile_leader(c.agents[leader_of(c)].proc.pid, profile, root / "leader-profile.txt")
@@ -767,7 +780,7 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             row.update(commit_to_watcher(c, sims, up_hosts(nodes), spawns, model))
             print(json.dumps(row), flush=True)
         if kill_leader and sims is not None:
-            row.update(failover(c, sims, sims.read()["joined"]))
+            row.update(failover(c, sims, sims.read()["joined"], every))
         return row
     finally:
         if sim010 is not None:
@@ -778,10 +791,15 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         c.stop()
 
 
-def failover(c: LocalCluster, sims: Sims, hosts: int) -> dict:
+def failover(c: LocalCluster, sims: Sims, hosts: int, every: float) -> dict:
     """kill -9 the leader; the time until every simulated watcher applied the new leader's commit index and
-    names it leader, and the survivors' peak CPU meanwhile."""
+    names it leader, and the survivors' peak CPU meanwhile. Then, over the next 2 × AVOID + `every` seconds
+    (hosts that left a voter come back to it), what the hosts' reports did since the kill (`after_failover`:
+    fallbacks, inventories sent whole and named by digest) and the new leader's CPU."""
+    from agentd.cluster.relay import RelayChoice
+
     row: dict = {}
+    before = sims.read()
     leader = leader_of(c)
     survivors = [psutil.Process(a.proc.pid) for n, a in c.agents.items() if n != leader]
     peak: dict[str, float] = {}
@@ -812,6 +830,11 @@ def failover(c: LocalCluster, sims: Sims, hosts: int) -> dict:
     names = {str(a.proc.pid): n for n, a in c.agents.items()}
     row["voters_peak_cpu_percent_during_failover"] = {names.get(k, k): v for k, v in peak.items()}
     row["failover_repeats_gaps_divergent"] = [s["repeats"], s["gaps"], s["divergent"]]
+    settle = 2 * RelayChoice.AVOID + every
+    row["new_leader_cpu_percent_after_failover"] = round(cpu_percent(c.agents[new].proc.pid, settle), 1)
+    s = sims.read()
+    row["after_failover"] = {k: s[k] - before[k] for k in Sims.REPORTS}
+    row["after_failover_s"] = round(time.monotonic() - t0, 1)
     return row
 
 
@@ -830,6 +853,11 @@ def table(rows: list[dict]) -> str:
              f"(n={r['spawn_n']})" if "reply_to_watcher_ms_p50" in r else ""),
             ("failover s", lambda r: r.get("all_watchers_follow_new_leader_s", "")),
             ("peak CPU %", lambda r: r.get("voters_peak_cpu_percent_during_failover", "")),
+            ("fallbacks, inventories whole/named", lambda r: f"{r.get('fallbacks', '')}, "
+             f"{r.get('inventories_sent', '')}/{r.get('inventories_named', '')}"),
+            ("after failover: same; new leader CPU %", lambda r: "{fallbacks}, {inventories_sent}/{inventories_named}"
+             .format(**r["after_failover"]) + f"; {r['new_leader_cpu_percent_after_failover']}"
+             if "after_failover" in r else ""),
             ("rep/gap/div", lambda r: f"{r.get('repeats', '')}/{r.get('gaps', '')}/{r.get('divergent', '')}")]
     cells = [[h for h, _ in cols]] + [[str(f(r)) for _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
