@@ -24,6 +24,13 @@
     with each `--hung-timeouts` setting (`default`, or an --election-timeout
     such as `1s`, which is 1-2 s: the defaults before agentd 0.2). Also shown:
     when the new leader was elected (its "became leader" log line).
+(f) Stalls: no election from a pause that no follower outlived. `--runs`
+    times each, one agent or all three are frozen with SIGSTOP, then resumed;
+    3 s later the term is compared with the one before. The leader alone for
+    0.5 s (under the election timeout) and all three for 1.5 s (a frozen
+    machine or VM: nobody ran, so nobody may judge anyone) must not change
+    it; the leader alone for 3 s must (the followers ran and elected). Also
+    counted from the logs: leaders' step-downs for want of a quorum.
 (s) `--soak SECONDS`: no spurious election. Three agents with the default
     timeouts (or `--soak-timeout`) run for SECONDS while `--soak-hosts`
     simulated hosts report to the leader every `--soak-report-interval`
@@ -320,6 +327,48 @@ def coordinator_cpu(root: Path, members: int, seconds: float, warmup: float) -> 
             "rss": rss}
 
 
+# ---------------------------------------------------------------------- (f) stalls
+
+
+STALLS = (("the leader for 0.5 s", False, 0.5, False), ("all three for 1.5 s", True, 1.5, False),
+          ("the leader for 3 s", False, 3.0, True))  # (what, every agent, seconds frozen, a new term expected)
+
+
+def stall_runs(root: Path, runs: int, resumed: list[float]) -> tuple[dict[str, int], int]:
+    """(f): per kind of stall, in how many of `runs` the term changed; and the check-quorum step-downs.
+
+    `resumed` gets, per run where a frozen leader was deposed, the seconds from its SIGCONT to its
+    "stepped down" log line."""
+    b = Bench(root)
+    changed: dict[str, int] = {}
+    try:
+        b.c.start()
+        b.c.wait_for_inventories()
+        wall0 = time.time()
+        for what, everyone, seconds, _ in STALLS:
+            changed[what] = 0
+            for _ in range(runs):
+                leader = b.whole()
+                term = b.status(leader).term
+                frozen = list(NAMES) if everyone else [leader]
+                for n in frozen:
+                    b.c.agents[n].proc.send_signal(signal.SIGSTOP)
+                time.sleep(seconds)
+                cont = time.time()
+                for n in frozen:
+                    b.c.agents[n].proc.send_signal(signal.SIGCONT)
+                time.sleep(3.0)
+                changed[what] += b.status(b.whole()).term != term
+                down = [t for t in _log_times(b.c.agents[leader].log_file, "stepped down") if t >= cont]
+                if down and not everyone:
+                    resumed.append(down[0] - cont)
+        stepdowns = sum(sum(1 for t in _log_times(b.c.agents[n].log_file, "cannot hear a quorum of voters")
+                            if t >= wall0) for n in NAMES)
+    finally:
+        b.close()
+    return changed, stepdowns
+
+
 # ---------------------------------------------------------------------- (s) soak: no spurious election
 
 
@@ -398,7 +447,7 @@ def main() -> int:
     ap.add_argument("--cpu-seconds", type=float, default=20.0, help="measurement window for (d)")
     ap.add_argument("--warmup", type=float, default=6.0, help="seconds of reports before (d) measures")
     ap.add_argument("--skip-cpu", action="store_true", help="skip (d)")
-    ap.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append", help="run only these parts")
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f"], action="append", help="run only these parts")
     ap.add_argument("--hung-timeouts", default="default,500ms", metavar="T,T,...",
                     help="(e): election timeouts to run, 'default' or an --election-timeout (default: default,500ms)")
     ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
@@ -410,8 +459,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.soak:
         return _report_soak(args)
-    parts = set(args.only or ["a", "b", "c", "d", "e"]) - ({"d"} if args.skip_cpu else set())
+    parts = set(args.only or ["a", "b", "c", "d", "e", "f"]) - ({"d"} if args.skip_cpu else set())
     rows: list[tuple[str, str, str, str]] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="agentd-failover-") as tmp:
         root = Path(tmp)
         model = write_tiny_llama_gguf(root / "tiny.gguf")
@@ -447,18 +497,25 @@ def main() -> int:
             lat = sorted(sent["latencies"])
             rows.append(("(d) Report RPC latency", str(len(lat)), *_ms(lat)))
             p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
-            notes = (f"(d) sent {sent['sent']} reports in {sent['seconds']:g} s "
-                     f"({sent['sent'] / sent['seconds']:.0f}/s), errors {sent['errors'] or 'none'}, "
-                     f"p99 {p99:.1f} ms; leader knows {d['nodes']} nodes, commit index {d['commit_index']}, "
-                     f"RSS {d['rss'] / 2**20:.0f} MiB")
-        else:
-            notes = ""
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'n':>3}  {'median':>9}  {'max':>9}")
-    for name, n, med, mx in rows:
-        print(f"{name:<{width}}  {n:>3}  {med:>9}  {mx:>9}")
-    if notes:
-        print(notes)
+            notes.append(f"(d) sent {sent['sent']} reports in {sent['seconds']:g} s "
+                         f"({sent['sent'] / sent['seconds']:.0f}/s), errors {sent['errors'] or 'none'}, "
+                         f"p99 {p99:.1f} ms; leader knows {d['nodes']} nodes, commit index {d['commit_index']}, "
+                         f"RSS {d['rss'] / 2**20:.0f} MiB")
+        if "f" in parts:
+            resumed: list[float] = []
+            changed, stepdowns = stall_runs(root / "f", args.runs, resumed)
+            rows.append(("(f) SIGCONT of a deposed leader -> it steps down", str(len(resumed)), *_ms(resumed)))
+            for what, _, _, expected in STALLS:
+                notes.append(f"(f) SIGSTOP {what}: the term changed in {changed[what]} of {args.runs} runs "
+                             f"(expected: {'every' if expected else 'none'})")
+            notes.append(f"(f) leaders' step-downs for want of a quorum: {stepdowns}")
+    if rows:
+        width = max(len(r[0]) for r in rows)
+        print(f"{'measure':<{width}}  {'n':>3}  {'median':>9}  {'max':>9}")
+        for name, n, med, mx in rows:
+            print(f"{name:<{width}}  {n:>3}  {med:>9}  {mx:>9}")
+    for note in notes:
+        print(note)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     return 0
 
