@@ -304,6 +304,12 @@ static void relay(SSL *ssl, int tls_fd, int plain_fd) {
                 down_len = n;
                 down_off = 0;
                 progress = 1;
+                while (down_len < BUF && SSL_has_pending(ssl)) { /* records already read leave in one send */
+                    n = SSL_read(ssl, down + down_len, (int)(BUF - down_len));
+                    if (n <= 0)
+                        break; /* the next SSL_read above meets it again */
+                    down_len += n;
+                }
                 tls_read = SSL_has_pending(ssl);
             } else {
                 int e = SSL_get_error(ssl, n);
