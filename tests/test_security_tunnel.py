@@ -348,3 +348,28 @@ def test_a_half_that_cannot_start_exits_1_and_says_why(dirs, tmp_path, choice):
             assert done.returncode == 1 and done.stderr.startswith("tunnel: "), done.stderr
     done = subprocess.run([*tunnel, "entry", "--listen", "127.0.0.1:1"], capture_output=True, env=env, timeout=60)
     assert done.returncode == 2, "bad arguments: argparse's exit code, before any relay runs"
+
+
+async def test_the_c_relay_keeps_no_descriptor_of_an_ended_connection(dirs):
+    """Served, refused (plain TCP to the exit, another node's certificate) and unreachable connections alike."""
+    helper, helper_port = await echo_server()
+    exit_ = start_exit("c", dirs, helper_port)
+    entry, stranger = start_entry("c", dirs, "gpu-1", exit_.port), start_entry("c", dirs, "gpu-2", exit_.port)
+    nowhere = start_entry("c", dirs, "gpu-1", free_port())  # nothing listens there
+
+    def descriptors() -> list[int]:
+        return [len(os.listdir(f"/proc/{h.proc.pid}/fd")) for h in (exit_, entry, stranger, nowhere)]
+
+    before = descriptors()
+    try:
+        for _ in range(10):
+            assert await through(entry.port, b"HELLO") == b"HELLO"
+            assert await through(exit_.port, b"HELLO") == b""
+            assert await through(stranger.port, b"HELLO") == b""
+            assert await through(nowhere.port, b"HELLO") == b""
+        deadline = time.monotonic() + 15
+        while descriptors() != before:
+            assert time.monotonic() < deadline, (before, descriptors())
+            await asyncio.sleep(0.1)
+    finally:
+        await close([helper, exit_, entry, stranger, nowhere])
