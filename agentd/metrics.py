@@ -103,6 +103,10 @@ class Metrics:
                                       ["model"], buckets=PROXY_BUCKETS, registry=r)
         self.wakes = Counter("agentd_wakes", "Wake calls this agent's proxy made, by result (woken | failed).",
                              ["model", "result"], registry=r)
+        # The report path (docs/cluster.md, "Liveness by lease"), on the leader: how host inventories arrive.
+        self.report_inventories = Counter("agentd_report_inventories", "Host inventories that reached this agent "
+                                          "as leader: whole (the JSON crossed), named (by a digest it held), asked "
+                                          "(by a digest it did not hold: sent again whole).", ["how"], registry=r)
         # Replicas by load (docs/on-demand.md), on the leader: its decisions, and the count it aims for vs has.
         self.scale_events = Counter("agentd_scale_events", "Replica count changes by load, by direction (up | "
                                     "down) and reason (queue | bounds | unplaceable).",

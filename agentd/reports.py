@@ -54,12 +54,15 @@ class ReportDesk:
     """Where reports arrive on the leader: validation, the inventory cache, recording, lease renewal.
 
     `invite(node)`: whether that host should join Raft as a standby learner (the daemon decides);
-    `on_instance_state(report)`: a reported part changed state (Control's Watch publishes it).
+    `on_instance_state(report)`: a reported part changed state (Control's Watch publishes it);
+    `on_inventory(how)`: an inventory arrived `whole` (its JSON crossed), `named` (by a digest this leader
+    holds) or `asked` (by a digest it does not hold: it comes again whole) - the daemon's metrics.
     """
 
     coordinator: Coordinator
     on_instance_state: Callable[[InstanceReport], None] = lambda report: None
     invite: Callable[[str], bool] = lambda node: False
+    on_inventory: Callable[[str], None] = lambda how: None
     # node -> (inventory JSON, its digest, parsed): a host's heartbeats mostly repeat its inventory, and at
     # hundreds of hosts validating it again was the coordinator's largest cost per report. The digest is the
     # leader's own, so a host's word is never taken for what the leader holds.
@@ -83,6 +86,7 @@ class ReportDesk:
         return agent
 
     def inventory(self, node: str, inventory_json: str) -> HostInventory:
+        self.on_inventory("whole")
         cached = self._inventories.get(node)
         if cached is not None and cached[0] == inventory_json:
             return cached[2]
@@ -103,7 +107,9 @@ class ReportDesk:
         none (a leader elected for the first time, a host whose inventory changed meanwhile)."""
         cached = self._inventories.get(node)
         if cached is None or cached[1] != digest:
+            self.on_inventory("asked")
             raise ResendInventory(node)
+        self.on_inventory("named")
         return cached[2]
 
     def activity(self, node: str, activity: dict[str, tuple[float, int]]) -> None:

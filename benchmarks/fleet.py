@@ -39,14 +39,15 @@ windows: the median and all of them), every voter's CPU in the same windows, the
 the leader counts up, which voter each host's reports came through (`reports_via`), and what the hosts'
 report streams did: `fallbacks` (a voter failed a report), `inventories_sent` (messages that carried the
 whole inventory) and `inventories_named` (new streams whose receiver held the inventory: only its digest
-crossed). --spawns N
+crossed), and how inventories reached the leader, relayed or direct (`leader_inventories`, from the agents'
+agentd_report_inventories_total: whole, named, asked). --spawns N
 deploys N one-replica deployments pinned to random up hosts, one at a time, and times from Deploy's reply
 (the entry committed and applied on the leader; this can be negative: a follower's watcher may apply it
 before the reply reaches the client) and from the call's start, to the target host's watcher applying its
 assignment. --kill-leader then kills -9 the leader and reports the time until every simulated watcher
 names the new leader and applied its commit index, and the survivors' peak CPU (0.25 s windows); then,
 2 × RelayChoice.AVOID + --report-every seconds on, the new leader's CPU over that time and the report
-counters since the kill (`after_failover`).
+counters since the kill (`after_failover`, `after_failover_leader_inventories`).
 --profile S samples the leader with py-spy after the CPU windows. --v010-hosts runs the v0.1.0 design
 first (every host a Raft learner: v0.1.0's own RaftNode per simulated host, one process, from a git
 worktree of the tag, insecure, unary reports). A table of every row is printed last. Everything started is
@@ -59,12 +60,14 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -758,7 +761,8 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
             "leader_cpu_percent": sorted(cpus)[len(cpus) // 2], "leader_cpu_runs": cpus,
             "leaders": sorted(set(leaders)) if len(set(leaders)) > 1 else leader,
             "voter_cpu_percent": {n: sorted(w[n] for w in windows)[len(windows) // 2] for n in c.agents},
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "hosts_up": len(up_hosts(nodes))})
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "hosts_up": len(up_hosts(nodes)),
+            "leader_inventories": leader_inventories(c)})
         if sims is not None:
             s = sims.read()
             sim_cpu = sorted(sum(v for n, v in w.items() if n.startswith("sim")) for w in windows)[len(windows) // 2]
@@ -791,6 +795,23 @@ def one_size(root: Path, hosts: int, every: float, measure: float, kill_leader: 
         c.stop()
 
 
+def leader_inventories(c: LocalCluster, names: set[str] | None = None) -> dict[str, int]:
+    """How host inventories reached the agents (all, or `names`) as leader: agentd_report_inventories_total by
+    `how` (whole, named, asked), summed over those that answer /metrics."""
+    out = {"whole": 0, "named": 0, "asked": 0}
+    for n, a in c.agents.items():
+        if (names is not None and n not in names) or a.proc.poll() is not None:
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{a.http_listen}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for how, n in re.findall(r'^agentd_report_inventories_total\{how="(\w+)"\} (\S+)$', text, re.M):
+            out[how] = out.get(how, 0) + int(float(n))
+    return out
+
+
 def failover(c: LocalCluster, sims: Sims, hosts: int, every: float) -> dict:
     """kill -9 the leader; the time until every simulated watcher applied the new leader's commit index and
     names it leader, and the survivors' peak CPU meanwhile. Then, over the next 2 × AVOID + `every` seconds
@@ -802,6 +823,7 @@ def failover(c: LocalCluster, sims: Sims, hosts: int, every: float) -> dict:
     before = sims.read()
     leader = leader_of(c)
     survivors = [psutil.Process(a.proc.pid) for n, a in c.agents.items() if n != leader]
+    received = leader_inventories(c, set(c.agents) - {leader})
     peak: dict[str, float] = {}
     t0 = time.monotonic()
     c.kill(leader, signal.SIGKILL)
@@ -834,6 +856,9 @@ def failover(c: LocalCluster, sims: Sims, hosts: int, every: float) -> dict:
     row["new_leader_cpu_percent_after_failover"] = round(cpu_percent(c.agents[new].proc.pid, settle), 1)
     s = sims.read()
     row["after_failover"] = {k: s[k] - before[k] for k in Sims.REPORTS}
+    # the survivors' counts since the kill: how the new leader learnt the hosts' inventories
+    now = leader_inventories(c, set(c.agents) - {leader})
+    row["after_failover_leader_inventories"] = {k: now[k] - received.get(k, 0) for k in now}
     row["after_failover_s"] = round(time.monotonic() - t0, 1)
     return row
 
@@ -855,9 +880,12 @@ def table(rows: list[dict]) -> str:
             ("peak CPU %", lambda r: r.get("voters_peak_cpu_percent_during_failover", "")),
             ("fallbacks, inventories whole/named", lambda r: f"{r.get('fallbacks', '')}, "
              f"{r.get('inventories_sent', '')}/{r.get('inventories_named', '')}"),
-            ("after failover: same; new leader CPU %", lambda r: "{fallbacks}, {inventories_sent}/{inventories_named}"
-             .format(**r["after_failover"]) + f"; {r['new_leader_cpu_percent_after_failover']}"
-             if "after_failover" in r else ""),
+            ("leader got inventories whole/named/asked", lambda r: "{whole}/{named}/{asked}"
+             .format(**r["leader_inventories"]) if "leader_inventories" in r else ""),
+            ("after failover: hosts' fallbacks, whole/named; leader got whole/named/asked; its CPU %",
+             lambda r: "{fallbacks}, {inventories_sent}/{inventories_named}; ".format(**r["after_failover"])
+             + "{whole}/{named}/{asked}; ".format(**r["after_failover_leader_inventories"])
+             + f"{r['new_leader_cpu_percent_after_failover']}" if "after_failover" in r else ""),
             ("rep/gap/div", lambda r: f"{r.get('repeats', '')}/{r.get('gaps', '')}/{r.get('divergent', '')}")]
     cells = [[h for h, _ in cols]] + [[str(f(r)) for _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]

@@ -461,6 +461,8 @@ async def relay_all(v: Node) -> None:
 
 async def test_a_host_that_falls_back_sends_no_inventory_the_leader_holds_and_a_changed_one_whole(pair):
     lead, v = pair
+    got: list[str] = []  # how inventories reached the leader (the daemon counts them in its metrics)
+    lead.agent.desk.on_inventory = got.append
     await v.relay.step()
     host = ReportStream("w1", "w1:7070")
     try:
@@ -495,6 +497,7 @@ async def test_a_host_that_falls_back_sends_no_inventory_the_leader_holds_and_a_
         assert lead.coordinator.reports["w1"].inventory.labels == {"rack": "b"}
         await report(host, lead, inventory_of("w1", rack="c"))  # and within a stream, as before
         assert host.inventories_sent == 3 and lead.coordinator.reports["w1"].inventory.labels == {"rack": "c"}
+        assert got == ["asked", "whole", "named", "named", "asked", "whole", "whole"]
     finally:
         host.close()
 

@@ -160,6 +160,7 @@ class Daemon:
         self.control.local_instances = self.reporter.local_instances
         self.agent = AgentService(raft=self.raft, coordinator=self.coordinator, control=self.control)
         self.agent.invite = self.membership.invite
+        self.agent.desk.on_inventory = lambda how: self.metrics.report_inventories.labels(how=how).inc()
         # Key and token expiry read the members' median clock, so one host's wrong clock moves no lifetime.
         self.wall = time.time  # this host's wall clock (a test hook may set it wrong)
         self.cluster_clock = ClusterClock(wall=lambda: self.wall())
