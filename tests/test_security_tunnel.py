@@ -373,3 +373,24 @@ async def test_the_c_relay_keeps_no_descriptor_of_an_ended_connection(dirs):
             await asyncio.sleep(0.1)
     finally:
         await close([helper, exit_, entry, stranger, nowhere])
+
+
+async def test_when_the_helper_closes_the_client_sees_the_end(impl, dirs):
+    """The rpc-server dies or hangs up: llama-server's connection through both halves ends too, none hangs."""
+    async def answer_once_then_close(r, w):
+        w.write(await r.read(65536))
+        await w.drain()
+        w.close()
+
+    helper = await asyncio.start_server(answer_once_then_close, "127.0.0.1", 0)
+    exit_ = start_exit(impl, dirs, helper.sockets[0].getsockname()[1])
+    entry = start_entry(impl, dirs, "gpu-1", exit_.port)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", entry.port)
+        w.write(b"ping")
+        async with asyncio.timeout(15):
+            assert await r.readexactly(4) == b"ping"
+            assert await r.read() == b"", "end of stream after the answer"
+        w.close()
+    finally:
+        await close([helper, exit_, entry])
