@@ -394,3 +394,25 @@ async def test_when_the_helper_closes_the_client_sees_the_end(impl, dirs):
         w.close()
     finally:
         await close([helper, exit_, entry])
+
+
+async def test_the_c_relay_stops_on_sigterm_with_connections_open(dirs):
+    """The supervisor stops a tunnel with SIGTERM: it exits 0 at once, even while it relays."""
+    helper, helper_port = await echo_server()
+    exit_ = start_exit("c", dirs, helper_port)
+    entry = start_entry("c", dirs, "gpu-1", exit_.port)
+    streams = [await asyncio.open_connection("127.0.0.1", entry.port) for _ in range(3)]
+    try:
+        for r, w in streams:
+            w.write(b"ping")
+            async with asyncio.timeout(10):
+                assert await r.readexactly(4) == b"ping"
+        for half in (entry, exit_):
+            half.close()  # SIGTERM; exit status 0 within 10 s
+        for r, _ in streams:
+            async with asyncio.timeout(10):
+                assert await r.read() == b""
+    finally:
+        for _, w in streams:
+            w.close()
+        helper.close()

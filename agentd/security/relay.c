@@ -601,6 +601,10 @@ int main(int argc, char **argv) {
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
     logmsg("INFO", "%s %s -> %s", argv[1], listen_arg, target_arg);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -628,7 +632,12 @@ int main(int argc, char **argv) {
         }
         c->fd = fd;
         peer_text(&ss, c->peer, sizeof c->peer);
-        if (pthread_create(&t, &attr, connection, c)) {
+        /* SIGTERM/SIGINT go to this thread only (a thread inherits the mask): a connection's thread that took
+         * one would leave accept4 waiting and the process running */
+        pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+        int failed = pthread_create(&t, &attr, connection, c);
+        pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
+        if (failed) {
             close(fd);
             free(c);
         }
