@@ -45,21 +45,25 @@ if not llama_cpp_present():
 
 
 def cmdlines(root: Path) -> dict[str, list[str]]:
-    """This test's processes by program: llama-server, ggml-rpc-server and the tunnels.
-
-    A tunnel is started as `python -m agentd.security.tunnel SIDE ...`, which execs the C relay
-    (`agentd-tunnel-<hash> SIDE ...`) where it builds: then its command line is [relay, SIDE, ...].
-    """
+    """This test's processes by program: llama-server, ggml-rpc-server and the tunnels."""
     out: dict[str, list[str]] = {}
     for p in psutil.process_iter(["cmdline", "cwd"]):
         cmd = p.info["cmdline"] or []
         if not str(p.info["cwd"] or "").startswith(str(root)) or not cmd:
             continue
-        if "agentd.security.tunnel" in cmd:  # the Python relay: from the module's name on
-            cmd = cmd[cmd.index("agentd.security.tunnel"):]
-        tunnel = cmd[0] == "agentd.security.tunnel" or Path(cmd[0]).name.startswith(relay.NAME)
-        out["tunnel-" + cmd[1] if tunnel else Path(cmd[0]).name] = cmd
+        prog = "tunnel-" + cmd[3] if "agentd.security.tunnel" in cmd else Path(cmd[0]).name
+        out[prog] = cmd
     return out
+
+
+def tunnel_programs(root: Path) -> list[str]:
+    """The programs the tunnels run: where the C relay builds, `python -m agentd.security.tunnel` execs it and
+    keeps its command line, and /proc/PID/exe names the relay's binary."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "cwd", "exe"]):
+        if str(p.info["cwd"] or "").startswith(str(root)) and "agentd.security.tunnel" in (p.info["cmdline"] or []):
+            out.append(Path(p.info["exe"] or "?").name)
+    return sorted(out)
 
 
 def after(cmd: list[str], flag: str) -> str:
@@ -135,8 +139,9 @@ def test_the_rpc_server_sits_behind_a_tunnel_only_its_main_host_passes(tmp_path)
         assert after(rpc, "-H") == "127.0.0.1" and after(rpc, "-p") != rpc_ep.rsplit(":", 1)[1]
         assert after(exit_, "--listen") == rpc_ep and after(exit_, "--to") == f"127.0.0.1:{after(rpc, '-p')}"
         assert after(exit_, "--allow") == "a"  # only the host that runs the main server
-        assert Path(exit_[0]).name.startswith(relay.NAME) and Path(entry[0]).name.startswith(relay.NAME), \
-            "where the C relay builds (here), agentd's tunnels run it"
+        programs = tunnel_programs(c.root)
+        assert len(programs) == 2 and all(p.startswith(relay.NAME) for p in programs), \
+            f"where the C relay builds (here), agentd's tunnels run it: {programs}"
         assert after(entry, "--to") == rpc_ep and after(main, "--rpc") == after(entry, "--listen")
 
         assert complete(c, key) == 5

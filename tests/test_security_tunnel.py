@@ -57,6 +57,7 @@ class Half:
                 "--to", to, "--tls-dir", str(tls_dir)]
         for host in allow:
             argv += ["--allow", host]
+        self.argv = argv
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
                                          env={**os.environ, relay.IMPLEMENTATION_ENV: "c", **(env or {})})
@@ -73,6 +74,11 @@ class Half:
     def program(self) -> str:
         return Path(os.readlink(f"/proc/{self.proc.pid}/exe")).name
 
+    def runs_c(self) -> bool:
+        """The C relay runs, under the command line agentd launched (the supervisor adopts strays by it)."""
+        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        return self.program().startswith(relay.NAME) and [a.decode() for a in cmdline] == self.argv
+
     def close(self) -> None:
         self.proc.terminate()
         assert self.proc.wait(10) == 0, self.logged()
@@ -82,7 +88,7 @@ def start_exit(impl: str, dirs: Path, target_port: int, allow=("gpu-1",)):
     if impl == "python":
         return serve_exit("127.0.0.1:0", f"127.0.0.1:{target_port}", server_context(dirs / "rpc-host"), allow)
     half = Half("exit", f"127.0.0.1:{target_port}", dirs / "rpc-host", allow)
-    assert half.program().startswith(relay.NAME), "AGENTD_TUNNEL=c runs the C relay"
+    assert half.runs_c(), "AGENTD_TUNNEL=c"
     return half
 
 
@@ -90,7 +96,7 @@ def start_entry(impl: str, dirs: Path, client: str, exit_port: int):
     if impl == "python":
         return serve_entry("127.0.0.1:0", f"127.0.0.1:{exit_port}", client_context(dirs / client))
     half = Half("entry", f"127.0.0.1:{exit_port}", dirs / client)
-    assert half.program().startswith(relay.NAME), "AGENTD_TUNNEL=c runs the C relay"
+    assert half.runs_c(), "AGENTD_TUNNEL=c"
     return half
 
 

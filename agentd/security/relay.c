@@ -1,8 +1,12 @@
 /* The mTLS tunnel's relay in C: the same two halves as agentd/security/tunnel.py, without a Python wake-up
  * per message (docs/security.md, "Helpers behind a tunnel"; issue 14).
  *
- *   relay exit  --listen HOST:PORT --to HOST:PORT --tls-dir DIR [--allow NODE]...
- *   relay entry --listen HOST:PORT --to HOST:PORT --tls-dir DIR
+ *   relay [-m agentd.security.tunnel] exit  --listen HOST:PORT --to HOST:PORT --tls-dir DIR [--allow NODE]...
+ *   relay [-m agentd.security.tunnel] entry --listen HOST:PORT --to HOST:PORT --tls-dir DIR
+ *
+ * tunnel.py execs it as `python -m agentd.security.tunnel SIDE ...`, argv[0] the Python it ran under: so the
+ * process keeps the command line agentd launched (the supervisor matches it when it adopts a stray), and
+ * /proc/PID/exe (ps's comm) names this binary.
  *
  * exit: TLS 1.3 server on --listen; the client must present a certificate from DIR/ca.crt with the role URI
  * agentd://role/node and, when --allow names hosts, one of those common names; then plain TCP to --to.
@@ -569,6 +573,10 @@ static int usage(const char *why) {
 
 int main(int argc, char **argv) {
     const char *tls_dir = NULL;
+    if (argc > 3 && !strcmp(argv[1], "-m") && !strcmp(argv[2], "agentd.security.tunnel")) {
+        argv += 2; /* as tunnel.py execs it: the command line agentd launched stays the process's own */
+        argc -= 2;
+    }
     if (argc < 2 || (strcmp(argv[1], "exit") && strcmp(argv[1], "entry")))
         return usage("the first argument is exit or entry");
     is_exit = !strcmp(argv[1], "exit");

@@ -1,6 +1,6 @@
 """The tunnel's relay in C (relay.c): built once per source version with the host's C compiler, on first use.
 
-`python -m agentd.security.tunnel` runs it in its own place (exec, same pid and arguments) when it can be built
+`python -m agentd.security.tunnel` runs it in its own place (exec, same pid and command line) when it can be built
 and run; otherwise the Python relay serves, and the tunnel logs why. A Python process wakes up per message per
 hop, and ggml RPC sends 15-19 small messages per token: that, not TLS, was the tunnel's loss
 (docs/security.md, "Helpers behind a tunnel").
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_suffix(".c")
-NAME = "agentd-tunnel"  # the binary's name starts so: `ps` and the tests tell a tunnel by it
+NAME = "agentd-tunnel"  # the binary's name starts so: /proc/PID/exe and `ps -e` (comm) tell the C relay by it
 COMPILE_TIMEOUT = 120.0
 # The tunnel's relay: "python" the one in tunnel.py; "c" this one or none (exit 1); unset: this one when it
 # builds and runs here, else Python's (logged)

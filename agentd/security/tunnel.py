@@ -292,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             log.warning("the C relay is unavailable, relaying in Python: %s", exc)
         else:
-            argv = [str(binary), args.side, "--listen", args.listen, "--to", args.to, "--tls-dir", str(args.tls_dir)]
+            # the command line the plugin launches, spelt as it spells it (relay.c skips "-m agentd.security.tunnel"):
+            # the supervisor adopts a stray tunnel only by an exact match
+            argv = [sys.executable, "-m", "agentd.security.tunnel", args.side, "--listen", args.listen, "--to", args.to,
+                    "--tls-dir", str(args.tls_dir)]
             for host in args.allow:
                 argv += ["--allow", host]
             sys.stderr.flush()
-            os.execv(binary, argv)  # same pid, arguments, exit codes and log lines; never returns
+            os.execv(binary, argv)  # same pid, command line, exit codes and log lines; never returns
 
     try:
         if args.side == "exit":
