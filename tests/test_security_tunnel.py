@@ -290,11 +290,14 @@ def no_compiler(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_a_failed_build_says_why_once_and_is_not_tried_again(no_compiler):
+def test_a_failed_build_says_why_and_only_the_build_command_tries_again(no_compiler):
     for _ in range(2):
         with pytest.raises(relay.Unavailable, match="cc: no compiler here"):
             relay.binary()
     assert (no_compiler / "calls").read_text() == "run\n"
+    with pytest.raises(relay.Unavailable, match="cc: no compiler here"):
+        relay.binary(retry=True)  # python -m agentd.security.relay: scripts/bootstrap run again tries again
+    assert (no_compiler / "calls").read_text() == "run\nrun\n"
     assert not [p for p in (no_compiler / "build").iterdir() if p.name.startswith(relay.NAME) and
                 not p.name.endswith(".failed")]
 

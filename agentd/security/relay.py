@@ -10,7 +10,8 @@ this Python's `ssl` module has loaded (OpenSSL 3), by full path. The binary's na
 source and the link line, so an edit or another OpenSSL builds a new one. A failed build leaves a
 `.failed` file with the reason next to where the binary would be, so later tunnels do not try again.
 
-`python -m agentd.security.relay` builds it now (scripts/bootstrap does) and prints its path.
+`python -m agentd.security.relay` builds it now (scripts/bootstrap does), also after a failed build, and
+prints its path.
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def _build_dirs() -> list[Path]:
     return [Path(sys.prefix) / "libexec" / "agentd", cache]
 
 
-def binary() -> Path:
-    """The built relay (building it the first time), or Unavailable with the reason."""
+def binary(retry: bool = False) -> Path:
+    """The built relay (building it the first time), or Unavailable with the reason.
+
+    A build that failed is not tried again (its `.failed` file says why) unless `retry`: a tunnel never
+    retries, `python -m agentd.security.relay` (scripts/bootstrap, run again after a fix) does."""
     command = _compile_command(Path("OUT"))
     digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(command).encode()).hexdigest()[:12]
     name = f"{NAME}-{digest}"
@@ -83,7 +87,9 @@ def binary() -> Path:
             return path
         failed = d / (name + ".failed")
         if failed.exists():
-            raise Unavailable(failed.read_text().strip())
+            if not retry:
+                raise Unavailable(failed.read_text().strip())
+            failed.unlink(missing_ok=True)
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=d, prefix=".build-") as tmp:
@@ -113,7 +119,7 @@ def _build(command: list[str], built: Path, path: Path, failed: Path) -> Path:
 
 def main() -> int:
     try:
-        print(binary())
+        print(binary(retry=True))
     except Unavailable as exc:
         print(f"agentd: the tunnel's C relay is unavailable, the Python one will serve: {exc}", file=sys.stderr)
         return 1
