@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from agentd.cluster.report_timing import DEFAULT
+from agentd.cluster.stream_call import CallEnded, exchange
 from agentd.reports import inventory_digest
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
@@ -44,7 +45,8 @@ UNARY_RETRY = 60.0  # seconds a leader that answered UNIMPLEMENTED gets unary re
 
 
 class StreamEnded(Exception):
-    """The leader ended the stream without an error status (it is shutting down): open a new one."""
+    """The leader ended the stream without an error status (it is shutting down), or before a message went
+    out (how, grpc does not say: agentd/cluster/stream_call.py): open a new one."""
 
 
 @dataclass
@@ -145,11 +147,9 @@ class ReportStream:
         """One message and its reply on the open stream; an error status is raised (UNIMPLEMENTED remembered)."""
         call = self._call
         try:
-            try:
-                await call.write(m)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                pass  # the call had ended (grpc says INTERNAL here): its status, read below, says how
-            reply = await call.read()
+            reply = await exchange(call, m)
+        except CallEnded:
+            raise StreamEnded(f"the stream to {target} had ended before this report went out") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._unary[target] = time.monotonic() + UNARY_RETRY

@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 
 from agentd.cluster.report_timing import COALESCE, DEFAULT, FORGET, RelayTimings
+from agentd.cluster.stream_call import CallEnded, exchange
 from agentd.errors import InvalidInput, NotAvailable, PeerError
 from agentd.logs import fields
 from agentd.v1 import control_pb2 as pb
@@ -234,9 +235,12 @@ class ReportRelay:
         call = self._call
         try:
             async with asyncio.timeout(self.timings.reply_timeout):
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    await call.write(batch)  # an ended call: its status, read below, says why
-                reply = await call.read()
+                reply = await exchange(call, batch)
+        except CallEnded:  # the leader had ended it (how, grpc lost): a new stream next
+            log.info("relay stream to the leader ended", extra=fields(node=self.node, leader=address,
+                                                                      error="before the batch went out"))
+            self.close()
+            return
         except grpc.aio.AioRpcError as exc:
             self._failed(address, exc.code(), exc.details() or "")
             return
