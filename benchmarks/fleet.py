@@ -311,7 +311,7 @@ async def _simulate(cfg: dict) -> None:
                     why = re.sub(r"sim-\d+", "sim-N", f"{'relay' if relay else 'leader'}: {why}")[:120]
                     stats["report_errors"][why] = stats["report_errors"].get(why, 0) + 1
                     if relay:  # as the daemon: avoid that voter, another voter or the leader after the jitter
-                        wait = choice.failed(relay)
+                        wait = choice.failed(relay, view)
                         stats["fallbacks"] += 1
                         await asyncio.sleep(wait)
                         continue

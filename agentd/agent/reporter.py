@@ -133,10 +133,14 @@ class Reporter:
                             version=(me.version, me.state_format, me.wire_version, me.upgrade_required),
                             wall_time=time.time(), activity=activity, watches_from=watches)
                     except (grpc.aio.AioRpcError, StreamEnded, TimeoutError) as exc:
-                        wait = d.relay_choice.failed(relay)  # issue16 relay: another voter, else the leader
+                        wait = d.relay_choice.failed(relay, d.raft)  # issue16 relay: another voter, else the leader
                         log.info("the voter stopped relaying this host's reports: reporting elsewhere",
                                  extra=fields(voter=relay, error=str(exc)[:200], wait=round(wait, 3)))
-                        await asyncio.sleep(wait)  # its other hosts leave it too: spread over the jitter
+                        # to the leader: its voter's other hosts come too, spread over the jitter; a leader change
+                        # (which asks for a report at once, as an instance's change does) ends the wait
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await self.now.wait()
                         self.now.set()
                         return
                     if reply.cluster_time:

@@ -368,17 +368,20 @@ class RelayChoice:
     name, so they spread); none (the leader itself) when every voter leads or is avoided. A voter that failed
     a report (killed, cut off from the leader, a release before relaying) is avoided for `AVOID` seconds.
 
-    A host that leaves its voter first waits a random delay up to `jitter` (RelayTimings.jitter, derived from
-    node_down_grace so that its lease outlives the wait): when a voter stops relaying, all its hosts leave it
-    at once, and they reach the next voter or the leader spread over that time. One wait per departure: a
-    second failure before a report got through goes on at once."""
+    A host that leaves its voter goes on at once to another voter, which takes it into its bounded batches;
+    to the leader itself only after a random delay up to `jitter` (RelayTimings.jitter, derived from
+    node_down_grace so that its lease outlives the wait): when the voters stop relaying (a stalled leader),
+    all their hosts leave them at once, and they reach the leader spread over that time. One wait per
+    departure from a path that worked: a host that got no report through since it started or since its last
+    wait goes on at once (at start-up the voters relay only once the leader answered them, and a host that
+    waited then would be missing from a new leader's first placements)."""
 
     node: str
     mono: Callable[[], float] = time.monotonic
     jitter: float = DEFAULT.jitter
     rng: random.Random = field(default_factory=random.Random)
     _avoid: dict[str, float] = field(default_factory=dict)  # voter address -> until when
-    _leaving: bool = False  # a voter failed since the last report that got through: the wait is spent
+    _wait_due: bool = False  # a report got through since the last wait: leaving for the leader waits once
 
     AVOID = 10.0
 
@@ -400,15 +403,15 @@ class RelayChoice:
             return source
         return voters[zlib.crc32(self.node.encode()) % len(voters)]
 
-    def failed(self, address: str) -> float:
+    def failed(self, address: str, raft: Any) -> float:
         """The voter at `address` failed a report: avoid it. Returns the seconds to wait before the next
-        attempt (to another voter, or the leader)."""
+        attempt: none to another voter, a random delay up to `jitter` before the leader."""
         self._avoid[address] = self.mono() + self.AVOID
-        if self._leaving:
+        if not self._wait_due or self.target(raft):
             return 0.0
-        self._leaving = True
+        self._wait_due = False
         return self.rng.uniform(0.0, self.jitter)
 
     def served(self) -> None:
-        """A report got through (to a voter or the leader): the next departure waits again."""
-        self._leaving = False
+        """A report got through (to a voter or the leader): the next departure for the leader waits again."""
+        self._wait_due = True

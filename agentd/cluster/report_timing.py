@@ -11,9 +11,10 @@ before the leader marks it down. The longest a relayed host's lease can go unren
   answer the voter stops serving hosts;
 - the host's next message comes within its report interval (`HOST_INTERVAL` + COALESCE) and is refused,
   or, when the voter itself hangs, is given up after the host's own `host_timeout`;
-- the host then waits a random delay of at most `jitter` (once per departure: a voter's hosts leave it
-  together, and thousands of them reaching the leader in the same instant starved it), and opens a stream
-  to another voter or the leader (COALESCE), whose first message renews the lease.
+- the host then opens a stream to another voter at once, or to the leader after a random delay of at most
+  `jitter` (once per departure: a stalled leader's voters send all their hosts away together, and
+  thousands of them reaching the leader in the same instant starved it), whose first message renews the
+  lease (COALESCE).
 
     gap = healthy + HOST_INTERVAL + 2 × COALESCE + host_timeout + jitter   must be ≤ 0.8 × node_down_grace
 
