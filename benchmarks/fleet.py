@@ -669,7 +669,7 @@ def list_nodes(c: LocalCluster) -> list:
     for attempt in range(3):  # a loaded leader may have lost an election meanwhile: ask the one there is
         try:
             with c.agents[leader_of(c)].client(timeout=30) as client:
-                return list(client.call("ListNodes", pb.ListNodesRequest()).nodes)
+                return client.nodes()
         except AgentdError:
             if attempt == 2:
                 raise

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agentd.testing.localcluster import LocalCluster, simulated_host  # noqa: E402
-from agentd.v1 import control_pb2 as pb  # noqa: E402
 
 VOTERS = ("v1", "v2", "v3")
 
@@ -99,7 +98,7 @@ def run(hosts: int, mode: str, interval: float, seconds: float) -> dict:
         procs = {n: psutil.Process(a.proc.pid) for n, a in c.agents.items()}
         cpu = cpu_percent(procs, seconds)
         with c.agents[leader].client(timeout=10) as client:
-            nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
+            nodes = client.nodes()
         up = sum(1 for n in nodes if n.name.startswith("sim") and n.state == "up")
         via = sorted({n.reports_via for n in nodes if n.name.startswith("sim")})
         out, _ = sim.communicate(timeout=60)

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agentd.api.client import CannotPlace, error_from_rpc
-from agentd.api.control import instance_to_pb, status_for
+from agentd.api.client import CannotPlace, ControlClient, error_from_rpc
+from agentd.api.control import instance_to_pb, page_of, status_for
 from agentd.api.convert import spec_from_pb, spec_to_pb
 from agentd.cluster.state import NODE_DOWN, node_command
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, PeerError, Unplaceable
@@ -221,6 +221,43 @@ async def test_list_nodes_joins_members_the_state_and_reports(agents):
                                                                                           b.address)
     assert json.loads(nodes["a"].inventory_json)["gpus"][0]["uuid"] == "GPU-sim-a-0"
     assert 0 <= nodes["a"].last_seen_seconds < 5
+
+
+async def test_list_nodes_pages_in_name_order_and_the_client_reads_every_page(agents):
+    a, b = agents
+    for name in ("d", "c", "e", "f"):
+        await a.coordinator.consensus.propose(node_command(name, NODE_DOWN, "10.0.0.9:7070"))
+    everyone = [n.name for n in (await b.stub.ListNodes(pb.ListNodesRequest())).nodes]
+    assert everyone == ["a", "b", "c", "d", "e", "f"]
+    pages, token = [], ""
+    while True:  # through the follower, which forwards each page to the leader
+        reply = await b.stub.ListNodes(pb.ListNodesRequest(limit=2, page_token=token))
+        pages.append([n.name for n in reply.nodes])
+        if not reply.next_page_token:
+            break
+        token = reply.next_page_token
+    assert pages == [["a", "b"], ["c", "d"], ["e", "f"]]
+    # A node that joins between two pages lands on a later page, or on none if its place was passed: no node
+    # is listed twice and none is skipped that was there all along.
+    second = await b.stub.ListNodes(pb.ListNodesRequest(limit=2, page_token="b"))
+    for name in ("cc", "ee"):
+        await a.coordinator.consensus.propose(node_command(name, NODE_DOWN, "10.0.0.9:7070"))
+    rest = await b.stub.ListNodes(pb.ListNodesRequest(limit=2, page_token=second.next_page_token))
+    assert [n.name for n in second.nodes] + [n.name for n in rest.nodes] == ["c", "d", "e", "ee"]
+    with ControlClient(b.address) as client:
+        listed = await asyncio.to_thread(client.nodes, 3)
+    assert [n.name for n in listed] == ["a", "b", "c", "cc", "d", "e", "ee", "f"]
+
+
+def test_a_page_ends_at_the_names_end_and_names_its_last_as_the_next_token():
+    names = ["a", "b", "c", "d", "e"]
+    assert page_of(names, 0, "") == (names, "")
+    assert page_of(names, 2, "") == (["a", "b"], "b")
+    assert page_of(names, 2, "b") == (["c", "d"], "d")
+    assert page_of(names, 2, "d") == (["e"], "")
+    assert page_of(names, 5, "") == (names, "")
+    assert page_of(names, 2, "bb") == (["c", "d"], "d")  # a token whose node left meanwhile
+    assert page_of(names, 2, "z") == ([], "")
 
 
 # ---------------------------------------------------------------------- Watch

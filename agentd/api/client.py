@@ -51,6 +51,9 @@ from agentd.v1 import control_pb2 as pb
 DEFAULT_TIMEOUT = 60.0
 REDIRECT_KEY = "x-agentd-redirect"  # agentd.security.auth.REDIRECT_KEY (not imported: CLI start-up time)
 MAX_REDIRECTS = 3
+# Nodes per ListNodes reply (ControlClient.nodes): 256 hosts with 8-GPU inventories are about 0.6 MB, far below
+# gRPC's 4 MiB limit, and the leader builds one page between other work
+NODES_PAGE = 256
 USER_TLS_DIR = Path("~/.config/agentd/tls")
 TLS_HINT = ("if the cluster runs with TLS, give this client credentials: an admin certificate in "
             "~/.config/agentd/tls or AGENTD_TLS_DIR, or AGENTD_TOKEN=<admin API key> with --server <token port>")
@@ -260,6 +263,21 @@ class ControlClient:
                     continue
                 raise self._error(exc) from None
         raise AssertionError("unreachable")
+
+    def nodes(self, page: int = NODES_PAGE) -> list[Any]:
+        """Every node (ListNodes), `page` at a time: a fleet's whole list outgrows gRPC's 4 MiB message limit.
+        An agent from before paging answers all of them at once, with no token."""
+        nodes: list[Any] = []
+        token = ""
+        while True:
+            reply = self.call("ListNodes", pb.ListNodesRequest(limit=page, page_token=token))
+            nodes.extend(reply.nodes)
+            if not reply.next_page_token:
+                return nodes
+            if reply.next_page_token <= token:
+                raise AgentdError(f"{self.address}: ListNodes paged backwards ({token!r}, then "
+                                  f"{reply.next_page_token!r})")
+            token = reply.next_page_token
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         for attempt in range(MAX_REDIRECTS + 1):

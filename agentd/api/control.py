@@ -10,6 +10,7 @@ UNAVAILABLE, which clients retry).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
@@ -119,6 +120,15 @@ class ChannelPool:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+
+def page_of(names: list[str], limit: int, after: str) -> tuple[list[str], str]:
+    """The names of one ListNodes page: the sorted `names` after `after`, at most `limit` of them (0: all), and the
+    token of the next page (empty: none). The token is the page's last name, so a node that joins or leaves
+    between two pages moves no other node to the wrong page."""
+    start = bisect.bisect_right(names, after) if after else 0
+    end = len(names) if limit <= 0 else min(len(names), start + limit)
+    return names[start:end], names[end - 1] if end < len(names) else ""
 
 
 def instance_to_pb(i: InstanceReport) -> pb.Instance:
@@ -374,6 +384,7 @@ class ControlService(pb_grpc.ControlServicer):
             now = self.coordinator.clock()
             members = self.raft.members
             names = sorted(set(members) | set(self.state.nodes) | set(self.coordinator.reports))
+            names, next_token = page_of(names, request.limit, request.page_token)
             named = {getattr(m, "address", ""): n for n, m in members.items()}  # a watcher's voter, by name
             nodes = []
             for name in names:
@@ -397,7 +408,7 @@ class ControlService(pb_grpc.ControlServicer):
                     cordoned=[c.key for c in self.state.cordons_of(name)],
                     draining=left, drain_blocked=blocked,
                     role=role, reports_via=rep.via if rep else "", watches_from=named.get(watches, watches)))
-            return pb.ListNodesReply(nodes=nodes)
+            return pb.ListNodesReply(nodes=nodes, next_page_token=next_token)
         return await self._on_leader("ListNodes", request, context, local)
 
     async def Cordon(self, request, context):

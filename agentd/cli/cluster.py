@@ -408,9 +408,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.action == "rm":
         return cmd_nodes_rm(args)
     with _client(args) as c:
-        reply = c.call("ListNodes", pb.ListNodesRequest())
+        listed = c.nodes()
     rows, data = [], []
-    for n in reply.nodes:
+    for n in listed:
         inv = json.loads(n.inventory_json) if n.inventory_json else {}
         gpus = inv.get("gpus", [])
         free = sum(g["memory_total"] - g["memory_used"] for g in gpus) / 2**30

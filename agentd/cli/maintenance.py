@@ -93,7 +93,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         start, last, first_left = time.monotonic(), None, None
         while True:
-            node = next((n for n in c.call("ListNodes", pb.ListNodesRequest()).nodes if n.name == r.host), None)
+            node = next((n for n in c.nodes() if n.name == r.host), None)
             left, blocked = (node.draining, node.drain_blocked) if node is not None else (0, "")
             first_left = left if first_left is None else first_left
             if (left, blocked) != last and not json_out:

@@ -58,11 +58,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from agentd import catalog, formats
     from agentd.api.client import ControlClient
     from agentd.types import HostInventory
-    from agentd.v1 import control_pb2 as pb
 
     with ControlClient.for_cli(getattr(args, "server", None)) as c:
-        reply = c.call("ListNodes", pb.ListNodesRequest())
-    hosts = [formats.validate_lenient(HostInventory, n.inventory_json) for n in reply.nodes if n.inventory_json]
+        nodes = c.nodes()
+    hosts = [formats.validate_lenient(HostInventory, n.inventory_json) for n in nodes if n.inventory_json]
     entries, broken = catalog.build(hosts)
     data = {"models": [e.as_json() for e in entries],
             "broken": [{"host": b.host, "name": b.name, "path": b.path, "reason": b.reason} for b in broken]}
@@ -77,12 +76,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from agentd.api.client import ControlClient, error_from_rpc
     from agentd.errors import InvalidInput
     from agentd.types import HostInventory
-    from agentd.v1 import control_pb2 as pb
     from agentd.v1 import models_pb2 as mpb
     from agentd.v1 import models_pb2_grpc as mpb_grpc
 
     with ControlClient.for_cli(getattr(args, "server", None)) as c:
-        nodes = c.call("ListNodes", pb.ListNodesRequest()).nodes
+        nodes = c.nodes()
     hosts = [formats.validate_lenient(HostInventory, n.inventory_json) for n in nodes if n.inventory_json]
     model, _ = catalog.resolve(args.model, hosts)
     digest = model.partition("@")[2]

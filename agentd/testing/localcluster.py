@@ -454,7 +454,7 @@ class LocalCluster:
             if lead:
                 try:
                     with self.agents[lead[0]].client(timeout=2.0) as c:
-                        nodes = c.call("ListNodes", pb.ListNodesRequest()).nodes
+                        nodes = c.nodes()
                     if {n.name for n in nodes if n.inventory_json and n.state == "up"} >= set(self.agents):
                         return
                 except AgentdError:
