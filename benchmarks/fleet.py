@@ -76,6 +76,8 @@ from agentd.agent.reporter import REPORT_INTERVAL
 from agentd.errors import AgentdError
 from agentd.testing.gguf import write_tiny_llama_gguf
 from agentd.testing.localcluster import LocalCluster, free_port_block, simulated_host
+from agentd.testing.releases import code_env as release_env
+from agentd.testing.releases import release_worktree
 from agentd.v1 import control_pb2 as pb
 
 # ---------------------------------------------------------------------------------------------- the simulator
@@ -423,26 +425,7 @@ def leader_of(c: LocalCluster) -> str:
 
 def code_env(code: Path | None) -> dict[str, str]:
     """PYTHONPATH for another release's code (as tests/test_upgrade.py runs v0.1.0); {} for this tree's."""
-    if code is None:
-        return {}
-    return {"PYTHONPATH": os.pathsep.join(str(p) for p in (code, code / "plugins" / "llamabox",
-                                                           code / "plugins" / "vllm"))}
-
-
-def release_worktree(ref: str, where: Path) -> Path:
-    """A git worktree of `ref` (a tag) under `where`; removed by the caller with remove_worktree."""
-    repo = Path(__file__).resolve().parent.parent
-    path = where / ref
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(path), ref], check=True,
-                   capture_output=True, timeout=120)
-    return path
-
-
-def remove_worktree(path: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(path)], capture_output=True,
-                   timeout=120)
-    subprocess.run(["git", "-C", str(repo), "worktree", "prune"], capture_output=True, timeout=120)
+    return {} if code is None else release_env(code)
 
 
 def cpu_percent(pid: int, seconds: float) -> float:
@@ -927,8 +910,7 @@ def main() -> None:
     with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="agentd-fleet-")) as d:
         model = write_tiny_llama_gguf(Path(d) / "tiny.gguf") if args.spawns else None
         if args.v010_hosts:
-            code = release_worktree("v0.1.0", Path(d))
-            try:
+            with release_worktree(Path(d) / "v0.1.0") as code:  # the tag, or its commit in a clone without tags
                 for n in (int(x) for x in args.v010_hosts.split(",")):
                     try:
                         rows.append(one_size(Path(d) / f"n{n}-v010", n, 5.0, args.measure, False,
@@ -936,8 +918,6 @@ def main() -> None:
                     except (SystemExit, AgentdError) as exc:  # did not survive this size
                         rows.append({"hosts": n, "design": "v0.1.0 (learners)", "failed": str(exc)[-500:]})
                     print(json.dumps(rows[-1]), flush=True)
-            finally:
-                remove_worktree(code)
         for n in (int(x) for x in args.hosts.split(",") if x):
             for mode in modes:
                 try:
