@@ -100,7 +100,25 @@ def _bin():
     return d
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+# Found on a Sapphire Rapids VM (4 December 2026): where the CPU has AMX, llama.cpp's CPU backend puts
+# quantized CPU-resident weights in AMX buffers, padded beyond the CPU_REPACK sizes agentd books
+# (llama-3.1-70b-q4_k_m, 65,536 tokens, partial offload: host RAM booked 30,843.9 MiB, projected 31,251),
+# and llama-fit-params itself aborts on DeepSeek-R1 at -ngl 0 (GGML_ASSERT(*cur_backend_id != -1) in
+# ggml-backend.cpp; with --no-repack it projects). Booking AMX hosts is not built yet (docs/placement.md).
+AMX_UNMODELLED = "this CPU has AMX, whose weight buffers agentd's host-RAM booking does not model yet"
+
+
 def _live(tmp_path, keys):
+    if _cpu_has_amx():
+        pytest.skip(AMX_UNMODELLED)
     bin_dir = _bin()
     cases = [oracle.Case.parse(k) for k in keys]
     paths = oracle.write_models(tmp_path, sorted({c.shape for c in cases}))

@@ -114,7 +114,9 @@ def test_real_vllm_serve_through_the_supervisor(tmp_path):
     port = free_port()
     key = "agdsrv_vllm-test-key"  # as the daemon derives one per instance in a secure cluster
     a = Assignment(deployment="tiny", replica=0, term=1, model=str(model), runtime="vllm", api_key=key,
-                   options=RuntimeOptions(ctx_size=512, extra_args=("--enforce-eager",),
+                   # float32, the tiny model's own dtype: with bfloat16 on a CPU that has AMX, vLLM 0.32's
+                   # AMX attention kills its worker at the first forward (seen on a Sapphire Rapids VM)
+                   options=RuntimeOptions(ctx_size=512, extra_args=("--enforce-eager", "--dtype", "float32"),
                                           env={**SERVE_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}),
                    plan=ReplicaPlan(parts=(Part(host="h1", role="main", gpus=(0,)),)),
                    endpoints=(PartEndpoint(host="h1", address="127.0.0.1", port=port),))
