@@ -181,6 +181,28 @@ def test_cancel_ends_the_copy_and_what_was_written_is_what_was_hashed(tmp_path, 
     assert sha.hexdigest() == hashlib.sha256(written).hexdigest()
 
 
+def test_a_hash_that_fails_ends_the_copy_with_its_error_and_does_not_hang(tmp_path, blob):
+    """The hashing thread's failure reaches the receiving thread: more pieces than are in flight still flow."""
+    from agentd.api import transfer
+
+    path, data = blob
+    assert len(data) > transfer.PIECE * (transfer.PIECES + 1)
+
+    class BrokenSha:
+        def update(self, data) -> None:
+            raise MemoryError("no room to hash")
+
+    srv = server(None)
+    try:
+        with open(tmp_path / "out", "ab", buffering=0) as out:
+            r = Receive(("127.0.0.1", srv.port), srv.issue("", path, 0), None, C.NODE_SAN, out, BrokenSha(),
+                        lambda n: None)
+            with pytest.raises(MemoryError, match="no room to hash"):
+                r.run(len(data))
+    finally:
+        srv.close()
+
+
 # --------------------------------------------------------------------------- the Fetcher over both paths
 
 
@@ -371,3 +393,4 @@ def test_a_corrupt_only_holder_is_not_retried_forever(tmp_path, blob):
     assert "gave up after 3 retries" in f.reason and "no other host holds a copy to try" in f.reason, f.reason
     assert bad_opens == 1  # each retry saw that the only holder's copy had failed verification
     assert not (tmp_path / "dest" / "big.gguf").exists()
+
