@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # One-time join token (`agentd token create`): with `join`, a host without a certificate gets one at start.
     join_token: SecretStr = SecretStr("")  # shown as ********** by `agentd config show`
     insecure: bool = False  # no TLS, no authentication; logs a warning at start
+    # Secure clusters: every instance process runs with agentd's accept guard preloaded, so only the instance's
+    # hosts reach its listeners (docs/security.md); "required" fails a launch where it cannot be built, "off"
+    # opts out.
+    instance_guard: Literal["required", "off"] = "required"
     stop_models_on_exit: bool = False  # SIGTERM stops this host's model servers before exiting
     drain_on_stop: bool = False  # deprecated name of stop_models_on_exit (before 0.2.0)
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica

@@ -12,6 +12,7 @@ that admits only a's node certificate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import pytest
 
 from agentd.errors import NotAvailable
 from agentd.security import ca as C
-from agentd.security import relay
+from agentd.security import guard, relay
 from agentd.security.tunnel import client_context
 from agentd.testing.binaries import NO_LLAMA_CPP, llama_cpp_present
 from agentd.testing.gguf import write_tiny_llama_gguf
@@ -66,14 +67,26 @@ def tunnel_programs(root: Path) -> list[str]:
     return sorted(out)
 
 
+def guard_loaded(root: Path) -> dict[str, bool]:
+    """This test's instance processes (they run in an instance's work dir), and whether the instance guard is
+    preloaded in each (docs/security.md)."""
+    out = {}
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        cwd = str(p.info["cwd"] or "")
+        if cwd.startswith(str(root)) and "/runtime/work/" in cwd and p.info["cmdline"]:
+            with contextlib.suppress(OSError):
+                out[" ".join(p.info["cmdline"][:4])] = guard.NAME in Path(f"/proc/{p.pid}/maps").read_text()
+    return out
+
+
 def after(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
-def talk(address: str, payload: bytes, context: ssl.SSLContext | None = None) -> bytes:
-    """What comes back within 3 s for `payload` sent to `address`, plain or over TLS."""
+def talk(address: str, payload: bytes, context: ssl.SSLContext | None = None, source: str = "") -> bytes:
+    """What comes back within 3 s for `payload` sent to `address`, plain or over TLS, from `source` if given."""
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=3) as raw:
+    with socket.create_connection((host, int(port)), timeout=3, source_address=(source, 0) if source else None) as raw:
         s = context.wrap_socket(raw, server_hostname=C.NODE_SAN) if context else raw
         try:
             s.sendall(payload)
@@ -154,6 +167,18 @@ def test_the_rpc_server_sits_behind_a_tunnel_only_its_main_host_passes(tmp_path)
                                                                          addresses=["127.0.0.1"]))
         assert talk(rpc_ep, hello, client_context(tmp_path / "intruder")) == b"", \
             "a cluster node that does not run this instance's main server is refused"
+
+        # The instance guard: every process of the instance (llama-server, rpc-server, both tunnels) runs with it,
+        # so a stranger's address (127.0.0.4; the hosts share 127.0.0.1 here) is closed at once on the exit's
+        # endpoint, before any TLS, while the serving endpoint answers anyone (its own key protects it).
+        loaded = guard_loaded(c.root)
+        assert len(loaded) == 4 and all(loaded.values()), loaded
+        assert talk(rpc_ep, hello, source="127.0.0.4") == b""
+        refusals = [ln for f in (c.root).rglob("*.log") for ln in f.read_text(errors="replace").splitlines()
+                    if ln.startswith("agentd guard: refused 127.0.0.4:")]
+        assert refusals and refusals[0].endswith(f"on port {rpc_ep.rsplit(':', 1)[1]} (not a host of this instance)")
+        main_ep = f"{a['endpoints'][0]['address']}:{a['endpoints'][0]['port']}"
+        assert talk(main_ep, b"GET /health HTTP/1.0\r\n\r\n", source="127.0.0.4").startswith(b"HTTP/1.1 200")
 
         # kill -9 the rpc-server: it restarts, then the exit after it, and the main side (entry, then
         # llama-server) after the coordinator passes the restart on: the split serves again.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agentd.security import ca as C
-from agentd.security import relay
+from agentd.security import native, relay
 from agentd.security.tunnel import client_context, serve_entry, serve_exit, server_context
 from agentd.testing.localcluster import free_port
 
@@ -286,7 +286,7 @@ def no_compiler(tmp_path, monkeypatch) -> Path:
     cc.write_text(f"#!/bin/sh\necho run >> {tmp_path / 'calls'}\necho 'cc: no compiler here' >&2\nexit 1\n")
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setattr(relay, "_build_dirs", lambda: [tmp_path / "build"])
+    monkeypatch.setattr(native, "build_dirs", lambda: [tmp_path / "build"])
     return tmp_path
 
 
@@ -306,8 +306,8 @@ async def test_without_the_c_relay_the_python_one_serves_and_the_log_says_why(di
     """As agentd runs a tunnel on a host with no C compiler: the same command line, relayed in Python."""
     helper, helper_port = await echo_server()
     build = no_compiler / "build"
-    patch = (f"import sys; from pathlib import Path; import agentd.security.relay as r; "
-             f"r._build_dirs = lambda: [Path({str(build)!r})]; from agentd.security.tunnel import main; "
+    patch = (f"import sys; from pathlib import Path; import agentd.security.native as n; "
+             f"n.build_dirs = lambda: [Path({str(build)!r})]; from agentd.security.tunnel import main; "
              f"sys.exit(main(sys.argv[1:]))")
     port = free_port()
     log = no_compiler / "exit.log"

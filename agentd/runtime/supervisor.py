@@ -40,7 +40,7 @@ from typing import Any
 
 from agentd.errors import AgentdError, RuntimeFailure
 from agentd.logs import fields
-from agentd.runtime import logfiles
+from agentd.runtime import guard, logfiles
 from agentd.runtime.backoff import Backoff, BackoffPolicy
 from agentd.runtime.gpu import verify_gpu_release
 from agentd.runtime.health import Liveness, default_verdict, probe_tcp, run_probe
@@ -85,6 +85,7 @@ class SupervisorConfig:
     log_max_bytes: int = 64 * MiB
     reason_log_lines: int = 8  # log lines quoted in a failure reason
     launch_timeout: float = 30.0  # a plugin's agentd_launch (it may stat the model on a hung mount)
+    instance_guard: str = guard.REQUIRED  # secure clusters: the accept guard in every instance process (guard.py)
 
     @classmethod
     def from_settings(cls, s: Any) -> SupervisorConfig:
@@ -99,6 +100,7 @@ class SupervisorConfig:
                                   stable_after=s.runtime_stable_after),
             log_keep=s.runtime_log_keep,
             log_max_bytes=s.runtime_log_max_bytes,
+            instance_guard=s.instance_guard,
         )
 
 
@@ -246,6 +248,8 @@ class _Runner:
         sup = self.sup
         env = {k: v for k, v in os.environ.items() if not k.startswith(self.spec.env_remove_prefixes or ("\0",))}
         env.update(self.spec.env)
+        if self.inst.guard_policy is not None:
+            env.update(self.inst.guard_policy.env(self.spec, env.get("LD_PRELOAD", "")))
         env.update(owner_env(sup.data_dir, self.inst.instance_id, self.name))  # found again if the records are lost
         header = f"run of {self.ps.key} (restart {self.ps.restarts}): {' '.join(self.spec.argv)}"
         t0 = time.perf_counter()
@@ -477,6 +481,7 @@ class _Instance:
     runners: dict[str, _Runner] = field(default_factory=dict)
     error: str = ""  # the launch could not even be built (plugin refused): FATAL with this reason
     ports: dict[str, int] = field(default_factory=dict)  # local ports handed out, by plugin key
+    guard_policy: guard.Policy | None = None  # the accept guard's policy for its processes (secure clusters)
 
     @property
     def instance_id(self) -> str:
@@ -732,6 +737,7 @@ class Supervisor:
         inst = _Instance(assignment=a, fingerprint=fingerprint(a))
         self._instances[a.instance_id] = inst
         try:
+            inst.guard_policy = await guard.policy(a, self.config.instance_guard)
             specs = await self._build_specs(inst)
         except RuntimeFailure as exc:
             inst.error = str(exc)

@@ -7,8 +7,9 @@ hop, and ggml RPC sends 15-19 small messages per token: that, not TLS, was the t
 
 No OpenSSL headers are needed: relay.c declares the functions it uses, and links the libssl/libcrypto that
 this Python's `ssl` module has loaded (OpenSSL 3), by full path. The binary's name carries a hash of the
-source and the link line, so an edit or another OpenSSL builds a new one. A failed build leaves a
-`.failed` file with the reason next to where the binary would be, so later tunnels do not try again.
+source and the link line, so an edit or another OpenSSL builds a new one (agentd/security/native.py, which
+the instance guard's build shares). A failed build leaves a `.failed` file with the reason next to where the
+binary would be, so later tunnels do not try again.
 
 `python -m agentd.security.relay` builds it now (scripts/bootstrap does), also after a failed build, and
 prints its path.
@@ -16,25 +17,21 @@ prints its path.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from agentd.security import native
+from agentd.security.native import Unavailable
+
+__all__ = ["IMPLEMENTATION_ENV", "NAME", "Unavailable", "binary"]
 
 SOURCE = Path(__file__).with_suffix(".c")
 NAME = "agentd-tunnel"  # the binary's name starts so: /proc/PID/exe and `ps -e` (comm) tell the C relay by it
-COMPILE_TIMEOUT = 120.0
 # The tunnel's relay: "python" the one in tunnel.py; "c" this one or none (exit 1); unset: this one when it
 # builds and runs here, else Python's (logged)
 IMPLEMENTATION_ENV = "AGENTD_TUNNEL"
-
-
-class Unavailable(Exception):
-    """The C relay cannot be built or run here; the message says why."""
 
 
 def _loaded_libraries() -> list[str]:
@@ -57,19 +54,19 @@ def _loaded_libraries() -> list[str]:
 
 
 def _compile_command(output: Path) -> list[str]:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise Unavailable("no C compiler (cc) on PATH")
     libs = _loaded_libraries()
     rpath = sorted({str(Path(lib).parent) for lib in libs})
-    return [compiler, "-O2", "-o", str(output), str(SOURCE), *libs, "-lpthread",
+    return [native.compiler(), "-O2", "-o", str(output), str(SOURCE), *libs, "-lpthread",
             *(f"-Wl,-rpath,{d}" for d in rpath)]
 
 
-def _build_dirs() -> list[Path]:
-    """Where a built relay may live: beside this Python's installation, else the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentd"
-    return [Path(sys.prefix) / "libexec" / "agentd", cache]
+def _check(built: Path) -> str:
+    """It runs, and finds its libraries: a bad call answers 2 with its usage."""
+    probe = subprocess.run([str(built)], capture_output=True, text=True, timeout=30, check=False)
+    return "" if probe.returncode == 2 else f"the built relay does not run: {probe.stderr.strip()[-500:]}"
+
+
+RELAY = native.Native(name=NAME, source=SOURCE, command=_compile_command, check=_check)
 
 
 def binary(retry: bool = False) -> Path:
@@ -77,44 +74,7 @@ def binary(retry: bool = False) -> Path:
 
     A build that failed is not tried again (its `.failed` file says why) unless `retry`: a tunnel never
     retries, `python -m agentd.security.relay` (scripts/bootstrap, run again after a fix) does."""
-    command = _compile_command(Path("OUT"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(command).encode()).hexdigest()[:12]
-    name = f"{NAME}-{digest}"
-    reasons = []
-    for d in _build_dirs():
-        path = d / name
-        if os.access(path, os.X_OK):
-            return path
-        failed = d / (name + ".failed")
-        if failed.exists():
-            if not retry:
-                raise Unavailable(failed.read_text().strip())
-            failed.unlink(missing_ok=True)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=d, prefix=".build-") as tmp:
-                return _build(_compile_command(Path(tmp) / name), Path(tmp) / name, path, failed)
-        except OSError as exc:  # not writable here: try the next place
-            reasons.append(f"{d}: {exc}")
-    raise Unavailable("nowhere to build it: " + "; ".join(reasons))
-
-
-def _build(command: list[str], built: Path, path: Path, failed: Path) -> Path:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False)
-        why = "" if done.returncode == 0 else f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}"
-        if not why:  # it runs, and finds its libraries: a bad call answers 2 with its usage
-            probe = subprocess.run([str(built)], capture_output=True, text=True, timeout=30, check=False)
-            why = "" if probe.returncode == 2 else f"the built relay does not run: {probe.stderr.strip()[-500:]}"
-    except subprocess.TimeoutExpired as exc:
-        why = f"{exc.cmd[0]} took over {exc.timeout:.0f} s"
-    except OSError as exc:  # the compiler named by CC cannot run
-        why = f"cannot run {command[0]}: {exc}"
-    if why:
-        failed.write_text(why + "\n")
-        raise Unavailable(why)
-    os.replace(built, path)  # atomic: two tunnels that build at once both end with one good binary
-    return path
+    return native.built(RELAY, retry)
 
 
 def main() -> int:
