@@ -118,8 +118,19 @@ class _Peer:
                                                        metadata=((VERSION_METADATA_KEY, AGENT_VERSION),))
             call = self.call
             call.add_done_callback(lambda _c: self._on_call_done(call))
+        call = self.call
         for part in encode(msg, self.t.cluster_id, self.t.address):
-            await asyncio.wait_for(self.call.write(part), self.t.write_timeout)
+            write = asyncio.ensure_future(call.write(part))
+            done, _ = await asyncio.wait([write], timeout=self.t.write_timeout)
+            if not done:
+                # The peer stopped reading (a stalled loop, a full window) but the connection stands: we end
+                # the stream ourselves, so its end is no news (no leader-lost hint: the election timer judges)
+                if call is self.call:
+                    self.call = None
+                write.cancel()
+                call.cancel()
+                raise TimeoutError(f"a write to {self.id} took over {self.t.write_timeout} s")
+            write.result()
         if isinstance(msg, SnapshotRequest):
             self.t.events.snapshot_sent(self.id, True)
 
@@ -139,7 +150,8 @@ class _Peer:
         log.debug("raft stream broken", extra=fields(peer=self.id, address=self.address, error=detail,
                                                         dropped=len(lost)))
         self.t.events.unreachable(self.id)
-        self.t.events.connection_lost(self.id)
+        if not isinstance(exc, TimeoutError):  # a peer that is only slow has not lost its connection
+            self.t.events.connection_lost(self.id)
         for m in lost:
             if isinstance(m, SnapshotRequest):
                 self.t.events.snapshot_sent(self.id, False)
