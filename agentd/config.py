@@ -8,6 +8,7 @@ leader change.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -117,6 +118,9 @@ class Settings(BaseSettings):
     # hosts reach its listeners (docs/security.md); "required" fails a launch where it cannot be built, "off"
     # opts out.
     instance_guard: Literal["required", "off"] = "required"
+    # Addresses or CIDR blocks the guard also lets in, on every instance: a second network the hosts' NCCL or Ray
+    # traffic leaves from (NCCL_SOCKET_IFNAME), whose addresses are not the hosts' endpoint addresses.
+    instance_guard_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
     stop_models_on_exit: bool = False  # SIGTERM stops this host's model servers before exiting
     drain_on_stop: bool = False  # deprecated name of stop_models_on_exit (before 0.2.0)
     proxy_connect_timeout: float = 5.0  # /v1/ proxy: then try another replica
@@ -210,7 +214,8 @@ class Settings(BaseSettings):
             raise ValueError(f"port_range {a}-{b} and ray_port_range {c}-{d} overlap")
         return self
 
-    @field_validator("join", "voters", "plugins", "disable_plugins", "model_dirs", mode="before")
+    @field_validator("join", "voters", "plugins", "disable_plugins", "model_dirs", "instance_guard_allow",
+                     mode="before")
     @classmethod
     def _comma_lists(cls, v: Any) -> Any:
         if isinstance(v, str) and v.lstrip().startswith("["):
@@ -218,6 +223,17 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
+
+    @field_validator("instance_guard_allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ValueError(f"instance_guard_allow: {item!r} is not an address or a CIDR block") from None
+        return out
 
     @field_validator("model_dirs")
     @classmethod

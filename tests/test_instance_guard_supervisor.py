@@ -7,6 +7,7 @@ built fails, saying what to do."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import sys
 import time
@@ -174,3 +175,34 @@ async def test_a_preload_the_process_already_had_is_kept_after_the_guard(library
     env = policy.env(spec, "/opt/jemalloc.so")
     assert env == {"LD_PRELOAD": f"{library} /opt/jemalloc.so", guard.ALLOW_ENV: "127.0.0.1,::1,127.0.0.2,127.0.0.3",
                    guard.OPEN_PORTS_ENV: ""}  # not the serving endpoint: nothing open
+
+
+async def test_a_second_network_can_be_let_in_by_setting(tmp_path, plugins, library):
+    """instance_guard_allow: the hosts' NCCL may leave from addresses that are not their endpoints'."""
+    sup = make(tmp_path, plugins, node="h1",
+               config=dataclasses.replace(FAST, instance_guard_allow=("127.0.0.4/31",)))
+    a = two_host_assignment()
+    try:
+        await sup.apply([a])
+        st = await sup.wait_for(a.instance_id, ["RUNNING"], timeout=20)
+        assert environ(st.processes[0].pid)[guard.ALLOW_ENV] == "127.0.0.1,::1,127.0.0.4/31,127.0.0.2,127.0.0.3"
+        port = side_port(tmp_path)
+        assert talk(port, "127.0.0.5") == b"store\n"
+        assert talk(port, "127.0.0.6") == b""
+    finally:
+        await sup.apply([])
+
+
+def test_the_settings_of_the_guard_are_checked_at_load(tmp_path):
+    from agentd.config import load_settings
+    from agentd.errors import ConfigError
+    from agentd.runtime import SupervisorConfig
+
+    s = load_settings(data_dir=str(tmp_path), instance_guard_allow="10.1.0.7/16, fd00::1")
+    assert s.instance_guard_allow == ["10.1.0.0/16", "fd00::1/128"] and s.instance_guard == "required"
+    assert SupervisorConfig.from_settings(s).instance_guard_allow == ("10.1.0.0/16", "fd00::1/128")
+    why = re.escape("instance_guard_allow: '10.1.0.300' is not an address or a CIDR block")
+    with pytest.raises(ConfigError, match=why):
+        load_settings(data_dir=str(tmp_path), instance_guard_allow="10.1.0.300")
+    with pytest.raises(ConfigError, match="instance_guard"):
+        load_settings(data_dir=str(tmp_path), instance_guard="maybe")

@@ -43,8 +43,10 @@ class Policy:
                 guard.OPEN_PORTS_ENV: str(self.serving_port) if serves else ""}
 
 
-async def policy(a: Assignment, mode: str) -> Policy | None:
+async def policy(a: Assignment, mode: str, also: tuple[str, ...] = ()) -> Policy | None:
     """The instance's policy, or None where the guard does not apply (insecure cluster, or `mode` off).
+
+    `also`: addresses or CIDR blocks every instance lets in (the setting instance_guard_allow).
 
     RuntimeFailure, with what to do, when it is required and cannot be had."""
     if mode == OFF or not a.api_key:
@@ -56,7 +58,7 @@ async def policy(a: Assignment, mode: str) -> Policy | None:
             f"the instance guard is required in a secure cluster and is unavailable here: {exc}; install a C "
             "compiler and run scripts/bootstrap (or python -m agentd.security.guard), or set instance_guard = "
             '"off" to run instances without it') from None
-    allow: list[str] = list(LOCAL)
+    allow: list[str] = [*LOCAL, *also]
     for e in a.endpoints:
         for addr in await _addresses(e.address):
             if addr not in allow:

@@ -86,6 +86,7 @@ class SupervisorConfig:
     reason_log_lines: int = 8  # log lines quoted in a failure reason
     launch_timeout: float = 30.0  # a plugin's agentd_launch (it may stat the model on a hung mount)
     instance_guard: str = guard.REQUIRED  # secure clusters: the accept guard in every instance process (guard.py)
+    instance_guard_allow: tuple[str, ...] = ()  # more addresses or CIDR blocks it lets in (a second network)
 
     @classmethod
     def from_settings(cls, s: Any) -> SupervisorConfig:
@@ -101,6 +102,7 @@ class SupervisorConfig:
             log_keep=s.runtime_log_keep,
             log_max_bytes=s.runtime_log_max_bytes,
             instance_guard=s.instance_guard,
+            instance_guard_allow=tuple(s.instance_guard_allow),
         )
 
 
@@ -737,7 +739,8 @@ class Supervisor:
         inst = _Instance(assignment=a, fingerprint=fingerprint(a))
         self._instances[a.instance_id] = inst
         try:
-            inst.guard_policy = await guard.policy(a, self.config.instance_guard)
+            inst.guard_policy = await guard.policy(a, self.config.instance_guard,
+                                                  self.config.instance_guard_allow)
             specs = await self._build_specs(inst)
         except RuntimeFailure as exc:
             inst.error = str(exc)
