@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
@@ -187,6 +188,29 @@ async def test_insecure_mode_warns_and_allows(pki, caplog):
         await srv.stop(None)
     assert reply.leader_id == "insecure::admin"
     assert INSECURE_WARNING in caplog.text
+
+
+async def test_a_host_admitted_a_moment_ago_is_let_in_and_a_stranger_refused_after_the_grace(pki, monkeypatch):
+    """A follower that has not applied a host's admission yet waits for it instead of refusing the host."""
+    loop = asyncio.get_running_loop()
+    admitted_at = loop.time() + 0.3  # n2's admission reaches this agent 0.3 s after its first call
+    members = lambda name: name == "n1" or (name == "n2" and loop.time() >= admitted_at)  # noqa: E731
+    srv = grpc.aio.server(interceptors=[AuthInterceptor(lambda t: None, is_member=members, member_grace=2.0)])
+    pb_grpc.add_ControlServicer_to_server(Control(), srv)
+    port, _ = add_secure_ports(srv, pki["server"], listen="127.0.0.1:0", token_listen="127.0.0.1:0")
+    await srv.start()
+    stranger = ident(pki["ca"], "n3", "node")
+    try:
+        assert (await leader(port, channel_credentials(pki["peer"]))).leader_id == "cert:n2:node"
+        started = loop.time()
+        code, details = await code_of(leader(port, channel_credentials(stranger)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "'n3' is not a member" in details
+        assert loop.time() - started >= 2.0, "refused only once the grace ran out"
+        monkeypatch.setattr("agentd.security.auth.MEMBER_WAITERS", 0)  # no room to wait: refused at once
+        code, _ = await code_of(leader(port, channel_credentials(stranger)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await srv.stop(None)
 
 
 def test_identity_files_from_init_ca_work_for_a_server(tmp_path):

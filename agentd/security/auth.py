@@ -143,6 +143,13 @@ DEFAULT_RULES: tuple[MethodRule, ...] = (
 
 # Methods a node that is not (yet) a member may call: the Raft join that makes it one.
 NON_MEMBER_METHODS = frozenset({"/agentd.v1.Raft/Join"})
+# A host the leader has just admitted often calls a follower before the follower applied its admission (a
+# heartbeat and an apply behind). Such a caller is re-checked for up to MEMBER_GRACE seconds before it is
+# refused as a stranger: refused, it would leave its voter for another one or the leader (1,048 and 1,463
+# refusals in two 2,048-host joins). At most MEMBER_WAITERS calls wait at once; more are refused at once.
+MEMBER_GRACE = 1.0
+MEMBER_WAITERS = 256
+MEMBER_POLL = 0.05
 
 _current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("agentd_caller", default=None)
 
@@ -247,16 +254,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                  rules: Sequence[MethodRule] = DEFAULT_RULES, insecure: bool = False,
                  bindings: Mapping[str, Claim] | None = None,
                  revoked: Callable[[str, float], str] | None = None,
-                 is_member: Callable[[str], bool | None] | None = None):
+                 is_member: Callable[[str], bool | None] | None = None, member_grace: float = MEMBER_GRACE):
         """`revoked(name, issued_at)` says why a certificate is revoked ("" when it is not);
         `is_member(name)` is True / False, or None while this agent is in no cluster yet (a new host learns
-        the members from the log the leader sends it, so it cannot refuse that leader)."""
+        the members from the log the leader sends it, so it cannot refuse that leader); a node that is not
+        a member is asked again for `member_grace` seconds before it is refused."""
         self._verify = verify_bearer
         self._rules = tuple(rules)
         self._insecure = insecure
         self._bindings = {**BUILTIN_BINDINGS, **dict(bindings or {})}
         self._revoked = revoked or (lambda name, issued_at: "")
         self._is_member = is_member or (lambda name: True)
+        self._member_grace = member_grace
+        self._member_waiters = 0
         self._cert_cache: dict[bytes, Caller] = {}
         self._open: dict[asyncio.Task, Caller] = {}  # streaming calls in progress, to close on revocation
         self._closing: set[asyncio.Task] = set()
@@ -305,7 +315,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 log.warning("refused a call with a revoked certificate", extra=fields(method=method,
                                                                                       caller=peer.name))
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-            if peer.role == ROLE_NODE and method not in NON_MEMBER_METHODS and self._is_member(peer.name) is False:
+            if (peer.role == ROLE_NODE and method not in NON_MEMBER_METHODS
+                    and not await self._member_within_grace(peer.name)):
                 log.warning("refused a call from a host that is not a member", extra=fields(method=method,
                                                                                             caller=peer.name))
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -324,6 +335,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                             f"{caller.describe()} may not call {method} (needs role {' or '.join(sorted(allowed))})")
         raise AssertionError("unreachable: abort raises")
+
+    async def _member_within_grace(self, name: str) -> bool:
+        """Whether `name` is a member (or this agent is in no cluster yet), now or within the grace."""
+        if self._is_member(name) is not False:
+            return True
+        if self._member_waiters >= MEMBER_WAITERS:
+            return False
+        self._member_waiters += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._member_grace
+            while loop.time() < deadline:
+                await asyncio.sleep(MEMBER_POLL)
+                if self._is_member(name) is not False:
+                    return True
+            return False
+        finally:
+            self._member_waiters -= 1
 
     async def _watched(self, caller: Caller, context: grpc.aio.ServicerContext, run: Callable[[], Any]) -> Any:
         """Run a streaming call, registered so that a revocation of its caller closes it."""
