@@ -158,6 +158,14 @@ class HostInventory(Value):
     # The runtimes whose programs this host has, name -> version ("" when unknown; plugin hook agentd_installed).
     # Empty (an older agent, a cluster file): the host is taken to run every runtime.
     runtimes: dict[str, str] = Field(default_factory=dict, exclude_if=_empty, json_schema_extra=_SINCE_2)
+    # The host CPU's feature flags that some runtime's memory depends on (agentd.inventory.host.CPU_FEATURES, as
+    # /proc/cpuinfo names them: "amx_int8", ...), sorted. Empty: none of them, or unknown (not Linux, an older agent).
+    cpu_features: tuple[str, ...] = Field(default=(), exclude_if=_empty, json_schema_extra=_SINCE_2)
+
+    @field_validator("cpu_features")
+    @classmethod
+    def _sorted_cpu_features(cls, flags: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(flags)))
 
     @field_validator("gpus")
     @classmethod

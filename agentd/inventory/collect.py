@@ -69,7 +69,7 @@ def collect_inventory(
     return HostInventory(
         name=node_name, address=address, labels=dict(labels or {}),
         cpu_count=facts.cpu_count, memory_total=facts.memory_total, memory_available=facts.memory_available,
-        load_average=facts.load_average, gpus=reading.gpus, gpu_links=reading.links,
+        load_average=facts.load_average, cpu_features=facts.cpu_features, gpus=reading.gpus, gpu_links=reading.links,
         warnings=(*warnings, *facts.warnings, *reading.warnings),
     )
 

@@ -8,6 +8,7 @@ becomes a warning, because a host with unknown load can still serve models.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,7 +22,36 @@ class HostFacts:
     memory_total: int = 0
     memory_available: int = 0
     load_average: float | None = None
+    cpu_features: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+
+
+# CPU feature flags some runtime's memory depends on, as /proc/cpuinfo names them: llama.cpp's CPU backend puts
+# quantized weights in AMX buffers, larger than the file's, on a CPU with AMX (agentd_llamabox.memory).
+CPU_FEATURES = frozenset({"amx_bf16", "amx_int8", "amx_tile"})
+
+
+def cpu_features(cpuinfo: str) -> tuple[str, ...]:
+    """The CPU_FEATURES flags that every CPU in a /proc/cpuinfo text has, sorted."""
+    common: set[str] | None = None
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            flags = CPU_FEATURES & set(value.split())
+            common = flags if common is None else common & flags
+    return tuple(sorted(common or ()))
+
+
+@functools.cache
+def _this_cpu_features() -> tuple[tuple[str, ...], str]:
+    """This host's CPU_FEATURES and a warning ("" when read): read once, the CPU does not change under us."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_features(f.read()), ""
+    except FileNotFoundError:
+        return (), ""  # not Linux: no flags to read, none reported
+    except OSError as exc:
+        return (), f"cannot read the CPU's feature flags ({exc})"
 
 
 class HostProbe(Protocol):
@@ -49,8 +79,11 @@ class PsutilProbe:
             load = round(float(psutil.getloadavg()[0]), 2)
         except (OSError, AttributeError) as exc:
             warnings.append(f"cannot read the load average ({exc})")
+        features, why = _this_cpu_features()
+        if why:
+            warnings.append(why)
         return HostFacts(cpu_count=cpu_count, memory_total=total, memory_available=available,
-                         load_average=load, warnings=tuple(warnings))
+                         load_average=load, cpu_features=features, warnings=tuple(warnings))
 
     def parent_pid(self, pid: int) -> int | None:
         try:

@@ -8,7 +8,8 @@ pass a simulation off as hardware.
 The file is read again at every refresh: a test can edit it to make an
 external process appear on a GPU, and the agent reports the change like a
 real one. Host facts the file leaves out (cpu_count, memory) come from the
-real machine.
+real machine; CPU feature flags (`cpu_features`) only from the file, so a
+simulated host has the CPU it declares, whatever runs the simulation.
 """
 
 from __future__ import annotations
