@@ -233,7 +233,7 @@ class LayerSplitSearch:
                              {"layers_left": left, "bytes_left": ctx.prefix[left], "host": hv.name, **facts},
                              where=hv.name, closeness=1 - left / ctx.layers)
         ram = hv.ram_available or 0
-        need = ctx.demand.ram_for(left)
+        need = ctx.demand.ram_for(left, cpu_features=hv.info.cpu_features)
         return Rejection(SUBJECT, "has too little RAM for the layers left on the CPU",
                          f"{left} layers need {gib(need)} of RAM, {gib(ram)} available on {hv.name}",
                          {"cpu_layers": left, "ram_needed": need, "ram_available": ram, "host": hv.name},
@@ -245,27 +245,28 @@ class LayerSplitSearch:
         """rpc-server blocks (fill order) for layers [.., hi), or None and the layers left over; and the
         number of hosts the layout then spans (the main's included).
 
-        Cached per (hi, RAM); the cached fill is reused unless it used this host's GPUs.
+        Cached per (hi, RAM, CPU features); the cached fill is reused unless it used this host's GPUs.
         """
         ram = None if ctx.full else hv.ram_available
-        key = (hi, ram)
+        features = hv.info.cpu_features
+        key = (hi, ram, features)
         hit = cache.get(key)
         if hit is None:
-            blocks, left, seen = self._fill_rpc(ctx, None, hi, ram)
+            blocks, left, seen = self._fill_rpc(ctx, None, hi, ram, features)
             hit = cache[key] = (blocks, left, seen, 1 + len({g.host for g, _, _ in blocks or ()}))
         blocks, left, seen, hosts = hit
         if hv.name not in seen:
             return blocks, left, hosts
-        blocks, left, _ = self._fill_rpc(ctx, hv.name, hi, ram)
+        blocks, left, _ = self._fill_rpc(ctx, hv.name, hi, ram, features)
         return blocks, left, 1 + len({g.host for g, _, _ in blocks or ()})
 
-    def _fill_rpc(self, ctx: _Ctx, main_host: str | None, hi: int, ram: int | None):
+    def _fill_rpc(self, ctx: _Ctx, main_host: str | None, hi: int, ram: int | None, features: tuple[str, ...]):
         """(blocks or None, layers left, hosts whose GPUs the walks looked at)."""
 
         def done(lo: int) -> bool:
             if ctx.full:
                 return lo == 0
-            return ram is None or ctx.demand.ram_for(lo) <= ram
+            return ram is None or ctx.demand.ram_for(lo, cpu_features=features) <= ram
 
         if done(hi):
             return (), hi, frozenset()
@@ -351,12 +352,13 @@ class LayerSplitSearch:
         else:
             mem = tuple(ctx.prefix[hi] - ctx.prefix[lo] + ctx.d + (ctx.out if k == last else 0)
                         for k, (g, lo, hi) in enumerate(dev))
-        ram_needed = ctx.demand.ram_for(cpu_layers, pipeline=pipeline)
+        ram_needed = ctx.demand.ram_for(cpu_layers, pipeline=pipeline, cpu_features=hv.info.cpu_features)
         main_part = PartLayout(
             hv.name, "main", tuple(g.index for g, _, _ in dev), mem,
             layers=sum(hi - lo for _, lo, hi in dev), layer_split=tuple(hi - lo for _, lo, hi in dev),
             cpu_layers=cpu_layers,
-            ram=0 if hv.gpus else ram_needed)  # without GPUs its layers are in RAM: booked like a device's
+            ram=0 if hv.gpus else ram_needed,  # without GPUs its layers are in RAM: booked like a device's
+            cpu_features=hv.info.cpu_features)
         rpc_parts = tuple(_rpc_part(g, ctx.prefix[hi] - ctx.prefix[lo] + ctx.d, hi - lo) for g, lo, hi in reversed(rpc))
         facts = {**(facts or self._facts(ctx, [g for g, _, _ in main.blocks])),
                  "n_gpu_layers": ctx.layers - cpu_layers + (1 if ctx.full else 0), "main_gpus": len(hv.gpus),
@@ -415,7 +417,7 @@ def _rpc_part(g: GpuView, mem: int, layers: int) -> PartLayout:
 
 def _ram_ok(ctx: _Ctx, hv: HostView, cpu_layers: int) -> bool:
     ram = hv.ram_available
-    return ram is None or ctx.demand.ram_for(cpu_layers) <= ram
+    return ram is None or ctx.demand.ram_for(cpu_layers, cpu_features=hv.info.cpu_features) <= ram
 
 
 def _fill_main(ctx: _Ctx, frees: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int], ...], int, int, bool] | None:

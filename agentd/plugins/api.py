@@ -48,13 +48,13 @@ from agentd.errors import AgentdError, BinaryNotUsable, InvalidInput, PluginErro
 from agentd.types import Assignment, GiB, Part
 
 __all__ = [
-    "API_VERSION", "PARALLELISM_MODES", "AgentdError", "BinaryNotUsable", "Constraint", "Demand", "Endpoint", "Gpu",
-    "HealthVerdict", "HttpProbe", "InstalledRuntime", "InvalidInput", "LaunchContext", "LaunchParams", "LayerDemand",
-    "LayerSplit", "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout", "PipelineStages", "PluginError",
-    "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch", "Role", "RuntimeInfo", "Scorer",
-    "Shape", "ShapeLimits", "ShardDemand", "Sharded", "ShardedReasons", "TcpProbe", "TensorParallelDivisibility",
-    "cuda_env", "explain_sharded", "find_binary", "gib", "has_flag", "hookimpl", "index_list", "layout_rejection",
-    "main_part_index", "spans_hosts",
+    "API_VERSION", "PARALLELISM_MODES", "AgentdError", "BinaryNotUsable", "Constraint", "CpuFeatureRam", "Demand",
+    "Endpoint", "Gpu", "HealthVerdict", "HttpProbe", "InstalledRuntime", "InvalidInput", "LaunchContext",
+    "LaunchParams", "LayerDemand", "LayerSplit", "Layout", "Link", "MinFreeFraction", "MinLayersOnMain", "PartLayout",
+    "PipelineStages", "PluginError", "ProbeResult", "ProcessSpec", "QuantGroupAlignment", "Rejection", "ReservedLaunch",
+    "Role", "RuntimeInfo", "Scorer", "Shape", "ShapeLimits", "ShardDemand", "Sharded", "ShardedReasons", "TcpProbe",
+    "TensorParallelDivisibility", "cuda_env", "explain_sharded", "find_binary", "gib", "has_flag", "hookimpl",
+    "index_list", "layout_rejection", "main_part_index", "spans_hosts",
 ]
 
 API_VERSION = "1.1"
@@ -255,6 +255,8 @@ class LayerDemand:
     # the logits, runtime context) is this instead of device_overhead + output_overhead (None: the same).
     single_device_overhead: int | None = None
     pipeline_cpu_bytes: int = 0  # host RAM added when a full offload spans several devices (pipeline copies)
+    # Host RAM the runtime adds on a main host whose CPU has a feature (HostInventory.cpu_features).
+    cpu_feature_ram: tuple[CpuFeatureRam, ...] = ()
 
     @property
     def layers(self) -> int:
@@ -272,12 +274,30 @@ class LayerDemand:
         both = self.device_overhead + self.output_overhead
         return both if self.single_device_overhead is None else self.single_device_overhead
 
-    def ram_for(self, cpu_layers: int, pipeline: bool = False) -> int:
+    def ram_for(self, cpu_layers: int, pipeline: bool = False, cpu_features: Iterable[str] = ()) -> int:
         """Host RAM of the main process with the first `cpu_layers` layers on the CPU (and, when
-        there are any, the output weight with them); `pipeline`: a full offload over several devices."""
+        there are any, the output weight with them); `pipeline`: a full offload over several devices;
+        `cpu_features`: the main host's (HostInventory.cpu_features)."""
         per = self.cpu_layer_bytes or self.layer_bytes
-        return (self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
-                + (self.pipeline_cpu_bytes if pipeline else 0))
+        ram = (self.cpu_fixed_bytes + (self.cpu_output_bytes if cpu_layers > 0 else 0) + sum(per[:cpu_layers])
+               + (self.pipeline_cpu_bytes if pipeline else 0))
+        if self.cpu_feature_ram and cpu_layers > 0:
+            has = frozenset(cpu_features)
+            ram += sum(f.ram_for(cpu_layers) for f in self.cpu_feature_ram if f.feature in has)
+        return ram
+
+
+@dataclass(frozen=True)
+class CpuFeatureRam:
+    """Host RAM a runtime adds for the layers it keeps on a CPU with `feature` (a HostInventory.cpu_features
+    flag): llama.cpp's AMX buffers pad quantized matrices beyond their size in the file."""
+
+    feature: str
+    layer_bytes: tuple[int, ...]  # added per layer kept on the CPU, in model order
+    output_bytes: int = 0  # added for the output weight, in RAM with them (LayerDemand.cpu_output_bytes)
+
+    def ram_for(self, cpu_layers: int) -> int:
+        return sum(self.layer_bytes[:cpu_layers]) + (self.output_bytes if cpu_layers > 0 else 0)
 
 
 Demand = ShardDemand | LayerDemand
@@ -303,6 +323,7 @@ class PartLayout:
     # Bytes booked in the host's RAM: a main server's layers on a host without GPUs, or an rpc-server
     # serving that RAM as its device (RuntimeInfo.host_memory). 0 elsewhere (RAM is not booked there).
     ram: int = 0
+    cpu_features: tuple[str, ...] = ()  # the host's HostInventory.cpu_features (set on a layer split's main part)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ Memory comes from the GGUF header, layer by layer (docs/placement.md):
     partial offload: at least one layer stays on the CPU; so does the output weight (the act phase pins
                      it there), and the last device holds only output_norm
     main host RAM: token_embd (always on CPU) + the layers kept on CPU (+ output.weight in partial offload;
-                   a tied output shares token_embd's mapping)
+                   a tied output shares token_embd's mapping); on a CPU with AMX, what AMX's buffers add to
+                   those layers' matrices and to the output weight (memory.amx_padding_of)
 
 The output rule is the act phase's (agentd_llamabox/process.py, `offload`):
 the output weight is on a GPU exactly when every layer is (`cpu_layers == 0`).
@@ -27,12 +28,22 @@ then local GPUs; the plan lists rpc parts in that order and the main GPUs
 in CUDA_VISIBLE_DEVICES order, so `--tensor-split` is the rpc parts'
 layers followed by the main GPUs' (the last one counting the output layer).
 The act phase appends `--rpc host:port,...` from the assignment's
-endpoints in the same order.
+endpoints in the same order. Every layer on the CPU of a host with AMX, for
+a model on which llama.cpp would then abort (memory.amx_aborts_on_cpu_only):
+`--no-repack`.
 """
 
 from __future__ import annotations
 
-from agentd.plugins.api import LaunchParams, LayerDemand, LayerSplit, Layout, MinLayersOnMain, hookimpl
+from agentd.plugins.api import (
+    CpuFeatureRam,
+    LaunchParams,
+    LayerDemand,
+    LayerSplit,
+    Layout,
+    MinLayersOnMain,
+    hookimpl,
+)
 from agentd.types import DeploymentSpec, MiB, ModelInfo
 from agentd_llamabox import memory
 
@@ -65,6 +76,8 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> L
     output = (nr.get("output") or nr.get("token_embd", 0)) + norm
     breakdown = {"kv_per_layer": max(mem.kv_per_layer, default=0), "logits": mem.logits, "ctx_size": ctx,
                  "masks": mem.masks, "core": mem.core}
+    amx = memory.amx_padding_of(model)
+    amx_ram = (CpuFeatureRam(memory.AMX_FEATURE, amx.per_layer, amx.output),)
     if offload == "partial":
         # Tensor overrides (the output weight pinned to the CPU) turn pipeline parallelism off.
         return LayerDemand(
@@ -73,7 +86,7 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> L
             breakdown={**breakdown, "compute": mem.partial_device, "host_compute": mem.host_partial},
             output_norm_bytes=norm,
             # Tied embeddings: the output "weight" is token_embd's mapping, already counted in RAM.
-            cpu_output_bytes=nr.get("output", 0))
+            cpu_output_bytes=nr.get("output", 0), cpu_feature_ram=amx_ram)
     device = mem.pipeline_device
     return LayerDemand(
         layer_bytes=layers,
@@ -87,6 +100,7 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> L
         cpu_output_bytes=nr.get("output", 0),
         single_device_overhead=mem.single_device + CUDA_CONTEXT,
         pipeline_cpu_bytes=mem.host_pipeline - mem.host_single,
+        cpu_feature_ram=amx_ram,
     )
 
 
@@ -138,5 +152,9 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
     # What the estimate assumes (batch sizes, slots, flash attention); extra args that change them are
     # followed by the estimate and repeated here the same.
     args += memory.pinned_args(memory.Batching())
+    if not sum(split) and memory.AMX_FEATURE in layout.main.cpu_features and memory.amx_aborts_on_cpu_only(model):
+        # Every layer on a CPU with AMX, where llama.cpp would abort on this model: no AMX (nor CPU_REPACK)
+        # buffers, the weights stay in the file's mapping (booked as they are, plus AMX's padding unused).
+        args.append("--no-repack")
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
     return LaunchParams(args=tuple(args), env=env)
