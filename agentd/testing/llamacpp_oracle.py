@@ -37,7 +37,8 @@ _PASS = {
     "--batch-size": True, "-ub": True, "--ubatch-size": True, "-np": True, "--parallel": True,
     "-fa": True, "--flash-attn": True,
     "-ctk": True, "--cache-type-k": True, "-ctv": True, "--cache-type-v": True, "--swa-full": False,
-    "-nkvo": False, "--no-kv-offload": False, "--no-mmap": False, "--mlock": False,
+    "-nkvo": False, "--no-kv-offload": False, "--no-mmap": False, "--mlock": False, "--no-repack": False,
+    "-nr": False,
 }
 
 
@@ -50,6 +51,13 @@ def binary_dir() -> Path | None:
     except Exception:  # not installed
         return None
     return d if (d / "llama-fit-params").exists() and (d / "ggml-rpc-server").exists() else None
+
+
+def this_cpu_features() -> tuple[str, ...]:
+    """This machine's CPU feature flags, as its inventory reports them (HostInventory.cpu_features)."""
+    from agentd.inventory.host import PsutilProbe
+
+    return PsutilProbe().facts().cpu_features
 
 
 def version(bin_dir: Path) -> str:
@@ -186,7 +194,7 @@ def project(bin_dir: Path, argv: Sequence[str], timeout: float = 120.0, attempts
     """Run llama-fit-params --fit-print on with `argv` (fit-params flags) and parse its table.
 
     The printed table's Host row leaves out host buffers of "extra" types,
-    such as CPU_REPACK (quantized weights the CPU backend re-lays out for
+    CPU_REPACK and AMX (quantized weights the CPU backend re-lays out for
     its kernels, in anonymous memory rather than the file mapping); the
     `-lv 4` breakdown lists them, and they are added to the host here.
     That breakdown is logged by llama.cpp's asynchronous logger, which the
@@ -246,8 +254,9 @@ class Booking:
     host: int  # the main server's RAM
 
 
-def book(model, model_path: str, case: Case, plugins) -> Booking:
-    """Place `case` with agentd (pinned devices, or one GPU with CPU offload) and launch it on paper."""
+def book(model, model_path: str, case: Case, plugins, cpu_features: tuple[str, ...] = ()) -> Booking:
+    """Place `case` with agentd (pinned devices, or one GPU with CPU offload) and launch it on paper; the main
+    host's CPU has `cpu_features` (HostInventory.cpu_features: the live oracle passes this machine's)."""
     import tempfile
 
     from agentd_llamabox import placement as lbp
@@ -283,7 +292,7 @@ def book(model, model_path: str, case: Case, plugins) -> Booking:
 
     main_gpus = min(n, 2)  # none: the host's RAM is the main server's device (RuntimeInfo.host_memory)
     hosts = [HostInventory(name="main", cpu_count=64, memory_total=64 * 1024 * gib,
-                           memory_available=64 * 1024 * gib, gpus=gpus(main_gpus, "main"))]
+                           memory_available=64 * 1024 * gib, gpus=gpus(main_gpus, "main"), cpu_features=cpu_features)]
     hosts += [HostInventory(name=f"r{i}", cpu_count=64, memory_total=64 * gib, memory_available=64 * gib,
                             gpus=gpus(1, f"r{i}")) for i in range(1, n - main_gpus + 1)]
     pins = () if partial else (GpuPin(host="main", gpus=tuple(range(main_gpus))),
@@ -313,7 +322,8 @@ def book(model, model_path: str, case: Case, plugins) -> Booking:
     shape = next(iter(s for s in lbp.agentd_propose("llamabox", model, spec, None)
                       if s.offload == ("partial" if partial else "full")))
     demand = lbp.agentd_estimate("llamabox", model, spec, shape)
-    ram = demand.ram_for(main_part.cpu_layers or 0, pipeline=not partial and len(devices) > 1)
+    ram = demand.ram_for(main_part.cpu_layers or 0, pipeline=not partial and len(devices) > 1,
+                         cpu_features=cpu_features)
     return Booking(tuple(argv), tuple(d - lbp.CUDA_CONTEXT for d in devices), ram)
 
 
@@ -344,6 +354,9 @@ def over(booking: Booking, projected: Projection) -> list[float]:
 # --------------------------------------------------------------------------- the grid, its fixture
 
 FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "llamacpp_projections.json"
+# The CPU the fixture was projected on, and its cases placed for: none of the flags agentd reads (no AMX), so the
+# default test run holds on any CI machine; a live run on a CPU with AMX checks the rule but not equality.
+FIXTURE_CPU_FEATURES: tuple[str, ...] = ()
 
 
 def llama_cpp_key(bin_dir: Path) -> str:
@@ -371,8 +384,10 @@ def write_models(directory: Path, shapes: Sequence[str] | None = None, sparse: b
     return out
 
 
-def run_cases(bin_dir: Path, paths: dict[str, Path], cases: Sequence[Case], plugins) -> dict[str, dict]:
-    """Book each case with agentd and project it with llama.cpp: {key: {argv, projection, booking}}."""
+def run_cases(bin_dir: Path, paths: dict[str, Path], cases: Sequence[Case], plugins,
+              cpu_features: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Book each case with agentd for a main host with `cpu_features` and project it with llama.cpp:
+    {key: {argv, projection, booking}}."""
     from agentd.modelinfo import inspect_model
 
     models = {name: inspect_model(str(p)) for name, p in paths.items()}
@@ -380,7 +395,7 @@ def run_cases(bin_dir: Path, paths: dict[str, Path], cases: Sequence[Case], plug
     with rpc_servers(bin_dir, max((int(c.layout) if c.layout.isdigit() else 1 for c in cases), default=1)) as eps:
         for c in cases:
             path = str(paths[c.shape])
-            b = book(models[c.shape], path, c, plugins)
+            b = book(models[c.shape], path, c, plugins, cpu_features)
             rpc = ["--rpc", ",".join(eps[:len(b.devices)])] if b.devices else []
             pr = project(bin_dir, ["-m", path, *b.argv, *rpc])
             out[c.key] = {"argv": list(b.argv), "projection": pr.to_json(), "booking": b}
