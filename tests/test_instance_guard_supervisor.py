@@ -44,14 +44,14 @@ http.server.HTTPServer(("0.0.0.0", port), H).serve_forever()
 """
 
 
-def two_host_assignment(api_key: str = "k") -> Assignment:
+def two_host_assignment(api_key: str = "k", addresses: tuple[str, str] = ("127.0.0.2", "127.0.0.3")) -> Assignment:
     """Part 0 (main) on h1 at 127.0.0.2, part 1 on h2 at 127.0.0.3: h1's supervisor runs part 0 only."""
     return Assignment(
         deployment="guarded", replica=0, generation=1, term=1, model="m", runtime="toy",
         options=RuntimeOptions(env={"script": SERVER}),
         plan=ReplicaPlan(parts=(Part(host="h1", role="main"), Part(host="h2", role="worker"))),
-        endpoints=(PartEndpoint(host="h1", address="127.0.0.2", port=free_port()),
-                   PartEndpoint(host="h2", address="127.0.0.3", port=free_port())),
+        endpoints=(PartEndpoint(host="h1", address=addresses[0], port=free_port()),
+                   PartEndpoint(host="h2", address=addresses[1], port=free_port())),
         api_key=api_key)
 
 
@@ -206,3 +206,13 @@ def test_the_settings_of_the_guard_are_checked_at_load(tmp_path):
         load_settings(data_dir=str(tmp_path), instance_guard_allow="10.1.0.300")
     with pytest.raises(ConfigError, match="instance_guard"):
         load_settings(data_dir=str(tmp_path), instance_guard="maybe")
+
+
+async def test_host_names_are_resolved_and_zones_dropped(library):
+    from agentd.errors import RuntimeFailure
+
+    p = await runtime_guard.policy(two_host_assignment(addresses=("fe80::1%lo", "localhost")), runtime_guard.REQUIRED)
+    assert p.allow[:3] == ("127.0.0.1", "::1", "fe80::1")  # localhost: nothing new
+    with pytest.raises(RuntimeFailure, match=re.escape("cannot resolve the instance's host 'no-such-host.invalid'")):
+        await runtime_guard.policy(two_host_assignment(addresses=("127.0.0.2", "no-such-host.invalid")),
+                                   runtime_guard.REQUIRED)

@@ -68,9 +68,10 @@ async def policy(a: Assignment, mode: str, also: tuple[str, ...] = ()) -> Policy
 
 
 async def _addresses(host: str) -> list[str]:
-    """`host`'s IP addresses: itself when it is one, else what the resolver says now."""
+    """`host`'s IP addresses: itself when it is one, else what the resolver says now; without a zone (`%eth0`),
+    which the guard's parser does not take and a peer's address never carries."""
     try:
-        return [str(ipaddress.ip_address(host))]
+        return [str(ipaddress.ip_address(host)).split("%")[0]]
     except ValueError:
         pass
     try:
