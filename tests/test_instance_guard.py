@@ -173,6 +173,12 @@ def test_cidr_blocks_and_ipv4_mapped_peers_of_a_dual_stack_listener(listeners, l
     assert "agentd guard: refused [::1]:" in only_v4.stderr()
 
 
+def test_an_ipv4_mapped_rule_is_the_ipv4_address(listeners, library):
+    srv = listeners(library, "blocking", {guard.ALLOW_ENV: "::ffff:127.0.0.2"})
+    assert talk(srv.port, "127.0.0.2").startswith(b"hello")
+    assert talk(srv.port, "127.0.0.4") == b""
+
+
 def test_unix_sockets_pass(listeners, library, tmp_path):
     path = str(tmp_path / "s.sock")
     srv = listeners(library, "blocking", {guard.ALLOW_ENV: ""}, family="unix", where=path)
@@ -186,6 +192,8 @@ def test_unix_sockets_pass(listeners, library, tmp_path):
 @pytest.mark.parametrize("policy", [
     {guard.ALLOW_ENV: "127.0.0.2,127.0.0.300"},
     {guard.ALLOW_ENV: "127.0.0.2/33"},
+    {guard.ALLOW_ENV: "127.0.0.2/-1"},
+    {guard.ALLOW_ENV: "127.0.0.2,"},
     {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: "70000"},
     {},  # LD_PRELOAD without a policy
 ])

@@ -77,7 +77,7 @@ static int parse_rule(const char *item, struct rule *r) {
         *slash = '\0';
         errno = 0;
         prefix = strtol(slash + 1, &end, 10);
-        if (errno || end == slash + 1 || *end != '\0')
+        if (errno || end == slash + 1 || *end != '\0' || prefix < 0)
             return -1;
     }
     if (inet_pton(AF_INET, text, r->addr) == 1) {
@@ -88,7 +88,14 @@ static int parse_rule(const char *item, struct rule *r) {
     if (inet_pton(AF_INET6, text, r->addr) == 1) {
         r->family = AF_INET6;
         r->prefix = prefix < 0 ? 128 : (int)prefix;
-        return prefix > 128 ? -1 : 0;
+        if (prefix > 128)
+            return -1;
+        if (IN6_IS_ADDR_V4MAPPED((struct in6_addr *)r->addr) && r->prefix >= 96) { /* peers are normalised so */
+            r->family = AF_INET;
+            memmove(r->addr, r->addr + 12, 4);
+            r->prefix -= 96;
+        }
+        return 0;
     }
     return -1;
 }
