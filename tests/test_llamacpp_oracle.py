@@ -9,7 +9,9 @@ layouts of 1, 2, 4, 8 devices and partial offload:
   (tests/fixtures/llamacpp_projections.json), and that it still launches the
   command lines they were made for;
 * `llamacpp` (real binaries): 24 cases projected live, placed for a host
-  with this machine's CPU (on a CPU with AMX, its buffers are booked);
+  with this machine's CPU (on a CPU with AMX, its buffers are booked), and a
+  small DeepSeek-like model started in llama-server as agentd launches it
+  with every layer on this CPU;
 * `oracle`: the whole grid projected live, equal to the fixture for the
   installed llama.cpp on a CPU without AMX, like the fixture's (deselected
   by default; `scripts/test` and `pytest -m oracle` run it). When the
@@ -136,6 +138,58 @@ def test_the_whole_grid_live(tmp_path, models):
     same_build = _live(tmp_path, sorted(FIXTURE["cases"]))
     assert same_build, (f"the fixture is for {FIXTURE['llama_cpp']}, the installed llama.cpp is "
                         f"{oracle.llama_cpp_key(_bin())}: rerun benchmarks/llamacpp_oracle.py --write")
+
+
+# A DeepSeek-R1 Q4_K_M-like model small enough for llama-server to load (MLA as R1's, 3 layers, 8 experts).
+TINY_R1 = {"hidden": 1024, "n_layers": 3, "heads": 8, "vocab": 2048, "ffn": 1024, "expert_ffn": 256, "experts": 8,
+           "experts_used": 2, "dense": 1}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_llama_server_starts_an_mla_model_with_every_layer_on_this_cpu(tmp_path):
+    """What agentd launches for DeepSeek on a host without GPUs, with this machine's CPU, comes up.
+
+    On a CPU with AMX that takes --no-repack: without it llama.cpp aborts while
+    building the context (GGML_ASSERT(*cur_backend_id != -1), docs/placement.md),
+    in llama-server as in llama-fit-params. Elsewhere the flag is not there.
+    """
+    import subprocess
+    import time
+    import urllib.request
+
+    from agentd.testing.localcluster import free_port
+    from agentd.testing.realshapes import deepseek_r1_q4_k_m
+
+    bin_dir = _bin()
+    path = write_sparse_gguf(tmp_path / "tiny-r1.gguf", deepseek_r1_q4_k_m(**TINY_R1))
+    features = oracle.this_cpu_features()
+    b = oracle.book(inspect_model(str(path)), str(path), oracle.Case("tiny-r1", 4096, "cpu"), PLUGINS, features)
+    assert ("--no-repack" in b.argv) == ("amx_int8" in features)
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), *b.argv, "-t", "1",
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"llama-server exited {proc.returncode}: {log.read_text()[-1500:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"llama-server not healthy in 120 s: {log.read_text()[-1500:]}"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_oracle_tests_run_only_when_asked(request):

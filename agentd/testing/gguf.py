@@ -296,7 +296,9 @@ def llama3_70b_q4_k_m_spec(*, tokenizer: bool = False) -> GgufSpec:
     return replace(spec, tensors=tuple(tensors), metadata={**spec.metadata, "llama.rope.freq_base": 500000.0})
 
 
-def deepseek_r1_spec(*, weight_type: str = "BF16", tokenizer: bool = True) -> GgufSpec:
+def deepseek_r1_spec(*, weight_type: str = "BF16", tokenizer: bool = True, hidden: int = 7168, n_layers: int = 61,
+                     heads: int = 128, vocab: int = 129280, ffn: int = 18432, expert_ffn: int = 2048,
+                     experts: int = 256, experts_used: int = 8, dense: int = 3) -> GgufSpec:
     """DeepSeek-R1 (DeepSeek-V3 architecture, llama.cpp's `deepseek2`) with its real tensor list.
 
     61 layers: 3 dense, 58 MoE with 256 routed experts in fused
@@ -304,11 +306,10 @@ def deepseek_r1_spec(*, weight_type: str = "BF16", tokenizer: bool = True) -> Gg
     (q_lora_rank 1536, kv_lora_rank 512, rope head dim 64). The multi-token
     prediction layer is left out, as llama.cpp's converter does. With
     tokenizer=True the header carries the full 129280-token vocabulary and
-    127741 merges, which is what makes a real header several MB.
+    127741 merges, which is what makes a real header several MB. The sizes
+    outside MLA can be made smaller, for a file llama-server loads in a test.
     """
-    hidden, n_layers, heads, vocab = 7168, 61, 128, 129280
     q_lora, kv_lora, rope, nope, v_dim = 1536, 512, 64, 128, 128
-    ffn, expert_ffn, experts, dense = 18432, 2048, 256, 3
     md: dict[str, Any] = {
         "general.name": "DeepSeek R1",
         "general.file_type": FILE_TYPE_IDS[weight_type.upper()],
@@ -325,7 +326,7 @@ def deepseek_r1_spec(*, weight_type: str = "BF16", tokenizer: bool = True) -> Gg
         "deepseek2.attention.value_length_mla": v_dim,
         "deepseek2.rope.freq_base": 10000.0,
         "deepseek2.attention.layer_norm_rms_epsilon": 1e-6,
-        "deepseek2.expert_used_count": 8,
+        "deepseek2.expert_used_count": experts_used,
         "deepseek2.leading_dense_block_count": dense,
         "deepseek2.vocab_size": vocab,
         "deepseek2.attention.q_lora_rank": q_lora,

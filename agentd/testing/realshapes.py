@@ -163,10 +163,11 @@ def deepseek_r1_bf16() -> GgufSpec:
     return _no_tokenizer(deepseek_r1_spec(tokenizer=False))
 
 
-def deepseek_r1_q4_k_m() -> GgufSpec:
+def deepseek_r1_q4_k_m(**sizes: int) -> GgufSpec:
     """DeepSeek-R1 Q4_K_M-like: Q4_K matrices, Q6_K down projections and output, Q8_0 for the MLA k_b/v_b
-    (their 128-wide rows do not fill a 256-element K-quant block), F32 norms and router."""
-    spec = deepseek_r1_spec(tokenizer=False)
+    (their 128-wide rows do not fill a 256-element K-quant block), F32 norms and router. `sizes`: smaller
+    dimensions than R1's (deepseek_r1_spec's keywords)."""
+    spec = deepseek_r1_spec(tokenizer=False, **sizes)
     types = {}
     for t in spec.tensors:
         role = t.name.split(".")[-2]
