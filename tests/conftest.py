@@ -120,6 +120,18 @@ def release_0_1_0(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="session")
+def guard_library() -> Path:
+    """The instance guard's built library (agentd/security/guard.c); the test skips, saying why, where it cannot
+    be built (no C compiler)."""
+    from agentd.security import guard
+
+    try:
+        return guard.library()
+    except guard.Unavailable as exc:
+        pytest.skip(f"the instance guard cannot be built here: {exc}")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """A LocalCluster that the test body made and did not stop (a failure outside `with`, a forgotten stop()) is

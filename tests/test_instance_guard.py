@@ -69,14 +69,6 @@ else:
 """
 
 
-@pytest.fixture(scope="module")
-def library() -> Path:
-    try:
-        return guard.library()
-    except guard.Unavailable as exc:
-        pytest.skip(f"the instance guard cannot be built here: {exc}")
-
-
 class Listener:
     def __init__(self, tmp_path: Path, library: Path | None, mode: str, env: dict[str, str], family: str = "inet",
                  where: str = "0.0.0.0", port: int = 0):
@@ -129,8 +121,8 @@ def talk(port: int, source: str, to: str = "127.0.0.1") -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["blocking", "asyncio"])
-def test_only_the_instances_hosts_are_served_and_the_listener_goes_on(listeners, library, mode):
-    srv = listeners(library, mode, {guard.ALLOW_ENV: "127.0.0.2,127.0.0.3"})
+def test_only_the_instances_hosts_are_served_and_the_listener_goes_on(listeners, guard_library, mode):
+    srv = listeners(guard_library, mode, {guard.ALLOW_ENV: "127.0.0.2,127.0.0.3"})
     assert talk(srv.port, "127.0.0.2").startswith(b"hello")
     for _ in range(3):  # refused, and the accept that follows waits (blocking) or says EAGAIN (asyncio) as usual
         assert talk(srv.port, "127.0.0.4") == b""
@@ -147,41 +139,41 @@ def test_without_the_guard_anyone_is_served(listeners):
     assert talk(srv.port, "127.0.0.4").startswith(b"hello")
 
 
-def test_accept4_keeps_its_flags(listeners, library):
-    srv = listeners(library, "accept4", {guard.ALLOW_ENV: "127.0.0.2"})
+def test_accept4_keeps_its_flags(listeners, guard_library):
+    srv = listeners(guard_library, "accept4", {guard.ALLOW_ENV: "127.0.0.2"})
     assert talk(srv.port, "127.0.0.4") == b""
     assert talk(srv.port, "127.0.0.2") == b"hello 1 1\n"  # SOCK_NONBLOCK and SOCK_CLOEXEC on the served one
 
 
-def test_an_open_port_is_served_to_anyone(listeners, library):
+def test_an_open_port_is_served_to_anyone(listeners, guard_library):
     port = free_port()
-    srv = listeners(library, "blocking", {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: f"7,{port}"},
+    srv = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: f"7,{port}"},
                     port=port)
-    closed = listeners(library, "blocking", {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: "7"})
+    closed = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: "7"})
     assert talk(srv.port, "127.0.0.4").startswith(b"hello")
     assert talk(closed.port, "127.0.0.4") == b""
 
 
-def test_cidr_blocks_and_ipv4_mapped_peers_of_a_dual_stack_listener(listeners, library):
-    srv = listeners(library, "blocking", {guard.ALLOW_ENV: "127.0.0.0/31,::1"}, family="inet6", where="::")
+def test_cidr_blocks_and_ipv4_mapped_peers_of_a_dual_stack_listener(listeners, guard_library):
+    srv = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "127.0.0.0/31,::1"}, family="inet6", where="::")
     assert talk(srv.port, "127.0.0.1").startswith(b"hello")  # the peer is ::ffff:127.0.0.1
     assert talk(srv.port, "127.0.0.2") == b""
     assert talk(srv.port, "::1", to="::1").startswith(b"hello")
     assert "agentd guard: refused 127.0.0.2:" in srv.stderr()  # normalised, not ::ffff:127.0.0.2
-    only_v4 = listeners(library, "blocking", {guard.ALLOW_ENV: "127.0.0.1"}, family="inet6", where="::")
+    only_v4 = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "127.0.0.1"}, family="inet6", where="::")
     assert talk(only_v4.port, "::1", to="::1") == b""
     assert "agentd guard: refused [::1]:" in only_v4.stderr()
 
 
-def test_an_ipv4_mapped_rule_is_the_ipv4_address(listeners, library):
-    srv = listeners(library, "blocking", {guard.ALLOW_ENV: "::ffff:127.0.0.2"})
+def test_an_ipv4_mapped_rule_is_the_ipv4_address(listeners, guard_library):
+    srv = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "::ffff:127.0.0.2"})
     assert talk(srv.port, "127.0.0.2").startswith(b"hello")
     assert talk(srv.port, "127.0.0.4") == b""
 
 
-def test_unix_sockets_pass(listeners, library, tmp_path):
+def test_unix_sockets_pass(listeners, guard_library, tmp_path):
     path = str(tmp_path / "s.sock")
-    srv = listeners(library, "blocking", {guard.ALLOW_ENV: ""}, family="unix", where=path)
+    srv = listeners(guard_library, "blocking", {guard.ALLOW_ENV: ""}, family="unix", where=path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.settimeout(20)
         c.connect(path)
@@ -197,8 +189,8 @@ def test_unix_sockets_pass(listeners, library, tmp_path):
     {guard.ALLOW_ENV: "127.0.0.2", guard.OPEN_PORTS_ENV: "70000"},
     {},  # LD_PRELOAD without a policy
 ])
-def test_a_malformed_policy_refuses_everyone(listeners, library, policy):
-    srv = listeners(library, "blocking", policy)
+def test_a_malformed_policy_refuses_everyone(listeners, guard_library, policy):
+    srv = listeners(guard_library, "blocking", policy)
     assert talk(srv.port, "127.0.0.2") == b""
     assert talk(srv.port, "127.0.0.1") == b""
     lines = srv.stderr().splitlines()
@@ -206,8 +198,8 @@ def test_a_malformed_policy_refuses_everyone(listeners, library, policy):
     assert lines[1].endswith("(no valid policy)"), lines
 
 
-def test_refusals_are_logged_at_most_twenty_per_window(listeners, library):
-    srv = listeners(library, "blocking", {guard.ALLOW_ENV: "127.0.0.2"})
+def test_refusals_are_logged_at_most_twenty_per_window(listeners, guard_library):
+    srv = listeners(guard_library, "blocking", {guard.ALLOW_ENV: "127.0.0.2"})
     for _ in range(25):
         assert talk(srv.port, "127.0.0.4") == b""
     assert talk(srv.port, "127.0.0.2").startswith(b"hello")

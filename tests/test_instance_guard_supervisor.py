@@ -87,15 +87,7 @@ def children(pid: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def library() -> Path:
-    try:
-        return guard.library()
-    except guard.Unavailable as exc:
-        pytest.skip(f"the instance guard cannot be built here: {exc}")
-
-
-async def test_a_secure_instance_runs_guarded_with_the_policy_of_its_assignment(tmp_path, plugins, library):
+async def test_a_secure_instance_runs_guarded_with_the_policy_of_its_assignment(tmp_path, plugins, guard_library):
     sup = make(tmp_path, plugins, node="h1")
     a = two_host_assignment()
     try:
@@ -105,9 +97,9 @@ async def test_a_secure_instance_runs_guarded_with_the_policy_of_its_assignment(
         child = children(proc.pid)
         assert len(child) == 1
         for pid in (proc.pid, child[0]):
-            assert str(library) in Path(f"/proc/{pid}/maps").read_text()  # loaded, in the child too
+            assert str(guard_library) in Path(f"/proc/{pid}/maps").read_text()  # loaded, in the child too
             env = environ(pid)
-            assert env["LD_PRELOAD"] == str(library)
+            assert env["LD_PRELOAD"] == str(guard_library)
             assert env[guard.ALLOW_ENV] == "127.0.0.1,::1,127.0.0.2,127.0.0.3"
             assert env[guard.OPEN_PORTS_ENV] == str(a.endpoints[0].port)  # the serving endpoint
         port = side_port(tmp_path)
@@ -122,7 +114,7 @@ async def test_a_secure_instance_runs_guarded_with_the_policy_of_its_assignment(
         await sup.apply([])
 
 
-async def test_the_serving_port_is_open_to_anyone(tmp_path, plugins, library):
+async def test_the_serving_port_is_open_to_anyone(tmp_path, plugins, guard_library):
     sup = make(tmp_path, plugins, node="h1")
     a = two_host_assignment()
     try:
@@ -167,17 +159,17 @@ async def test_a_secure_launch_without_the_guard_fails_and_says_what_to_do(tmp_p
     await sup.apply([])
 
 
-async def test_a_preload_the_process_already_had_is_kept_after_the_guard(library):
+async def test_a_preload_the_process_already_had_is_kept_after_the_guard(guard_library):
     policy = await runtime_guard.policy(two_host_assignment(), runtime_guard.REQUIRED)
     from agentd.plugins.api import Endpoint, ProcessSpec
 
     spec = ProcessSpec(name="x", argv=(sys.executable,), listen=Endpoint(host="127.0.0.9", port=9))
-    env = policy.env(spec, "/opt/jemalloc.so")
-    assert env == {"LD_PRELOAD": f"{library} /opt/jemalloc.so", guard.ALLOW_ENV: "127.0.0.1,::1,127.0.0.2,127.0.0.3",
-                   guard.OPEN_PORTS_ENV: ""}  # not the serving endpoint: nothing open
+    env = policy.env(spec, "/opt/jemalloc.so")  # not the serving endpoint: nothing open
+    assert env == {"LD_PRELOAD": f"{guard_library} /opt/jemalloc.so",
+                   guard.ALLOW_ENV: "127.0.0.1,::1,127.0.0.2,127.0.0.3", guard.OPEN_PORTS_ENV: ""}
 
 
-async def test_a_second_network_can_be_let_in_by_setting(tmp_path, plugins, library):
+async def test_a_second_network_can_be_let_in_by_setting(tmp_path, plugins, guard_library):
     """instance_guard_allow: the hosts' NCCL may leave from addresses that are not their endpoints'."""
     sup = make(tmp_path, plugins, node="h1",
                config=dataclasses.replace(FAST, instance_guard_allow=("127.0.0.4/31",)))
@@ -208,7 +200,7 @@ def test_the_settings_of_the_guard_are_checked_at_load(tmp_path):
         load_settings(data_dir=str(tmp_path), instance_guard="maybe")
 
 
-async def test_host_names_are_resolved_and_zones_dropped(library):
+async def test_host_names_are_resolved_and_zones_dropped(guard_library):
     from agentd.errors import RuntimeFailure
 
     p = await runtime_guard.policy(two_host_assignment(addresses=("fe80::1%lo", "localhost")), runtime_guard.REQUIRED)

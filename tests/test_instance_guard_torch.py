@@ -103,13 +103,13 @@ def client(port: int, source: str, action: str, key: str) -> str:
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, guard_library):
     started = []
 
     def start(guarded: bool) -> tuple[int, Path]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_GUARD_")}
         if guarded:
-            env.update({"LD_PRELOAD": str(guard.library()), guard.ALLOW_ENV: "127.0.0.1,::1,127.0.0.2,127.0.0.3",
+            env.update({"LD_PRELOAD": str(guard_library), guard.ALLOW_ENV: "127.0.0.1,::1,127.0.0.2,127.0.0.3",
                         guard.OPEN_PORTS_ENV: ""})
         log = tmp_path / f"store-{guarded}.log"
         with open(log, "wb") as err:
