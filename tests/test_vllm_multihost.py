@@ -7,7 +7,8 @@ when asked: `-m vllm_multihost`, or AGENTD_VLLM_MULTIHOST=1 as scripts/test sets
 docs/vllm-multihost.md:
 
 - agentd's Ray launch works across the two hosts: the head and the worker form one 2-node Ray cluster on the
-  explicit ports, in private temp dirs, and with the instance's token nobody else can join it;
+  explicit ports, in private temp dirs, and with the instance's token and Ray's TLS (certificates from the
+  instance's own CA) nobody else can join it, read it or read its traffic;
 - vLLM's CPU build then stops: `ValueError: current platform cpu does not support ray.` (its CpuPlatform has no
   `ray_device_key`), so the Ray executor cannot place a single worker: the first test pins that line;
 - vLLM's own multi-node `mp` executor (`--nnodes/--node-rank/--master-addr/--headless`, no Ray) does serve across
@@ -20,6 +21,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -29,6 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 from agentd_vllm import process as vl
+from agentd_vllm.ray_tls import TLS_DIR, write_node_tls
 
 from agentd.config import load_settings
 from agentd.plugins import PluginManager
@@ -64,11 +68,15 @@ def model(tmp_path_factory) -> Path:
     return write_tiny_llama(VENV / "bin" / "python", tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
-def _ray_env(token_path: str = "") -> dict[str, str]:
+def _ray_env(token_path: str = "", tls: Path | None = None) -> dict[str, str]:
+    """Ray's environment for a driver or node: with the token at `token_path`, with TLS from the `tls` dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     if token_path:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
+    if tls:
+        env.update(RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=str(tls / "node.crt"), RAY_TLS_SERVER_KEY=str(tls / "node.key"),
+                   RAY_TLS_CA_CERT=str(tls / "ca.crt"))
     return env
 
 
@@ -76,15 +84,44 @@ NODES = ("import ray, json; ray.init(address='{head}', log_to_driver=False); "
          "print('NODES=' + json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
 
 
-def _try_nodes(head: str, token_path: str = "", timeout: float = 120) -> tuple[int | None, list[str] | None]:
+def _try_nodes(head: str, token_path: str = "", timeout: float = 120,
+               tls: Path | None = None) -> tuple[int | None, list[str] | None]:
     """(exit code, live nodes' addresses) as a Ray driver sees them; (None, None) when it hangs."""
     try:
         out = subprocess.run([str(VENV / "bin" / "python"), "-c", NODES.format(head=head)], capture_output=True,
-                             text=True, timeout=timeout, env=_ray_env(token_path))
+                             text=True, timeout=timeout, env=_ray_env(token_path, tls))
     except subprocess.TimeoutExpired:
         return None, None
     said = [line[len("NODES="):] for line in out.stdout.splitlines() if line.startswith("NODES=")]
     return out.returncode, (json.loads(said[-1]) if said else None)
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)  # and an empty SETTINGS frame
+
+
+def _h2_answer(address: str, port: int, tls: Path | None, client: Path | None = None) -> tuple[str, bytes]:
+    """(TLS version or "plain", the first bytes a gRPC server answers to an HTTP/2 preface: a SETTINGS frame, or
+    b"" when it hangs up). `tls` is a ray-tls dir whose CA checks the server, `client` one whose node certificate
+    we show."""
+    with socket.create_connection((address, port), timeout=20) as raw:
+        conn: socket.socket = raw
+        if tls:
+            context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+            context.set_alpn_protocols(["h2"])
+            if client:
+                context.load_cert_chain(client / "node.crt", client / "node.key")
+            conn = context.wrap_socket(raw, server_hostname=address)
+        conn.sendall(H2_PREFACE)
+        try:
+            answer = conn.recv(64)
+        except (ssl.SSLError, OSError):
+            answer = b""
+        version = conn.version() if isinstance(conn, ssl.SSLSocket) else "plain"
+        return version or "", answer
+
+
+def _is_settings(answer: bytes) -> bool:
+    return len(answer) >= 9 and answer[3] == 0x04
 
 
 def _log_text(sup: Supervisor, instance_id: str, process: str) -> str:
@@ -93,9 +130,9 @@ def _log_text(sup: Supervisor, instance_id: str, process: str) -> str:
 
 def test_agentd_ray_across_two_hosts_takes_only_its_own_parts_and_pins_where_vllm_cpu_stops(tmp_path, model):
     """Two agents' supervisors (h1 on 127.0.0.2, h2 on 127.0.0.3) launch a secure PP=2 replica through the vllm
-    plugin: Ray head + `vllm serve` on h1, Ray worker on h2. Ray forms one cluster of exactly those two nodes; a
-    stranger without the instance's token neither joins nor reads it; vLLM's CPU build connects to the cluster and
-    stops at its platform check."""
+    plugin: Ray head + `vllm serve` on h1, Ray worker on h2. Ray forms one cluster of exactly those two nodes with
+    mutual TLS; a stranger without the instance's token and certificate neither joins nor reads it, and its GCS port
+    speaks nothing in the clear; vLLM's CPU build connects to the cluster and stops at its platform check."""
     lo = free_port_block(200)
     key = "agdsrv_multihost-test-key"  # as each agent derives it from the cluster secret
     parts = (Part(host="h1", role="main", gpus=(0,)), Part(host="h2", role="worker", gpus=(0,)))
@@ -125,15 +162,17 @@ def test_agentd_ray_across_two_hosts_takes_only_its_own_parts_and_pins_where_vll
             head = f"{MAIN_IP}:{head_port}"
             await h2.apply([a])
             token_path = str(h1.work_root / a.instance_id / vl.RAY_TOKEN_FILE)
+            tls = h1.work_root / a.instance_id / TLS_DIR
             # Under load (2 cores at load 20-40) a Ray node can miss its own 30 s startup wait and be restarted by the
             # supervisor, and the worker can dial the head before the head's node registered: both heal by restarts.
             deadline = time.monotonic() + 420
             nodes: list[str] = []
             while time.monotonic() < deadline and nodes != [MAIN_IP, WORKER_IP]:
                 await asyncio.sleep(5)
-                rc, seen = await asyncio.to_thread(_try_nodes, head, token_path)
+                rc, seen = await asyncio.to_thread(_try_nodes, head, token_path, 120, tls)
                 nodes = seen if rc == 0 and seen is not None else nodes
-            print(f"ray cluster of 2 nodes after {time.monotonic() - t0:.0f}s: {nodes}")
+            print(f"ray cluster of 2 nodes (token and TLS) after {time.monotonic() - t0:.0f}s, "
+                  f"load {os.getloadavg()[0]:.1f}: {nodes}")
             assert nodes == [MAIN_IP, WORKER_IP]  # one cluster, each node on its own host's address
 
             # Private session dirs, one per host, nothing predictable under /tmp.
@@ -141,22 +180,41 @@ def test_agentd_ray_across_two_hosts_takes_only_its_own_parts_and_pins_where_vll
                 temp = vl.ray_temp_dir(sup.work_root / a.instance_id)
                 assert temp.parent.stat().st_mode & 0o777 == 0o700 and any(temp.glob("session_*"))
 
+            # The GCS port speaks TLS only: with the instance's CA and a node certificate of the instance the handshake
+            # (TLS 1.3) shows the head's certificate for its address and gRPC answers; in the clear it hangs up, and
+            # a client that shows no certificate, or one from another instance's CA, gets no answer either.
+            port = int(head.rsplit(":", 1)[1])
+            version, answer = _h2_answer(MAIN_IP, port, tls, client=h2.work_root / a.instance_id / TLS_DIR)
+            assert version == "TLSv1.3" and _is_settings(answer), (version, answer)
+            other = tmp_path / "other"  # what another instance's Ray on the stranger's host holds
+            write_node_tls(other, "agdsrv_another-instance", a.instance_id, STRANGER_IP)
+            assert not _is_settings(_h2_answer(MAIN_IP, port, None)[1])
+            assert not _is_settings(_h2_answer(MAIN_IP, port, tls)[1])
+            assert not _is_settings(_h2_answer(MAIN_IP, port, tls, client=other / TLS_DIR)[1])
+            with pytest.raises(ssl.SSLCertVerificationError):  # nor does it pass for another instance's head
+                _h2_answer(MAIN_IP, port, other / TLS_DIR, client=other / TLS_DIR)
+
             # The attack: a process that is not part of the instance, without the token, tries to join as a node and
-            # to read the cluster as a driver, for 60 s (ray start retries for minutes before it gives up).
+            # to read the cluster as a driver, for 60 s (ray start retries for minutes before it gives up). Drivers
+            # that hold the token but no TLS (as a sniffer of the old clear traffic would), or the token and another
+            # instance's certificate, read nothing either.
             proc = subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", "--address", head,
                                      "--node-ip-address", STRANGER_IP, "--temp-dir", str(tmp_path / "s"),
                                      "--num-cpus", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=_ray_env(), start_new_session=True)
             t_attack = time.monotonic()
-            read_rc, read_seen = await asyncio.to_thread(_try_nodes, head, "", 60)
+            reads = await asyncio.gather(asyncio.to_thread(_try_nodes, head, "", 60),
+                                         asyncio.to_thread(_try_nodes, head, token_path, 60),
+                                         asyncio.to_thread(_try_nodes, head, token_path, 60, other / TLS_DIR))
             await asyncio.sleep(max(0.0, 60 - (time.monotonic() - t_attack)))
-            rc, seen = await asyncio.to_thread(_try_nodes, head, token_path, 120)
+            rc, seen = await asyncio.to_thread(_try_nodes, head, token_path, 120, tls)
             os.killpg(proc.pid, signal.SIGKILL)
             said = proc.communicate(timeout=30)[0]
             assert "Ray runtime started" not in said, said[-2000:]
             assert rc == 0 and seen == [MAIN_IP, WORKER_IP]  # nobody joined
-            assert read_rc != 0 and read_seen is None  # nor read the cluster
-            print(f"stranger without the token, 60 s: not joined; driver without the token: rc {read_rc}")
+            assert all(read_rc != 0 and read_seen is None for read_rc, read_seen in reads), reads  # nor read it
+            print(f"stranger without the token, 60 s: not joined; drivers without the token, with the token but no "
+                  f"TLS, with another instance's certificate: rc {[read_rc for read_rc, _ in reads]}")
 
             # vLLM (the Ray driver, with the token) reaches the cluster, then its CPU platform refuses Ray.
             deadline = time.monotonic() + 400

@@ -22,7 +22,10 @@ from the instance's key (HMAC-SHA256(api_key, "agentd-ray-auth")), which only
 the agents of the cluster can derive, written 0600 in the instance's work dir
 and named by `RAY_AUTH_TOKEN_PATH` for the head, the workers and `vllm serve`
 (the Ray driver). A process without it gets nothing from the GCS: `ray start
---address HEAD` never joins, `ray status` fails. Ray's session dir (sockets,
+--address HEAD` never joins, `ray status` fails. Ray's TLS (`RAY_USE_TLS=1`) is
+on as well, with each host's certificate from a CA of the instance's own that
+every agent derives from the instance key (ray_tls.py): the token travels
+encrypted, and only the instance's own parts pass the handshake. Ray's session dir (sockets,
 logs, spilled objects) is private too: `<work dir>/ray`, 0700, or, when that
 path is too long for the AF_UNIX sockets Ray puts 62 characters below it, a
 0700 directory with an unguessable name from `mkdtemp`, found again through the
@@ -65,6 +68,7 @@ from agentd.plugins.api import (
     spans_hosts,
 )
 from agentd.types import Assignment, Part
+from agentd_vllm.ray_tls import TLS_DIR, write_node_tls
 
 NAME = "vllm"
 RAY_WORKER_PORTS = 16  # ports for Ray's worker processes on one node (one per worker process)
@@ -143,6 +147,15 @@ def ray_auth_env(a: Assignment, work_dir: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
+def ray_tls_env(a: Assignment, work_dir: Path, address: str) -> dict[str, str]:
+    """Ray's mutual TLS with this host's certificate from the instance's own CA ({} when insecure): ray_tls.py."""
+    if not getattr(a, "api_key", ""):
+        return {}
+    paths = write_node_tls(work_dir, a.api_key, a.instance_id, address)
+    return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(paths["cert"]), "RAY_TLS_SERVER_KEY": str(paths["key"]),
+            "RAY_TLS_CA_CERT": str(paths["ca"])}
+
+
 def vllm_binary(ctx: LaunchContext) -> str:
     return find_binary(ctx.settings.vllm_binary, ("vllm",), setting="vllm_binary")
 
@@ -173,7 +186,8 @@ RESERVED = ReservedLaunch(
         "--swap-space", "--kv-cache-dtype", "--speculative-config",
     ),
     env=("VLLM_API_KEY", "VLLM_HOST_IP", "VLLM_PORT", "RAY_ADDRESS", "VLLM_ALLOW_LONG_MAX_MODEL_LEN",
-         "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"),
+         "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR",
+         "RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT"),
     abbreviations=True,  # argparse: --max-model means --max-model-len
     hints={"--max-model-len": CTX_HINT, "--gpu-memory-utilization": MEM_HINT, "--host": ADDRESS_HINT,
            "--port": ADDRESS_HINT, "--api-key": "agentd gives each server its own key (VLLM_API_KEY)",
@@ -266,7 +280,8 @@ def launch(a: Assignment, part_index: int, ctx: LaunchContext) -> list[ProcessSp
             listen=Endpoint(host=ep.address, port=ep.port), ports=(Endpoint(host=ep.address, port=ep.port),),
             ready=HttpProbe(host=ep.address, port=ep.port, path="/health"), gpus=gpus)]
     head = Endpoint(host=main_ep.address, port=ray_head_port(a.instance_id, ctx.settings.ray_port_range))
-    ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env(a, ctx.work_dir))
+    ray_env = dict(env, RAY_USAGE_STATS_ENABLED="0", **ray_auth_env(a, ctx.work_dir),
+                   **ray_tls_env(a, ctx.work_dir, ep.address))
     if part.role == "worker":
         argv, bound = ray_argv(ctx, a, part, ep.address, head, is_head=False, worker_port=ep.port)
         node = Endpoint(host=ep.address, port=ep.port)
@@ -302,3 +317,4 @@ def agentd_stop(assignment, part_index, ctx):
         return
     remove_ray_temp_dir(ctx.work_dir)
     (ctx.work_dir / RAY_TOKEN_FILE).unlink(missing_ok=True)
+    shutil.rmtree(ctx.work_dir / TLS_DIR, ignore_errors=True)
