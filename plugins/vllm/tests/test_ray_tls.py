@@ -26,7 +26,8 @@ def _settings(tmp_path: Path) -> dict:
     (tmp_path / "bin").mkdir(parents=True, exist_ok=True)
     (tmp_path / "bin" / "ray").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "ray").chmod(0o755)
-    return {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (41000, 41999)}
+    # A range below the kernel's ephemeral ports: outgoing connections of other jobs do not fill it.
+    return {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (24000, 24999)}
 
 
 def _launch_both(tmp_path: Path, key: str):
@@ -79,11 +80,13 @@ def test_secure_multi_host_gives_every_ray_process_mutual_tls_from_the_instance_
     assert not Path(worker.env["RAY_TLS_SERVER_KEY"]).parent.exists()
 
 
+def _public(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def test_instance_ca_key_is_derived_from_the_instance_key_only():
-    pub = lambda k: k.public_key().public_bytes(serialization.Encoding.DER,  # noqa: E731
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    assert pub(ray_tls.instance_ca_key("agdsrv_k1")) == pub(ray_tls.instance_ca_key("agdsrv_k1"))
-    assert pub(ray_tls.instance_ca_key("agdsrv_k1")) != pub(ray_tls.instance_ca_key("agdsrv_k2"))
+    assert _public(ray_tls.instance_ca_key("agdsrv_k1")) == _public(ray_tls.instance_ca_key("agdsrv_k1"))
+    assert _public(ray_tls.instance_ca_key("agdsrv_k1")) != _public(ray_tls.instance_ca_key("agdsrv_k2"))
 
 
 def test_a_relaunch_keeps_the_node_key_and_a_new_address_gets_a_new_certificate(tmp_path):
