@@ -202,11 +202,11 @@ def test_vllm_multi_host_runs_ray_with_explicit_ports_outside_the_ephemeral_rang
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ray").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "ray").chmod(0o755)
-    settings = {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (41000, 41999)}
+    settings = {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (23000, 23999)}
     head_spec, serve = vl.agentd_launch(a, 0, ctx(tmp_path, **settings))
     [worker] = vl.agentd_launch(a, 1, ctx(tmp_path / "b", node="b", **settings))
-    head_port = vl.ray_head_port(a.instance_id, (41000, 41999))
-    assert head_spec.listen.port == head_port and 41000 <= head_port <= 41999
+    head_port = vl.ray_head_port(a.instance_id, (23000, 23999))
+    assert head_spec.listen.port == head_port and 23000 <= head_port <= 23999
     assert head_spec.argv[:3] == (str(tmp_path / "bin" / "ray"), "start", "--block")
     assert ("--head" in head_spec.argv and "--port" in head_spec.argv
             and head_spec.argv[head_spec.argv.index("--port") + 1] == str(head_port))
@@ -223,7 +223,7 @@ def test_vllm_multi_host_runs_ray_with_explicit_ports_outside_the_ephemeral_rang
         ports = [int(flags[f]) for f in (*own, "--object-manager-port", "--runtime-env-agent-port",
                                          "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port",
                                          "--metrics-export-port", "--min-worker-port", "--max-worker-port")]
-        assert all(41000 <= p <= 41999 for p in ports)  # the kernel's ephemeral range starts at 32768 by default,
+        assert all(23000 <= p <= 23999 for p in ports)  # the kernel's ephemeral range starts at 32768 by default,
         # but a configured range keeps Ray off whatever this host uses; and none collides with the head
         assert head_port not in ports and len(set(ports)) == len(ports)
         assert int(flags["--max-worker-port"]) - int(flags["--min-worker-port"]) == vl.RAY_WORKER_PORTS - 1
@@ -282,7 +282,7 @@ def test_vllm_secure_multi_host_closes_the_ray_cluster_with_a_per_instance_token
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ray").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "ray").chmod(0o755)
-    settings = {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (41000, 41999)}
+    settings = {"vllm_binary": str(tmp_path / "bin" / "vllm"), "ray_port_range": (23000, 23999)}
     head, serve = vl.agentd_launch(a, 0, ctx(tmp_path, **settings))
     [worker] = vl.agentd_launch(a, 1, ctx(tmp_path / "b", node="b", **settings))
     token = vl.ray_auth_token("agdsrv_k1")
