@@ -5,11 +5,12 @@ encrypts every gRPC connection between its processes and makes both ends show a 
 `RAY_TLS_CA_CERT` (mutual TLS). Which CA: not the cluster CA. Its key is on the signing hosts only, so a host
 cannot issue a certificate for an instance, and a node certificate it did issue is trusted by every other
 instance's Ray alike. Instead each instance has its own CA whose P-256 key is derived from the instance's key
-(HMAC-SHA256(instance key, "agentd-ray-tls-ca")), which exactly the agents of the cluster can derive, like the
-Ray token. Each host makes the same CA (same key, same subject) and issues its own node a certificate for its
-address with a fresh key that never leaves it. So a Ray process of another instance, an agentd node certificate
-or anything not derived from this instance's key is refused at the handshake, and the token then travels
-encrypted. Nothing here is stronger than the instance key, which is what the token already rests on.
+(HMAC-SHA512(instance key, "agentd-ray-tls-ca"), reduced modulo the group order), which exactly the agents of
+the cluster can derive, like the Ray token. Each host makes the same CA (same key, same subject) and issues its
+own node a certificate for its address with a fresh key that never leaves it. So a Ray process of another
+instance, an agentd node certificate or anything not derived from this instance's key is refused at the
+handshake, and the token then travels encrypted. Nothing here is stronger than the instance key, which is what
+the token already rests on.
 
 The files go into the instance's work dir (0700): `ray-tls/ca.crt`, `node.crt`, `node.key` (0600), named by
 environment variables, never on a command line; they are removed with the instance.
