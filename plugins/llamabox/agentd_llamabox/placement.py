@@ -9,8 +9,8 @@ Memory comes from the GGUF header, layer by layer (docs/placement.md):
     partial offload: at least one layer stays on the CPU; so does the output weight (the act phase pins
                      it there), and the last device holds only output_norm
     main host RAM: token_embd (always on CPU) + the layers kept on CPU (+ output.weight in partial offload;
-                   a tied output shares token_embd's mapping); on a CPU with AMX, what AMX's buffers add to
-                   those layers' matrices and to the output weight (memory.amx_padding_of)
+                   a tied output shares token_embd's mapping; on a CPU with AMX, llama.cpp copies it:
+                   memory.amx_output_copy)
 
 The output rule is the act phase's (agentd_llamabox/process.py, `offload`):
 the output weight is on a GPU exactly when every layer is (`cpu_layers == 0`).
@@ -28,9 +28,8 @@ then local GPUs; the plan lists rpc parts in that order and the main GPUs
 in CUDA_VISIBLE_DEVICES order, so `--tensor-split` is the rpc parts'
 layers followed by the main GPUs' (the last one counting the output layer).
 The act phase appends `--rpc host:port,...` from the assignment's
-endpoints in the same order. Every layer on the CPU of a host with AMX, for
-a model on which llama.cpp would then abort (memory.amx_aborts_on_cpu_only):
-`--no-repack`.
+endpoints in the same order. Layers on the CPU of a host with AMX, for a
+model whose AMX path fails in llama.cpp (memory.amx_unusable): `--no-repack`.
 """
 
 from __future__ import annotations
@@ -76,8 +75,9 @@ def estimate(model: ModelInfo, spec: DeploymentSpec, offload: str = "full") -> L
     output = (nr.get("output") or nr.get("token_embd", 0)) + norm
     breakdown = {"kv_per_layer": max(mem.kv_per_layer, default=0), "logits": mem.logits, "ctx_size": ctx,
                  "masks": mem.masks, "core": mem.core}
-    amx = memory.amx_padding_of(model)
-    amx_ram = (CpuFeatureRam(memory.AMX_FEATURE, amx.per_layer, amx.output),)
+    # On a CPU with AMX: what its buffers add, unless this model is launched without them (--no-repack).
+    amx_copy = 0 if memory.amx_unusable(model) else memory.amx_output_copy(model)
+    amx_ram = (CpuFeatureRam(memory.AMX_FEATURE, amx_copy),) if amx_copy else ()
     if offload == "partial":
         # Tensor overrides (the output weight pinned to the CPU) turn pipeline parallelism off.
         return LayerDemand(
@@ -152,9 +152,9 @@ def agentd_layout_args(runtime, model: ModelInfo, spec: DeploymentSpec, layout: 
     # What the estimate assumes (batch sizes, slots, flash attention); extra args that change them are
     # followed by the estimate and repeated here the same.
     args += memory.pinned_args(memory.Batching())
-    if not sum(split) and memory.AMX_FEATURE in layout.main.cpu_features and memory.amx_aborts_on_cpu_only(model):
-        # Every layer on a CPU with AMX, where llama.cpp would abort on this model: no AMX (nor CPU_REPACK)
-        # buffers, the weights stay in the file's mapping (booked as they are, plus AMX's padding unused).
+    if layout.main.cpu_layers and memory.AMX_FEATURE in layout.main.cpu_features and memory.amx_unusable(model):
+        # Layers on a CPU with AMX, whose llama.cpp fails on this model there: no AMX (nor CPU_REPACK) buffers,
+        # the weights stay in the file's mapping, booked as on any other CPU.
         args.append("--no-repack")
     env = tuple({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} for p in layout.parts)
     return LaunchParams(args=tuple(args), env=env)
