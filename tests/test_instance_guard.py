@@ -218,3 +218,16 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
     with pytest.raises(guard.Unavailable, match="cc: no compiler here"):
         guard.library()
     assert [p.name for p in (tmp_path / "build").iterdir() if p.name.endswith(".so.failed")]
+
+
+def test_a_built_library_is_found_without_a_compiler(guard_library, tmp_path, monkeypatch):
+    """A host whose compiler went after the build (an image built in stages) still has its guard; one that never
+    built it says why."""
+    from agentd.security import native
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert guard.library() == guard_library
+    monkeypatch.setattr(native, "build_dirs", lambda: [tmp_path / "build"])
+    with pytest.raises(guard.Unavailable, match="no C compiler"):
+        guard.library()

@@ -26,8 +26,8 @@ ALLOW_ENV = "AGENTD_GUARD_ALLOW"  # addresses or CIDR blocks whose connections p
 OPEN_PORTS_ENV = "AGENTD_GUARD_OPEN_PORTS"  # local ports anyone may reach, comma-separated
 
 
-def _compile_command(output: Path) -> list[str]:
-    return [native.compiler(), "-O2", "-shared", "-fPIC", "-o", str(output), str(SOURCE), "-ldl"]
+def _compile_arguments(output: Path) -> list[str]:
+    return ["-O2", "-shared", "-fPIC", "-o", str(output), str(SOURCE), "-ldl"]
 
 
 def _check(built: Path) -> str:
@@ -40,7 +40,7 @@ def _check(built: Path) -> str:
     return f"the built guard does not load: {probe.stderr.strip()[-500:]}"
 
 
-GUARD = native.Native(name=NAME, source=SOURCE, command=_compile_command, check=_check, suffix=".so")
+GUARD = native.Native(name=NAME, source=SOURCE, arguments=_compile_arguments, check=_check, suffix=".so")
 
 
 def library(retry: bool = False) -> Path:

@@ -2,8 +2,9 @@
 
 The tunnel's relay (relay.c, agentd/security/relay.py) and the instance guard (guard.c,
 agentd/security/guard.py) are built the same way: by `scripts/bootstrap` or on first use, named by a hash of
-the source and the compile command (an edit, another compiler or other libraries build a new one), beside
-this Python's installation or else in the user's cache. A failed build leaves a `.failed` file with the
+the source and the compiler's arguments (an edit or other libraries build a new one; the compiler itself is left
+out, so a host whose compiler was removed after the build, as in an image built in stages, still finds it),
+beside this Python's installation or else in the user's cache. A failed build leaves a `.failed` file with the
 reason next to where the output would be, so later users do not try again; only an explicit `retry` (the
 `python -m` build commands that scripts/bootstrap runs) does.
 """
@@ -31,12 +32,12 @@ class Unavailable(Exception):
 class Native:
     """How to build one C source into one file.
 
-    `command(output)` is the whole compile command (it may raise Unavailable: no compiler, no library);
+    `arguments(output)` is the compile command after the compiler (it may raise Unavailable: no library);
     `check(built)` runs the fresh output once and returns "" when it works, else why not."""
 
     name: str  # the output's name starts so, then "-<hash>" and `suffix`
     source: Path
-    command: Callable[[Path], list[str]]
+    arguments: Callable[[Path], list[str]]
     check: Callable[[Path], str]
     suffix: str = ""
 
@@ -56,7 +57,7 @@ def build_dirs() -> list[Path]:
 
 def built(what: Native, retry: bool = False) -> Path:
     """The built file (building it the first time), or Unavailable with the reason."""
-    digest = hashlib.sha256(what.source.read_bytes() + "\0".join(what.command(Path("OUT"))).encode()).hexdigest()
+    digest = hashlib.sha256(what.source.read_bytes() + "\0".join(what.arguments(Path("OUT"))).encode()).hexdigest()
     name = f"{what.name}-{digest[:12]}{what.suffix}"
     reasons = []
     for d in build_dirs():
@@ -78,7 +79,7 @@ def built(what: Native, retry: bool = False) -> Path:
 
 
 def _build(what: Native, out: Path, path: Path, failed: Path) -> Path:
-    command = what.command(out)
+    command = [compiler(), *what.arguments(out)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False)
         why = "" if done.returncode == 0 else f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}"

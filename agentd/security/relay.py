@@ -7,7 +7,7 @@ hop, and ggml RPC sends 15-19 small messages per token: that, not TLS, was the t
 
 No OpenSSL headers are needed: relay.c declares the functions it uses, and links the libssl/libcrypto that
 this Python's `ssl` module has loaded (OpenSSL 3), by full path. The binary's name carries a hash of the
-source and the link line, so an edit or another OpenSSL builds a new one (agentd/security/native.py, which
+source and the compiler's arguments, so an edit or another OpenSSL builds a new one (agentd/security/native.py, which
 the instance guard's build shares). A failed build leaves a `.failed` file with the reason next to where the
 binary would be, so later tunnels do not try again.
 
@@ -53,11 +53,10 @@ def _loaded_libraries() -> list[str]:
     return [found["libssl"], found["libcrypto"]]
 
 
-def _compile_command(output: Path) -> list[str]:
+def _compile_arguments(output: Path) -> list[str]:
     libs = _loaded_libraries()
     rpath = sorted({str(Path(lib).parent) for lib in libs})
-    return [native.compiler(), "-O2", "-o", str(output), str(SOURCE), *libs, "-lpthread",
-            *(f"-Wl,-rpath,{d}" for d in rpath)]
+    return ["-O2", "-o", str(output), str(SOURCE), *libs, "-lpthread", *(f"-Wl,-rpath,{d}" for d in rpath)]
 
 
 def _check(built: Path) -> str:
@@ -66,7 +65,7 @@ def _check(built: Path) -> str:
     return "" if probe.returncode == 2 else f"the built relay does not run: {probe.stderr.strip()[-500:]}"
 
 
-RELAY = native.Native(name=NAME, source=SOURCE, command=_compile_command, check=_check)
+RELAY = native.Native(name=NAME, source=SOURCE, arguments=_compile_arguments, check=_check)
 
 
 def binary(retry: bool = False) -> Path:
