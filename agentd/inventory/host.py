@@ -26,8 +26,8 @@ class HostFacts:
     warnings: tuple[str, ...] = ()
 
 
-# CPU feature flags some runtime's memory depends on, as /proc/cpuinfo names them: llama.cpp's CPU backend puts
-# quantized weights in AMX buffers, larger than the file's, on a CPU with AMX (agentd_llamabox.memory).
+# CPU feature flags some runtime's launch or memory depends on, as /proc/cpuinfo names them: llama.cpp's CPU
+# backend puts weights in AMX buffers on a CPU with AMX (agentd_llamabox.memory).
 CPU_FEATURES = frozenset({"amx_bf16", "amx_int8", "amx_tile"})
 
 
