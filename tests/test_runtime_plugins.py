@@ -15,25 +15,10 @@ from agentd.config import load_settings
 from agentd.errors import InvalidInput
 from agentd.plugins import PluginManager
 from agentd.plugins.api import Endpoint
-from agentd.runtime import HttpProbe, LaunchContext, ProbeResult, TcpProbe
-from agentd.runtime.ports import PortAllocator
+from agentd.runtime import HttpProbe, ProbeResult, TcpProbe
+from agentd.testing.launches import launch_context as ctx
+from agentd.testing.launches import vllm_assignment
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan, RuntimeOptions
-
-
-def ctx(tmp: Path, node: str = "a", simulated: bool = False, **settings) -> LaunchContext:
-    s = load_settings(data_dir=str(tmp), node_name=node, **settings)
-    given: dict[str, int] = {}
-    alloc = PortAllocator(*s.ray_port_range, in_use=lambda: set(given.values()))
-
-    def ray_port(key, count=1):
-        if key not in given:
-            given[key] = alloc.allocate(count)[0]
-            for j in range(1, count):
-                given[f"{key}#{j}"] = given[key] + j
-        return given[key]
-
-    return LaunchContext(node=node, work_dir=tmp / "work", settings=s, simulated_gpus=simulated,
-                         port=lambda k: 0, ray_port=ray_port)
 
 
 def llama(model: str, parts: list[Part], ports: list[int], args=(), **opts) -> Assignment:
@@ -173,16 +158,6 @@ def test_binary_discovery_prefers_settings_then_the_package_then_path(tmp_path, 
 
 
 # --------------------------------------------------------------------------- vLLM
-
-
-def vllm_assignment(hosts: list[str], tp=2, pp=1, **opts) -> Assignment:
-    parts = tuple(Part(host=h, role="main" if i == 0 else "worker", gpus=(0, 1), env={"CUDA_VISIBLE_DEVICES": "0,1"})
-                  for i, h in enumerate(hosts))
-    return Assignment(deployment="qwen", replica=1, term=4, model="/models/qwen", runtime="vllm",
-                      options=RuntimeOptions(**opts), plan=ReplicaPlan(tensor_parallel=tp, pipeline_parallel=pp,
-                                                                      parts=parts),
-                      endpoints=tuple(PartEndpoint(host=h, address=f"10.1.0.{i + 1}", port=40100 + i)
-                                      for i, h in enumerate(hosts)))
 
 
 def test_vllm_single_host_command_line(tmp_path):

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from agentd.errors import InvalidInput
 from agentd.plugins.reserved import check_launch_options
-from tests.test_runtime_plugins import ctx, vllm_assignment
+from agentd.testing.launches import launch_context as ctx
+from agentd.testing.launches import vllm_assignment
 
 TLS_VARS = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
 
