@@ -57,11 +57,11 @@ __all__ = [
     "index_list", "layout_rejection", "main_part_index", "spans_hosts",
 ]
 
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 """The plugin API this agentd offers, "MAJOR.MINOR".
 
 A plugin declares the version it was written for with a module-level
-`AGENTD_PLUGIN_API = "1.1"` (and the keyword `agentd-plugin-api=1.1` in its
+`AGENTD_PLUGIN_API = "1.2"` (and the keyword `agentd-plugin-api=1.2` in its
 package metadata, which `agentd version` reads without importing it). The
 loader refuses a plugin whose major differs, naming the plugin and both
 versions; a plugin for a newer minor loads with a warning (it may implement

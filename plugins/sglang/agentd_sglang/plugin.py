@@ -19,7 +19,7 @@ from agentd_sglang.process import (  # noqa: F401 (act-phase hooks, re-exported 
 )
 
 # The plugin API this plugin was written for; pyproject.toml's keywords say the same for `agentd version`.
-AGENTD_PLUGIN_API = "1.1"
+AGENTD_PLUGIN_API = "1.2"
 NAME = "sglang"
 
 

@@ -20,7 +20,7 @@ from agentd_vllm.process import (  # noqa: F401 (act-phase hooks, re-exported fo
 
 # The plugin API this plugin was written for (agentd.plugins.api.API_VERSION; docs/plugins.md, "Versioning").
 # pyproject.toml says the same in its keywords, for `agentd version` to read without importing the plugin.
-AGENTD_PLUGIN_API = "1.1"
+AGENTD_PLUGIN_API = "1.2"
 NAME = "vllm"
 
 
