@@ -1,6 +1,6 @@
 """Copies of model files between agents against curl, and what hashing costs (issue 19).
 
-    .venv/bin/python benchmarks/model_fetch.py [--gib 2] [--runs 6] [--fetch] [--aiohttp]
+    .venv/bin/python benchmarks/model_fetch.py [--gib 2] [--runs 6] [--fetch] [--aiohttp] [--curl-verify]
 
 On loopback, with the same TLS on both (TLS 1.3, its default suite, one self-signed P-256 certificate):
 
@@ -15,7 +15,8 @@ On loopback, with the same TLS on both (TLS 1.3, its default suite, one self-sig
   * curl: the same file from openssl's `s_server -WWW` (a C static file server) written to disk by
     `curl -o`: throughput, curl's CPU per GiB (rusage of the waited-for child) and s_server's (/proc);
 * `--fetch` adds a copy over the Models.Fetch gRPC stream (what a holder without Open serves),
-  `--aiohttp` curl from aiohttp's static server (slow).
+  `--aiohttp` curl from aiohttp's static server (slow), `--curl-verify` the same work as agentd's with
+  standard tools: `curl | tee FILE | sha256sum` from s_server (download, write and verify).
 
 Each run prints a line; the end prints the median, min and max of each figure and of the ratio
 agentd/curl, and the load average (1 min) at the start, in the runs and at the end.
@@ -270,6 +271,21 @@ def curl_copy(name: str, size: int, port: int, cert: Path, out: Path, server_pid
             "server_cpu_per_gib": (s1 - s0) / gib}
 
 
+def curl_verify_copy(name: str, size: int, port: int, cert: Path, out: Path, sha: str, server_pid: int) -> dict:
+    """What agentd's copy does, with standard tools: curl, tee to the file, sha256sum of the stream."""
+    r0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), proc_cpu(server_pid)
+    t = time.perf_counter()
+    said = subprocess.run(f"curl -sS --fail --tlsv1.3 --cacert '{cert}' 'https://127.0.0.1:{port}/{name}' "
+                          f"| tee '{out}' | sha256sum", shell=True, check=True, capture_output=True, text=True)
+    took = time.perf_counter() - t
+    r1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), proc_cpu(server_pid)
+    assert out.stat().st_size == size and said.stdout.split()[0] == sha
+    gib = size / GiB
+    return {"seconds": took, "gib_per_s": gib / took,
+            "client_cpu_per_gib": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / gib,
+            "server_cpu_per_gib": (s1 - s0) / gib}
+
+
 def start_openssl(root: Path, port: int, cert: Path, key: Path) -> subprocess.Popen:
     """openssl's own HTTPS file server (`s_server -WWW`, C): a second, faster reference than aiohttp's."""
     import socket
@@ -298,6 +314,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=6, help="pairs of copies (agentd and curl, alternating order)")
     ap.add_argument("--fetch", action="store_true", help="also copy over the Models.Fetch gRPC stream (slow)")
     ap.add_argument("--aiohttp", action="store_true", help="also curl from aiohttp's static server (slow)")
+    ap.add_argument("--curl-verify", action="store_true",
+                    help="also curl | tee FILE | sha256sum from s_server: the same work as agentd's copy")
     ap.add_argument("--pause", type=float, default=3.0,
                     help="seconds before each copy: the freed pages of the last one are handed back to the VM host "
                          "(virtio free page reporting, 2 s), so each copy starts alike")
@@ -367,6 +385,13 @@ def main() -> None:
                     run["agentd_over_fetch"] = {k: round(v, 3) for k, v in ours(False).items()}
                 if static is not None:
                     run["curl_aiohttp"] = {k: round(v, 3) for k, v in theirs(hport, static.pid).items()}
+                if args.curl_verify:
+                    time.sleep(args.pause)
+                    try:
+                        v = curl_verify_copy(src.name, size, oport, cert, d / "curl.out", sha, openssl.pid)
+                    finally:
+                        (d / "curl.out").unlink(missing_ok=True)
+                    run["curl_tee_sha256sum"] = {k: round(x, 3) for k, x in v.items()}
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
         finally:
@@ -382,6 +407,8 @@ def main() -> None:
            for who in ("agentd", "curl_openssl") for k in ("gib_per_s", "client_cpu_per_gib", "server_cpu_per_gib")},
         "agentd_loop_worst_lag_ms": max(r["agentd"]["loop_worst_lag_ms"] for r in runs),
         "holder_loop_worst_lag_ms": max(r["agentd"]["holder_loop_worst_lag_ms"] for r in runs),
+        **({"curl_tee_sha256sum_gib_per_s": spread([r["curl_tee_sha256sum"]["gib_per_s"] for r in runs])}
+           if args.curl_verify else {}),
         "load_avg_1m": spread([r["load_avg_1m"] for r in runs]),
         "load_avg_1m_end": result["load_avg_1m_end"],
     }
