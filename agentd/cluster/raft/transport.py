@@ -121,7 +121,11 @@ class _Peer:
         call = self.call
         for part in encode(msg, self.t.cluster_id, self.t.address):
             write = asyncio.ensure_future(call.write(part))
-            done, _ = await asyncio.wait([write], timeout=self.t.write_timeout)
+            try:
+                done, _ = await asyncio.wait([write], timeout=self.t.write_timeout)
+            except asyncio.CancelledError:  # our sender is closing: the write goes with it, its error unread
+                write.cancel()
+                raise
             if not done:
                 # The peer stopped reading (a stalled loop, a full window) but the connection stands: we end
                 # the stream ourselves, so its end is no news (no leader-lost hint: the election timer judges)
