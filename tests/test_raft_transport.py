@@ -30,6 +30,14 @@ def appends(to: str, n: int) -> list[AppendRequest]:
             for _ in range(n)]
 
 
+async def until(condition, seconds: float = 5.0) -> None:
+    """Poll `condition` every 50 ms for up to `seconds` (the assertions after it say what was expected)."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_peer_that_stops_reading_is_unreachable_but_not_lost():
     release = asyncio.Event()
 
@@ -48,10 +56,7 @@ async def test_a_peer_that_stops_reading_is_unreachable_but_not_lost():
     try:
         transport.set_members({"b": f"127.0.0.1:{port}"})
         transport.send(appends("b", 32))
-        for _ in range(100):
-            if seen:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: bool(seen))
         await asyncio.sleep(0.5)  # a connection_lost would come with or right after the unreachable
         assert seen and set(seen) == {("unreachable", "b")}
     finally:
@@ -70,10 +75,7 @@ async def test_a_refused_connection_is_lost():
     try:
         transport.set_members({"c": f"127.0.0.1:{port}"})
         transport.send(appends("c", 1))
-        for _ in range(100):
-            if ("lost", "c") in seen:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: ("lost", "c") in seen)
         assert ("lost", "c") in seen and ("unreachable", "c") in seen
     finally:
         await transport.close()
