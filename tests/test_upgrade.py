@@ -269,8 +269,12 @@ def test_an_agent_that_meets_a_newer_entry_stops_applying_and_says_so(tmp_path, 
     try:
         c.start()  # a (this release) bootstraps and leads; b (0.3.0) joins while the cluster writes format 2
         c.wait_for_inventories()
-        for _ in range(3):  # a hands leadership to b on SIGTERM and comes back as its follower; a transfer
-            restart_as(c, "a", {})  # that times out on a loaded machine leaves a two-node election to chance
+        # a hands leadership to b on SIGTERM and comes back as its follower. In a two-voter cluster b cannot hear a
+        # quorum while a restarts and steps down 0.8 s later (check-quorum); the election once a is back would be
+        # left to chance (a won three in a row once), so a comes back slower to campaign than b.
+        patient = {"AGENTD_ELECTION_TIMEOUT_MIN": "4", "AGENTD_ELECTION_TIMEOUT_MAX": "5"}
+        for _ in range(3):
+            restart_as(c, "a", patient)
             if settled_leader(c) == "b":
                 break
         assert settled_leader(c) == "b"
