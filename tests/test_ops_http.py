@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import socket
@@ -82,6 +83,7 @@ class Provider:
         self.readiness = (True, "leader n1, term 3")
         self.cards: list[ModelCard] = []
         self.endpoints: dict[str, list[Endpoint]] = {}
+        self.then: dict[str, list[Endpoint]] = {}  # a model's endpoints from the next `routes` call on
         self.keys: dict[str, K.ApiKeyRecord] = {}
         self.now = T0
 
@@ -92,7 +94,10 @@ class Provider:
         return self.readiness
 
     def routes(self, model):
-        return self.endpoints.get(model, [])
+        out = self.endpoints.get(model, [])
+        if model in self.then:
+            self.endpoints[model] = self.then.pop(model)
+        return out
 
     def models(self):
         return self.cards
@@ -317,6 +322,22 @@ async def test_connection_failure_retries_another_replica(env):
     provider.endpoints["llama"] = [dead]
     status, body, _ = await post(client, base, key, {"model": "llama"})
     assert status == 502 and body["error"]["code"] == "upstream_unreachable" and "dead" in body["error"]["message"]
+
+
+async def test_a_retry_reads_the_routes_again_when_the_replicas_moved_during_the_request(env):
+    """A drain promoted successors elsewhere and stopped both replicas the request was routed among: the retry
+    goes to a successor, not round the stopped ones until it answers 502 (a clean-clone CI run saw that 502)."""
+    provider, upstream, client, base, metrics = env
+    successor = await upstream("successor")
+    stopped = [Endpoint(url=f"http://127.0.0.1:{free_port()}", api_key="k", ready=True, instance_id=f"old-{i}")
+               for i in range(2)]
+    provider.cards.append(ModelCard(id="llama", tenant="acme"))
+    provider.endpoints["llama"] = stopped
+    provider.then["llama"] = [*(dataclasses.replace(e, ready=False) for e in stopped), ep(successor)]
+    key, _ = provider.new_key("acme")
+    status, body, _ = await post(client, base, key, {"model": "llama"})
+    assert status == 200 and body["instance"] == "successor"
+    assert 'agentd_proxy_retries_total{model="llama"} 1.0' in metrics.render().decode()
 
 
 async def test_http_errors_from_the_model_pass_through_without_retry(env):

@@ -290,7 +290,8 @@ class _Handlers:
                         headers={"Retry-After": "5"}))
             endpoints = await _call(self.provider.routes(model))
             return await request.app[PROXY].forward(request, model=model, body=body, payload=payload,
-                                                    endpoints=endpoints)
+                                                    endpoints=endpoints,
+                                                    refresh=lambda: _call(self.provider.routes(model)))
 
     def _count(self, model: str, endpoint_name: str, resp: web.Response) -> web.Response:
         if self.metrics is not None:

@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +69,10 @@ class Endpoint:
     instance_id: str
     served_model: str | None = None  # the name the server answers to, when it differs from the deployment
     runtime: str = ""  # the runtime plugin, for its load hooks (agentd.api.load)
+
+
+# Reads a model's endpoints again (the provider's `routes`), for the retries of a request (OpenAIProxy._send).
+Refresh = Callable[[], Awaitable[Sequence[Endpoint]]]
 
 
 @dataclass(frozen=True)
@@ -109,17 +113,18 @@ class Balancer:
         return Pressure(busy, queue, free_slot, full, True)
 
     def order(self, model: str, endpoints: Sequence[Endpoint],
-              load: Callable[[str], Sequence[int] | None] | None = None) -> list[Endpoint]:
+              load: Callable[[str], Sequence[int] | None] | None = None, *, turn: bool = True) -> list[Endpoint]:
         """Ready endpoints, least busy first, full ones last. With `load` (what each model server reports,
         agentd.api.load), busy is the larger of this proxy's outstanding count and the server's own, and a
-        server with no free slot goes after those with one."""
+        server with no free slot goes after those with one. Each call takes the model's next turn of the
+        round-robin among ties, unless `turn` is False (a retry of a request that took its turn)."""
         ready = [e for e in endpoints if e.ready]
         if not ready:
             return []
-        turn = self._turn.get(model, 0)
-        self._turn[model] = turn + 1
-        start = turn % len(ready)
-        rotated = ready[start:] + ready[:start]
+        start = self._turn.get(model, 0)
+        if turn:
+            self._turn[model] = start + 1
+        rotated = ready[start % len(ready):] + ready[:start % len(ready)]
 
         def key(e: Endpoint) -> tuple[bool, bool, int]:
             p = self.pressure(e, load)
@@ -243,8 +248,9 @@ class OpenAIProxy:
         return ordered[0]
 
     async def forward(self, request: web.Request, *, model: str, body: bytes, payload: dict[str, Any],
-                      endpoints: Sequence[Endpoint]) -> web.StreamResponse:
-        """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`."""
+                      endpoints: Sequence[Endpoint], refresh: Refresh | None = None) -> web.StreamResponse:
+        """Proxy `request` (already authorized, body read) to the best ready endpoint of `model`. `refresh`
+        reads the model's endpoints again after a replica could not be reached (see `_send`)."""
         endpoint_name = request.path.removeprefix("/v1/")
         if self.board is not None:
             self.board.seen(endpoints, model)
@@ -263,7 +269,7 @@ class OpenAIProxy:
             reserved = got
             ordered = [got, *(e for e in ordered if e.instance_id != got.instance_id)]
         try:
-            return await self._send(request, model, endpoint_name, body, payload, ordered, keys, reserved)
+            return await self._send(request, model, endpoint_name, body, payload, ordered, keys, reserved, refresh)
         finally:
             self.admission.kick(model)  # this request's replica has room again
 
@@ -297,18 +303,20 @@ class OpenAIProxy:
 
     async def _send(self, request: web.Request, model: str, endpoint_name: str, body: bytes,
                     payload: dict[str, Any], ordered: list[Endpoint], keys: Sequence[bytes],
-                    reserved: Endpoint | None) -> web.StreamResponse:
+                    reserved: Endpoint | None, refresh: Refresh | None) -> web.StreamResponse:
         # Fewer ready replicas than attempts: the same ones again. A burst of connections to a model server that
         # has just started (the requests held while it woke) saw one fail with "Can not write request body" in
         # 20 (cause not pinned down; llama-server's HTTP library listens with a backlog of 5), and such a
         # failure is as safe to retry as any other before an answer.
         candidates = [ordered[k % len(ordered)] for k in range(self.max_attempts)]
         failures: list[str] = []
+        tried: set[str] = set()
         started = self._clock()
         attempt = -1
         while attempt + 1 < len(candidates):
             attempt += 1
             ep = candidates[attempt]
+            tried.add(ep.instance_id)
             if keys and self.affinity is not None:
                 self.affinity.record(model, keys, ep.instance_id)
             try:
@@ -316,12 +324,17 @@ class OpenAIProxy:
                     return await self._attempt(request, ep, model, endpoint_name, body, payload, started)
             except RETRYABLE as exc:
                 failures.append(f"{ep.instance_id}: {_short(exc)}")
-                if attempt == 0 and isinstance(exc, STALE) and len(candidates) > 1:
-                    # Closed under us (most often a pooled connection the server had just timed out): the same
-                    # replica at once, on a new connection, keeps its prompt cache; a dead one refuses quickly.
+                at_once = attempt == 0 and isinstance(exc, STALE)  # the same replica again at once, if listed
+                again = []
+                if refresh is not None and attempt + 1 < len(candidates):
+                    again = await self._retry_order(model, ep, at_once, refresh, tried, len(candidates) - attempt - 1)
+                if again:
+                    candidates[attempt + 1:] = again
+                elif at_once and len(candidates) > 1:
                     candidates[1:] = [ep, *candidates[1:-1]]
-                elif attempt + 1 >= len(ordered):  # a replica tried already: give it a moment
-                    await asyncio.sleep(0.05 * (attempt + 1))
+                upcoming = candidates[attempt + 1].instance_id if attempt + 1 < len(candidates) else None
+                if upcoming in tried and not (at_once and upcoming == ep.instance_id):
+                    await asyncio.sleep(0.05 * (attempt + 1))  # a replica tried already: give it a moment
                 log.warning("replica unreachable; trying the next one",
                             extra=fields(model=model, instance=ep.instance_id, attempt=attempt + 1,
                                          error=_short(exc)))
@@ -334,6 +347,21 @@ class OpenAIProxy:
         return self._count(model, endpoint_name, openai_error(
             502, f"could not reach any ready replica of {model!r}: " + "; ".join(failures),
             type_="service_unavailable", code="upstream_unreachable"))
+
+    async def _retry_order(self, model: str, failed: Endpoint, at_once: bool, refresh: Refresh,
+                           tried: set[str], left: int) -> list[Endpoint]:
+        """The next `left` replicas to try after `failed` could not be reached, from the model's endpoints read
+        again: the state may have moved on since the request came in (a drain promoted successors and stopped
+        the replicas it was sent to; a failover re-placed one). Replicas not tried yet go first. With `at_once`
+        (the first attempt was closed under us before any answer, most often on a pooled connection the server
+        had just timed out), `failed` first while it is still listed: a new connection to it keeps its prompt
+        cache, and a dead one refuses quickly. Empty when no replica is ready now."""
+        fresh = self.balancer.order(model, await refresh(), self._load(), turn=False)
+        ring = [e for e in fresh if e.instance_id not in tried] + [e for e in fresh if e.instance_id in tried]
+        listed = next((e for e in ring if e.instance_id == failed.instance_id), None)
+        if at_once and listed is not None:
+            ring = [listed, *(e for e in ring if e is not listed)]
+        return [ring[k % len(ring)] for k in range(left)] if ring else []
 
     async def _attempt(self, request: web.Request, ep: Endpoint, model: str, endpoint_name: str, body: bytes,
                        payload: dict[str, Any], started: float) -> web.StreamResponse:
