@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     runtime_health_timeout: float = 2.0  # one probe, on its own connection
     runtime_liveness_failures: int = Field(default=3, ge=1)  # failed probes in a row before a restart
     runtime_stop_grace: float = 10.0  # SIGTERM -> SIGKILL
+    # A replica a drain replaced answers the requests it holds for at most this long before it stops (0: at once).
+    drain_handoff_timeout: float = Field(default=300.0, ge=0)
     runtime_start_retries: int = Field(default=3, ge=1)  # failed starts in a row before FATAL
     runtime_backoff_initial: float = 1.0  # first restart delay
     runtime_backoff_max: float = 300.0  # restart delay cap
@@ -177,6 +179,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "runtime_startup_timeout", "runtime_health_interval", "runtime_health_timeout", "runtime_stop_grace",
+        "drain_handoff_timeout",
         "runtime_backoff_initial", "runtime_backoff_max", "runtime_stable_after", mode="before",
     )
     @classmethod

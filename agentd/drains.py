@@ -103,12 +103,27 @@ class Drains:
     # ------------------------------------------------------------------ progress, for `agentd nodes`
 
     def remaining(self, host: str) -> tuple[int, str]:
-        """Replicas a drain of `host` (or of its GPUs) still has to move, and why the first blocked one waits."""
+        """Replicas a drain of `host` (or of its GPUs) still has to move, and why the first blocked one waits.
+        A replaced incarnation that the host still reports running counts until it stops: it answers the
+        requests it holds first (agentd/agent/handoff.py; one that must stop first stops at once, and so
+        drops out of the host's report by itself)."""
         left, why = 0, ""
-        for a in self.c.state.all_assignments():
-            if any(c.host == host for c in self.c.state.draining(a)):
+        st = self.c.state
+        for a in st.all_assignments():
+            if any(c.host == host for c in st.draining(a)):
                 left += 1
                 why = why or self.blocked.get((a.deployment, a.replica), "")
+        rep = self.c.reports.get(host)
+        if rep is not None and any(c.drain for c in st.cordons_of(host)):
+            live = {a.instance_id for a in st.incarnations()}
+            lingering = sorted({i.instance_id for i in rep.instances
+                                if i.instance_id not in live and i.state in ("RUNNING", "STARTING", "STOPPING")
+                                and (cur := st.assignments.get((i.deployment, i.replica))) is not None
+                                and cur.generation > i.generation})
+            left += len(lingering)
+            if lingering and not why:
+                why = (f"{lingering[0]} answers the requests it holds" if len(lingering) == 1
+                       else f"{', '.join(lingering)} answer the requests they hold")
         return left, why
 
     # ------------------------------------------------------------------ the loop

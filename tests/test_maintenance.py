@@ -166,6 +166,10 @@ async def test_drain_starts_the_successor_first_and_stops_the_old_replica_only_o
     decisions = await w.coord.tick()
     assert decisions == ["m-r0-g2 on b is ready: it replaces m-r0-g1 on a"]
     assert w.state.assignments_for("m")[0].instance_id == "m-r0-g2" and not w.state.surges
+    # a keeps the old one while it answers the requests it holds (agentd/agent/handoff.py): the drain is not
+    # done until a no longer reports it
+    assert w.coord.drains.remaining("a") == (1, "m-r0-g1 answers the requests it holds")
+    w.report("a")
     assert w.coord.drains.remaining("a") == (0, "")
 
 

@@ -137,6 +137,10 @@ def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
         assert lowest[0] >= 2, f"ready replicas fell to {lowest[0]} during the drain ({took:.1f}s)"
         assert "a" not in hosts_of(c, "m")
         wait_for(lambda: not servers_on(c.root, "a"), 20, "a's llama-servers to stop")
+        # Each old replica answered what it held before it stopped (agentd/agent/handoff.py), and the drain
+        # waited for that.
+        log = (c.root / "a.log").read_text()
+        assert all(f"m-r{r}-g1: stopping, its requests answered" in log for r in (0, 1)), log[-3000:]
 
         # a stays cordoned: a new replica goes elsewhere, and the reason is in the diagnosis when nothing else fits.
         assert cli(c, "scale", "m", "3").returncode == 0

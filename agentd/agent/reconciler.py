@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from agentd.agent.handoff import Handoffs
 from agentd.api.fetch import Fetch
 from agentd.catalog import held_copy
 from agentd.coordinator import InstanceReport
@@ -35,6 +36,11 @@ class Reconciler:
         self.synced = False  # the local state has caught up with the leader's commit index once
         self.fetching: dict[str, tuple[Assignment, Fetch]] = {}  # instance id -> its model's fetch
         self.model_paths: dict[str, str] = {}  # instance id -> this host's copy of its catalog model (localized)
+        hook = d.plugins.pm.hook
+        self.handoffs = Handoffs(load_path=lambda runtime: hook.agentd_load_path(runtime=runtime),
+                                 read=lambda runtime, status, body: hook.agentd_read_load(
+                                     runtime=runtime, status=status, body=body),
+                                 timeout=d.s.drain_handoff_timeout, wake=self.now.set, node=d.node)
 
     async def catch_up(self) -> None:
         """Wait until the local state holds everything the leader had committed when we asked.
@@ -71,10 +77,20 @@ class Reconciler:
                 await asyncio.sleep(0.05)
         self.synced = True
         log.info("caught up with the cluster state", extra=fields(node=d.node, applied=d.raft.last_applied))
+        try:
+            await self._loop()
+        finally:
+            self.handoffs.close()
+
+    async def _loop(self) -> None:
+        d = self.d
         while True:
             self.now.clear()
             try:
-                await d.supervisor.apply(self.runnable(d.state.assignments_on(d.node)))
+                wanted = self.runnable(d.state.assignments_on(d.node))
+                replaced = self.handoffs.keep(d.state, d.supervisor.assignments(),
+                                              {a.instance_id for a in wanted})
+                await d.supervisor.apply(wanted + replaced)
             except asyncio.CancelledError:
                 raise
             except Exception:

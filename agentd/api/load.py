@@ -99,19 +99,7 @@ class LoadBoard:
         path = self._paths[e.runtime]
         if not path:
             return
-        headers = {"Authorization": f"Bearer {e.api_key}"} if e.api_key else {}
-        try:
-            async with session.get(e.url.rstrip("/") + path, headers=headers, timeout=self._timeout) as r:
-                body = await r.read()
-                status = r.status
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            self._load.pop(e.instance_id, None)
-            return
-        try:
-            reading = as_reading(self._read(e.runtime, status, body))
-        except Exception:  # a plugin's bug must not stop the poller
-            log.exception("agentd_read_load failed", extra={"runtime": e.runtime})
-            reading = None
+        reading = await read_load(session, e.url, path, e.api_key, e.runtime, self._read, self._timeout)
         if reading is None:
             self._load.pop(e.instance_id, None)
         else:
@@ -122,3 +110,22 @@ class LoadBoard:
             with contextlib.suppress(Exception):
                 await self.poll_once(session)
             await asyncio.sleep(self.period)
+
+
+async def read_load(session: aiohttp.ClientSession, url: str, path: str, api_key: str | None, runtime: str,
+                    read: Callable[[str, int, bytes], Sequence[int] | None],
+                    timeout: aiohttp.ClientTimeout) -> Reading | None:
+    """One GET of a model server's load path (`url` is its base), read by its plugin; None when it does not
+    answer or the answer is unreadable."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with session.get(url.rstrip("/") + path, headers=headers, timeout=timeout) as r:
+            body = await r.read()
+            status = r.status
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+    try:
+        return as_reading(read(runtime, status, body))
+    except Exception:  # a plugin's bug must not stop the caller
+        log.exception("agentd_read_load failed", extra={"runtime": runtime})
+        return None

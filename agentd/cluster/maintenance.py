@@ -87,6 +87,21 @@ class MaintenanceState:
         """The drain cordons that cover a part of `a`."""
         return [c for c in self.cordons.values() if c.drain and any(c.covers(p.host, p.gpus) for p in a.plan.parts)]
 
+    def successor_of(self, a: Assignment) -> Assignment | None:
+        """The incarnation that replaced `a` and could run beside it (a drain's promoted surge, which did): the
+        same replica's current assignment, of a newer generation, on none of `a`'s GPUs or ports. None for a
+        deleted or scaled-down replica, and for one re-placed onto what `a` holds, which must stop first."""
+        current = self.assignments.get((a.deployment, a.replica))
+        if current is None or current.generation <= a.generation:
+            return None
+        def gpus(x: Assignment) -> set[tuple[str, int]]:
+            return {(p.host, g) for p in x.plan.parts for g in p.gpus}
+
+        def ports(x: Assignment) -> set[tuple[str, int]]:
+            return {(e.host, e.port) for e in x.endpoints}
+
+        return None if gpus(a) & gpus(current) or ports(a) & ports(current) else current
+
     def incarnations(self) -> list[Assignment]:
         """Everything that should run: each replica's assignment and, during a drain, its surge."""
         return sorted([*self.assignments.values(), *self.surges.values()],

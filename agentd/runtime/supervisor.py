@@ -634,6 +634,10 @@ class Supervisor:
         offset = time.time() - self.clock()
         return [self._instance_status(inst, offset) for inst in self._instances.values()]
 
+    def assignments(self) -> list[Assignment]:
+        """What each instance here was launched from (with its server's key and this host's model path)."""
+        return [inst.assignment for inst in self._instances.values()]
+
     def instance(self, instance_id: str) -> InstanceStatus | None:
         inst = self._instances.get(instance_id)
         return self._instance_status(inst, time.time() - self.clock()) if inst else None
