@@ -78,7 +78,7 @@ async def test_a_replaced_replica_runs_until_its_server_says_it_is_idle_then_sto
     old, new = incarnation(1, "a", server.port), incarnation(2, "b", 40002)
     st, woke = drained(old, new), asyncio.Event()
     h = handoffs(woke)
-    assert h.keep(st, [old], set()) == [old] and h.lingering() == ["m-r0-g1"]
+    assert h.keep(st, [old], set()) == [old] and h.replaced() == {"m-r0-g1"}
     await asyncio.sleep(0.4)
     assert server.polls >= 3 and not woke.is_set()  # busy: it keeps running
     assert h.keep(st, [old], set()) == [old]
@@ -86,7 +86,8 @@ async def test_a_replaced_replica_runs_until_its_server_says_it_is_idle_then_sto
     server.busy = 0
     await asyncio.wait_for(woke.wait(), 5)
     assert server.polls - polls >= IDLE_POLLS  # idle on consecutive polls, not on the first
-    assert h.keep(st, [old], set()) == [] and h.lingering() == []
+    assert h.keep(st, [old], set()) == [] and h.replaced() == {"m-r0-g1"}  # until the supervisor stopped it
+    assert h.keep(st, [], set()) == [] and h.replaced() == set()
     assert server.keys == {"Bearer server-key"}  # its own key, as the proxy's load poller sends it
     h.close()
 

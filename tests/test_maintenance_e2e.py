@@ -3,6 +3,7 @@
 Three agents on loopback; two replicas of the tiny model both on a. `agentd drain a`
 moves them to b and c while a client sends a completion every 100 ms through c:
 no request fails, and the deployment never has fewer than two ready replicas.
+A stream begun before a drain runs to its last token on the replaced replica.
 The records and decisions behind it are tested without processes in
 tests/test_maintenance.py.
 """
@@ -192,5 +193,61 @@ def test_nodes_rm_re_places_leaves_raft_and_keeps_the_host_out(tmp_path):
         assert r.returncode == 2 and "removed already" in r.stderr
         r = cli(c, "nodes", "rm", "nosuch")
         assert r.returncode == 2 and "no host named 'nosuch'" in r.stderr
+    finally:
+        c.stop()
+
+
+def test_a_stream_running_when_its_replica_is_replaced_runs_to_its_end(tmp_path):
+    """The old replica of a drain answers what it holds before it stops (agentd/agent/handoff.py): a stream of
+    1,800 tokens, begun before `agentd drain`, still runs when the successor is promoted (the model is big
+    enough to take several seconds), and ends with its last token, not cut."""
+    model = write_tiny_llama_gguf(tmp_path / "medium.gguf", n_layers=8, hidden=768, heads=8, kv_heads=8, ffn=2048,
+                                  ctx=2048, dtype="f16")
+    base = free_port_block()
+    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "ac"],
+                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    try:
+        c.start()
+        c.wait_for_inventories()
+        assert cli(c, "cordon", "c").returncode == 0
+        r = cli(c, "deploy", "m", "--model", str(model), "--runtime", "llamabox", "--ctx-size", "2048",
+                "--wait", "90")
+        assert r.returncode == 0, r.stderr
+        assert hosts_of(c, "m") == ["a"]
+        assert cli(c, "uncordon", "c").returncode == 0
+
+        chunks: list[dict] = []
+        ended: list[str] = []
+
+        def stream() -> None:
+            body = json.dumps({"model": "m", "prompt": "Hi", "max_tokens": 1800, "ignore_eos": True,
+                               "stream": True}).encode()
+            req = urllib.request.Request(f"http://{c.agents['c'].http_listen}/v1/completions", data=body,
+                                         method="POST", headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    for line in resp:
+                        if line.startswith(b"data: [DONE]"):
+                            ended.append("done")
+                        elif line.startswith(b"data: "):
+                            chunks.append(json.loads(line[6:]))
+            except Exception as exc:
+                ended.append(repr(exc)[:300])
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        wait_for(lambda: len(chunks) >= 20 or ended, 30, "the stream to begin")
+        r = cli(c, "drain", "a", "--timeout", "120")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert hosts_of(c, "m") == ["c"]
+        reader.join(120)
+        assert ended == ["done"], (ended, len(chunks))
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(chunks) > 1000 and chunks[-1].get("usage", {}).get("completion_tokens") == 1800, chunks[-1]
+        assert "waiting: m-r0-g1 answers the requests it holds" in r.stdout, r.stdout
+        log = (c.root / "a.log").read_text()
+        answered = re.search(r"m-r0-g1: stopping, its requests answered after ([0-9.]+)s", log)
+        assert answered and float(answered.group(1)) > 1.5, log[-3000:]
+        assert not servers_on(c.root, "a")  # the drain returned once it stopped
     finally:
         c.stop()

@@ -93,9 +93,10 @@ class Handoffs:
         self._kept = kept
         return [h.assignment for h in kept.values() if not h.done]
 
-    def lingering(self) -> list[str]:
-        """The instance ids kept for now."""
-        return sorted(iid for iid, h in self._kept.items() if not h.done)
+    def replaced(self) -> set[str]:
+        """The replaced incarnations this host still runs (answering their requests, or being stopped): the
+        reporter reports them, so the leader counts them as left to move until they are gone."""
+        return set(self._kept)
 
     def close(self) -> None:
         for h in self._kept.values():

@@ -74,6 +74,9 @@ class Reporter:
     def local_instances(self) -> list[InstanceReport]:
         d = self.d
         wanted = {a.instance_id: a for a in d.state.assignments_on(d.node)}
+        replaced = d.reconciler.handoffs.replaced()  # a drain's old replicas, answering what they hold
+        if replaced:
+            wanted.update((a.instance_id, a) for a in d.supervisor.assignments() if a.instance_id in replaced)
         out: list[InstanceReport] = []
         for st in d.supervisor.status():
             a = wanted.get(st.instance_id)
