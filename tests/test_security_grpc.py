@@ -13,7 +13,7 @@ import pytest
 from agentd.errors import PeerError
 from agentd.security import apikeys as K
 from agentd.security import ca as C
-from agentd.security.auth import AuthInterceptor, current_caller
+from agentd.security.auth import ADMITTED_METADATA, AuthInterceptor, admitted_metadata, current_caller
 from agentd.security.tls import (
     INSECURE_WARNING,
     TlsIdentity,
@@ -93,9 +93,9 @@ def channel(port, creds):
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "n1")])
 
 
-async def leader(port, creds):
+async def leader(port, creds, metadata=None):
     async with channel(port, creds) as ch:
-        return await pb_grpc.ControlStub(ch).Leader(pb.LeaderRequest(), timeout=5)
+        return await pb_grpc.ControlStub(ch).Leader(pb.LeaderRequest(), timeout=5, metadata=metadata)
 
 
 async def code_of(coro):
@@ -208,6 +208,48 @@ async def test_a_host_admitted_a_moment_ago_is_let_in_and_a_stranger_refused_aft
         assert loop.time() - started >= 2.0, "refused only once the grace ran out"
         monkeypatch.setattr("agentd.security.auth.MEMBER_WAITERS", 0)  # no room to wait: refused at once
         code, _ = await code_of(leader(port, channel_credentials(stranger)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await srv.stop(None)
+
+
+async def test_a_host_naming_its_admission_index_waits_for_it_and_a_stranger_is_refused_once_it_is_applied(pki):
+    """With the join reply's admission index on the call, the follower waits until it has applied that far, past
+    the grace (a follower seconds behind in a 2,048-host join), and then answers at once, member or not."""
+    loop = asyncio.get_running_loop()
+    applied = [10]
+    members = lambda name: name == "n1" or (name == "n2" and applied[0] >= 12)  # noqa: E731
+    srv = grpc.aio.server(interceptors=[AuthInterceptor(lambda t: None, is_member=members, member_grace=0.2,
+                                                        applied=lambda: applied[0], member_catchup=5.0)])
+    pb_grpc.add_ControlServicer_to_server(Control(), srv)
+    port, _ = add_secure_ports(srv, pki["server"], listen="127.0.0.1:0", token_listen="127.0.0.1:0")
+    await srv.start()
+    stranger = ident(pki["ca"], "n3", "node")
+
+    async def apply_later(delay: float, index: int) -> None:
+        await asyncio.sleep(delay)
+        applied[0] = index
+
+    try:
+        started = loop.time()
+        catch_up = asyncio.create_task(apply_later(1.0, 12))  # n2 was admitted at 12; this agent gets there 1 s on
+        reply = await leader(port, channel_credentials(pki["peer"]), metadata=admitted_metadata(12))
+        assert reply.leader_id == "cert:n2:node" and loop.time() - started >= 0.9  # waited past the 0.2 s grace
+        await catch_up
+        # A stranger naming an index applied already: refused at once, without the grace.
+        started = loop.time()
+        code, details = await code_of(leader(port, channel_credentials(stranger), metadata=admitted_metadata(11)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "'n3' is not a member" in details
+        assert loop.time() - started < 0.15
+        # ... or one not applied yet: refused once it is, not at the end of the 5 s catch-up.
+        started = loop.time()
+        catch_up = asyncio.create_task(apply_later(0.5, 13))
+        code, _ = await code_of(leader(port, channel_credentials(stranger), metadata=admitted_metadata(13)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and 0.4 <= loop.time() - started < 2.0
+        await catch_up
+        # Garbage in the metadata counts as no index: the grace.
+        code, _ = await code_of(leader(port, channel_credentials(stranger),
+                                       metadata=((ADMITTED_METADATA, "not-a-number"),)))
         assert code == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await srv.stop(None)

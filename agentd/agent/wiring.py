@@ -122,7 +122,8 @@ class Daemon:
         self.auth: AuthInterceptor | None = None
         if self.secure:
             self.auth = AuthInterceptor(self.verify_bearer, bindings=NODE_CLAIMS,
-                                        revoked=self.state.cert_revocation, is_member=self.membership.is_member)
+                                        revoked=self.state.cert_revocation, is_member=self.membership.is_member,
+                                        applied=lambda: self.raft.last_applied)
             self.state.subscribe(self._on_revocation)
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[self.auth] if self.auth else [])
         self.raft = RaftNode(self.node, settings.advertise_address, self.data_dir, self.state,

@@ -173,18 +173,20 @@ class RaftJoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., has_log: _Optional[bool] = ..., agent_version: _Optional[str] = ..., state_format: _Optional[int] = ..., can_watch: _Optional[bool] = ...) -> None: ...
 
 class RaftJoinReply(_message.Message):
-    __slots__ = ("watcher", "cluster_id", "leader_id", "members", "voter")
+    __slots__ = ("watcher", "cluster_id", "leader_id", "members", "voter", "admitted_index")
     WATCHER_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_INDEX_FIELD_NUMBER: _ClassVar[int]
     watcher: bool
     cluster_id: str
     leader_id: str
     members: _containers.RepeatedCompositeFieldContainer[RaftMember]
     voter: bool
-    def __init__(self, watcher: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ..., voter: _Optional[bool] = ...) -> None: ...
+    admitted_index: int
+    def __init__(self, watcher: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[RaftMember, _Mapping]]] = ..., voter: _Optional[bool] = ..., admitted_index: _Optional[int] = ...) -> None: ...
 
 class RaftLeaveRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -215,7 +215,7 @@ class MembershipKeeper:
             log.info("a host joined as a watcher", extra=fields(node=node.id, watcher=req.node_id))
             await node.on_watcher_joined(req.node_id, req.address)
             return pb.RaftJoinReply(cluster_id=node.cluster_id, leader_id=node.id, watcher=True,
-                                    members=_members_pb(node.members))
+                                    members=_members_pb(node.members), admitted_index=node.commit_index)
         async with asyncio.timeout(node.options.catch_up_timeout + node.options.propose_timeout):
             if existing is None:
                 await self.add_member(req.node_id, req.address, voter=False)
@@ -234,7 +234,7 @@ class MembershipKeeper:
                     await self.wait_caught_up(req.node_id)
         return pb.RaftJoinReply(cluster_id=node.cluster_id, leader_id=node.id,
                                 voter=self.seats.should_vote(node.core.membership, req.node_id),
-                                members=_members_pb(node.members))
+                                members=_members_pb(node.members), admitted_index=node.commit_index)
 
     async def handle_leave(self, req: pb.RaftLeaveRequest, forwarded: bool) -> pb.RaftLeaveReply:
         if not self.node.is_leader:

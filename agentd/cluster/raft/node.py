@@ -783,6 +783,7 @@ class RaftNode:
             self._become_watcher(reply.cluster_id, seeds)
             self.watcher.members = {m.id: Member(m.id, m.address, m.voter) for m in reply.members}
             self.watcher.busy_voter = reply.leader_id  # streams first from a voter that does not lead
+            self.watcher.admitted_index = reply.admitted_index
             log.info("joined the cluster as a watcher", extra=fields(node=self.id, cluster=reply.cluster_id,
                                                                     leader=reply.leader_id))
             return

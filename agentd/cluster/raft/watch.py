@@ -43,6 +43,7 @@ from agentd.cluster.raft.storage import RaftStorageError
 from agentd.cluster.raft.types import Entry, EntryKind, Member, Membership
 from agentd.errors import UpgradeRequired
 from agentd.logs import fields
+from agentd.security.auth import admitted_metadata
 from agentd.v1 import raft_pb2 as pb
 from agentd.v1 import raft_pb2_grpc
 
@@ -241,6 +242,7 @@ class Watcher:
         self.upgrade_required = ""
         self.source = ""  # the voter it streams from now
         self.busy_voter = ""  # the leader as the join named it, until the stream names one
+        self.admitted_index = 0  # what the join reply said (0: joined before this start); named on each Watch
         self.applied_event = asyncio.Event()
         self._delivered = False  # the current round's stream delivered an event
 
@@ -292,7 +294,7 @@ class Watcher:
         stub = raft_pb2_grpc.RaftStub(ch)
         req = pb.RaftWatchRequest(node_id=self.node_id, cluster_id=self.cluster_id,
                                   from_index=self.last_applied + 1 if self.last_applied else 0)
-        call = stub.Watch(req)
+        call = stub.Watch(req, metadata=admitted_metadata(self.admitted_index))
         self.source = address
         async for ev in call:
             self._delivered = True
