@@ -114,6 +114,21 @@ async def test_a_server_that_does_not_answer_or_a_runtime_without_a_load_path_st
         h.close()
 
 
+async def test_a_load_hook_that_fails_ends_the_handoff_after_the_settle(server):
+    old, new = incarnation(1, "a", server.port), incarnation(2, "b", 40002)
+    st, woke = drained(old, new), asyncio.Event()
+
+    def broken(runtime: str) -> str:
+        raise RuntimeError("plugin bug")
+
+    h = Handoffs(load_path=broken, read=read, timeout=30, wake=woke.set, settle=0.2, period=0.02)
+    started = asyncio.get_running_loop().time()
+    assert h.keep(st, [old], set()) == [old]
+    await asyncio.wait_for(woke.wait(), 5)
+    assert asyncio.get_running_loop().time() - started >= 0.2 and h.keep(st, [old], set()) == []
+    h.close()
+
+
 async def test_only_a_successor_that_could_run_beside_it_makes_a_handoff(server):
     old = incarnation(1, "a", server.port)
     woke = asyncio.Event()

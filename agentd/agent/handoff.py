@@ -13,9 +13,9 @@ passes; then the reconciler stops it as it stops anything else.
 Only a replacement that could run beside it is a hand-off: the state holds a newer
 generation of the same replica on none of its GPUs and ports (`successor_of`). A
 deleted deployment, a replica scaled down (which has its own leave step) or one
-re-placed onto what it holds stops at once, as before. The
-leader counts a replaced incarnation a host still reports as left to move, so
-`agentd drain` returns once nothing of the host's old replicas runs.
+re-placed onto what it holds stops at once, as before. The host reports what it
+keeps, and the leader counts it as left to move, so `agentd drain` returns once
+nothing of the host's old replicas runs.
 """
 
 from __future__ import annotations
@@ -106,18 +106,20 @@ class Handoffs:
 
     async def _watch(self, h: _Handoff) -> None:
         a = h.assignment
-        why = await self._until_idle(a, h.since)
+        try:
+            why = await self._until_idle(a, h.since)
+        except Exception as exc:  # a plugin's load hook failed: no reason to keep it
+            why = f"its load could not be read ({type(exc).__name__}: {str(exc)[:200]})"
         h.done = True
         log.info(f"{a.instance_id}: stopping, {why}", extra=fields(node=self.node, instance=a.instance_id))
         self._wake()
 
     async def _until_idle(self, a: Assignment, since: float) -> str:
-        path = self._load_path(a.runtime)
         main = next((i for i, p in enumerate(a.plan.parts) if p.role == "main"), 0)
         ep = a.endpoints[main]
         url = f"http://{url_host(ep.address)}:{ep.port}"
         poll_timeout = aiohttp.ClientTimeout(total=max(0.2, min(1.0, self.period * 4)))
-        idle = 0
+        idle, first, path = 0, True, None
         async with aiohttp.ClientSession() as session:
             while True:
                 await asyncio.sleep(self.period)
@@ -126,6 +128,8 @@ class Handoffs:
                     return f"still busy after {self.timeout:g}s (drain_handoff_timeout)"
                 if elapsed < self.settle:
                     continue
+                if first:
+                    path, first = self._load_path(a.runtime), False
                 if not path:
                     return "its runtime does not say how busy it is"
                 reading = await read_load(session, url, path, a.api_key, a.runtime, self._read, poll_timeout)
