@@ -281,10 +281,12 @@ async def _simulate(cfg: dict) -> None:
         if reply is None or not reply.watcher:
             raise RuntimeError(f"not joined as a watcher: {reply}")
         w = Watcher(name, reply.cluster_id, HostState(name, shared, seen), list(seeds), channel)
+        w.admitted_index = reply.admitted_index  # as RaftNode._join: named on its Watch calls
         watchers.append(w)
         asyncio.get_running_loop().create_task(w.run())
         inv, view, choice = sim_inventory(name), _RaftView(w), RelayChoice(name)
         rs = ReportStream(name, address)  # the daemon's report client, its default reply timeout
+        rs.admitted_index = reply.admitted_index  # as the reporter does (RaftNode.admitted_index)
         streams.append(rs)
         await asyncio.sleep(every * random.random())  # spread the reports over the period
         while True:

@@ -225,6 +225,9 @@ async def test_a_watcher_keeps_its_stream_to_its_voter_when_the_leader_changes(t
         leader = await c.three()
         w = await c.start("w", join=[c.addr["n1"]])
         assert w.watcher is not None
+        # The join reply's admission index, named on its calls to voters (agentd.security.auth): the leader's last
+        # log index when it answered, the voters' config entries at least.
+        assert 3 <= w.admitted_index == w.watcher.admitted_index <= leader.core.log.last_index()
         await leader.propose(b"x")
         await c.until(lambda: w.sm.items == [b"x"] and w.leader_id == leader.id, what="the watcher follows")
         source = w.watcher.source

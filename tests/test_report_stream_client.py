@@ -16,6 +16,7 @@ import pytest
 from agentd.api import report_stream
 from agentd.api.report_stream import ReportStream, StreamEnded
 from agentd.reports import inventory_digest
+from agentd.security.auth import ADMITTED_METADATA
 from agentd.v1 import control_pb2 as pb
 
 VERSION = ("0.2.0", 2, 2, "")
@@ -28,6 +29,7 @@ class Leader:
 
     def __init__(self, *, streams: bool = True, end_after: int = 0, digests: bool = True):
         self.messages: list[list[pb.ReportUpdate]] = []  # per stream
+        self.metadata: list[dict] = []  # per stream, what its call carried
         self.end_after = end_after
         self.digests = digests
         self.held: set[bytes] = set()
@@ -43,6 +45,7 @@ class Leader:
     async def _stream(self, requests, context):
         mine: list[pb.ReportUpdate] = []
         self.messages.append(mine)
+        self.metadata.append(dict(context.invocation_metadata()))
         async for m in requests:
             mine.append(m)
             if m.inventory_json:
@@ -191,4 +194,23 @@ async def test_a_receiver_before_digests_gets_the_inventory_at_once_and_on_every
             assert [bool(m.inventory_json) for m in leader.messages[-1]] == [True]
             assert len(leader.messages) == 5
     finally:
+        await leader.server.stop(None)
+
+
+async def test_a_stream_names_the_hosts_admission_index_once_it_has_one():
+    """A voter that has not applied a new host's admission waits for that index rather than refuse the stream
+    (agentd.security.auth, ADMITTED_METADATA); a host that did not join in this run names none."""
+    leader = Leader()
+    await leader.server.start()
+    rs = ReportStream("h", "127.0.0.1:1")
+    try:
+        async with grpc.aio.insecure_channel(leader.address) as ch:
+            await send(rs, ch, leader.address)
+            rs.close()
+            rs.admitted_index = 4242
+            await send(rs, ch, leader.address)
+        assert ADMITTED_METADATA not in leader.metadata[0]
+        assert leader.metadata[1][ADMITTED_METADATA] == "4242"
+    finally:
+        rs.close()
         await leader.server.stop(None)

@@ -215,7 +215,7 @@ async def test_a_host_admitted_a_moment_ago_is_let_in_and_a_stranger_refused_aft
 
 async def test_a_host_naming_its_admission_index_waits_for_it_and_a_stranger_is_refused_once_it_is_applied(pki):
     """With the join reply's admission index on the call, the follower waits until it has applied that far, past
-    the grace (a follower seconds behind in a 2,048-host join), and then answers at once, member or not."""
+    the grace (a follower seconds behind in a 2,048-host join), and then for the grace at most."""
     loop = asyncio.get_running_loop()
     applied = [10]
     members = lambda name: name == "n1" or (name == "n2" and applied[0] >= 12)  # noqa: E731
@@ -236,16 +236,16 @@ async def test_a_host_naming_its_admission_index_waits_for_it_and_a_stranger_is_
         reply = await leader(port, channel_credentials(pki["peer"]), metadata=admitted_metadata(12))
         assert reply.leader_id == "cert:n2:node" and loop.time() - started >= 0.9  # waited past the 0.2 s grace
         await catch_up
-        # A stranger naming an index applied already: refused at once, without the grace.
+        # A stranger naming an index applied already: refused after the grace, not the catch-up.
         started = loop.time()
         code, details = await code_of(leader(port, channel_credentials(stranger), metadata=admitted_metadata(11)))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "'n3' is not a member" in details
-        assert loop.time() - started < 0.15
-        # ... or one not applied yet: refused once it is, not at the end of the 5 s catch-up.
+        assert 0.2 <= loop.time() - started < 1.5
+        # ... or one not applied yet: refused the grace after it is, not at the end of the 5 s catch-up.
         started = loop.time()
         catch_up = asyncio.create_task(apply_later(0.5, 13))
         code, _ = await code_of(leader(port, channel_credentials(stranger), metadata=admitted_metadata(13)))
-        assert code == grpc.StatusCode.PERMISSION_DENIED and 0.4 <= loop.time() - started < 2.0
+        assert code == grpc.StatusCode.PERMISSION_DENIED and 0.65 <= loop.time() - started < 2.5
         await catch_up
         # Garbage in the metadata counts as no index: the grace.
         code, _ = await code_of(leader(port, channel_credentials(stranger),

@@ -118,6 +118,7 @@ class Reporter:
             channel = d.channels.get(address)
             activity = activity_to_pb(d.activity.report())  # idle clocks and replica queues (issue 21)
             watches = getattr(d.raft.watcher, "source", "") or ""  # a watcher's voter (agentd nodes: WATCHES)
+            d.report_stream.admitted_index = d.raft.admitted_index
             try:
                 if d.report_stream.unary(address):  # an agentd 0.1.0 leader: one Report call per report
                     req = pb.ReportRequest(node=d.node, address=d.s.advertise_address,

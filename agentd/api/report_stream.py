@@ -38,6 +38,7 @@ import grpc
 from agentd.cluster.report_timing import DEFAULT
 from agentd.cluster.stream_call import CallEnded, exchange
 from agentd.reports import inventory_digest
+from agentd.security.auth import admitted_metadata
 from agentd.v1 import control_pb2 as pb
 from agentd.v1 import control_pb2_grpc as pb_grpc
 
@@ -67,6 +68,7 @@ class ReportStream:
     # (RelayTimings.host_timeout: a host whose voter hangs leaves it well before its lease runs out).
     timeout: float = DEFAULT.host_timeout
     target: str = ""  # the leader address the open stream goes to
+    admitted_index: int = 0  # this host's admission (the join reply's): a voter behind it waits for it, not refuses
     _call: Any = None
     _sent: _Sent = field(default_factory=_Sent)
     _unary: dict[str, float] = field(default_factory=dict)  # leader address -> until when it gets unary reports
@@ -131,7 +133,7 @@ class ReportStream:
 
     def _open(self, channel: grpc.aio.Channel, target: str) -> None:
         self.close()
-        self._call = pb_grpc.AgentStub(channel).ReportStream()
+        self._call = pb_grpc.AgentStub(channel).ReportStream(metadata=admitted_metadata(self.admitted_index))
         self.target = target
         self.opened += 1
 

@@ -211,11 +211,14 @@ class MembershipKeeper:
             raise self._ask_the_leader()
         core = node.leader_core()
         existing = core.membership.get(req.node_id)
+        # The reply's admission index is the leader's last log index: it holds the entry that admitted the joiner
+        # even when the leader answers before that entry committed (a watcher's record proposed under load times
+        # out, and the join goes on; it commits later). A voter that applied this far knows the joiner.
         if existing is None and req.can_watch and not self.seats.wants_member(core.membership, req.node_id):
             log.info("a host joined as a watcher", extra=fields(node=node.id, watcher=req.node_id))
             await node.on_watcher_joined(req.node_id, req.address)
             return pb.RaftJoinReply(cluster_id=node.cluster_id, leader_id=node.id, watcher=True,
-                                    members=_members_pb(node.members), admitted_index=node.commit_index)
+                                    members=_members_pb(node.members), admitted_index=core.log.last_index())
         async with asyncio.timeout(node.options.catch_up_timeout + node.options.propose_timeout):
             if existing is None:
                 await self.add_member(req.node_id, req.address, voter=False)
@@ -234,7 +237,7 @@ class MembershipKeeper:
                     await self.wait_caught_up(req.node_id)
         return pb.RaftJoinReply(cluster_id=node.cluster_id, leader_id=node.id,
                                 voter=self.seats.should_vote(node.core.membership, req.node_id),
-                                members=_members_pb(node.members), admitted_index=node.commit_index)
+                                members=_members_pb(node.members), admitted_index=core.log.last_index())
 
     async def handle_leave(self, req: pb.RaftLeaveRequest, forwarded: bool) -> pb.RaftLeaveReply:
         if not self.node.is_leader:
