@@ -279,8 +279,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """`revoked(name, issued_at)` says why a certificate is revoked ("" when it is not);
         `is_member(name)` is True / False, or None while this agent is in no cluster yet (a new host learns
         the members from the log the leader sends it, so it cannot refuse that leader); a node that is not
-        a member is asked again for `member_grace` seconds before it is refused, or, when it names its
-        admission index (ADMITTED_METADATA), until this agent has `applied` that far (at most
+        a member is asked again for `member_grace` seconds before it is refused; when it names its
+        admission index (ADMITTED_METADATA), first until this agent has `applied` that far (at most
         `member_catchup` seconds)."""
         self._verify = verify_bearer
         self._rules = tuple(rules)

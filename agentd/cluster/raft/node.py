@@ -180,8 +180,8 @@ class RaftNode:
         # Watchers (agentd/cluster/raft/watch.py): a member serves its applied entries; a watcher follows one.
         self.feed = WatchFeed()
         self.watcher: Watcher | None = None
-        # The commit index that admitted this node (its join reply's; 0 when it did not join in this run): its
-        # calls to voters name it, so a voter behind it waits instead of refusing it (agentd.security.auth).
+        # The log index that admitted this node (its join reply's; 0 when it did not join in this run): its calls
+        # to voters name it, so a voter behind it waits instead of refusing it (agentd.security.auth).
         self.admitted_index = 0
         self.can_watch: Callable[[str], bool] = lambda member_id: False  # the daemon: runs a release that can
         self.on_removed: Callable[[], bool] = lambda: False  # True: a learner removed to make it a watcher
