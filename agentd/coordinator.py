@@ -178,6 +178,7 @@ class Coordinator:
         port_range: tuple[int, int],
         node_down_grace: float,
         report_interval: float = 1.0,
+        report_wait: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         propose_timeout: float = 10.0,
         inspect_timeout: float = INSPECT_TIMEOUT,
@@ -197,6 +198,10 @@ class Coordinator:
         self.port_range = port_range
         self.node_down_grace = node_down_grace
         self.report_interval = report_interval
+        # How long a new leader waits for every known host's first report before it trusts what it heard
+        # (heard_from_known_hosts). The daemon adds its hosts' relay jitter: after a failover a host whose voter
+        # fails it waits up to that long before it reports to the leader directly (agentd/cluster/relay.py).
+        self.report_wait = 2.5 * report_interval if report_wait is None else report_wait
         self.clock = clock
         self.propose_timeout = propose_timeout
         self.reports: dict[str, NodeReport] = {}
@@ -408,7 +413,7 @@ class Coordinator:
         """True once every host the state knows as up reported to this leader, or the wait for them is over."""
         if self.leader_since is None:
             return True
-        if self.clock() >= self.leader_since + 2.5 * self.report_interval:
+        if self.clock() >= self.leader_since + self.report_wait:
             return True
         # Reports kept from an earlier spell as leader do not count: they may be minutes old.
         return all(n in self._reported_since_leading for n, rec in self.state.nodes.items() if rec.state == NODE_UP)

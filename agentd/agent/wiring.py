@@ -136,11 +136,13 @@ class Daemon:
         self.supervisor = Supervisor(node=self.node, data_dir=self.data_dir, plugins=self.plugins,
                                      settings=settings, simulated_gpus=settings.simulate_inventory is not None,
                                      on_event=self._on_process_event)
+        self.report_timings = RelayTimings.for_grace(settings.node_down_grace)  # issue16: timeouts from the grace
         self.coordinator = Coordinator(
             state=self.state, consensus=self.raft, place=Placer(self.plugins), inspect=inspect_model,
             validate_runtime=self.plugins.runtime, validate_spec=self.plugins.check_launch_options,
             port_range=settings.port_range,
             node_down_grace=settings.node_down_grace, report_interval=REPORT_INTERVAL,
+            report_wait=2.5 * REPORT_INTERVAL + self.report_timings.jitter,
             idle_report_max_age=settings.idle_report_max_age, autoscale_up_after=settings.autoscale_up_after,
             autoscale_down_after=settings.autoscale_down_after, autoscale_cooldown=settings.autoscale_cooldown,
             scale_down_timeout=settings.scale_down_timeout)
@@ -167,7 +169,6 @@ class Daemon:
         self.cluster_clock = ClusterClock(wall=lambda: self.wall())
         self.agent.clock = self.cluster_clock
         # issue16 relay: a voter relays its watchers' reports to the leader; a watcher reports through its voter
-        self.report_timings = RelayTimings.for_grace(settings.node_down_grace)  # issue16: timeouts from the grace
         self.relay = ReportRelay(self.node, self.raft, self.channels.get, timings=self.report_timings)
         self.agent.relay = self.relay
         self.relay_choice = RelayChoice(self.node, jitter=self.report_timings.jitter)
