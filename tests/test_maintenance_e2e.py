@@ -40,6 +40,14 @@ def cli(c: LocalCluster, *args: str, timeout: float = 120) -> subprocess.Complet
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def one_gpu_hosts(root: Path, names: str, ports: int = 100) -> LocalCluster:
+    """An unstarted cluster of simulated one-GPU hosts, their model servers on a free block of `ports` ports."""
+    base = free_port_block()
+    return LocalCluster(root, hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in names],
+                        extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + ports - 1}]",
+                                   "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+
+
 def ready_replicas(c: LocalCluster, name: str) -> int:
     with c.agents["c"].client(timeout=5) as client:
         rows = client.call("ListInstances", pb.ListInstancesRequest(deployment=name)).instances
@@ -91,9 +99,7 @@ class Client(threading.Thread):
 
 def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = free_port_block()
-    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
-                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    c = one_gpu_hosts(tmp_path / "c", "abc")
     try:
         c.start()
         c.wait_for_inventories()
@@ -159,9 +165,7 @@ def test_drain_moves_every_replica_without_a_failed_request(tmp_path):
 
 def test_nodes_rm_re_places_leaves_raft_and_keeps_the_host_out(tmp_path):
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    base = free_port_block()
-    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "abc"],
-                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 49}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    c = one_gpu_hosts(tmp_path / "c", "abc", ports=50)
     try:
         c.start()
         c.wait_for_inventories()
@@ -203,9 +207,7 @@ def test_a_stream_running_when_its_replica_is_replaced_runs_to_its_end(tmp_path)
     enough to take several seconds), and ends with its last token, not cut."""
     model = write_tiny_llama_gguf(tmp_path / "medium.gguf", n_layers=8, hidden=768, heads=8, kv_heads=8, ffn=2048,
                                   ctx=2048, dtype="f16")
-    base = free_port_block()
-    c = LocalCluster(tmp_path / "c", hosts=[simulated_host(n, gpus=1, gpu_gib=8) for n in "ac"],
-                     extra_env={"AGENTD_PORT_RANGE": f"[{base},{base + 99}]", "AGENTD_RUNTIME_STOP_GRACE": "1s"})
+    c = one_gpu_hosts(tmp_path / "c", "ac")
     try:
         c.start()
         c.wait_for_inventories()
