@@ -47,6 +47,7 @@ from agentd.drains import Drains
 from agentd.errors import AgentdError, InvalidInput, NotAvailable, Unplaceable
 from agentd.inspection import INSPECT_TIMEOUT, BoundedInspector
 from agentd.logs import fields
+from agentd.runtime.states import LIVE_STATES
 from agentd.types import (
     Assignment,
     ClusterInventory,
@@ -347,6 +348,19 @@ class Coordinator:
                 out.append(inventory)
         return out
 
+    def booked(self) -> list[Assignment]:
+        """What holds GPUs and ports, as placement must see it: every incarnation of the state, and each one a
+        drain replaced (`state.replaced`) that a host still reports running, because it answers the requests
+        it holds before it stops (agentd/agent/handoff.py). A host silent past the grace reports nothing."""
+        out = self.state.incarnations()
+        replaced = self.state.replaced
+        if not replaced:
+            return out
+        since = self.clock() - self.node_down_grace
+        held = {i.instance_id for rep in self.reports.values() if rep.last_seen >= since for i in rep.instances
+                if i.instance_id in replaced and i.state in LIVE_STATES}
+        return out + [replaced[iid] for iid in sorted(held)]
+
     def snapshot(self, exclude_hosts: Sequence[str] = ()) -> ClusterInventory:
         """The live hosts as placement sees them: cordons (from the replicated state) marked on them."""
         hosts = [h for h in self.live_hosts() if h.name not in exclude_hosts]
@@ -495,7 +509,7 @@ class Coordinator:
             raise InvalidInput(str(exc), where=None if exc.where == "model" else "model") from None
 
     def _plan(self, spec: DeploymentSpec, model: ModelInfo, exclude_deployment: str) -> tuple[Plan, ModelInfo, float]:
-        existing = [a for a in self.state.incarnations() if a.deployment != exclude_deployment]
+        existing = [a for a in self.booked() if a.deployment != exclude_deployment]
         started = time.perf_counter()
         with collector_paused():
             plan = self._place(self.snapshot(), model, spec, existing)
@@ -843,9 +857,9 @@ class Coordinator:
 
     def _ports_in_use(self) -> dict[str, set[int]]:
         """Ports per address, so agents sharing one address (one machine) never collide: those of every
-        assignment, and those that other processes hold on a host (its report's foreign_ports)."""
+        assignment (`booked`), and those that other processes hold on a host (its report's foreign_ports)."""
         used: dict[str, set[int]] = {}
-        for a in self.state.incarnations():
+        for a in self.booked():
             for ep in a.endpoints:
                 used.setdefault(ep.address, set()).add(ep.port)
         for name, rep in self.reports.items():
@@ -1012,7 +1026,7 @@ class Coordinator:
                 if record is None:
                     continue
                 spec = record.spec.model_copy(update={"replicas": 1})
-                others = [x for x in self.state.incarnations() if x is not a]
+                others = [x for x in self.booked() if x is not a]
                 try:
                     model = await self._model(spec, check_options=False)
                 except AgentdError as exc:

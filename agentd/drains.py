@@ -26,6 +26,7 @@ from agentd.cluster.state import (
     uncordon_command,
 )
 from agentd.errors import AgentdError, InvalidInput, PeerError
+from agentd.runtime.states import LIVE_STATES
 from agentd.types import Assignment
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class Drains:
         if rep is not None and any(c.drain for c in st.cordons_of(host)):
             live = {a.instance_id for a in st.incarnations()}
             lingering = sorted({i.instance_id for i in rep.instances
-                                if i.instance_id not in live and i.state in ("RUNNING", "STARTING", "STOPPING")
+                                if i.instance_id not in live and i.state in LIVE_STATES
                                 and (cur := st.assignments.get((i.deployment, i.replica))) is not None
                                 and cur.generation > i.generation})
             left += len(lingering)
@@ -185,7 +186,7 @@ class Drains:
                 out += await self._no_room(a, cordons, str(exc))
                 continue
             # The old incarnation keeps its memory until its successor runs: it stays booked.
-            plan = self.c._place(self.c.snapshot(), model, spec, st.incarnations())
+            plan = self.c._place(self.c.snapshot(), model, spec, self.c.booked())
             if not plan.placed:
                 out += await self._no_room(a, cordons, plan.diagnosis.message if plan.diagnosis else "no layout")
                 continue

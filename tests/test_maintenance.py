@@ -24,7 +24,7 @@ from agentd.cluster.state import (
 )
 from agentd.coordinator import InstanceReport
 from agentd.errors import InvalidInput, PeerError, Unplaceable
-from agentd.testing.coordinator_world import World, host, spec
+from agentd.testing.coordinator_world import World, host, hosts_of, spec
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan
 
 # ---------------------------------------------------------------------- the records
@@ -81,6 +81,11 @@ def test_a_surge_runs_beside_the_replica_until_promoted_and_the_old_one_is_then_
     assert st.assignments_for("m") == [old]  # replica accounting: still one replica
     assert st.apply(4, 1, promote_command(new)).ok
     assert st.assignments_on("a") == [] and st.assignments[("m", 0)] == new and not st.surges
+    # remembered as replaced (the leader books it while its host still runs it), though not in a snapshot
+    assert st.replaced == {old.instance_id: old} and st.successor_of(old) == new
+    restored = ClusterState()
+    restored.restore(st.snapshot())
+    assert restored.replaced == {} and restored.assignments == st.assignments
 
 
 def test_surges_go_with_their_deployment_and_can_be_cancelled_or_retired():
@@ -171,6 +176,31 @@ async def test_drain_starts_the_successor_first_and_stops_the_old_replica_only_o
     assert w.coord.drains.remaining("a") == (1, "m-r0-g1 answers the requests it holds")
     w.report("a")
     assert w.coord.drains.remaining("a") == (0, "")
+
+
+async def test_a_replaced_replica_that_still_answers_keeps_its_gpu_and_ports_booked(placer, models):
+    """The old incarnation runs on after its promotion while it answers what it holds (agentd/agent/handoff.py):
+    until its host stops reporting it, no new part goes onto its GPU or port, even with the cordon lifted."""
+    w = World(placer, [host("a"), host("b"), host("c")]).start()
+    old = await on_a(w, models)
+    w.report("a", "b", "c", instances=running(old))
+    await w.coord.drains.cordon("a", drain=True)
+    await w.coord.tick()
+    surge = w.state.surges[("m", 0)]
+    w.report("a", "b", "c", instances={**running(old), **running(surge)})
+    await w.coord.tick()
+    assert w.state.assignments_for("m") == [surge] and old.instance_id in w.state.replaced
+    await w.coord.drains.uncordon("a")
+    await w.coord.deploy(spec("two", models["tiny"]))
+    (two,) = w.state.assignments_for("two")
+    assert hosts_of(two) == ["c"]
+    assert two.endpoints[0].port not in {old.endpoints[0].port, surge.endpoints[0].port}  # one address: 127.0.0.1
+    with pytest.raises(Unplaceable):  # a's GPU is still the old replica's
+        await w.coord.deploy(spec("three", models["tiny"]))
+    w.report("a", "b", "c", instances=running(surge))  # a stopped it
+    await w.coord.deploy(spec("three", models["tiny"]))
+    (three,) = w.state.assignments_for("three")
+    assert hosts_of(three) == ["a"]
 
 
 async def test_drain_without_room_waits_and_says_why_and_force_stops_the_replica(placer, models):

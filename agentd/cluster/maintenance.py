@@ -25,6 +25,8 @@ from agentd.types import Assignment
 
 # Ops of this module and the state format that introduced them (merged into state.OP_SINCE).
 MAINTENANCE_OPS = {"cordon": 2, "uncordon": 2, "surge": 2, "surge.cancel": 2, "promote": 2, "retire": 2}
+# Incarnations a promotion replaced that each member remembers (`MaintenanceState.replaced`), newest kept.
+REPLACED_REMEMBERED = 256
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,16 @@ class MaintenanceState:
     surges: dict[tuple[str, int], Assignment]
     assignments: dict[tuple[str, int], Assignment]
     deployments: dict[str, Any]
+    # The incarnations promotions replaced, by instance id: a host keeps one running while it answers the
+    # requests it holds (agentd/agent/handoff.py), and the leader books those its hosts still report
+    # (`Coordinator.booked`). Derived as entries apply, never in a snapshot: after a restore from one, a host's
+    # hand-off in progress is not booked (it ends within drain_handoff_timeout).
+    replaced: dict[str, Assignment]
 
     def _init_maintenance(self) -> None:
         self.cordons = {}
         self.surges = {}
+        self.replaced = {}
 
     # ------------------------------------------------------------------ reads
 
@@ -169,6 +177,9 @@ class MaintenanceState:
         del self.surges[key]
         self.assignments[key] = a
         if old is not None:
+            self.replaced[old.instance_id] = old
+            if len(self.replaced) > REPLACED_REMEMBERED:
+                del self.replaced[next(iter(self.replaced))]
             events.append(StateEvent("assignment.removed", a.deployment, index, term,
                                      {"replica": a.replica, "instance_id": old.instance_id}))
         events.append(StateEvent("assignment.set", a.deployment, index, term,
@@ -211,6 +222,7 @@ class MaintenanceState:
         self.cordons = {c.key: c for c in (Cordon.from_json(x) for x in raw.get("cordons", []))}
         surges = [Assignment.model_validate(x) for x in raw.get("surges", [])]
         self.surges = {(a.deployment, a.replica): a for a in surges}
+        self.replaced = {}
 
 
 # ---------------------------------------------------------------------- command builders
