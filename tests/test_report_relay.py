@@ -581,3 +581,23 @@ def test_a_host_leaving_its_voter_tries_another_voter_at_once_and_the_leader_aft
         choice.failed("a:1", view)
         assert 0.0 < choice.failed("b:1", view) <= DEFAULT.jitter  # a new departure waits again
     assert all(0.0 <= w <= DEFAULT.jitter for w in waits) and max(waits) - min(waits) > DEFAULT.jitter / 2
+
+
+def test_after_a_failover_a_host_avoids_the_old_leader_as_its_relay():
+    """Its voter became the leader: the next voter is chosen by a hash of the host's name, and the old leader,
+    likely dead, is not among those it may hash to (trying it would cost a report timeout)."""
+    clock = [100.0]
+    picks, later = set(), set()
+    for i in range(40):
+        view = View(f"w{i}", leader_id="lead", leader_address="lead:1",
+                    members={n: Member(n, f"{n}:1") for n in ("lead", "a", "b")})
+        view.watcher = type("W", (), {"source": "a:1"})()
+        choice = RelayChoice(f"w{i}", mono=lambda: clock[0])
+        assert choice.target(view) == "a:1"
+        view.leader_id, view.leader_address = "a", "a:1"  # a won the election
+        picks.add(choice.target(view))
+        clock[0] += RelayChoice.AVOID
+        later.add(choice.target(view))
+        clock[0] -= RelayChoice.AVOID
+    assert picks == {"b:1"}
+    assert later == {"b:1", "lead:1"}  # after RelayChoice.AVOID it is a voter like any other again

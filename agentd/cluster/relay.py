@@ -374,7 +374,9 @@ class RelayChoice:
     all their hosts leave them at once, and they reach the leader spread over that time. One wait per
     departure from a path that worked: a host that got no report through since it started or since its last
     wait goes on at once (at start-up the voters relay only once the leader answered them, and a host that
-    waited then would be missing from a new leader's first placements)."""
+    waited then would be missing from a new leader's first placements). A leader that lost its place is
+    avoided too: after a failover it is most likely dead, and trying it first costs a host a report timeout
+    while the new leader waits for its hosts' first reports."""
 
     node: str
     mono: Callable[[], float] = time.monotonic
@@ -382,6 +384,7 @@ class RelayChoice:
     rng: random.Random = field(default_factory=random.Random)
     _avoid: dict[str, float] = field(default_factory=dict)  # voter address -> until when
     _wait_due: bool = False  # a report got through since the last wait: leaving for the leader waits once
+    _leader: str = ""  # the leader's address when last asked
 
     AVOID = 10.0
 
@@ -391,6 +394,11 @@ class RelayChoice:
         if watcher is None:
             return ""  # members report to the leader themselves
         now = self.mono()
+        leader = raft.leader_address or ""
+        if leader and leader != self._leader:
+            if self._leader:
+                self._avoid.setdefault(self._leader, now + self.AVOID)
+            self._leader = leader
         for address, until in list(self._avoid.items()):
             if now >= until:
                 del self._avoid[address]
