@@ -11,7 +11,9 @@ from aiohttp import web
 
 from agentd.agent.handoff import IDLE_POLLS, Handoffs
 from agentd.cluster.state import ClusterState, deploy_command, promote_command, surge_command
+from agentd.runtime.standalone import kill_recorded
 from agentd.testing.coordinator_world import spec
+from agentd.testing.toy_runtime import make, toy_assignment
 from agentd.types import Assignment, Part, PartEndpoint, ReplicaPlan
 
 
@@ -158,3 +160,26 @@ async def test_a_deployment_deleted_during_the_handoff_stops_its_old_replica_at_
     await asyncio.wait([watcher], timeout=2)
     assert watcher.cancelled() and not woke.is_set()
     h.close()
+
+
+async def test_an_agentd_restarted_during_a_handoff_adopts_the_replaced_replica_instead_of_stopping_it(
+        tmp_path, plugins):
+    old = toy_assignment(parts=1, name="m")
+    new = toy_assignment(parts=1, name="m", gen=2, hosts=("h2",))
+    sup = make(tmp_path, plugins)
+    try:
+        await sup.apply([old])
+        pid = (await sup.wait_for(old.instance_id, ["RUNNING"], 10)).processes[0].pid
+        await sup.close()  # agentd restarts while the old replica answers what it holds
+        sup = make(tmp_path, plugins)
+        await sup.start()
+        assert sup.assignments() == [old]  # from its record, before the first apply
+        h = handoffs(asyncio.Event())
+        kept = h.keep(drained(old, new), sup.assignments(), set())
+        assert kept == [old]
+        assert await sup.apply(kept) == [f"{old.instance_id}: adopting db (pid {pid}); supervising db"]
+        assert sup.assignments() == [old]
+        h.close()
+    finally:
+        await sup.close(stop_processes=True)
+        kill_recorded(tmp_path)

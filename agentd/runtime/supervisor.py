@@ -635,8 +635,14 @@ class Supervisor:
         return [self._instance_status(inst, offset) for inst in self._instances.values()]
 
     def assignments(self) -> list[Assignment]:
-        """What each instance here was launched from (with its server's key and this host's model path)."""
-        return [inst.assignment for inst in self._instances.values()]
+        """What each instance here was launched from (with its server's key and this host's model path),
+        and, until the first `apply` adopts or stops them, what the processes an earlier agentd left running
+        were launched from: a drain's replaced replica answering what it holds when agentd restarted is
+        kept on (agentd/agent/handoff.py), where the first `apply` would otherwise stop it."""
+        out = {iid: inst.assignment for iid, inst in self._instances.items()}
+        for rec in self._candidates.values():
+            out.setdefault(rec.instance_id, rec.assignment)
+        return list(out.values())
 
     def instance(self, instance_id: str) -> InstanceStatus | None:
         inst = self._instances.get(instance_id)
