@@ -15,7 +15,9 @@ generation of the same replica on none of its GPUs and ports (`successor_of`). A
 deleted deployment, a replica scaled down (which has its own leave step) or one
 re-placed onto what it holds stops at once, as before. The host reports what it
 keeps, and the leader counts it as left to move, so `agentd drain` returns once
-nothing of the host's old replicas runs.
+nothing of the host's old replicas runs, and keeps its GPUs and ports booked
+meanwhile (`Coordinator.booked`). An agentd restarted meanwhile adopts it and
+keeps it on (`Supervisor.assignments` names the survivors it found).
 """
 
 from __future__ import annotations
